@@ -1,0 +1,13 @@
+//! smart-git-proxy: a caching Git mirror proxy that serves `git-upload-pack` in-process.
+//!
+//! Data flow: [`http`] receives a request, resolves the repository with [`repo`], and hands
+//! the parsed request ([`protocol`]) to [`upload_pack`], which negotiates and asks [`pack`]
+//! for the objects and the pack bytes.
+#![deny(missing_docs, unsafe_code)]
+
+//pub mod config;
+//pub mod http;
+pub mod pack;
+pub mod protocol;
+pub mod repo;
+//pub mod upload_pack;

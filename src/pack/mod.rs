@@ -1,0 +1,54 @@
+//! Object selection and pack generation.
+//!
+//! [`plan()`] computes the objects a client needs — everything reachable from its wants minus
+//! everything reachable from the commits it has in common with us, git's "uninteresting"
+//! boundary — and [`write()`] streams them as a pack through gix-pack, copying packed entries
+//! and reusing their deltas where the base is in the same pack.
+//!
+//! Neither knows about the protocol or HTTP: they take object ids and an `io::Write`.
+
+mod planner;
+mod writer;
+
+pub use planner::{plan, Plan, Selection, Stats};
+pub use writer::{write, WriteOptions, WriteStats};
+
+use gix::ObjectId;
+
+/// The object database handle pack generation works on: thread-safe and cheap to clone.
+pub type Db = gix::odb::HandleArc;
+
+/// A database handle for pack work on `repo`. Its object cache is disabled because a cache hit
+/// hides an object's pack location, which would force a needless re-compression.
+pub fn db(repo: &gix::Repository) -> Db {
+    let mut db = repo.objects.clone().into_inner();
+    db.unset_object_cache();
+    db
+}
+
+/// Errors of pack planning and writing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An object the pack must contain is not in the repository.
+    #[error("object {0} is missing from the repository")]
+    Missing(ObjectId),
+    /// An object could not be read or decoded.
+    #[error("{context} {id}: {message}")]
+    Read {
+        /// What we were doing.
+        context: &'static str,
+        /// The object.
+        id: ObjectId,
+        /// The underlying message.
+        message: String,
+    },
+    /// The commit walk failed.
+    #[error("walking commits: {0}")]
+    Walk(String),
+    /// Writing the pack failed (in gix-pack, or because the client went away).
+    #[error("writing pack: {0}")]
+    Write(String),
+    /// The client went away and the work was stopped.
+    #[error("interrupted")]
+    Interrupted,
+}

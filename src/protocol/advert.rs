@@ -1,0 +1,196 @@
+//! What the server says before the client asks: the v0/v1 ref advertisement, the v2 capability
+//! advertisement, and the v2 `ls-refs` answer.
+
+use gix::bstr::{BStr, ByteSlice};
+use gix::ObjectId;
+
+use super::v2::LsRefs;
+use super::{pktline, Ref, AGENT};
+
+/// Capabilities of the v0/v1 advertisement, in git's order. Advertise only what works.
+const V0_CAPABILITIES: &str = "multi_ack thin-pack side-band side-band-64k ofs-delta no-progress \
+include-tag multi_ack_detailed allow-tip-sha1-in-want allow-reachable-sha1-in-want no-done";
+
+/// The refs of a repository as the protocol layer sees them.
+#[derive(Debug, Clone, Default)]
+pub struct Refs {
+    /// `HEAD` first when it resolves, then every other ref sorted by name.
+    pub refs: Vec<Ref>,
+    /// When `HEAD` is a symbolic ref to a branch that does not exist yet, that branch.
+    pub unborn_head: Option<gix::bstr::BString>,
+}
+
+/// Append the v0 (or, with `version_1`, v1) ref advertisement for `git-upload-pack`, including
+/// the `# service=` preamble smart HTTP requires.
+pub fn v0(out: &mut Vec<u8>, refs: &Refs, version_1: bool) {
+    pktline::text(out, "# service=git-upload-pack");
+    pktline::flush(out);
+    if version_1 {
+        pktline::text(out, "version 1");
+    }
+    let mut caps = String::from(V0_CAPABILITIES);
+    if let Some(target) = refs
+        .refs
+        .first()
+        .filter(|r| r.name == "HEAD")
+        .and_then(|r| r.symref_target.as_ref())
+    {
+        caps.push_str(" symref=HEAD:");
+        caps.push_str(&target.to_str_lossy());
+    }
+    caps.push_str(" object-format=sha1 agent=");
+    caps.push_str(AGENT);
+
+    if refs.refs.is_empty() {
+        let null = ObjectId::null(gix::hash::Kind::Sha1).to_string();
+        pktline::data_parts(out, &[null.as_bytes(), b" capabilities^{}\0", caps.as_bytes(), b"\n"]);
+    }
+    for (i, r) in refs.refs.iter().enumerate() {
+        let hex = r.target.to_string();
+        if i == 0 {
+            pktline::data_parts(out, &[hex.as_bytes(), b" ", &r.name, b"\0", caps.as_bytes(), b"\n"]);
+        } else {
+            pktline::data_parts(out, &[hex.as_bytes(), b" ", &r.name, b"\n"]);
+        }
+        if let Some(peeled) = r.peeled {
+            pktline::data_parts(out, &[peeled.to_string().as_bytes(), b" ", &r.name, b"^{}\n"]);
+        }
+    }
+    pktline::flush(out);
+}
+
+/// Append the v2 capability advertisement.
+pub fn v2(out: &mut Vec<u8>) {
+    pktline::text(out, "version 2");
+    pktline::text(out, &format!("agent={AGENT}"));
+    pktline::text(out, "ls-refs=unborn");
+    pktline::text(out, "fetch");
+    pktline::text(out, "server-option");
+    pktline::text(out, "object-format=sha1");
+    pktline::flush(out);
+}
+
+/// Append the answer to a v2 `ls-refs` request.
+pub fn ls_refs(out: &mut Vec<u8>, refs: &Refs, args: &LsRefs) {
+    let wanted = |name: &BStr| args.prefixes.is_empty() || args.prefixes.iter().any(|p| name.starts_with(p));
+    if args.unborn && wanted("HEAD".into()) {
+        if let Some(target) = &refs.unborn_head {
+            let mut line = b"unborn HEAD".to_vec();
+            if args.symrefs {
+                line.extend_from_slice(b" symref-target:");
+                line.extend_from_slice(target);
+            }
+            line.push(b'\n');
+            pktline::data(out, &line);
+        }
+    }
+    let mut line = Vec::with_capacity(128);
+    for r in refs.refs.iter().filter(|r| wanted(r.name.as_ref())) {
+        line.clear();
+        line.extend_from_slice(r.target.to_string().as_bytes());
+        line.push(b' ');
+        line.extend_from_slice(&r.name);
+        if args.symrefs {
+            if let Some(target) = &r.symref_target {
+                line.extend_from_slice(b" symref-target:");
+                line.extend_from_slice(target);
+            }
+        }
+        if args.peel {
+            if let Some(peeled) = r.peeled {
+                line.extend_from_slice(b" peeled:");
+                line.extend_from_slice(peeled.to_string().as_bytes());
+            }
+        }
+        line.push(b'\n');
+        pktline::data(out, &line);
+    }
+    pktline::flush(out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::pktline::{Line, Reader};
+
+    fn oid(c: char) -> ObjectId {
+        ObjectId::from_hex(c.to_string().repeat(40).as_bytes()).unwrap()
+    }
+
+    fn sample() -> Refs {
+        Refs {
+            refs: vec![
+                Ref {
+                    name: "HEAD".into(),
+                    target: oid('a'),
+                    peeled: None,
+                    symref_target: Some("refs/heads/main".into()),
+                },
+                Ref { name: "refs/heads/main".into(), target: oid('a'), peeled: None, symref_target: None },
+                Ref { name: "refs/tags/v1".into(), target: oid('b'), peeled: Some(oid('a')), symref_target: None },
+            ],
+            unborn_head: None,
+        }
+    }
+
+    fn lines(buf: &[u8]) -> Vec<String> {
+        let mut r = Reader::new(buf);
+        let mut out = Vec::new();
+        while let Some(l) = r.read().unwrap() {
+            out.push(match l {
+                Line::Data(d) => String::from_utf8_lossy(d).into_owned(),
+                other => format!("{other:?}"),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn v0_advertisement() {
+        let mut out = Vec::new();
+        v0(&mut out, &sample(), false);
+        let l = lines(&out);
+        assert_eq!(l[0], "# service=git-upload-pack\n");
+        assert_eq!(l[1], "Flush");
+        assert!(l[2].starts_with(&format!("{} HEAD\0multi_ack ", oid('a'))));
+        assert!(l[2].contains(" symref=HEAD:refs/heads/main "));
+        assert!(l[2].contains(" agent=smart-git-proxy/"));
+        assert_eq!(l[3], format!("{} refs/heads/main\n", oid('a')));
+        assert_eq!(l[4], format!("{} refs/tags/v1\n", oid('b')));
+        assert_eq!(l[5], format!("{} refs/tags/v1^{{}}\n", oid('a')));
+        assert_eq!(l[6], "Flush");
+        for cap in ["shallow", "filter", "deepen"] {
+            assert!(!l[2].split(' ').any(|c| c.starts_with(cap)), "{cap} is not implemented yet");
+        }
+    }
+
+    #[test]
+    fn v0_empty_repository_and_v1() {
+        let mut out = Vec::new();
+        v0(&mut out, &Refs::default(), true);
+        let l = lines(&out);
+        assert_eq!(l[2], "version 1\n");
+        assert!(l[3].starts_with("0000000000000000000000000000000000000000 capabilities^{}\0"));
+        assert!(!l[3].contains("symref="));
+    }
+
+    #[test]
+    fn ls_refs_honours_arguments() {
+        let mut out = Vec::new();
+        let args = LsRefs { symrefs: true, peel: true, unborn: true, prefixes: vec!["refs/tags/".into()] };
+        ls_refs(&mut out, &sample(), &args);
+        assert_eq!(lines(&out), vec![format!("{} refs/tags/v1 peeled:{}\n", oid('b'), oid('a')), "Flush".into()]);
+
+        out.clear();
+        ls_refs(&mut out, &sample(), &LsRefs::default());
+        let l = lines(&out);
+        assert_eq!(l.len(), 4);
+        assert_eq!(l[0], format!("{} HEAD\n", oid('a')));
+
+        out.clear();
+        let args = LsRefs { symrefs: true, unborn: true, ..Default::default() };
+        let empty = Refs { refs: vec![], unborn_head: Some("refs/heads/main".into()) };
+        ls_refs(&mut out, &empty, &args);
+        assert_eq!(lines(&out), vec!["unborn HEAD symref-target:refs/heads/main\n".to_string(), "Flush".into()]);
+    }
+}

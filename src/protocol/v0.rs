@@ -1,0 +1,233 @@
+//! Protocol v0/v1 upload-pack requests as sent over stateless HTTP (gitprotocol-pack,
+//! gitprotocol-http): every POST repeats the wants and all haves so far.
+
+use gix::ObjectId;
+
+use super::pktline::{Line, Reader};
+use super::{lossy, parse_oid, ParseError};
+
+/// How the client wants acknowledgements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MultiAck {
+    /// One `ACK` at most, then the pack.
+    #[default]
+    None,
+    /// `multi_ack`: `ACK <oid> continue`.
+    Basic,
+    /// `multi_ack_detailed`: `ACK <oid> common` and `ACK <oid> ready`.
+    Detailed,
+}
+
+/// Which sideband, if any, carries the pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sideband {
+    /// Raw pack bytes, no progress.
+    #[default]
+    None,
+    /// `side-band`: 1000-byte packets.
+    Small,
+    /// `side-band-64k`: 65520-byte packets.
+    Large,
+}
+
+/// The capabilities a v0/v1 client requested on its first `want` line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Acknowledgement mode.
+    pub multi_ack: MultiAck,
+    /// `no-done`: send the pack right after `ACK <oid> ready`.
+    pub no_done: bool,
+    /// Pack transport.
+    pub sideband: Sideband,
+    /// `thin-pack`: deltas against objects the client has are allowed.
+    pub thin_pack: bool,
+    /// `ofs-delta`: offset deltas are understood.
+    pub ofs_delta: bool,
+    /// `no-progress`: no band-2 messages.
+    pub no_progress: bool,
+    /// `include-tag`: send annotated tags pointing into the pack.
+    pub include_tag: bool,
+    /// `agent=…` as sent by the client, for logs.
+    pub agent: Option<String>,
+}
+
+/// One stateless v0/v1 upload-pack request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    /// Objects the client wants, in request order.
+    pub wants: Vec<ObjectId>,
+    /// Capabilities from the first want line.
+    pub caps: Capabilities,
+    /// Objects the client says it has, in request order.
+    pub haves: Vec<ObjectId>,
+    /// Whether the request ended with `done` (otherwise it ended with a flush).
+    pub done: bool,
+}
+
+/// Parse a request body. `Ok(None)` means the body holds no wants (git's probe request is a
+/// lone flush), to which upload-pack answers nothing.
+pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
+    let mut reader = Reader::new(body);
+    let mut req = Request::default();
+    // Want section, up to the first flush.
+    loop {
+        let line = match reader.read()? {
+            None => break,
+            Some(Line::Flush) => break,
+            Some(Line::Data(d)) => d,
+            Some(other) => return Err(ParseError::Protocol(format!("unexpected packet {other:?} in want list"))),
+        };
+        let text = line.strip_suffix(b"\n").unwrap_or(line);
+        if let Some(rest) = text.strip_prefix(b"want ") {
+            let (id, tail) = parse_oid(rest, text)?;
+            if req.wants.is_empty() {
+                req.caps = parse_capabilities(tail);
+            }
+            req.wants.push(id);
+        } else {
+            return Err(ParseError::Protocol(format!(
+                "protocol error: expected want list, got '{}'",
+                lossy(text)
+            )));
+        }
+    }
+    if req.wants.is_empty() {
+        return Ok(None);
+    }
+    // Have section: haves, then a flush (another round follows) or `done`.
+    loop {
+        match reader.read()? {
+            None | Some(Line::Flush) => break,
+            Some(Line::Data(d)) => {
+                let text = d.strip_suffix(b"\n").unwrap_or(d);
+                if let Some(rest) = text.strip_prefix(b"have ") {
+                    req.haves.push(parse_oid(rest, text)?.0);
+                } else if text == b"done" {
+                    req.done = true;
+                    break;
+                } else {
+                    return Err(ParseError::Protocol(format!(
+                        "git upload-pack: expected SHA1 list, got '{}'",
+                        lossy(text)
+                    )));
+                }
+            }
+            Some(other) => return Err(ParseError::Protocol(format!("unexpected packet {other:?} in have list"))),
+        }
+    }
+    Ok(Some(req))
+}
+
+fn parse_capabilities(list: &[u8]) -> Capabilities {
+    let mut caps = Capabilities::default();
+    let (mut small_band, mut large_band, mut basic, mut detailed) = (false, false, false, false);
+    for cap in list.split(|b| *b == b' ').filter(|c| !c.is_empty()) {
+        match cap {
+            b"multi_ack" => basic = true,
+            b"multi_ack_detailed" => detailed = true,
+            b"no-done" => caps.no_done = true,
+            b"side-band" => small_band = true,
+            b"side-band-64k" => large_band = true,
+            b"thin-pack" => caps.thin_pack = true,
+            b"ofs-delta" => caps.ofs_delta = true,
+            b"no-progress" => caps.no_progress = true,
+            b"include-tag" => caps.include_tag = true,
+            other => {
+                if let Some(agent) = other.strip_prefix(b"agent=") {
+                    caps.agent = Some(lossy(agent));
+                }
+            }
+        }
+    }
+    caps.multi_ack = if detailed {
+        MultiAck::Detailed
+    } else if basic {
+        MultiAck::Basic
+    } else {
+        MultiAck::None
+    };
+    caps.sideband = if large_band {
+        Sideband::Large
+    } else if small_band {
+        Sideband::Small
+    } else {
+        Sideband::None
+    };
+    caps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::pktline;
+
+    const A: &str = "1111111111111111111111111111111111111111";
+    const B: &str = "2222222222222222222222222222222222222222";
+
+    fn body(lines: &[Option<&str>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for l in lines {
+            match l {
+                Some(l) => pktline::text(&mut out, l),
+                None => pktline::flush(&mut out),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn parses_a_clone_request() {
+        let b = body(&[
+            Some(&format!(
+                "want {A} multi_ack_detailed no-done side-band-64k thin-pack ofs-delta agent=git/2.47"
+            )),
+            Some(&format!("want {B}")),
+            None,
+            Some("done"),
+        ]);
+        let req = parse(&b).unwrap().unwrap();
+        assert_eq!(req.wants.len(), 2);
+        assert_eq!(req.caps.multi_ack, MultiAck::Detailed);
+        assert_eq!(req.caps.sideband, Sideband::Large);
+        assert!(req.caps.no_done && req.caps.thin_pack && req.caps.ofs_delta);
+        assert!(!req.caps.include_tag && !req.caps.no_progress);
+        assert_eq!(req.caps.agent.as_deref(), Some("git/2.47"));
+        assert!(req.done && req.haves.is_empty());
+    }
+
+    #[test]
+    fn parses_a_negotiation_round() {
+        let b = body(&[
+            Some(&format!("want {A} multi_ack side-band")),
+            None,
+            Some(&format!("have {B}")),
+            Some(&format!("have {A}")),
+            None,
+        ]);
+        let req = parse(&b).unwrap().unwrap();
+        assert_eq!(req.caps.multi_ack, MultiAck::Basic);
+        assert_eq!(req.caps.sideband, Sideband::Small);
+        assert_eq!(req.haves.len(), 2);
+        assert!(!req.done);
+    }
+
+    #[test]
+    fn a_lone_flush_is_the_probe() {
+        assert_eq!(parse(b"0000").unwrap(), None);
+        assert_eq!(parse(b"").unwrap(), None);
+    }
+
+    #[test]
+    fn bad_lines_are_rejected() {
+        let e = parse(&body(&[Some("want 12345"), None])).unwrap_err();
+        assert!(e.is_malformed(), "{e}");
+        let e = parse(&body(&[Some("wnat 1"), None])).unwrap_err();
+        assert!(!e.is_malformed());
+        assert!(e.to_string().contains("expected want list"));
+        let e = parse(&body(&[Some(&format!("want {A}")), None, Some("hve x")])).unwrap_err();
+        assert!(e.to_string().contains("expected SHA1 list"));
+        let e = parse(&body(&[Some(&format!("want {A}")), None, Some("have zz")])).unwrap_err();
+        assert!(e.is_malformed());
+        assert!(parse(b"0009want").unwrap_err().is_malformed());
+    }
+}

@@ -1,0 +1,263 @@
+//! The repository resolver: maps a request path to a bare repository under the mirror
+//! directory, opens it with gix, and lists its refs for the advertisements.
+//!
+//! It knows nothing of HTTP beyond the path string, and nothing of upstreams.
+
+use std::path::{Path, PathBuf};
+
+use gix::bstr::{BString, ByteSlice};
+use gix::refs::TargetRef;
+
+use crate::protocol::advert::Refs;
+use crate::protocol::Ref;
+
+/// What a request path asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// `GET …/info/refs?service=…`
+    InfoRefs,
+    /// `POST …/git-upload-pack`
+    UploadPack,
+    /// `POST …/git-receive-pack`, which this read-only server refuses.
+    ReceivePack,
+}
+
+/// A request path resolved to a repository location and a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `{host}/{path}` without `.git`, as used in logs and messages.
+    pub name: String,
+    /// `{MIRROR_DIR}/{host}/{path}.git`
+    pub dir: PathBuf,
+    /// The endpoint below the repository.
+    pub service: Service,
+}
+
+/// Why a request path does not name a repository.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResolveError {
+    /// The path does not end in a Git smart-HTTP endpoint.
+    #[error("not a Git smart-HTTP endpoint: {0}")]
+    UnknownEndpoint(String),
+    /// The repository part of the path is unsafe or malformed.
+    #[error("invalid repository path '{path}': {reason}")]
+    InvalidPath {
+        /// The offending path.
+        path: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// Resolve `uri_path` (the raw, still percent-encoded path of the request) against `root`.
+pub fn resolve(root: &Path, uri_path: &str) -> Result<Target, ResolveError> {
+    let (repo_part, service) = [
+        ("/info/refs", Service::InfoRefs),
+        ("/git-upload-pack", Service::UploadPack),
+        ("/git-receive-pack", Service::ReceivePack),
+    ]
+    .into_iter()
+    .find_map(|(suffix, service)| uri_path.strip_suffix(suffix).map(|rest| (rest, service)))
+    .ok_or_else(|| ResolveError::UnknownEndpoint(uri_path.to_owned()))?;
+
+    let invalid = |reason| ResolveError::InvalidPath {
+        path: repo_part.to_owned(),
+        reason,
+    };
+    let repo_part = repo_part.strip_prefix('/').unwrap_or(repo_part);
+    if repo_part.contains('%') {
+        return Err(invalid("percent-encoded characters are not allowed"));
+    }
+    if repo_part.contains('\\') {
+        return Err(invalid("backslashes are not allowed"));
+    }
+    if repo_part.chars().any(char::is_control) {
+        return Err(invalid("control characters are not allowed"));
+    }
+    let mut segments: Vec<&str> = repo_part.split('/').collect();
+    if segments.len() < 2 {
+        return Err(invalid("expected {host}/{path}"));
+    }
+    if segments.iter().any(|s| s.is_empty()) {
+        return Err(invalid("empty path segment"));
+    }
+    if segments.iter().any(|s| *s == "." || *s == "..") {
+        return Err(invalid("'.' and '..' segments are not allowed"));
+    }
+    let last = segments.pop().unwrap_or_default();
+    let last = last.strip_suffix(".git").unwrap_or(last);
+    if last.is_empty() || last == "." || last == ".." {
+        return Err(invalid("empty repository name"));
+    }
+    let mut dir = root.to_path_buf();
+    for s in &segments {
+        dir.push(s);
+    }
+    dir.push(format!("{last}.git"));
+    segments.push(last);
+    Ok(Target {
+        name: segments.join("/"),
+        dir,
+        service,
+    })
+}
+
+/// Errors reading a repository.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// There is no repository at the resolved location.
+    #[error("repository not found")]
+    NotFound,
+    /// gix could not open or read the repository.
+    #[error("{context}: {message}")]
+    Git {
+        /// What we were doing.
+        context: &'static str,
+        /// gix's message.
+        message: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn git(context: &'static str) -> impl FnOnce(gix::Error) -> Error {
+        move |e| Error::Git {
+            context,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Open the bare repository at `dir`, ignoring any configuration outside of it.
+pub fn open(dir: &Path) -> Result<gix::Repository, Error> {
+    if !dir.join("objects").is_dir() {
+        return Err(Error::NotFound);
+    }
+    let mut repo = gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| Error::Git {
+        context: "opening repository",
+        message: e.to_string(),
+    })?;
+    repo.object_cache_size_if_unset(16 * 1024 * 1024);
+    Ok(repo)
+}
+
+/// List the refs of `repo` for advertisement: `HEAD` first (when it resolves), then all refs
+/// sorted by name, with annotated tags peeled. Refs whose target is missing are skipped, as
+/// git skips broken refs.
+pub fn list_refs(repo: &gix::Repository) -> Result<Refs, Error> {
+    let mut out = Refs::default();
+    let head = repo.head().map_err(Error::git("reading HEAD"))?;
+    match &head.kind {
+        gix::head::Kind::Symbolic(r) => {
+            if let Some(id) = r.target.try_id() {
+                out.refs.push(Ref {
+                    name: "HEAD".into(),
+                    target: id.to_owned(),
+                    peeled: peel(repo, id.to_owned())?,
+                    symref_target: Some(r.name.as_bstr().to_owned()),
+                });
+            }
+        }
+        gix::head::Kind::Unborn(name) => out.unborn_head = Some(name.as_bstr().to_owned()),
+        gix::head::Kind::Detached { target, .. } => out.refs.push(Ref {
+            name: "HEAD".into(),
+            target: *target,
+            peeled: peel(repo, *target)?,
+            symref_target: None,
+        }),
+    }
+    let platform = repo.references().map_err(Error::git("listing refs"))?;
+    let iter = platform.all().map_err(Error::git("listing refs"))?;
+    let mut refs = Vec::new();
+    for r in iter {
+        let mut r = r.map_err(|e| Error::Git {
+            context: "reading a ref",
+            message: e.to_string(),
+        })?;
+        let name: BString = r.name().as_bstr().to_owned();
+        let symref_target = match r.target() {
+            TargetRef::Symbolic(n) => Some(n.as_bstr().to_owned()),
+            TargetRef::Object(_) => None,
+        };
+        let Ok(target) = r.follow_to_object() else {
+            continue;
+        };
+        let target = target.detach();
+        if !repo.has_object(target) {
+            continue;
+        }
+        refs.push(Ref {
+            name,
+            target,
+            peeled: peel(repo, target)?,
+            symref_target,
+        });
+    }
+    refs.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+    out.refs.extend(refs);
+    Ok(out)
+}
+
+/// For an annotated tag, the object at the end of its tag chain.
+fn peel(repo: &gix::Repository, id: gix::ObjectId) -> Result<Option<gix::ObjectId>, Error> {
+    let header = repo.find_header(id).map_err(|e| Error::Git {
+        context: "reading a ref's object",
+        message: e.to_string(),
+    })?;
+    if header.kind() != gix::object::Kind::Tag {
+        return Ok(None);
+    }
+    let object = repo.find_object(id).map_err(|e| Error::Git {
+        context: "reading a tag",
+        message: e.to_string(),
+    })?;
+    let peeled = object.peel_tags_to_end().map_err(|e| Error::Git {
+        context: "peeling a tag",
+        message: e.to_string(),
+    })?;
+    Ok(Some(peeled.id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(path: &str) -> Target {
+        resolve(Path::new("/m"), path).unwrap()
+    }
+
+    #[test]
+    fn maps_paths_to_mirror_directories() {
+        let t = ok("/github.com/o/r/info/refs");
+        assert_eq!(t.dir, Path::new("/m/github.com/o/r.git"));
+        assert_eq!(t.name, "github.com/o/r");
+        assert_eq!(t.service, Service::InfoRefs);
+        assert_eq!(ok("/github.com/o/r.git/git-upload-pack").dir, Path::new("/m/github.com/o/r.git"));
+        assert_eq!(ok("/gitlab.com/a/b/c/repo/git-receive-pack").service, Service::ReceivePack);
+        assert_eq!(ok("/gitlab.com/a/b/c/repo.git/info/refs").dir, Path::new("/m/gitlab.com/a/b/c/repo.git"));
+    }
+
+    #[test]
+    fn rejects_unsafe_paths() {
+        for bad in [
+            "/github.com/../etc/info/refs",
+            "/github.com/o/../../x/info/refs",
+            "/github.com/./r/info/refs",
+            "/github.com//r/info/refs",
+            "/github.com/o/%2e%2e/info/refs",
+            "/github.com/o\\r/info/refs",
+            "/github.com/o/r\u{1}/info/refs",
+            "/github.com/info/refs",
+            "/github.com/o/.git/info/refs",
+            "/github.com/o/../info/refs",
+        ] {
+            assert!(
+                matches!(resolve(Path::new("/m"), bad), Err(ResolveError::InvalidPath { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            resolve(Path::new("/m"), "/github.com/o/r/objects/info/packs"),
+            Err(ResolveError::UnknownEndpoint(_))
+        ));
+    }
+}
