@@ -5,9 +5,9 @@
 //! for the objects and the pack bytes.
 #![deny(missing_docs, unsafe_code)]
 
-//pub mod config;
-//pub mod http;
+pub mod config;
+pub mod http;
 pub mod pack;
 pub mod protocol;
 pub mod repo;
-//pub mod upload_pack;
+pub mod upload_pack;

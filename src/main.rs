@@ -1,1 +1,77 @@
-fn main() {}
+//! The `smart-git-proxy` binary: parse the configuration, bind, serve until SIGTERM or Ctrl-C.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use smart_git_proxy::config::Config;
+use smart_git_proxy::http::{self, AppState};
+use tracing_subscriber::EnvFilter;
+
+/// `EX_USAGE` from sysexits.h: the configuration is invalid.
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    if let Err(e) = config.validate() {
+        eprintln!("smart-git-proxy: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
+    let filter = match EnvFilter::try_new(&config.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("smart-git-proxy: LOG_LEVEL '{}': {e}", config.log_level);
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let addr = config.listen_socket_addr()?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            mirror_dir = %config.mirror_dir.display(),
+            "listening"
+        );
+        http::serve(listener, AppState::new(config), shutdown_signal())
+            .await
+            .context("serving")
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -127,9 +127,14 @@ impl Error {
     }
 }
 
+/// Whether `dir` looks like a bare repository (cheap: one `stat`).
+pub fn exists(dir: &Path) -> bool {
+    dir.join("objects").is_dir()
+}
+
 /// Open the bare repository at `dir`, ignoring any configuration outside of it.
 pub fn open(dir: &Path) -> Result<gix::Repository, Error> {
-    if !dir.join("objects").is_dir() {
+    if !exists(dir) {
         return Err(Error::NotFound);
     }
     let mut repo = gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| Error::Git {

@@ -18,10 +18,12 @@ use gix::ObjectId;
 /// The object database handle pack generation works on: thread-safe and cheap to clone.
 pub type Db = gix::odb::HandleArc;
 
-/// A database handle for pack work on `repo`. Its object cache is disabled because a cache hit
-/// hides an object's pack location, which would force a needless re-compression.
+/// A database handle for pack work on `repo`. Packs stay mapped while it lives, because counts
+/// hold pack locations. Its object cache is disabled because a cache hit hides an object's pack
+/// location, which would force a needless re-compression.
 pub fn db(repo: &gix::Repository) -> Db {
     let mut db = repo.objects.clone().into_inner();
+    db.prevent_pack_unload();
     db.unset_object_cache();
     db
 }

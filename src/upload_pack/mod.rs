@@ -1,0 +1,459 @@
+//! The upload-pack service: turns a parsed request into the bytes of the answer — the ref
+//! advertisement, `ls-refs`, acknowledgements and the pack.
+//!
+//! It works on an open repository and an `io::Write`; it does not know about HTTP. Errors the
+//! client must see are written into the response (`ERR` packets before the pack, band 3
+//! inside it) and also returned so the caller can log them.
+
+mod negotiate;
+mod sideband;
+
+use std::io::{self, Write};
+use std::sync::atomic::AtomicBool;
+
+use gix::ObjectId;
+
+pub use negotiate::{Have, Negotiator};
+pub use sideband::Sideband;
+
+use crate::pack;
+use crate::protocol::advert::{self, Refs};
+use crate::protocol::v0::{self, MultiAck};
+use crate::protocol::{pktline, v2, LARGE_BAND_PAYLOAD, SMALL_BAND_PAYLOAD};
+use crate::repo;
+
+/// The protocol version a client asked for with the `Git-Protocol` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// No header, or `version=0`.
+    V0,
+    /// `version=1`: v0 with a `version 1` line.
+    V1,
+    /// `version=2`.
+    V2,
+}
+
+impl Version {
+    /// Read the value of a `Git-Protocol` header (`key=value` pairs separated by `:`).
+    pub fn from_header(value: Option<&str>) -> Self {
+        let mut version = Version::V0;
+        for kv in value.unwrap_or_default().split(':') {
+            match kv.trim() {
+                "version=2" => version = Version::V2,
+                "version=1" if version == Version::V0 => version = Version::V1,
+                _ => {}
+            }
+        }
+        version
+    }
+}
+
+/// Errors of the upload-pack service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The client wants an object we may not or cannot give it.
+    #[error("upload-pack: not our ref {0}")]
+    NotOurRef(ObjectId),
+    /// Reading the repository failed.
+    #[error(transparent)]
+    Repo(#[from] repo::Error),
+    /// Planning or writing the pack failed.
+    #[error(transparent)]
+    Pack(#[from] pack::Error),
+    /// gix failed while negotiating.
+    #[error("{context}: {message}")]
+    Git {
+        /// What we were doing.
+        context: &'static str,
+        /// gix's message.
+        message: String,
+    },
+    /// Writing the response failed: the client went away.
+    #[error("writing response: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl Error {
+    pub(crate) fn git<E: std::fmt::Display>(context: &'static str) -> impl FnOnce(E) -> Error {
+        move |e| Error::Git {
+            context,
+            message: e.to_string(),
+        }
+    }
+
+    /// The message for the client: precise for what the client caused, generic for our own
+    /// faults (their details go to the log).
+    pub fn client_message(&self) -> String {
+        match self {
+            Error::NotOurRef(_) | Error::Pack(pack::Error::Missing(_)) => self.to_string(),
+            Error::Pack(pack::Error::Interrupted) | Error::Io(_) => "upload-pack: aborted".into(),
+            _ => "upload-pack: internal server error (see the proxy's log)".into(),
+        }
+    }
+}
+
+/// What a request produced, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing was asked (a probe, or a request without wants).
+    Empty,
+    /// A ref listing with this many refs.
+    Refs(usize),
+    /// A negotiation round without a pack.
+    Acks {
+        /// Haves acknowledged.
+        common: usize,
+    },
+    /// A pack was sent.
+    Pack {
+        /// Objects in the pack.
+        objects: usize,
+        /// Pack bytes (without framing).
+        bytes: u64,
+    },
+}
+
+/// Settings that shape every pack.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Threads compressing pack entries per request; `None` for all cores.
+    pub pack_threads: Option<usize>,
+}
+
+/// One request's access to the repository and its cancellation flag.
+pub struct Context<'a> {
+    /// The repository being served.
+    pub repo: &'a gix::Repository,
+    /// Set when the client went away: long work stops.
+    pub interrupt: &'a AtomicBool,
+    /// Settings.
+    pub options: Options,
+}
+
+/// The `info/refs` answer for `version`.
+pub fn advertise(repo: &gix::Repository, version: Version) -> Result<(Vec<u8>, Outcome), Error> {
+    let mut out = Vec::new();
+    match version {
+        Version::V2 => {
+            advert::v2(&mut out);
+            Ok((out, Outcome::Empty))
+        }
+        Version::V0 | Version::V1 => {
+            let refs = repo::list_refs(repo)?;
+            advert::v0(&mut out, &refs, version == Version::V1);
+            Ok((out, Outcome::Refs(refs.refs.len())))
+        }
+    }
+}
+
+/// Serve one v2 command, writing the answer to `out`.
+pub fn serve_v2(ctx: &Context<'_>, req: &v2::Request, out: impl Write) -> Result<Outcome, Error> {
+    respond(out, |out| match &req.command {
+        v2::Command::LsRefs(args) => {
+            let refs = repo::list_refs(ctx.repo)?;
+            let mut buf = Vec::new();
+            advert::ls_refs(&mut buf, &refs, args);
+            out.write_all(&buf)?;
+            Ok(Outcome::Refs(refs.refs.len()))
+        }
+        v2::Command::Fetch(args) => fetch_v2(ctx, args, out),
+    })
+}
+
+/// Run `serve`; if it fails before the pack started, tell the client with an `ERR` packet
+/// (failures inside the pack are reported on band 3 by [`send_pack`]).
+fn respond<W: Write>(
+    out: W,
+    serve: impl FnOnce(&mut Response<W>) -> Result<Outcome, Error>,
+) -> Result<Outcome, Error> {
+    let mut out = Response { out, pack_started: false };
+    let result = serve(&mut out);
+    if let Err(e) = &result {
+        if !out.pack_started {
+            let mut buf = Vec::new();
+            pktline::err(&mut buf, &e.client_message());
+            // The client may be gone; the error is returned for logging either way.
+            let _ = out.out.write_all(&buf).and_then(|_| out.out.flush());
+        }
+    }
+    result
+}
+
+/// The response stream, remembering whether the pack has started.
+struct Response<W> {
+    out: W,
+    pack_started: bool,
+}
+
+impl<W: Write> Write for Response<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+fn fetch_v2<W: Write>(ctx: &Context<'_>, args: &v2::Fetch, out: &mut Response<W>) -> Result<Outcome, Error> {
+    if args.wants.is_empty() {
+        return Ok(Outcome::Empty);
+    }
+    for want in &args.wants {
+        if !ctx.repo.has_object(want) {
+            return Err(Error::NotOurRef(*want));
+        }
+    }
+    let mut neg = Negotiator::new(ctx.repo, &args.wants);
+    for have in &args.haves {
+        neg.have(*have)?;
+    }
+    let mut lines = Vec::new();
+    if !args.done && args.seen_haves {
+        // Acknowledge every have that was new to us; `ready` when we can stop.
+        pktline::text(&mut lines, "acknowledgments");
+        if neg.common().is_empty() {
+            pktline::text(&mut lines, "NAK");
+        }
+        for id in neg.common() {
+            pktline::text(&mut lines, &format!("ACK {id}"));
+        }
+        if !neg.ok_to_give_up()? {
+            pktline::flush(&mut lines);
+            out.write_all(&lines)?;
+            return Ok(Outcome::Acks {
+                common: neg.common().len(),
+            });
+        }
+        pktline::text(&mut lines, "ready");
+        pktline::delim(&mut lines);
+    }
+    let pack_args = PackArgs {
+        wants: &args.wants,
+        common: neg.common(),
+        include_tag: args.include_tag,
+        ofs_delta: args.ofs_delta,
+        progress: !args.no_progress,
+        sideband: Some(LARGE_BAND_PAYLOAD),
+    };
+    send_pack(ctx, &pack_args, lines, true, out)
+}
+
+/// Serve one stateless v0/v1 request, writing the answer to `out`.
+pub fn serve_v0(ctx: &Context<'_>, req: &v0::Request, out: impl Write) -> Result<Outcome, Error> {
+    respond(out, |out| fetch_v0(ctx, req, out))
+}
+
+fn fetch_v0<W: Write>(ctx: &Context<'_>, req: &v0::Request, out: &mut Response<W>) -> Result<Outcome, Error> {
+    let refs = repo::list_refs(ctx.repo)?;
+    check_reachable_wants(ctx.repo, &refs, &req.wants)?;
+    let caps = &req.caps;
+    let mut neg = Negotiator::new(ctx.repo, &req.wants);
+    let mut lines = Vec::new();
+    let (mut got_common, mut got_other, mut sent_ready) = (false, false, false);
+    let mut last = None;
+    // This follows git's get_common_commits() for one stateless round.
+    for have in &req.haves {
+        match neg.have(*have)? {
+            Have::Missing => {
+                got_other = true;
+                if caps.multi_ack != MultiAck::None && neg.ok_to_give_up()? {
+                    if caps.multi_ack == MultiAck::Detailed {
+                        sent_ready = true;
+                        pktline::text(&mut lines, &format!("ACK {have} ready"));
+                    } else {
+                        pktline::text(&mut lines, &format!("ACK {have} continue"));
+                    }
+                }
+            }
+            Have::Common { .. } => {
+                got_common = true;
+                last = Some(*have);
+                match caps.multi_ack {
+                    MultiAck::Detailed => pktline::text(&mut lines, &format!("ACK {have} common")),
+                    MultiAck::Basic => pktline::text(&mut lines, &format!("ACK {have} continue")),
+                    MultiAck::None if neg.common().len() == 1 => pktline::text(&mut lines, &format!("ACK {have}")),
+                    MultiAck::None => {}
+                }
+            }
+        }
+    }
+    if req.done {
+        match last.filter(|_| !neg.common().is_empty()) {
+            Some(last) if caps.multi_ack != MultiAck::None => pktline::text(&mut lines, &format!("ACK {last}")),
+            Some(_) => {}
+            None => pktline::text(&mut lines, "NAK"),
+        }
+    } else {
+        if caps.multi_ack == MultiAck::Detailed && got_common && !got_other && neg.ok_to_give_up()? {
+            sent_ready = true;
+            if let Some(last) = last {
+                pktline::text(&mut lines, &format!("ACK {last} ready"));
+            }
+        }
+        if neg.common().is_empty() || caps.multi_ack != MultiAck::None {
+            pktline::text(&mut lines, "NAK");
+        }
+        match last.filter(|_| caps.no_done && sent_ready) {
+            Some(last) => pktline::text(&mut lines, &format!("ACK {last}")),
+            None => {
+                out.write_all(&lines)?;
+                return Ok(Outcome::Acks {
+                    common: neg.common().len(),
+                });
+            }
+        }
+    }
+    let pack_args = PackArgs {
+        wants: &req.wants,
+        common: neg.common(),
+        include_tag: caps.include_tag,
+        ofs_delta: caps.ofs_delta,
+        progress: !caps.no_progress,
+        sideband: match caps.sideband {
+            v0::Sideband::None => None,
+            v0::Sideband::Small => Some(SMALL_BAND_PAYLOAD),
+            v0::Sideband::Large => Some(LARGE_BAND_PAYLOAD),
+        },
+    };
+    send_pack(ctx, &pack_args, lines, false, out)
+}
+
+/// In v0, a want must be reachable from an advertised ref (`allow-reachable-sha1-in-want`).
+fn check_reachable_wants(repo: &gix::Repository, refs: &Refs, wants: &[ObjectId]) -> Result<(), Error> {
+    let tips: gix::hashtable::HashSet<ObjectId> = refs.refs.iter().flat_map(|r| [Some(r.target), r.peeled]).flatten().collect();
+    let mut others = Vec::new();
+    for want in wants.iter().filter(|w| !tips.contains(*w)) {
+        let header = repo.find_header(*want).map_err(|_| Error::NotOurRef(*want))?;
+        if header.kind() != gix::object::Kind::Commit {
+            return Err(Error::NotOurRef(*want));
+        }
+        others.push(*want);
+    }
+    if others.is_empty() {
+        return Ok(());
+    }
+    // Walk from the unadvertised wants with every advertised commit hidden: whatever remains
+    // is not reachable from a ref.
+    let hidden: Vec<ObjectId> = tips
+        .iter()
+        .copied()
+        .filter(|id| repo.find_header(*id).is_ok_and(|h| h.kind() == gix::object::Kind::Commit))
+        .collect();
+    let walk = repo
+        .rev_walk(others.iter().copied())
+        .with_hidden(hidden)
+        .all()
+        .map_err(Error::git("checking reachability"))?;
+    let wanted: gix::hashtable::HashSet<ObjectId> = others.iter().copied().collect();
+    for info in walk {
+        let info = info.map_err(Error::git("checking reachability"))?;
+        if wanted.contains(&info.id) {
+            return Err(Error::NotOurRef(info.id));
+        }
+    }
+    Ok(())
+}
+
+struct PackArgs<'a> {
+    wants: &'a [ObjectId],
+    common: &'a [ObjectId],
+    include_tag: bool,
+    ofs_delta: bool,
+    progress: bool,
+    /// Payload size of sideband packets; `None` for a raw pack.
+    sideband: Option<usize>,
+}
+
+/// Plan the pack, then write `preamble` (acknowledgements), the `packfile` section header in
+/// v2, and the pack. Planning happens before anything is written so that a failure can still
+/// be reported as an `ERR` packet.
+fn send_pack<W: Write>(
+    ctx: &Context<'_>,
+    args: &PackArgs<'_>,
+    mut preamble: Vec<u8>,
+    v2: bool,
+    out: &mut Response<W>,
+) -> Result<Outcome, Error> {
+    let tags = if args.include_tag {
+        repo::list_refs(ctx.repo)
+            ?
+            .refs
+            .into_iter()
+            .filter(|r| r.name.starts_with(b"refs/tags/"))
+            .filter_map(|r| r.peeled.map(|p| (r.target, p)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let db = pack::db(ctx.repo);
+    let selection = pack::Selection {
+        wants: args.wants,
+        common: args.common,
+        tags: &tags,
+    };
+    let plan = match pack::plan(ctx.repo, &db, &selection, ctx.interrupt) {
+        Ok(plan) => plan,
+        Err(e) => {
+            // Acknowledgements first, so that the ERR packet is read where git expects a line.
+            out.write_all(&preamble)?;
+            return Err(e.into());
+        }
+    };
+    if v2 {
+        pktline::text(&mut preamble, "packfile");
+    }
+    out.write_all(&preamble)?;
+    out.pack_started = true;
+    let stats = plan.stats;
+    let mut sb = Sideband::new(out, args.sideband);
+    if args.progress {
+        sb.progress(&format!(
+            "Enumerating objects: {}, done.\nCounting objects: {} ({} commits, {} trees, {} blobs, {} tags), done.\n",
+            stats.total(),
+            stats.total(),
+            stats.commits,
+            stats.trees,
+            stats.blobs,
+            stats.tags
+        ))?;
+    }
+    let opts = pack::WriteOptions {
+        ofs_delta: args.ofs_delta,
+        thread_limit: ctx.options.pack_threads,
+    };
+    let written = match pack::write(db, plan, &mut sb, opts, ctx.interrupt) {
+        Ok(w) => w,
+        Err(e) => {
+            let e = Error::from(e);
+            // The client may be gone; if not, tell it why the pack ends here.
+            let _ = sb.error(&format!("{}\n", e.client_message()));
+            return Err(e);
+        }
+    };
+    if args.progress {
+        sb.progress(&format!(
+            "Total {} (delta {}), reused {} (delta {}), pack-reused 0\n",
+            written.objects, written.deltas, written.deltas, written.deltas
+        ))?;
+    }
+    sb.finish()?;
+    Ok(Outcome::Pack {
+        objects: written.objects,
+        bytes: written.bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_version_from_header() {
+        assert_eq!(Version::from_header(None), Version::V0);
+        assert_eq!(Version::from_header(Some("version=2")), Version::V2);
+        assert_eq!(Version::from_header(Some("version=1")), Version::V1);
+        assert_eq!(Version::from_header(Some("foo=bar:version=2")), Version::V2);
+        assert_eq!(Version::from_header(Some("version=3")), Version::V0);
+    }
+}

@@ -1,0 +1,163 @@
+//! Server-side negotiation state: which haves are common, and when we have enough of them to
+//! stop ("ready"). Mirrors git's `upload-pack.c` (`got_oid`, `ok_to_give_up`).
+
+use gix::hashtable::HashSet;
+use gix::objs::{CommitRefIter, Find, FindHeader, Kind, TagRefIter};
+use gix::ObjectId;
+
+use super::Error;
+
+/// What a `have` line told us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Have {
+    /// We do not have the object.
+    Missing,
+    /// We have it; `new` is false when it was already known to be on the client (it is a
+    /// parent of an earlier have).
+    Common {
+        /// Whether this have added to what we know of the client.
+        new: bool,
+    },
+}
+
+/// The state of one negotiation (one stateless request).
+pub struct Negotiator<'r> {
+    repo: &'r gix::Repository,
+    wants: &'r [ObjectId],
+    /// Objects the client has: acknowledged haves and the parents of commit haves.
+    they_have: HashSet<ObjectId>,
+    /// Acknowledged haves, in order: the uninteresting side of the pack.
+    common: Vec<ObjectId>,
+    /// The committer time of the oldest commit have; no need to look below it.
+    oldest_have: Option<i64>,
+    /// `ok_to_give_up` for the current `they_have`, invalidated when it grows.
+    ready: Option<bool>,
+    buf: Vec<u8>,
+}
+
+impl<'r> Negotiator<'r> {
+    /// Start negotiating for `wants` on `repo`.
+    pub fn new(repo: &'r gix::Repository, wants: &'r [ObjectId]) -> Self {
+        Negotiator {
+            repo,
+            wants,
+            they_have: HashSet::default(),
+            common: Vec::new(),
+            oldest_have: None,
+            ready: None,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The haves acknowledged so far.
+    pub fn common(&self) -> &[ObjectId] {
+        &self.common
+    }
+
+    /// Record a `have`.
+    pub fn have(&mut self, id: ObjectId) -> Result<Have, Error> {
+        let Some(header) = self.repo.objects.try_header(&id).map_err(Error::git("reading a have"))? else {
+            return Ok(Have::Missing);
+        };
+        if header.kind == Kind::Commit {
+            let (parents, time) = self.commit(id)?;
+            if self.oldest_have.is_none_or(|t| time < t) {
+                self.oldest_have = Some(time);
+            }
+            for p in parents {
+                if self.they_have.insert(p) {
+                    self.ready = None;
+                }
+            }
+        }
+        if !self.they_have.insert(id) {
+            return Ok(Have::Common { new: false });
+        }
+        self.ready = None;
+        self.common.push(id);
+        Ok(Have::Common { new: true })
+    }
+
+    /// Whether every want reaches something the client has, so that a pack can be made now.
+    pub fn ok_to_give_up(&mut self) -> Result<bool, Error> {
+        if self.common.is_empty() {
+            return Ok(false);
+        }
+        if let Some(ready) = self.ready {
+            return Ok(ready);
+        }
+        let mut ready = true;
+        for want in self.wants {
+            if !self.reaches_common(*want)? {
+                ready = false;
+                break;
+            }
+        }
+        self.ready = Some(ready);
+        Ok(ready)
+    }
+
+    /// Whether `want` (peeled) is a commit with an ancestor the client has. Non-commits count
+    /// as reachable: ancestry cannot tell, and git does not wait for them either.
+    fn reaches_common(&mut self, want: ObjectId) -> Result<bool, Error> {
+        let Some(start) = self.peel_to_commit(want)? else {
+            return Ok(true);
+        };
+        let min_time = self.oldest_have.unwrap_or(i64::MIN);
+        let mut seen = HashSet::default();
+        let mut stack = vec![start];
+        seen.insert(start);
+        while let Some(id) = stack.pop() {
+            if self.they_have.contains(&id) {
+                return Ok(true);
+            }
+            let (parents, time) = self.commit(id)?;
+            if time < min_time {
+                continue;
+            }
+            for p in parents {
+                if seen.insert(p) {
+                    stack.push(p);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn peel_to_commit(&mut self, mut id: ObjectId) -> Result<Option<ObjectId>, Error> {
+        loop {
+            let Some(data) = self.repo.objects.try_find(&id, &mut self.buf).map_err(Error::git("reading a want"))?
+            else {
+                return Ok(None);
+            };
+            match data.kind {
+                Kind::Commit => return Ok(Some(id)),
+                Kind::Tag => {
+                    id = TagRefIter::from_bytes(data.data, id.kind())
+                        .target_id()
+                        .map_err(Error::git("decoding a tag"))?;
+                }
+                Kind::Tree | Kind::Blob => return Ok(None),
+            }
+        }
+    }
+
+    /// Parents and committer time of a commit.
+    fn commit(&mut self, id: ObjectId) -> Result<(Vec<ObjectId>, i64), Error> {
+        let data = self
+            .repo
+            .objects
+            .try_find(&id, &mut self.buf)
+            .map_err(Error::git("reading a commit"))?
+            .ok_or_else(|| Error::Git {
+                context: "reading a commit",
+                message: format!("{id} is missing"),
+            })?;
+        let parents = CommitRefIter::from_bytes(data.data, id.kind()).parent_ids().collect();
+        let time = CommitRefIter::from_bytes(data.data, id.kind())
+            .committer()
+            .map_err(Error::git("decoding a commit"))?
+            .seconds();
+        Ok((parents, time))
+    }
+}

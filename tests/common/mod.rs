@@ -1,0 +1,206 @@
+//! Shared test harness: deterministic fixtures, the server on an ephemeral loopback port, and
+//! a `git` client isolated from the machine's configuration.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+
+use smart_git_proxy::config::Config;
+use smart_git_proxy::http::{self, AppState};
+use tempfile::TempDir;
+
+/// The host segment test repositories are served under.
+pub const HOST: &str = "example.com";
+
+fn fixtures_root() -> &'static Path {
+    static ROOT: OnceLock<TempDir> = OnceLock::new();
+    ROOT.get_or_init(|| tempfile::tempdir().expect("temp dir for fixtures")).path()
+}
+
+/// Build fixture `name` into `dest` (a `.git` directory) with the fixture script.
+pub fn build_fixture(name: &str, dest: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/make-fixture.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(name)
+        .arg(dest)
+        .envs(git_env())
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "fixture {name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A read-only fixture shared by the tests of this process, built on first use.
+pub fn fixture(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    built
+        .entry(name.to_owned())
+        .or_insert_with(|| {
+            let dest = fixtures_root().join(format!("{name}.git"));
+            build_fixture(name, &dest);
+            dest
+        })
+        .clone()
+}
+
+/// Environment for every `git` the tests run: no system or user configuration, no prompts.
+pub fn git_env() -> Vec<(&'static str, String)> {
+    static HOME: OnceLock<TempDir> = OnceLock::new();
+    let home = HOME.get_or_init(|| tempfile::tempdir().expect("temp HOME"));
+    vec![
+        ("HOME", home.path().display().to_string()),
+        ("GIT_CONFIG_NOSYSTEM", "1".into()),
+        ("GIT_CONFIG_GLOBAL", "/dev/null".into()),
+        ("GIT_TERMINAL_PROMPT", "0".into()),
+        ("GIT_AUTHOR_NAME", "Test".into()),
+        ("GIT_AUTHOR_EMAIL", "test@example.com".into()),
+        ("GIT_COMMITTER_NAME", "Test".into()),
+        ("GIT_COMMITTER_EMAIL", "test@example.com".into()),
+        ("LC_ALL", "C".into()),
+    ]
+}
+
+/// Run git in `dir` with `args`; the output whatever the exit status.
+pub fn git_output(dir: &Path, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+    Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .envs(git_env())
+        .envs(extra_env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("git runs")
+}
+
+/// Run git in `dir` and return its stdout; panic with its stderr on failure.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = git_output(dir, args, &[]);
+    assert!(
+        out.status.success(),
+        "git {args:?} failed in {}:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `git fsck --strict` must pass on `git_dir`.
+pub fn assert_fsck(git_dir: &Path) {
+    let out = git_output(git_dir, &["fsck", "--strict", "--no-progress"], &[]);
+    assert!(
+        out.status.success(),
+        "fsck --strict failed in {}:\n{}{}",
+        git_dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// All refs of a repository as `oid name` lines, sorted.
+pub fn refs(git_dir: &Path) -> String {
+    git(git_dir, &["for-each-ref", "--format=%(objectname) %(refname)"])
+}
+
+/// The proxy, running in-process on 127.0.0.1 with an ephemeral port.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub mirror: TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Serve a new, empty mirror directory with default settings.
+    pub fn start() -> Server {
+        Server::start_with(|_| {})
+    }
+
+    /// Serve a new mirror directory, adjusting the configuration first.
+    pub fn start_with(adjust: impl FnOnce(&mut Config)) -> Server {
+        let mirror = tempfile::tempdir().expect("mirror dir");
+        let mut config = Config::new(mirror.path());
+        adjust(&mut config);
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                addr_tx.send(listener.local_addr().expect("addr")).expect("send addr");
+                http::serve(listener, AppState::new(config), async {
+                    let _ = shutdown_rx.await;
+                })
+                .await
+                .expect("serve");
+            });
+        });
+        let addr = addr_rx.recv().expect("server address");
+        Server {
+            addr,
+            mirror,
+            shutdown: Some(shutdown_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Make the read-only fixture `name` available as `example.com/{name}`.
+    pub fn serve_fixture(&self, name: &str) -> String {
+        let src = fixture(name);
+        self.link(name, &src)
+    }
+
+    /// Serve the repository at `git_dir` as `example.com/{name}`.
+    pub fn link(&self, name: &str, git_dir: &Path) -> String {
+        let dest = self.repo_dir(name);
+        std::fs::create_dir_all(dest.parent().expect("parent")).expect("host dir");
+        std::os::unix::fs::symlink(git_dir, &dest).expect("symlink");
+        self.url(name)
+    }
+
+    /// Where `example.com/{name}` lives in the mirror directory.
+    pub fn repo_dir(&self, name: &str) -> PathBuf {
+        self.mirror.path().join(HOST).join(format!("{name}.git"))
+    }
+
+    /// The clone URL of `example.com/{name}`.
+    pub fn url(&self, name: &str) -> String {
+        format!("http://{}/{HOST}/{name}", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The protocol versions every protocol test runs with.
+pub const PROTOCOLS: [&str; 2] = ["2", "0"];
+
+/// `-c protocol.version=N` as git arguments.
+pub fn proto(version: &str) -> [String; 2] {
+    ["-c".into(), format!("protocol.version={version}")]
+}
+
+/// Concatenate string-ish arguments for `git`.
+pub fn args<'a>(parts: &'a [&'a str], extra: &'a [String]) -> Vec<&'a str> {
+    extra.iter().map(String::as_str).chain(parts.iter().copied()).collect()
+}
