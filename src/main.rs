@@ -1,5 +1,6 @@
 //! The `smart-git-proxy` binary: parse the configuration, bind, serve until SIGTERM or Ctrl-C.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -24,7 +25,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,0 +1,170 @@
+//! Fetches into existing clones through the server: incremental updates, multi-round
+//! negotiation, single branches and tags. Protocol v2 and v0.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// Add `n` commits on `branch` of the bare repository `served` (through a scratch clone and a
+/// push, as an upstream would receive them).
+fn add_upstream_commits(served: &Path, branch: &str, n: usize, tag: Option<&str>) {
+    let work = tempfile::tempdir().unwrap();
+    let src = format!("file://{}", served.display());
+    git(work.path(), &["clone", "-q", "--branch", branch, &src, "w"]);
+    let w = work.path().join("w");
+    for i in 0..n {
+        std::fs::write(w.join(format!("upstream-{branch}-{i}.txt").replace('/', "-")), format!("{i}\n")).unwrap();
+        git(&w, &["add", "-A"]);
+        git(&w, &["commit", "-q", "-m", &format!("upstream {i}")]);
+    }
+    if let Some(tag) = tag {
+        git(&w, &["tag", "-a", "-m", "new tag", tag]);
+        git(&w, &["push", "-q", "origin", tag]);
+    }
+    git(&w, &["push", "-q", "origin", &format!("HEAD:{branch}")]);
+}
+
+/// A fresh, writable copy of the `basic` fixture served by a new server.
+fn writable_basic() -> (Server, tempfile::TempDir, std::path::PathBuf, String) {
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("basic.git");
+    build_fixture("basic", &served);
+    let url = server.link("basic", &served);
+    (server, dir, served, url)
+}
+
+fn remote_refs_match(clone: &Path, served: &Path) {
+    let ours = git(clone, &["for-each-ref", "--format=%(objectname) %(refname)", "refs/remotes/origin/", "refs/tags/"])
+        .replace("refs/remotes/origin/", "refs/heads/");
+    let ours: Vec<&str> = ours.lines().filter(|l| !l.ends_with(" refs/heads/HEAD")).collect();
+    let theirs = git(served, &["for-each-ref", "--format=%(objectname) %(refname)", "refs/heads/", "refs/tags/"]);
+    assert_eq!(ours, theirs.lines().collect::<Vec<_>>());
+}
+
+/// How many requests the client made, from its packet trace.
+fn rounds(trace: &str, version: &str) -> usize {
+    if version == "2" {
+        trace.matches("> command=fetch").count()
+    } else {
+        // remote-curl traces each stateless POST body it forwards as one `git< …want…` line.
+        trace.lines().filter(|l| l.contains("git< ") && l.contains("want ") && l.contains("multi_ack")).count()
+    }
+}
+
+#[test]
+fn incremental_fetch_after_upstream_commits() {
+    for v in PROTOCOLS {
+        let (_server, _dir, served, url) = writable_basic();
+        let p = proto(v);
+        let work = tempfile::tempdir().unwrap();
+        git(work.path(), &args(&["clone", "-q", &url, "c"], &p));
+        let c = work.path().join("c");
+        add_upstream_commits(&served, "main", 3, Some("v3.0"));
+        add_upstream_commits(&served, "feature/a", 2, None);
+        git(&c, &args(&["fetch", "-q", "origin"], &p));
+        assert_fsck(&c.join(".git"));
+        remote_refs_match(&c, &served);
+        // And once more with nothing new: negotiation only, no error.
+        git(&c, &args(&["fetch", "-q", "origin"], &p));
+        remote_refs_match(&c, &served);
+    }
+}
+
+#[test]
+fn negotiation_over_many_rounds_when_the_client_has_commits_we_lack() {
+    for v in PROTOCOLS {
+        let (_server, _dir, served, url) = writable_basic();
+        let p = proto(v);
+        let work = tempfile::tempdir().unwrap();
+        git(work.path(), &args(&["clone", "-q", &url, "c"], &p));
+        let c = work.path().join("c");
+        // Hundreds of local commits the server has never seen; they are the newest, so the
+        // client offers them first and the server must NAK its way down to common history.
+        git(&c, &["checkout", "-q", "-b", "local-side"]);
+        let mut fast_import = String::new();
+        for i in 0..300 {
+            fast_import.push_str(&format!(
+                "commit refs/heads/local-side\ncommitter T <t@example.com> {} +0000\ndata 6\nlocal\n{}M 644 inline local.txt\ndata {}\n{}\n\n",
+                2_000_000_000 + i,
+                if i == 0 { "from refs/heads/main\n".to_string() } else { String::new() },
+                format!("{i}").len() + 1,
+                i
+            ));
+        }
+        let out = std::process::Command::new("git")
+            .current_dir(&c)
+            .args(["fast-import", "--quiet"])
+            .envs(git_env())
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(fast_import.as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        assert!(out.status.success());
+        add_upstream_commits(&served, "main", 2, None);
+        let trace = work.path().join("trace");
+        let out = git_output(
+            &c,
+            &args(&["fetch", "origin"], &p),
+            &[("GIT_TRACE_PACKET", trace.to_str().unwrap())],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let trace = std::fs::read_to_string(&trace).unwrap();
+        assert!(rounds(&trace, v) >= 2, "v{v}: expected several negotiation rounds, got {}", rounds(&trace, v));
+        assert!(trace.contains("ACK "), "v{v}: common commits acknowledged");
+        assert_fsck(&c.join(".git"));
+        remote_refs_match(&c, &served);
+    }
+}
+
+#[test]
+fn fetch_of_a_single_branch_into_a_single_branch_clone() {
+    for v in PROTOCOLS {
+        let (_server, _dir, served, url) = writable_basic();
+        let p = proto(v);
+        let work = tempfile::tempdir().unwrap();
+        git(work.path(), &args(&["clone", "-q", "--single-branch", "--branch", "main", &url, "c"], &p));
+        let c = work.path().join("c");
+        add_upstream_commits(&served, "feature/b", 1, None);
+        git(&c, &args(&["fetch", "-q", "origin", "feature/b:refs/remotes/origin/feature/b"], &p));
+        assert_fsck(&c.join(".git"));
+        assert_eq!(
+            git(&c, &["rev-parse", "refs/remotes/origin/feature/b"]),
+            git(&served, &["rev-parse", "refs/heads/feature/b"])
+        );
+        // Fetching a tag by name brings the tag object.
+        git(&c, &args(&["fetch", "-q", "origin", "tag", "v2.0-signed-off"], &p));
+        assert_eq!(
+            git(&c, &["rev-parse", "v2.0-signed-off"]),
+            git(&served, &["rev-parse", "v2.0-signed-off"])
+        );
+        assert_fsck(&c.join(".git"));
+    }
+}
+
+#[test]
+fn fetch_with_and_without_tags() {
+    for v in PROTOCOLS {
+        let (_server, _dir, served, url) = writable_basic();
+        let p = proto(v);
+        let work = tempfile::tempdir().unwrap();
+        git(work.path(), &args(&["clone", "-q", "--no-tags", &url, "c"], &p));
+        let c = work.path().join("c");
+        add_upstream_commits(&served, "main", 1, Some("v9.0"));
+        git(&c, &args(&["fetch", "-q", "--no-tags", "origin"], &p));
+        assert_eq!(git(&c, &["tag", "--list"]), "", "v{v}: --no-tags");
+        git(&c, &args(&["fetch", "-q", "--tags", "origin"], &p));
+        assert_eq!(
+            git(&c, &["for-each-ref", "refs/tags/"]),
+            git(&served, &["for-each-ref", "refs/tags/"]),
+            "v{v}: --tags"
+        );
+        assert_fsck(&c.join(".git"));
+    }
+}
