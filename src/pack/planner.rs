@@ -79,6 +79,7 @@ pub fn plan(repo: &gix::Repository, db: &Db, sel: &Selection<'_>, interrupt: &At
         plan: Plan::default(),
         interrupt,
         stack: Vec::new(),
+        work: 0,
     };
 
     let mut tips = Vec::new();
@@ -108,6 +109,7 @@ pub fn plan(repo: &gix::Repository, db: &Db, sel: &Selection<'_>, interrupt: &At
             .all()
             .map_err(|e| Error::Walk(e.to_string()))?;
         for info in walk {
+            p.tick()?;
             let info = info.map_err(|e| Error::Walk(e.to_string()))?;
             parents.extend(info.parent_ids.iter().copied());
             commits.push(info.id);
@@ -157,11 +159,15 @@ struct Planner<'a> {
     plan: Plan,
     interrupt: &'a AtomicBool,
     stack: Vec<ObjectId>,
+    /// Objects visited so far, for interrupt checks.
+    work: usize,
 }
 
 impl Planner<'_> {
-    fn check_interrupt(&self) -> Result<(), Error> {
-        if self.interrupt.load(Ordering::Relaxed) {
+    /// Count one unit of work and, every so often, check whether the client is still there.
+    fn tick(&mut self) -> Result<(), Error> {
+        self.work += 1;
+        if self.work % INTERRUPT_CHECK_INTERVAL == 0 && self.interrupt.load(Ordering::Relaxed) {
             Err(Error::Interrupted)
         } else {
             Ok(())
@@ -297,12 +303,8 @@ impl Planner<'_> {
         self.marks.insert(root, mark);
         self.stack.clear();
         self.stack.push(root);
-        let mut visited = 0usize;
         while let Some(tree) = self.stack.pop() {
-            visited += 1;
-            if visited % INTERRUPT_CHECK_INTERVAL == 0 {
-                self.check_interrupt()?;
-            }
+            self.tick()?;
             let (data, location) = self
                 .db
                 .try_find(&tree, &mut self.buf)

@@ -395,9 +395,17 @@ fn send_pack<W: Write>(
     let plan = match pack::plan(ctx.repo, &db, &selection, ctx.interrupt) {
         Ok(plan) => plan,
         Err(e) => {
-            // Acknowledgements first, so that the ERR packet is read where git expects a line.
+            let e = Error::from(e);
+            // Acknowledgements first, so that the error is read where git expects it: after the
+            // final ACK/NAK of v0 the client reads the pack, so the error goes on band 3 there.
             out.write_all(&preamble)?;
-            return Err(e.into());
+            if let (false, Some(_)) = (v2, args.sideband) {
+                out.pack_started = true;
+                let mut sb = Sideband::new(&mut *out, args.sideband);
+                sb.error(&format!("{}\n", e.client_message()))?;
+                sb.finish()?;
+            }
+            return Err(e);
         }
     };
     if v2 {
