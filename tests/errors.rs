@@ -1,0 +1,266 @@
+//! Bad input and refusals: every one gets a clear HTTP status or an `ERR` packet, never a
+//! panic, and the server keeps serving.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use common::*;
+
+struct Reply {
+    status: u16,
+    headers: String,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A minimal HTTP/1.1 client, so that tests can send exactly the bytes they mean.
+fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && *v == "chunked");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !chunked {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    if chunked {
+        for chunk in body.chunks(7) {
+            s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).unwrap();
+            s.write_all(chunk).unwrap();
+            s.write_all(b"\r\n").unwrap();
+        }
+        s.write_all(b"0\r\n\r\n").unwrap();
+    } else {
+        s.write_all(body).unwrap();
+    }
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("header end");
+    let headers = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = headers[9..12].parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    Reply { status, headers, body }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[line_end + 2..line_end + 2 + size]);
+        data = &data[line_end + 2 + size + 2..];
+    }
+}
+
+fn pkt(lines: &[&str]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for l in lines {
+        match *l {
+            "0000" | "0001" => out.extend_from_slice(l.as_bytes()),
+            l => out.extend_from_slice(format!("{:04x}{l}\n", l.len() + 5).as_bytes()),
+        }
+    }
+    out
+}
+
+const UPLOAD_PACK: &str = "/example.com/basic/git-upload-pack";
+const V2: (&str, &str) = ("Git-Protocol", "version=2");
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("body");
+    std::fs::write(&path, data).unwrap();
+    let out = std::process::Command::new("gzip").arg("-c").arg(&path).output().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+#[test]
+fn unknown_repositories_and_endpoints_are_404() {
+    let server = Server::start();
+    let r = request(server.addr, "GET", "/example.com/nope/info/refs?service=git-upload-pack", &[], b"");
+    assert_eq!(r.status, 404);
+    assert!(r.text().contains("repository 'example.com/nope' not found"), "{}", r.text());
+    let r = request(server.addr, "POST", "/example.com/nope/git-upload-pack", &[V2], &pkt(&["command=ls-refs", "0000"]));
+    assert_eq!(r.status, 404);
+    let r = request(server.addr, "GET", "/example.com/basic/objects/info/packs", &[], b"");
+    assert_eq!(r.status, 404);
+
+    let work = tempfile::tempdir().unwrap();
+    let out = git_output(work.path(), &["clone", &server.url("nope"), "x"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    assert_eq!(request(server.addr, "GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn pushes_and_dumb_http_are_refused() {
+    let server = Server::start();
+    let url = server.serve_fixture("basic");
+    let r = request(server.addr, "GET", "/example.com/basic/info/refs?service=git-receive-pack", &[], b"");
+    assert_eq!(r.status, 403);
+    assert!(r.text().contains("read-only"));
+    assert_eq!(request(server.addr, "POST", "/example.com/basic/git-receive-pack", &[], b"0000").status, 403);
+    assert_eq!(request(server.addr, "GET", "/example.com/basic/info/refs", &[], b"").status, 403);
+    assert_eq!(request(server.addr, "PUT", UPLOAD_PACK, &[], b"").status, 405);
+    assert_eq!(request(server.addr, "GET", UPLOAD_PACK, &[], b"").status, 405);
+
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "-q", &url, "c"]);
+    let c = work.path().join("c");
+    git(&c, &["commit", "-q", "--allow-empty", "-m", "x"]);
+    let out = git_output(&c, &["push", "origin", "HEAD:main"], &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("read-only mirror: push to the upstream"), "{stderr}");
+}
+
+#[test]
+fn unsafe_paths_are_400() {
+    let server = Server::start();
+    server.serve_fixture("basic");
+    for path in [
+        "/example.com/../basic/info/refs?service=git-upload-pack",
+        "/example.com/./basic/info/refs?service=git-upload-pack",
+        "/example.com//basic/info/refs?service=git-upload-pack",
+        "/example.com/%2e%2e/basic/info/refs?service=git-upload-pack",
+        "/example.com/b%61sic/info/refs?service=git-upload-pack",
+        "/example.com/ba\\sic/info/refs?service=git-upload-pack",
+    ] {
+        assert_eq!(request(server.addr, "GET", path, &[], b"").status, 400, "{path}");
+    }
+}
+
+#[test]
+fn malformed_bodies_are_4xx() {
+    let server = Server::start_with(|c| c.max_request_body = bytesize::ByteSize::kib(4));
+    server.serve_fixture("basic");
+    let cases: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, u16)> = vec![
+        ("bad length", b"zzzzwant".to_vec(), vec![], 400),
+        ("truncated", b"0032want 1111".to_vec(), vec![], 400),
+        ("bad oid v0", pkt(&["want 12345 multi_ack", "0000", "done"]), vec![], 400),
+        ("bad oid v2", pkt(&["command=fetch", "0001", "want xyz", "0000"]), vec![V2], 400),
+        ("too large", b"0000".repeat(2000), vec![], 413),
+        ("gzip garbage", b"\x1f\x8b\x08\x00garbage".to_vec(), vec![("Content-Encoding", "gzip")], 400),
+        ("gzip bomb", gzip(&vec![b'0'; 1 << 20]), vec![("Content-Encoding", "gzip")], 413),
+    ];
+    for (what, body, headers, status) in cases {
+        let r = request(server.addr, "POST", UPLOAD_PACK, &headers, &body);
+        assert_eq!(r.status, status, "{what}: {}", r.text());
+        assert!(!r.body.is_empty(), "{what}: a message");
+    }
+    // Still serving.
+    let r = request(server.addr, "POST", UPLOAD_PACK, &[V2], &pkt(&["command=ls-refs", "0000"]));
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn gzip_and_chunked_requests_are_served() {
+    let server = Server::start();
+    server.serve_fixture("basic");
+    let ls = pkt(&["command=ls-refs", "0001", "peel", "symrefs", "0000"]);
+    let plain = request(server.addr, "POST", UPLOAD_PACK, &[V2], &ls);
+    assert_eq!(plain.status, 200);
+    assert!(plain.headers.contains("application/x-git-upload-pack-result"));
+    assert!(plain.text().contains("HEAD symref-target:refs/heads/main"));
+    let gz = request(server.addr, "POST", UPLOAD_PACK, &[V2, ("Content-Encoding", "gzip")], &gzip(&ls));
+    assert_eq!(gz.body, plain.body);
+    let chunked = request(server.addr, "POST", UPLOAD_PACK, &[V2, ("Transfer-Encoding", "chunked")], &ls);
+    assert_eq!(chunked.body, plain.body);
+    // git's probe before a large chunked POST is a lone flush: an empty answer.
+    let probe = request(server.addr, "POST", UPLOAD_PACK, &[], b"0000");
+    assert_eq!((probe.status, probe.body.len()), (200, 0));
+}
+
+#[test]
+fn protocol_errors_are_err_packets() {
+    let server = Server::start();
+    server.serve_fixture("basic");
+    let missing = "1234567890123456789012345678901234567890";
+    let r = request(server.addr, "POST", UPLOAD_PACK, &[V2], &pkt(&["command=fetch", "0001", &format!("want {missing}"), "done", "0000"]));
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains(&format!("ERR upload-pack: not our ref {missing}")), "{}", r.text());
+    let r = request(server.addr, "POST", UPLOAD_PACK, &[V2], &pkt(&["command=frobnicate", "0000"]));
+    assert!(r.text().contains("ERR invalid command 'frobnicate'"), "{}", r.text());
+    let r = request(server.addr, "POST", UPLOAD_PACK, &[V2], &pkt(&["command=fetch", "0001", "deepen 1", "0000"]));
+    assert!(r.text().contains("ERR unexpected line: 'deepen 1'"), "{}", r.text());
+    let r = request(server.addr, "POST", UPLOAD_PACK, &[], &pkt(&["have 1234", "0000"]));
+    assert!(r.text().contains("ERR protocol error: expected want list"), "{}", r.text());
+}
+
+#[test]
+fn want_semantics_differ_between_v2_and_v0() {
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("basic.git");
+    build_fixture("basic", &served);
+    let url = server.link("basic", &served);
+    // A commit in the repository that no ref reaches.
+    let tree = git(&served, &["rev-parse", "main^{tree}"]);
+    let dangling = git(&served, &["commit-tree", tree.trim(), "-m", "dangling"]);
+    let dangling = dangling.trim();
+    let missing = "1234567890123456789012345678901234567890";
+    for v in PROTOCOLS {
+        let work = tempfile::tempdir().unwrap();
+        git(work.path(), &["init", "-q", "c"]);
+        let c = work.path().join("c");
+        let p = proto(v);
+        let out = git_output(&c, &args(&["fetch", &url, missing], &p), &[]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("not our ref {missing}")), "v{v}: {stderr}");
+
+        let out = git_output(&c, &args(&["fetch", &url, dangling], &p), &[]);
+        if v == "2" {
+            assert!(out.status.success(), "v2 serves any object present: {}", String::from_utf8_lossy(&out.stderr));
+            assert_fsck(&c.join(".git"));
+        } else {
+            assert!(!out.status.success(), "v0 serves only what refs reach");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("not our ref"));
+        }
+        // A commit that a ref reaches but is not a tip is fine in both.
+        let deep = git(&served, &["rev-parse", "main~3"]);
+        git(&c, &args(&["fetch", "-q", &url, deep.trim()], &p));
+        assert_fsck(&c.join(".git"));
+    }
+}
+
+#[test]
+fn a_client_that_disconnects_mid_pack_frees_its_slot() {
+    let server = Server::start_with(|c| c.max_concurrent_packs = Some(1));
+    server.serve_fixture("large");
+    let main = git(&fixture("large"), &["rev-parse", "main"]);
+    let body = pkt(&["command=fetch", "0001", &format!("want {}", main.trim()), "ofs-delta", "done", "0000"]);
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        let head = format!(
+            "POST /example.com/large/git-upload-pack HTTP/1.1\r\nHost: x\r\nGit-Protocol: version=2\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&body).unwrap();
+        let mut first = [0u8; 512];
+        let _ = s.read(&mut first).unwrap();
+        drop(s);
+    }
+    // With one pack slot, this would wait forever if an abandoned request kept it.
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "-q", "--bare", &server.url("large"), "c"]);
+    assert_fsck(&work.path().join("c"));
+}
