@@ -74,7 +74,9 @@ impl Config {
             });
         }
         if self.pack_threads == Some(0) {
-            return Err(Error::Zero { key: "PACK_THREADS" });
+            return Err(Error::Zero {
+                key: "PACK_THREADS",
+            });
         }
         Ok(())
     }
@@ -101,9 +103,15 @@ mod tests {
     fn listen_addr_forms() {
         let mut c = Config::new("/m");
         c.listen_addr = ":8080".into();
-        assert_eq!(c.listen_socket_addr().unwrap(), "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(
+            c.listen_socket_addr().unwrap(),
+            "0.0.0.0:8080".parse().unwrap()
+        );
         c.listen_addr = "127.0.0.1:9000".into();
-        assert_eq!(c.listen_socket_addr().unwrap(), "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(
+            c.listen_socket_addr().unwrap(),
+            "127.0.0.1:9000".parse().unwrap()
+        );
         c.listen_addr = "[::1]:9000".into();
         assert!(c.listen_socket_addr().is_ok());
         c.listen_addr = "localhost".into();
@@ -112,7 +120,9 @@ mod tests {
 
     #[test]
     fn parses_flags_and_sizes() {
-        let c = Config::try_parse_from(["x", "--mirror-dir", "/srv", "--max-request-body", "64MiB"]).unwrap();
+        let c =
+            Config::try_parse_from(["x", "--mirror-dir", "/srv", "--max-request-body", "64MiB"])
+                .unwrap();
         assert_eq!(c.max_request_body, ByteSize::mib(64));
         assert_eq!(c.mirror_dir, PathBuf::from("/srv"));
         let mut c = Config::new("/m");

@@ -236,9 +236,18 @@ mod tests {
         assert_eq!(t.dir, Path::new("/m/github.com/o/r.git"));
         assert_eq!(t.name, "github.com/o/r");
         assert_eq!(t.service, Service::InfoRefs);
-        assert_eq!(ok("/github.com/o/r.git/git-upload-pack").dir, Path::new("/m/github.com/o/r.git"));
-        assert_eq!(ok("/gitlab.com/a/b/c/repo/git-receive-pack").service, Service::ReceivePack);
-        assert_eq!(ok("/gitlab.com/a/b/c/repo.git/info/refs").dir, Path::new("/m/gitlab.com/a/b/c/repo.git"));
+        assert_eq!(
+            ok("/github.com/o/r.git/git-upload-pack").dir,
+            Path::new("/m/github.com/o/r.git")
+        );
+        assert_eq!(
+            ok("/gitlab.com/a/b/c/repo/git-receive-pack").service,
+            Service::ReceivePack
+        );
+        assert_eq!(
+            ok("/gitlab.com/a/b/c/repo.git/info/refs").dir,
+            Path::new("/m/gitlab.com/a/b/c/repo.git")
+        );
     }
 
     #[test]
@@ -256,7 +265,10 @@ mod tests {
             "/github.com/o/../info/refs",
         ] {
             assert!(
-                matches!(resolve(Path::new("/m"), bad), Err(ResolveError::InvalidPath { .. })),
+                matches!(
+                    resolve(Path::new("/m"), bad),
+                    Err(ResolveError::InvalidPath { .. })
+                ),
                 "{bad}"
             );
         }

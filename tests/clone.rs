@@ -15,18 +15,48 @@ fn clone_and_check(server_fixture: &str, version: &str, mirror: bool) {
     let p = proto(version);
     let mode = if mirror { "--mirror" } else { "--no-checkout" };
     git(work.path(), &args(&["clone", "-q", mode, &url, dest_s], &p));
-    let git_dir = if mirror { dest.clone() } else { dest.join(".git") };
+    let git_dir = if mirror {
+        dest.clone()
+    } else {
+        dest.join(".git")
+    };
     assert_fsck(&git_dir);
     let served = fixture(server_fixture);
     if mirror {
-        assert_eq!(refs(&git_dir), refs(&served), "{server_fixture} v{version}: mirror refs differ");
+        assert_eq!(
+            refs(&git_dir),
+            refs(&served),
+            "{server_fixture} v{version}: mirror refs differ"
+        );
     } else {
-        let ours = git(&git_dir, &["for-each-ref", "--format=%(objectname) %(refname)", "refs/remotes/origin/", "refs/tags/"]);
-        let theirs = git(&served, &["for-each-ref", "--format=%(objectname) %(refname)", "refs/heads/", "refs/tags/"]);
+        let ours = git(
+            &git_dir,
+            &[
+                "for-each-ref",
+                "--format=%(objectname) %(refname)",
+                "refs/remotes/origin/",
+                "refs/tags/",
+            ],
+        );
+        let theirs = git(
+            &served,
+            &[
+                "for-each-ref",
+                "--format=%(objectname) %(refname)",
+                "refs/heads/",
+                "refs/tags/",
+            ],
+        );
         let ours = ours.replace("refs/remotes/origin/", "refs/heads/");
-        let ours: Vec<&str> = ours.lines().filter(|l| !l.ends_with("refs/heads/HEAD")).collect();
+        let ours: Vec<&str> = ours
+            .lines()
+            .filter(|l| !l.ends_with("refs/heads/HEAD"))
+            .collect();
         let theirs: Vec<&str> = theirs.lines().collect();
-        assert_eq!(ours, theirs, "{server_fixture} v{version}: clone refs differ");
+        assert_eq!(
+            ours, theirs,
+            "{server_fixture} v{version}: clone refs differ"
+        );
         if server_fixture != "empty" {
             git(&dest, &["checkout", "-q", "main"]);
             let head_tree = git(&dest, &["rev-parse", "HEAD^{tree}"]);
@@ -63,7 +93,10 @@ fn ls_remote_matches_the_repository() {
             let p = proto(v);
             let work = tempfile::tempdir().unwrap();
             let through = git(work.path(), &args(&["ls-remote", &url], &p));
-            let expected = git(work.path(), &args(&["ls-remote", direct.to_str().unwrap()], &p));
+            let expected = git(
+                work.path(),
+                &args(&["ls-remote", direct.to_str().unwrap()], &p),
+            );
             assert_eq!(through, expected, "{name} v{v}");
         }
     }
@@ -79,8 +112,14 @@ fn clone_like_git(work: &Path, url: &str, direct: &str, version: &str, flags: &[
     let theirs = work.join("theirs");
     let mut a = vec!["clone", "-q"];
     a.extend_from_slice(flags);
-    git(&work, &args(&[&a[..], &[url, ours.to_str().unwrap()]].concat(), &p));
-    git(&work, &args(&[&a[..], &[direct, theirs.to_str().unwrap()]].concat(), &p));
+    git(
+        &work,
+        &args(&[&a[..], &[url, ours.to_str().unwrap()]].concat(), &p),
+    );
+    git(
+        &work,
+        &args(&[&a[..], &[direct, theirs.to_str().unwrap()]].concat(), &p),
+    );
     assert_fsck(&ours);
     assert_eq!(refs(&ours), refs(&theirs), "v{version} clone {flags:?}");
     ours
@@ -96,10 +135,22 @@ fn clone_single_branch_and_tags() {
         let work = tempfile::tempdir().unwrap();
         let work = work.path();
         // --single-branch uses include-tag: tags pointing into the branch come along.
-        let one = clone_like_git(work, &url, &direct, v, &["--bare", "--single-branch", "--branch", "feature/a"]);
-        let heads = git(&one, &["for-each-ref", "--format=%(refname)", "refs/heads/"]);
+        let one = clone_like_git(
+            work,
+            &url,
+            &direct,
+            v,
+            &["--bare", "--single-branch", "--branch", "feature/a"],
+        );
+        let heads = git(
+            &one,
+            &["for-each-ref", "--format=%(refname)", "refs/heads/"],
+        );
         assert_eq!(heads, "refs/heads/feature/a\n");
-        assert!(git(&one, &["tag", "--list"]).contains("v1.0\n"), "v{v}: include-tag");
+        assert!(
+            git(&one, &["tag", "--list"]).contains("v1.0\n"),
+            "v{v}: include-tag"
+        );
         let notags = clone_like_git(work, &url, &direct, v, &["--bare", "--no-tags"]);
         assert_eq!(git(&notags, &["tag", "--list"]), "");
         let all = clone_like_git(work, &url, &direct, v, &["--bare"]);
@@ -108,6 +159,12 @@ fn clone_single_branch_and_tags() {
             git(&served, &["for-each-ref", "refs/tags/"]),
             "v{v}: every tag, including a tag of a tag and a tag of a blob"
         );
-        clone_like_git(work, &url, &direct, v, &["--bare", "--single-branch", "--branch", "v2.0-signed-off"]);
+        clone_like_git(
+            work,
+            &url,
+            &direct,
+            v,
+            &["--bare", "--single-branch", "--branch", "v2.0-signed-off"],
+        );
     }
 }

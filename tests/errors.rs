@@ -21,10 +21,18 @@ impl Reply {
 }
 
 /// A minimal HTTP/1.1 client, so that tests can send exactly the bytes they mean.
-fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
     let mut s = TcpStream::connect(addr).unwrap();
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && *v == "chunked");
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && *v == "chunked");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -35,7 +43,8 @@ fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)],
     s.write_all(head.as_bytes()).unwrap();
     if chunked {
         for chunk in body.chunks(7) {
-            s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).unwrap();
+            s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .unwrap();
             s.write_all(chunk).unwrap();
             s.write_all(b"\r\n").unwrap();
         }
@@ -45,21 +54,33 @@ fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)],
     }
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("header end");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
     let headers = String::from_utf8_lossy(&raw[..split]).into_owned();
     let status = headers[9..12].parse().unwrap();
     let mut body = raw[split + 4..].to_vec();
-    if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body = dechunk(&body);
     }
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16).unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
+                .unwrap();
         if size == 0 {
             return out;
         }
@@ -86,7 +107,11 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("body");
     std::fs::write(&path, data).unwrap();
-    let out = std::process::Command::new("gzip").arg("-c").arg(&path).output().unwrap();
+    let out = std::process::Command::new("gzip")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     out.stdout
 }
@@ -94,32 +119,82 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 #[test]
 fn unknown_repositories_and_endpoints_are_404() {
     let server = Server::start();
-    let r = request(server.addr, "GET", "/example.com/nope/info/refs?service=git-upload-pack", &[], b"");
+    let r = request(
+        server.addr,
+        "GET",
+        "/example.com/nope/info/refs?service=git-upload-pack",
+        &[],
+        b"",
+    );
     assert_eq!(r.status, 404);
-    assert!(r.text().contains("repository 'example.com/nope' not found"), "{}", r.text());
-    let r = request(server.addr, "POST", "/example.com/nope/git-upload-pack", &[V2], &pkt(&["command=ls-refs", "0000"]));
+    assert!(
+        r.text().contains("repository 'example.com/nope' not found"),
+        "{}",
+        r.text()
+    );
+    let r = request(
+        server.addr,
+        "POST",
+        "/example.com/nope/git-upload-pack",
+        &[V2],
+        &pkt(&["command=ls-refs", "0000"]),
+    );
     assert_eq!(r.status, 404);
-    let r = request(server.addr, "GET", "/example.com/basic/objects/info/packs", &[], b"");
+    let r = request(
+        server.addr,
+        "GET",
+        "/example.com/basic/objects/info/packs",
+        &[],
+        b"",
+    );
     assert_eq!(r.status, 404);
 
     let work = tempfile::tempdir().unwrap();
     let out = git_output(work.path(), &["clone", &server.url("nope"), "x"], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
-    assert_eq!(request(server.addr, "GET", "/healthz", &[], b"").status, 200);
+    assert_eq!(
+        request(server.addr, "GET", "/healthz", &[], b"").status,
+        200
+    );
 }
 
 #[test]
 fn pushes_and_dumb_http_are_refused() {
     let server = Server::start();
     let url = server.serve_fixture("basic");
-    let r = request(server.addr, "GET", "/example.com/basic/info/refs?service=git-receive-pack", &[], b"");
+    let r = request(
+        server.addr,
+        "GET",
+        "/example.com/basic/info/refs?service=git-receive-pack",
+        &[],
+        b"",
+    );
     assert_eq!(r.status, 403);
     assert!(r.text().contains("read-only"));
-    assert_eq!(request(server.addr, "POST", "/example.com/basic/git-receive-pack", &[], b"0000").status, 403);
-    assert_eq!(request(server.addr, "GET", "/example.com/basic/info/refs", &[], b"").status, 403);
-    assert_eq!(request(server.addr, "PUT", UPLOAD_PACK, &[], b"").status, 405);
-    assert_eq!(request(server.addr, "GET", UPLOAD_PACK, &[], b"").status, 405);
+    assert_eq!(
+        request(
+            server.addr,
+            "POST",
+            "/example.com/basic/git-receive-pack",
+            &[],
+            b"0000"
+        )
+        .status,
+        403
+    );
+    assert_eq!(
+        request(server.addr, "GET", "/example.com/basic/info/refs", &[], b"").status,
+        403
+    );
+    assert_eq!(
+        request(server.addr, "PUT", UPLOAD_PACK, &[], b"").status,
+        405
+    );
+    assert_eq!(
+        request(server.addr, "GET", UPLOAD_PACK, &[], b"").status,
+        405
+    );
 
     let work = tempfile::tempdir().unwrap();
     git(work.path(), &["clone", "-q", &url, "c"]);
@@ -128,7 +203,10 @@ fn pushes_and_dumb_http_are_refused() {
     let out = git_output(&c, &["push", "origin", "HEAD:main"], &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("read-only mirror: push to the upstream"), "{stderr}");
+    assert!(
+        stderr.contains("read-only mirror: push to the upstream"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -143,22 +221,54 @@ fn unsafe_paths_are_400() {
         "/example.com/b%61sic/info/refs?service=git-upload-pack",
         "/example.com/ba\\sic/info/refs?service=git-upload-pack",
     ] {
-        assert_eq!(request(server.addr, "GET", path, &[], b"").status, 400, "{path}");
+        assert_eq!(
+            request(server.addr, "GET", path, &[], b"").status,
+            400,
+            "{path}"
+        );
     }
 }
+
+/// What is wrong, the body, extra headers, the expected status.
+type BadBody = (
+    &'static str,
+    Vec<u8>,
+    Vec<(&'static str, &'static str)>,
+    u16,
+);
 
 #[test]
 fn malformed_bodies_are_4xx() {
     let server = Server::start_with(|c| c.max_request_body = bytesize::ByteSize::kib(4));
     server.serve_fixture("basic");
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, u16)> = vec![
+    let cases: Vec<BadBody> = vec![
         ("bad length", b"zzzzwant".to_vec(), vec![], 400),
         ("truncated", b"0032want 1111".to_vec(), vec![], 400),
-        ("bad oid v0", pkt(&["want 12345 multi_ack", "0000", "done"]), vec![], 400),
-        ("bad oid v2", pkt(&["command=fetch", "0001", "want xyz", "0000"]), vec![V2], 400),
+        (
+            "bad oid v0",
+            pkt(&["want 12345 multi_ack", "0000", "done"]),
+            vec![],
+            400,
+        ),
+        (
+            "bad oid v2",
+            pkt(&["command=fetch", "0001", "want xyz", "0000"]),
+            vec![V2],
+            400,
+        ),
         ("too large", b"0000".repeat(2000), vec![], 413),
-        ("gzip garbage", b"\x1f\x8b\x08\x00garbage".to_vec(), vec![("Content-Encoding", "gzip")], 400),
-        ("gzip bomb", gzip(&vec![b'0'; 1 << 20]), vec![("Content-Encoding", "gzip")], 413),
+        (
+            "gzip garbage",
+            b"\x1f\x8b\x08\x00garbage".to_vec(),
+            vec![("Content-Encoding", "gzip")],
+            400,
+        ),
+        (
+            "gzip bomb",
+            gzip(&vec![b'0'; 1 << 20]),
+            vec![("Content-Encoding", "gzip")],
+            413,
+        ),
     ];
     for (what, body, headers, status) in cases {
         let r = request(server.addr, "POST", UPLOAD_PACK, &headers, &body);
@@ -166,7 +276,13 @@ fn malformed_bodies_are_4xx() {
         assert!(!r.body.is_empty(), "{what}: a message");
     }
     // Still serving.
-    let r = request(server.addr, "POST", UPLOAD_PACK, &[V2], &pkt(&["command=ls-refs", "0000"]));
+    let r = request(
+        server.addr,
+        "POST",
+        UPLOAD_PACK,
+        &[V2],
+        &pkt(&["command=ls-refs", "0000"]),
+    );
     assert_eq!(r.status, 200);
 }
 
@@ -177,11 +293,25 @@ fn gzip_and_chunked_requests_are_served() {
     let ls = pkt(&["command=ls-refs", "0001", "peel", "symrefs", "0000"]);
     let plain = request(server.addr, "POST", UPLOAD_PACK, &[V2], &ls);
     assert_eq!(plain.status, 200);
-    assert!(plain.headers.contains("application/x-git-upload-pack-result"));
+    assert!(plain
+        .headers
+        .contains("application/x-git-upload-pack-result"));
     assert!(plain.text().contains("HEAD symref-target:refs/heads/main"));
-    let gz = request(server.addr, "POST", UPLOAD_PACK, &[V2, ("Content-Encoding", "gzip")], &gzip(&ls));
+    let gz = request(
+        server.addr,
+        "POST",
+        UPLOAD_PACK,
+        &[V2, ("Content-Encoding", "gzip")],
+        &gzip(&ls),
+    );
     assert_eq!(gz.body, plain.body);
-    let chunked = request(server.addr, "POST", UPLOAD_PACK, &[V2, ("Transfer-Encoding", "chunked")], &ls);
+    let chunked = request(
+        server.addr,
+        "POST",
+        UPLOAD_PACK,
+        &[V2, ("Transfer-Encoding", "chunked")],
+        &ls,
+    );
     assert_eq!(chunked.body, plain.body);
     // git's probe before a large chunked POST is a lone flush: an empty answer.
     let probe = request(server.addr, "POST", UPLOAD_PACK, &[], b"0000");
@@ -193,15 +323,62 @@ fn protocol_errors_are_err_packets() {
     let server = Server::start();
     server.serve_fixture("basic");
     let missing = "1234567890123456789012345678901234567890";
-    let r = request(server.addr, "POST", UPLOAD_PACK, &[V2], &pkt(&["command=fetch", "0001", &format!("want {missing}"), "done", "0000"]));
+    let r = request(
+        server.addr,
+        "POST",
+        UPLOAD_PACK,
+        &[V2],
+        &pkt(&[
+            "command=fetch",
+            "0001",
+            &format!("want {missing}"),
+            "done",
+            "0000",
+        ]),
+    );
     assert_eq!(r.status, 200);
-    assert!(r.text().contains(&format!("ERR upload-pack: not our ref {missing}")), "{}", r.text());
-    let r = request(server.addr, "POST", UPLOAD_PACK, &[V2], &pkt(&["command=frobnicate", "0000"]));
-    assert!(r.text().contains("ERR invalid command 'frobnicate'"), "{}", r.text());
-    let r = request(server.addr, "POST", UPLOAD_PACK, &[V2], &pkt(&["command=fetch", "0001", "deepen 1", "0000"]));
-    assert!(r.text().contains("ERR unexpected line: 'deepen 1'"), "{}", r.text());
-    let r = request(server.addr, "POST", UPLOAD_PACK, &[], &pkt(&["have 1234", "0000"]));
-    assert!(r.text().contains("ERR protocol error: expected want list"), "{}", r.text());
+    assert!(
+        r.text()
+            .contains(&format!("ERR upload-pack: not our ref {missing}")),
+        "{}",
+        r.text()
+    );
+    let r = request(
+        server.addr,
+        "POST",
+        UPLOAD_PACK,
+        &[V2],
+        &pkt(&["command=frobnicate", "0000"]),
+    );
+    assert!(
+        r.text().contains("ERR invalid command 'frobnicate'"),
+        "{}",
+        r.text()
+    );
+    let r = request(
+        server.addr,
+        "POST",
+        UPLOAD_PACK,
+        &[V2],
+        &pkt(&["command=fetch", "0001", "deepen 1", "0000"]),
+    );
+    assert!(
+        r.text().contains("ERR unexpected line: 'deepen 1'"),
+        "{}",
+        r.text()
+    );
+    let r = request(
+        server.addr,
+        "POST",
+        UPLOAD_PACK,
+        &[],
+        &pkt(&["have 1234", "0000"]),
+    );
+    assert!(
+        r.text().contains("ERR protocol error: expected want list"),
+        "{}",
+        r.text()
+    );
 }
 
 #[test]
@@ -224,11 +401,18 @@ fn want_semantics_differ_between_v2_and_v0() {
         let out = git_output(&c, &args(&["fetch", &url, missing], &p), &[]);
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(&format!("not our ref {missing}")), "v{v}: {stderr}");
+        assert!(
+            stderr.contains(&format!("not our ref {missing}")),
+            "v{v}: {stderr}"
+        );
 
         let out = git_output(&c, &args(&["fetch", &url, dangling], &p), &[]);
         if v == "2" {
-            assert!(out.status.success(), "v2 serves any object present: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "v2 serves any object present: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             assert_fsck(&c.join(".git"));
         } else {
             assert!(!out.status.success(), "v0 serves only what refs reach");
@@ -246,7 +430,14 @@ fn a_client_that_disconnects_mid_pack_frees_its_slot() {
     let server = Server::start_with(|c| c.max_concurrent_packs = Some(1));
     server.serve_fixture("large");
     let main = git(&fixture("large"), &["rev-parse", "main"]);
-    let body = pkt(&["command=fetch", "0001", &format!("want {}", main.trim()), "ofs-delta", "done", "0000"]);
+    let body = pkt(&[
+        "command=fetch",
+        "0001",
+        &format!("want {}", main.trim()),
+        "ofs-delta",
+        "done",
+        "0000",
+    ]);
     for _ in 0..3 {
         let mut s = TcpStream::connect(server.addr).unwrap();
         let head = format!(
@@ -261,6 +452,9 @@ fn a_client_that_disconnects_mid_pack_frees_its_slot() {
     }
     // With one pack slot, this would wait forever if an abandoned request kept it.
     let work = tempfile::tempdir().unwrap();
-    git(work.path(), &["clone", "-q", "--bare", &server.url("large"), "c"]);
+    git(
+        work.path(),
+        &["clone", "-q", "--bare", &server.url("large"), "c"],
+    );
     assert_fsck(&work.path().join("c"));
 }

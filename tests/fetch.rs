@@ -15,7 +15,11 @@ fn add_upstream_commits(served: &Path, branch: &str, n: usize, tag: Option<&str>
     git(work.path(), &["clone", "-q", "--branch", branch, &src, "w"]);
     let w = work.path().join("w");
     for i in 0..n {
-        std::fs::write(w.join(format!("upstream-{branch}-{i}.txt").replace('/', "-")), format!("{i}\n")).unwrap();
+        std::fs::write(
+            w.join(format!("upstream-{branch}-{i}.txt").replace('/', "-")),
+            format!("{i}\n"),
+        )
+        .unwrap();
         git(&w, &["add", "-A"]);
         git(&w, &["commit", "-q", "-m", &format!("upstream {i}")]);
     }
@@ -37,10 +41,29 @@ fn writable_basic() -> (Server, tempfile::TempDir, std::path::PathBuf, String) {
 }
 
 fn remote_refs_match(clone: &Path, served: &Path) {
-    let ours = git(clone, &["for-each-ref", "--format=%(objectname) %(refname)", "refs/remotes/origin/", "refs/tags/"])
-        .replace("refs/remotes/origin/", "refs/heads/");
-    let ours: Vec<&str> = ours.lines().filter(|l| !l.ends_with(" refs/heads/HEAD")).collect();
-    let theirs = git(served, &["for-each-ref", "--format=%(objectname) %(refname)", "refs/heads/", "refs/tags/"]);
+    let ours = git(
+        clone,
+        &[
+            "for-each-ref",
+            "--format=%(objectname) %(refname)",
+            "refs/remotes/origin/",
+            "refs/tags/",
+        ],
+    )
+    .replace("refs/remotes/origin/", "refs/heads/");
+    let ours: Vec<&str> = ours
+        .lines()
+        .filter(|l| !l.ends_with(" refs/heads/HEAD"))
+        .collect();
+    let theirs = git(
+        served,
+        &[
+            "for-each-ref",
+            "--format=%(objectname) %(refname)",
+            "refs/heads/",
+            "refs/tags/",
+        ],
+    );
     assert_eq!(ours, theirs.lines().collect::<Vec<_>>());
 }
 
@@ -50,7 +73,10 @@ fn rounds(trace: &str, version: &str) -> usize {
         trace.matches("> command=fetch").count()
     } else {
         // remote-curl traces each stateless POST body it forwards as one `git< …want…` line.
-        trace.lines().filter(|l| l.contains("git< ") && l.contains("want ") && l.contains("multi_ack")).count()
+        trace
+            .lines()
+            .filter(|l| l.contains("git< ") && l.contains("want ") && l.contains("multi_ack"))
+            .count()
     }
 }
 
@@ -102,7 +128,11 @@ fn negotiation_over_many_rounds_when_the_client_has_commits_we_lack() {
             .spawn()
             .and_then(|mut child| {
                 use std::io::Write;
-                child.stdin.take().unwrap().write_all(fast_import.as_bytes())?;
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(fast_import.as_bytes())?;
                 child.wait_with_output()
             })
             .unwrap();
@@ -114,9 +144,17 @@ fn negotiation_over_many_rounds_when_the_client_has_commits_we_lack() {
             &args(&["fetch", "origin"], &p),
             &[("GIT_TRACE_PACKET", trace.to_str().unwrap())],
         );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let trace = std::fs::read_to_string(&trace).unwrap();
-        assert!(rounds(&trace, v) >= 2, "v{v}: expected several negotiation rounds, got {}", rounds(&trace, v));
+        assert!(
+            rounds(&trace, v) >= 2,
+            "v{v}: expected several negotiation rounds, got {}",
+            rounds(&trace, v)
+        );
         assert!(trace.contains("ACK "), "v{v}: common commits acknowledged");
         assert_fsck(&c.join(".git"));
         remote_refs_match(&c, &served);
@@ -129,17 +167,45 @@ fn fetch_of_a_single_branch_into_a_single_branch_clone() {
         let (_server, _dir, served, url) = writable_basic();
         let p = proto(v);
         let work = tempfile::tempdir().unwrap();
-        git(work.path(), &args(&["clone", "-q", "--single-branch", "--branch", "main", &url, "c"], &p));
+        git(
+            work.path(),
+            &args(
+                &[
+                    "clone",
+                    "-q",
+                    "--single-branch",
+                    "--branch",
+                    "main",
+                    &url,
+                    "c",
+                ],
+                &p,
+            ),
+        );
         let c = work.path().join("c");
         add_upstream_commits(&served, "feature/b", 1, None);
-        git(&c, &args(&["fetch", "-q", "origin", "feature/b:refs/remotes/origin/feature/b"], &p));
+        git(
+            &c,
+            &args(
+                &[
+                    "fetch",
+                    "-q",
+                    "origin",
+                    "feature/b:refs/remotes/origin/feature/b",
+                ],
+                &p,
+            ),
+        );
         assert_fsck(&c.join(".git"));
         assert_eq!(
             git(&c, &["rev-parse", "refs/remotes/origin/feature/b"]),
             git(&served, &["rev-parse", "refs/heads/feature/b"])
         );
         // Fetching a tag by name brings the tag object.
-        git(&c, &args(&["fetch", "-q", "origin", "tag", "v2.0-signed-off"], &p));
+        git(
+            &c,
+            &args(&["fetch", "-q", "origin", "tag", "v2.0-signed-off"], &p),
+        );
         assert_eq!(
             git(&c, &["rev-parse", "v2.0-signed-off"]),
             git(&served, &["rev-parse", "v2.0-signed-off"])
@@ -154,7 +220,10 @@ fn fetch_with_and_without_tags() {
         let (_server, _dir, served, url) = writable_basic();
         let p = proto(v);
         let work = tempfile::tempdir().unwrap();
-        git(work.path(), &args(&["clone", "-q", "--no-tags", &url, "c"], &p));
+        git(
+            work.path(),
+            &args(&["clone", "-q", "--no-tags", &url, "c"], &p),
+        );
         let c = work.path().join("c");
         add_upstream_commits(&served, "main", 1, Some("v9.0"));
         git(&c, &args(&["fetch", "-q", "--no-tags", "origin"], &p));

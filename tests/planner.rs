@@ -88,22 +88,57 @@ fn object_sets_match_git_rev_list() {
 #[test]
 fn include_tag_adds_tags_that_point_into_the_pack() {
     let basic = fixture("basic");
-    let tag_refs: Vec<(ObjectId, ObjectId)> = git(&basic, &["for-each-ref", "--format=%(objectname) %(*objectname)", "refs/tags/"])
-        .lines()
-        .filter_map(|l| {
-            let (tag, peeled) = l.split_once(' ')?;
-            (!peeled.is_empty()).then(|| (ObjectId::from_hex(tag.as_bytes()).unwrap(), ObjectId::from_hex(peeled.as_bytes()).unwrap()))
+    let tag_refs: Vec<(ObjectId, ObjectId)> = git(
+        &basic,
+        &[
+            "for-each-ref",
+            "--format=%(objectname) %(*objectname)",
+            "refs/tags/",
+        ],
+    )
+    .lines()
+    .filter_map(|l| {
+        let (tag, peeled) = l.split_once(' ')?;
+        (!peeled.is_empty()).then(|| {
+            (
+                ObjectId::from_hex(tag.as_bytes()).unwrap(),
+                ObjectId::from_hex(peeled.as_bytes()).unwrap(),
+            )
         })
-        .collect();
+    })
+    .collect();
     let wants = [id(&basic, "feature/a")];
     let common = [id(&basic, "main~25")];
-    let set = planned(&basic, &Selection { wants: &wants, common: &common, tags: &tag_refs });
-    assert!(set.contains(&id(&basic, "v1.0^{commit}").to_string()), "v1.0's commit is in the pack");
-    assert!(set.contains(&id(&basic, "v1.0").to_string()), "v1.0 points into the pack");
-    assert!(!set.contains(&id(&basic, "v2.0").to_string()), "v2.0 does not");
+    let set = planned(
+        &basic,
+        &Selection {
+            wants: &wants,
+            common: &common,
+            tags: &tag_refs,
+        },
+    );
+    assert!(
+        set.contains(&id(&basic, "v1.0^{commit}").to_string()),
+        "v1.0's commit is in the pack"
+    );
+    assert!(
+        set.contains(&id(&basic, "v1.0").to_string()),
+        "v1.0 points into the pack"
+    );
+    assert!(
+        !set.contains(&id(&basic, "v2.0").to_string()),
+        "v2.0 does not"
+    );
     // A tag of a tag comes with the whole chain when the commit is sent.
     let wants = [id(&basic, "main")];
-    let set = planned(&basic, &Selection { wants: &wants, common: &[], tags: &tag_refs });
+    let set = planned(
+        &basic,
+        &Selection {
+            wants: &wants,
+            common: &[],
+            tags: &tag_refs,
+        },
+    );
     for tag in ["v2.0", "v2.0-signed-off", "v1.0"] {
         assert!(set.contains(&id(&basic, tag).to_string()), "{tag}");
     }
@@ -121,18 +156,38 @@ fn a_missing_object_fails_the_plan_before_anything_is_written() {
     let repo = repo::open(&served).unwrap();
     let db = pack::db(&repo);
     let wants = [id(&served, "main")];
-    let result = pack::plan(&repo, &db, &Selection { wants: &wants, common: &[], tags: &[] }, &AtomicBool::new(false));
-    assert!(matches!(&result, Err(pack::Error::Missing(m)) if m.to_string() == blob), "{:?}", result.err());
+    let result = pack::plan(
+        &repo,
+        &db,
+        &Selection {
+            wants: &wants,
+            common: &[],
+            tags: &[],
+        },
+        &AtomicBool::new(false),
+    );
+    assert!(
+        matches!(&result, Err(pack::Error::Missing(m)) if *m == ObjectId::from_hex(blob.as_bytes()).unwrap()),
+        "{:?}",
+        result.err()
+    );
 
     // Through the server the client is told which object is missing, before any pack byte.
     let server = Server::start();
     let url = server.link("broken", &served);
     for v in PROTOCOLS {
         let work = tempfile::tempdir().unwrap();
-        let out = git_output(work.path(), &args(&["clone", "-q", "--bare", &url, "c"], &proto(v)), &[]);
+        let out = git_output(
+            work.path(),
+            &args(&["clone", "-q", "--bare", &url, "c"], &proto(v)),
+            &[],
+        );
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(&format!("object {blob} is missing")), "v{v}: {stderr}");
+        assert!(
+            stderr.contains(&format!("object {blob} is missing")),
+            "v{v}: {stderr}"
+        );
     }
 }
 
@@ -142,6 +197,18 @@ fn an_interrupted_plan_stops() {
     let repo = repo::open(&large).unwrap();
     let db = pack::db(&repo);
     let wants = [id(&large, "main")];
-    let result = pack::plan(&repo, &db, &Selection { wants: &wants, common: &[], tags: &[] }, &AtomicBool::new(true));
-    assert!(matches!(result, Err(pack::Error::Interrupted)), "planning must stop");
+    let result = pack::plan(
+        &repo,
+        &db,
+        &Selection {
+            wants: &wants,
+            common: &[],
+            tags: &[],
+        },
+        &AtomicBool::new(true),
+    );
+    assert!(
+        matches!(result, Err(pack::Error::Interrupted)),
+        "planning must stop"
+    );
 }

@@ -70,7 +70,9 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Everything that ends a request before upload-pack runs.
@@ -82,7 +84,9 @@ enum Error {
     NotFound(String),
     #[error("smart-git-proxy is a read-only mirror: push to the upstream repository directly")]
     ReceivePack,
-    #[error("only the smart HTTP protocol is supported: request info/refs?service=git-upload-pack")]
+    #[error(
+        "only the smart HTTP protocol is supported: request info/refs?service=git-upload-pack"
+    )]
     DumbHttp,
     #[error("method {0} is not allowed here")]
     Method(Method),
@@ -101,10 +105,12 @@ enum Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = match &self {
-            Error::Resolve(ResolveError::UnknownEndpoint(_)) | Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::Resolve(ResolveError::InvalidPath { .. }) | Error::Body(_) | Error::Malformed(_) => {
-                StatusCode::BAD_REQUEST
+            Error::Resolve(ResolveError::UnknownEndpoint(_)) | Error::NotFound(_) => {
+                StatusCode::NOT_FOUND
             }
+            Error::Resolve(ResolveError::InvalidPath { .. })
+            | Error::Body(_)
+            | Error::Malformed(_) => StatusCode::BAD_REQUEST,
             Error::ReceivePack | Error::DumbHttp => StatusCode::FORBIDDEN,
             Error::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -197,10 +203,12 @@ async fn upload_pack(
 ) -> Result<Response, Error> {
     let span = Span::current();
     let limit = state.config.max_request_body;
-    let bytes = body::read_limited(body, limit.as_u64()).await.map_err(|e| match e {
-        body::ReadError::TooLarge => Error::TooLarge(limit),
-        body::ReadError::Body(msg) => Error::Body(msg),
-    })?;
+    let bytes = body::read_limited(body, limit.as_u64())
+        .await
+        .map_err(|e| match e {
+            body::ReadError::TooLarge => Error::TooLarge(limit),
+            body::ReadError::Body(msg) => Error::Body(msg),
+        })?;
     let parsed = match version {
         Version::V2 => v2::parse(&bytes).map(|r| r.map(Parsed::V2)),
         Version::V0 | Version::V1 => v0::parse(&bytes).map(|r| r.map(Parsed::V0)),
@@ -267,8 +275,13 @@ async fn upload_pack(
                 tracing::info!(?outcome, "served");
             }
             Err(upload_pack::Error::Io(e)) => tracing::info!(error = %e, "client went away"),
-            Err(upload_pack::Error::Pack(crate::pack::Error::Interrupted)) => tracing::info!("client went away"),
-            Err(e @ (upload_pack::Error::NotOurRef(_) | upload_pack::Error::Pack(crate::pack::Error::Missing(_)))) => {
+            Err(upload_pack::Error::Pack(crate::pack::Error::Interrupted)) => {
+                tracing::info!("client went away")
+            }
+            Err(
+                e @ (upload_pack::Error::NotOurRef(_)
+                | upload_pack::Error::Pack(crate::pack::Error::Missing(_))),
+            ) => {
                 task_span.record("outcome", field::display(&e));
                 tracing::info!(error = %e, "refused");
             }

@@ -70,7 +70,12 @@ const INTERRUPT_CHECK_INTERVAL: usize = 1024;
 ///
 /// Every object in the result exists; a missing one is an error, so that a pack header never
 /// announces objects the body cannot deliver.
-pub fn plan(repo: &gix::Repository, db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Plan, Error> {
+pub fn plan(
+    repo: &gix::Repository,
+    db: &Db,
+    sel: &Selection<'_>,
+    interrupt: &AtomicBool,
+) -> Result<Plan, Error> {
     let mut p = Planner {
         db,
         buf: Vec::new(),
@@ -167,7 +172,9 @@ impl Planner<'_> {
     /// Count one unit of work and, every so often, check whether the client is still there.
     fn tick(&mut self) -> Result<(), Error> {
         self.work += 1;
-        if self.work % INTERRUPT_CHECK_INTERVAL == 0 && self.interrupt.load(Ordering::Relaxed) {
+        if self.work.is_multiple_of(INTERRUPT_CHECK_INTERVAL)
+            && self.interrupt.load(Ordering::Relaxed)
+        {
             Err(Error::Interrupted)
         } else {
             Ok(())
@@ -184,7 +191,12 @@ impl Planner<'_> {
 
     /// Classify a want: tags are sent and peeled, commits become walk tips, trees are walked,
     /// blobs are sent.
-    fn add_want(&mut self, want: ObjectId, tips: &mut Vec<ObjectId>, trees: &mut Vec<ObjectId>) -> Result<(), Error> {
+    fn add_want(
+        &mut self,
+        want: ObjectId,
+        tips: &mut Vec<ObjectId>,
+        trees: &mut Vec<ObjectId>,
+    ) -> Result<(), Error> {
         let mut id = want;
         loop {
             if self.marks.get(&id) == Some(&Mark::Sent) {
@@ -197,13 +209,15 @@ impl Planner<'_> {
                     .map_err(Self::read_err("reading wanted object", id))?
                     .ok_or(Error::Missing(id))?;
                 let target = match data.kind {
-                    Kind::Tag => Some(TagRefIter::from_bytes(data.data, id.kind()).target_id().map_err(|e| {
-                        Error::Read {
-                            context: "decoding tag",
-                            id,
-                            message: e.to_string(),
-                        }
-                    })?),
+                    Kind::Tag => Some(
+                        TagRefIter::from_bytes(data.data, id.kind())
+                            .target_id()
+                            .map_err(|e| Error::Read {
+                                context: "decoding tag",
+                                id,
+                                message: e.to_string(),
+                            })?,
+                    ),
                     _ => None,
                 };
                 (data.kind, location, target)
@@ -278,7 +292,10 @@ impl Planner<'_> {
         }
     }
 
-    fn commit_tree(&mut self, id: ObjectId) -> Result<(Option<gix_pack::data::entry::Location>, ObjectId), Error> {
+    fn commit_tree(
+        &mut self,
+        id: ObjectId,
+    ) -> Result<(Option<gix_pack::data::entry::Location>, ObjectId), Error> {
         let (data, location) = self
             .db
             .try_find(&id, &mut self.buf)

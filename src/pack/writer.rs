@@ -32,8 +32,15 @@ pub struct WriteStats {
 
 /// Write `plan` as a version 2 pack to `out`. Stops early with [`Error::Interrupted`] once
 /// `interrupt` is set.
-pub fn write(db: Db, plan: Plan, out: impl Write, opts: WriteOptions, interrupt: &AtomicBool) -> Result<WriteStats, Error> {
-    let num_objects = u32::try_from(plan.counts.len()).map_err(|_| Error::Write("too many objects for one pack".into()))?;
+pub fn write(
+    db: Db,
+    plan: Plan,
+    out: impl Write,
+    opts: WriteOptions,
+    interrupt: &AtomicBool,
+) -> Result<WriteStats, Error> {
+    let num_objects = u32::try_from(plan.counts.len())
+        .map_err(|_| Error::Write("too many objects for one pack".into()))?;
     let entries = output::entry::iter_from_counts(
         plan.counts,
         db,
@@ -60,7 +67,9 @@ pub fn write(db: Db, plan: Plan, out: impl Write, opts: WriteOptions, interrupt:
             if let EntryKind::DeltaRef { object_index } = entry.kind {
                 stats_ref.deltas += 1;
                 if !ofs_delta {
-                    entry.kind = EntryKind::DeltaOid { id: ids[object_index] };
+                    entry.kind = EntryKind::DeltaOid {
+                        id: ids[object_index],
+                    };
                 }
             }
             if !ofs_delta {
@@ -69,7 +78,13 @@ pub fn write(db: Db, plan: Plan, out: impl Write, opts: WriteOptions, interrupt:
         }
         Ok(chunk)
     });
-    let mut writer = FromEntriesIter::new(entries, out, num_objects, gix_pack::data::Version::V2, gix::hash::Kind::Sha1);
+    let mut writer = FromEntriesIter::new(
+        entries,
+        out,
+        num_objects,
+        gix_pack::data::Version::V2,
+        gix::hash::Kind::Sha1,
+    );
     let mut bytes = 0;
     for written in writer.by_ref() {
         match written {

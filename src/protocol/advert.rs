@@ -43,17 +43,31 @@ pub fn v0(out: &mut Vec<u8>, refs: &Refs, version_1: bool) {
 
     if refs.refs.is_empty() {
         let null = ObjectId::null(gix::hash::Kind::Sha1).to_string();
-        pktline::data_parts(out, &[null.as_bytes(), b" capabilities^{}\0", caps.as_bytes(), b"\n"]);
+        pktline::data_parts(
+            out,
+            &[
+                null.as_bytes(),
+                b" capabilities^{}\0",
+                caps.as_bytes(),
+                b"\n",
+            ],
+        );
     }
     for (i, r) in refs.refs.iter().enumerate() {
         let hex = r.target.to_string();
         if i == 0 {
-            pktline::data_parts(out, &[hex.as_bytes(), b" ", &r.name, b"\0", caps.as_bytes(), b"\n"]);
+            pktline::data_parts(
+                out,
+                &[hex.as_bytes(), b" ", &r.name, b"\0", caps.as_bytes(), b"\n"],
+            );
         } else {
             pktline::data_parts(out, &[hex.as_bytes(), b" ", &r.name, b"\n"]);
         }
         if let Some(peeled) = r.peeled {
-            pktline::data_parts(out, &[peeled.to_string().as_bytes(), b" ", &r.name, b"^{}\n"]);
+            pktline::data_parts(
+                out,
+                &[peeled.to_string().as_bytes(), b" ", &r.name, b"^{}\n"],
+            );
         }
     }
     pktline::flush(out);
@@ -72,7 +86,8 @@ pub fn v2(out: &mut Vec<u8>) {
 
 /// Append the answer to a v2 `ls-refs` request.
 pub fn ls_refs(out: &mut Vec<u8>, refs: &Refs, args: &LsRefs) {
-    let wanted = |name: &BStr| args.prefixes.is_empty() || args.prefixes.iter().any(|p| name.starts_with(p));
+    let wanted =
+        |name: &BStr| args.prefixes.is_empty() || args.prefixes.iter().any(|p| name.starts_with(p));
     if args.unborn && wanted("HEAD".into()) {
         if let Some(target) = &refs.unborn_head {
             let mut line = b"unborn HEAD".to_vec();
@@ -126,8 +141,18 @@ mod tests {
                     peeled: None,
                     symref_target: Some("refs/heads/main".into()),
                 },
-                Ref { name: "refs/heads/main".into(), target: oid('a'), peeled: None, symref_target: None },
-                Ref { name: "refs/tags/v1".into(), target: oid('b'), peeled: Some(oid('a')), symref_target: None },
+                Ref {
+                    name: "refs/heads/main".into(),
+                    target: oid('a'),
+                    peeled: None,
+                    symref_target: None,
+                },
+                Ref {
+                    name: "refs/tags/v1".into(),
+                    target: oid('b'),
+                    peeled: Some(oid('a')),
+                    symref_target: None,
+                },
             ],
             unborn_head: None,
         }
@@ -160,7 +185,10 @@ mod tests {
         assert_eq!(l[5], format!("{} refs/tags/v1^{{}}\n", oid('a')));
         assert_eq!(l[6], "Flush");
         for cap in ["shallow", "filter", "deepen"] {
-            assert!(!l[2].split(' ').any(|c| c.starts_with(cap)), "{cap} is not implemented yet");
+            assert!(
+                !l[2].split(' ').any(|c| c.starts_with(cap)),
+                "{cap} is not implemented yet"
+            );
         }
     }
 
@@ -177,9 +205,20 @@ mod tests {
     #[test]
     fn ls_refs_honours_arguments() {
         let mut out = Vec::new();
-        let args = LsRefs { symrefs: true, peel: true, unborn: true, prefixes: vec!["refs/tags/".into()] };
+        let args = LsRefs {
+            symrefs: true,
+            peel: true,
+            unborn: true,
+            prefixes: vec!["refs/tags/".into()],
+        };
         ls_refs(&mut out, &sample(), &args);
-        assert_eq!(lines(&out), vec![format!("{} refs/tags/v1 peeled:{}\n", oid('b'), oid('a')), "Flush".into()]);
+        assert_eq!(
+            lines(&out),
+            vec![
+                format!("{} refs/tags/v1 peeled:{}\n", oid('b'), oid('a')),
+                "Flush".into()
+            ]
+        );
 
         out.clear();
         ls_refs(&mut out, &sample(), &LsRefs::default());
@@ -188,9 +227,22 @@ mod tests {
         assert_eq!(l[0], format!("{} HEAD\n", oid('a')));
 
         out.clear();
-        let args = LsRefs { symrefs: true, unborn: true, ..Default::default() };
-        let empty = Refs { refs: vec![], unborn_head: Some("refs/heads/main".into()) };
+        let args = LsRefs {
+            symrefs: true,
+            unborn: true,
+            ..Default::default()
+        };
+        let empty = Refs {
+            refs: vec![],
+            unborn_head: Some("refs/heads/main".into()),
+        };
         ls_refs(&mut out, &empty, &args);
-        assert_eq!(lines(&out), vec!["unborn HEAD symref-target:refs/heads/main\n".to_string(), "Flush".into()]);
+        assert_eq!(
+            lines(&out),
+            vec![
+                "unborn HEAD symref-target:refs/heads/main\n".to_string(),
+                "Flush".into()
+            ]
+        );
     }
 }

@@ -59,7 +59,10 @@ impl ParseError {
 }
 
 /// Parse `<hex-oid>` at the start of `rest` (optionally followed by a space and more text).
-pub(crate) fn parse_oid<'a>(rest: &'a [u8], line: &[u8]) -> Result<(ObjectId, &'a [u8]), ParseError> {
+pub(crate) fn parse_oid<'a>(
+    rest: &'a [u8],
+    line: &[u8],
+) -> Result<(ObjectId, &'a [u8]), ParseError> {
     let (hex, tail) = match rest.iter().position(|b| *b == b' ') {
         Some(pos) => (&rest[..pos], &rest[pos + 1..]),
         None => (rest, &rest[rest.len()..]),

@@ -177,9 +177,18 @@ mod tests {
             Reader::new(b"0010want").read(),
             Err(Error::Truncated { bytes_needed: 8 })
         ));
-        assert!(matches!(Reader::new(b"00").read(), Err(Error::Truncated { .. })));
-        assert!(matches!(Reader::new(b"zzzzabc").read(), Err(Error::Malformed(_))));
-        assert!(matches!(Reader::new(b"0003").read(), Err(Error::Malformed(_))));
+        assert!(matches!(
+            Reader::new(b"00").read(),
+            Err(Error::Truncated { .. })
+        ));
+        assert!(matches!(
+            Reader::new(b"zzzzabc").read(),
+            Err(Error::Malformed(_))
+        ));
+        assert!(matches!(
+            Reader::new(b"0003").read(),
+            Err(Error::Malformed(_))
+        ));
     }
 
     #[test]

@@ -75,7 +75,11 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
             None => break,
             Some(Line::Flush) => break,
             Some(Line::Data(d)) => d,
-            Some(other) => return Err(ParseError::Protocol(format!("unexpected packet {other:?} in want list"))),
+            Some(other) => {
+                return Err(ParseError::Protocol(format!(
+                    "unexpected packet {other:?} in want list"
+                )))
+            }
         };
         let text = line.strip_suffix(b"\n").unwrap_or(line);
         if let Some(rest) = text.strip_prefix(b"want ") {
@@ -112,7 +116,11 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
                     )));
                 }
             }
-            Some(other) => return Err(ParseError::Protocol(format!("unexpected packet {other:?} in have list"))),
+            Some(other) => {
+                return Err(ParseError::Protocol(format!(
+                    "unexpected packet {other:?} in have list"
+                )))
+            }
         }
     }
     Ok(Some(req))

@@ -84,8 +84,16 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
                 break;
             }
             Some(Line::Flush) => break,
-            None => return Err(ParseError::Protocol("request ended before its flush packet".into())),
-            Some(Line::ResponseEnd) => return Err(ParseError::Protocol("unexpected response-end packet".into())),
+            None => {
+                return Err(ParseError::Protocol(
+                    "request ended before its flush packet".into(),
+                ))
+            }
+            Some(Line::ResponseEnd) => {
+                return Err(ParseError::Protocol(
+                    "unexpected response-end packet".into(),
+                ))
+            }
             Some(line @ Line::Data(_)) => {
                 let text = line.text().unwrap_or_default();
                 if let Some(value) = text.strip_prefix(b"agent=") {
@@ -107,10 +115,16 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
         loop {
             match reader.read()? {
                 Some(Line::Flush) => break,
-                None => return Err(ParseError::Protocol("expected flush after arguments".into())),
+                None => {
+                    return Err(ParseError::Protocol(
+                        "expected flush after arguments".into(),
+                    ))
+                }
                 Some(line @ Line::Data(_)) => args.push(line.text().unwrap_or_default()),
                 Some(other) => {
-                    return Err(ParseError::Protocol(format!("unexpected packet {other:?} in arguments")))
+                    return Err(ParseError::Protocol(format!(
+                        "unexpected packet {other:?} in arguments"
+                    )))
                 }
             }
         }
@@ -118,7 +132,12 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
     let command = match command_name.as_slice() {
         b"ls-refs" => Command::LsRefs(parse_ls_refs(&args)?),
         b"fetch" => Command::Fetch(parse_fetch(&args)?),
-        other => return Err(ParseError::Protocol(format!("invalid command '{}'", lossy(other)))),
+        other => {
+            return Err(ParseError::Protocol(format!(
+                "invalid command '{}'",
+                lossy(other)
+            )))
+        }
     };
     Ok(Some(Request { command, agent }))
 }
@@ -132,7 +151,12 @@ fn parse_ls_refs(args: &[&[u8]]) -> Result<LsRefs, ParseError> {
             b"unborn" => out.unborn = true,
             other => match other.strip_prefix(b"ref-prefix ") {
                 Some(prefix) => out.prefixes.push(prefix.into()),
-                None => return Err(ParseError::Protocol(format!("unexpected line: '{}'", lossy(other)))),
+                None => {
+                    return Err(ParseError::Protocol(format!(
+                        "unexpected line: '{}'",
+                        lossy(other)
+                    )))
+                }
             },
         }
     }
@@ -158,7 +182,10 @@ fn parse_fetch(args: &[&[u8]]) -> Result<Fetch, ParseError> {
                     out.seen_haves = true;
                     out.haves.push(parse_oid(rest, other)?.0);
                 } else {
-                    return Err(ParseError::Protocol(format!("unexpected line: '{}'", lossy(other))));
+                    return Err(ParseError::Protocol(format!(
+                        "unexpected line: '{}'",
+                        lossy(other)
+                    )));
                 }
             }
         }
@@ -192,21 +219,36 @@ mod tests {
         let body = request(
             "ls-refs",
             &["agent=git/2.47", "object-format=sha1"],
-            &["peel", "symrefs", "unborn", "ref-prefix HEAD", "ref-prefix refs/heads/"],
+            &[
+                "peel",
+                "symrefs",
+                "unborn",
+                "ref-prefix HEAD",
+                "ref-prefix refs/heads/",
+            ],
         );
         let req = parse(&body).unwrap().unwrap();
         assert_eq!(req.agent.as_deref(), Some("git/2.47"));
-        let Command::LsRefs(ls) = req.command else { panic!("not ls-refs") };
+        let Command::LsRefs(ls) = req.command else {
+            panic!("not ls-refs")
+        };
         assert!(ls.peel && ls.symrefs && ls.unborn);
-        assert_eq!(ls.prefixes, vec![BString::from("HEAD"), BString::from("refs/heads/")]);
+        assert_eq!(
+            ls.prefixes,
+            vec![BString::from("HEAD"), BString::from("refs/heads/")]
+        );
     }
 
     #[test]
     fn too_many_prefixes_means_no_filter() {
-        let prefixes: Vec<String> = (0..=MAX_REF_PREFIXES).map(|i| format!("ref-prefix refs/{i}")).collect();
+        let prefixes: Vec<String> = (0..=MAX_REF_PREFIXES)
+            .map(|i| format!("ref-prefix refs/{i}"))
+            .collect();
         let args: Vec<&str> = prefixes.iter().map(String::as_str).collect();
         let req = parse(&request("ls-refs", &[], &args)).unwrap().unwrap();
-        let Command::LsRefs(ls) = req.command else { panic!("not ls-refs") };
+        let Command::LsRefs(ls) = req.command else {
+            panic!("not ls-refs")
+        };
         assert!(ls.prefixes.is_empty());
     }
 
@@ -215,12 +257,24 @@ mod tests {
         let body = request(
             "fetch",
             &[],
-            &[&format!("want {A}"), &format!("have {A}"), "thin-pack", "ofs-delta", "no-progress", "include-tag", "done"],
+            &[
+                &format!("want {A}"),
+                &format!("have {A}"),
+                "thin-pack",
+                "ofs-delta",
+                "no-progress",
+                "include-tag",
+                "done",
+            ],
         );
-        let Command::Fetch(f) = parse(&body).unwrap().unwrap().command else { panic!("not fetch") };
+        let Command::Fetch(f) = parse(&body).unwrap().unwrap().command else {
+            panic!("not fetch")
+        };
         assert_eq!(f.wants.len(), 1);
         assert_eq!(f.haves.len(), 1);
-        assert!(f.seen_haves && f.done && f.thin_pack && f.ofs_delta && f.no_progress && f.include_tag);
+        assert!(
+            f.seen_haves && f.done && f.thin_pack && f.ofs_delta && f.no_progress && f.include_tag
+        );
     }
 
     #[test]

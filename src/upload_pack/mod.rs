@@ -166,7 +166,10 @@ fn respond<W: Write>(
     out: W,
     serve: impl FnOnce(&mut Response<W>) -> Result<Outcome, Error>,
 ) -> Result<Outcome, Error> {
-    let mut out = Response { out, pack_started: false };
+    let mut out = Response {
+        out,
+        pack_started: false,
+    };
     let result = serve(&mut out);
     if let Err(e) = &result {
         if !out.pack_started {
@@ -195,7 +198,11 @@ impl<W: Write> Write for Response<W> {
     }
 }
 
-fn fetch_v2<W: Write>(ctx: &Context<'_>, args: &v2::Fetch, out: &mut Response<W>) -> Result<Outcome, Error> {
+fn fetch_v2<W: Write>(
+    ctx: &Context<'_>,
+    args: &v2::Fetch,
+    out: &mut Response<W>,
+) -> Result<Outcome, Error> {
     if args.wants.is_empty() {
         return Ok(Outcome::Empty);
     }
@@ -244,7 +251,11 @@ pub fn serve_v0(ctx: &Context<'_>, req: &v0::Request, out: impl Write) -> Result
     respond(out, |out| fetch_v0(ctx, req, out))
 }
 
-fn fetch_v0<W: Write>(ctx: &Context<'_>, req: &v0::Request, out: &mut Response<W>) -> Result<Outcome, Error> {
+fn fetch_v0<W: Write>(
+    ctx: &Context<'_>,
+    req: &v0::Request,
+    out: &mut Response<W>,
+) -> Result<Outcome, Error> {
     let refs = repo::list_refs(ctx.repo)?;
     check_reachable_wants(ctx.repo, &refs, &req.wants)?;
     let caps = &req.caps;
@@ -272,7 +283,9 @@ fn fetch_v0<W: Write>(ctx: &Context<'_>, req: &v0::Request, out: &mut Response<W
                 match caps.multi_ack {
                     MultiAck::Detailed => pktline::text(&mut lines, &format!("ACK {have} common")),
                     MultiAck::Basic => pktline::text(&mut lines, &format!("ACK {have} continue")),
-                    MultiAck::None if neg.common().len() == 1 => pktline::text(&mut lines, &format!("ACK {have}")),
+                    MultiAck::None if neg.common().len() == 1 => {
+                        pktline::text(&mut lines, &format!("ACK {have}"))
+                    }
                     MultiAck::None => {}
                 }
             }
@@ -280,12 +293,18 @@ fn fetch_v0<W: Write>(ctx: &Context<'_>, req: &v0::Request, out: &mut Response<W
     }
     if req.done {
         match last.filter(|_| !neg.common().is_empty()) {
-            Some(last) if caps.multi_ack != MultiAck::None => pktline::text(&mut lines, &format!("ACK {last}")),
+            Some(last) if caps.multi_ack != MultiAck::None => {
+                pktline::text(&mut lines, &format!("ACK {last}"))
+            }
             Some(_) => {}
             None => pktline::text(&mut lines, "NAK"),
         }
     } else {
-        if caps.multi_ack == MultiAck::Detailed && got_common && !got_other && neg.ok_to_give_up()? {
+        if caps.multi_ack == MultiAck::Detailed
+            && got_common
+            && !got_other
+            && neg.ok_to_give_up()?
+        {
             sent_ready = true;
             if let Some(last) = last {
                 pktline::text(&mut lines, &format!("ACK {last} ready"));
@@ -320,11 +339,22 @@ fn fetch_v0<W: Write>(ctx: &Context<'_>, req: &v0::Request, out: &mut Response<W
 }
 
 /// In v0, a want must be reachable from an advertised ref (`allow-reachable-sha1-in-want`).
-fn check_reachable_wants(repo: &gix::Repository, refs: &Refs, wants: &[ObjectId]) -> Result<(), Error> {
-    let tips: gix::hashtable::HashSet<ObjectId> = refs.refs.iter().flat_map(|r| [Some(r.target), r.peeled]).flatten().collect();
+fn check_reachable_wants(
+    repo: &gix::Repository,
+    refs: &Refs,
+    wants: &[ObjectId],
+) -> Result<(), Error> {
+    let tips: gix::hashtable::HashSet<ObjectId> = refs
+        .refs
+        .iter()
+        .flat_map(|r| [Some(r.target), r.peeled])
+        .flatten()
+        .collect();
     let mut others = Vec::new();
     for want in wants.iter().filter(|w| !tips.contains(*w)) {
-        let header = repo.find_header(*want).map_err(|_| Error::NotOurRef(*want))?;
+        let header = repo
+            .find_header(*want)
+            .map_err(|_| Error::NotOurRef(*want))?;
         if header.kind() != gix::object::Kind::Commit {
             return Err(Error::NotOurRef(*want));
         }
@@ -338,7 +368,10 @@ fn check_reachable_wants(repo: &gix::Repository, refs: &Refs, wants: &[ObjectId]
     let hidden: Vec<ObjectId> = tips
         .iter()
         .copied()
-        .filter(|id| repo.find_header(*id).is_ok_and(|h| h.kind() == gix::object::Kind::Commit))
+        .filter(|id| {
+            repo.find_header(*id)
+                .is_ok_and(|h| h.kind() == gix::object::Kind::Commit)
+        })
         .collect();
     let walk = repo
         .rev_walk(others.iter().copied())
@@ -376,8 +409,7 @@ fn send_pack<W: Write>(
     out: &mut Response<W>,
 ) -> Result<Outcome, Error> {
     let tags = if args.include_tag {
-        repo::list_refs(ctx.repo)
-            ?
+        repo::list_refs(ctx.repo)?
             .refs
             .into_iter()
             .filter(|r| r.name.starts_with(b"refs/tags/"))

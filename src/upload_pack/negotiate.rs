@@ -56,7 +56,12 @@ impl<'r> Negotiator<'r> {
 
     /// Record a `have`.
     pub fn have(&mut self, id: ObjectId) -> Result<Have, Error> {
-        let Some(header) = self.repo.objects.try_header(&id).map_err(Error::git("reading a have"))? else {
+        let Some(header) = self
+            .repo
+            .objects
+            .try_header(&id)
+            .map_err(Error::git("reading a have"))?
+        else {
             return Ok(Have::Missing);
         };
         if header.kind == Kind::Commit {
@@ -126,7 +131,11 @@ impl<'r> Negotiator<'r> {
 
     fn peel_to_commit(&mut self, mut id: ObjectId) -> Result<Option<ObjectId>, Error> {
         loop {
-            let Some(data) = self.repo.objects.try_find(&id, &mut self.buf).map_err(Error::git("reading a want"))?
+            let Some(data) = self
+                .repo
+                .objects
+                .try_find(&id, &mut self.buf)
+                .map_err(Error::git("reading a want"))?
             else {
                 return Ok(None);
             };
@@ -153,7 +162,9 @@ impl<'r> Negotiator<'r> {
                 context: "reading a commit",
                 message: format!("{id} is missing"),
             })?;
-        let parents = CommitRefIter::from_bytes(data.data, id.kind()).parent_ids().collect();
+        let parents = CommitRefIter::from_bytes(data.data, id.kind())
+            .parent_ids()
+            .collect();
         let time = CommitRefIter::from_bytes(data.data, id.kind())
             .committer()
             .map_err(Error::git("decoding a commit"))?

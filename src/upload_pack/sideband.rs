@@ -50,7 +50,10 @@ impl<W: Write> Sideband<W> {
         }
         self.emit_data()?;
         self.packet.clear();
-        for chunk in message.as_bytes().chunks(crate::protocol::SMALL_BAND_PAYLOAD) {
+        for chunk in message
+            .as_bytes()
+            .chunks(crate::protocol::SMALL_BAND_PAYLOAD)
+        {
             pktline::band(&mut self.packet, band, chunk);
         }
         self.inner.write_all(&self.packet)

@@ -17,7 +17,8 @@ pub const HOST: &str = "example.com";
 
 fn fixtures_root() -> &'static Path {
     static ROOT: OnceLock<TempDir> = OnceLock::new();
-    ROOT.get_or_init(|| tempfile::tempdir().expect("temp dir for fixtures")).path()
+    ROOT.get_or_init(|| tempfile::tempdir().expect("temp dir for fixtures"))
+        .path()
 }
 
 /// Build fixture `name` into `dest` (a `.git` directory) with the fixture script.
@@ -107,7 +108,10 @@ pub fn assert_fsck(git_dir: &Path) {
 
 /// All refs of a repository as `oid name` lines, sorted.
 pub fn refs(git_dir: &Path) -> String {
-    git(git_dir, &["for-each-ref", "--format=%(objectname) %(refname)"])
+    git(
+        git_dir,
+        &["for-each-ref", "--format=%(objectname) %(refname)"],
+    )
 }
 
 /// The proxy, running in-process on 127.0.0.1 with an ephemeral port.
@@ -138,8 +142,12 @@ impl Server {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                addr_tx.send(listener.local_addr().expect("addr")).expect("send addr");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                addr_tx
+                    .send(listener.local_addr().expect("addr"))
+                    .expect("send addr");
                 http::serve(listener, AppState::new(config), async {
                     let _ = shutdown_rx.await;
                 })
@@ -202,5 +210,9 @@ pub fn proto(version: &str) -> [String; 2] {
 
 /// Concatenate string-ish arguments for `git`.
 pub fn args<'a>(parts: &'a [&'a str], extra: &'a [String]) -> Vec<&'a str> {
-    extra.iter().map(String::as_str).chain(parts.iter().copied()).collect()
+    extra
+        .iter()
+        .map(String::as_str)
+        .chain(parts.iter().copied())
+        .collect()
 }
