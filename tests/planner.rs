@@ -18,7 +18,7 @@ fn id(repo_dir: &Path, rev: &str) -> ObjectId {
 fn planned(repo_dir: &Path, sel: &Selection<'_>) -> BTreeSet<String> {
     let repo = repo::open(repo_dir).unwrap();
     let db = pack::db(&repo);
-    let plan = pack::plan(&repo, &db, sel, &AtomicBool::new(false)).unwrap();
+    let plan = pack::plan(&db, sel, &AtomicBool::new(false)).unwrap();
     let set: BTreeSet<String> = plan.counts.iter().map(|c| c.id.to_string()).collect();
     assert_eq!(set.len(), plan.counts.len(), "no object is planned twice");
     assert_eq!(plan.stats.total(), plan.counts.len());
@@ -44,6 +44,7 @@ fn check(repo_dir: &Path, wants: &[&str], haves: &[&str]) {
             wants: &want_ids,
             common: &have_ids,
             tags: &[],
+            ..Default::default()
         },
     );
     let mut revs: Vec<String> = want_ids.iter().map(ToString::to_string).collect();
@@ -115,6 +116,7 @@ fn include_tag_adds_tags_that_point_into_the_pack() {
             wants: &wants,
             common: &common,
             tags: &tag_refs,
+            ..Default::default()
         },
     );
     assert!(
@@ -137,6 +139,7 @@ fn include_tag_adds_tags_that_point_into_the_pack() {
             wants: &wants,
             common: &[],
             tags: &tag_refs,
+            ..Default::default()
         },
     );
     for tag in ["v2.0", "v2.0-signed-off", "v1.0"] {
@@ -156,13 +159,12 @@ fn a_missing_object_fails_the_plan_before_anything_is_written() {
     let repo = repo::open(&served).unwrap();
     let db = pack::db(&repo);
     let wants = [id(&served, "main")];
-    let result = pack::plan(
-        &repo,
-        &db,
+    let result = pack::plan(&db,
         &Selection {
             wants: &wants,
             common: &[],
             tags: &[],
+            ..Default::default()
         },
         &AtomicBool::new(false),
     );
@@ -197,13 +199,12 @@ fn an_interrupted_plan_stops() {
     let repo = repo::open(&large).unwrap();
     let db = pack::db(&repo);
     let wants = [id(&large, "main")];
-    let result = pack::plan(
-        &repo,
-        &db,
+    let result = pack::plan(&db,
         &Selection {
             wants: &wants,
             common: &[],
             tags: &[],
+            ..Default::default()
         },
         &AtomicBool::new(true),
     );

@@ -8,6 +8,7 @@
 //! Neither knows about the protocol or HTTP: they take object ids and an `io::Write`.
 
 mod planner;
+pub mod walk;
 mod writer;
 
 pub use planner::{plan, Plan, Selection, Stats};

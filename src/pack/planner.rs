@@ -2,24 +2,31 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use gix::hashtable::HashMap;
-use gix::objs::{CommitRefIter, Kind, TagRefIter, TreeRefIter};
+use gix::hashtable::{HashMap, HashSet};
+use gix::objs::{FindHeader, Kind, TagRefIter, TreeRefIter};
 use gix::ObjectId;
 use gix_pack::data::output::Count;
 use gix_pack::Find;
 
+use super::walk::{self, Commits};
 use super::{Db, Error};
+use crate::protocol::filter::Filter;
 
 /// What the client asked for, after negotiation.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Selection<'a> {
-    /// Objects wanted. Annotated tags are sent along with the chain they peel through.
+    /// Objects wanted. Annotated tags are sent along with the chain they peel through. Wanted
+    /// objects are sent even when the filter would omit them.
     pub wants: &'a [ObjectId],
     /// Objects both sides have (acknowledged haves). Everything reachable from them is left out.
     pub common: &'a [ObjectId],
     /// `include-tag` candidates: `(tag object, fully peeled object)` for every annotated tag ref.
     /// A tag is added when its peeled object is in the pack. Empty when not requested.
     pub tags: &'a [(ObjectId, ObjectId)],
+    /// Shallow boundary: commits whose parents are neither walked nor sent.
+    pub shallow: &'a [ObjectId],
+    /// Partial-clone filter for the objects that are not wanted directly.
+    pub filter: Option<&'a Filter>,
 }
 
 /// How many objects of each kind the plan holds.
@@ -40,6 +47,15 @@ impl Stats {
     pub fn total(&self) -> usize {
         self.commits + self.trees + self.blobs + self.tags
     }
+
+    fn count(&mut self, kind: Kind) {
+        match kind {
+            Kind::Commit => self.commits += 1,
+            Kind::Tree => self.trees += 1,
+            Kind::Blob => self.blobs += 1,
+            Kind::Tag => self.tags += 1,
+        }
+    }
 }
 
 /// The objects of a pack, each known to exist, with their pack locations resolved.
@@ -51,12 +67,14 @@ pub struct Plan {
     pub stats: Stats,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mark {
     /// Reachable from the common boundary: the client has it.
     Uninteresting,
     /// In the plan.
     Sent,
+    /// Seen but left out by the filter.
+    Filtered,
 }
 
 /// How often (in objects) the interrupt flag is checked.
@@ -64,27 +82,26 @@ const INTERRUPT_CHECK_INTERVAL: usize = 1024;
 
 /// Compute the objects reachable from `sel.wants` and not from `sel.common`, as
 /// `git rev-list --objects <wants> --not <common>` does: commits are walked with the common
-/// commits hidden, the trees of the boundary commits (uninteresting parents of sent commits)
-/// are marked as present on the client, and the trees of sent commits are walked while
-/// skipping everything marked.
+/// commits hidden (and the shallow boundary as grafts), the trees of the boundary commits
+/// (uninteresting parents of sent commits) are marked as present on the client, and the trees
+/// of sent commits are walked while skipping everything marked and what the filter omits.
 ///
 /// Every object in the result exists; a missing one is an error, so that a pack header never
 /// announces objects the body cannot deliver.
-pub fn plan(
-    repo: &gix::Repository,
-    db: &Db,
-    sel: &Selection<'_>,
-    interrupt: &AtomicBool,
-) -> Result<Plan, Error> {
+pub fn plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Plan, Error> {
+    let grafts: HashSet<ObjectId> = sel.shallow.iter().copied().collect();
+    let mut commits = Commits::new(db, &grafts);
     let mut p = Planner {
         db,
         buf: Vec::new(),
         location_buf: Vec::new(),
         marks: HashMap::default(),
+        tree_depths: HashMap::default(),
         plan: Plan::default(),
         interrupt,
         stack: Vec::new(),
         work: 0,
+        filter: sel.filter,
     };
 
     let mut tips = Vec::new();
@@ -97,49 +114,34 @@ pub fn plan(
     for have in sel.common {
         match p.peel_to_non_tag(*have)? {
             (id, Kind::Commit) => hidden.push(id),
-            (id, Kind::Tree) => p.walk_tree(id, Mark::Uninteresting)?,
-            (id, Kind::Blob) => {
+            (id, Kind::Tree) => p.walk_tree(id, Mark::Uninteresting, false)?,
+            (id, _) => {
                 p.marks.entry(id).or_insert(Mark::Uninteresting);
             }
-            (_, Kind::Tag) => unreachable!("peeled"),
         }
     }
 
-    let mut commits = Vec::new();
-    let mut parents = Vec::new();
-    if !tips.is_empty() {
-        let walk = repo
-            .rev_walk(tips)
-            .with_hidden(hidden)
-            .all()
-            .map_err(|e| Error::Walk(e.to_string()))?;
-        for info in walk {
-            p.tick()?;
-            let info = info.map_err(|e| Error::Walk(e.to_string()))?;
-            parents.extend(info.parent_ids.iter().copied());
-            commits.push(info.id);
-        }
+    let walked = walk::walk(&mut commits, &tips, &hidden, None, interrupt)?;
+    for boundary in &walked.boundary {
+        let tree = commits.get(*boundary)?.tree;
+        p.walk_tree(tree, Mark::Uninteresting, false)?;
     }
-    if !parents.is_empty() {
-        let sent: gix::hashtable::HashSet<ObjectId> = commits.iter().copied().collect();
-        parents.sort_unstable();
-        parents.dedup();
-        for boundary in parents.into_iter().filter(|id| !sent.contains(id)) {
-            // A boundary commit may be missing only in a broken repository; git fails the same way.
-            let tree = p.commit_tree(boundary)?.1;
-            p.walk_tree(tree, Mark::Uninteresting)?;
+    let wanted: HashSet<ObjectId> = tips.iter().copied().collect();
+    let descend = sel.filter.is_none_or(|f| f.descends(0) || f.includes(Kind::Tree, 0, &mut || 0));
+    for id in &walked.commits {
+        let commit = commits.get(*id)?;
+        let (location, tree) = (commit.location.clone(), commit.tree);
+        if wanted.contains(id) || sel.filter.is_none_or(|f| f.includes(Kind::Commit, 0, &mut || 0)) {
+            p.marks.insert(*id, Mark::Sent);
+            p.plan.counts.push(Count::from_data(*id, location));
+            p.plan.stats.commits += 1;
         }
-    }
-
-    for commit in &commits {
-        let (location, tree) = p.commit_tree(*commit)?;
-        p.marks.insert(*commit, Mark::Sent);
-        p.plan.counts.push(Count::from_data(*commit, location));
-        p.plan.stats.commits += 1;
-        p.walk_tree(tree, Mark::Sent)?;
+        if descend {
+            p.walk_tree(tree, Mark::Sent, false)?;
+        }
     }
     for tree in tree_wants {
-        p.walk_tree(tree, Mark::Sent)?;
+        p.walk_tree(tree, Mark::Sent, true)?;
     }
 
     for (tag, peeled) in sel.tags {
@@ -161,20 +163,21 @@ struct Planner<'a> {
     buf: Vec<u8>,
     location_buf: Vec<u8>,
     marks: HashMap<ObjectId, Mark>,
+    /// With a depth-dependent filter: the smallest depth each tree was walked at.
+    tree_depths: HashMap<ObjectId, u64>,
     plan: Plan,
     interrupt: &'a AtomicBool,
-    stack: Vec<ObjectId>,
+    stack: Vec<(ObjectId, u64)>,
     /// Objects visited so far, for interrupt checks.
     work: usize,
+    filter: Option<&'a Filter>,
 }
 
 impl Planner<'_> {
     /// Count one unit of work and, every so often, check whether the client is still there.
     fn tick(&mut self) -> Result<(), Error> {
         self.work += 1;
-        if self.work.is_multiple_of(INTERRUPT_CHECK_INTERVAL)
-            && self.interrupt.load(Ordering::Relaxed)
-        {
+        if self.work.is_multiple_of(INTERRUPT_CHECK_INTERVAL) && self.interrupt.load(Ordering::Relaxed) {
             Err(Error::Interrupted)
         } else {
             Ok(())
@@ -189,20 +192,21 @@ impl Planner<'_> {
         }
     }
 
+    fn emit(&mut self, id: ObjectId, kind: Kind, location: Option<gix_pack::data::entry::Location>) {
+        self.marks.insert(id, Mark::Sent);
+        self.plan.counts.push(Count::from_data(id, location));
+        self.plan.stats.count(kind);
+    }
+
     /// Classify a want: tags are sent and peeled, commits become walk tips, trees are walked,
     /// blobs are sent.
-    fn add_want(
-        &mut self,
-        want: ObjectId,
-        tips: &mut Vec<ObjectId>,
-        trees: &mut Vec<ObjectId>,
-    ) -> Result<(), Error> {
+    fn add_want(&mut self, want: ObjectId, tips: &mut Vec<ObjectId>, trees: &mut Vec<ObjectId>) -> Result<(), Error> {
         let mut id = want;
         loop {
             if self.marks.get(&id) == Some(&Mark::Sent) {
                 return Ok(());
             }
-            let (data_kind, location, tag_target) = {
+            let (kind, location, tag_target) = {
                 let (data, location) = self
                     .db
                     .try_find(&id, &mut self.buf)
@@ -222,11 +226,9 @@ impl Planner<'_> {
                 };
                 (data.kind, location, target)
             };
-            match (data_kind, tag_target) {
+            match (kind, tag_target) {
                 (Kind::Tag, Some(target)) => {
-                    self.marks.insert(id, Mark::Sent);
-                    self.plan.counts.push(Count::from_data(id, location));
-                    self.plan.stats.tags += 1;
+                    self.emit(id, kind, location);
                     id = target;
                 }
                 (Kind::Commit, _) => {
@@ -237,10 +239,8 @@ impl Planner<'_> {
                     trees.push(id);
                     return Ok(());
                 }
-                (Kind::Blob, _) | (Kind::Tag, None) => {
-                    self.marks.insert(id, Mark::Sent);
-                    self.plan.counts.push(Count::from_data(id, location));
-                    self.plan.stats.blobs += 1;
+                (Kind::Blob | Kind::Tag, _) => {
+                    self.emit(id, kind, location);
                     return Ok(());
                 }
             }
@@ -266,9 +266,7 @@ impl Planner<'_> {
                 id,
                 message: e.to_string(),
             })?;
-        self.marks.insert(id, Mark::Sent);
-        self.plan.counts.push(Count::from_data(id, location));
-        self.plan.stats.tags += 1;
+        self.emit(id, Kind::Tag, location);
         Ok(Some(target))
     }
 
@@ -292,36 +290,41 @@ impl Planner<'_> {
         }
     }
 
-    fn commit_tree(
-        &mut self,
-        id: ObjectId,
-    ) -> Result<(Option<gix_pack::data::entry::Location>, ObjectId), Error> {
-        let (data, location) = self
-            .db
-            .try_find(&id, &mut self.buf)
-            .map_err(Self::read_err("reading commit", id))?
-            .ok_or(Error::Missing(id))?;
-        let tree = CommitRefIter::from_bytes(data.data, id.kind())
-            .tree_id()
-            .map_err(|e| Error::Read {
-                context: "decoding commit",
-                id,
-                message: e.to_string(),
-            })?;
-        Ok((location, tree))
+    /// Decide about a tree or blob reached at `depth`; returns whether it is now new to the plan.
+    fn take(&mut self, id: ObjectId, kind: Kind, depth: u64, mark: Mark, wanted: bool) -> Result<bool, Error> {
+        if mark == Mark::Uninteresting {
+            return Ok(self.marks.insert(id, Mark::Uninteresting).is_none());
+        }
+        let filter = match self.filter {
+            Some(f) if !wanted => f,
+            _ => return Ok(true),
+        };
+        let db = self.db;
+        let mut size = || db.try_header(&id).ok().flatten().map_or(0, |h| h.size);
+        if filter.includes(kind, depth, &mut size) {
+            Ok(true)
+        } else {
+            self.marks.insert(id, Mark::Filtered);
+            Ok(false)
+        }
     }
 
     /// Walk the tree `root` and everything below it that is not marked yet, marking it `mark`;
-    /// with [`Mark::Sent`], every newly marked object is added to the plan.
-    fn walk_tree(&mut self, root: ObjectId, mark: Mark) -> Result<(), Error> {
-        if self.marks.contains_key(&root) {
+    /// with [`Mark::Sent`], every newly marked object the filter passes is added to the plan.
+    /// A `wanted` root is sent whatever the filter says.
+    fn walk_tree(&mut self, root: ObjectId, mark: Mark, wanted: bool) -> Result<(), Error> {
+        let depth_matters = mark == Mark::Sent && self.filter.is_some_and(Filter::depends_on_depth);
+        if !self.visit_tree(root, 0, depth_matters) {
             return Ok(());
         }
-        self.marks.insert(root, mark);
         self.stack.clear();
-        self.stack.push(root);
-        while let Some(tree) = self.stack.pop() {
+        self.stack.push((root, 0));
+        let mut first = true;
+        while let Some((tree, depth)) = self.stack.pop() {
             self.tick()?;
+            let included = self.marks.get(&tree) == Some(&Mark::Sent)
+                || self.take(tree, Kind::Tree, depth, mark, wanted && first)?;
+            first = false;
             let (data, location) = self
                 .db
                 .try_find(&tree, &mut self.buf)
@@ -334,10 +337,22 @@ impl Planner<'_> {
                     message: format!("found a {}", data.kind),
                 });
             }
-            if mark == Mark::Sent {
-                self.plan.counts.push(Count::from_data(tree, location));
-                self.plan.stats.trees += 1;
+            match (mark, included, self.marks.get(&tree).copied()) {
+                (Mark::Sent, true, Some(Mark::Sent)) => {}
+                (Mark::Sent, true, _) => {
+                    self.marks.insert(tree, Mark::Sent);
+                    self.plan.counts.push(Count::from_data(tree, location));
+                    self.plan.stats.trees += 1;
+                }
+                (Mark::Sent, false, _) => {
+                    self.marks.insert(tree, Mark::Filtered);
+                }
+                _ => {}
             }
+            if mark == Mark::Sent && self.filter.is_some_and(|f| !f.descends(depth)) {
+                continue;
+            }
+            let mut children = Vec::new();
             for entry in TreeRefIter::from_bytes(data.data, tree.kind()) {
                 let entry = entry.map_err(|e| Error::Read {
                     context: "decoding tree",
@@ -345,17 +360,21 @@ impl Planner<'_> {
                     message: e.to_string(),
                 })?;
                 // Submodule commits live in another repository.
-                if entry.mode.is_commit() {
+                if !entry.mode.is_commit() {
+                    children.push((entry.oid.to_owned(), entry.mode.is_tree()));
+                }
+            }
+            for (id, is_tree) in children {
+                if is_tree {
+                    if self.visit_tree(id, depth + 1, depth_matters) {
+                        self.stack.push((id, depth + 1));
+                    }
                     continue;
                 }
-                let id = entry.oid.to_owned();
-                if self.marks.contains_key(&id) {
+                if self.marks.get(&id).is_some_and(|m| *m != Mark::Filtered || !depth_matters) {
                     continue;
                 }
-                self.marks.insert(id, mark);
-                if entry.mode.is_tree() {
-                    self.stack.push(id);
-                } else if mark == Mark::Sent {
+                if self.take(id, Kind::Blob, depth + 1, mark, false)? && mark == Mark::Sent {
                     let location = self
                         .db
                         .location_by_oid(&id, &mut self.location_buf)
@@ -363,11 +382,26 @@ impl Planner<'_> {
                     if location.is_none() && !self.db.contains(&id) {
                         return Err(Error::Missing(id));
                     }
-                    self.plan.counts.push(Count::from_data(id, location));
-                    self.plan.stats.blobs += 1;
+                    self.emit(id, Kind::Blob, location);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Whether the tree `id`, reached at `depth`, must be walked: it is new, or (with a
+    /// depth-dependent filter) it was only walked deeper down before.
+    fn visit_tree(&mut self, id: ObjectId, depth: u64, depth_matters: bool) -> bool {
+        if depth_matters {
+            match self.tree_depths.get(&id) {
+                Some(seen) if *seen <= depth => false,
+                _ => {
+                    self.tree_depths.insert(id, depth);
+                    self.marks.get(&id) != Some(&Mark::Uninteresting)
+                }
+            }
+        } else {
+            !self.marks.contains_key(&id)
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! `http` moves the bytes.
 
 pub mod advert;
+pub mod filter;
 pub mod pktline;
 pub mod v0;
 pub mod v2;

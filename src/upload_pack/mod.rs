@@ -423,8 +423,9 @@ fn send_pack<W: Write>(
         wants: args.wants,
         common: args.common,
         tags: &tags,
+        ..Default::default()
     };
-    let plan = match pack::plan(ctx.repo, &db, &selection, ctx.interrupt) {
+    let plan = match pack::plan(&db, &selection, ctx.interrupt) {
         Ok(plan) => plan,
         Err(e) => {
             let e = Error::from(e);

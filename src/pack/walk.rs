@@ -1,0 +1,257 @@
+//! Commit traversal: the commits reachable from some tips and not from hidden commits, with
+//! shallow grafts (commits whose parents are not followed) and an optional age cut-off.
+//!
+//! This is git's `limit_list()`: a queue ordered by commit time, "uninteresting" painted down
+//! from the hidden commits, and the walk ends once only uninteresting commits are queued. gix's
+//! `rev_walk` cannot stop at grafts that are not the repository's own shallow boundary, which
+//! shallow clients need.
+
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use gix::hashtable::{HashMap, HashSet};
+use gix::objs::commit::ref_iter::Token;
+use gix::objs::{CommitRefIter, Kind};
+use gix::ObjectId;
+use gix_pack::data::entry::Location;
+use gix_pack::Find;
+use smallvec::SmallVec;
+
+use super::{Db, Error};
+
+/// A commit as the walk knows it.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// Parents, empty for a root commit or a graft.
+    pub parents: SmallVec<[ObjectId; 2]>,
+    /// Committer time, seconds since the epoch.
+    pub time: i64,
+    /// Root tree.
+    pub tree: ObjectId,
+    /// Where the commit is packed, if it is.
+    pub location: Option<Location>,
+}
+
+/// Loads and remembers commits, applying grafts.
+pub struct Commits<'a> {
+    db: &'a Db,
+    grafts: &'a HashSet<ObjectId>,
+    cache: HashMap<ObjectId, Commit>,
+    buf: Vec<u8>,
+}
+
+impl<'a> Commits<'a> {
+    /// Read commits from `db`, treating every commit in `grafts` as parentless.
+    pub fn new(db: &'a Db, grafts: &'a HashSet<ObjectId>) -> Self {
+        Commits {
+            db,
+            grafts,
+            cache: HashMap::default(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// The commit `id`, loaded on first use. A missing object or one that is not a commit is
+    /// an error.
+    pub fn get(&mut self, id: ObjectId) -> Result<&Commit, Error> {
+        if !self.cache.contains_key(&id) {
+            let commit = self.load(id)?;
+            self.cache.insert(id, commit);
+        }
+        Ok(&self.cache[&id])
+    }
+
+    fn load(&mut self, id: ObjectId) -> Result<Commit, Error> {
+        let (data, location) = self
+            .db
+            .try_find(&id, &mut self.buf)
+            .map_err(|e| Error::Read {
+                context: "reading commit",
+                id,
+                message: e.to_string(),
+            })?
+            .ok_or(Error::Missing(id))?;
+        if data.kind != Kind::Commit {
+            return Err(Error::Read {
+                context: "expected a commit at",
+                id,
+                message: format!("found a {}", data.kind),
+            });
+        }
+        let mut commit = Commit {
+            parents: SmallVec::new(),
+            time: 0,
+            tree: id.kind().null(),
+            location,
+        };
+        for token in CommitRefIter::from_bytes(data.data, id.kind()) {
+            let token = token.map_err(|e| Error::Read {
+                context: "decoding commit",
+                id,
+                message: e.to_string(),
+            })?;
+            match token {
+                Token::Tree { id } => commit.tree = id,
+                Token::Parent { id } => commit.parents.push(id),
+                Token::Committer { signature } => {
+                    commit.time = signature.seconds();
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if self.grafts.contains(&id) {
+            commit.parents.clear();
+        }
+        Ok(commit)
+    }
+}
+
+/// What [`walk()`] found.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Interesting commits, newest first (as popped from the date queue).
+    pub commits: Vec<ObjectId>,
+    /// Uninteresting parents of interesting commits: what the client is known to have right
+    /// below what it is sent.
+    pub boundary: Vec<ObjectId>,
+}
+
+const SEEN: u8 = 1;
+const UNINTERESTING: u8 = 2;
+const PROCESSED: u8 = 4;
+
+/// How often (in commits) the interrupt flag is checked.
+const INTERRUPT_CHECK_INTERVAL: usize = 1024;
+
+/// Walk from `tips`, hiding everything reachable from `hidden`; commits older than `min_time`
+/// count as hidden too (`deepen-since`). Commits are loaded through `commits`, which applies
+/// grafts.
+pub fn walk(
+    commits: &mut Commits<'_>,
+    tips: &[ObjectId],
+    hidden: &[ObjectId],
+    min_time: Option<i64>,
+    interrupt: &AtomicBool,
+) -> Result<Outcome, Error> {
+    let mut w = Walker {
+        commits,
+        flags: HashMap::default(),
+        queue: BinaryHeap::new(),
+        seq: 0,
+        interesting_queued: 0,
+    };
+    for id in hidden {
+        w.push(*id, UNINTERESTING)?;
+    }
+    for id in tips {
+        w.push(*id, 0)?;
+    }
+    let mut result = Vec::new();
+    let mut popped = 0usize;
+    while w.interesting_queued > 0 {
+        let Some(Entry { id, .. }) = w.queue.pop() else { break };
+        popped += 1;
+        if popped.is_multiple_of(INTERRUPT_CHECK_INTERVAL) && interrupt.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        let mut flags = w.flags[&id];
+        if flags & UNINTERESTING == 0 {
+            w.interesting_queued -= 1;
+            if let Some(min) = min_time {
+                if w.commits.get(id)?.time < min {
+                    flags |= UNINTERESTING;
+                }
+            }
+        }
+        w.flags.insert(id, flags | PROCESSED);
+        let parents = w.commits.get(id)?.parents.clone();
+        if flags & UNINTERESTING != 0 {
+            for p in parents {
+                w.mark_uninteresting(p)?;
+            }
+        } else {
+            result.push(id);
+            for p in parents {
+                w.push(p, 0)?;
+            }
+        }
+    }
+    let mut out = Outcome::default();
+    let mut boundary = HashSet::default();
+    for id in result {
+        if w.flags[&id] & UNINTERESTING != 0 {
+            continue;
+        }
+        out.commits.push(id);
+        for p in &w.commits.get(id)?.parents {
+            if w.flags.get(p).is_some_and(|f| f & UNINTERESTING != 0) && boundary.insert(*p) {
+                out.boundary.push(*p);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Entry {
+    time: i64,
+    /// Newer insertions sort lower, so that equal times pop in insertion order.
+    seq: std::cmp::Reverse<u64>,
+    id: ObjectId,
+}
+
+struct Walker<'w, 'a> {
+    commits: &'w mut Commits<'a>,
+    flags: HashMap<ObjectId, u8>,
+    queue: BinaryHeap<Entry>,
+    seq: u64,
+    /// Queued commits not (yet) known to be uninteresting; the walk ends at zero.
+    interesting_queued: usize,
+}
+
+impl Walker<'_, '_> {
+    /// Queue `id` if it was never queued; `flags` may carry `UNINTERESTING`.
+    fn push(&mut self, id: ObjectId, flags: u8) -> Result<(), Error> {
+        if self.flags.contains_key(&id) {
+            if flags & UNINTERESTING != 0 {
+                self.mark_uninteresting(id)?;
+            }
+            return Ok(());
+        }
+        let time = self.commits.get(id)?.time;
+        self.flags.insert(id, SEEN | flags);
+        if flags & UNINTERESTING == 0 {
+            self.interesting_queued += 1;
+        }
+        self.seq += 1;
+        self.queue.push(Entry {
+            time,
+            seq: std::cmp::Reverse(self.seq),
+            id,
+        });
+        Ok(())
+    }
+
+    /// Paint `id` and, through commits already processed, their ancestry uninteresting;
+    /// unseen commits are queued as uninteresting to continue the painting when popped.
+    fn mark_uninteresting(&mut self, id: ObjectId) -> Result<(), Error> {
+        let mut stack = vec![id];
+        while let Some(id) = stack.pop() {
+            match self.flags.get(&id).copied() {
+                None => self.push(id, UNINTERESTING)?,
+                Some(f) if f & UNINTERESTING != 0 => {}
+                Some(f) => {
+                    self.flags.insert(id, f | UNINTERESTING);
+                    if f & PROCESSED == 0 {
+                        // Still queued as interesting.
+                        self.interesting_queued -= 1;
+                    } else {
+                        stack.extend(self.commits.get(id)?.parents.iter().copied());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
