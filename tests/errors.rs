@@ -360,10 +360,10 @@ fn protocol_errors_are_err_packets() {
         "POST",
         UPLOAD_PACK,
         &[V2],
-        &pkt(&["command=fetch", "0001", "deepen 1", "0000"]),
+        &pkt(&["command=fetch", "0001", "sideband-all", "0000"]),
     );
     assert!(
-        r.text().contains("ERR unexpected line: 'deepen 1'"),
+        r.text().contains("ERR unexpected line: 'sideband-all'"),
         "{}",
         r.text()
     );

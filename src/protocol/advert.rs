@@ -8,8 +8,9 @@ use super::v2::LsRefs;
 use super::{pktline, Ref, AGENT};
 
 /// Capabilities of the v0/v1 advertisement, in git's order. Advertise only what works.
-const V0_CAPABILITIES: &str = "multi_ack thin-pack side-band side-band-64k ofs-delta no-progress \
-include-tag multi_ack_detailed allow-tip-sha1-in-want allow-reachable-sha1-in-want no-done";
+const V0_CAPABILITIES: &str = "multi_ack thin-pack side-band side-band-64k ofs-delta shallow \
+deepen-since deepen-not deepen-relative no-progress include-tag multi_ack_detailed \
+allow-tip-sha1-in-want allow-reachable-sha1-in-want no-done filter";
 
 /// The refs of a repository as the protocol layer sees them.
 #[derive(Debug, Clone, Default)]
@@ -78,7 +79,7 @@ pub fn v2(out: &mut Vec<u8>) {
     pktline::text(out, "version 2");
     pktline::text(out, &format!("agent={AGENT}"));
     pktline::text(out, "ls-refs=unborn");
-    pktline::text(out, "fetch");
+    pktline::text(out, "fetch=shallow filter ref-in-want");
     pktline::text(out, "server-option");
     pktline::text(out, "object-format=sha1");
     pktline::flush(out);
@@ -184,12 +185,9 @@ mod tests {
         assert_eq!(l[4], format!("{} refs/tags/v1\n", oid('b')));
         assert_eq!(l[5], format!("{} refs/tags/v1^{{}}\n", oid('a')));
         assert_eq!(l[6], "Flush");
-        for cap in ["shallow", "filter", "deepen"] {
-            assert!(
-                !l[2].split(' ').any(|c| c.starts_with(cap)),
-                "{cap} is not implemented yet"
-            );
-        }
+        for cap in ["shallow", "deepen-since", "deepen-not", "deepen-relative", "filter", "no-done"] {
+            assert!(l[2].split(['\0', ' ']).any(|c| c == cap), "{cap} is advertised");
+}
     }
 
     #[test]

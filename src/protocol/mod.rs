@@ -59,6 +59,71 @@ impl ParseError {
     }
 }
 
+/// `deepen 2147483647`: what `git fetch --unshallow` sends for "all history".
+pub const INFINITE_DEPTH: u32 = 0x7fff_ffff;
+
+/// The shallow-related lines of a fetch request, common to v0/v1 and v2.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deepen {
+    /// `shallow <oid>`: the client's current shallow boundary.
+    pub shallows: Vec<ObjectId>,
+    /// `deepen <n>`: history depth from the wants (or, with `relative`, from the client's
+    /// shallow boundary).
+    pub depth: Option<u32>,
+    /// `deepen-since <timestamp>`: only history newer than this.
+    pub since: Option<i64>,
+    /// `deepen-not <ref>`: no history reachable from these refs.
+    pub not: Vec<BString>,
+    /// `deepen-relative`: `depth` counts from the client's shallow boundary.
+    pub relative: bool,
+}
+
+impl Deepen {
+    /// Whether the request asks for a new shallow boundary (and so for a shallow list in the
+    /// answer), as opposed to only telling the client's current one.
+    pub fn deepens(&self) -> bool {
+        self.depth.is_some() || self.since.is_some() || !self.not.is_empty()
+    }
+
+    /// Whether the request involves shallow history at all.
+    pub fn is_active(&self) -> bool {
+        self.deepens() || !self.shallows.is_empty()
+    }
+
+    /// Take `line` if it is one of the shallow lines; `Ok(false)` if it is not.
+    pub(crate) fn parse_line(&mut self, line: &[u8]) -> Result<bool, ParseError> {
+        if let Some(rest) = line.strip_prefix(b"shallow ") {
+            self.shallows.push(parse_oid(rest, line)?.0);
+        } else if let Some(rest) = line.strip_prefix(b"deepen ") {
+            let depth = std::str::from_utf8(rest)
+                .ok()
+                .and_then(|s| s.parse::<u32>().ok())
+                .filter(|d| *d > 0)
+                .ok_or_else(|| ParseError::Protocol(format!("Invalid deepen: {}", lossy(line))))?;
+            self.depth = Some(depth.min(INFINITE_DEPTH));
+        } else if let Some(rest) = line.strip_prefix(b"deepen-since ") {
+            let since = std::str::from_utf8(rest)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .filter(|t| *t > 0)
+                .ok_or_else(|| ParseError::Protocol(format!("Invalid deepen-since: {}", lossy(line))))?;
+            self.since = Some(since);
+        } else if let Some(rest) = line.strip_prefix(b"deepen-not ") {
+            self.not.push(rest.into());
+        } else if line == b"deepen-relative" {
+            self.relative = true;
+        } else {
+            return Ok(false);
+        }
+        if self.depth.is_some() && (self.since.is_some() || !self.not.is_empty()) {
+            return Err(ParseError::Protocol(
+                "--depth and --shallow-since (or --shallow-exclude) cannot be used together".into(),
+            ));
+        }
+        Ok(true)
+    }
+}
+
 /// Parse `<hex-oid>` at the start of `rest` (optionally followed by a space and more text).
 pub(crate) fn parse_oid<'a>(
     rest: &'a [u8],

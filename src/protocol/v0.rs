@@ -3,8 +3,9 @@
 
 use gix::ObjectId;
 
+use super::filter::Filter;
 use super::pktline::{Line, Reader};
-use super::{lossy, parse_oid, ParseError};
+use super::{lossy, parse_oid, Deepen, ParseError};
 
 /// How the client wants acknowledgements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -47,6 +48,10 @@ pub struct Capabilities {
     pub no_progress: bool,
     /// `include-tag`: send annotated tags pointing into the pack.
     pub include_tag: bool,
+    /// `filter`: the client may send a `filter` line.
+    pub filter: bool,
+    /// `deepen-relative`: `deepen <n>` counts from the client's shallow boundary.
+    pub deepen_relative: bool,
     /// `agent=…` as sent by the client, for logs.
     pub agent: Option<String>,
 }
@@ -58,6 +63,10 @@ pub struct Request {
     pub wants: Vec<ObjectId>,
     /// Capabilities from the first want line.
     pub caps: Capabilities,
+    /// `shallow`/`deepen*` lines.
+    pub deepen: Deepen,
+    /// `filter <spec>`.
+    pub filter: Option<Filter>,
     /// Objects the client says it has, in request order.
     pub haves: Vec<ObjectId>,
     /// Whether the request ended with `done` (otherwise it ended with a flush).
@@ -88,6 +97,16 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
                 req.caps = parse_capabilities(tail);
             }
             req.wants.push(id);
+        } else if text != b"deepen-relative" && req.deepen.parse_line(text)? {
+            // `deepen-relative` is a capability in v0, not a line.
+        } else if let Some(spec) = text.strip_prefix(b"filter ") {
+            if !req.caps.filter {
+                return Err(ParseError::Protocol(
+                    "git upload-pack: filtering capability not negotiated".into(),
+                ));
+            }
+            let spec = std::str::from_utf8(spec).map_err(|_| ParseError::Protocol("invalid filter-spec".into()))?;
+            req.filter = Some(Filter::parse(spec).map_err(|e| ParseError::Protocol(e.to_string()))?);
         } else {
             return Err(ParseError::Protocol(format!(
                 "protocol error: expected want list, got '{}'",
@@ -98,6 +117,7 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
     if req.wants.is_empty() {
         return Ok(None);
     }
+    req.deepen.relative = req.caps.deepen_relative;
     // Have section: haves, then a flush (another round follows) or `done`.
     loop {
         match reader.read()? {
@@ -140,6 +160,8 @@ fn parse_capabilities(list: &[u8]) -> Capabilities {
             b"ofs-delta" => caps.ofs_delta = true,
             b"no-progress" => caps.no_progress = true,
             b"include-tag" => caps.include_tag = true,
+            b"filter" => caps.filter = true,
+            b"deepen-relative" => caps.deepen_relative = true,
             other => {
                 if let Some(agent) = other.strip_prefix(b"agent=") {
                     caps.agent = Some(lossy(agent));
@@ -217,6 +239,32 @@ mod tests {
         assert_eq!(req.caps.sideband, Sideband::Small);
         assert_eq!(req.haves.len(), 2);
         assert!(!req.done);
+    }
+
+    #[test]
+    fn parses_shallow_and_filter_lines() {
+        let b = body(&[
+            Some(&format!("want {A} multi_ack_detailed side-band-64k filter deepen-relative")),
+            Some(&format!("shallow {B}")),
+            Some("deepen 3"),
+            Some("filter blob:limit=1k"),
+            None,
+            Some("done"),
+        ]);
+        let req = parse(&b).unwrap().unwrap();
+        assert_eq!(req.deepen.shallows.len(), 1);
+        assert_eq!(req.deepen.depth, Some(3));
+        assert!(req.deepen.relative);
+        assert_eq!(req.filter, Some(Filter::BlobLimit(1024)));
+
+        let no_cap = body(&[Some(&format!("want {A}")), Some("filter blob:none"), None]);
+        assert!(parse(&no_cap).unwrap_err().to_string().contains("filtering capability not negotiated"));
+        let bad = body(&[Some(&format!("want {A} filter")), Some("filter blob:maybe"), None]);
+        assert_eq!(parse(&bad).unwrap_err().to_string(), "invalid filter-spec 'blob:maybe'");
+        let both = body(&[Some(&format!("want {A}")), Some("deepen 1"), Some("deepen-since 1000"), None]);
+        assert!(parse(&both).unwrap_err().to_string().contains("cannot be used together"));
+        let zero = body(&[Some(&format!("want {A}")), Some("deepen 0"), None]);
+        assert_eq!(parse(&zero).unwrap_err().to_string(), "Invalid deepen: deepen 0");
     }
 
     #[test]

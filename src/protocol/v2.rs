@@ -4,8 +4,9 @@
 use gix::bstr::BString;
 use gix::ObjectId;
 
+use super::filter::Filter;
 use super::pktline::{Line, Reader};
-use super::{lossy, parse_oid, ParseError};
+use super::{lossy, parse_oid, Deepen, ParseError};
 
 /// git ignores `ref-prefix` filtering when a client sends more prefixes than this; so do we.
 pub const MAX_REF_PREFIXES: usize = 10;
@@ -42,6 +43,12 @@ pub struct Fetch {
     pub include_tag: bool,
     /// Offset deltas are understood.
     pub ofs_delta: bool,
+    /// `shallow`/`deepen*` lines.
+    pub deepen: Deepen,
+    /// `filter <spec>`.
+    pub filter: Option<Filter>,
+    /// `want-ref <ref>`: refs whose current value is wanted, answered in `wanted-refs`.
+    pub want_refs: Vec<BString>,
 }
 
 /// A v2 command.
@@ -181,6 +188,16 @@ fn parse_fetch(args: &[&[u8]]) -> Result<Fetch, ParseError> {
                 } else if let Some(rest) = other.strip_prefix(b"have ") {
                     out.seen_haves = true;
                     out.haves.push(parse_oid(rest, other)?.0);
+                } else if let Some(name) = other.strip_prefix(b"want-ref ") {
+                    out.want_refs.push(name.into());
+                } else if let Some(spec) = other.strip_prefix(b"filter ") {
+                    if out.filter.is_some() {
+                        return Err(ParseError::Protocol("multiple filter-specs cannot be combined".into()));
+                    }
+                    let spec = std::str::from_utf8(spec)
+                        .map_err(|_| ParseError::Protocol("invalid filter-spec".into()))?;
+                    out.filter = Some(Filter::parse(spec).map_err(|e| ParseError::Protocol(e.to_string()))?);
+                } else if out.deepen.parse_line(other)? {
                 } else {
                     return Err(ParseError::Protocol(format!(
                         "unexpected line: '{}'",
@@ -278,6 +295,33 @@ mod tests {
     }
 
     #[test]
+    fn parses_shallow_filter_and_want_ref() {
+        let body = request(
+            "fetch",
+            &[],
+            &[
+                &format!("want {A}"),
+                "want-ref refs/heads/main",
+                &format!("shallow {A}"),
+                "deepen 1",
+                "deepen-relative",
+                "filter combine:blob:none+tree:2",
+                "done",
+            ],
+        );
+        let Command::Fetch(f) = parse(&body).unwrap().unwrap().command else { panic!("not fetch") };
+        assert_eq!(f.want_refs, vec![BString::from("refs/heads/main")]);
+        assert_eq!(f.deepen.depth, Some(1));
+        assert!(f.deepen.relative && f.deepen.deepens());
+        assert_eq!(f.deepen.shallows.len(), 1);
+        assert_eq!(f.filter, Some(Filter::Combine(vec![Filter::BlobNone, Filter::TreeDepth(2)])));
+        let since = request("fetch", &[], &[&format!("want {A}"), "deepen-since 1700000000", "deepen-not refs/tags/v1"]);
+        let Command::Fetch(f) = parse(&since).unwrap().unwrap().command else { panic!("not fetch") };
+        assert_eq!(f.deepen.since, Some(1_700_000_000));
+        assert_eq!(f.deepen.not, vec![BString::from("refs/tags/v1")]);
+    }
+
+    #[test]
     fn ls_refs_without_arguments() {
         let mut body = Vec::new();
         pktline::text(&mut body, "command=ls-refs");
@@ -292,6 +336,8 @@ mod tests {
         assert_eq!(e.to_string(), "invalid command 'push'");
         let e = parse(&request("fetch", &[], &["deepen-everything"])).unwrap_err();
         assert_eq!(e.to_string(), "unexpected line: 'deepen-everything'");
+        let e = parse(&request("fetch", &[], &["filter sparse:oid=abc"])).unwrap_err();
+        assert_eq!(e.to_string(), "filter 'sparse:oid=abc' is not supported by this server");
         let e = parse(&request("fetch", &["object-format=sha256"], &[])).unwrap_err();
         assert!(e.to_string().contains("sha256"));
         let e = parse(&request("fetch", &[], &["want nothex"])).unwrap_err();

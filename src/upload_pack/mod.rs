@@ -6,6 +6,7 @@
 //! inside it) and also returned so the caller can log them.
 
 mod negotiate;
+mod shallow;
 mod sideband;
 
 use std::io::{self, Write};
@@ -14,10 +15,12 @@ use std::sync::atomic::AtomicBool;
 use gix::ObjectId;
 
 pub use negotiate::{Have, Negotiator};
+pub use shallow::Shallow;
 pub use sideband::Sideband;
 
 use crate::pack;
 use crate::protocol::advert::{self, Refs};
+use crate::protocol::filter::Filter;
 use crate::protocol::v0::{self, MultiAck};
 use crate::protocol::{pktline, v2, LARGE_BAND_PAYLOAD, SMALL_BAND_PAYLOAD};
 use crate::repo;
@@ -54,6 +57,9 @@ pub enum Error {
     /// The client wants an object we may not or cannot give it.
     #[error("upload-pack: not our ref {0}")]
     NotOurRef(ObjectId),
+    /// The request makes no sense for this repository (an unknown ref, a bad shallow line).
+    #[error("{0}")]
+    Protocol(String),
     /// Reading the repository failed.
     #[error(transparent)]
     Repo(#[from] repo::Error),
@@ -85,7 +91,9 @@ impl Error {
     /// faults (their details go to the log).
     pub fn client_message(&self) -> String {
         match self {
-            Error::NotOurRef(_) | Error::Pack(pack::Error::Missing(_)) => self.to_string(),
+            Error::NotOurRef(_) | Error::Protocol(_) | Error::Pack(pack::Error::Missing(_)) => {
+                self.to_string()
+            }
             Error::Pack(pack::Error::Interrupted) | Error::Io(_) => "upload-pack: aborted".into(),
             _ => "upload-pack: internal server error (see the proxy's log)".into(),
         }
@@ -203,15 +211,29 @@ fn fetch_v2<W: Write>(
     args: &v2::Fetch,
     out: &mut Response<W>,
 ) -> Result<Outcome, Error> {
-    if args.wants.is_empty() {
-        return Ok(Outcome::Empty);
-    }
     for want in &args.wants {
         if !ctx.repo.has_object(want) {
             return Err(Error::NotOurRef(*want));
         }
     }
-    let mut neg = Negotiator::new(ctx.repo, &args.wants);
+    // Refs are only read when the request needs them.
+    let needs_refs = !args.want_refs.is_empty() || args.include_tag || !args.deepen.not.is_empty();
+    let refs = if needs_refs { repo::list_refs(ctx.repo)? } else { Refs::default() };
+    let mut wants = args.wants.clone();
+    let mut wanted_refs = Vec::new();
+    for name in &args.want_refs {
+        let r = refs
+            .refs
+            .iter()
+            .find(|r| r.name == *name)
+            .ok_or_else(|| Error::Protocol(format!("unknown ref {name}")))?;
+        wanted_refs.push((r.target, name));
+        wants.push(r.target);
+    }
+    if wants.is_empty() {
+        return Ok(Outcome::Empty);
+    }
+    let mut neg = Negotiator::new(ctx.repo, &wants);
     for have in &args.haves {
         neg.have(*have)?;
     }
@@ -235,15 +257,54 @@ fn fetch_v2<W: Write>(
         pktline::text(&mut lines, "ready");
         pktline::delim(&mut lines);
     }
+    if !wanted_refs.is_empty() {
+        pktline::text(&mut lines, "wanted-refs");
+        for (id, name) in &wanted_refs {
+            pktline::text(&mut lines, &format!("{id} {name}"));
+        }
+        pktline::delim(&mut lines);
+    }
+    let shallow = if args.deepen.is_active() {
+        let shallow = shallow::compute(&pack::db(ctx.repo), &refs, &wants, &args.deepen, ctx.interrupt)?;
+        pktline::text(&mut lines, "shallow-info");
+        write_shallow_lines(&mut lines, &shallow);
+        pktline::delim(&mut lines);
+        shallow
+    } else {
+        Shallow::default()
+    };
     let pack_args = PackArgs {
-        wants: &args.wants,
+        wants: &wants,
         common: neg.common(),
-        include_tag: args.include_tag,
+        shallow: &shallow,
+        filter: args.filter.as_ref(),
+        tags: include_tag_candidates(args.include_tag, &refs),
         ofs_delta: args.ofs_delta,
         progress: !args.no_progress,
         sideband: Some(LARGE_BAND_PAYLOAD),
     };
     send_pack(ctx, &pack_args, lines, true, out)
+}
+
+fn write_shallow_lines(out: &mut Vec<u8>, shallow: &Shallow) {
+    for id in &shallow.shallow {
+        pktline::text(out, &format!("shallow {id}"));
+    }
+    for id in &shallow.unshallow {
+        pktline::text(out, &format!("unshallow {id}"));
+    }
+}
+
+/// `(tag, peeled)` for every annotated tag under `refs/tags/`, when `include-tag` was asked.
+fn include_tag_candidates(include_tag: bool, refs: &Refs) -> Vec<(ObjectId, ObjectId)> {
+    if !include_tag {
+        return Vec::new();
+    }
+    refs.refs
+        .iter()
+        .filter(|r| r.name.starts_with(b"refs/tags/"))
+        .filter_map(|r| r.peeled.map(|p| (r.target, p)))
+        .collect()
 }
 
 /// Serve one stateless v0/v1 request, writing the answer to `out`.
@@ -257,10 +318,21 @@ fn fetch_v0<W: Write>(
     out: &mut Response<W>,
 ) -> Result<Outcome, Error> {
     let refs = repo::list_refs(ctx.repo)?;
-    check_reachable_wants(ctx.repo, &refs, &req.wants)?;
+    check_reachable_wants(ctx, &refs, &req.wants)?;
     let caps = &req.caps;
-    let mut neg = Negotiator::new(ctx.repo, &req.wants);
     let mut lines = Vec::new();
+    // Over stateless HTTP every round repeats the shallow request, and git's fetch-pack
+    // expects the shallow list again before the acknowledgements of each round.
+    let shallow = if req.deepen.is_active() {
+        shallow::compute(&pack::db(ctx.repo), &refs, &req.wants, &req.deepen, ctx.interrupt)?
+    } else {
+        Shallow::default()
+    };
+    if req.deepen.deepens() {
+        write_shallow_lines(&mut lines, &shallow);
+        pktline::flush(&mut lines);
+    }
+    let mut neg = Negotiator::new(ctx.repo, &req.wants);
     let (mut got_common, mut got_other, mut sent_ready) = (false, false, false);
     let mut last = None;
     // This follows git's get_common_commits() for one stateless round.
@@ -300,11 +372,7 @@ fn fetch_v0<W: Write>(
             None => pktline::text(&mut lines, "NAK"),
         }
     } else {
-        if caps.multi_ack == MultiAck::Detailed
-            && got_common
-            && !got_other
-            && neg.ok_to_give_up()?
-        {
+        if caps.multi_ack == MultiAck::Detailed && got_common && !got_other && neg.ok_to_give_up()? {
             sent_ready = true;
             if let Some(last) = last {
                 pktline::text(&mut lines, &format!("ACK {last} ready"));
@@ -326,7 +394,9 @@ fn fetch_v0<W: Write>(
     let pack_args = PackArgs {
         wants: &req.wants,
         common: neg.common(),
-        include_tag: caps.include_tag,
+        shallow: &shallow,
+        filter: req.filter.as_ref(),
+        tags: include_tag_candidates(caps.include_tag, &refs),
         ofs_delta: caps.ofs_delta,
         progress: !caps.no_progress,
         sideband: match caps.sideband {
@@ -339,50 +409,50 @@ fn fetch_v0<W: Write>(
 }
 
 /// In v0, a want must be reachable from an advertised ref (`allow-reachable-sha1-in-want`).
-fn check_reachable_wants(
-    repo: &gix::Repository,
-    refs: &Refs,
-    wants: &[ObjectId],
-) -> Result<(), Error> {
-    let tips: gix::hashtable::HashSet<ObjectId> = refs
+/// Commits are checked with a walk that hides every ref; other objects (rare: lazy fetches of
+/// a partial clone forced to protocol v0) against the objects of all refs.
+fn check_reachable_wants(ctx: &Context<'_>, refs: &Refs, wants: &[ObjectId]) -> Result<(), Error> {
+    let tips: Vec<ObjectId> = refs
         .refs
         .iter()
         .flat_map(|r| [Some(r.target), r.peeled])
         .flatten()
         .collect();
-    let mut others = Vec::new();
-    for want in wants.iter().filter(|w| !tips.contains(*w)) {
-        let header = repo
-            .find_header(*want)
-            .map_err(|_| Error::NotOurRef(*want))?;
-        if header.kind() != gix::object::Kind::Commit {
-            return Err(Error::NotOurRef(*want));
+    let tip_set: gix::hashtable::HashSet<ObjectId> = tips.iter().copied().collect();
+    let db = pack::db(ctx.repo);
+    let no_grafts = gix::hashtable::HashSet::default();
+    let mut commits = pack::walk::Commits::new(&db, &no_grafts);
+    let (mut commit_wants, mut other_wants) = (Vec::new(), Vec::new());
+    for want in wants.iter().filter(|w| !tip_set.contains(*w)) {
+        match ctx.repo.find_header(*want).map(|h| h.kind()) {
+            Ok(gix::object::Kind::Commit) => commit_wants.push(*want),
+            Ok(_) => other_wants.push(*want),
+            Err(_) => return Err(Error::NotOurRef(*want)),
         }
-        others.push(*want);
     }
-    if others.is_empty() {
-        return Ok(());
+    if !commit_wants.is_empty() {
+        let mut hidden = Vec::new();
+        for tip in &tips {
+            hidden.extend(commits.peel_to_commit(*tip)?);
+        }
+        let walked = pack::walk::walk(&mut commits, &commit_wants, &hidden, None, ctx.interrupt)?;
+        let wanted: gix::hashtable::HashSet<ObjectId> = commit_wants.iter().copied().collect();
+        if let Some(id) = walked.commits.iter().find(|c| wanted.contains(*c)) {
+            return Err(Error::NotOurRef(*id));
+        }
     }
-    // Walk from the unadvertised wants with every advertised commit hidden: whatever remains
-    // is not reachable from a ref.
-    let hidden: Vec<ObjectId> = tips
-        .iter()
-        .copied()
-        .filter(|id| {
-            repo.find_header(*id)
-                .is_ok_and(|h| h.kind() == gix::object::Kind::Commit)
-        })
-        .collect();
-    let walk = repo
-        .rev_walk(others.iter().copied())
-        .with_hidden(hidden)
-        .all()
-        .map_err(Error::git("checking reachability"))?;
-    let wanted: gix::hashtable::HashSet<ObjectId> = others.iter().copied().collect();
-    for info in walk {
-        let info = info.map_err(Error::git("checking reachability"))?;
-        if wanted.contains(&info.id) {
-            return Err(Error::NotOurRef(info.id));
+    if !other_wants.is_empty() {
+        let all = pack::plan(
+            &db,
+            &pack::Selection {
+                wants: &tips,
+                ..Default::default()
+            },
+            ctx.interrupt,
+        )?;
+        let reachable: gix::hashtable::HashSet<ObjectId> = all.counts.iter().map(|c| c.id).collect();
+        if let Some(id) = other_wants.iter().find(|w| !reachable.contains(*w)) {
+            return Err(Error::NotOurRef(*id));
         }
     }
     Ok(())
@@ -391,7 +461,10 @@ fn check_reachable_wants(
 struct PackArgs<'a> {
     wants: &'a [ObjectId],
     common: &'a [ObjectId],
-    include_tag: bool,
+    shallow: &'a Shallow,
+    filter: Option<&'a Filter>,
+    /// `include-tag` candidates.
+    tags: Vec<(ObjectId, ObjectId)>,
     ofs_delta: bool,
     progress: bool,
     /// Payload size of sideband packets; `None` for a raw pack.
@@ -408,22 +481,15 @@ fn send_pack<W: Write>(
     v2: bool,
     out: &mut Response<W>,
 ) -> Result<Outcome, Error> {
-    let tags = if args.include_tag {
-        repo::list_refs(ctx.repo)?
-            .refs
-            .into_iter()
-            .filter(|r| r.name.starts_with(b"refs/tags/"))
-            .filter_map(|r| r.peeled.map(|p| (r.target, p)))
-            .collect()
-    } else {
-        Vec::new()
-    };
     let db = pack::db(ctx.repo);
+    let wants: Vec<ObjectId> = args.wants.iter().chain(&args.shallow.extra_wants).copied().collect();
+    let common: Vec<ObjectId> = args.common.iter().chain(&args.shallow.extra_haves).copied().collect();
     let selection = pack::Selection {
-        wants: args.wants,
-        common: args.common,
-        tags: &tags,
-        ..Default::default()
+        wants: &wants,
+        common: &common,
+        tags: &args.tags,
+        shallow: &args.shallow.grafts,
+        filter: args.filter,
     };
     let plan = match pack::plan(&db, &selection, ctx.interrupt) {
         Ok(plan) => plan,
