@@ -71,6 +71,9 @@ pub struct Request {
     pub haves: Vec<ObjectId>,
     /// Whether the request ended with `done` (otherwise it ended with a flush).
     pub done: bool,
+    /// Whether the body ended right after the want section: a shallow client's first request,
+    /// which only asks for the shallow list (git's upload-pack sees EOF and stops there).
+    pub wants_only: bool,
 }
 
 /// Parse a request body. `Ok(None)` means the body holds no wants (git's probe request is a
@@ -119,6 +122,7 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
     }
     req.deepen.relative = req.caps.deepen_relative;
     // Have section: haves, then a flush (another round follows) or `done`.
+    req.wants_only = reader.is_empty();
     loop {
         match reader.read()? {
             None | Some(Line::Flush) => break,
@@ -222,7 +226,7 @@ mod tests {
         assert!(req.caps.no_done && req.caps.thin_pack && req.caps.ofs_delta);
         assert!(!req.caps.include_tag && !req.caps.no_progress);
         assert_eq!(req.caps.agent.as_deref(), Some("git/2.47"));
-        assert!(req.done && req.haves.is_empty());
+        assert!(req.done && req.haves.is_empty() && !req.wants_only);
     }
 
     #[test]
@@ -256,6 +260,8 @@ mod tests {
         assert_eq!(req.deepen.depth, Some(3));
         assert!(req.deepen.relative);
         assert_eq!(req.filter, Some(Filter::BlobLimit(1024)));
+        let first = body(&[Some(&format!("want {A} shallow")), Some("deepen 1"), None]);
+        assert!(parse(&first).unwrap().unwrap().wants_only);
 
         let no_cap = body(&[Some(&format!("want {A}")), Some("filter blob:none"), None]);
         assert!(parse(&no_cap).unwrap_err().to_string().contains("filtering capability not negotiated"));

@@ -257,13 +257,7 @@ fn fetch_v2<W: Write>(
         pktline::text(&mut lines, "ready");
         pktline::delim(&mut lines);
     }
-    if !wanted_refs.is_empty() {
-        pktline::text(&mut lines, "wanted-refs");
-        for (id, name) in &wanted_refs {
-            pktline::text(&mut lines, &format!("{id} {name}"));
-        }
-        pktline::delim(&mut lines);
-    }
+    // Section order per gitprotocol-v2 (and git's fetch-pack): shallow-info, wanted-refs.
     let shallow = if args.deepen.is_active() {
         let shallow = shallow::compute(&pack::db(ctx.repo), &refs, &wants, &args.deepen, ctx.interrupt)?;
         pktline::text(&mut lines, "shallow-info");
@@ -273,6 +267,13 @@ fn fetch_v2<W: Write>(
     } else {
         Shallow::default()
     };
+    if !wanted_refs.is_empty() {
+        pktline::text(&mut lines, "wanted-refs");
+        for (id, name) in &wanted_refs {
+            pktline::text(&mut lines, &format!("{id} {name}"));
+        }
+        pktline::delim(&mut lines);
+    }
     let pack_args = PackArgs {
         wants: &wants,
         common: neg.common(),
@@ -331,6 +332,10 @@ fn fetch_v0<W: Write>(
     if req.deepen.deepens() {
         write_shallow_lines(&mut lines, &shallow);
         pktline::flush(&mut lines);
+    }
+    if req.wants_only {
+        out.write_all(&lines)?;
+        return Ok(Outcome::Acks { common: 0 });
     }
     let mut neg = Negotiator::new(ctx.repo, &req.wants);
     let (mut got_common, mut got_other, mut sent_ready) = (false, false, false);
