@@ -30,7 +30,14 @@ pub struct Config {
     /// Threads compressing one pack; defaults to all cores.
     #[arg(long, env = "PACK_THREADS")]
     pub pack_threads: Option<usize>,
+    /// zlib level (0–9) for objects a pack cannot copy from disk and compresses anew (for
+    /// example the full objects of a `--depth=1` pack). Lower is faster, higher is smaller.
+    #[arg(long, env = "PACK_COMPRESSION_LEVEL", default_value_t = DEFAULT_COMPRESSION_LEVEL)]
+    pub pack_compression_level: u32,
 }
+
+/// See `PACK_COMPRESSION_LEVEL`; the README gives the measurements behind it.
+pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +48,9 @@ pub enum Error {
         /// The value given.
         value: String,
     },
+    /// The zlib level is out of range.
+    #[error("PACK_COMPRESSION_LEVEL must be 0 to 9, not {0}")]
+    CompressionLevel(u32),
     /// A count that must be positive is zero.
     #[error("{key} must be at least 1")]
     Zero {
@@ -63,6 +73,14 @@ impl Config {
         parsed.ok_or_else(|| Error::ListenAddr {
             value: self.listen_addr.clone(),
         })
+    }
+
+    /// The zlib level for re-compressed objects.
+    pub fn compression(&self) -> Result<gix::zlib::Compression, Error> {
+        i32::try_from(self.pack_compression_level)
+            .ok()
+            .and_then(gix::zlib::Compression::new)
+            .ok_or(Error::CompressionLevel(self.pack_compression_level))
     }
 
     /// Check every setting; call before binding.
@@ -91,6 +109,7 @@ impl Config {
             max_request_body: ByteSize::gib(1),
             max_concurrent_packs: None,
             pack_threads: None,
+            pack_compression_level: DEFAULT_COMPRESSION_LEVEL,
         }
     }
 }
@@ -128,5 +147,11 @@ mod tests {
         let mut c = Config::new("/m");
         c.pack_threads = Some(0);
         assert!(c.validate().is_err());
+        let mut c = Config::new("/m");
+        c.pack_compression_level = 10;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "PACK_COMPRESSION_LEVEL must be 0 to 9, not 10"
+        );
     }
 }

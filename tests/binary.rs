@@ -38,7 +38,13 @@ fn the_binary_serves_a_clone() {
         .map_while(Result::ok)
         .find_map(|l| {
             l.contains("listening")
-                .then(|| l.split("addr=").nth(1)?.split_whitespace().next().map(str::to_owned))
+                .then(|| {
+                    l.split("addr=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()
+                        .map(str::to_owned)
+                })
                 .flatten()
         })
         .expect("the server logs its address");

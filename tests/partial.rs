@@ -22,7 +22,10 @@ fn served() -> Served {
     let served = dir.path().join("basic.git");
     build_fixture("basic", &served);
     git(&served, &["config", "uploadpack.allowFilter", "true"]);
-    git(&served, &["config", "uploadpack.allowAnySHA1InWant", "true"]);
+    git(
+        &served,
+        &["config", "uploadpack.allowAnySHA1InWant", "true"],
+    );
     let url = server.link("basic", &served);
     let direct = format!("file://{}", served.display());
     Served {
@@ -36,15 +39,25 @@ fn served() -> Served {
 
 /// Every object present in a repository.
 fn present(git_dir: &Path) -> String {
-    git(git_dir, &["cat-file", "--batch-all-objects", "--batch-check=%(objectname) %(objecttype)"])
+    git(
+        git_dir,
+        &[
+            "cat-file",
+            "--batch-all-objects",
+            "--batch-check=%(objectname) %(objecttype)",
+        ],
+    )
 }
 
 /// Objects of a repository's refs that are missing locally (the promised ones).
 fn missing(git_dir: &Path) -> usize {
-    git(git_dir, &["rev-list", "--objects", "--all", "--missing=print"])
-        .lines()
-        .filter(|l| l.starts_with('?'))
-        .count()
+    git(
+        git_dir,
+        &["rev-list", "--objects", "--all", "--missing=print"],
+    )
+    .lines()
+    .filter(|l| l.starts_with('?'))
+    .count()
 }
 
 fn clone_both(s: &Served, work: &Path, version: &str, flags: &[&str]) -> (PathBuf, PathBuf) {
@@ -94,13 +107,29 @@ fn blobless_clone_then_lazy_fetches_on_checkout() {
         let work = tempfile::tempdir().unwrap();
         let p = proto(v);
         // The lazy fetches inherit protocol.version from the repository's configuration.
-        git(work.path(), &args(&["clone", "-q", "--no-checkout", "--filter=blob:none", &s.url, "c"], &p));
+        git(
+            work.path(),
+            &args(
+                &[
+                    "clone",
+                    "-q",
+                    "--no-checkout",
+                    "--filter=blob:none",
+                    &s.url,
+                    "c",
+                ],
+                &p,
+            ),
+        );
         let c = work.path().join("c");
         git(&c, &["config", "protocol.version", v]);
         let before = missing(&c.join(".git"));
         assert!(before > 0, "v{v}: blobs are left out");
         git(&c, &["checkout", "-q", "main"]);
-        assert!(missing(&c.join(".git")) < before, "v{v}: checkout fetched blobs by id");
+        assert!(
+            missing(&c.join(".git")) < before,
+            "v{v}: checkout fetched blobs by id"
+        );
         git(&c, &["log", "-p", "-3", "--", "src"]);
         assert_fsck(&c.join(".git"));
         assert_eq!(
@@ -108,7 +137,10 @@ fn blobless_clone_then_lazy_fetches_on_checkout() {
             git(&s.served, &["rev-parse", "main^{tree}"])
         );
         // A tree-less clone: trees are fetched lazily too.
-        git(work.path(), &args(&["clone", "-q", "--filter=tree:0", &s.url, "t"], &p));
+        git(
+            work.path(),
+            &args(&["clone", "-q", "--filter=tree:0", &s.url, "t"], &p),
+        );
         let t = work.path().join("t");
         git(&t, &["config", "protocol.version", v]);
         git(&t, &["log", "-q", "--stat", "-2"]);
@@ -123,11 +155,28 @@ fn wanted_objects_are_sent_even_when_filtered() {
     let blob = blob.trim();
     for v in PROTOCOLS {
         let work = tempfile::tempdir().unwrap();
-        git(work.path(), &args(&["clone", "-q", "--bare", "--filter=blob:none", &s.url, "c"], &proto(v)));
+        git(
+            work.path(),
+            &args(
+                &["clone", "-q", "--bare", "--filter=blob:none", &s.url, "c"],
+                &proto(v),
+            ),
+        );
         let c = work.path().join("c");
-        assert!(git_output(&c, &["cat-file", "-e", blob], &[("GIT_NO_LAZY_FETCH", "1")]).status.code() != Some(0));
+        assert!(
+            git_output(&c, &["cat-file", "-e", blob], &[("GIT_NO_LAZY_FETCH", "1")])
+                .status
+                .code()
+                != Some(0)
+        );
         // The explicit fetch of one blob still carries the promisor filter.
-        git(&c, &args(&["fetch", "-q", "--filter=blob:none", "origin", blob], &proto(v)));
+        git(
+            &c,
+            &args(
+                &["fetch", "-q", "--filter=blob:none", "origin", blob],
+                &proto(v),
+            ),
+        );
         git(&c, &["cat-file", "-e", blob]);
         assert_fsck(&c);
     }
@@ -140,11 +189,17 @@ fn unsupported_filters_are_refused_with_a_clear_message() {
         let work = tempfile::tempdir().unwrap();
         let out = git_output(
             work.path(),
-            &args(&["clone", "--filter=sparse:oid=main:.sparse", &s.url, "c"], &proto(v)),
+            &args(
+                &["clone", "--filter=sparse:oid=main:.sparse", &s.url, "c"],
+                &proto(v),
+            ),
             &[],
         );
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("filter 'sparse:oid=main:.sparse' is not supported"), "v{v}: {stderr}");
+        assert!(
+            stderr.contains("filter 'sparse:oid=main:.sparse' is not supported"),
+            "v{v}: {stderr}"
+        );
     }
 }

@@ -159,7 +159,8 @@ fn a_missing_object_fails_the_plan_before_anything_is_written() {
     let repo = repo::open(&served).unwrap();
     let db = pack::db(&repo);
     let wants = [id(&served, "main")];
-    let result = pack::plan(&db,
+    let result = pack::plan(
+        &db,
         &Selection {
             wants: &wants,
             common: &[],
@@ -199,7 +200,8 @@ fn an_interrupted_plan_stops() {
     let repo = repo::open(&large).unwrap();
     let db = pack::db(&repo);
     let wants = [id(&large, "main")];
-    let result = pack::plan(&db,
+    let result = pack::plan(
+        &db,
         &Selection {
             wants: &wants,
             common: &[],

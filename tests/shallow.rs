@@ -52,10 +52,17 @@ impl Pair {
         for (dir, url) in [(self.ours(), &self.url), (self.theirs(), &self.direct)] {
             let a: Vec<String> = args_
                 .iter()
-                .map(|a| a.replace("{url}", url).replace("{dest}", dir.to_str().unwrap()))
+                .map(|a| {
+                    a.replace("{url}", url)
+                        .replace("{dest}", dir.to_str().unwrap())
+                })
                 .collect();
             let a: Vec<&str> = a.iter().map(String::as_str).collect();
-            let cwd = if args_[0] == "clone" { self.work.path().to_path_buf() } else { dir.clone() };
+            let cwd = if args_[0] == "clone" {
+                self.work.path().to_path_buf()
+            } else {
+                dir.clone()
+            };
             git(&cwd, &args(&a, &p));
         }
     }
@@ -64,7 +71,11 @@ impl Pair {
     fn same(&self, what: &str) {
         let (ours, theirs) = (git_dir(&self.ours()), git_dir(&self.theirs()));
         assert_fsck(&ours);
-        assert_eq!(shallow_file(&ours), shallow_file(&theirs), "{what}: shallow boundary");
+        assert_eq!(
+            shallow_file(&ours),
+            shallow_file(&theirs),
+            "{what}: shallow boundary"
+        );
         assert_eq!(
             refs(&ours).replace(&self.url, "URL"),
             refs(&theirs).replace(&self.direct, "URL"),
@@ -95,7 +106,14 @@ fn shallow_file(git_dir: &Path) -> Vec<String> {
 
 /// Every object in the repository, sorted.
 pub fn objects(git_dir: &Path) -> String {
-    git(git_dir, &["cat-file", "--batch-all-objects", "--batch-check=%(objectname) %(objecttype)"])
+    git(
+        git_dir,
+        &[
+            "cat-file",
+            "--batch-all-objects",
+            "--batch-check=%(objectname) %(objecttype)",
+        ],
+    )
 }
 
 #[test]
@@ -104,9 +122,27 @@ fn depth_one_clone() {
         let pair = Pair::new();
         pair.both(v, &["clone", "-q", "--depth=1", "{url}", "{dest}"]);
         pair.same(&format!("v{v} --depth=1"));
-        assert_eq!(shallow_file(&git_dir(&pair.ours())).len(), 1, "only main's tip is shallow");
+        assert_eq!(
+            shallow_file(&git_dir(&pair.ours())).len(),
+            1,
+            "only main's tip is shallow"
+        );
         let b = pair.work.path().join("bare");
-        git(pair.work.path(), &args(&["clone", "-q", "--bare", "--depth=1", "--no-single-branch", &pair.url, b.to_str().unwrap()], &proto(v)));
+        git(
+            pair.work.path(),
+            &args(
+                &[
+                    "clone",
+                    "-q",
+                    "--bare",
+                    "--depth=1",
+                    "--no-single-branch",
+                    &pair.url,
+                    b.to_str().unwrap(),
+                ],
+                &proto(v),
+            ),
+        );
         assert_fsck(&b);
     }
 }
@@ -115,7 +151,17 @@ fn depth_one_clone() {
 fn deepen_then_unshallow() {
     for v in PROTOCOLS {
         let pair = Pair::new();
-        pair.both(v, &["clone", "-q", "--depth=3", "--no-single-branch", "{url}", "{dest}"]);
+        pair.both(
+            v,
+            &[
+                "clone",
+                "-q",
+                "--depth=3",
+                "--no-single-branch",
+                "{url}",
+                "{dest}",
+            ],
+        );
         pair.same(&format!("v{v} --depth=3 all branches"));
         pair.both(v, &["fetch", "-q", "--deepen=2"]);
         pair.same(&format!("v{v} --deepen=2"));
@@ -132,12 +178,35 @@ fn shallow_since_and_exclude() {
     for v in PROTOCOLS {
         let pair = Pair::new();
         // The fixture's commits are an hour apart from 2023-11-14 22:13 UTC on.
-        pair.both(v, &["clone", "-q", "--shallow-since=1700060000", "{url}", "{dest}"]);
+        pair.both(
+            v,
+            &[
+                "clone",
+                "-q",
+                "--shallow-since=1700060000",
+                "{url}",
+                "{dest}",
+            ],
+        );
         pair.same(&format!("v{v} --shallow-since"));
         let pair = Pair::new();
-        pair.both(v, &["clone", "-q", "--shallow-exclude=v1.0", "--branch", "feature/a", "{url}", "{dest}"]);
+        pair.both(
+            v,
+            &[
+                "clone",
+                "-q",
+                "--shallow-exclude=v1.0",
+                "--branch",
+                "feature/a",
+                "{url}",
+                "{dest}",
+            ],
+        );
         pair.same(&format!("v{v} --shallow-exclude=v1.0"));
-        pair.both(v, &["fetch", "-q", "--shallow-exclude=light-1", "origin", "main"]);
+        pair.both(
+            v,
+            &["fetch", "-q", "--shallow-exclude=light-1", "origin", "main"],
+        );
         pair.same(&format!("v{v} fetch --shallow-exclude"));
     }
 }
@@ -148,7 +217,15 @@ fn shallow_requests_that_cannot_be_served_are_explained() {
     for v in PROTOCOLS {
         let out = git_output(
             pair.work.path(),
-            &args(&["clone", "--shallow-exclude=no-such-ref", &pair.url, &format!("x{v}")], &proto(v)),
+            &args(
+                &[
+                    "clone",
+                    "--shallow-exclude=no-such-ref",
+                    &pair.url,
+                    &format!("x{v}"),
+                ],
+                &proto(v),
+            ),
             &[],
         );
         assert!(!out.status.success());
@@ -156,12 +233,23 @@ fn shallow_requests_that_cannot_be_served_are_explained() {
         assert!(stderr.contains("deepen-not is not a ref"), "v{v}: {stderr}");
         let out = git_output(
             pair.work.path(),
-            &args(&["clone", "--shallow-since=4000000000", &pair.url, &format!("y{v}")], &proto(v)),
+            &args(
+                &[
+                    "clone",
+                    "--shallow-since=4000000000",
+                    &pair.url,
+                    &format!("y{v}"),
+                ],
+                &proto(v),
+            ),
             &[],
         );
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("no commits selected for shallow requests"), "v{v}: {stderr}");
+        assert!(
+            stderr.contains("no commits selected for shallow requests"),
+            "v{v}: {stderr}"
+        );
     }
 }
 
@@ -172,7 +260,10 @@ fn fetch_into_a_shallow_clone_after_upstream_commits() {
         pair.both(v, &["clone", "-q", "--depth=2", "{url}", "{dest}"]);
         // New upstream history on main (through a scratch clone and a push).
         let scratch = pair.work.path().join("scratch");
-        git(pair.work.path(), &["clone", "-q", &pair.direct, scratch.to_str().unwrap()]);
+        git(
+            pair.work.path(),
+            &["clone", "-q", &pair.direct, scratch.to_str().unwrap()],
+        );
         for i in 0..3 {
             std::fs::write(scratch.join(format!("new{i}")), "x").unwrap();
             git(&scratch, &["add", "-A"]);
@@ -216,12 +307,29 @@ fn actions_checkout_fetches_a_sha_at_depth_one() {
             ],
             &[("GIT_TRACE_PACKET", trace.to_str().unwrap())],
         );
-        assert!(out.status.success(), "v{v}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "v{v}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         if v == "2" {
             let trace = std::fs::read_to_string(&trace).unwrap();
-            assert!(!trace.contains("command=ls-refs"), "actions/checkout's fetch skips ls-refs");
+            assert!(
+                !trace.contains("command=ls-refs"),
+                "actions/checkout's fetch skips ls-refs"
+            );
         }
-        git(repo, &["checkout", "-q", "--force", "-B", "feature/b", "refs/remotes/origin/feature/b"]);
+        git(
+            repo,
+            &[
+                "checkout",
+                "-q",
+                "--force",
+                "-B",
+                "feature/b",
+                "refs/remotes/origin/feature/b",
+            ],
+        );
         assert_fsck(&repo.join(".git"));
         assert_eq!(git(repo, &["rev-parse", "HEAD"]).trim(), sha);
         assert_eq!(shallow_file(&repo.join(".git")), vec![sha.to_owned()]);

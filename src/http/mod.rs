@@ -31,14 +31,16 @@ use body::{ChannelWriter, ResponseStream};
 pub struct AppState {
     config: Arc<Config>,
     pack_slots: Arc<Semaphore>,
+    compression: gix::zlib::Compression,
 }
 
 impl AppState {
-    /// State for serving with `config`.
+    /// State for serving with `config`, which must have passed [`Config::validate`].
     pub fn new(config: Config) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let slots = config.max_concurrent_packs.unwrap_or(cores * 2);
         AppState {
+            compression: config.compression().unwrap_or_default(),
             config: Arc::new(config),
             pack_slots: Arc::new(Semaphore::new(slots)),
         }
@@ -250,6 +252,7 @@ async fn upload_pack(
     let (stream, tx) = ResponseStream::new(Arc::clone(&interrupt));
     let options = upload_pack::Options {
         pack_threads: state.config.pack_threads,
+        compression: state.compression,
     };
     let task_span = span.clone();
     tokio::task::spawn_blocking(move || {

@@ -127,11 +127,17 @@ pub fn plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Plan
         p.walk_tree(tree, Mark::Uninteresting, false)?;
     }
     let wanted: HashSet<ObjectId> = tips.iter().copied().collect();
-    let descend = sel.filter.is_none_or(|f| f.descends(0) || f.includes(Kind::Tree, 0, &mut || 0));
+    let descend = sel
+        .filter
+        .is_none_or(|f| f.descends(0) || f.includes(Kind::Tree, 0, &mut || 0));
     for id in &walked.commits {
         let commit = commits.get(*id)?;
         let (location, tree) = (commit.location.clone(), commit.tree);
-        if wanted.contains(id) || sel.filter.is_none_or(|f| f.includes(Kind::Commit, 0, &mut || 0)) {
+        if wanted.contains(id)
+            || sel
+                .filter
+                .is_none_or(|f| f.includes(Kind::Commit, 0, &mut || 0))
+        {
             p.marks.insert(*id, Mark::Sent);
             p.plan.counts.push(Count::from_data(*id, location));
             p.plan.stats.commits += 1;
@@ -177,7 +183,9 @@ impl Planner<'_> {
     /// Count one unit of work and, every so often, check whether the client is still there.
     fn tick(&mut self) -> Result<(), Error> {
         self.work += 1;
-        if self.work.is_multiple_of(INTERRUPT_CHECK_INTERVAL) && self.interrupt.load(Ordering::Relaxed) {
+        if self.work.is_multiple_of(INTERRUPT_CHECK_INTERVAL)
+            && self.interrupt.load(Ordering::Relaxed)
+        {
             Err(Error::Interrupted)
         } else {
             Ok(())
@@ -192,7 +200,12 @@ impl Planner<'_> {
         }
     }
 
-    fn emit(&mut self, id: ObjectId, kind: Kind, location: Option<gix_pack::data::entry::Location>) {
+    fn emit(
+        &mut self,
+        id: ObjectId,
+        kind: Kind,
+        location: Option<gix_pack::data::entry::Location>,
+    ) {
         self.marks.insert(id, Mark::Sent);
         self.plan.counts.push(Count::from_data(id, location));
         self.plan.stats.count(kind);
@@ -200,7 +213,12 @@ impl Planner<'_> {
 
     /// Classify a want: tags are sent and peeled, commits become walk tips, trees are walked,
     /// blobs are sent.
-    fn add_want(&mut self, want: ObjectId, tips: &mut Vec<ObjectId>, trees: &mut Vec<ObjectId>) -> Result<(), Error> {
+    fn add_want(
+        &mut self,
+        want: ObjectId,
+        tips: &mut Vec<ObjectId>,
+        trees: &mut Vec<ObjectId>,
+    ) -> Result<(), Error> {
         let mut id = want;
         loop {
             if self.marks.get(&id) == Some(&Mark::Sent) {
@@ -291,7 +309,14 @@ impl Planner<'_> {
     }
 
     /// Decide about a tree or blob reached at `depth`; returns whether it is now new to the plan.
-    fn take(&mut self, id: ObjectId, kind: Kind, depth: u64, mark: Mark, wanted: bool) -> Result<bool, Error> {
+    fn take(
+        &mut self,
+        id: ObjectId,
+        kind: Kind,
+        depth: u64,
+        mark: Mark,
+        wanted: bool,
+    ) -> Result<bool, Error> {
         if mark == Mark::Uninteresting {
             return Ok(self.marks.insert(id, Mark::Uninteresting).is_none());
         }
@@ -371,7 +396,11 @@ impl Planner<'_> {
                     }
                     continue;
                 }
-                if self.marks.get(&id).is_some_and(|m| *m != Mark::Filtered || !depth_matters) {
+                if self
+                    .marks
+                    .get(&id)
+                    .is_some_and(|m| *m != Mark::Filtered || !depth_matters)
+                {
                     continue;
                 }
                 if self.take(id, Kind::Blob, depth + 1, mark, false)? && mark == Mark::Sent {

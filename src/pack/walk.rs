@@ -178,7 +178,9 @@ pub fn walk(
     let mut result = Vec::new();
     let mut popped = 0usize;
     while w.interesting_queued > 0 {
-        let Some(Entry { id, .. }) = w.queue.pop() else { break };
+        let Some(Entry { id, .. }) = w.queue.pop() else {
+            break;
+        };
         popped += 1;
         if popped.is_multiple_of(INTERRUPT_CHECK_INTERVAL) && interrupt.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);

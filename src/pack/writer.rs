@@ -17,6 +17,9 @@ pub struct WriteOptions {
     pub ofs_delta: bool,
     /// Threads compressing entries; `None` uses every core.
     pub thread_limit: Option<usize>,
+    /// zlib level (0–9) for objects that cannot be copied from a pack and are compressed anew,
+    /// e.g. the delta bases a shallow pack must send whole.
+    pub compression: gix::zlib::Compression,
 }
 
 /// What [`write()`] did.
@@ -48,6 +51,7 @@ pub fn write(
         output::entry::iter_from_counts::Options {
             thread_limit: opts.thread_limit,
             allow_thin_pack: false,
+            compression: opts.compression,
             ..Default::default()
         },
     )

@@ -185,9 +185,19 @@ mod tests {
         assert_eq!(l[4], format!("{} refs/tags/v1\n", oid('b')));
         assert_eq!(l[5], format!("{} refs/tags/v1^{{}}\n", oid('a')));
         assert_eq!(l[6], "Flush");
-        for cap in ["shallow", "deepen-since", "deepen-not", "deepen-relative", "filter", "no-done"] {
-            assert!(l[2].split(['\0', ' ']).any(|c| c == cap), "{cap} is advertised");
-}
+        for cap in [
+            "shallow",
+            "deepen-since",
+            "deepen-not",
+            "deepen-relative",
+            "filter",
+            "no-done",
+        ] {
+            assert!(
+                l[2].split(['\0', ' ']).any(|c| c == cap),
+                "{cap} is advertised"
+            );
+        }
     }
 
     #[test]

@@ -54,7 +54,11 @@ impl Filter {
         if let Some(list) = spec.strip_prefix("combine:") {
             let subs = list
                 .split('+')
-                .map(|sub| percent_decode(sub).ok_or_else(invalid).and_then(|s| Filter::parse(&s)))
+                .map(|sub| {
+                    percent_decode(sub)
+                        .ok_or_else(invalid)
+                        .and_then(|s| Filter::parse(&s))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             return Ok(Filter::Combine(subs));
         }
@@ -143,27 +147,56 @@ mod tests {
     fn parses_every_supported_form() {
         assert_eq!(Filter::parse("blob:none"), Ok(Filter::BlobNone));
         assert_eq!(Filter::parse("blob:limit=0"), Ok(Filter::BlobLimit(0)));
-        assert_eq!(Filter::parse("blob:limit=10k"), Ok(Filter::BlobLimit(10 * 1024)));
-        assert_eq!(Filter::parse("blob:limit=2M"), Ok(Filter::BlobLimit(2 << 20)));
-        assert_eq!(Filter::parse("blob:limit=1g"), Ok(Filter::BlobLimit(1 << 30)));
+        assert_eq!(
+            Filter::parse("blob:limit=10k"),
+            Ok(Filter::BlobLimit(10 * 1024))
+        );
+        assert_eq!(
+            Filter::parse("blob:limit=2M"),
+            Ok(Filter::BlobLimit(2 << 20))
+        );
+        assert_eq!(
+            Filter::parse("blob:limit=1g"),
+            Ok(Filter::BlobLimit(1 << 30))
+        );
         assert_eq!(Filter::parse("tree:0"), Ok(Filter::TreeDepth(0)));
-        assert_eq!(Filter::parse("object:type=tag"), Ok(Filter::ObjectType(Kind::Tag)));
+        assert_eq!(
+            Filter::parse("object:type=tag"),
+            Ok(Filter::ObjectType(Kind::Tag))
+        );
         assert_eq!(
             Filter::parse("combine:blob:none+tree:3"),
-            Ok(Filter::Combine(vec![Filter::BlobNone, Filter::TreeDepth(3)]))
+            Ok(Filter::Combine(vec![
+                Filter::BlobNone,
+                Filter::TreeDepth(3)
+            ]))
         );
         assert_eq!(
             Filter::parse("combine:blob%3Alimit%3D5+object%3Atype%3Dblob"),
-            Ok(Filter::Combine(vec![Filter::BlobLimit(5), Filter::ObjectType(Kind::Blob)]))
+            Ok(Filter::Combine(vec![
+                Filter::BlobLimit(5),
+                Filter::ObjectType(Kind::Blob)
+            ]))
         );
     }
 
     #[test]
     fn rejects_invalid_and_unsupported_specs() {
-        for bad in ["", "blob:some", "blob:limit=", "blob:limit=5x", "tree:-1", "object:type=note", "combine:blob:none+%zz"] {
+        for bad in [
+            "",
+            "blob:some",
+            "blob:limit=",
+            "blob:limit=5x",
+            "tree:-1",
+            "object:type=note",
+            "combine:blob:none+%zz",
+        ] {
             assert_eq!(Filter::parse(bad), Err(Error::Invalid(bad.into())), "{bad}");
         }
-        assert!(matches!(Filter::parse("sparse:oid=main:.sparse"), Err(Error::Unsupported(_))));
+        assert!(matches!(
+            Filter::parse("sparse:oid=main:.sparse"),
+            Err(Error::Unsupported(_))
+        ));
         assert_eq!(
             Filter::parse("sparse:oid=x").unwrap_err().to_string(),
             "filter 'sparse:oid=x' is not supported by this server"

@@ -106,7 +106,9 @@ impl Deepen {
                 .ok()
                 .and_then(|s| s.parse::<i64>().ok())
                 .filter(|t| *t > 0)
-                .ok_or_else(|| ParseError::Protocol(format!("Invalid deepen-since: {}", lossy(line))))?;
+                .ok_or_else(|| {
+                    ParseError::Protocol(format!("Invalid deepen-since: {}", lossy(line)))
+                })?;
             self.since = Some(since);
         } else if let Some(rest) = line.strip_prefix(b"deepen-not ") {
             self.not.push(rest.into());

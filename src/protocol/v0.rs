@@ -108,8 +108,10 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
                     "git upload-pack: filtering capability not negotiated".into(),
                 ));
             }
-            let spec = std::str::from_utf8(spec).map_err(|_| ParseError::Protocol("invalid filter-spec".into()))?;
-            req.filter = Some(Filter::parse(spec).map_err(|e| ParseError::Protocol(e.to_string()))?);
+            let spec = std::str::from_utf8(spec)
+                .map_err(|_| ParseError::Protocol("invalid filter-spec".into()))?;
+            req.filter =
+                Some(Filter::parse(spec).map_err(|e| ParseError::Protocol(e.to_string()))?);
         } else {
             return Err(ParseError::Protocol(format!(
                 "protocol error: expected want list, got '{}'",
@@ -248,7 +250,9 @@ mod tests {
     #[test]
     fn parses_shallow_and_filter_lines() {
         let b = body(&[
-            Some(&format!("want {A} multi_ack_detailed side-band-64k filter deepen-relative")),
+            Some(&format!(
+                "want {A} multi_ack_detailed side-band-64k filter deepen-relative"
+            )),
             Some(&format!("shallow {B}")),
             Some("deepen 3"),
             Some("filter blob:limit=1k"),
@@ -264,13 +268,34 @@ mod tests {
         assert!(parse(&first).unwrap().unwrap().wants_only);
 
         let no_cap = body(&[Some(&format!("want {A}")), Some("filter blob:none"), None]);
-        assert!(parse(&no_cap).unwrap_err().to_string().contains("filtering capability not negotiated"));
-        let bad = body(&[Some(&format!("want {A} filter")), Some("filter blob:maybe"), None]);
-        assert_eq!(parse(&bad).unwrap_err().to_string(), "invalid filter-spec 'blob:maybe'");
-        let both = body(&[Some(&format!("want {A}")), Some("deepen 1"), Some("deepen-since 1000"), None]);
-        assert!(parse(&both).unwrap_err().to_string().contains("cannot be used together"));
+        assert!(parse(&no_cap)
+            .unwrap_err()
+            .to_string()
+            .contains("filtering capability not negotiated"));
+        let bad = body(&[
+            Some(&format!("want {A} filter")),
+            Some("filter blob:maybe"),
+            None,
+        ]);
+        assert_eq!(
+            parse(&bad).unwrap_err().to_string(),
+            "invalid filter-spec 'blob:maybe'"
+        );
+        let both = body(&[
+            Some(&format!("want {A}")),
+            Some("deepen 1"),
+            Some("deepen-since 1000"),
+            None,
+        ]);
+        assert!(parse(&both)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot be used together"));
         let zero = body(&[Some(&format!("want {A}")), Some("deepen 0"), None]);
-        assert_eq!(parse(&zero).unwrap_err().to_string(), "Invalid deepen: deepen 0");
+        assert_eq!(
+            parse(&zero).unwrap_err().to_string(),
+            "Invalid deepen: deepen 0"
+        );
     }
 
     #[test]

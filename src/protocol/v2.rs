@@ -192,11 +192,14 @@ fn parse_fetch(args: &[&[u8]]) -> Result<Fetch, ParseError> {
                     out.want_refs.push(name.into());
                 } else if let Some(spec) = other.strip_prefix(b"filter ") {
                     if out.filter.is_some() {
-                        return Err(ParseError::Protocol("multiple filter-specs cannot be combined".into()));
+                        return Err(ParseError::Protocol(
+                            "multiple filter-specs cannot be combined".into(),
+                        ));
                     }
                     let spec = std::str::from_utf8(spec)
                         .map_err(|_| ParseError::Protocol("invalid filter-spec".into()))?;
-                    out.filter = Some(Filter::parse(spec).map_err(|e| ParseError::Protocol(e.to_string()))?);
+                    out.filter =
+                        Some(Filter::parse(spec).map_err(|e| ParseError::Protocol(e.to_string()))?);
                 } else if out.deepen.parse_line(other)? {
                 } else {
                     return Err(ParseError::Protocol(format!(
@@ -309,14 +312,32 @@ mod tests {
                 "done",
             ],
         );
-        let Command::Fetch(f) = parse(&body).unwrap().unwrap().command else { panic!("not fetch") };
+        let Command::Fetch(f) = parse(&body).unwrap().unwrap().command else {
+            panic!("not fetch")
+        };
         assert_eq!(f.want_refs, vec![BString::from("refs/heads/main")]);
         assert_eq!(f.deepen.depth, Some(1));
         assert!(f.deepen.relative && f.deepen.deepens());
         assert_eq!(f.deepen.shallows.len(), 1);
-        assert_eq!(f.filter, Some(Filter::Combine(vec![Filter::BlobNone, Filter::TreeDepth(2)])));
-        let since = request("fetch", &[], &[&format!("want {A}"), "deepen-since 1700000000", "deepen-not refs/tags/v1"]);
-        let Command::Fetch(f) = parse(&since).unwrap().unwrap().command else { panic!("not fetch") };
+        assert_eq!(
+            f.filter,
+            Some(Filter::Combine(vec![
+                Filter::BlobNone,
+                Filter::TreeDepth(2)
+            ]))
+        );
+        let since = request(
+            "fetch",
+            &[],
+            &[
+                &format!("want {A}"),
+                "deepen-since 1700000000",
+                "deepen-not refs/tags/v1",
+            ],
+        );
+        let Command::Fetch(f) = parse(&since).unwrap().unwrap().command else {
+            panic!("not fetch")
+        };
         assert_eq!(f.deepen.since, Some(1_700_000_000));
         assert_eq!(f.deepen.not, vec![BString::from("refs/tags/v1")]);
     }
@@ -337,7 +358,10 @@ mod tests {
         let e = parse(&request("fetch", &[], &["deepen-everything"])).unwrap_err();
         assert_eq!(e.to_string(), "unexpected line: 'deepen-everything'");
         let e = parse(&request("fetch", &[], &["filter sparse:oid=abc"])).unwrap_err();
-        assert_eq!(e.to_string(), "filter 'sparse:oid=abc' is not supported by this server");
+        assert_eq!(
+            e.to_string(),
+            "filter 'sparse:oid=abc' is not supported by this server"
+        );
         let e = parse(&request("fetch", &["object-format=sha256"], &[])).unwrap_err();
         assert!(e.to_string().contains("sha256"));
         let e = parse(&request("fetch", &[], &["want nothex"])).unwrap_err();

@@ -126,6 +126,8 @@ pub enum Outcome {
 pub struct Options {
     /// Threads compressing pack entries per request; `None` for all cores.
     pub pack_threads: Option<usize>,
+    /// zlib level for objects compressed anew.
+    pub compression: gix::zlib::Compression,
 }
 
 /// One request's access to the repository and its cancellation flag.
@@ -218,7 +220,11 @@ fn fetch_v2<W: Write>(
     }
     // Refs are only read when the request needs them.
     let needs_refs = !args.want_refs.is_empty() || args.include_tag || !args.deepen.not.is_empty();
-    let refs = if needs_refs { repo::list_refs(ctx.repo)? } else { Refs::default() };
+    let refs = if needs_refs {
+        repo::list_refs(ctx.repo)?
+    } else {
+        Refs::default()
+    };
     let mut wants = args.wants.clone();
     let mut wanted_refs = Vec::new();
     for name in &args.want_refs {
@@ -259,7 +265,13 @@ fn fetch_v2<W: Write>(
     }
     // Section order per gitprotocol-v2 (and git's fetch-pack): shallow-info, wanted-refs.
     let shallow = if args.deepen.is_active() {
-        let shallow = shallow::compute(&pack::db(ctx.repo), &refs, &wants, &args.deepen, ctx.interrupt)?;
+        let shallow = shallow::compute(
+            &pack::db(ctx.repo),
+            &refs,
+            &wants,
+            &args.deepen,
+            ctx.interrupt,
+        )?;
         pktline::text(&mut lines, "shallow-info");
         write_shallow_lines(&mut lines, &shallow);
         pktline::delim(&mut lines);
@@ -325,7 +337,13 @@ fn fetch_v0<W: Write>(
     // Over stateless HTTP every round repeats the shallow request, and git's fetch-pack
     // expects the shallow list again before the acknowledgements of each round.
     let shallow = if req.deepen.is_active() {
-        shallow::compute(&pack::db(ctx.repo), &refs, &req.wants, &req.deepen, ctx.interrupt)?
+        shallow::compute(
+            &pack::db(ctx.repo),
+            &refs,
+            &req.wants,
+            &req.deepen,
+            ctx.interrupt,
+        )?
     } else {
         Shallow::default()
     };
@@ -377,7 +395,11 @@ fn fetch_v0<W: Write>(
             None => pktline::text(&mut lines, "NAK"),
         }
     } else {
-        if caps.multi_ack == MultiAck::Detailed && got_common && !got_other && neg.ok_to_give_up()? {
+        if caps.multi_ack == MultiAck::Detailed
+            && got_common
+            && !got_other
+            && neg.ok_to_give_up()?
+        {
             sent_ready = true;
             if let Some(last) = last {
                 pktline::text(&mut lines, &format!("ACK {last} ready"));
@@ -455,7 +477,8 @@ fn check_reachable_wants(ctx: &Context<'_>, refs: &Refs, wants: &[ObjectId]) -> 
             },
             ctx.interrupt,
         )?;
-        let reachable: gix::hashtable::HashSet<ObjectId> = all.counts.iter().map(|c| c.id).collect();
+        let reachable: gix::hashtable::HashSet<ObjectId> =
+            all.counts.iter().map(|c| c.id).collect();
         if let Some(id) = other_wants.iter().find(|w| !reachable.contains(*w)) {
             return Err(Error::NotOurRef(*id));
         }
@@ -487,8 +510,18 @@ fn send_pack<W: Write>(
     out: &mut Response<W>,
 ) -> Result<Outcome, Error> {
     let db = pack::db(ctx.repo);
-    let wants: Vec<ObjectId> = args.wants.iter().chain(&args.shallow.extra_wants).copied().collect();
-    let common: Vec<ObjectId> = args.common.iter().chain(&args.shallow.extra_haves).copied().collect();
+    let wants: Vec<ObjectId> = args
+        .wants
+        .iter()
+        .chain(&args.shallow.extra_wants)
+        .copied()
+        .collect();
+    let common: Vec<ObjectId> = args
+        .common
+        .iter()
+        .chain(&args.shallow.extra_haves)
+        .copied()
+        .collect();
     let selection = pack::Selection {
         wants: &wants,
         common: &common,
@@ -533,6 +566,7 @@ fn send_pack<W: Write>(
     let opts = pack::WriteOptions {
         ofs_delta: args.ofs_delta,
         thread_limit: ctx.options.pack_threads,
+        compression: ctx.options.compression,
     };
     let written = match pack::write(db, plan, &mut sb, opts, ctx.interrupt) {
         Ok(w) => w,

@@ -47,7 +47,10 @@ pub fn compute(
     let mut client = Vec::new();
     let mut client_set = HashSet::default();
     for id in &deepen.shallows {
-        match db.try_header(id).map_err(Error::git("reading a shallow commit"))? {
+        match db
+            .try_header(id)
+            .map_err(Error::git("reading a shallow commit"))?
+        {
             None => continue,
             Some(h) if h.kind != Kind::Commit => {
                 return Err(Error::Protocol(format!("invalid shallow object {id}")));
@@ -77,7 +80,13 @@ pub fn compute(
                 let id = expand_ref(refs, name.as_ref())?;
                 hidden.extend(peel_all(&mut commits, &[id])?);
             }
-            by_rev_list(&mut commits, &want_commits, &hidden, deepen.since, interrupt)?
+            by_rev_list(
+                &mut commits,
+                &want_commits,
+                &hidden,
+                deepen.since,
+                interrupt,
+            )?
         }
     };
 
@@ -91,7 +100,8 @@ pub fn compute(
         if not_shallow.contains(id) {
             out.unshallow.push(*id);
             out.extra_haves.push(*id);
-            out.extra_wants.extend(commits.get(*id)?.parents.iter().copied());
+            out.extra_wants
+                .extend(commits.get(*id)?.parents.iter().copied());
         }
     }
     out.grafts = out.shallow.iter().chain(client.iter()).copied().collect();
@@ -172,12 +182,19 @@ fn by_rev_list(
 ) -> Result<(Vec<ObjectId>, HashSet<ObjectId>), Error> {
     let walked = walk::walk(commits, wants, hidden, since, interrupt)?;
     if walked.commits.is_empty() {
-        return Err(Error::Protocol("no commits selected for shallow requests".into()));
+        return Err(Error::Protocol(
+            "no commits selected for shallow requests".into(),
+        ));
     }
     let mut not_shallow: HashSet<ObjectId> = walked.commits.iter().copied().collect();
     let mut border = Vec::new();
     for id in &walked.commits {
-        if commits.get(*id)?.parents.iter().any(|p| !not_shallow.contains(p)) {
+        if commits
+            .get(*id)?
+            .parents
+            .iter()
+            .any(|p| !not_shallow.contains(p))
+        {
             border.push(*id);
         }
     }
@@ -196,7 +213,9 @@ fn expand_ref(refs: &Refs, name: &BStr) -> Result<ObjectId, Error> {
         [b"refs/tags/".as_slice(), name].concat().into(),
         [b"refs/heads/".as_slice(), name].concat().into(),
         [b"refs/remotes/".as_slice(), name].concat().into(),
-        [b"refs/remotes/".as_slice(), name, b"/HEAD"].concat().into(),
+        [b"refs/remotes/".as_slice(), name, b"/HEAD"]
+            .concat()
+            .into(),
     ];
     let mut found: Vec<ObjectId> = Vec::new();
     let mut names: Vec<&BStr> = Vec::new();
@@ -210,7 +229,11 @@ fn expand_ref(refs: &Refs, name: &BStr) -> Result<ObjectId, Error> {
     }
     match found.as_slice() {
         [id] => Ok(*id),
-        [] => Err(Error::Protocol(format!("git upload-pack: deepen-not is not a ref: deepen-not {name}"))),
-        _ => Err(Error::Protocol(format!("git upload-pack: ambiguous deepen-not: deepen-not {name}"))),
+        [] => Err(Error::Protocol(format!(
+            "git upload-pack: deepen-not is not a ref: deepen-not {name}"
+        ))),
+        _ => Err(Error::Protocol(format!(
+            "git upload-pack: ambiguous deepen-not: deepen-not {name}"
+        ))),
     }
 }

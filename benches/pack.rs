@@ -1,0 +1,247 @@
+//! Phase benchmarks of pack generation: request parsing, object planning and pack writing.
+//!
+//! The `basic` and `large` fixtures are built once into a temporary directory with
+//! `fixtures/make-fixture.py`. Run with `cargo bench --bench pack`.
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use gix::ObjectId;
+use smart_git_proxy::pack::{self, Plan, Selection, WriteOptions};
+use smart_git_proxy::protocol::{pktline, v0};
+use smart_git_proxy::repo;
+
+/// A fixture built for this process; the temporary directory lives as long as it does.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+fn build_fixture(name: &str) -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir for fixtures");
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).expect("temp HOME");
+    let path = dir.path().join(format!("{name}.git"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/make-fixture.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(name)
+        .arg(&path)
+        .env("HOME", &home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("LC_ALL", "C")
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "fixture {name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Fixture { _dir: dir, path }
+}
+
+/// The targets of all refs, deduplicated: what a full clone wants.
+fn all_tips(repo: &gix::Repository) -> Vec<ObjectId> {
+    let mut tips: Vec<ObjectId> = repo::list_refs(repo)
+        .expect("list refs")
+        .refs
+        .into_iter()
+        .map(|r| r.target)
+        .collect();
+    tips.sort_unstable();
+    tips.dedup();
+    tips
+}
+
+/// `rev~n`, following first parents.
+fn nth_first_parent(repo: &gix::Repository, rev: &str, n: usize) -> ObjectId {
+    let mut id = repo
+        .find_reference(rev)
+        .expect("ref exists")
+        .peel_to_id()
+        .expect("ref peels")
+        .detach();
+    for _ in 0..n {
+        let commit = repo.find_commit(id).expect("commit");
+        id = commit.parent_ids().next().expect("has a parent").detach();
+    }
+    id
+}
+
+/// A stateless v0 request body: one want with a typical capability list, `haves` have lines
+/// (synthetic ids), then `done`.
+fn v0_request(haves: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    pktline::text(
+        &mut out,
+        "want 1111111111111111111111111111111111111111 multi_ack_detailed no-done side-band-64k \
+         thin-pack ofs-delta include-tag agent=git/2.47.3",
+    );
+    pktline::flush(&mut out);
+    for i in 0..haves as u64 {
+        let hex = format!(
+            "{:016x}{:016x}{:08x}",
+            i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            !i,
+            i as u32
+        );
+        pktline::text(&mut out, &format!("have {hex}"));
+    }
+    pktline::text(&mut out, "done");
+    out
+}
+
+fn plan_for(db: &pack::Db, wants: &[ObjectId], common: &[ObjectId]) -> Plan {
+    let sel = Selection {
+        wants,
+        common,
+        ..Default::default()
+    };
+    pack::plan(db, &sel, &AtomicBool::new(false)).expect("plan")
+}
+
+fn clone_plan(plan: &Plan) -> Plan {
+    Plan {
+        counts: plan.counts.clone(),
+        stats: plan.stats,
+    }
+}
+
+fn write_opts() -> WriteOptions {
+    WriteOptions {
+        ofs_delta: true,
+        ..Default::default()
+    }
+}
+
+fn bench_parse(c: &mut Criterion) {
+    let body = v0_request(10_000);
+    let mut g = c.benchmark_group("parse");
+    g.sample_size(20)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500));
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("v0/10k-haves", |b| {
+        b.iter(|| {
+            let req = v0::parse(black_box(&body))
+                .expect("parses")
+                .expect("has wants");
+            assert_eq!(req.haves.len(), 10_000);
+            req
+        })
+    });
+    g.finish();
+}
+
+/// An open fixture and its full-clone plan. Plans hold pack locations that are only valid for
+/// the database handle that made them, so planning and writing share one handle.
+struct Opened {
+    name: &'static str,
+    repo: gix::Repository,
+    db: pack::Db,
+    wants: Vec<ObjectId>,
+    full: Plan,
+}
+
+fn bench_pack(c: &mut Criterion) {
+    let fixtures = [
+        ("basic", build_fixture("basic")),
+        ("large", build_fixture("large")),
+    ];
+    let opened: Vec<Opened> = fixtures
+        .iter()
+        .map(|(name, fixture)| {
+            let repo = repo::open(&fixture.path).expect("open fixture");
+            let db = pack::db(&repo);
+            let wants = all_tips(&repo);
+            let full = plan_for(&db, &wants, &[]);
+            eprintln!(
+                "{name}: full clone plan: {} objects ({} commits, {} trees, {} blobs, {} tags)",
+                full.stats.total(),
+                full.stats.commits,
+                full.stats.trees,
+                full.stats.blobs,
+                full.stats.tags
+            );
+            Opened {
+                name,
+                repo,
+                db,
+                wants,
+                full,
+            }
+        })
+        .collect();
+    let interrupt = AtomicBool::new(false);
+
+    let mut g = c.benchmark_group("plan");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_millis(500));
+    for o in &opened {
+        g.throughput(Throughput::Elements(o.full.stats.total() as u64));
+        g.bench_function(format!("{}/full", o.name), |b| {
+            b.iter(|| plan_for(&o.db, black_box(&o.wants), &[]))
+        });
+        if o.name == "large" {
+            let main = nth_first_parent(&o.repo, "refs/heads/main", 0);
+            let base = nth_first_parent(&o.repo, "refs/heads/main", 50);
+            let incr = plan_for(&o.db, &[main], &[base]);
+            eprintln!(
+                "{}: main~50..main plan: {} objects",
+                o.name,
+                incr.stats.total()
+            );
+            g.throughput(Throughput::Elements(incr.stats.total() as u64));
+            g.bench_function(format!("{}/incremental-50", o.name), |b| {
+                b.iter(|| plan_for(&o.db, black_box(&[main]), black_box(&[base])))
+            });
+        }
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("write");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_millis(500));
+    for o in &opened {
+        let stats = pack::write(
+            o.db.clone(),
+            clone_plan(&o.full),
+            std::io::sink(),
+            write_opts(),
+            &interrupt,
+        )
+        .expect("write");
+        eprintln!(
+            "{}: full pack: {} objects, {} deltas, {} bytes",
+            o.name, stats.objects, stats.deltas, stats.bytes
+        );
+        g.throughput(Throughput::Bytes(stats.bytes));
+        g.bench_function(format!("{}/full", o.name), |b| {
+            b.iter_batched(
+                || clone_plan(&o.full),
+                |plan| {
+                    pack::write(
+                        o.db.clone(),
+                        plan,
+                        std::io::sink(),
+                        write_opts(),
+                        &interrupt,
+                    )
+                    .expect("write")
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_parse, bench_pack);
+criterion_main!(benches);
