@@ -96,6 +96,7 @@ impl Config {
                 key: "PACK_THREADS",
             });
         }
+        self.compression()?;
         Ok(())
     }
 
