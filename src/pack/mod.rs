@@ -26,8 +26,14 @@ pub fn db(repo: &gix::Repository) -> Db {
     let mut db = repo.objects.clone().into_inner();
     db.prevent_pack_unload();
     db.unset_object_cache();
+    // Trees are mostly deltas against each other: a hashed delta-base cache saves most of the
+    // inflating, where gix's default small LRU is scanned linearly on every lookup.
+    db.set_pack_cache(|| Box::new(gix_pack::cache::lru::MemoryCappedHashmap::new(DELTA_BASE_CACHE_BYTES)));
     db
 }
+
+/// Per thread of pack work (each thread's handle has its own cache).
+const DELTA_BASE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// Errors of pack planning and writing.
 #[derive(Debug, thiserror::Error)]
