@@ -529,6 +529,7 @@ fn send_pack<W: Write>(
         shallow: &args.shallow.grafts,
         filter: args.filter,
     };
+    let started = std::time::Instant::now();
     let plan = match pack::plan(&db, &selection, ctx.interrupt) {
         Ok(plan) => plan,
         Err(e) => {
@@ -568,6 +569,7 @@ fn send_pack<W: Write>(
         thread_limit: ctx.options.pack_threads,
         compression: ctx.options.compression,
     };
+    let planned = started.elapsed();
     let written = match pack::write(db, plan, &mut sb, opts, ctx.interrupt) {
         Ok(w) => w,
         Err(e) => {
@@ -584,6 +586,7 @@ fn send_pack<W: Write>(
         ))?;
     }
     sb.finish()?;
+    tracing::debug!(?planned, written = ?started.elapsed() - planned, objects = written.objects, "pack sent");
     Ok(Outcome::Pack {
         objects: written.objects,
         bytes: written.bytes,
