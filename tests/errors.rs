@@ -382,6 +382,49 @@ fn protocol_errors_are_err_packets() {
 }
 
 #[test]
+fn want_ref_is_answered_in_wanted_refs_or_refused() {
+    let server = Server::start();
+    server.serve_fixture("basic");
+    let main = git(&fixture("basic"), &["rev-parse", "refs/heads/main"]);
+    let r = request(
+        server.addr,
+        "POST",
+        UPLOAD_PACK,
+        &[V2],
+        &pkt(&[
+            "command=fetch",
+            "0001",
+            "want-ref refs/heads/main",
+            "no-progress",
+            "done",
+            "0000",
+        ]),
+    );
+    let text = r.text();
+    let wanted = text.find("wanted-refs\n").expect("wanted-refs section");
+    assert!(text[wanted..].contains(&format!("{} refs/heads/main\n", main.trim())));
+    assert!(wanted < text.find("packfile\n").expect("packfile section"));
+    let r = request(
+        server.addr,
+        "POST",
+        UPLOAD_PACK,
+        &[V2],
+        &pkt(&[
+            "command=fetch",
+            "0001",
+            "want-ref refs/heads/nope",
+            "done",
+            "0000",
+        ]),
+    );
+    assert!(
+        r.text().contains("ERR unknown ref refs/heads/nope"),
+        "{}",
+        r.text()
+    );
+}
+
+#[test]
 fn want_semantics_differ_between_v2_and_v0() {
     let server = Server::start();
     let dir = tempfile::tempdir().unwrap();

@@ -237,3 +237,56 @@ fn fetch_with_and_without_tags() {
         assert_fsck(&c.join(".git"));
     }
 }
+
+#[test]
+fn v2_clients_fetch_named_refs_with_want_ref() {
+    let (_server, _dir, served, url) = writable_basic();
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["init", "-q", "c"]);
+    let c = work.path().join("c");
+    let trace = work.path().join("trace");
+    let out = git_output(
+        &c,
+        &[
+            "-c",
+            "protocol.version=2",
+            "fetch",
+            &url,
+            "refs/heads/feature/a:refs/remotes/x/a",
+        ],
+        &[("GIT_TRACE_PACKET", trace.to_str().unwrap())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    assert!(
+        trace.contains("fetch> want-ref refs/heads/feature/a"),
+        "ref-in-want is used"
+    );
+    assert!(
+        trace.contains("fetch< wanted-refs"),
+        "and answered in wanted-refs"
+    );
+    assert_eq!(
+        git(&c, &["rev-parse", "refs/remotes/x/a"]),
+        git(&served, &["rev-parse", "refs/heads/feature/a"])
+    );
+    assert_fsck(&c.join(".git"));
+
+    let out = git_output(
+        &c,
+        &[
+            "-c",
+            "protocol.version=2",
+            "fetch",
+            &url,
+            "refs/heads/no-such-branch",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-branch"));
+}

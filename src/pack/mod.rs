@@ -28,7 +28,11 @@ pub fn db(repo: &gix::Repository) -> Db {
     db.unset_object_cache();
     // Trees are mostly deltas against each other: a hashed delta-base cache saves most of the
     // inflating, where gix's default small LRU is scanned linearly on every lookup.
-    db.set_pack_cache(|| Box::new(gix_pack::cache::lru::MemoryCappedHashmap::new(DELTA_BASE_CACHE_BYTES)));
+    db.set_pack_cache(|| {
+        Box::new(gix_pack::cache::lru::MemoryCappedHashmap::new(
+            DELTA_BASE_CACHE_BYTES,
+        ))
+    });
     db
 }
 

@@ -126,11 +126,19 @@ pub fn plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Plan
     for boundary in &walked.boundary {
         uninteresting_trees.push(commits.get(*boundary)?.tree);
     }
-    p.walk_trees(&uninteresting_trees, Mark::Uninteresting, &HashSet::default())?;
+    p.walk_trees(
+        &uninteresting_trees,
+        Mark::Uninteresting,
+        &HashSet::default(),
+    )?;
 
     let wanted: HashSet<ObjectId> = tips.iter().copied().collect();
-    let keep_commits = sel.filter.is_none_or(|f| f.includes(Kind::Commit, 0, &mut || 0));
-    let descend = sel.filter.is_none_or(|f| f.descends(0) || f.includes(Kind::Tree, 0, &mut || 0));
+    let keep_commits = sel
+        .filter
+        .is_none_or(|f| f.includes(Kind::Commit, 0, &mut || 0));
+    let descend = sel
+        .filter
+        .is_none_or(|f| f.descends(0) || f.includes(Kind::Tree, 0, &mut || 0));
     let mut roots = Vec::new();
     for id in &walked.commits {
         let commit = commits.get(*id)?;
@@ -338,7 +346,12 @@ impl Planner<'_> {
     /// order nearly every delta finds its base in the delta-base cache, where a depth-first walk
     /// re-inflates long chains (3x slower on the `large` fixture with a cold cache). It also
     /// reaches every object first at its smallest depth, as `tree:<depth>` filters need.
-    fn walk_trees(&mut self, roots: &[ObjectId], mark: Mark, wanted: &HashSet<ObjectId>) -> Result<(), Error> {
+    fn walk_trees(
+        &mut self,
+        roots: &[ObjectId],
+        mark: Mark,
+        wanted: &HashSet<ObjectId>,
+    ) -> Result<(), Error> {
         let mut level: Vec<ObjectId> = Vec::new();
         for root in roots {
             if self.marks.insert(*root, Mark::Queued).is_none() {
@@ -355,7 +368,10 @@ impl Planner<'_> {
                     .db
                     .location_by_oid(&id, &mut self.location_buf)
                     .map_err(Self::read_err("locating tree", id))?;
-                keyed.push((location.map_or((u32::MAX, u64::MAX), |l| (l.pack_id, l.pack_offset)), id));
+                keyed.push((
+                    location.map_or((u32::MAX, u64::MAX), |l| (l.pack_id, l.pack_offset)),
+                    id,
+                ));
             }
             keyed.sort_unstable();
             for (_, tree) in std::mem::take(&mut keyed) {
@@ -408,7 +424,9 @@ impl Planner<'_> {
                     if is_tree {
                         self.marks.insert(id, Mark::Queued);
                         level.push(id);
-                    } else if self.take(id, Kind::Blob, depth + 1, mark, false)? && mark == Mark::Sent {
+                    } else if self.take(id, Kind::Blob, depth + 1, mark, false)?
+                        && mark == Mark::Sent
+                    {
                         let location = self
                             .db
                             .location_by_oid(&id, &mut self.location_buf)
