@@ -11,3 +11,4 @@ pub mod pack;
 pub mod protocol;
 pub mod repo;
 pub mod upload_pack;
+pub mod upstream;

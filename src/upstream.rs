@@ -1,0 +1,173 @@
+//! The upstream side: fetching from the real repository with gitoxide into a local bare
+//! repository, and checking whether credentials are accepted.
+//!
+//! Everything here is blocking (gix's HTTP transport is) and runs on blocking threads. No
+//! `git` process is started: credentials come from the caller as an `Authorization` header,
+//! never from credential helpers, and nothing is written to the repository's configuration.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gix::bstr::BString;
+use gix::protocol::handshake::Ref as RemoteRef;
+use gix::protocol::transport::client::blocking_io::http;
+use gix::remote::Direction;
+use gix::ObjectId;
+
+/// Timeouts and identity for upstream traffic.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How long connecting may take.
+    pub connect_timeout: Duration,
+    /// A transfer slower than 1 byte/s for this long is aborted.
+    pub stall_timeout: Duration,
+}
+
+/// Why talking to the upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The upstream wants credentials we do not have, or rejected the ones we sent.
+    #[error("the upstream requires authentication, or rejected the credentials")]
+    AuthRequired,
+    /// The upstream could not be reached, answered with an error, or the transfer failed.
+    #[error("{0}")]
+    Failed(String),
+    /// The local repository could not be prepared or updated.
+    #[error("local repository: {0}")]
+    Local(String),
+    /// The work was stopped.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// What a fetch brought.
+#[derive(Debug, Clone, Default)]
+pub struct Fetched {
+    /// Every ref the upstream advertised (except `HEAD`), with the object it points to.
+    pub refs: Vec<(BString, ObjectId)>,
+    /// The branch the upstream's `HEAD` points to, if it said.
+    pub head: Option<BString>,
+}
+
+/// Fetch everything (`+refs/*:refs/*`) from `url` into the bare repository at `dir`.
+/// `authorization` is the value of an `Authorization` header to send, if any.
+pub fn fetch(
+    dir: &Path,
+    url: &str,
+    authorization: Option<&str>,
+    opts: &Options,
+    interrupt: &AtomicBool,
+) -> Result<Fetched, Error> {
+    let local = |e: &dyn std::fmt::Display| Error::Local(e.to_string());
+    let repo = gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| local(&e))?;
+    let remote = repo
+        .remote_at(url)
+        .map_err(|e| Error::Failed(format!("invalid upstream URL {url}: {e}")))?
+        .with_refspecs(Some("+refs/*:refs/*"), Direction::Fetch)
+        .map_err(|e| local(&e))?
+        .with_fetch_tags(gix::remote::fetch::Tags::None);
+    let auth_asked = Arc::new(AtomicBool::new(false));
+    let connection = remote
+        .connect(Direction::Fetch)
+        .map_err(|e| Error::Failed(e.to_string()))?
+        .with_credentials(credentials(Arc::clone(&auth_asked)))
+        .with_transport_options(Box::new(transport_options(authorization, opts)));
+    let classify = |e: gix::Error| {
+        if interrupt.load(Ordering::Relaxed) {
+            Error::Interrupted
+        } else if auth_asked.load(Ordering::Relaxed) {
+            Error::AuthRequired
+        } else {
+            Error::Failed(e.to_string())
+        }
+    };
+    let prepared = connection
+        .prepare_fetch(
+            gix::progress::Discard,
+            gix::remote::ref_map::Options {
+                prefix_from_spec_as_filter_on_remote: false,
+                ..Default::default()
+            },
+        )
+        .map_err(classify)?;
+    let remote_refs = prepared.ref_map().remote_refs.clone();
+    let has_refs = remote_refs.iter().any(|r| !matches!(r, RemoteRef::Unborn { .. }));
+    if has_refs {
+        prepared
+            .with_write_packed_refs_only(true)
+            .receive(gix::progress::Discard, interrupt)
+            .map_err(classify)?;
+    }
+    let mut out = Fetched::default();
+    for r in remote_refs {
+        let (name, id, head_target) = match r {
+            RemoteRef::Direct { full_ref_name, object } | RemoteRef::Peeled { full_ref_name, tag: object, .. } => {
+                (full_ref_name, Some(object), None)
+            }
+            RemoteRef::Symbolic {
+                full_ref_name,
+                target,
+                tag,
+                object,
+            } => (full_ref_name, Some(tag.unwrap_or(object)), Some(target)),
+            RemoteRef::Unborn { full_ref_name, target } => (full_ref_name, None, Some(target)),
+        };
+        if name == "HEAD" {
+            out.head = head_target;
+        } else if let Some(id) = id {
+            out.refs.push((name, id));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `authorization` gives access to `url`: a ref listing only, no objects. `dir` is any
+/// local repository (the mirror); nothing is written to it.
+pub fn check_access(dir: &Path, url: &str, authorization: Option<&str>, opts: &Options) -> Result<(), Error> {
+    let repo = gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| Error::Local(e.to_string()))?;
+    let remote = repo
+        .remote_at(url)
+        .map_err(|e| Error::Failed(format!("invalid upstream URL {url}: {e}")))?
+        .with_refspecs(Some("+refs/heads/*:refs/heads/*"), Direction::Fetch)
+        .map_err(|e| Error::Local(e.to_string()))?;
+    let auth_asked = Arc::new(AtomicBool::new(false));
+    let connection = remote
+        .connect(Direction::Fetch)
+        .map_err(|e| Error::Failed(e.to_string()))?
+        .with_credentials(credentials(Arc::clone(&auth_asked)))
+        .with_transport_options(Box::new(transport_options(authorization, opts)));
+    match connection.ref_map(gix::progress::Discard, Default::default()) {
+        Ok(_) => Ok(()),
+        Err(_) if auth_asked.load(Ordering::Relaxed) => Err(Error::AuthRequired),
+        Err(e) => Err(Error::Failed(e.to_string())),
+    }
+}
+
+/// Credentials come only as headers from the caller: when the upstream asks for more, note it
+/// and refuse, rather than running a credential helper or prompting.
+fn credentials(
+    asked: Arc<AtomicBool>,
+) -> impl FnMut(gix::credentials::helper::Action) -> gix::Result<Option<gix::credentials::protocol::Outcome>> {
+    move |action| {
+        if let gix::credentials::helper::Action::Get(_) = action {
+            asked.store(true, Ordering::Relaxed);
+            return Err(gix::error::message("the upstream asked for credentials").into());
+        }
+        Ok(None)
+    }
+}
+
+fn transport_options(authorization: Option<&str>, opts: &Options) -> http::Options {
+    http::Options {
+        extra_headers: authorization
+            .map(|a| vec![format!("Authorization: {a}")])
+            .unwrap_or_default(),
+        connect_timeout: Some(opts.connect_timeout),
+        low_speed_limit_bytes_per_second: 1,
+        low_speed_time_seconds: opts.stall_timeout.as_secs().max(1),
+        user_agent: Some(crate::protocol::AGENT.into()),
+        ..Default::default()
+    }
+}
