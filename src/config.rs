@@ -3,9 +3,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use bytesize::ByteSize;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+
+use crate::mirror::{Upstreams, UpstreamsError};
 
 /// smart-git-proxy: serves Git repositories under MIRROR_DIR over smart HTTP, in-process.
 #[derive(Debug, Clone, Parser)]
@@ -30,6 +33,32 @@ pub struct Config {
     /// Threads compressing one pack; defaults to all cores.
     #[arg(long, env = "PACK_THREADS")]
     pub pack_threads: Option<usize>,
+    /// Comma-separated upstream hosts the proxy may mirror from; an entry may carry a scheme and
+    /// port (`http://127.0.0.1:9001`), its URL segment is then `host:port`.
+    #[arg(long, env = "ALLOWED_UPSTREAMS", default_value = "github.com")]
+    pub allowed_upstreams: String,
+    /// Sync a mirror when its last successful sync is older than this (e.g. `2s`, `5m`).
+    #[arg(long, env = "SYNC_STALE_AFTER", default_value = "2s")]
+    pub sync_stale_after: humantime::Duration,
+    /// Where upstream credentials come from.
+    #[arg(long, env = "AUTH_MODE", value_enum, default_value_t = AuthMode::None)]
+    pub auth_mode: AuthMode,
+    /// The token sent upstream with `AUTH_MODE=static`.
+    #[arg(long, env = "STATIC_TOKEN", hide_env_values = true)]
+    pub static_token: Option<String>,
+    /// Mirror creations and syncs running at the same time (different repositories).
+    #[arg(long, env = "MAX_CONCURRENT_SYNCS", default_value_t = 4)]
+    pub max_concurrent_syncs: usize,
+    /// How long connecting to an upstream may take.
+    #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT", default_value = "10s")]
+    pub upstream_connect_timeout: humantime::Duration,
+    /// An upstream transfer that stalls (under 1 byte/s) this long is aborted.
+    #[arg(long, env = "UPSTREAM_STALL_TIMEOUT", default_value = "60s")]
+    pub upstream_stall_timeout: humantime::Duration,
+    /// How long the upstream's acceptance of a client's credentials for a private mirror is
+    /// remembered.
+    #[arg(long, env = "AUTH_CACHE_TTL", default_value = "60s")]
+    pub auth_cache_ttl: humantime::Duration,
     /// zlib level (0–9) for objects a pack cannot copy from disk and compresses anew (for
     /// example the full objects of a `--depth=1` pack). Lower is faster, higher is smaller.
     #[arg(long, env = "PACK_COMPRESSION_LEVEL", default_value_t = DEFAULT_COMPRESSION_LEVEL)]
@@ -38,6 +67,17 @@ pub struct Config {
 
 /// See `PACK_COMPRESSION_LEVEL`; the README gives the measurements behind it.
 pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
+
+/// Where the credentials for upstream traffic come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// No credentials: public repositories only.
+    None,
+    /// `STATIC_TOKEN` for every upstream request.
+    Static,
+    /// The client's own `Authorization` header, never stored.
+    PassThrough,
+}
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +88,12 @@ pub enum Error {
         /// The value given.
         value: String,
     },
+    /// `ALLOWED_UPSTREAMS` has an unusable entry.
+    #[error(transparent)]
+    Upstreams(#[from] UpstreamsError),
+    /// `AUTH_MODE=static` without a token.
+    #[error("AUTH_MODE=static needs STATIC_TOKEN")]
+    MissingToken,
     /// The zlib level is out of range.
     #[error("PACK_COMPRESSION_LEVEL must be 0 to 9, not {0}")]
     CompressionLevel(u32),
@@ -83,6 +129,11 @@ impl Config {
             .ok_or(Error::CompressionLevel(self.pack_compression_level))
     }
 
+    /// The parsed `ALLOWED_UPSTREAMS`.
+    pub fn upstreams(&self) -> Result<Upstreams, Error> {
+        Ok(Upstreams::parse(&self.allowed_upstreams)?)
+    }
+
     /// Check every setting; call before binding.
     pub fn validate(&self) -> Result<(), Error> {
         self.listen_socket_addr()?;
@@ -97,6 +148,15 @@ impl Config {
             });
         }
         self.compression()?;
+        self.upstreams()?;
+        if self.auth_mode == AuthMode::Static && self.static_token.as_deref().is_none_or(str::is_empty) {
+            return Err(Error::MissingToken);
+        }
+        if self.max_concurrent_syncs == 0 {
+            return Err(Error::Zero {
+                key: "MAX_CONCURRENT_SYNCS",
+            });
+        }
         Ok(())
     }
 
@@ -111,6 +171,14 @@ impl Config {
             max_concurrent_packs: None,
             pack_threads: None,
             pack_compression_level: DEFAULT_COMPRESSION_LEVEL,
+            allowed_upstreams: "github.com".into(),
+            sync_stale_after: Duration::from_secs(2).into(),
+            auth_mode: AuthMode::None,
+            static_token: None,
+            max_concurrent_syncs: 4,
+            upstream_connect_timeout: Duration::from_secs(10).into(),
+            upstream_stall_timeout: Duration::from_secs(60).into(),
+            auth_cache_ttl: Duration::from_secs(60).into(),
         }
     }
 }
@@ -148,6 +216,12 @@ mod tests {
         let mut c = Config::new("/m");
         c.pack_threads = Some(0);
         assert!(c.validate().is_err());
+        let mut c = Config::new("/m");
+        c.auth_mode = AuthMode::Static;
+        assert_eq!(c.validate().unwrap_err().to_string(), "AUTH_MODE=static needs STATIC_TOKEN");
+        let c = Config::try_parse_from(["x", "--auth-mode", "pass-through", "--sync-stale-after", "5m"]).unwrap();
+        assert_eq!(c.auth_mode, AuthMode::PassThrough);
+        assert_eq!(*c.sync_stale_after, Duration::from_secs(300));
         let mut c = Config::new("/m");
         c.pack_compression_level = 10;
         assert_eq!(

@@ -54,7 +54,15 @@ fn run(config: Config) -> anyhow::Result<()> {
             mirror_dir = %config.mirror_dir.display(),
             "listening"
         );
-        http::serve(listener, AppState::new(config), shutdown_signal())
+        let state = AppState::new(config);
+        let removed = state
+            .mirrors()
+            .remove_temporaries()
+            .context("removing unfinished mirrors")?;
+        if removed > 0 {
+            tracing::info!(removed, "removed unfinished mirrors left by a previous run");
+        }
+        http::serve(listener, state, shutdown_signal())
             .await
             .context("serving")
     })

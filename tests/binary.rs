@@ -20,12 +20,13 @@ impl Drop for Running {
 #[test]
 fn the_binary_serves_a_clone() {
     let mirror = tempfile::tempdir().unwrap();
-    let repo_dir = mirror.path().join("example.com/basic.git");
+    let repo_dir = mirror.path().join("127.0.0.1:9/basic.git");
     std::fs::create_dir_all(repo_dir.parent().unwrap()).unwrap();
     build_fixture("basic", &repo_dir);
     let mut child = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
         .env("MIRROR_DIR", mirror.path())
         .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")
         .env("LOG_LEVEL", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -52,7 +53,7 @@ fn the_binary_serves_a_clone() {
     std::thread::spawn(move || lines.for_each(drop));
 
     let work = tempfile::tempdir().unwrap();
-    let url = format!("http://{addr}/example.com/basic");
+    let url = format!("http://{addr}/127.0.0.1:9/basic");
     git(work.path(), &["clone", "-q", &url, "c"]);
     assert_fsck(&work.path().join("c/.git"));
     assert_eq!(

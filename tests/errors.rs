@@ -100,7 +100,7 @@ fn pkt(lines: &[&str]) -> Vec<u8> {
     out
 }
 
-const UPLOAD_PACK: &str = "/example.com/basic/git-upload-pack";
+const UPLOAD_PACK: &str = "/127.0.0.1:9/basic/git-upload-pack";
 const V2: (&str, &str) = ("Git-Protocol", "version=2");
 
 fn gzip(data: &[u8]) -> Vec<u8> {
@@ -117,46 +117,47 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 }
 
 #[test]
-fn unknown_repositories_and_endpoints_are_404() {
+fn unknown_repositories_hosts_and_endpoints() {
     let server = Server::start();
+    // No mirror and an upstream that cannot be reached: 502 with the reason, which git prints.
     let r = request(
         server.addr,
         "GET",
-        "/example.com/nope/info/refs?service=git-upload-pack",
+        "/127.0.0.1:9/nope/info/refs?service=git-upload-pack",
         &[],
         b"",
     );
-    assert_eq!(r.status, 404);
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("cannot mirror 127.0.0.1:9/nope"), "{}", r.text());
+    let work = tempfile::tempdir().unwrap();
+    let out = git_output(work.path(), &["clone", &server.url("nope"), "x"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot mirror"));
+    assert!(!work.path().join("x").exists());
+
+    // Hosts outside ALLOWED_UPSTREAMS.
+    let r = request(
+        server.addr,
+        "GET",
+        "/evil.example/o/r/info/refs?service=git-upload-pack",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 403);
     assert!(
-        r.text().contains("repository 'example.com/nope' not found"),
+        r.text().contains("upstream host 'evil.example' is not allowed; allowed: 127.0.0.1:9"),
         "{}",
         r.text()
     );
     let r = request(
         server.addr,
-        "POST",
-        "/example.com/nope/git-upload-pack",
-        &[V2],
-        &pkt(&["command=ls-refs", "0000"]),
-    );
-    assert_eq!(r.status, 404);
-    let r = request(
-        server.addr,
         "GET",
-        "/example.com/basic/objects/info/packs",
+        "/127.0.0.1:9/basic/objects/info/packs",
         &[],
         b"",
     );
     assert_eq!(r.status, 404);
-
-    let work = tempfile::tempdir().unwrap();
-    let out = git_output(work.path(), &["clone", &server.url("nope"), "x"], &[]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
-    assert_eq!(
-        request(server.addr, "GET", "/healthz", &[], b"").status,
-        200
-    );
+    assert_eq!(request(server.addr, "GET", "/healthz", &[], b"").status, 200);
 }
 
 #[test]
@@ -166,7 +167,7 @@ fn pushes_and_dumb_http_are_refused() {
     let r = request(
         server.addr,
         "GET",
-        "/example.com/basic/info/refs?service=git-receive-pack",
+        "/127.0.0.1:9/basic/info/refs?service=git-receive-pack",
         &[],
         b"",
     );
@@ -176,7 +177,7 @@ fn pushes_and_dumb_http_are_refused() {
         request(
             server.addr,
             "POST",
-            "/example.com/basic/git-receive-pack",
+            "/127.0.0.1:9/basic/git-receive-pack",
             &[],
             b"0000"
         )
@@ -184,7 +185,7 @@ fn pushes_and_dumb_http_are_refused() {
         403
     );
     assert_eq!(
-        request(server.addr, "GET", "/example.com/basic/info/refs", &[], b"").status,
+        request(server.addr, "GET", "/127.0.0.1:9/basic/info/refs", &[], b"").status,
         403
     );
     assert_eq!(
@@ -214,12 +215,12 @@ fn unsafe_paths_are_400() {
     let server = Server::start();
     server.serve_fixture("basic");
     for path in [
-        "/example.com/../basic/info/refs?service=git-upload-pack",
-        "/example.com/./basic/info/refs?service=git-upload-pack",
-        "/example.com//basic/info/refs?service=git-upload-pack",
-        "/example.com/%2e%2e/basic/info/refs?service=git-upload-pack",
-        "/example.com/b%61sic/info/refs?service=git-upload-pack",
-        "/example.com/ba\\sic/info/refs?service=git-upload-pack",
+        "/127.0.0.1:9/../basic/info/refs?service=git-upload-pack",
+        "/127.0.0.1:9/./basic/info/refs?service=git-upload-pack",
+        "/127.0.0.1:9//basic/info/refs?service=git-upload-pack",
+        "/127.0.0.1:9/%2e%2e/basic/info/refs?service=git-upload-pack",
+        "/127.0.0.1:9/b%61sic/info/refs?service=git-upload-pack",
+        "/127.0.0.1:9/ba\\sic/info/refs?service=git-upload-pack",
     ] {
         assert_eq!(
             request(server.addr, "GET", path, &[], b"").status,
@@ -484,7 +485,7 @@ fn a_client_that_disconnects_mid_pack_frees_its_slot() {
     for _ in 0..3 {
         let mut s = TcpStream::connect(server.addr).unwrap();
         let head = format!(
-            "POST /example.com/large/git-upload-pack HTTP/1.1\r\nHost: x\r\nGit-Protocol: version=2\r\nContent-Length: {}\r\n\r\n",
+            "POST /127.0.0.1:9/large/git-upload-pack HTTP/1.1\r\nHost: x\r\nGit-Protocol: version=2\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         s.write_all(head.as_bytes()).unwrap();

@@ -3,6 +3,7 @@
 //! [`upload_pack`](crate::upload_pack) on a blocking thread whose output streams back through
 //! a bounded channel.
 
+mod auth;
 mod body;
 
 use std::sync::atomic::AtomicBool;
@@ -19,7 +20,8 @@ use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::trace::TraceLayer;
 use tracing::{field, Span};
 
-use crate::config::Config;
+use crate::config::{AuthMode, Config};
+use crate::mirror::{self, Freshness, Mirrors, Status, Upstreams};
 use crate::protocol::{pktline, v0, v2, ParseError};
 use crate::repo::{self, ResolveError, Service, Target};
 use crate::upload_pack::{self, Version};
@@ -32,6 +34,9 @@ pub struct AppState {
     config: Arc<Config>,
     pack_slots: Arc<Semaphore>,
     compression: gix::zlib::Compression,
+    upstreams: Arc<Upstreams>,
+    mirrors: Arc<Mirrors>,
+    access: Arc<auth::AccessCache>,
 }
 
 impl AppState {
@@ -39,11 +44,32 @@ impl AppState {
     pub fn new(config: Config) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let slots = config.max_concurrent_packs.unwrap_or(cores * 2);
+        let mirrors = Mirrors::new(mirror::Settings {
+            root: config.mirror_dir.clone(),
+            stale_after: *config.sync_stale_after,
+            max_syncs: config.max_concurrent_syncs,
+            upstream: upstream_options(&config),
+        });
         AppState {
             compression: config.compression().unwrap_or_default(),
+            upstreams: Arc::new(config.upstreams().unwrap_or_default()),
+            access: Arc::new(auth::AccessCache::new(*config.auth_cache_ttl)),
+            mirrors: Arc::new(mirrors),
             config: Arc::new(config),
             pack_slots: Arc::new(Semaphore::new(slots)),
         }
+    }
+
+    /// The mirror store, e.g. to remove temporaries at start.
+    pub fn mirrors(&self) -> &Mirrors {
+        &self.mirrors
+    }
+}
+
+fn upstream_options(config: &Config) -> crate::upstream::Options {
+    crate::upstream::Options {
+        connect_timeout: *config.upstream_connect_timeout,
+        stall_timeout: *config.upstream_stall_timeout,
     }
 }
 
@@ -100,6 +126,12 @@ enum Error {
     Malformed(ParseError),
     #[error("server is shutting down")]
     Unavailable,
+    #[error("upstream host '{host}' is not allowed; allowed: {allowed}")]
+    HostNotAllowed { host: String, allowed: String },
+    #[error("authentication required: the upstream did not accept the credentials for {0}")]
+    AuthRequired(String),
+    #[error("{0}")]
+    BadGateway(String),
     #[error("internal server error")]
     Internal(String),
 }
@@ -117,6 +149,9 @@ impl IntoResponse for Error {
             Error::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Error::HostNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Error::AuthRequired(_) => StatusCode::UNAUTHORIZED,
+            Error::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Error::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -124,12 +159,52 @@ impl IntoResponse for Error {
         };
         Span::current().record("outcome", field::display(status.as_u16()));
         // git shows a text/plain body of a failed request as `remote: <line>`.
-        (
+        let mut response = (
             status,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             format!("{self}\n"),
         )
-            .into_response()
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            // Without a challenge git does not ask for credentials.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"smart-git-proxy\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<mirror::Error> for Error {
+    fn from(e: mirror::Error) -> Self {
+        match e {
+            mirror::Error::AuthRequired(name) => Error::AuthRequired(name),
+            e @ mirror::Error::Upstream { .. } => Error::BadGateway(e.to_string()),
+            e @ mirror::Error::Local { .. } => Error::Internal(e.to_string()),
+        }
+    }
+}
+
+/// A resolved request for a mirrored repository.
+struct Mirrored {
+    target: Target,
+    /// The upstream repository URL.
+    url: String,
+    /// What to send upstream as `Authorization`.
+    authorization: Option<String>,
+    /// The client's own `Authorization` header.
+    client_authorization: Option<String>,
+}
+
+impl Mirrored {
+    fn request(&self) -> mirror::Request<'_> {
+        mirror::Request {
+            name: &self.target.name,
+            dir: &self.target.dir,
+            url: &self.url,
+            authorization: self.authorization.as_deref(),
+        }
     }
 }
 
@@ -138,13 +213,37 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
     let target = repo::resolve(&state.config.mirror_dir, parts.uri.path())?;
     let span = Span::current();
     span.record("repo", field::display(&target.name));
+    let (host, path) = target.name.split_once('/').unwrap_or((&target.name, ""));
+    let upstream = state
+        .upstreams
+        .get(host)
+        .ok_or_else(|| Error::HostNotAllowed {
+            host: host.to_owned(),
+            allowed: state.upstreams.names(),
+        })?;
+    let client_authorization = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let authorization = match state.config.auth_mode {
+        AuthMode::None => None,
+        AuthMode::Static => state.config.static_token.as_deref().map(auth::static_token_header),
+        AuthMode::PassThrough => client_authorization.clone(),
+    };
+    let mirrored = Mirrored {
+        url: format!("{}/{path}.git", upstream.base_url),
+        target,
+        authorization,
+        client_authorization,
+    };
     let version = Version::from_header(
         parts
             .headers
             .get("git-protocol")
             .and_then(|v| v.to_str().ok()),
     );
-    match (&parts.method, target.service) {
+    match (&parts.method, mirrored.target.service) {
         (&Method::GET, Service::InfoRefs) => {
             let service = parts
                 .uri
@@ -153,19 +252,52 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("service="));
             match service {
-                Some("git-upload-pack") => info_refs(target, version).await,
+                Some("git-upload-pack") => info_refs(&state, mirrored, version).await,
                 Some("git-receive-pack") => Err(Error::ReceivePack),
                 _ => Err(Error::DumbHttp),
             }
         }
-        (&Method::POST, Service::UploadPack) => upload_pack(state, target, version, body).await,
+        (&Method::POST, Service::UploadPack) => upload_pack(state, mirrored, version, body).await,
         (&Method::POST, Service::ReceivePack) => Err(Error::ReceivePack),
         (method, _) => Err(Error::Method(method.clone())),
     }
 }
 
-async fn info_refs(target: Target, version: Version) -> Result<Response, Error> {
+/// For a private mirror, the client's credentials must be accepted by the upstream.
+async fn check_access(state: &AppState, m: &Mirrored) -> Result<(), Error> {
+    if state.config.auth_mode != AuthMode::PassThrough || !Mirrors::is_private(&m.target.dir) {
+        return Ok(());
+    }
+    let Some(credentials) = m.client_authorization.as_deref() else {
+        return Err(Error::AuthRequired(m.target.name.clone()));
+    };
+    let dir = m.target.dir.clone();
+    let url = m.url.clone();
+    let opts = upstream_options(&state.config);
+    state
+        .access
+        .check(&m.target.dir, credentials, move |credentials| {
+            crate::upstream::check_access(&dir, &url, Some(credentials), &opts)
+        })
+        .await
+        .map_err(|e| match e {
+            crate::upstream::Error::AuthRequired => Error::AuthRequired(m.target.name.clone()),
+            other => Error::BadGateway(format!("cannot verify credentials for {}: {other}", m.target.name)),
+        })
+}
+
+fn with_status(mut response: Response, status: Status) -> Response {
+    response
+        .headers_mut()
+        .insert("x-git-proxy-status", HeaderValue::from_static(status.as_str()));
+    response
+}
+
+async fn info_refs(state: &AppState, m: Mirrored, version: Version) -> Result<Response, Error> {
     Span::current().record("command", "info/refs");
+    check_access(state, &m).await?;
+    let status = state.mirrors.ensure(&m.request(), Freshness::IfStale).await?;
+    let target = m.target;
     let name = target.name.clone();
     let (advert, outcome) = tokio::task::spawn_blocking(move || {
         let repo = repo::open(&target.dir)?;
@@ -178,7 +310,7 @@ async fn info_refs(target: Target, version: Version) -> Result<Response, Error> 
         other => Error::Internal(other.to_string()),
     })?;
     Span::current().record("outcome", field::debug(outcome));
-    Ok((
+    Ok(with_status((
         [
             (
                 header::CONTENT_TYPE,
@@ -188,7 +320,7 @@ async fn info_refs(target: Target, version: Version) -> Result<Response, Error> 
         ],
         advert,
     )
-        .into_response())
+        .into_response(), status))
 }
 
 /// Either protocol's parsed request.
@@ -199,11 +331,13 @@ enum Parsed {
 
 async fn upload_pack(
     state: AppState,
-    target: Target,
+    m: Mirrored,
     version: Version,
     body: Body,
 ) -> Result<Response, Error> {
     let span = Span::current();
+    let arrived = std::time::Instant::now();
+    check_access(&state, &m).await?;
     let limit = state.config.max_request_body;
     let bytes = body::read_limited(body, limit.as_u64())
         .await
@@ -239,9 +373,33 @@ async fn upload_pack(
             },
         },
     );
-    if !repo::exists(&target.dir) {
-        return Err(Error::NotFound(target.name));
+    let mut status = if repo::exists(&m.target.dir) {
+        Status::Hit
+    } else {
+        state.mirrors.ensure(&m.request(), Freshness::IfStale).await?
+    };
+    // A want-miss: the client knows objects the mirror does not have yet (a push after our last
+    // sync, or a SHA it was given out of band). Sync, then serve what we have.
+    let wants = match &parsed {
+        Parsed::V0(r) => r.wants.clone(),
+        Parsed::V2(r) => match &r.command {
+            v2::Command::Fetch(f) => f.wants.clone(),
+            v2::Command::LsRefs(_) => Vec::new(),
+        },
+    };
+    if !wants.is_empty() {
+        let dir = m.target.dir.clone();
+        let missing = tokio::task::spawn_blocking(move || {
+            repo::open(&dir).map(|repo| wants.iter().any(|w| !repo.has_object(w)))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        if missing {
+            status = state.mirrors.ensure(&m.request(), Freshness::SyncedAfter(arrived)).await?;
+        }
     }
+    let target = m.target;
     let permit = state
         .pack_slots
         .clone()
@@ -294,7 +452,7 @@ async fn upload_pack(
             }
         }
     });
-    Ok(pack_response(Body::from_stream(stream)))
+    Ok(with_status(pack_response(Body::from_stream(stream)), status))
 }
 
 fn pack_response(body: Body) -> Response {

@@ -12,8 +12,10 @@ use smart_git_proxy::config::Config;
 use smart_git_proxy::http::{self, AppState};
 use tempfile::TempDir;
 
-/// The host segment test repositories are served under.
-pub const HOST: &str = "example.com";
+/// The host segment test repositories are served under: an upstream that refuses connections
+/// (nothing listens on the discard port), so that mirrors placed by the tests are served as
+/// they are and no test reaches beyond loopback.
+pub const HOST: &str = "127.0.0.1:9";
 
 fn fixtures_root() -> &'static Path {
     static ROOT: OnceLock<TempDir> = OnceLock::new();
@@ -132,6 +134,7 @@ impl Server {
     pub fn start_with(adjust: impl FnOnce(&mut Config)) -> Server {
         let mirror = tempfile::tempdir().expect("mirror dir");
         let mut config = Config::new(mirror.path());
+        config.allowed_upstreams = format!("http://{HOST}");
         adjust(&mut config);
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();

@@ -1,0 +1,428 @@
+//! The mirror store: bare mirrors under `MIRROR_DIR`, created and synced from their upstream
+//! on demand, one sync at a time per repository (concurrent requests share it), several
+//! repositories in parallel up to a bound.
+//!
+//! A mirror is created in a temporary sibling directory and renamed into place, so that a
+//! half-written mirror is never served; temporaries left by a crash are removed at start. A
+//! bare repository found at a mirror path (`git clone --mirror`, a restored backup) is adopted.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
+use gix::refs::Target;
+use tokio::sync::Semaphore;
+
+use crate::upstream;
+
+/// Prefix of the temporary directories mirrors are created in.
+const TMP_PREFIX: &str = ".smart-git-proxy-tmp-";
+/// A file in a mirror created or synced with credentials: it is served only to clients whose
+/// credentials the upstream accepts.
+const PRIVATE_MARKER: &str = "smart-git-proxy-private";
+
+/// One allowed upstream host: its URL segment and the base URL to fetch from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// The first path segment of proxy URLs, `host` or `host:port`.
+    pub segment: String,
+    /// `scheme://host[:port]`
+    pub base_url: String,
+}
+
+/// The `ALLOWED_UPSTREAMS` list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Upstreams(Vec<Upstream>);
+
+/// An `ALLOWED_UPSTREAMS` entry that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("ALLOWED_UPSTREAMS entry '{0}' is not `host`, `host:port` or `http(s)://host[:port]`")]
+pub struct UpstreamsError(String);
+
+impl Upstreams {
+    /// Parse a comma-separated list; entries without a scheme use `https`.
+    pub fn parse(list: &str) -> Result<Self, UpstreamsError> {
+        let mut out = Vec::new();
+        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (scheme, rest) = match entry.split_once("://") {
+                Some((s @ ("http" | "https"), rest)) => (s, rest),
+                Some(_) => return Err(UpstreamsError(entry.into())),
+                None => ("https", entry),
+            };
+            let host = rest.trim_end_matches('/');
+            let valid = !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+            if !valid {
+                return Err(UpstreamsError(entry.into()));
+            }
+            out.push(Upstream {
+                segment: host.to_ascii_lowercase(),
+                base_url: format!("{scheme}://{host}"),
+            });
+        }
+        Ok(Upstreams(out))
+    }
+
+    /// The upstream whose segment is `segment`.
+    pub fn get(&self, segment: &str) -> Option<&Upstream> {
+        self.0.iter().find(|u| u.segment.eq_ignore_ascii_case(segment))
+    }
+
+    /// The allowed segments, for messages.
+    pub fn names(&self) -> String {
+        self.0.iter().map(|u| u.segment.as_str()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// How a request was served, as told in `X-Git-Proxy-Status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// The mirror was created for this request.
+    Clone,
+    /// The mirror was synced for this request.
+    Sync,
+    /// The mirror was fresh enough.
+    Hit,
+    /// The sync failed; the existing mirror was served.
+    Stale,
+}
+
+impl Status {
+    /// The header value.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Status::Clone => "clone",
+            Status::Sync => "sync",
+            Status::Hit => "hit",
+            Status::Stale => "stale",
+        }
+    }
+}
+
+/// Why a mirror cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The upstream needs (other) credentials.
+    #[error("authentication required for {0}")]
+    AuthRequired(String),
+    /// There is no mirror and the upstream failed.
+    #[error("cannot mirror {name}: {message}")]
+    Upstream {
+        /// `host/path`
+        name: String,
+        /// What went wrong upstream.
+        message: String,
+    },
+    /// A local failure (disk, a task that panicked).
+    #[error("mirror {name}: {message}")]
+    Local {
+        /// `host/path`
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// When a sync is due.
+#[derive(Debug, Clone, Copy)]
+pub enum Freshness {
+    /// When the last successful sync is older than `SYNC_STALE_AFTER`.
+    IfStale,
+    /// Unless a sync finished after this instant (a want-miss: the client saw newer refs).
+    SyncedAfter(Instant),
+}
+
+/// Settings of the store.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `MIRROR_DIR`
+    pub root: PathBuf,
+    /// `SYNC_STALE_AFTER`
+    pub stale_after: Duration,
+    /// `MAX_CONCURRENT_SYNCS`
+    pub max_syncs: usize,
+    /// Upstream timeouts.
+    pub upstream: upstream::Options,
+}
+
+#[derive(Default)]
+struct RepoState {
+    last_sync: Option<Instant>,
+    /// After a failed sync, the next attempt waits until `stale_after` has passed again.
+    last_failure: Option<Instant>,
+}
+
+/// The mirror store.
+pub struct Mirrors {
+    settings: Settings,
+    syncs: Semaphore,
+    repos: parking_lot::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<RepoState>>>>,
+    tmp_counter: AtomicU64,
+}
+
+/// A mirror to ensure: where it lives and where it comes from.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// `host/path`, for messages.
+    pub name: &'a str,
+    /// The mirror directory.
+    pub dir: &'a Path,
+    /// The upstream URL.
+    pub url: &'a str,
+    /// `Authorization` header value to send upstream.
+    pub authorization: Option<&'a str>,
+}
+
+impl Mirrors {
+    /// A store over `settings.root`. Call [`Mirrors::remove_temporaries`] once at start.
+    pub fn new(settings: Settings) -> Self {
+        Mirrors {
+            syncs: Semaphore::new(settings.max_syncs.max(1)),
+            settings,
+            repos: Default::default(),
+            tmp_counter: AtomicU64::new(0),
+        }
+    }
+
+    /// Remove temporary directories a previous process left behind (it died mid-clone).
+    pub fn remove_temporaries(&self) -> std::io::Result<usize> {
+        remove_temporaries(&self.settings.root, 0)
+    }
+
+    /// Whether the mirror at `dir` was made with credentials.
+    pub fn is_private(dir: &Path) -> bool {
+        dir.join(PRIVATE_MARKER).is_file()
+    }
+
+    /// Make sure the mirror exists and is as fresh as `freshness` asks, creating or syncing it
+    /// (one at a time per repository; concurrent callers wait for and share the result).
+    pub async fn ensure(&self, req: &Request<'_>, freshness: Freshness) -> Result<Status, Error> {
+        let state = Arc::clone(self.repos.lock().entry(req.dir.to_path_buf()).or_default());
+        let mut state = state.lock().await;
+        let exists = crate::repo::exists(req.dir);
+        let now = Instant::now();
+        if exists {
+            let fresh = match freshness {
+                Freshness::IfStale => state
+                    .last_sync
+                    .is_some_and(|t| now.duration_since(t) < self.settings.stale_after),
+                Freshness::SyncedAfter(since) => state.last_sync.is_some_and(|t| t > since),
+            };
+            if fresh {
+                return Ok(Status::Hit);
+            }
+            let backing_off = state
+                .last_failure
+                .is_some_and(|t| now.duration_since(t) < self.settings.stale_after);
+            if backing_off && matches!(freshness, Freshness::IfStale) {
+                return Ok(Status::Stale);
+            }
+        }
+        let _slot = self.syncs.acquire().await.map_err(|_| Error::Local {
+            name: req.name.into(),
+            message: "shutting down".into(),
+        })?;
+        let started = Instant::now();
+        let owned = OwnedRequest::from(req);
+        let tmp = self.tmp_dir(req.dir);
+        let opts = self.settings.upstream.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let interrupt = AtomicBool::new(false);
+            if exists {
+                sync(&owned, &opts, &interrupt).map(|f| (f, Status::Sync))
+            } else {
+                create(&owned, &tmp, &opts, &interrupt).map(|f| (f, Status::Clone))
+            }
+        })
+        .await
+        .map_err(|e| Error::Local {
+            name: req.name.into(),
+            message: e.to_string(),
+        })?;
+        match result {
+            Ok((fetched, status)) => {
+                state.last_sync = Some(Instant::now());
+                state.last_failure = None;
+                tracing::info!(
+                    repo = req.name,
+                    status = status.as_str(),
+                    refs = fetched.refs.len(),
+                    duration = ?started.elapsed(),
+                    "mirror updated"
+                );
+                Ok(status)
+            }
+            Err(upstream::Error::AuthRequired) => Err(Error::AuthRequired(req.name.into())),
+            Err(e) if exists => {
+                state.last_failure = Some(Instant::now());
+                tracing::warn!(repo = req.name, error = %e, "sync failed, serving the existing mirror");
+                Ok(Status::Stale)
+            }
+            Err(e) => Err(Error::Upstream {
+                name: req.name.into(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    fn tmp_dir(&self, dir: &Path) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        dir.with_file_name(format!("{TMP_PREFIX}{name}-{}-{n}", std::process::id()))
+    }
+}
+
+/// The parts of a [`Request`] a blocking task needs.
+struct OwnedRequest {
+    dir: PathBuf,
+    url: String,
+    authorization: Option<String>,
+}
+
+impl From<&Request<'_>> for OwnedRequest {
+    fn from(r: &Request<'_>) -> Self {
+        OwnedRequest {
+            dir: r.dir.to_path_buf(),
+            url: r.url.to_owned(),
+            authorization: r.authorization.map(str::to_owned),
+        }
+    }
+}
+
+fn create(
+    req: &OwnedRequest,
+    tmp: &Path,
+    opts: &upstream::Options,
+    interrupt: &AtomicBool,
+) -> Result<upstream::Fetched, upstream::Error> {
+    let local = |e: &dyn std::fmt::Display| upstream::Error::Local(e.to_string());
+    if let Some(parent) = tmp.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| local(&e))?;
+    }
+    let result = (|| {
+        gix::create::into(tmp, gix::create::Kind::Bare, gix::create::Options::default()).map_err(|e| local(&e))?;
+        let fetched = upstream::fetch(tmp, &req.url, req.authorization.as_deref(), opts, interrupt)?;
+        finish(tmp, &fetched, req.authorization.is_some())?;
+        Ok(fetched)
+    })();
+    match result {
+        Ok(fetched) => {
+            std::fs::rename(tmp, &req.dir).map_err(|e| local(&e))?;
+            Ok(fetched)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(tmp);
+            Err(e)
+        }
+    }
+}
+
+fn sync(req: &OwnedRequest, opts: &upstream::Options, interrupt: &AtomicBool) -> Result<upstream::Fetched, upstream::Error> {
+    let fetched = upstream::fetch(&req.dir, &req.url, req.authorization.as_deref(), opts, interrupt)?;
+    finish(&req.dir, &fetched, req.authorization.is_some())?;
+    Ok(fetched)
+}
+
+/// What gix's fetch does not do: delete refs the upstream no longer has, point `HEAD` where
+/// the upstream's points, and remember that credentials were needed.
+fn finish(dir: &Path, fetched: &upstream::Fetched, private: bool) -> Result<(), upstream::Error> {
+    let local = |e: &dyn std::fmt::Display| upstream::Error::Local(e.to_string());
+    let repo = gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| local(&e))?;
+    let upstream_names: std::collections::HashSet<&[u8]> = fetched.refs.iter().map(|(n, _)| n.as_slice()).collect();
+    let mut edits = Vec::new();
+    for r in repo.references().map_err(|e| local(&e))?.all().map_err(|e| local(&e))? {
+        let r = r.map_err(|e| local(&e))?;
+        let name = r.name().as_bstr();
+        if !upstream_names.contains(name.as_ref() as &[u8]) {
+            edits.push(RefEdit {
+                change: Change::Delete {
+                    expected: PreviousValue::Any,
+                    log: RefLog::AndReference,
+                },
+                name: r.name().to_owned(),
+                deref: false,
+            });
+        }
+    }
+    if let Some(head) = &fetched.head {
+        let target: gix::refs::FullName = head.clone().try_into().map_err(|e| local(&e))?;
+        edits.push(RefEdit {
+            change: Change::Update {
+                log: LogChange::default(),
+                expected: PreviousValue::Any,
+                new: Target::Symbolic(target),
+            },
+            name: "HEAD".try_into().map_err(|e| local(&e))?,
+            deref: false,
+        });
+    }
+    if !edits.is_empty() {
+        repo.edit_references(edits).map_err(|e| local(&e))?;
+    }
+    if private {
+        std::fs::write(dir.join(PRIVATE_MARKER), b"created or synced with credentials\n").map_err(|e| local(&e))?;
+    }
+    Ok(())
+}
+
+/// Bare repositories nest at most this deep below `MIRROR_DIR` (host + GitLab subgroups).
+const MAX_SCAN_DEPTH: usize = 12;
+
+fn remove_temporaries(dir: &Path, depth: usize) -> std::io::Result<usize> {
+    let mut removed = 0;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if !entry.file_type()?.is_dir() {
+            continue;
+        }
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TMP_PREFIX) {
+            tracing::info!(path = %entry.path().display(), "removing an unfinished mirror");
+            std::fs::remove_dir_all(entry.path())?;
+            removed += 1;
+        } else if !name.ends_with(".git") && depth < MAX_SCAN_DEPTH {
+            removed += remove_temporaries(&entry.path(), depth + 1)?;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_allowed_upstreams() {
+        let u = Upstreams::parse("github.com, http://127.0.0.1:9001,https://GitLab.example.org/").unwrap();
+        assert_eq!(u.get("github.com").unwrap().base_url, "https://github.com");
+        assert_eq!(u.get("127.0.0.1:9001").unwrap().base_url, "http://127.0.0.1:9001");
+        assert_eq!(u.get("gitlab.example.org").unwrap().base_url, "https://GitLab.example.org");
+        assert!(u.get("evil.com").is_none());
+        assert_eq!(u.names(), "github.com, 127.0.0.1:9001, gitlab.example.org");
+        assert!(Upstreams::parse("ftp://x").is_err());
+        assert!(Upstreams::parse("a/b").is_err());
+    }
+
+    #[test]
+    fn removes_temporaries_but_not_mirrors() {
+        let root = tempfile::tempdir().unwrap();
+        let keep = root.path().join("github.com/o/r.git/objects");
+        let tmp = root.path().join(format!("github.com/o/{TMP_PREFIX}x.git-1-0/objects"));
+        std::fs::create_dir_all(&keep).unwrap();
+        std::fs::create_dir_all(&tmp).unwrap();
+        assert_eq!(remove_temporaries(root.path(), 0).unwrap(), 1);
+        assert!(keep.is_dir());
+        assert!(!tmp.parent().unwrap().exists());
+    }
+}
