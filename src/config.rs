@@ -149,7 +149,9 @@ impl Config {
         }
         self.compression()?;
         self.upstreams()?;
-        if self.auth_mode == AuthMode::Static && self.static_token.as_deref().is_none_or(str::is_empty) {
+        if self.auth_mode == AuthMode::Static
+            && self.static_token.as_deref().is_none_or(str::is_empty)
+        {
             return Err(Error::MissingToken);
         }
         if self.max_concurrent_syncs == 0 {
@@ -218,8 +220,18 @@ mod tests {
         assert!(c.validate().is_err());
         let mut c = Config::new("/m");
         c.auth_mode = AuthMode::Static;
-        assert_eq!(c.validate().unwrap_err().to_string(), "AUTH_MODE=static needs STATIC_TOKEN");
-        let c = Config::try_parse_from(["x", "--auth-mode", "pass-through", "--sync-stale-after", "5m"]).unwrap();
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "AUTH_MODE=static needs STATIC_TOKEN"
+        );
+        let c = Config::try_parse_from([
+            "x",
+            "--auth-mode",
+            "pass-through",
+            "--sync-stale-after",
+            "5m",
+        ])
+        .unwrap();
         assert_eq!(c.auth_mode, AuthMode::PassThrough);
         assert_eq!(*c.sync_stale_after, Duration::from_secs(300));
         let mut c = Config::new("/m");

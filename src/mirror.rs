@@ -70,12 +70,18 @@ impl Upstreams {
 
     /// The upstream whose segment is `segment`.
     pub fn get(&self, segment: &str) -> Option<&Upstream> {
-        self.0.iter().find(|u| u.segment.eq_ignore_ascii_case(segment))
+        self.0
+            .iter()
+            .find(|u| u.segment.eq_ignore_ascii_case(segment))
     }
 
     /// The allowed segments, for messages.
     pub fn names(&self) -> String {
-        self.0.iter().map(|u| u.segment.as_str()).collect::<Vec<_>>().join(", ")
+        self.0
+            .iter()
+            .map(|u| u.segment.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -272,7 +278,10 @@ impl Mirrors {
 
     fn tmp_dir(&self, dir: &Path) -> PathBuf {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         dir.with_file_name(format!("{TMP_PREFIX}{name}-{}-{n}", std::process::id()))
     }
 }
@@ -305,8 +314,14 @@ fn create(
         std::fs::create_dir_all(parent).map_err(|e| local(&e))?;
     }
     let result = (|| {
-        gix::create::into(tmp, gix::create::Kind::Bare, gix::create::Options::default()).map_err(|e| local(&e))?;
-        let fetched = upstream::fetch(tmp, &req.url, req.authorization.as_deref(), opts, interrupt)?;
+        gix::create::into(
+            tmp,
+            gix::create::Kind::Bare,
+            gix::create::Options::default(),
+        )
+        .map_err(|e| local(&e))?;
+        let fetched =
+            upstream::fetch(tmp, &req.url, req.authorization.as_deref(), opts, interrupt)?;
         finish(tmp, &fetched, req.authorization.is_some())?;
         Ok(fetched)
     })();
@@ -322,8 +337,18 @@ fn create(
     }
 }
 
-fn sync(req: &OwnedRequest, opts: &upstream::Options, interrupt: &AtomicBool) -> Result<upstream::Fetched, upstream::Error> {
-    let fetched = upstream::fetch(&req.dir, &req.url, req.authorization.as_deref(), opts, interrupt)?;
+fn sync(
+    req: &OwnedRequest,
+    opts: &upstream::Options,
+    interrupt: &AtomicBool,
+) -> Result<upstream::Fetched, upstream::Error> {
+    let fetched = upstream::fetch(
+        &req.dir,
+        &req.url,
+        req.authorization.as_deref(),
+        opts,
+        interrupt,
+    )?;
     finish(&req.dir, &fetched, req.authorization.is_some())?;
     Ok(fetched)
 }
@@ -333,9 +358,15 @@ fn sync(req: &OwnedRequest, opts: &upstream::Options, interrupt: &AtomicBool) ->
 fn finish(dir: &Path, fetched: &upstream::Fetched, private: bool) -> Result<(), upstream::Error> {
     let local = |e: &dyn std::fmt::Display| upstream::Error::Local(e.to_string());
     let repo = gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| local(&e))?;
-    let upstream_names: std::collections::HashSet<&[u8]> = fetched.refs.iter().map(|(n, _)| n.as_slice()).collect();
+    let upstream_names: std::collections::HashSet<&[u8]> =
+        fetched.refs.iter().map(|(n, _)| n.as_slice()).collect();
     let mut edits = Vec::new();
-    for r in repo.references().map_err(|e| local(&e))?.all().map_err(|e| local(&e))? {
+    for r in repo
+        .references()
+        .map_err(|e| local(&e))?
+        .all()
+        .map_err(|e| local(&e))?
+    {
         let r = r.map_err(|e| local(&e))?;
         let name = r.name().as_bstr();
         if !upstream_names.contains(name.as_ref() as &[u8]) {
@@ -365,7 +396,11 @@ fn finish(dir: &Path, fetched: &upstream::Fetched, private: bool) -> Result<(), 
         repo.edit_references(edits).map_err(|e| local(&e))?;
     }
     if private {
-        std::fs::write(dir.join(PRIVATE_MARKER), b"created or synced with credentials\n").map_err(|e| local(&e))?;
+        std::fs::write(
+            dir.join(PRIVATE_MARKER),
+            b"created or synced with credentials\n",
+        )
+        .map_err(|e| local(&e))?;
     }
     Ok(())
 }
@@ -404,10 +439,17 @@ mod tests {
 
     #[test]
     fn parses_allowed_upstreams() {
-        let u = Upstreams::parse("github.com, http://127.0.0.1:9001,https://GitLab.example.org/").unwrap();
+        let u = Upstreams::parse("github.com, http://127.0.0.1:9001,https://GitLab.example.org/")
+            .unwrap();
         assert_eq!(u.get("github.com").unwrap().base_url, "https://github.com");
-        assert_eq!(u.get("127.0.0.1:9001").unwrap().base_url, "http://127.0.0.1:9001");
-        assert_eq!(u.get("gitlab.example.org").unwrap().base_url, "https://GitLab.example.org");
+        assert_eq!(
+            u.get("127.0.0.1:9001").unwrap().base_url,
+            "http://127.0.0.1:9001"
+        );
+        assert_eq!(
+            u.get("gitlab.example.org").unwrap().base_url,
+            "https://GitLab.example.org"
+        );
         assert!(u.get("evil.com").is_none());
         assert_eq!(u.names(), "github.com, 127.0.0.1:9001, gitlab.example.org");
         assert!(Upstreams::parse("ftp://x").is_err());
@@ -418,7 +460,9 @@ mod tests {
     fn removes_temporaries_but_not_mirrors() {
         let root = tempfile::tempdir().unwrap();
         let keep = root.path().join("github.com/o/r.git/objects");
-        let tmp = root.path().join(format!("github.com/o/{TMP_PREFIX}x.git-1-0/objects"));
+        let tmp = root
+            .path()
+            .join(format!("github.com/o/{TMP_PREFIX}x.git-1-0/objects"));
         std::fs::create_dir_all(&keep).unwrap();
         std::fs::create_dir_all(&tmp).unwrap();
         assert_eq!(remove_temporaries(root.path(), 0).unwrap(), 1);

@@ -93,7 +93,9 @@ pub fn fetch(
         )
         .map_err(classify)?;
     let remote_refs = prepared.ref_map().remote_refs.clone();
-    let has_refs = remote_refs.iter().any(|r| !matches!(r, RemoteRef::Unborn { .. }));
+    let has_refs = remote_refs
+        .iter()
+        .any(|r| !matches!(r, RemoteRef::Unborn { .. }));
     if has_refs {
         prepared
             .with_write_packed_refs_only(true)
@@ -103,16 +105,25 @@ pub fn fetch(
     let mut out = Fetched::default();
     for r in remote_refs {
         let (name, id, head_target) = match r {
-            RemoteRef::Direct { full_ref_name, object } | RemoteRef::Peeled { full_ref_name, tag: object, .. } => {
-                (full_ref_name, Some(object), None)
+            RemoteRef::Direct {
+                full_ref_name,
+                object,
             }
+            | RemoteRef::Peeled {
+                full_ref_name,
+                tag: object,
+                ..
+            } => (full_ref_name, Some(object), None),
             RemoteRef::Symbolic {
                 full_ref_name,
                 target,
                 tag,
                 object,
             } => (full_ref_name, Some(tag.unwrap_or(object)), Some(target)),
-            RemoteRef::Unborn { full_ref_name, target } => (full_ref_name, None, Some(target)),
+            RemoteRef::Unborn {
+                full_ref_name,
+                target,
+            } => (full_ref_name, None, Some(target)),
         };
         if name == "HEAD" {
             out.head = head_target;
@@ -125,8 +136,14 @@ pub fn fetch(
 
 /// Whether `authorization` gives access to `url`: a ref listing only, no objects. `dir` is any
 /// local repository (the mirror); nothing is written to it.
-pub fn check_access(dir: &Path, url: &str, authorization: Option<&str>, opts: &Options) -> Result<(), Error> {
-    let repo = gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| Error::Local(e.to_string()))?;
+pub fn check_access(
+    dir: &Path,
+    url: &str,
+    authorization: Option<&str>,
+    opts: &Options,
+) -> Result<(), Error> {
+    let repo = gix::open_opts(dir, gix::open::Options::isolated())
+        .map_err(|e| Error::Local(e.to_string()))?;
     let remote = repo
         .remote_at(url)
         .map_err(|e| Error::Failed(format!("invalid upstream URL {url}: {e}")))?
@@ -149,7 +166,9 @@ pub fn check_access(dir: &Path, url: &str, authorization: Option<&str>, opts: &O
 /// and refuse, rather than running a credential helper or prompting.
 fn credentials(
     asked: Arc<AtomicBool>,
-) -> impl FnMut(gix::credentials::helper::Action) -> gix::Result<Option<gix::credentials::protocol::Outcome>> {
+) -> impl FnMut(
+    gix::credentials::helper::Action,
+) -> gix::Result<Option<gix::credentials::protocol::Outcome>> {
     move |action| {
         if let gix::credentials::helper::Action::Get(_) = action {
             asked.store(true, Ordering::Relaxed);
@@ -160,7 +179,17 @@ fn credentials(
 }
 
 fn transport_options(authorization: Option<&str>, opts: &Options) -> http::Options {
+    // The reqwest backend takes its timeouts from the client builder only; its blocking client
+    // applies `timeout` to every connect, read and write, which makes it a stall timeout.
+    let (connect, stall) = (opts.connect_timeout, opts.stall_timeout);
+    let backend = http::reqwest::Options {
+        configure_client: Some(Box::new(move |builder| {
+            Ok(builder.connect_timeout(connect).timeout(stall))
+        })),
+        configure_request: None,
+    };
     http::Options {
+        backend: Some(Arc::new(std::sync::Mutex::new(backend))),
         extra_headers: authorization
             .map(|a| vec![format!("Authorization: {a}")])
             .unwrap_or_default(),

@@ -4,90 +4,9 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 
 use common::*;
-
-struct Reply {
-    status: u16,
-    headers: String,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// A minimal HTTP/1.1 client, so that tests can send exactly the bytes they mean.
-fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Reply {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && *v == "chunked");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if !chunked {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
-    if chunked {
-        for chunk in body.chunks(7) {
-            s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
-                .unwrap();
-            s.write_all(chunk).unwrap();
-            s.write_all(b"\r\n").unwrap();
-        }
-        s.write_all(b"0\r\n\r\n").unwrap();
-    } else {
-        s.write_all(body).unwrap();
-    }
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("header end");
-    let headers = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status = headers[9..12].parse().unwrap();
-    let mut body = raw[split + 4..].to_vec();
-    if headers
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
-    }
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
-                .unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&data[line_end + 2..line_end + 2 + size]);
-        data = &data[line_end + 2 + size + 2..];
-    }
-}
 
 fn pkt(lines: &[&str]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -128,7 +47,11 @@ fn unknown_repositories_hosts_and_endpoints() {
         b"",
     );
     assert_eq!(r.status, 502);
-    assert!(r.text().contains("cannot mirror 127.0.0.1:9/nope"), "{}", r.text());
+    assert!(
+        r.text().contains("cannot mirror 127.0.0.1:9/nope"),
+        "{}",
+        r.text()
+    );
     let work = tempfile::tempdir().unwrap();
     let out = git_output(work.path(), &["clone", &server.url("nope"), "x"], &[]);
     assert!(!out.status.success());
@@ -145,7 +68,8 @@ fn unknown_repositories_hosts_and_endpoints() {
     );
     assert_eq!(r.status, 403);
     assert!(
-        r.text().contains("upstream host 'evil.example' is not allowed; allowed: 127.0.0.1:9"),
+        r.text()
+            .contains("upstream host 'evil.example' is not allowed; allowed: 127.0.0.1:9"),
         "{}",
         r.text()
     );
@@ -157,7 +81,10 @@ fn unknown_repositories_hosts_and_endpoints() {
         b"",
     );
     assert_eq!(r.status, 404);
-    assert_eq!(request(server.addr, "GET", "/healthz", &[], b"").status, 200);
+    assert_eq!(
+        request(server.addr, "GET", "/healthz", &[], b"").status,
+        200
+    );
 }
 
 #[test]

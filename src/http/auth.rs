@@ -12,7 +12,10 @@ use gix::ObjectId;
 /// GitHub (`x-access-token`), GitLab and Gitea accept for tokens.
 pub fn static_token_header(token: &str) -> String {
     let pair = format!("x-access-token:{token}");
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(pair)
+    )
 }
 
 /// Remembers, for a short time, that the upstream accepted a credential for a mirror. Only a
@@ -33,7 +36,12 @@ impl AccessCache {
 
     /// Whether `credentials` may read `dir`: from the cache, else by running `verify` on a
     /// blocking thread.
-    pub async fn check<F>(&self, dir: &Path, credentials: &str, verify: F) -> Result<(), crate::upstream::Error>
+    pub async fn check<F>(
+        &self,
+        dir: &Path,
+        credentials: &str,
+        verify: F,
+    ) -> Result<(), crate::upstream::Error>
     where
         F: FnOnce(&str) -> Result<(), crate::upstream::Error> + Send + 'static,
     {

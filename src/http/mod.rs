@@ -228,7 +228,11 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
         .map(str::to_owned);
     let authorization = match state.config.auth_mode {
         AuthMode::None => None,
-        AuthMode::Static => state.config.static_token.as_deref().map(auth::static_token_header),
+        AuthMode::Static => state
+            .config
+            .static_token
+            .as_deref()
+            .map(auth::static_token_header),
         AuthMode::PassThrough => client_authorization.clone(),
     };
     let mirrored = Mirrored {
@@ -282,21 +286,28 @@ async fn check_access(state: &AppState, m: &Mirrored) -> Result<(), Error> {
         .await
         .map_err(|e| match e {
             crate::upstream::Error::AuthRequired => Error::AuthRequired(m.target.name.clone()),
-            other => Error::BadGateway(format!("cannot verify credentials for {}: {other}", m.target.name)),
+            other => Error::BadGateway(format!(
+                "cannot verify credentials for {}: {other}",
+                m.target.name
+            )),
         })
 }
 
 fn with_status(mut response: Response, status: Status) -> Response {
-    response
-        .headers_mut()
-        .insert("x-git-proxy-status", HeaderValue::from_static(status.as_str()));
+    response.headers_mut().insert(
+        "x-git-proxy-status",
+        HeaderValue::from_static(status.as_str()),
+    );
     response
 }
 
 async fn info_refs(state: &AppState, m: Mirrored, version: Version) -> Result<Response, Error> {
     Span::current().record("command", "info/refs");
     check_access(state, &m).await?;
-    let status = state.mirrors.ensure(&m.request(), Freshness::IfStale).await?;
+    let status = state
+        .mirrors
+        .ensure(&m.request(), Freshness::IfStale)
+        .await?;
     let target = m.target;
     let name = target.name.clone();
     let (advert, outcome) = tokio::task::spawn_blocking(move || {
@@ -310,17 +321,20 @@ async fn info_refs(state: &AppState, m: Mirrored, version: Version) -> Result<Re
         other => Error::Internal(other.to_string()),
     })?;
     Span::current().record("outcome", field::debug(outcome));
-    Ok(with_status((
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/x-git-upload-pack-advertisement"),
-            ),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-        ],
-        advert,
-    )
-        .into_response(), status))
+    Ok(with_status(
+        (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-git-upload-pack-advertisement"),
+                ),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            ],
+            advert,
+        )
+            .into_response(),
+        status,
+    ))
 }
 
 /// Either protocol's parsed request.
@@ -376,7 +390,10 @@ async fn upload_pack(
     let mut status = if repo::exists(&m.target.dir) {
         Status::Hit
     } else {
-        state.mirrors.ensure(&m.request(), Freshness::IfStale).await?
+        state
+            .mirrors
+            .ensure(&m.request(), Freshness::IfStale)
+            .await?
     };
     // A want-miss: the client knows objects the mirror does not have yet (a push after our last
     // sync, or a SHA it was given out of band). Sync, then serve what we have.
@@ -396,7 +413,10 @@ async fn upload_pack(
         .map_err(|e| Error::Internal(e.to_string()))?
         .map_err(|e| Error::Internal(e.to_string()))?;
         if missing {
-            status = state.mirrors.ensure(&m.request(), Freshness::SyncedAfter(arrived)).await?;
+            status = state
+                .mirrors
+                .ensure(&m.request(), Freshness::SyncedAfter(arrived))
+                .await?;
         }
     }
     let target = m.target;
@@ -452,7 +472,10 @@ async fn upload_pack(
             }
         }
     });
-    Ok(with_status(pack_response(Body::from_stream(stream)), status))
+    Ok(with_status(
+        pack_response(Body::from_stream(stream)),
+        status,
+    ))
 }
 
 fn pack_response(body: Body) -> Response {

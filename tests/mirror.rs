@@ -1,0 +1,394 @@
+//! Mirroring from a real upstream (`git http-backend` behind a test server): creation, hits,
+//! syncs, want-miss, pruning, HEAD changes, singleflight, failures. Protocol v2 and v0.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::upstream::{Mode, Upstream};
+use common::*;
+
+/// A proxy in front of `up`, syncing when older than `stale_after`.
+fn proxy(up: &Upstream, stale_after: Duration) -> Server {
+    let allowed = up.allowed();
+    Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.sync_stale_after = stale_after.into();
+        c.upstream_stall_timeout = Duration::from_secs(3).into();
+        c.upstream_connect_timeout = Duration::from_secs(3).into();
+    })
+}
+
+fn status_of(server: &Server, up: &Upstream, name: &str) -> (u16, Option<String>) {
+    let r = request(
+        server.addr,
+        "GET",
+        &format!("/{}/{name}/info/refs?service=git-upload-pack", up.segment()),
+        &[],
+        b"",
+    );
+    (r.status, r.header("x-git-proxy-status"))
+}
+
+/// Upstream commits on `branch` of the bare repository `dir`, through a scratch clone.
+fn push_commits(dir: &Path, branch: &str, n: usize) -> String {
+    let work = tempfile::tempdir().unwrap();
+    let src = format!("file://{}", dir.display());
+    git(work.path(), &["clone", "-q", "--branch", branch, &src, "w"]);
+    let w = work.path().join("w");
+    let unique = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    for i in 0..n {
+        std::fs::write(w.join(format!("pushed-{unique}-{i}")), format!("{i}\n")).unwrap();
+        git(&w, &["add", "-A"]);
+        git(&w, &["commit", "-q", "-m", &format!("pushed {i}")]);
+    }
+    git(&w, &["push", "-q", "origin", &format!("HEAD:{branch}")]);
+    git(&w, &["rev-parse", "HEAD"]).trim().to_owned()
+}
+
+/// How many times the proxy connected to the upstream (each fetch starts with one ref
+/// advertisement request).
+fn upstream_fetches(up: &Upstream) -> usize {
+    up.log()
+        .iter()
+        .filter(|l| l.path.ends_with("/info/refs"))
+        .count()
+}
+
+#[test]
+fn first_clone_creates_the_mirror_and_the_second_is_a_hit() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("group/sub/basic", "basic");
+    let server = proxy(&up, Duration::from_secs(3600));
+    let url = server.url_for(&up.segment(), "group/sub/basic");
+    for v in PROTOCOLS {
+        let work = tempfile::tempdir().unwrap();
+        git(
+            work.path(),
+            &args(&["clone", "-q", "--mirror", &url, "c"], &proto(v)),
+        );
+        assert_fsck(&work.path().join("c"));
+        assert_eq!(refs(&work.path().join("c")), refs(&upstream_dir), "v{v}");
+    }
+    let mirror = server
+        .mirror
+        .path()
+        .join(up.segment())
+        .join("group/sub/basic.git");
+    assert!(
+        mirror.join("objects").is_dir(),
+        "nested groups keep every segment"
+    );
+    assert_eq!(refs(&mirror), refs(&upstream_dir));
+    assert_eq!(
+        git(&mirror, &["symbolic-ref", "HEAD"]),
+        git(&upstream_dir, &["symbolic-ref", "HEAD"])
+    );
+    // Only the first clone reached the upstream.
+    assert_eq!(
+        upstream_fetches(&up),
+        1,
+        "{:?}",
+        up.log().iter().map(|l| &l.path).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        status_of(&server, &up, "group/sub/basic"),
+        (200, Some("hit".into()))
+    );
+    assert_eq!(upstream_fetches(&up), 1);
+}
+
+#[test]
+fn pushes_reach_clients_after_sync_stale_after() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let server = proxy(&up, Duration::from_millis(200));
+    let url = server.url_for(&up.segment(), "o/basic");
+    for v in PROTOCOLS {
+        let work = tempfile::tempdir().unwrap();
+        git(work.path(), &args(&["clone", "-q", &url, "c"], &proto(v)));
+        let c = work.path().join("c");
+        let pushed = push_commits(&upstream_dir, "main", 2);
+        std::thread::sleep(Duration::from_millis(300));
+        git(&c, &args(&["fetch", "-q", "origin"], &proto(v)));
+        assert_eq!(
+            git(&c, &["rev-parse", "origin/main"]).trim(),
+            pushed,
+            "v{v}"
+        );
+        assert_fsck(&c.join(".git"));
+    }
+}
+
+#[test]
+fn a_want_miss_syncs_then_serves() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    // Never stale: only the want-miss can bring the new commit.
+    let server = proxy(&up, Duration::from_secs(3600));
+    let url = server.url_for(&up.segment(), "o/basic");
+    assert_eq!(
+        status_of(&server, &up, "o/basic").1.as_deref(),
+        Some("clone")
+    );
+    for v in PROTOCOLS {
+        let sha = push_commits(&upstream_dir, "feature/b", 1);
+        let work = tempfile::tempdir().unwrap();
+        let repo = work.path();
+        git(repo, &["init", "-q"]);
+        git(repo, &["remote", "add", "origin", &url]);
+        // actions/checkout's exact fetch.
+        git(
+            repo,
+            &[
+                "-c",
+                &format!("protocol.version={v}"),
+                "fetch",
+                "--no-tags",
+                "--prune",
+                "--no-recurse-submodules",
+                "--depth=1",
+                "origin",
+                &format!("+{sha}:refs/remotes/origin/feature/b"),
+            ],
+        );
+        git(
+            repo,
+            &[
+                "checkout",
+                "-q",
+                "--force",
+                "-B",
+                "feature/b",
+                "refs/remotes/origin/feature/b",
+            ],
+        );
+        assert_eq!(git(repo, &["rev-parse", "HEAD"]).trim(), sha, "v{v}");
+        assert_fsck(&repo.join(".git"));
+    }
+    // A SHA the upstream does not have either: synced, still missing, refused.
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["init", "-q"]);
+    let out = git_output(
+        work.path(),
+        &[
+            "-c",
+            "protocol.version=2",
+            "fetch",
+            &url,
+            "1234567890123456789012345678901234567890",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("not our ref 1234567890123456789012345678901234567890"));
+}
+
+#[test]
+fn deleted_branches_and_default_branch_changes_reach_the_mirror() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let server = proxy(&up, Duration::from_millis(100));
+    assert_eq!(
+        status_of(&server, &up, "o/basic").1.as_deref(),
+        Some("clone")
+    );
+    let mirror = server.mirror.path().join(up.segment()).join("o/basic.git");
+    git(&upstream_dir, &["branch", "-D", "feature/a"]);
+    git(
+        &upstream_dir,
+        &["symbolic-ref", "HEAD", "refs/heads/feature/b"],
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        status_of(&server, &up, "o/basic"),
+        (200, Some("sync".into()))
+    );
+    assert_eq!(refs(&mirror), refs(&upstream_dir));
+    assert_eq!(
+        git(&mirror, &["symbolic-ref", "HEAD"]).trim(),
+        "refs/heads/feature/b"
+    );
+    let work = tempfile::tempdir().unwrap();
+    git(
+        work.path(),
+        &[
+            "clone",
+            "-q",
+            &server.url_for(&up.segment(), "o/basic"),
+            "c",
+        ],
+    );
+    assert_eq!(
+        git(&work.path().join("c"), &["branch", "--show-current"]).trim(),
+        "feature/b"
+    );
+}
+
+#[test]
+fn concurrent_first_clones_share_one_upstream_clone() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/large", "large");
+    let server = proxy(&up, Duration::from_secs(3600));
+    let url = server.url_for(&up.segment(), "o/large");
+    let work = tempfile::tempdir().unwrap();
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let url = url.clone();
+            let dest = work.path().join(format!("c{i}"));
+            std::thread::spawn(move || {
+                let out = git_output(
+                    Path::new("/"),
+                    &["clone", "-q", "--bare", &url, dest.to_str().unwrap()],
+                    &[],
+                );
+                assert!(
+                    out.status.success(),
+                    "clone {i}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                dest
+            })
+        })
+        .collect();
+    for h in handles {
+        let dest = h.join().unwrap();
+        assert_fsck(&dest);
+        assert_eq!(
+            refs(&dest),
+            git(
+                &upstream_dir,
+                &[
+                    "for-each-ref",
+                    "--format=%(objectname) %(refname)",
+                    "refs/heads/",
+                    "refs/tags/"
+                ]
+            )
+        );
+    }
+    assert_eq!(upstream_fetches(&up), 1, "exactly one upstream clone");
+}
+
+#[test]
+fn upstream_failures_serve_stale_mirrors_and_explain_cold_ones() {
+    let up = Upstream::start();
+    up.add_fixture("o/basic", "basic");
+    let server = proxy(&up, Duration::from_millis(100));
+    let url = server.url_for(&up.segment(), "o/basic");
+    assert_eq!(
+        status_of(&server, &up, "o/basic").1.as_deref(),
+        Some("clone")
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    up.set_mode(Mode::Fail);
+    assert_eq!(
+        status_of(&server, &up, "o/basic"),
+        (200, Some("stale".into()))
+    );
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "-q", &url, "c"]);
+    assert_fsck(&work.path().join("c/.git"));
+
+    // No mirror yet: a clear error git prints.
+    up.add_fixture("o/cold", "basic");
+    let out = git_output(
+        work.path(),
+        &["clone", &server.url_for(&up.segment(), "o/cold"), "cold"],
+        &[],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot mirror"), "{stderr}");
+
+    // A stalled upstream is given up on after the stall timeout.
+    up.set_mode(Mode::Stall);
+    up.add_fixture("o/stalled", "basic");
+    let (code, _) = status_of(&server, &up, "o/stalled");
+    assert_eq!(code, 502);
+}
+
+#[test]
+fn an_upstream_cut_mid_clone_leaves_no_mirror_and_the_next_request_succeeds() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/large", "large");
+    let server = proxy(&up, Duration::from_secs(3600));
+    up.set_mode(Mode::CutPacksAfter(200_000));
+    let (code, _) = status_of(&server, &up, "o/large");
+    assert_eq!(code, 502);
+    let host_dir = server.mirror.path().join(up.segment()).join("o");
+    let left: Vec<_> = std::fs::read_dir(&host_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
+    up.set_mode(Mode::Normal);
+    let work = tempfile::tempdir().unwrap();
+    git(
+        work.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            &server.url_for(&up.segment(), "o/large"),
+            "c",
+        ],
+    );
+    assert_fsck(&work.path().join("c"));
+    assert_eq!(
+        git(&work.path().join("c"), &["rev-parse", "main"]),
+        git(&upstream_dir, &["rev-parse", "main"])
+    );
+}
+
+#[test]
+fn leftover_temporaries_are_removed_at_start_and_seeded_mirrors_adopted() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let mirror_root = tempfile::tempdir().unwrap();
+    let host = mirror_root.path().join(up.segment()).join("o");
+    std::fs::create_dir_all(host.join(".smart-git-proxy-tmp-basic.git-1-0/objects")).unwrap();
+    // An operator's `git clone --mirror`.
+    git(
+        &host,
+        &[
+            "clone",
+            "-q",
+            "--mirror",
+            &format!("file://{}", upstream_dir.display()),
+            "basic.git",
+        ],
+    );
+    let state = smart_git_proxy::http::AppState::new(smart_git_proxy::config::Config::new(
+        mirror_root.path(),
+    ));
+    assert_eq!(state.mirrors().remove_temporaries().unwrap(), 1);
+    assert!(!host.join(".smart-git-proxy-tmp-basic.git-1-0").exists());
+    drop(state);
+    let root = mirror_root.path().to_path_buf();
+    let allowed = up.allowed();
+    let server = Server::start_with(move |c| {
+        c.mirror_dir = root;
+        c.allowed_upstreams = allowed;
+        c.sync_stale_after = Duration::from_secs(3600).into();
+    });
+    assert_eq!(
+        status_of(&server, &up, "o/basic"),
+        (200, Some("sync".into()))
+    );
+    let work = tempfile::tempdir().unwrap();
+    git(
+        work.path(),
+        &[
+            "clone",
+            "-q",
+            &server.url_for(&up.segment(), "o/basic"),
+            "c",
+        ],
+    );
+    assert_fsck(&work.path().join("c/.git"));
+}
