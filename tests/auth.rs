@@ -1,0 +1,132 @@
+//! Credentials: pass-through (the client's own, checked against the upstream for every request
+//! to a private mirror) and static (the proxy's token). The upstream is `git http-backend`
+//! behind Basic auth.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::upstream::Upstream;
+use common::*;
+use smart_git_proxy::config::AuthMode;
+
+fn basic(user_password: &str) -> String {
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(user_password))
+}
+
+fn proxy(up: &Upstream, mode: AuthMode, token: Option<&str>) -> Server {
+    let allowed = up.allowed();
+    let token = token.map(str::to_owned);
+    Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.auth_mode = mode;
+        c.static_token = token;
+        c.sync_stale_after = Duration::from_secs(3600).into();
+        c.auth_cache_ttl = Duration::from_millis(1).into();
+    })
+}
+
+/// `GET info/refs` and a v2 `ls-refs` POST for `name`, with `authorization`.
+fn both_endpoints(server: &Server, up: &Upstream, name: &str, authorization: Option<&str>) -> (Reply, Reply) {
+    let mut headers = vec![("Git-Protocol", "version=2")];
+    if let Some(a) = authorization {
+        headers.push(("Authorization", a));
+    }
+    let get = request(
+        server.addr,
+        "GET",
+        &format!("/{}/{name}/info/refs?service=git-upload-pack", up.segment()),
+        &headers,
+        b"",
+    );
+    let post = request(
+        server.addr,
+        "POST",
+        &format!("/{}/{name}/git-upload-pack", up.segment()),
+        &headers,
+        b"0014command=ls-refs\n0000",
+    );
+    (get, post)
+}
+
+fn assert_challenged(r: &Reply, what: &str) {
+    assert_eq!(r.status, 401, "{what}: {}", r.text());
+    assert_eq!(r.header("www-authenticate").as_deref(), Some("Basic realm=\"smart-git-proxy\""), "{what}");
+}
+
+#[test]
+fn pass_through_serves_private_mirrors_only_to_accepted_credentials() {
+    let up = Upstream::start();
+    up.add_fixture("private/repo", "basic");
+    up.require_auth("/private", "alice:secret");
+    let server = proxy(&up, AuthMode::PassThrough, None);
+    let right = basic("alice:secret");
+    let wrong = basic("alice:guess");
+
+    // Cold: the upstream's refusal becomes a challenge, so git asks for credentials.
+    let (get, _) = both_endpoints(&server, &up, "private/repo", None);
+    assert_challenged(&get, "no credentials, no mirror");
+    let (get, _) = both_endpoints(&server, &up, "private/repo", Some(&wrong));
+    assert_challenged(&get, "wrong credentials, no mirror");
+
+    // The client's credentials create the mirror.
+    let work = tempfile::tempdir().unwrap();
+    let with_creds = server
+        .url_for(&up.segment(), "private/repo")
+        .replacen("http://", "http://alice:secret@", 1);
+    git(work.path(), &["clone", "-q", &with_creds, "c"]);
+    assert_fsck(&work.path().join("c/.git"));
+
+    // Now the mirror exists: both endpoints still require credentials the upstream accepts.
+    for (auth, ok) in [(None, false), (Some(wrong.as_str()), false), (Some(right.as_str()), true)] {
+        let (get, post) = both_endpoints(&server, &up, "private/repo", auth);
+        if ok {
+            assert_eq!((get.status, post.status), (200, 200), "{}", post.text());
+            assert!(post.text().contains("refs/heads/main"));
+        } else {
+            assert_challenged(&get, "GET of a private mirror");
+            assert_challenged(&post, "POST of a private mirror");
+        }
+    }
+    let out = git_output(work.path(), &["clone", &server.url_for(&up.segment(), "private/repo"), "anon"], &[]);
+    assert!(!out.status.success(), "an anonymous clone of a private mirror fails");
+
+    // Secrets are never written to the mirror.
+    let mirror = server.mirror.path().join(up.segment()).join("private/repo.git");
+    for file in ["config", "packed-refs", "HEAD"] {
+        let text = std::fs::read_to_string(mirror.join(file)).unwrap_or_default();
+        assert!(!text.contains("secret") && !text.contains(&right[6..]), "{file}");
+    }
+}
+
+#[test]
+fn pass_through_needs_no_credentials_for_public_repositories() {
+    let up = Upstream::start();
+    up.add_fixture("public/repo", "basic");
+    let server = proxy(&up, AuthMode::PassThrough, None);
+    let (get, post) = both_endpoints(&server, &up, "public/repo", None);
+    assert_eq!((get.status, post.status), (200, 200));
+    assert_eq!(get.header("x-git-proxy-status").as_deref(), Some("clone"));
+}
+
+#[test]
+fn static_mode_sends_the_proxy_token() {
+    let up = Upstream::start();
+    up.add_fixture("private/repo", "basic");
+    up.require_auth("/private", "x-access-token:tok3n");
+    let server = proxy(&up, AuthMode::Static, Some("tok3n"));
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "-q", &server.url_for(&up.segment(), "private/repo"), "c"]);
+    assert_fsck(&work.path().join("c/.git"));
+    let sent = up
+        .log()
+        .iter()
+        .filter_map(|l| l.headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned))
+        .collect::<Vec<_>>();
+    assert!(sent.contains(&basic("x-access-token:tok3n")), "{sent:?}");
+
+    let bad = proxy(&up, AuthMode::Static, Some("wrong"));
+    let out = git_output(work.path(), &["clone", &bad.url_for(&up.segment(), "private/repo"), "d"], &[]);
+    assert!(!out.status.success());
+}
