@@ -12,7 +12,7 @@ use crate::protocol::advert::Refs;
 use crate::protocol::Ref;
 
 /// What a request path asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Service {
     /// `GET …/info/refs?service=…`
     InfoRefs,
@@ -20,6 +20,9 @@ pub enum Service {
     UploadPack,
     /// `POST …/git-receive-pack`, which this read-only server refuses.
     ReceivePack,
+    /// `…/info/lfs/…`: Git LFS, passed through to the upstream. The field is the path from
+    /// `/info/lfs` on.
+    Lfs(String),
 }
 
 /// A request path resolved to a repository location and a service.
@@ -51,14 +54,21 @@ pub enum ResolveError {
 
 /// Resolve `uri_path` (the raw, still percent-encoded path of the request) against `root`.
 pub fn resolve(root: &Path, uri_path: &str) -> Result<Target, ResolveError> {
-    let (repo_part, service) = [
-        ("/info/refs", Service::InfoRefs),
-        ("/git-upload-pack", Service::UploadPack),
-        ("/git-receive-pack", Service::ReceivePack),
-    ]
-    .into_iter()
-    .find_map(|(suffix, service)| uri_path.strip_suffix(suffix).map(|rest| (rest, service)))
-    .ok_or_else(|| ResolveError::UnknownEndpoint(uri_path.to_owned()))?;
+    let lfs = uri_path
+        .find("/info/lfs")
+        .filter(|at| matches!(uri_path.as_bytes().get(at + 9), None | Some(b'/')))
+        .map(|at| (&uri_path[..at], Service::Lfs(uri_path[at..].to_owned())));
+    let (repo_part, service) = lfs
+        .or_else(|| {
+            [
+                ("/info/refs", Service::InfoRefs),
+                ("/git-upload-pack", Service::UploadPack),
+                ("/git-receive-pack", Service::ReceivePack),
+            ]
+            .into_iter()
+            .find_map(|(suffix, service)| uri_path.strip_suffix(suffix).map(|rest| (rest, service)))
+        })
+        .ok_or_else(|| ResolveError::UnknownEndpoint(uri_path.to_owned()))?;
 
     let invalid = |reason| ResolveError::InvalidPath {
         path: repo_part.to_owned(),
@@ -248,6 +258,10 @@ mod tests {
             ok("/gitlab.com/a/b/c/repo.git/info/refs").dir,
             Path::new("/m/gitlab.com/a/b/c/repo.git")
         );
+        let lfs = ok("/github.com/o/r.git/info/lfs/objects/batch");
+        assert_eq!(lfs.service, Service::Lfs("/info/lfs/objects/batch".into()));
+        assert_eq!(lfs.name, "github.com/o/r");
+        assert!(resolve(Path::new("/m"), "/github.com/o/r/info/lfsx").is_err());
     }
 
     #[test]

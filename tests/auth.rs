@@ -12,7 +12,10 @@ use common::*;
 use smart_git_proxy::config::AuthMode;
 
 fn basic(user_password: &str) -> String {
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(user_password))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(user_password)
+    )
 }
 
 fn proxy(up: &Upstream, mode: AuthMode, token: Option<&str>) -> Server {
@@ -28,7 +31,12 @@ fn proxy(up: &Upstream, mode: AuthMode, token: Option<&str>) -> Server {
 }
 
 /// `GET info/refs` and a v2 `ls-refs` POST for `name`, with `authorization`.
-fn both_endpoints(server: &Server, up: &Upstream, name: &str, authorization: Option<&str>) -> (Reply, Reply) {
+fn both_endpoints(
+    server: &Server,
+    up: &Upstream,
+    name: &str,
+    authorization: Option<&str>,
+) -> (Reply, Reply) {
     let mut headers = vec![("Git-Protocol", "version=2")];
     if let Some(a) = authorization {
         headers.push(("Authorization", a));
@@ -52,7 +60,11 @@ fn both_endpoints(server: &Server, up: &Upstream, name: &str, authorization: Opt
 
 fn assert_challenged(r: &Reply, what: &str) {
     assert_eq!(r.status, 401, "{what}: {}", r.text());
-    assert_eq!(r.header("www-authenticate").as_deref(), Some("Basic realm=\"smart-git-proxy\""), "{what}");
+    assert_eq!(
+        r.header("www-authenticate").as_deref(),
+        Some("Basic realm=\"smart-git-proxy\""),
+        "{what}"
+    );
 }
 
 #[test]
@@ -72,14 +84,20 @@ fn pass_through_serves_private_mirrors_only_to_accepted_credentials() {
 
     // The client's credentials create the mirror.
     let work = tempfile::tempdir().unwrap();
-    let with_creds = server
-        .url_for(&up.segment(), "private/repo")
-        .replacen("http://", "http://alice:secret@", 1);
+    let with_creds = server.url_for(&up.segment(), "private/repo").replacen(
+        "http://",
+        "http://alice:secret@",
+        1,
+    );
     git(work.path(), &["clone", "-q", &with_creds, "c"]);
     assert_fsck(&work.path().join("c/.git"));
 
     // Now the mirror exists: both endpoints still require credentials the upstream accepts.
-    for (auth, ok) in [(None, false), (Some(wrong.as_str()), false), (Some(right.as_str()), true)] {
+    for (auth, ok) in [
+        (None, false),
+        (Some(wrong.as_str()), false),
+        (Some(right.as_str()), true),
+    ] {
         let (get, post) = both_endpoints(&server, &up, "private/repo", auth);
         if ok {
             assert_eq!((get.status, post.status), (200, 200), "{}", post.text());
@@ -89,14 +107,32 @@ fn pass_through_serves_private_mirrors_only_to_accepted_credentials() {
             assert_challenged(&post, "POST of a private mirror");
         }
     }
-    let out = git_output(work.path(), &["clone", &server.url_for(&up.segment(), "private/repo"), "anon"], &[]);
-    assert!(!out.status.success(), "an anonymous clone of a private mirror fails");
+    let out = git_output(
+        work.path(),
+        &[
+            "clone",
+            &server.url_for(&up.segment(), "private/repo"),
+            "anon",
+        ],
+        &[],
+    );
+    assert!(
+        !out.status.success(),
+        "an anonymous clone of a private mirror fails"
+    );
 
     // Secrets are never written to the mirror.
-    let mirror = server.mirror.path().join(up.segment()).join("private/repo.git");
+    let mirror = server
+        .mirror
+        .path()
+        .join(up.segment())
+        .join("private/repo.git");
     for file in ["config", "packed-refs", "HEAD"] {
         let text = std::fs::read_to_string(mirror.join(file)).unwrap_or_default();
-        assert!(!text.contains("secret") && !text.contains(&right[6..]), "{file}");
+        assert!(
+            !text.contains("secret") && !text.contains(&right[6..]),
+            "{file}"
+        );
     }
 }
 
@@ -117,16 +153,33 @@ fn static_mode_sends_the_proxy_token() {
     up.require_auth("/private", "x-access-token:tok3n");
     let server = proxy(&up, AuthMode::Static, Some("tok3n"));
     let work = tempfile::tempdir().unwrap();
-    git(work.path(), &["clone", "-q", &server.url_for(&up.segment(), "private/repo"), "c"]);
+    git(
+        work.path(),
+        &[
+            "clone",
+            "-q",
+            &server.url_for(&up.segment(), "private/repo"),
+            "c",
+        ],
+    );
     assert_fsck(&work.path().join("c/.git"));
     let sent = up
         .log()
         .iter()
-        .filter_map(|l| l.headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned))
+        .filter_map(|l| {
+            l.headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
         .collect::<Vec<_>>();
     assert!(sent.contains(&basic("x-access-token:tok3n")), "{sent:?}");
 
     let bad = proxy(&up, AuthMode::Static, Some("wrong"));
-    let out = git_output(work.path(), &["clone", &bad.url_for(&up.segment(), "private/repo"), "d"], &[]);
+    let out = git_output(
+        work.path(),
+        &["clone", &bad.url_for(&up.segment(), "private/repo"), "d"],
+        &[],
+    );
     assert!(!out.status.success());
 }

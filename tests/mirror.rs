@@ -392,3 +392,64 @@ fn leftover_temporaries_are_removed_at_start_and_seeded_mirrors_adopted() {
     );
     assert_fsck(&work.path().join("c/.git"));
 }
+
+#[test]
+fn git_lfs_requests_pass_through_to_the_upstream() {
+    let up = Upstream::start();
+    up.add_fixture("o/basic", "basic");
+    let server = proxy(&up, Duration::from_secs(3600));
+    let batch =
+        br#"{"operation":"download","transfers":["basic"],"objects":[{"oid":"abc","size":3}]}"#;
+    let r = request(
+        server.addr,
+        "POST",
+        &format!("/{}/o/basic.git/info/lfs/objects/batch?x=1", up.segment()),
+        &[
+            ("Accept", "application/vnd.git-lfs+json"),
+            ("Content-Type", "application/vnd.git-lfs+json"),
+            ("Authorization", "Bearer lfs-token"),
+        ],
+        batch,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/vnd.git-lfs+json")
+    );
+    assert_eq!(r.body, [b"lfs-echo POST ".as_slice(), batch].concat());
+    let seen = up
+        .log()
+        .into_iter()
+        .find(|l| l.path.contains("/info/lfs/"))
+        .expect("reached the upstream");
+    assert_eq!(seen.path, "/o/basic.git/info/lfs/objects/batch");
+    assert_eq!(seen.query, "x=1");
+    assert_eq!(seen.body, batch);
+    assert_eq!(
+        seen.headers.get("authorization").unwrap(),
+        "Bearer lfs-token"
+    );
+    assert_eq!(
+        seen.headers.get("accept").unwrap(),
+        "application/vnd.git-lfs+json"
+    );
+    // Statuses pass through too.
+    up.set_lfs_status(404);
+    let r = request(
+        server.addr,
+        "GET",
+        &format!("/{}/o/basic.git/info/lfs/locks", up.segment()),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 404);
+    assert!(
+        !server
+            .mirror
+            .path()
+            .join(up.segment())
+            .join("o/basic.git")
+            .exists(),
+        "LFS alone creates no mirror"
+    );
+}

@@ -5,6 +5,7 @@
 
 mod auth;
 mod body;
+mod lfs;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub struct AppState {
     upstreams: Arc<Upstreams>,
     mirrors: Arc<Mirrors>,
     access: Arc<auth::AccessCache>,
+    lfs_client: reqwest::Client,
 }
 
 impl AppState {
@@ -55,6 +57,11 @@ impl AppState {
             upstreams: Arc::new(config.upstreams().unwrap_or_default()),
             access: Arc::new(auth::AccessCache::new(*config.auth_cache_ttl)),
             mirrors: Arc::new(mirrors),
+            lfs_client: reqwest::Client::builder()
+                .connect_timeout(*config.upstream_connect_timeout)
+                .read_timeout(*config.upstream_stall_timeout)
+                .build()
+                .unwrap_or_default(),
             config: Arc::new(config),
             pack_slots: Arc::new(Semaphore::new(slots)),
         }
@@ -247,7 +254,7 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
             .get("git-protocol")
             .and_then(|v| v.to_str().ok()),
     );
-    match (&parts.method, mirrored.target.service) {
+    match (&parts.method, &mirrored.target.service) {
         (&Method::GET, Service::InfoRefs) => {
             let service = parts
                 .uri
@@ -263,6 +270,26 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
         }
         (&Method::POST, Service::UploadPack) => upload_pack(state, mirrored, version, body).await,
         (&Method::POST, Service::ReceivePack) => Err(Error::ReceivePack),
+        (method, Service::Lfs(lfs_path)) => {
+            span.record("command", "lfs");
+            let url = lfs::upstream_url(&mirrored.url, lfs_path, &parts.uri);
+            let authorization = mirrored
+                .client_authorization
+                .as_deref()
+                .or(mirrored.authorization.as_deref());
+            let response = lfs::forward(
+                &state.lfs_client,
+                &url,
+                method.clone(),
+                &parts.headers,
+                authorization,
+                body,
+            )
+            .await
+            .map_err(Error::BadGateway)?;
+            span.record("outcome", field::display(response.status().as_u16()));
+            Ok(response)
+        }
         (method, _) => Err(Error::Method(method.clone())),
     }
 }
