@@ -254,10 +254,16 @@ impl Mirrors {
             Ok((fetched, status)) => {
                 state.last_sync = Some(Instant::now());
                 state.last_failure = None;
+                crate::metrics::mirror_update(
+                    status.as_str(),
+                    started.elapsed(),
+                    fetched.pack_bytes,
+                );
                 tracing::info!(
                     repo = req.name,
                     status = status.as_str(),
                     refs = fetched.refs.len(),
+                    bytes = fetched.pack_bytes,
                     duration = ?started.elapsed(),
                     "mirror updated"
                 );
@@ -266,13 +272,17 @@ impl Mirrors {
             Err(upstream::Error::AuthRequired) => Err(Error::AuthRequired(req.name.into())),
             Err(e) if exists => {
                 state.last_failure = Some(Instant::now());
+                crate::metrics::mirror_update("stale", started.elapsed(), 0);
                 tracing::warn!(repo = req.name, error = %e, "sync failed, serving the existing mirror");
                 Ok(Status::Stale)
             }
-            Err(e) => Err(Error::Upstream {
-                name: req.name.into(),
-                message: e.to_string(),
-            }),
+            Err(e) => {
+                crate::metrics::mirror_update("failed", started.elapsed(), 0);
+                Err(Error::Upstream {
+                    name: req.name.into(),
+                    message: e.to_string(),
+                })
+            }
         }
     }
 

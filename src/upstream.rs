@@ -49,6 +49,8 @@ pub struct Fetched {
     pub refs: Vec<(BString, ObjectId)>,
     /// The branch the upstream's `HEAD` points to, if it said.
     pub head: Option<BString>,
+    /// Size of the pack received (0 when nothing was new).
+    pub pack_bytes: u64,
 }
 
 /// Fetch everything (`+refs/*:refs/*`) from `url` into the bare repository at `dir`.

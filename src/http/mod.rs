@@ -44,6 +44,7 @@ pub struct AppState {
 impl AppState {
     /// State for serving with `config`, which must have passed [`Config::validate`].
     pub fn new(config: Config) -> Self {
+        crate::metrics::handle();
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let slots = config.max_concurrent_packs.unwrap_or(cores * 2);
         let mirrors = Mirrors::new(mirror::Settings {
@@ -84,6 +85,7 @@ fn upstream_options(config: &Config) -> crate::upstream::Options {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(|| async { crate::metrics::render() }))
         .fallback(git)
         .layer(RequestDecompressionLayer::new().gzip(true))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -141,6 +143,16 @@ enum Error {
     BadGateway(String),
     #[error("internal server error")]
     Internal(String),
+}
+
+impl Error {
+    /// Whether the client is at fault (a 4xx), as opposed to us or the upstream.
+    fn is_client_error(&self) -> bool {
+        !matches!(
+            self,
+            Error::Unavailable | Error::BadGateway(_) | Error::Internal(_)
+        )
+    }
 }
 
 impl IntoResponse for Error {
@@ -254,6 +266,30 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
             .get("git-protocol")
             .and_then(|v| v.to_str().ok()),
     );
+    let command = match &mirrored.target.service {
+        Service::InfoRefs => "info-refs",
+        Service::UploadPack | Service::ReceivePack => "upload-pack",
+        Service::Lfs(_) => "lfs",
+    };
+    let result = route(&state, &parts, mirrored, version, body).await;
+    match &result {
+        Ok(_) if command != "upload-pack" => crate::metrics::request(command, "ok"),
+        // Upload-pack outcomes are counted when the streamed answer ends.
+        Ok(_) => {}
+        Err(e) if e.is_client_error() => crate::metrics::request(command, "refused"),
+        Err(_) => crate::metrics::request(command, "error"),
+    }
+    result
+}
+
+async fn route(
+    state: &AppState,
+    parts: &axum::http::request::Parts,
+    mirrored: Mirrored,
+    version: Version,
+    body: Body,
+) -> Result<Response, Error> {
+    let span = Span::current();
     match (&parts.method, &mirrored.target.service) {
         (&Method::GET, Service::InfoRefs) => {
             let service = parts
@@ -263,12 +299,14 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("service="));
             match service {
-                Some("git-upload-pack") => info_refs(&state, mirrored, version).await,
+                Some("git-upload-pack") => info_refs(state, mirrored, version).await,
                 Some("git-receive-pack") => Err(Error::ReceivePack),
                 _ => Err(Error::DumbHttp),
             }
         }
-        (&Method::POST, Service::UploadPack) => upload_pack(state, mirrored, version, body).await,
+        (&Method::POST, Service::UploadPack) => {
+            upload_pack(state.clone(), mirrored, version, body).await
+        }
         (&Method::POST, Service::ReceivePack) => Err(Error::ReceivePack),
         (method, Service::Lfs(lfs_path)) => {
             span.record("command", "lfs");
@@ -477,23 +515,41 @@ async fn upload_pack(
                     Parsed::V2(req) => upload_pack::serve_v2(&ctx, req, out),
                 }
             });
+        let command = match &parsed {
+            Parsed::V0(_) => "upload-pack",
+            Parsed::V2(r) => match r.command {
+                v2::Command::LsRefs(_) => "ls-refs",
+                v2::Command::Fetch(_) => "fetch",
+            },
+        };
         match result {
             Ok(outcome) => {
                 task_span.record("outcome", field::debug(outcome));
                 tracing::info!(?outcome, "served");
+                crate::metrics::request(command, "ok");
+                if let upload_pack::Outcome::Pack { objects, bytes } = outcome {
+                    crate::metrics::pack(objects, bytes);
+                }
             }
-            Err(upload_pack::Error::Io(e)) => tracing::info!(error = %e, "client went away"),
+            Err(upload_pack::Error::Io(e)) => {
+                crate::metrics::request(command, "client-gone");
+                tracing::info!(error = %e, "client went away")
+            }
             Err(upload_pack::Error::Pack(crate::pack::Error::Interrupted)) => {
+                crate::metrics::request(command, "client-gone");
                 tracing::info!("client went away")
             }
             Err(
                 e @ (upload_pack::Error::NotOurRef(_)
+                | upload_pack::Error::Protocol(_)
                 | upload_pack::Error::Pack(crate::pack::Error::Missing(_))),
             ) => {
+                crate::metrics::request(command, "refused");
                 task_span.record("outcome", field::display(&e));
                 tracing::info!(error = %e, "refused");
             }
             Err(e) => {
+                crate::metrics::request(command, "error");
                 task_span.record("outcome", "error");
                 tracing::error!(error = %e, "upload-pack failed");
             }
