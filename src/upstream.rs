@@ -49,7 +49,7 @@ pub struct Fetched {
     pub refs: Vec<(BString, ObjectId)>,
     /// The branch the upstream's `HEAD` points to, if it said.
     pub head: Option<BString>,
-    /// Size of the pack received (0 when nothing was new).
+    /// Bytes the fetch added to the repository's packs (0 when nothing was new).
     pub pack_bytes: u64,
 }
 
@@ -134,6 +134,20 @@ pub fn fetch(
         }
     }
     Ok(out)
+}
+
+/// The size of the pack files of the repository at `dir`.
+fn pack_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("objects/pack"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Whether `authorization` gives access to `url`: a ref listing only, no objects. `dir` is any
