@@ -98,13 +98,15 @@ pub fn fetch(
     let has_refs = remote_refs
         .iter()
         .any(|r| !matches!(r, RemoteRef::Unborn { .. }));
+    let mut out = Fetched::default();
     if has_refs {
+        let before = pack_bytes(dir);
         prepared
             .with_write_packed_refs_only(true)
             .receive(gix::progress::Discard, interrupt)
             .map_err(classify)?;
+        out.pack_bytes = pack_bytes(dir).saturating_sub(before);
     }
-    let mut out = Fetched::default();
     for r in remote_refs {
         let (name, id, head_target) = match r {
             RemoteRef::Direct {
