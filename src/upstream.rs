@@ -62,14 +62,9 @@ pub fn fetch(
     opts: &Options,
     interrupt: &AtomicBool,
 ) -> Result<Fetched, Error> {
-    let local = |e: &dyn std::fmt::Display| Error::Local(e.to_string());
-    let repo = gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| local(&e))?;
-    let remote = repo
-        .remote_at(url)
-        .map_err(|e| Error::Failed(format!("invalid upstream URL {url}: {e}")))?
-        .with_refspecs(Some("+refs/*:refs/*"), Direction::Fetch)
-        .map_err(|e| local(&e))?
-        .with_fetch_tags(gix::remote::fetch::Tags::None);
+    let repo = open(dir)?;
+    let remote =
+        remote(&repo, url, "+refs/*:refs/*")?.with_fetch_tags(gix::remote::fetch::Tags::None);
     let auth_asked = Arc::new(AtomicBool::new(false));
     let connection = remote
         .connect(Direction::Fetch)
@@ -160,13 +155,8 @@ pub fn check_access(
     authorization: Option<&str>,
     opts: &Options,
 ) -> Result<(), Error> {
-    let repo = gix::open_opts(dir, gix::open::Options::isolated())
-        .map_err(|e| Error::Local(e.to_string()))?;
-    let remote = repo
-        .remote_at(url)
-        .map_err(|e| Error::Failed(format!("invalid upstream URL {url}: {e}")))?
-        .with_refspecs(Some("+refs/heads/*:refs/heads/*"), Direction::Fetch)
-        .map_err(|e| Error::Local(e.to_string()))?;
+    let repo = open(dir)?;
+    let remote = remote(&repo, url, "+refs/heads/*:refs/heads/*")?;
     let auth_asked = Arc::new(AtomicBool::new(false));
     let connection = remote
         .connect(Direction::Fetch)
@@ -178,6 +168,18 @@ pub fn check_access(
         Err(_) if auth_asked.load(Ordering::Relaxed) => Err(Error::AuthRequired),
         Err(e) => Err(Error::Failed(e.to_string())),
     }
+}
+
+fn open(dir: &Path) -> Result<gix::Repository, Error> {
+    gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| Error::Local(e.to_string()))
+}
+
+/// An anonymous remote for `url` fetching `spec`: nothing is written to the configuration.
+fn remote<'r>(repo: &'r gix::Repository, url: &str, spec: &str) -> Result<gix::Remote<'r>, Error> {
+    repo.remote_at(url)
+        .map_err(|e| Error::Failed(format!("invalid upstream URL {url}: {e}")))?
+        .with_refspecs(Some(spec), Direction::Fetch)
+        .map_err(|e| Error::Local(e.to_string()))
 }
 
 /// Credentials come only as headers from the caller: when the upstream asks for more, note it

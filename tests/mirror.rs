@@ -460,14 +460,34 @@ fn a_mirror_that_keeps_gaining_packs_stays_servable() {
     let upstream_dir = up.add_fixture("o/basic", "basic");
     let server = proxy(&up, Duration::from_millis(1));
     let url = server.url_for(&up.segment(), "o/basic");
-    assert_eq!(status_of(&server, &up, "o/basic").1.as_deref(), Some("clone"));
+    assert_eq!(
+        status_of(&server, &up, "o/basic").1.as_deref(),
+        Some("clone")
+    );
     // Every sync adds a pack (gix does not repack): go well past gix's 32 initial pack slots.
     for i in 0..40 {
         let tree = git(&upstream_dir, &["rev-parse", "main^{tree}"]);
-        let commit = git(&upstream_dir, &["commit-tree", tree.trim(), "-p", "main", "-m", &format!("sync {i}")]);
-        git(&upstream_dir, &["update-ref", "refs/heads/main", commit.trim()]);
+        let commit = git(
+            &upstream_dir,
+            &[
+                "commit-tree",
+                tree.trim(),
+                "-p",
+                "main",
+                "-m",
+                &format!("sync {i}"),
+            ],
+        );
+        git(
+            &upstream_dir,
+            &["update-ref", "refs/heads/main", commit.trim()],
+        );
         std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(status_of(&server, &up, "o/basic"), (200, Some("sync".into())), "sync {i}");
+        assert_eq!(
+            status_of(&server, &up, "o/basic"),
+            (200, Some("sync".into())),
+            "sync {i}"
+        );
     }
     let mirror = server.mirror.path().join(up.segment()).join("o/basic.git");
     let packs = std::fs::read_dir(mirror.join("objects/pack"))
@@ -480,6 +500,9 @@ fn a_mirror_that_keeps_gaining_packs_stays_servable() {
         let work = tempfile::tempdir().unwrap();
         git(work.path(), &args(&["clone", "-q", &url, "c"], &proto(v)));
         assert_fsck(&work.path().join("c/.git"));
-        assert_eq!(git(&work.path().join("c"), &["rev-parse", "HEAD"]), git(&upstream_dir, &["rev-parse", "main"]));
+        assert_eq!(
+            git(&work.path().join("c"), &["rev-parse", "HEAD"]),
+            git(&upstream_dir, &["rev-parse", "main"])
+        );
     }
 }

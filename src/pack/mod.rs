@@ -39,6 +39,40 @@ pub fn db(repo: &gix::Repository) -> Db {
 /// Per thread of pack work (each thread's handle has its own cache).
 const DELTA_BASE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
+/// The object an annotated tag points to.
+fn tag_target(tag: ObjectId, data: &[u8]) -> Result<ObjectId, Error> {
+    gix::objs::TagRefIter::from_bytes(data, tag.kind())
+        .target_id()
+        .map_err(|e| Error::Read {
+            context: "decoding tag",
+            id: tag,
+            message: e.to_string(),
+        })
+}
+
+/// Follow `id` through annotated tags to the first object that is not a tag.
+fn peel(
+    db: &Db,
+    buf: &mut Vec<u8>,
+    mut id: ObjectId,
+) -> Result<(ObjectId, gix::object::Kind), Error> {
+    use gix_pack::Find;
+    loop {
+        let (data, _) = db
+            .try_find(&id, buf)
+            .map_err(|e| Error::Read {
+                context: "reading object",
+                id,
+                message: e.to_string(),
+            })?
+            .ok_or(Error::Missing(id))?;
+        if data.kind != gix::object::Kind::Tag {
+            return Ok((id, data.kind));
+        }
+        id = tag_target(id, data.data)?;
+    }
+}
+
 /// Errors of pack planning and writing.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

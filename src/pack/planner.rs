@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use gix::hashtable::{HashMap, HashSet};
-use gix::objs::{FindHeader, Kind, TagRefIter, TreeRefIter};
+use gix::objs::{FindHeader, Kind, TreeRefIter};
 use gix::ObjectId;
 use gix_pack::data::output::Count;
 use gix_pack::Find;
@@ -234,15 +234,7 @@ impl Planner<'_> {
                     .map_err(Self::read_err("reading wanted object", id))?
                     .ok_or(Error::Missing(id))?;
                 let target = match data.kind {
-                    Kind::Tag => Some(
-                        TagRefIter::from_bytes(data.data, id.kind())
-                            .target_id()
-                            .map_err(|e| Error::Read {
-                                context: "decoding tag",
-                                id,
-                                message: e.to_string(),
-                            })?,
-                    ),
+                    Kind::Tag => Some(super::tag_target(id, data.data)?),
                     _ => None,
                 };
                 (data.kind, location, target)
@@ -280,35 +272,13 @@ impl Planner<'_> {
         if data.kind != Kind::Tag {
             return Ok(None);
         }
-        let target = TagRefIter::from_bytes(data.data, id.kind())
-            .target_id()
-            .map_err(|e| Error::Read {
-                context: "decoding tag",
-                id,
-                message: e.to_string(),
-            })?;
+        let target = super::tag_target(id, data.data)?;
         self.emit(id, Kind::Tag, location);
         Ok(Some(target))
     }
 
-    fn peel_to_non_tag(&mut self, mut id: ObjectId) -> Result<(ObjectId, Kind), Error> {
-        loop {
-            let (data, _) = self
-                .db
-                .try_find(&id, &mut self.buf)
-                .map_err(Self::read_err("reading object", id))?
-                .ok_or(Error::Missing(id))?;
-            if data.kind != Kind::Tag {
-                return Ok((id, data.kind));
-            }
-            id = TagRefIter::from_bytes(data.data, id.kind())
-                .target_id()
-                .map_err(|e| Error::Read {
-                    context: "decoding tag",
-                    id,
-                    message: e.to_string(),
-                })?;
-        }
+    fn peel_to_non_tag(&mut self, id: ObjectId) -> Result<(ObjectId, Kind), Error> {
+        super::peel(self.db, &mut self.buf, id)
     }
 
     /// Decide about a tree or blob reached at `depth`; returns whether it is now new to the plan.

@@ -62,31 +62,9 @@ impl<'a> Commits<'a> {
     }
 
     /// Follow `id` through annotated tags; the commit it ends at, or `None` for a tree or blob.
-    pub fn peel_to_commit(&mut self, mut id: ObjectId) -> Result<Option<ObjectId>, Error> {
-        loop {
-            let (data, _) = self
-                .db
-                .try_find(&id, &mut self.buf)
-                .map_err(|e| Error::Read {
-                    context: "reading object",
-                    id,
-                    message: e.to_string(),
-                })?
-                .ok_or(Error::Missing(id))?;
-            match data.kind {
-                Kind::Commit => return Ok(Some(id)),
-                Kind::Tag => {
-                    id = gix::objs::TagRefIter::from_bytes(data.data, id.kind())
-                        .target_id()
-                        .map_err(|e| Error::Read {
-                            context: "decoding tag",
-                            id,
-                            message: e.to_string(),
-                        })?;
-                }
-                Kind::Tree | Kind::Blob => return Ok(None),
-            }
-        }
+    pub fn peel_to_commit(&mut self, id: ObjectId) -> Result<Option<ObjectId>, Error> {
+        let (id, kind) = super::peel(self.db, &mut self.buf, id)?;
+        Ok((kind == Kind::Commit).then_some(id))
     }
 
     fn load(&mut self, id: ObjectId) -> Result<Commit, Error> {

@@ -119,26 +119,16 @@ pub fn refs(git_dir: &Path) -> String {
     )
 }
 
-/// The proxy, running in-process on 127.0.0.1 with an ephemeral port.
-pub struct Server {
+/// An axum application served on 127.0.0.1 (ephemeral port) by a runtime of its own; it
+/// shuts down when dropped.
+pub struct Background {
     pub addr: SocketAddr,
-    pub mirror: TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Server {
-    /// Serve a new, empty mirror directory with default settings.
-    pub fn start() -> Server {
-        Server::start_with(|_| {})
-    }
-
-    /// Serve a new mirror directory, adjusting the configuration first.
-    pub fn start_with(adjust: impl FnOnce(&mut Config)) -> Server {
-        let mirror = tempfile::tempdir().expect("mirror dir");
-        let mut config = Config::new(mirror.path());
-        config.allowed_upstreams = format!("http://{HOST}");
-        adjust(&mut config);
+impl Background {
+    pub fn serve(app: axum::Router) -> Background {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -154,19 +144,58 @@ impl Server {
                 addr_tx
                     .send(listener.local_addr().expect("addr"))
                     .expect("send addr");
-                http::serve(listener, AppState::new(config), async {
-                    let _ = shutdown_rx.await;
-                })
-                .await
-                .expect("serve");
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = shutdown_rx.await;
+                    })
+                    .await
+                    .expect("serve");
             });
         });
         let addr = addr_rx.recv().expect("server address");
-        Server {
+        Background {
             addr,
-            mirror,
             shutdown: Some(shutdown_tx),
             thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The proxy, running in-process on 127.0.0.1 with an ephemeral port.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub mirror: TempDir,
+    _background: Background,
+}
+
+impl Server {
+    /// Serve a new, empty mirror directory with default settings.
+    pub fn start() -> Server {
+        Server::start_with(|_| {})
+    }
+
+    /// Serve a new mirror directory, adjusting the configuration first.
+    pub fn start_with(adjust: impl FnOnce(&mut Config)) -> Server {
+        let mirror = tempfile::tempdir().expect("mirror dir");
+        let mut config = Config::new(mirror.path());
+        config.allowed_upstreams = format!("http://{HOST}");
+        adjust(&mut config);
+        let background = Background::serve(http::router(AppState::new(config)));
+        Server {
+            addr: background.addr,
+            mirror,
+            _background: background,
         }
     }
 
@@ -197,17 +226,6 @@ impl Server {
     /// The clone URL of `{HOST}/{name}`.
     pub fn url(&self, name: &str) -> String {
         format!("http://{}/{HOST}/{name}", self.addr)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

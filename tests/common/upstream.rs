@@ -53,8 +53,7 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub root: tempfile::TempDir,
     shared: Shared,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    background: Option<super::Background>,
 }
 
 impl Upstream {
@@ -67,39 +66,15 @@ impl Upstream {
             auth: Default::default(),
             lfs_status: Arc::new(AtomicUsize::new(200)),
         };
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(shared.clone());
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                addr_tx
-                    .send(listener.local_addr().expect("addr"))
-                    .expect("send");
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = shutdown_rx.await;
-                    })
-                    .await
-                    .expect("serve");
-            });
-        });
-        let addr = addr_rx.recv().expect("upstream address");
+        let background = super::Background::serve(app);
         Upstream {
-            addr,
+            addr: background.addr,
             root,
             shared,
-            shutdown: Some(shutdown_tx),
-            thread: Some(thread),
+            background: Some(background),
         }
     }
 
@@ -158,13 +133,9 @@ impl Upstream {
 
 impl Drop for Upstream {
     fn drop(&mut self) {
+        // A stalled handler would keep the graceful shutdown waiting.
         self.set_mode(Mode::Normal);
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.background.take();
     }
 }
 
