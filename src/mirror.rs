@@ -166,7 +166,7 @@ struct RepoState {
 /// The mirror store.
 pub struct Mirrors {
     settings: Settings,
-    syncs: Semaphore,
+    syncs: Arc<Semaphore>,
     repos: parking_lot::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<RepoState>>>>,
     tmp_counter: AtomicU64,
 }
@@ -188,7 +188,7 @@ impl Mirrors {
     /// A store over `settings.root`. Call [`Mirrors::remove_temporaries`] once at start.
     pub fn new(settings: Settings) -> Self {
         Mirrors {
-            syncs: Semaphore::new(settings.max_syncs.max(1)),
+            syncs: Arc::new(Semaphore::new(settings.max_syncs.max(1))),
             settings,
             repos: Default::default(),
             tmp_counter: AtomicU64::new(0),
@@ -209,7 +209,7 @@ impl Mirrors {
     /// (one at a time per repository; concurrent callers wait for and share the result).
     pub async fn ensure(&self, req: &Request<'_>, freshness: Freshness) -> Result<Status, Error> {
         let state = Arc::clone(self.repos.lock().entry(req.dir.to_path_buf()).or_default());
-        let mut state = state.lock().await;
+        let mut state = state.lock_owned().await;
         let exists = crate::repo::exists(req.dir);
         let now = Instant::now();
         if exists {
@@ -229,60 +229,73 @@ impl Mirrors {
                 return Ok(Status::Stale);
             }
         }
-        let _slot = self.syncs.acquire().await.map_err(|_| Error::Local {
+        let local = |message: String| Error::Local {
             name: req.name.into(),
-            message: "shutting down".into(),
-        })?;
-        let started = Instant::now();
+            message,
+        };
+        let slot = Arc::clone(&self.syncs)
+            .acquire_owned()
+            .await
+            .map_err(|_| local("shutting down".into()))?;
         let owned = OwnedRequest::from(req);
         let tmp = self.tmp_dir(req.dir);
         let opts = self.settings.upstream.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let interrupt = AtomicBool::new(false);
-            if exists {
-                sync(&owned, &opts, &interrupt).map(|f| (f, Status::Sync))
-            } else {
-                create(&owned, &tmp, &opts, &interrupt).map(|f| (f, Status::Clone))
+        // The update runs in a task of its own that holds the repository's lock and the sync
+        // slot: if this request goes away, the update still finishes and is recorded, and the
+        // requests waiting for it see the outcome.
+        let update = tokio::spawn(async move {
+            let _slot = slot;
+            let started = Instant::now();
+            let name = owned.name.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let interrupt = AtomicBool::new(false);
+                if exists {
+                    sync(&owned, &opts, &interrupt).map(|f| (f, Status::Sync))
+                } else {
+                    create(&owned, &tmp, &opts, &interrupt).map(|f| (f, Status::Clone))
+                }
+            })
+            .await
+            .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string())));
+            match result {
+                Ok((fetched, status)) => {
+                    state.last_sync = Some(Instant::now());
+                    state.last_failure = None;
+                    crate::metrics::mirror_update(
+                        status.as_str(),
+                        started.elapsed(),
+                        fetched.pack_bytes,
+                    );
+                    tracing::info!(
+                        repo = %name,
+                        status = status.as_str(),
+                        refs = fetched.refs.len(),
+                        bytes = fetched.pack_bytes,
+                        duration = ?started.elapsed(),
+                        "mirror updated"
+                    );
+                    Ok(status)
+                }
+                Err(upstream::Error::AuthRequired) => Err(upstream::Error::AuthRequired),
+                Err(e) if exists => {
+                    state.last_failure = Some(Instant::now());
+                    crate::metrics::mirror_update("stale", started.elapsed(), 0);
+                    tracing::warn!(repo = %name, error = %e, "sync failed, serving the existing mirror");
+                    Ok(Status::Stale)
+                }
+                Err(e) => {
+                    crate::metrics::mirror_update("failed", started.elapsed(), 0);
+                    Err(e)
+                }
             }
-        })
-        .await
-        .map_err(|e| Error::Local {
-            name: req.name.into(),
-            message: e.to_string(),
-        })?;
-        match result {
-            Ok((fetched, status)) => {
-                state.last_sync = Some(Instant::now());
-                state.last_failure = None;
-                crate::metrics::mirror_update(
-                    status.as_str(),
-                    started.elapsed(),
-                    fetched.pack_bytes,
-                );
-                tracing::info!(
-                    repo = req.name,
-                    status = status.as_str(),
-                    refs = fetched.refs.len(),
-                    bytes = fetched.pack_bytes,
-                    duration = ?started.elapsed(),
-                    "mirror updated"
-                );
-                Ok(status)
-            }
+        });
+        match update.await.map_err(|e| local(e.to_string()))? {
+            Ok(status) => Ok(status),
             Err(upstream::Error::AuthRequired) => Err(Error::AuthRequired(req.name.into())),
-            Err(e) if exists => {
-                state.last_failure = Some(Instant::now());
-                crate::metrics::mirror_update("stale", started.elapsed(), 0);
-                tracing::warn!(repo = req.name, error = %e, "sync failed, serving the existing mirror");
-                Ok(Status::Stale)
-            }
-            Err(e) => {
-                crate::metrics::mirror_update("failed", started.elapsed(), 0);
-                Err(Error::Upstream {
-                    name: req.name.into(),
-                    message: e.to_string(),
-                })
-            }
+            Err(e) => Err(Error::Upstream {
+                name: req.name.into(),
+                message: e.to_string(),
+            }),
         }
     }
 
@@ -298,6 +311,7 @@ impl Mirrors {
 
 /// The parts of a [`Request`] a blocking task needs.
 struct OwnedRequest {
+    name: String,
     dir: PathBuf,
     url: String,
     authorization: Option<String>,
@@ -306,6 +320,7 @@ struct OwnedRequest {
 impl From<&Request<'_>> for OwnedRequest {
     fn from(r: &Request<'_>) -> Self {
         OwnedRequest {
+            name: r.name.to_owned(),
             dir: r.dir.to_path_buf(),
             url: r.url.to_owned(),
             authorization: r.authorization.map(str::to_owned),
@@ -336,10 +351,13 @@ fn create(
         Ok(fetched)
     })();
     match result {
-        Ok(fetched) => {
-            std::fs::rename(tmp, &req.dir).map_err(|e| local(&e))?;
-            Ok(fetched)
-        }
+        Ok(fetched) => match std::fs::rename(tmp, &req.dir) {
+            Ok(()) => Ok(fetched),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(tmp);
+                Err(local(&e))
+            }
+        },
         Err(e) => {
             let _ = std::fs::remove_dir_all(tmp);
             Err(e)
@@ -352,6 +370,10 @@ fn sync(
     opts: &upstream::Options,
     interrupt: &AtomicBool,
 ) -> Result<upstream::Fetched, upstream::Error> {
+    if req.authorization.is_some() {
+        // Before any object fetched with credentials lands in the mirror.
+        mark_private(&req.dir)?;
+    }
     let fetched = upstream::fetch(
         &req.dir,
         &req.url,
@@ -406,13 +428,17 @@ fn finish(dir: &Path, fetched: &upstream::Fetched, private: bool) -> Result<(), 
         repo.edit_references(edits).map_err(|e| local(&e))?;
     }
     if private {
-        std::fs::write(
-            dir.join(PRIVATE_MARKER),
-            b"created or synced with credentials\n",
-        )
-        .map_err(|e| local(&e))?;
+        mark_private(dir)?;
     }
     Ok(())
+}
+
+fn mark_private(dir: &Path) -> Result<(), upstream::Error> {
+    std::fs::write(
+        dir.join(PRIVATE_MARKER),
+        b"created or synced with credentials\n",
+    )
+    .map_err(|e| upstream::Error::Local(e.to_string()))
 }
 
 /// Bare repositories nest at most this deep below `MIRROR_DIR` (host + GitLab subgroups).

@@ -74,6 +74,18 @@ pub fn resolve(root: &Path, uri_path: &str) -> Result<Target, ResolveError> {
         path: repo_part.to_owned(),
         reason,
     };
+    if let Service::Lfs(suffix) = &service {
+        // The suffix is appended to the upstream URL: it must not climb out of `info/lfs`.
+        let unsafe_suffix = suffix.contains(['%', '\\'])
+            || suffix.chars().any(char::is_control)
+            || suffix
+                .split('/')
+                .skip(1)
+                .any(|s| s.is_empty() || s == "." || s == "..");
+        if unsafe_suffix {
+            return Err(invalid("unsafe Git LFS path"));
+        }
+    }
     let repo_part = repo_part.strip_prefix('/').unwrap_or(repo_part);
     if repo_part.contains('%') {
         return Err(invalid("percent-encoded characters are not allowed"));
@@ -93,6 +105,17 @@ pub fn resolve(root: &Path, uri_path: &str) -> Result<Target, ResolveError> {
     }
     if segments.iter().any(|s| *s == "." || *s == "..") {
         return Err(invalid("'.' and '..' segments are not allowed"));
+    }
+    // Dot-prefixed names are our temporaries (and hidden files); a `.git` directory in the
+    // middle would nest a mirror inside another repository.
+    if segments.iter().any(|s| s.starts_with('.')) {
+        return Err(invalid("segments starting with '.' are not allowed"));
+    }
+    if segments[..segments.len() - 1]
+        .iter()
+        .any(|s| s.ends_with(".git"))
+    {
+        return Err(invalid("only the last segment may end in .git"));
     }
     let last = segments.pop().unwrap_or_default();
     let last = last.strip_suffix(".git").unwrap_or(last);
@@ -277,6 +300,12 @@ mod tests {
             "/github.com/info/refs",
             "/github.com/o/.git/info/refs",
             "/github.com/o/../info/refs",
+            "/github.com/o/r.git/objects/x/info/refs",
+            "/github.com/o/.smart-git-proxy-tmp-r.git-1-0/info/refs",
+            "/github.com/.hidden/r/info/refs",
+            "/github.com/o/r.git/info/lfs/../../../o2/r2.git/git-receive-pack",
+            "/github.com/o/r.git/info/lfs/%2e%2e/%2e%2e/api",
+            "/github.com/o/r.git/info/lfs//objects",
         ] {
             assert!(
                 matches!(

@@ -183,3 +183,63 @@ fn static_mode_sends_the_proxy_token() {
     );
     assert!(!out.status.success());
 }
+
+#[test]
+fn the_static_token_is_lent_to_git_lfs_downloads_only() {
+    let up = Upstream::start();
+    up.add_fixture("o/repo", "basic");
+    let server = proxy(&up, AuthMode::Static, Some("tok3n"));
+    let token = basic("x-access-token:tok3n");
+    let lfs = |body: &[u8]| {
+        request(
+            server.addr,
+            "POST",
+            &format!("/{}/o/repo.git/info/lfs/objects/batch", up.segment()),
+            &[("Content-Type", "application/vnd.git-lfs+json")],
+            body,
+        )
+    };
+    let sent_auth = |up: &Upstream| {
+        up.log()
+            .iter()
+            .rev()
+            .find(|l| l.path.contains("/info/lfs/"))
+            .and_then(|l| {
+                l.headers
+                    .get("authorization")
+                    .map(|v| v.to_str().unwrap_or_default().to_owned())
+            })
+    };
+    assert_eq!(
+        lfs(br#"{ "operation": "download", "objects": [] }"#).status,
+        200
+    );
+    assert_eq!(
+        sent_auth(&up),
+        Some(token.clone()),
+        "downloads may use the proxy's token"
+    );
+    assert_eq!(lfs(br#"{"operation":"upload","objects":[]}"#).status, 200);
+    assert_eq!(sent_auth(&up), None, "uploads never do");
+    let r = request(
+        server.addr,
+        "POST",
+        &format!("/{}/o/repo.git/info/lfs/locks", up.segment()),
+        &[],
+        b"{}",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(sent_auth(&up), None, "nor do lock requests");
+    // And nothing climbs out of info/lfs.
+    let r = request(
+        server.addr,
+        "GET",
+        &format!(
+            "/{}/o/repo.git/info/lfs/../../../x/y.git/info/refs",
+            up.segment()
+        ),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 400);
+}

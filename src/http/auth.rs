@@ -34,6 +34,15 @@ impl AccessCache {
         }
     }
 
+    /// Note that the upstream just accepted `credentials` for `dir`.
+    pub fn remember(&self, dir: &Path, credentials: &str) {
+        if let Some(h) = hash(credentials) {
+            self.accepted
+                .lock()
+                .insert((dir.to_path_buf(), h), Instant::now());
+        }
+    }
+
     /// Whether `credentials` may read `dir`: from the cache, else by running `verify` on a
     /// blocking thread.
     pub async fn check<F>(

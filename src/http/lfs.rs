@@ -61,6 +61,35 @@ pub async fn forward(
         .map_err(|e| format!("LFS response: {e}"))
 }
 
+/// The largest batch request body inspected for [`is_download`].
+const MAX_BATCH_BODY: u64 = 1024 * 1024;
+
+/// Whether a request only reads: a `GET`, or a batch request for the `download` operation.
+/// The body is read (it is small JSON) and handed back for forwarding.
+pub async fn is_download(
+    method: &Method,
+    lfs_path: &str,
+    body: Body,
+) -> Result<(Body, bool), String> {
+    if method == Method::GET {
+        return Ok((body, true));
+    }
+    if method != Method::POST || lfs_path != "/info/lfs/objects/batch" {
+        return Ok((body, false));
+    }
+    let bytes = super::body::read_limited(body, MAX_BATCH_BODY)
+        .await
+        .map_err(|e| format!("Git LFS batch request: {e:?}"))?;
+    let compact: Vec<u8> = bytes
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    let needle: &[u8] = br#""operation":"download""#;
+    let download = compact.windows(needle.len()).any(|w| w == needle);
+    Ok((Body::from(bytes), download))
+}
+
 /// The upstream URL for an LFS request: the repository URL, the LFS path, the query.
 pub fn upstream_url(repo_url: &str, lfs_path: &str, uri: &Uri) -> String {
     match uri.query() {

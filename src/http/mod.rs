@@ -311,16 +311,24 @@ async fn route(
         (method, Service::Lfs(lfs_path)) => {
             span.record("command", "lfs");
             let url = lfs::upstream_url(&mirrored.url, lfs_path, &parts.uri);
-            let authorization = mirrored
-                .client_authorization
-                .as_deref()
-                .or(mirrored.authorization.as_deref());
+            // The client's own credentials go through as they are. The proxy's static token is
+            // only lent for downloads: it must not let anonymous clients write upstream.
+            let (body, authorization) = match mirrored.client_authorization.as_deref() {
+                Some(client) => (body, Some(client.to_owned())),
+                None if mirrored.authorization.is_some() => {
+                    let (body, download) = lfs::is_download(method, lfs_path, body)
+                        .await
+                        .map_err(Error::Body)?;
+                    (body, mirrored.authorization.clone().filter(|_| download))
+                }
+                None => (body, None),
+            };
             let response = lfs::forward(
                 &state.lfs_client,
                 &url,
                 method.clone(),
                 &parts.headers,
-                authorization,
+                authorization.as_deref(),
                 body,
             )
             .await
@@ -332,14 +340,20 @@ async fn route(
     }
 }
 
-/// For a private mirror, the client's credentials must be accepted by the upstream.
-async fn check_access(state: &AppState, m: &Mirrored) -> Result<(), Error> {
+/// For a private mirror, the client's credentials must be accepted by the upstream. Call it
+/// after the mirror was ensured: `status` tells whether this very request just fetched with the
+/// client's credentials, which the upstream thereby accepted.
+async fn check_access(state: &AppState, m: &Mirrored, status: Status) -> Result<(), Error> {
     if state.config.auth_mode != AuthMode::PassThrough || !Mirrors::is_private(&m.target.dir) {
         return Ok(());
     }
     let Some(credentials) = m.client_authorization.as_deref() else {
         return Err(Error::AuthRequired(m.target.name.clone()));
     };
+    if matches!(status, Status::Clone | Status::Sync) {
+        state.access.remember(&m.target.dir, credentials);
+        return Ok(());
+    }
     let dir = m.target.dir.clone();
     let url = m.url.clone();
     let opts = upstream_options(&state.config);
@@ -368,11 +382,11 @@ fn with_status(mut response: Response, status: Status) -> Response {
 
 async fn info_refs(state: &AppState, m: Mirrored, version: Version) -> Result<Response, Error> {
     Span::current().record("command", "info/refs");
-    check_access(state, &m).await?;
     let status = state
         .mirrors
         .ensure(&m.request(), Freshness::IfStale)
         .await?;
+    check_access(state, &m, status).await?;
     let target = m.target;
     let name = target.name.clone();
     let (advert, outcome) = tokio::task::spawn_blocking(move || {
@@ -416,7 +430,6 @@ async fn upload_pack(
 ) -> Result<Response, Error> {
     let span = Span::current();
     let arrived = std::time::Instant::now();
-    check_access(&state, &m).await?;
     let limit = state.config.max_request_body;
     let bytes = body::read_limited(body, limit.as_u64())
         .await
@@ -484,6 +497,9 @@ async fn upload_pack(
                 .await?;
         }
     }
+    // Only now, with the mirror in its final state for this request: a request that waited
+    // while another created the mirror with credentials must not be served without them.
+    check_access(&state, &m, status).await?;
     let target = m.target;
     let permit = state
         .pack_slots
