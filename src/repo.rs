@@ -178,6 +178,10 @@ pub fn open(dir: &Path) -> Result<gix::Repository, Error> {
     Ok(repo)
 }
 
+/// Refs with longer names are not advertised: every pkt-line must stay under 65,516 bytes,
+/// and the first v0 line carries the capabilities and, in `ls-refs`, the symref target too.
+const MAX_REF_NAME_LEN: usize = 16 * 1024;
+
 /// List the refs of `repo` for advertisement: `HEAD` first (when it resolves), then all refs
 /// sorted by name, with annotated tags peeled. Refs whose target is missing are skipped, as
 /// git skips broken refs.
@@ -212,6 +216,11 @@ pub fn list_refs(repo: &gix::Repository) -> Result<Refs, Error> {
             message: e.to_string(),
         })?;
         let name: BString = r.name().as_bstr().to_owned();
+        if name.len() > MAX_REF_NAME_LEN {
+            // It would not fit a pkt-line together with its object id and capabilities.
+            tracing::warn!(len = name.len(), "skipping a ref with an over-long name");
+            continue;
+        }
         let symref_target = match r.target() {
             TargetRef::Symbolic(n) => Some(n.as_bstr().to_owned()),
             TargetRef::Object(_) => None,

@@ -506,3 +506,37 @@ fn a_mirror_that_keeps_gaining_packs_stays_servable() {
         );
     }
 }
+
+#[test]
+fn a_want_ref_for_a_new_branch_syncs_then_serves() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let server = proxy(&up, Duration::from_secs(3600));
+    assert_eq!(
+        status_of(&server, &up, "o/basic").1.as_deref(),
+        Some("clone")
+    );
+    git(&upstream_dir, &["branch", "brand-new", "feature/a"]);
+    let line = |l: &str| format!("{:04x}{l}\n", l.len() + 5);
+    let body = format!(
+        "{}0001{}{}{}0000",
+        line("command=fetch"),
+        line("want-ref refs/heads/brand-new"),
+        line("no-progress"),
+        line("done")
+    );
+    let r = request(
+        server.addr,
+        "POST",
+        &format!("/{}/o/basic/git-upload-pack", up.segment()),
+        &[("Git-Protocol", "version=2")],
+        body.as_bytes(),
+    );
+    let text = r.text();
+    let expected = format!(
+        "{} refs/heads/brand-new\n",
+        git(&upstream_dir, &["rev-parse", "brand-new"]).trim()
+    );
+    assert!(text.contains(&expected), "{text}");
+    assert_eq!(r.header("x-git-proxy-status").as_deref(), Some("sync"));
+}

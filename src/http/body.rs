@@ -82,16 +82,21 @@ impl Drop for ResponseStream {
     }
 }
 
+/// How long a response may wait for a client that stopped reading before it is abandoned,
+/// so that such a client cannot hold a pack slot forever.
+const CLIENT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The producer's end: a blocking `io::Write` over the channel. A write blocks while the
-/// channel is full and fails once the receiver is gone.
+/// channel is full, and fails once the receiver is gone or the client stalled too long.
 pub struct ChannelWriter {
     tx: mpsc::Sender<Chunk>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl ChannelWriter {
-    /// Write into `tx`.
-    pub fn new(tx: mpsc::Sender<Chunk>) -> Self {
-        ChannelWriter { tx }
+    /// Write into `tx`, waiting on `runtime`'s timers.
+    pub fn new(tx: mpsc::Sender<Chunk>, runtime: tokio::runtime::Handle) -> Self {
+        ChannelWriter { tx, runtime }
     }
 }
 
@@ -100,10 +105,21 @@ impl Write for ChannelWriter {
         if buf.is_empty() {
             return Ok(0);
         }
-        self.tx
-            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client disconnected"))?;
-        Ok(buf.len())
+        let send = self.tx.send(Ok(Bytes::copy_from_slice(buf)));
+        match self
+            .runtime
+            .block_on(tokio::time::timeout(CLIENT_STALL_TIMEOUT, send))
+        {
+            Ok(Ok(())) => Ok(buf.len()),
+            Ok(Err(_)) => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "client disconnected",
+            )),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client stopped reading",
+            )),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {

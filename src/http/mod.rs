@@ -475,17 +475,25 @@ async fn upload_pack(
     };
     // A want-miss: the client knows objects the mirror does not have yet (a push after our last
     // sync, or a SHA it was given out of band). Sync, then serve what we have.
-    let wants = match &parsed {
-        Parsed::V0(r) => r.wants.clone(),
+    let (wants, want_refs) = match &parsed {
+        Parsed::V0(r) => (r.wants.clone(), Vec::new()),
         Parsed::V2(r) => match &r.command {
-            v2::Command::Fetch(f) => f.wants.clone(),
-            v2::Command::LsRefs(_) => Vec::new(),
+            v2::Command::Fetch(f) => (f.wants.clone(), f.want_refs.clone()),
+            v2::Command::LsRefs(_) => (Vec::new(), Vec::new()),
         },
     };
-    if !wants.is_empty() {
+    if !wants.is_empty() || !want_refs.is_empty() {
         let dir = m.target.dir.clone();
         let missing = tokio::task::spawn_blocking(move || {
-            repo::open(&dir).map(|repo| wants.iter().any(|w| !repo.has_object(w)))
+            repo::open(&dir).map(|repo| {
+                wants.iter().any(|w| !repo.has_object(w))
+                    || want_refs.iter().any(|name| {
+                        repo.try_find_reference(gix::bstr::BStr::new(name.as_slice()))
+                            .ok()
+                            .flatten()
+                            .is_none()
+                    })
+            })
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))?
@@ -514,10 +522,11 @@ async fn upload_pack(
         compression: state.compression,
     };
     let task_span = span.clone();
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let _entered = task_span.enter();
-        let out = ChannelWriter::new(tx);
+        let out = ChannelWriter::new(tx, runtime);
         let result = repo::open(&target.dir)
             .map_err(upload_pack::Error::from)
             .and_then(|repo| {

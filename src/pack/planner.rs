@@ -324,7 +324,14 @@ impl Planner<'_> {
     ) -> Result<(), Error> {
         let mut level: Vec<ObjectId> = Vec::new();
         for root in roots {
-            if self.marks.insert(*root, Mark::Queued).is_none() {
+            // A wanted tree is sent even when the client is known to have it.
+            let queue = match self.marks.get(root) {
+                None => true,
+                Some(Mark::Sent | Mark::Queued) => false,
+                Some(_) => wanted.contains(root),
+            };
+            if queue {
+                self.marks.insert(*root, Mark::Queued);
                 level.push(*root);
             }
         }

@@ -1,7 +1,7 @@
 //! Server-side negotiation state: which haves are common, and when we have enough of them to
 //! stop ("ready"). Mirrors git's `upload-pack.c` (`got_oid`, `ok_to_give_up`).
 
-use gix::hashtable::HashSet;
+use gix::hashtable::{HashMap, HashSet};
 use gix::objs::{CommitRefIter, Find, FindHeader, Kind, TagRefIter};
 use gix::ObjectId;
 
@@ -32,6 +32,11 @@ pub struct Negotiator<'r> {
     oldest_have: Option<i64>,
     /// `ok_to_give_up` for the current `they_have`, invalidated when it grows.
     ready: Option<bool>,
+    /// Commits known to reach nothing the client has (for the current `they_have`), and
+    /// commits known to reach something it has: many wants over the same history then cost
+    /// about one traversal, not one each.
+    no_reach: HashSet<ObjectId>,
+    reaches: HashSet<ObjectId>,
     buf: Vec<u8>,
 }
 
@@ -45,6 +50,8 @@ impl<'r> Negotiator<'r> {
             common: Vec::new(),
             oldest_have: None,
             ready: None,
+            no_reach: HashSet::default(),
+            reaches: HashSet::default(),
             buf: Vec::new(),
         }
     }
@@ -67,11 +74,15 @@ impl<'r> Negotiator<'r> {
         if header.kind == Kind::Commit {
             let (parents, time) = self.commit(id)?;
             if self.oldest_have.is_none_or(|t| time < t) {
+                // Older commits are now worth exploring: forget what was ruled out.
                 self.oldest_have = Some(time);
+                self.ready = None;
+                self.no_reach.clear();
             }
             for p in parents {
                 if self.they_have.insert(p) {
                     self.ready = None;
+                    self.no_reach.clear();
                 }
             }
         }
@@ -79,6 +90,7 @@ impl<'r> Negotiator<'r> {
             return Ok(Have::Common { new: false });
         }
         self.ready = None;
+        self.no_reach.clear();
         self.common.push(id);
         Ok(Have::Common { new: true })
     }
@@ -92,8 +104,9 @@ impl<'r> Negotiator<'r> {
             return Ok(ready);
         }
         let mut ready = true;
+        let mut checked = HashSet::default();
         for want in self.wants {
-            if !self.reaches_common(*want)? {
+            if checked.insert(*want) && !self.reaches_common(*want)? {
                 ready = false;
                 break;
             }
@@ -109,23 +122,35 @@ impl<'r> Negotiator<'r> {
             return Ok(true);
         };
         let min_time = self.oldest_have.unwrap_or(i64::MIN);
-        let mut seen = HashSet::default();
+        // Each visited commit with the child it was reached from, to mark the found path.
+        let mut seen: HashMap<ObjectId, Option<ObjectId>> = HashMap::default();
         let mut stack = vec![start];
-        seen.insert(start);
+        seen.insert(start, None);
         while let Some(id) = stack.pop() {
-            if self.they_have.contains(&id) {
+            if self.they_have.contains(&id) || self.reaches.contains(&id) {
+                let mut at = Some(id);
+                while let Some(c) = at {
+                    self.reaches.insert(c);
+                    at = seen.get(&c).copied().flatten();
+                }
                 return Ok(true);
+            }
+            if self.no_reach.contains(&id) {
+                continue;
             }
             let (parents, time) = self.commit(id)?;
             if time < min_time {
                 continue;
             }
             for p in parents {
-                if seen.insert(p) {
+                if !seen.contains_key(&p) {
+                    seen.insert(p, Some(id));
                     stack.push(p);
                 }
             }
         }
+        // Nothing below any of these reaches the client's commits either.
+        self.no_reach.extend(seen.into_keys());
         Ok(false)
     }
 
