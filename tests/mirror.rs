@@ -540,3 +540,27 @@ fn a_want_ref_for_a_new_branch_syncs_then_serves() {
     assert!(text.contains(&expected), "{text}");
     assert_eq!(r.header("x-git-proxy-status").as_deref(), Some("sync"));
 }
+
+#[test]
+fn an_empty_upstream_repository_is_mirrored() {
+    let up = Upstream::start();
+    up.add_fixture("o/empty", "empty");
+    let server = proxy(&up, Duration::from_secs(3600));
+    for v in PROTOCOLS {
+        let work = tempfile::tempdir().unwrap();
+        let out = git_output(
+            work.path(),
+            &args(
+                &["clone", &server.url_for(&up.segment(), "o/empty"), "c"],
+                &proto(v),
+            ),
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "v{v}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("empty repository"));
+    }
+}
