@@ -299,12 +299,14 @@ fn fetch_v2<W: Write>(
     send_pack(ctx, &pack_args, lines, true, out)
 }
 
+/// `shallow <oid>` and `unshallow <oid>` lines, without a trailing newline as git writes them:
+/// libgit2 rejects these lines with one ("invalid packet line").
 fn write_shallow_lines(out: &mut Vec<u8>, shallow: &Shallow) {
     for id in &shallow.shallow {
-        pktline::text(out, &format!("shallow {id}"));
+        pktline::data(out, format!("shallow {id}").as_bytes());
     }
     for id in &shallow.unshallow {
-        pktline::text(out, &format!("unshallow {id}"));
+        pktline::data(out, format!("unshallow {id}").as_bytes());
     }
 }
 
