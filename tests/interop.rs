@@ -4,7 +4,8 @@
 //!
 //! Clients: the `git` CLI (protocol v2, v1, v0), dulwich (v2 and v0) and libgit2 through
 //! pygit2 (v0 only: libgit2 speaks no v2), both driven by `interop/client.py` with the versions
-//! pinned in `interop/requirements.txt`, and gitoxide (`gix`, in-process).
+//! pinned in `interop/requirements.txt`, isomorphic-git (v1, `interop/package.json`) on
+//! Node.js, and gitoxide (`gix`, in-process).
 
 mod common;
 
@@ -23,10 +24,12 @@ enum Client {
     Dulwich(&'static str),
     Pygit2,
     Gix,
+    /// isomorphic-git on Node.js (protocol v1 only), driven by `interop/iso_client.mjs`.
+    Isomorphic,
 }
 
 impl Client {
-    fn all() -> [Client; 7] {
+    fn all() -> [Client; 8] {
         [
             Client::Git("2"),
             Client::Git("1"),
@@ -35,6 +38,7 @@ impl Client {
             Client::Dulwich("0"),
             Client::Pygit2,
             Client::Gix,
+            Client::Isomorphic,
         ]
     }
 
@@ -90,6 +94,14 @@ impl Client {
                 run_python(&a)
             }
             Client::Gix => gix_clone(url, dest, depth, branch),
+            Client::Isomorphic => {
+                let mut a = vec!["clone".to_string(), url.into(), dest.display().to_string()];
+                push_opts(&mut a, depth, branch);
+                if branch.is_some() {
+                    a.push("--single-branch".into());
+                }
+                run_node(&a)
+            }
         }
     }
 
@@ -130,6 +142,11 @@ impl Client {
                 run_python(&a)
             }
             Client::Gix => gix_fetch(dir),
+            Client::Isomorphic => {
+                let mut a = vec!["fetch".to_string(), dir.display().to_string()];
+                push_opts(&mut a, depth, None);
+                run_node(&a)
+            }
         }
     }
 }
@@ -158,6 +175,19 @@ fn run_python(a: &[String]) -> Result<(), String> {
         .arg(script)
         .args(a)
         .envs(git_env())
+        .output()
+        .map_err(|e| e.to_string())?;
+    out.status
+        .success()
+        .then_some(())
+        .ok_or_else(|| String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn run_node(a: &[String]) -> Result<(), String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/iso_client.mjs");
+    let out = Command::new("node")
+        .arg(script)
+        .args(a)
         .output()
         .map_err(|e| e.to_string())?;
     out.status
@@ -388,19 +418,52 @@ fn ls_remote_lists_the_upstream_refs() {
         got.sort();
         assert_eq!(got, expected, "git v{version}");
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/client.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(["dulwich", "ls-remote", &m.url])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listed = String::from_utf8_lossy(&out.stdout);
-    for line in &expected {
-        assert!(listed.contains(line.as_str()), "dulwich ls-remote: {line}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let scratch = tempfile::tempdir().unwrap();
+    let scratch = scratch.path().join("ls-remote.git");
+    let scratch = scratch.to_str().unwrap();
+    let py = root.join("interop/client.py");
+    let node = root.join("interop/iso_client.mjs");
+    for (name, program, args) in [
+        (
+            "dulwich",
+            "python3",
+            vec![py.to_str().unwrap(), "dulwich", "ls-remote", &m.url],
+        ),
+        (
+            "pygit2",
+            "python3",
+            vec![
+                py.to_str().unwrap(),
+                "pygit2",
+                "ls-remote",
+                &m.url,
+                "--scratch",
+                scratch,
+            ],
+        ),
+        (
+            "isomorphic-git",
+            "node",
+            vec![node.to_str().unwrap(), "ls-remote", &m.url],
+        ),
+    ] {
+        let out = Command::new(program)
+            .args(&args)
+            .envs(git_env())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listed = String::from_utf8_lossy(&out.stdout);
+        for line in &expected {
+            assert!(
+                listed.contains(line.as_str()),
+                "{name} ls-remote: {line} in {listed}"
+            );
+        }
     }
 }
