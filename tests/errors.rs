@@ -260,6 +260,7 @@ fn protocol_errors_are_err_packets() {
             "command=fetch",
             "0001",
             &format!("want {missing}"),
+            "no-progress",
             "done",
             "0000",
         ]),
@@ -270,6 +271,26 @@ fn protocol_errors_are_err_packets() {
             .contains(&format!("ERR upload-pack: not our ref {missing}")),
         "{}",
         r.text()
+    );
+    // With progress, the answer starts while the mirror syncs: the refusal comes on band 3.
+    let r = request(
+        server.addr,
+        "POST",
+        UPLOAD_PACK,
+        &[V2],
+        &pkt(&[
+            "command=fetch",
+            "0001",
+            &format!("want {missing}"),
+            "done",
+            "0000",
+        ]),
+    );
+    let text = r.text();
+    assert!(text.starts_with("000dpackfile\n"), "{text}");
+    assert!(
+        text.contains(&format!("\u{3}upload-pack: not our ref {missing}")),
+        "{text}"
     );
     let r = request(
         server.addr,

@@ -564,3 +564,50 @@ fn an_empty_upstream_repository_is_mirrored() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("empty repository"));
     }
 }
+
+#[test]
+fn a_want_miss_shows_progress_while_the_mirror_syncs() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let server = proxy(&up, Duration::from_secs(3600));
+    let url = server.url_for(&up.segment(), "o/basic");
+    assert_eq!(
+        status_of(&server, &up, "o/basic").1.as_deref(),
+        Some("clone")
+    );
+    for v in PROTOCOLS {
+        let sha = push_commits(&upstream_dir, "main", 1);
+        let work = tempfile::tempdir().unwrap();
+        git(work.path(), &["init", "-q"]);
+        let out = git_output(
+            work.path(),
+            &args(&["fetch", "--progress", &url, &sha], &proto(v)),
+            &[],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "v{v}: {stderr}");
+        assert!(
+            stderr.contains("remote: mirroring") && stderr.contains("o/basic: done in"),
+            "v{v}: {stderr}"
+        );
+        assert_eq!(git(work.path(), &["rev-parse", "FETCH_HEAD"]).trim(), sha);
+        assert_fsck(&work.path().join(".git"));
+    }
+    // Still missing after the sync: the reason arrives on band 3.
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["init", "-q"]);
+    let out = git_output(
+        work.path(),
+        &[
+            "-c",
+            "protocol.version=2",
+            "fetch",
+            &url,
+            "1234567890123456789012345678901234567890",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("not our ref 1234567890123456789012345678901234567890"));
+}

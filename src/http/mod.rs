@@ -19,7 +19,7 @@ use axum::Router;
 use tokio::sync::Semaphore;
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::trace::TraceLayer;
-use tracing::{field, Span};
+use tracing::{field, Instrument, Span};
 
 use crate::config::{AuthMode, Config};
 use crate::mirror::{self, Freshness, Mirrors, Status, Upstreams};
@@ -499,6 +499,13 @@ async fn upload_pack(
         .map_err(|e| Error::Internal(e.to_string()))?
         .map_err(|e| Error::Internal(e.to_string()))?;
         if missing {
+            if let Some(preamble) = progress_preamble(&parsed) {
+                // The client may wait a while: answer now and show progress during the sync.
+                check_access(&state, &m, Status::Hit).await?;
+                return Ok(sync_with_progress(
+                    state, m, parsed, preamble, arrived, span,
+                ));
+            }
             status = state
                 .mirrors
                 .ensure(&m.request(), Freshness::SyncedAfter(arrived))
@@ -508,7 +515,6 @@ async fn upload_pack(
     // Only now, with the mirror in its final state for this request: a request that waited
     // while another created the mirror with credentials must not be served without them.
     check_access(&state, &m, status).await?;
-    let target = m.target;
     let permit = state
         .pack_slots
         .clone()
@@ -517,23 +523,166 @@ async fn upload_pack(
         .map_err(|_| Error::Unavailable)?;
     let interrupt = Arc::new(AtomicBool::new(false));
     let (stream, tx) = ResponseStream::new(Arc::clone(&interrupt));
+    start_pack(
+        &state,
+        m.target.dir,
+        parsed,
+        tx,
+        interrupt,
+        permit,
+        false,
+        span,
+    );
+    Ok(with_status(
+        pack_response(Body::from_stream(stream)),
+        status,
+    ))
+}
+
+/// What a request that needs no acknowledgements and no shallow or wanted-refs section gets
+/// before its pack data: the only place where sideband progress may be sent early. `None` for
+/// every other request (and when the client asked for no progress).
+fn progress_preamble(parsed: &Parsed) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    match parsed {
+        Parsed::V2(r) => match &r.command {
+            v2::Command::Fetch(f)
+                if (f.done || !f.seen_haves)
+                    && !f.no_progress
+                    && !f.deepen.is_active()
+                    && f.want_refs.is_empty() =>
+            {
+                pktline::text(&mut out, "packfile");
+            }
+            _ => return None,
+        },
+        Parsed::V0(r)
+            if r.done
+                && r.haves.is_empty()
+                && !r.caps.no_progress
+                && !r.deepen.is_active()
+                && r.caps.sideband != v0::Sideband::None =>
+        {
+            pktline::text(&mut out, "NAK");
+        }
+        Parsed::V0(_) => return None,
+    }
+    Some(out)
+}
+
+/// Answer a want-miss request at once: its `preamble`, progress on band 2 while the mirror
+/// syncs, then the pack. A failed sync ends the answer with a band-3 message.
+fn sync_with_progress(
+    state: AppState,
+    m: Mirrored,
+    parsed: Parsed,
+    preamble: Vec<u8>,
+    arrived: std::time::Instant,
+    span: Span,
+) -> Response {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let (stream, tx) = ResponseStream::new(Arc::clone(&interrupt));
+    let task = async move {
+        let send = |bytes: Vec<u8>| tx.send(Ok(bytes.into()));
+        if send(preamble).await.is_err() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let name = m.target.name.clone();
+        let request = m.request();
+        let sync = state
+            .mirrors
+            .ensure(&request, Freshness::SyncedAfter(arrived));
+        tokio::pin!(sync);
+        let mut ticks = tokio::time::interval(PROGRESS_INTERVAL);
+        let result = loop {
+            tokio::select! {
+                result = &mut sync => break result,
+                _ = ticks.tick() => {
+                    let line = format!("mirroring {name}: fetching from upstream ({}s)\r", started.elapsed().as_secs());
+                    if send(band(2, &line)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+        let line = match &result {
+            Ok(Status::Stale) => {
+                format!("mirroring {name}: upstream unavailable, serving the mirror as it is\n")
+            }
+            Ok(_) => format!(
+                "mirroring {name}: done in {}s.\n",
+                started.elapsed().as_secs()
+            ),
+            Err(e) => {
+                let mut end = band(3, &format!("{e}\n"));
+                pktline::flush(&mut end);
+                let _ = send(end).await;
+                return;
+            }
+        };
+        if send(band(2, &line)).await.is_err() {
+            return;
+        }
+        let Ok(permit) = state.pack_slots.clone().acquire_owned().await else {
+            return;
+        };
+        start_pack(
+            &state,
+            m.target.dir.clone(),
+            parsed,
+            tx,
+            interrupt,
+            permit,
+            true,
+            span,
+        );
+    };
+    tokio::spawn(task.in_current_span());
+    with_status(pack_response(Body::from_stream(stream)), Status::Sync)
+}
+
+/// How often progress is reported while a client waits for a sync.
+const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn band(band: u8, text: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in text.as_bytes().chunks(crate::protocol::SMALL_BAND_PAYLOAD) {
+        pktline::band(&mut out, band, chunk);
+    }
+    out
+}
+
+/// Generate the answer to `parsed` on a blocking thread, streaming it into `tx`.
+#[allow(clippy::too_many_arguments)]
+fn start_pack(
+    state: &AppState,
+    dir: std::path::PathBuf,
+    parsed: Parsed,
+    tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    interrupt: Arc<AtomicBool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    preamble_sent: bool,
+    span: Span,
+) {
     let options = upload_pack::Options {
         pack_threads: state.config.pack_threads,
         compression: state.compression,
     };
-    let task_span = span.clone();
+    let task_span = span;
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let _entered = task_span.enter();
         let out = ChannelWriter::new(tx, runtime);
-        let result = repo::open(&target.dir)
+        let result = repo::open(&dir)
             .map_err(upload_pack::Error::from)
             .and_then(|repo| {
                 let ctx = upload_pack::Context {
                     repo: &repo,
                     interrupt: &interrupt,
                     options,
+                    preamble_sent,
                 };
                 match &parsed {
                     Parsed::V0(req) => upload_pack::serve_v0(&ctx, req, out),
@@ -580,10 +729,6 @@ async fn upload_pack(
             }
         }
     });
-    Ok(with_status(
-        pack_response(Body::from_stream(stream)),
-        status,
-    ))
 }
 
 fn pack_response(body: Body) -> Response {

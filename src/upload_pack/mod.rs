@@ -138,6 +138,10 @@ pub struct Context<'a> {
     pub interrupt: &'a AtomicBool,
     /// Settings.
     pub options: Options,
+    /// The caller already sent what precedes the pack data — v2's `packfile` line or v0's
+    /// `NAK` — to show progress while it synced the mirror. Only for requests that need no
+    /// acknowledgements and no shallow or wanted-refs section; errors then go on band 3.
+    pub preamble_sent: bool,
 }
 
 /// The `info/refs` answer for `version`.
@@ -158,7 +162,7 @@ pub fn advertise(repo: &gix::Repository, version: Version) -> Result<(Vec<u8>, O
 
 /// Serve one v2 command, writing the answer to `out`.
 pub fn serve_v2(ctx: &Context<'_>, req: &v2::Request, out: impl Write) -> Result<Outcome, Error> {
-    respond(out, |out| match &req.command {
+    respond(out, ctx.preamble_sent, |out| match &req.command {
         v2::Command::LsRefs(args) => {
             let refs = repo::list_refs(ctx.repo)?;
             let mut buf = Vec::new();
@@ -170,32 +174,40 @@ pub fn serve_v2(ctx: &Context<'_>, req: &v2::Request, out: impl Write) -> Result
     })
 }
 
-/// Run `serve`; if it fails before the pack started, tell the client with an `ERR` packet
-/// (failures inside the pack are reported on band 3 by [`send_pack`]).
+/// Run `serve`; if it fails, tell the client: with an `ERR` packet before the pack started, on
+/// sideband 3 inside it (unless the failure was writing to the client).
 fn respond<W: Write>(
     out: W,
+    preamble_sent: bool,
     serve: impl FnOnce(&mut Response<W>) -> Result<Outcome, Error>,
 ) -> Result<Outcome, Error> {
     let mut out = Response {
         out,
-        pack_started: false,
+        pack_started: preamble_sent,
+        band_errors: preamble_sent,
     };
     let result = serve(&mut out);
     if let Err(e) = &result {
+        let mut buf = Vec::new();
         if !out.pack_started {
-            let mut buf = Vec::new();
             pktline::err(&mut buf, &e.client_message());
-            // The client may be gone; the error is returned for logging either way.
-            let _ = out.out.write_all(&buf).and_then(|_| out.out.flush());
+        } else if out.band_errors && !matches!(e, Error::Io(_)) {
+            pktline::band(&mut buf, 3, format!("{}\n", e.client_message()).as_bytes());
+            pktline::flush(&mut buf);
         }
+        // The client may be gone; the error is returned for logging either way.
+        let _ = out.out.write_all(&buf).and_then(|_| out.out.flush());
     }
     result
 }
 
-/// The response stream, remembering whether the pack has started.
+/// The response stream, remembering how far it got.
 struct Response<W> {
     out: W,
+    /// Pack data (or what directly precedes it) was sent: no more `ERR` packets.
     pack_started: bool,
+    /// The pack travels on a sideband, so errors can go on band 3.
+    band_errors: bool,
 }
 
 impl<W: Write> Write for Response<W> {
@@ -324,7 +336,7 @@ fn include_tag_candidates(include_tag: bool, refs: &Refs) -> Vec<(ObjectId, Obje
 
 /// Serve one stateless v0/v1 request, writing the answer to `out`.
 pub fn serve_v0(ctx: &Context<'_>, req: &v0::Request, out: impl Write) -> Result<Outcome, Error> {
-    respond(out, |out| fetch_v0(ctx, req, out))
+    respond(out, ctx.preamble_sent, |out| fetch_v0(ctx, req, out))
 }
 
 fn fetch_v0<W: Write>(
@@ -535,24 +547,26 @@ fn send_pack<W: Write>(
     let plan = match pack::plan(&db, &selection, ctx.interrupt) {
         Ok(plan) => plan,
         Err(e) => {
-            let e = Error::from(e);
             // Acknowledgements first, so that the error is read where git expects it: after the
             // final ACK/NAK of v0 the client reads the pack, so the error goes on band 3 there.
-            out.write_all(&preamble)?;
-            if let (false, Some(_)) = (v2, args.sideband) {
-                out.pack_started = true;
-                let mut sb = Sideband::new(&mut *out, args.sideband);
-                sb.error(&format!("{}\n", e.client_message()))?;
-                sb.finish()?;
+            if !ctx.preamble_sent {
+                out.write_all(&preamble)?;
+                if !v2 {
+                    out.pack_started = true;
+                    out.band_errors = args.sideband.is_some();
+                }
             }
-            return Err(e);
+            return Err(e.into());
         }
     };
-    if v2 {
-        pktline::text(&mut preamble, "packfile");
+    if !ctx.preamble_sent {
+        if v2 {
+            pktline::text(&mut preamble, "packfile");
+        }
+        out.write_all(&preamble)?;
     }
-    out.write_all(&preamble)?;
     out.pack_started = true;
+    out.band_errors = args.sideband.is_some();
     let stats = plan.stats;
     let mut sb = Sideband::new(out, args.sideband);
     if args.progress {
@@ -572,15 +586,8 @@ fn send_pack<W: Write>(
         compression: ctx.options.compression,
     };
     let planned = started.elapsed();
-    let written = match pack::write(db, plan, &mut sb, opts, ctx.interrupt) {
-        Ok(w) => w,
-        Err(e) => {
-            let e = Error::from(e);
-            // The client may be gone; if not, tell it why the pack ends here.
-            let _ = sb.error(&format!("{}\n", e.client_message()));
-            return Err(e);
-        }
-    };
+    // On failure `respond` tells the client why the pack ends here.
+    let written = pack::write(db, plan, &mut sb, opts, ctx.interrupt)?;
     if args.progress {
         sb.progress(&format!(
             "Total {} (delta {}), reused {} (delta {}), pack-reused 0\n",

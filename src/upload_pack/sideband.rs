@@ -29,19 +29,9 @@ impl<W: Write> Sideband<W> {
         }
     }
 
-    /// Whether band 2 and 3 messages can be sent.
-    pub fn has_sideband(&self) -> bool {
-        self.payload.is_some()
-    }
-
     /// Send a progress message on band 2 (dropped without a sideband).
     pub fn progress(&mut self, message: &str) -> io::Result<()> {
         self.message(2, message)
-    }
-
-    /// Send an error message on band 3 (dropped without a sideband); git prints it and aborts.
-    pub fn error(&mut self, message: &str) -> io::Result<()> {
-        self.message(3, message)
     }
 
     fn message(&mut self, band: u8, message: &str) -> io::Result<()> {
