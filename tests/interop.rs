@@ -422,6 +422,35 @@ fn ls_remote_lists_the_upstream_refs() {
         got.sort();
         assert_eq!(got, expected, "git v{version}");
     }
+    // gix: a ref listing through an anonymous remote.
+    let dir = tempfile::tempdir().unwrap();
+    let repo = gix::init_bare(dir.path()).unwrap();
+    let (ref_map, _) = repo
+        .remote_at(m.url.as_str())
+        .unwrap()
+        .with_refspecs(Some("+refs/*:refs/*"), gix::remote::Direction::Fetch)
+        .unwrap()
+        .connect(gix::remote::Direction::Fetch)
+        .unwrap()
+        .ref_map(
+            gix::progress::Discard,
+            gix::remote::ref_map::Options {
+                prefix_from_spec_as_filter_on_remote: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let listed: Vec<String> = ref_map
+        .remote_refs
+        .iter()
+        .filter_map(|r| {
+            let (name, target, _) = r.unpack();
+            Some(format!("{} {name}", target?))
+        })
+        .collect();
+    for line in &expected {
+        assert!(listed.contains(line), "gix ls-remote: {line} in {listed:?}");
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let scratch = tempfile::tempdir().unwrap();
     let scratch = scratch.path().join("ls-remote.git");
