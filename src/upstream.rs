@@ -66,11 +66,7 @@ pub fn fetch(
     let remote =
         remote(&repo, url, "+refs/*:refs/*")?.with_fetch_tags(gix::remote::fetch::Tags::None);
     let auth_asked = Arc::new(AtomicBool::new(false));
-    let connection = remote
-        .connect(Direction::Fetch)
-        .map_err(|e| Error::Failed(e.to_string()))?
-        .with_credentials(credentials(Arc::clone(&auth_asked)))
-        .with_transport_options(Box::new(transport_options(authorization, opts)));
+    let connection = connect(&remote, authorization, opts, &auth_asked)?;
     let classify = |e: gix::Error| {
         if interrupt.load(Ordering::Relaxed) {
             Error::Interrupted
@@ -158,11 +154,7 @@ pub fn check_access(
     let repo = open(dir)?;
     let remote = remote(&repo, url, "+refs/heads/*:refs/heads/*")?;
     let auth_asked = Arc::new(AtomicBool::new(false));
-    let connection = remote
-        .connect(Direction::Fetch)
-        .map_err(|e| Error::Failed(e.to_string()))?
-        .with_credentials(credentials(Arc::clone(&auth_asked)))
-        .with_transport_options(Box::new(transport_options(authorization, opts)));
+    let connection = connect(&remote, authorization, opts, &auth_asked)?;
     match connection.ref_map(gix::progress::Discard, Default::default()) {
         Ok(_) => Ok(()),
         Err(_) if auth_asked.load(Ordering::Relaxed) => Err(Error::AuthRequired),
@@ -180,6 +172,28 @@ fn remote<'r>(repo: &'r gix::Repository, url: &str, spec: &str) -> Result<gix::R
         .map_err(|e| Error::Failed(format!("invalid upstream URL {url}: {e}")))?
         .with_refspecs(Some(spec), Direction::Fetch)
         .map_err(|e| Error::Local(e.to_string()))
+}
+
+type Connection<'a, 'repo> = gix::remote::Connection<
+    'a,
+    'static,
+    'repo,
+    Box<dyn gix::protocol::transport::client::blocking_io::Transport + Send>,
+>;
+
+/// Connect for fetching with our timeouts and header-only credentials; `auth_asked` is set if
+/// the upstream asks for credentials.
+fn connect<'a, 'repo>(
+    remote: &'a gix::Remote<'repo>,
+    authorization: Option<&str>,
+    opts: &Options,
+    auth_asked: &Arc<AtomicBool>,
+) -> Result<Connection<'a, 'repo>, Error> {
+    Ok(remote
+        .connect(Direction::Fetch)
+        .map_err(|e| Error::Failed(e.to_string()))?
+        .with_credentials(credentials(Arc::clone(auth_asked)))
+        .with_transport_options(Box::new(transport_options(authorization, opts))))
 }
 
 /// Credentials come only as headers from the caller: when the upstream asks for more, note it
