@@ -173,15 +173,15 @@ pub struct Mirrors {
 
 /// A mirror to ensure: where it lives and where it comes from.
 #[derive(Debug, Clone)]
-pub struct Request<'a> {
+pub struct Request {
     /// `host/path`, for messages.
-    pub name: &'a str,
+    pub name: String,
     /// The mirror directory.
-    pub dir: &'a Path,
+    pub dir: PathBuf,
     /// The upstream URL.
-    pub url: &'a str,
+    pub url: String,
     /// `Authorization` header value to send upstream.
-    pub authorization: Option<&'a str>,
+    pub authorization: Option<String>,
 }
 
 impl Mirrors {
@@ -207,10 +207,10 @@ impl Mirrors {
 
     /// Make sure the mirror exists and is as fresh as `freshness` asks, creating or syncing it
     /// (one at a time per repository; concurrent callers wait for and share the result).
-    pub async fn ensure(&self, req: &Request<'_>, freshness: Freshness) -> Result<Status, Error> {
-        let state = Arc::clone(self.repos.lock().entry(req.dir.to_path_buf()).or_default());
+    pub async fn ensure(&self, req: &Request, freshness: Freshness) -> Result<Status, Error> {
+        let state = Arc::clone(self.repos.lock().entry(req.dir.clone()).or_default());
         let mut state = state.lock_owned().await;
-        let exists = crate::repo::exists(req.dir);
+        let exists = crate::repo::exists(&req.dir);
         let now = Instant::now();
         if exists {
             let fresh = match freshness {
@@ -230,15 +230,15 @@ impl Mirrors {
             }
         }
         let local = |message: String| Error::Local {
-            name: req.name.into(),
+            name: req.name.clone(),
             message,
         };
         let slot = Arc::clone(&self.syncs)
             .acquire_owned()
             .await
             .map_err(|_| local("shutting down".into()))?;
-        let owned = OwnedRequest::from(req);
-        let tmp = self.tmp_dir(req.dir);
+        let owned = req.clone();
+        let tmp = self.tmp_dir(&req.dir);
         let opts = self.settings.upstream.clone();
         // The update runs in a task of its own that holds the repository's lock and the sync
         // slot: if this request goes away, the update still finishes and is recorded, and the
@@ -291,9 +291,9 @@ impl Mirrors {
         });
         match update.await.map_err(|e| local(e.to_string()))? {
             Ok(status) => Ok(status),
-            Err(upstream::Error::AuthRequired) => Err(Error::AuthRequired(req.name.into())),
+            Err(upstream::Error::AuthRequired) => Err(Error::AuthRequired(req.name.clone())),
             Err(e) => Err(Error::Upstream {
-                name: req.name.into(),
+                name: req.name.clone(),
                 message: e.to_string(),
             }),
         }
@@ -309,27 +309,8 @@ impl Mirrors {
     }
 }
 
-/// The parts of a [`Request`] a blocking task needs.
-struct OwnedRequest {
-    name: String,
-    dir: PathBuf,
-    url: String,
-    authorization: Option<String>,
-}
-
-impl From<&Request<'_>> for OwnedRequest {
-    fn from(r: &Request<'_>) -> Self {
-        OwnedRequest {
-            name: r.name.to_owned(),
-            dir: r.dir.to_path_buf(),
-            url: r.url.to_owned(),
-            authorization: r.authorization.map(str::to_owned),
-        }
-    }
-}
-
 fn create(
-    req: &OwnedRequest,
+    req: &Request,
     tmp: &Path,
     opts: &upstream::Options,
     interrupt: &AtomicBool,
@@ -366,7 +347,7 @@ fn create(
 }
 
 fn sync(
-    req: &OwnedRequest,
+    req: &Request,
     opts: &upstream::Options,
     interrupt: &AtomicBool,
 ) -> Result<upstream::Fetched, upstream::Error> {

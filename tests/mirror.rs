@@ -142,19 +142,11 @@ fn a_want_miss_syncs_then_serves() {
         git(repo, &["init", "-q"]);
         git(repo, &["remote", "add", "origin", &url]);
         // actions/checkout's exact fetch.
-        git(
-            repo,
-            &[
-                "-c",
-                &format!("protocol.version={v}"),
-                "fetch",
-                "--no-tags",
-                "--prune",
-                "--no-recurse-submodules",
-                "--depth=1",
-                "origin",
-                &format!("+{sha}:refs/remotes/origin/feature/b"),
-            ],
+        let out = actions_checkout_fetch(repo, v, &sha, "refs/remotes/origin/feature/b", &[]);
+        assert!(
+            out.status.success(),
+            "v{v}: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
         git(
             repo,
@@ -171,22 +163,20 @@ fn a_want_miss_syncs_then_serves() {
         assert_fsck(&repo.join(".git"));
     }
     // A SHA the upstream does not have either: synced, still missing, refused.
-    let work = tempfile::tempdir().unwrap();
-    git(work.path(), &["init", "-q"]);
-    let out = git_output(
-        work.path(),
-        &[
-            "-c",
-            "protocol.version=2",
-            "fetch",
-            &url,
-            "1234567890123456789012345678901234567890",
-        ],
-        &[],
+    // With --depth the answer cannot start early: the refusal is an ERR packet.
+    let (_work, out) = fetch_into_new_repo(
+        &url,
+        "1234567890123456789012345678901234567890",
+        &["--depth=1"],
     );
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("not our ref 1234567890123456789012345678901234567890"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "remote error: upload-pack: not our ref 1234567890123456789012345678901234567890"
+        ),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -594,20 +584,19 @@ fn a_want_miss_shows_progress_while_the_mirror_syncs() {
         assert_fsck(&work.path().join(".git"));
     }
     // Still missing after the sync: the reason arrives on band 3.
-    let work = tempfile::tempdir().unwrap();
-    git(work.path(), &["init", "-q"]);
-    let out = git_output(
-        work.path(),
-        &[
-            "-c",
-            "protocol.version=2",
-            "fetch",
-            &url,
-            "1234567890123456789012345678901234567890",
-        ],
-        &[],
+    let (_work, out) = fetch_into_new_repo(
+        &url,
+        "1234567890123456789012345678901234567890",
+        &["--progress"],
     );
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("not our ref 1234567890123456789012345678901234567890"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("remote: mirroring"),
+        "the answer started early: {stderr}"
+    );
+    assert!(
+        stderr.contains("upload-pack: not our ref 1234567890123456789012345678901234567890"),
+        "{stderr}"
+    );
 }

@@ -292,19 +292,11 @@ fn actions_checkout_fetches_a_sha_at_depth_one() {
         git(repo, &["remote", "add", "origin", &pair.url]);
         git(repo, &["config", "--local", "gc.auto", "0"]);
         let trace = repo.join("trace");
-        let out = git_output(
+        let out = actions_checkout_fetch(
             repo,
-            &[
-                "-c",
-                &format!("protocol.version={v}"),
-                "fetch",
-                "--no-tags",
-                "--prune",
-                "--no-recurse-submodules",
-                "--depth=1",
-                "origin",
-                &format!("+{sha}:refs/remotes/origin/feature/b"),
-            ],
+            v,
+            sha,
+            "refs/remotes/origin/feature/b",
             &[("GIT_TRACE_PACKET", trace.to_str().unwrap())],
         );
         assert!(

@@ -17,11 +17,13 @@ use tokio::sync::mpsc;
 const CHANNEL_CHUNKS: usize = 16;
 
 /// Why a request body could not be read.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     /// Over the limit (after decompression).
+    #[error("request body too large")]
     TooLarge,
     /// The body stream failed, e.g. invalid gzip.
+    #[error("cannot read request body: {0}")]
     Body(String),
 }
 

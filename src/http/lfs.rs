@@ -79,7 +79,7 @@ pub async fn is_download(
     }
     let bytes = super::body::read_limited(body, MAX_BATCH_BODY)
         .await
-        .map_err(|e| format!("Git LFS batch request: {e:?}"))?;
+        .map_err(|e| format!("Git LFS batch request: {e}"))?;
     let compact: Vec<u8> = bytes
         .iter()
         .copied()

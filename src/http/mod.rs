@@ -217,12 +217,12 @@ struct Mirrored {
 }
 
 impl Mirrored {
-    fn request(&self) -> mirror::Request<'_> {
+    fn request(&self) -> mirror::Request {
         mirror::Request {
-            name: &self.target.name,
-            dir: &self.target.dir,
-            url: &self.url,
-            authorization: self.authorization.as_deref(),
+            name: self.target.name.clone(),
+            dir: self.target.dir.clone(),
+            url: self.url.clone(),
+            authorization: self.authorization.clone(),
         }
     }
 }
@@ -422,6 +422,19 @@ enum Parsed {
     V2(v2::Request),
 }
 
+impl Parsed {
+    /// The command, for spans and metrics.
+    fn command(&self) -> &'static str {
+        match self {
+            Parsed::V0(_) => "upload-pack",
+            Parsed::V2(r) => match r.command {
+                v2::Command::LsRefs(_) => "ls-refs",
+                v2::Command::Fetch(_) => "fetch",
+            },
+        }
+    }
+}
+
 async fn upload_pack(
     state: AppState,
     m: Mirrored,
@@ -455,16 +468,7 @@ async fn upload_pack(
             return Ok(pack_response(Body::from(out)));
         }
     };
-    span.record(
-        "command",
-        match &parsed {
-            Parsed::V0(_) => "upload-pack",
-            Parsed::V2(r) => match r.command {
-                v2::Command::LsRefs(_) => "ls-refs",
-                v2::Command::Fetch(_) => "fetch",
-            },
-        },
-    );
+    span.record("command", parsed.command());
     let mut status = if repo::exists(&m.target.dir) {
         Status::Hit
     } else {
@@ -539,35 +543,16 @@ async fn upload_pack(
     ))
 }
 
-/// What a request that needs no acknowledgements and no shallow or wanted-refs section gets
-/// before its pack data: the only place where sideband progress may be sent early. `None` for
-/// every other request (and when the client asked for no progress).
+/// The answer's start, when it may be sent before the mirror is synced (see
+/// [`upload_pack::early_preamble_v2`]).
 fn progress_preamble(parsed: &Parsed) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
     match parsed {
         Parsed::V2(r) => match &r.command {
-            v2::Command::Fetch(f)
-                if (f.done || !f.seen_haves)
-                    && !f.no_progress
-                    && !f.deepen.is_active()
-                    && f.want_refs.is_empty() =>
-            {
-                pktline::text(&mut out, "packfile");
-            }
-            _ => return None,
+            v2::Command::Fetch(f) => upload_pack::early_preamble_v2(f),
+            v2::Command::LsRefs(_) => None,
         },
-        Parsed::V0(r)
-            if r.done
-                && r.haves.is_empty()
-                && !r.caps.no_progress
-                && !r.deepen.is_active()
-                && r.caps.sideband != v0::Sideband::None =>
-        {
-            pktline::text(&mut out, "NAK");
-        }
-        Parsed::V0(_) => return None,
+        Parsed::V0(r) => upload_pack::early_preamble_v0(r),
     }
-    Some(out)
 }
 
 /// Answer a want-miss request at once: its `preamble`, progress on band 2 while the mirror
@@ -678,8 +663,10 @@ fn start_pack(
         let result = repo::open(&dir)
             .map_err(upload_pack::Error::from)
             .and_then(|repo| {
+                let db = crate::pack::db(&repo);
                 let ctx = upload_pack::Context {
                     repo: &repo,
+                    db: &db,
                     interrupt: &interrupt,
                     options,
                     preamble_sent,
@@ -689,13 +676,7 @@ fn start_pack(
                     Parsed::V2(req) => upload_pack::serve_v2(&ctx, req, out),
                 }
             });
-        let command = match &parsed {
-            Parsed::V0(_) => "upload-pack",
-            Parsed::V2(r) => match r.command {
-                v2::Command::LsRefs(_) => "ls-refs",
-                v2::Command::Fetch(_) => "fetch",
-            },
-        };
+        let command = parsed.command();
         match result {
             Ok(outcome) => {
                 task_span.record("outcome", field::debug(outcome));

@@ -92,7 +92,7 @@ const INTERRUPT_CHECK_INTERVAL: usize = 1024;
 /// announces objects the body cannot deliver.
 pub fn plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Plan, Error> {
     let grafts: HashSet<ObjectId> = sel.shallow.iter().copied().collect();
-    let mut commits = Commits::new(db, &grafts);
+    let mut commits = Commits::new(db, grafts);
     let mut p = Planner {
         db,
         buf: Vec::new(),

@@ -35,14 +35,14 @@ pub struct Commit {
 /// Loads and remembers commits, applying grafts.
 pub struct Commits<'a> {
     db: &'a Db,
-    grafts: &'a HashSet<ObjectId>,
+    grafts: HashSet<ObjectId>,
     cache: HashMap<ObjectId, Commit>,
     buf: Vec<u8>,
 }
 
 impl<'a> Commits<'a> {
     /// Read commits from `db`, treating every commit in `grafts` as parentless.
-    pub fn new(db: &'a Db, grafts: &'a HashSet<ObjectId>) -> Self {
+    pub fn new(db: &'a Db, grafts: HashSet<ObjectId>) -> Self {
         Commits {
             db,
             grafts,

@@ -134,6 +134,8 @@ pub struct Options {
 pub struct Context<'a> {
     /// The repository being served.
     pub repo: &'a gix::Repository,
+    /// One object-database handle for all of the request's object work ([`pack::db`]).
+    pub db: &'a pack::Db,
     /// Set when the client went away: long work stops.
     pub interrupt: &'a AtomicBool,
     /// Settings.
@@ -251,7 +253,7 @@ fn fetch_v2<W: Write>(
     if wants.is_empty() {
         return Ok(Outcome::Empty);
     }
-    let mut neg = Negotiator::new(ctx.repo, &wants);
+    let mut neg = Negotiator::new(ctx.repo, ctx.db, &wants);
     for have in &args.haves {
         neg.have(*have)?;
     }
@@ -277,13 +279,7 @@ fn fetch_v2<W: Write>(
     }
     // Section order per gitprotocol-v2 (and git's fetch-pack): shallow-info, wanted-refs.
     let shallow = if args.deepen.is_active() {
-        let shallow = shallow::compute(
-            &pack::db(ctx.repo),
-            &refs,
-            &wants,
-            &args.deepen,
-            ctx.interrupt,
-        )?;
+        let shallow = shallow::compute(ctx.db, &refs, &wants, &args.deepen, ctx.interrupt)?;
         pktline::text(&mut lines, "shallow-info");
         write_shallow_lines(&mut lines, &shallow);
         pktline::delim(&mut lines);
@@ -334,6 +330,38 @@ fn include_tag_candidates(include_tag: bool, refs: &Refs) -> Vec<(ObjectId, Obje
         .collect()
 }
 
+/// What precedes the pack data of a v2 fetch that needs no acknowledgements and no shallow or
+/// wanted-refs section — its `packfile` line — so that a caller may send it, and progress on
+/// band 2, before the objects are there (a mirror syncing). `None` for any other fetch, and
+/// when the client asked for no progress. Serve the request with
+/// [`Context::preamble_sent`] then.
+pub fn early_preamble_v2(f: &v2::Fetch) -> Option<Vec<u8>> {
+    let eligible = (f.done || !f.seen_haves)
+        && !f.no_progress
+        && !f.deepen.is_active()
+        && f.want_refs.is_empty();
+    eligible.then(|| {
+        let mut out = Vec::new();
+        pktline::text(&mut out, "packfile");
+        out
+    })
+}
+
+/// Like [`early_preamble_v2`] for v0/v1: a final round without haves or shallow lines on a
+/// sideband starts with `NAK`, then the pack.
+pub fn early_preamble_v0(r: &v0::Request) -> Option<Vec<u8>> {
+    let eligible = r.done
+        && r.haves.is_empty()
+        && !r.caps.no_progress
+        && !r.deepen.is_active()
+        && r.caps.sideband != v0::Sideband::None;
+    eligible.then(|| {
+        let mut out = Vec::new();
+        pktline::text(&mut out, "NAK");
+        out
+    })
+}
+
 /// Serve one stateless v0/v1 request, writing the answer to `out`.
 pub fn serve_v0(ctx: &Context<'_>, req: &v0::Request, out: impl Write) -> Result<Outcome, Error> {
     respond(out, ctx.preamble_sent, |out| fetch_v0(ctx, req, out))
@@ -351,13 +379,7 @@ fn fetch_v0<W: Write>(
     // Over stateless HTTP every round repeats the shallow request, and git's fetch-pack
     // expects the shallow list again before the acknowledgements of each round.
     let shallow = if req.deepen.is_active() {
-        shallow::compute(
-            &pack::db(ctx.repo),
-            &refs,
-            &req.wants,
-            &req.deepen,
-            ctx.interrupt,
-        )?
+        shallow::compute(ctx.db, &refs, &req.wants, &req.deepen, ctx.interrupt)?
     } else {
         Shallow::default()
     };
@@ -369,7 +391,7 @@ fn fetch_v0<W: Write>(
         out.write_all(&lines)?;
         return Ok(Outcome::Acks { common: 0 });
     }
-    let mut neg = Negotiator::new(ctx.repo, &req.wants);
+    let mut neg = Negotiator::new(ctx.repo, ctx.db, &req.wants);
     let (mut got_common, mut got_other, mut sent_ready) = (false, false, false);
     let mut last = None;
     // This follows git's get_common_commits() for one stateless round.
@@ -460,9 +482,8 @@ fn check_reachable_wants(ctx: &Context<'_>, refs: &Refs, wants: &[ObjectId]) -> 
         .flatten()
         .collect();
     let tip_set: gix::hashtable::HashSet<ObjectId> = tips.iter().copied().collect();
-    let db = pack::db(ctx.repo);
-    let no_grafts = gix::hashtable::HashSet::default();
-    let mut commits = pack::walk::Commits::new(&db, &no_grafts);
+    let db = ctx.db;
+    let mut commits = pack::walk::Commits::new(db, Default::default());
     let (mut commit_wants, mut other_wants) = (Vec::new(), Vec::new());
     for want in wants.iter().filter(|w| !tip_set.contains(*w)) {
         match ctx.repo.find_header(*want).map(|h| h.kind()) {
@@ -484,7 +505,7 @@ fn check_reachable_wants(ctx: &Context<'_>, refs: &Refs, wants: &[ObjectId]) -> 
     }
     if !other_wants.is_empty() {
         let all = pack::plan(
-            &db,
+            db,
             &pack::Selection {
                 wants: &tips,
                 ..Default::default()
@@ -523,7 +544,6 @@ fn send_pack<W: Write>(
     v2: bool,
     out: &mut Response<W>,
 ) -> Result<Outcome, Error> {
-    let db = pack::db(ctx.repo);
     let wants: Vec<ObjectId> = args
         .wants
         .iter()
@@ -544,7 +564,7 @@ fn send_pack<W: Write>(
         filter: args.filter,
     };
     let started = std::time::Instant::now();
-    let plan = match pack::plan(&db, &selection, ctx.interrupt) {
+    let plan = match pack::plan(ctx.db, &selection, ctx.interrupt) {
         Ok(plan) => plan,
         Err(e) => {
             // Acknowledgements first, so that the error is read where git expects it: after the
@@ -587,7 +607,7 @@ fn send_pack<W: Write>(
     };
     let planned = started.elapsed();
     // On failure `respond` tells the client why the pack ends here.
-    let written = pack::write(db, plan, &mut sb, opts, ctx.interrupt)?;
+    let written = pack::write(ctx.db.clone(), plan, &mut sb, opts, ctx.interrupt)?;
     if args.progress {
         sb.progress(&format!(
             "Total {} (delta {}), reused {} (delta {}), pack-reused 0\n",

@@ -2,10 +2,12 @@
 //! stop ("ready"). Mirrors git's `upload-pack.c` (`got_oid`, `ok_to_give_up`).
 
 use gix::hashtable::{HashMap, HashSet};
-use gix::objs::{CommitRefIter, Find, FindHeader, Kind, TagRefIter};
+use gix::objs::{FindHeader, Kind};
 use gix::ObjectId;
 
 use super::Error;
+use crate::pack::walk::Commits;
+use crate::pack::Db;
 
 /// What a `have` line told us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +25,7 @@ pub enum Have {
 /// The state of one negotiation (one stateless request).
 pub struct Negotiator<'r> {
     repo: &'r gix::Repository,
+    commits: Commits<'r>,
     wants: &'r [ObjectId],
     /// Objects the client has: acknowledged haves and the parents of commit haves.
     they_have: HashSet<ObjectId>,
@@ -37,14 +40,14 @@ pub struct Negotiator<'r> {
     /// about one traversal, not one each.
     no_reach: HashSet<ObjectId>,
     reaches: HashSet<ObjectId>,
-    buf: Vec<u8>,
 }
 
 impl<'r> Negotiator<'r> {
-    /// Start negotiating for `wants` on `repo`.
-    pub fn new(repo: &'r gix::Repository, wants: &'r [ObjectId]) -> Self {
+    /// Start negotiating for `wants` on `repo`, reading commits through `db`.
+    pub fn new(repo: &'r gix::Repository, db: &'r Db, wants: &'r [ObjectId]) -> Self {
         Negotiator {
             repo,
+            commits: Commits::new(db, HashSet::default()),
             wants,
             they_have: HashSet::default(),
             common: Vec::new(),
@@ -52,7 +55,6 @@ impl<'r> Negotiator<'r> {
             ready: None,
             no_reach: HashSet::default(),
             reaches: HashSet::default(),
-            buf: Vec::new(),
         }
     }
 
@@ -118,7 +120,7 @@ impl<'r> Negotiator<'r> {
     /// Whether `want` (peeled) is a commit with an ancestor the client has. Non-commits count
     /// as reachable: ancestry cannot tell, and git does not wait for them either.
     fn reaches_common(&mut self, want: ObjectId) -> Result<bool, Error> {
-        let Some(start) = self.peel_to_commit(want)? else {
+        let Some(start) = self.commits.peel_to_commit(want)? else {
             return Ok(true);
         };
         let min_time = self.oldest_have.unwrap_or(i64::MIN);
@@ -154,46 +156,9 @@ impl<'r> Negotiator<'r> {
         Ok(false)
     }
 
-    fn peel_to_commit(&mut self, mut id: ObjectId) -> Result<Option<ObjectId>, Error> {
-        loop {
-            let Some(data) = self
-                .repo
-                .objects
-                .try_find(&id, &mut self.buf)
-                .map_err(Error::git("reading a want"))?
-            else {
-                return Ok(None);
-            };
-            match data.kind {
-                Kind::Commit => return Ok(Some(id)),
-                Kind::Tag => {
-                    id = TagRefIter::from_bytes(data.data, id.kind())
-                        .target_id()
-                        .map_err(Error::git("decoding a tag"))?;
-                }
-                Kind::Tree | Kind::Blob => return Ok(None),
-            }
-        }
-    }
-
     /// Parents and committer time of a commit.
     fn commit(&mut self, id: ObjectId) -> Result<(Vec<ObjectId>, i64), Error> {
-        let data = self
-            .repo
-            .objects
-            .try_find(&id, &mut self.buf)
-            .map_err(Error::git("reading a commit"))?
-            .ok_or_else(|| Error::Git {
-                context: "reading a commit",
-                message: format!("{id} is missing"),
-            })?;
-        let parents = CommitRefIter::from_bytes(data.data, id.kind())
-            .parent_ids()
-            .collect();
-        let time = CommitRefIter::from_bytes(data.data, id.kind())
-            .committer()
-            .map_err(Error::git("decoding a commit"))?
-            .seconds();
-        Ok((parents, time))
+        let commit = self.commits.get(id)?;
+        Ok((commit.parents.to_vec(), commit.time))
     }
 }

@@ -40,8 +40,7 @@ pub fn compute(
     deepen: &Deepen,
     interrupt: &AtomicBool,
 ) -> Result<Shallow, Error> {
-    let no_grafts = HashSet::default();
-    let mut commits = Commits::new(db, &no_grafts);
+    let mut commits = Commits::new(db, HashSet::default());
 
     // The client's boundary; objects we do not have are ignored, as git does.
     let mut client = Vec::new();

@@ -335,3 +335,40 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
         data = &data[line_end + 2 + size + 2..];
     }
 }
+
+/// actions/checkout's exact fetch of one commit (no ls-refs, `--depth=1`) into `repo`, which
+/// has `origin` configured, storing it as `dest_ref`.
+pub fn actions_checkout_fetch(
+    repo: &Path,
+    version: &str,
+    sha: &str,
+    dest_ref: &str,
+    env: &[(&str, &str)],
+) -> Output {
+    git_output(
+        repo,
+        &[
+            "-c",
+            &format!("protocol.version={version}"),
+            "fetch",
+            "--no-tags",
+            "--prune",
+            "--no-recurse-submodules",
+            "--depth=1",
+            "origin",
+            &format!("+{sha}:{dest_ref}"),
+        ],
+        env,
+    )
+}
+
+/// `git fetch <url> <what> <extra…>` into a new, empty repository.
+pub fn fetch_into_new_repo(url: &str, what: &str, extra: &[&str]) -> (tempfile::TempDir, Output) {
+    let work = tempfile::tempdir().expect("temp dir");
+    git(work.path(), &["init", "-q"]);
+    let mut a = vec!["fetch"];
+    a.extend_from_slice(extra);
+    a.extend([url, what]);
+    let out = git_output(work.path(), &a, &[]);
+    (work, out)
+}
