@@ -62,6 +62,14 @@ fn run(config: Config) -> anyhow::Result<()> {
         if removed > 0 {
             tracing::info!(removed, "removed unfinished mirrors left by a previous run");
         }
+        // Mirrors found on disk get their snapshots in the background; a request that comes
+        // first builds its own.
+        let mirrors = std::sync::Arc::clone(state.mirrors());
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let loaded = mirrors.load_all();
+            tracing::info!(loaded, duration = ?started.elapsed(), "mirrors loaded");
+        });
         http::serve(listener, state, shutdown_signal())
             .await
             .context("serving")

@@ -182,10 +182,22 @@ pub fn open(dir: &Path) -> Result<gix::Repository, Error> {
 /// and the first v0 line carries the capabilities and, in `ls-refs`, the symref target too.
 const MAX_REF_NAME_LEN: usize = 16 * 1024;
 
+/// Peeled targets already known, by tag id: tags never change, so a snapshot rebuilt after a
+/// sync peels only the tags that are new.
+pub type PeelMemo = gix::hashtable::HashMap<gix::ObjectId, Option<gix::ObjectId>>;
+
 /// List the refs of `repo` for advertisement: `HEAD` first (when it resolves), then all refs
 /// sorted by name, with annotated tags peeled. Refs whose target is missing are skipped, as
 /// git skips broken refs.
 pub fn list_refs(repo: &gix::Repository) -> Result<Refs, Error> {
+    list_refs_memo(repo, &PeelMemo::default())
+}
+
+fn list_refs_memo(repo: &gix::Repository, memo: &PeelMemo) -> Result<Refs, Error> {
+    let peel = |id: gix::ObjectId| match memo.get(&id) {
+        Some(peeled) => Ok(*peeled),
+        None => peel(repo, id),
+    };
     let mut out = Refs::default();
     let head = repo.head().map_err(Error::git("reading HEAD"))?;
     match &head.kind {
@@ -194,7 +206,7 @@ pub fn list_refs(repo: &gix::Repository) -> Result<Refs, Error> {
                 out.refs.push(Ref {
                     name: "HEAD".into(),
                     target: id.to_owned(),
-                    peeled: peel(repo, id.to_owned())?,
+                    peeled: peel(id.to_owned())?,
                     symref_target: Some(r.name.as_bstr().to_owned()),
                 });
             }
@@ -203,7 +215,7 @@ pub fn list_refs(repo: &gix::Repository) -> Result<Refs, Error> {
         gix::head::Kind::Detached { target, .. } => out.refs.push(Ref {
             name: "HEAD".into(),
             target: *target,
-            peeled: peel(repo, *target)?,
+            peeled: peel(*target)?,
             symref_target: None,
         }),
     }
@@ -229,13 +241,13 @@ pub fn list_refs(repo: &gix::Repository) -> Result<Refs, Error> {
             continue;
         };
         let target = target.detach();
-        if !repo.has_object(target) {
+        if !memo.contains_key(&target) && !repo.has_object(target) {
             continue;
         }
         refs.push(Ref {
             name,
             target,
-            peeled: peel(repo, target)?,
+            peeled: peel(target)?,
             symref_target,
         });
     }
@@ -262,6 +274,130 @@ fn peel(repo: &gix::Repository, id: gix::ObjectId) -> Result<Option<gix::ObjectI
         message: e.to_string(),
     })?;
     Ok(Some(peeled.id))
+}
+
+/// Everything a request reads that changes only when the repository does: built once per
+/// sync (and at start), then shared read-only by every request through an `Arc`. Requests
+/// never reopen the repository, list refs or peel tags.
+pub struct Snapshot {
+    repo: gix::ThreadSafeRepository,
+    refs: Refs,
+    /// The v0 advertisement after its `# service=` preamble (and v1's version line).
+    advert_v0: bytes::Bytes,
+    /// Every ref target and peeled target, for reachability checks of wants.
+    tips: gix::hashtable::HashSet<gix::ObjectId>,
+    /// What was on disk when the snapshot was built: see [`Snapshot::is_current`].
+    packs: Vec<std::ffi::OsString>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("refs", &self.refs.refs.len())
+            .field("packs", &self.packs.len())
+            .finish()
+    }
+}
+
+impl Snapshot {
+    /// Read the repository at `dir`. Tags already peeled in `previous` are not peeled again.
+    pub fn open(dir: &Path, previous: Option<&Snapshot>) -> Result<Snapshot, Error> {
+        let packs = pack_names(dir);
+        let repo = open(dir)?;
+        let refs = list_refs_memo(
+            &repo,
+            &previous.map(Snapshot::peel_memo).unwrap_or_default(),
+        )?;
+        let mut advert = Vec::new();
+        crate::protocol::advert::v0_refs(&mut advert, &refs);
+        let tips = refs
+            .refs
+            .iter()
+            .flat_map(|r| [Some(r.target), r.peeled])
+            .flatten()
+            .collect();
+        Ok(Snapshot {
+            repo: repo.into_sync(),
+            refs,
+            advert_v0: advert.into(),
+            tips,
+            packs,
+        })
+    }
+
+    /// Whether the repository on disk still has the refs and packs of this snapshot: someone
+    /// else (an operator's `git fetch`) may have changed it. Reads the refs (packed and loose)
+    /// and the names of the pack indexes; tags are not peeled again.
+    pub fn is_current(&self, dir: &Path) -> Result<bool, Error> {
+        if pack_names(dir) != self.packs {
+            return Ok(false);
+        }
+        let repo = open(dir)?;
+        Ok(list_refs_memo(&repo, &self.peel_memo())?.refs == self.refs.refs)
+    }
+
+    fn peel_memo(&self) -> PeelMemo {
+        self.refs
+            .refs
+            .iter()
+            .map(|r| (r.target, r.peeled))
+            .collect()
+    }
+
+    /// A repository handle for this thread (cheap: it shares the object store).
+    pub fn repo(&self) -> gix::Repository {
+        let mut repo = self.repo.to_thread_local();
+        repo.object_cache_size_if_unset(16 * 1024 * 1024);
+        repo
+    }
+
+    /// The refs: `HEAD` first when it resolves, then the others sorted by name.
+    pub fn refs(&self) -> &Refs {
+        &self.refs
+    }
+
+    /// The ref named `name` (binary search).
+    pub fn find_ref(&self, name: &[u8]) -> Option<&Ref> {
+        let refs = &self.refs.refs;
+        if name == b"HEAD" {
+            return refs.first().filter(|r| r.name == "HEAD");
+        }
+        let sorted = crate::protocol::advert::sorted_part(refs);
+        sorted
+            .binary_search_by(|r| r.name.as_bytes().cmp(name))
+            .ok()
+            .map(|i| &sorted[i])
+    }
+
+    /// The v0 advertisement's refs and capabilities, prebuilt.
+    pub fn advert_v0(&self) -> bytes::Bytes {
+        self.advert_v0.clone()
+    }
+
+    /// Whether `id` is the target of a ref or of a peeled tag.
+    pub fn is_tip(&self, id: &gix::ObjectId) -> bool {
+        self.tips.contains(id)
+    }
+
+    /// Every ref target and peeled tag target.
+    pub fn tips(&self) -> impl Iterator<Item = &gix::ObjectId> {
+        self.tips.iter()
+    }
+}
+
+/// The names of the pack indexes of the repository at `dir`, sorted.
+fn pack_names(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = std::fs::read_dir(dir.join("objects/pack"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name())
+                .filter(|n| n.to_string_lossy().ends_with(".idx"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 #[cfg(test)]

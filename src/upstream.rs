@@ -42,62 +42,53 @@ pub enum Error {
     Interrupted,
 }
 
-/// What a fetch brought.
+/// The upstream's refs, from one ref listing.
 #[derive(Debug, Clone, Default)]
-pub struct Fetched {
+pub struct Listing {
     /// Every ref the upstream advertised (except `HEAD`), with the object it points to.
     pub refs: Vec<(BString, ObjectId)>,
     /// The branch the upstream's `HEAD` points to, if it said.
     pub head: Option<BString>,
-    /// Bytes the fetch added to the repository's packs (0 when nothing was new).
-    pub pack_bytes: u64,
 }
 
-/// Fetch everything (`+refs/*:refs/*`) from `url` into the bare repository at `dir`.
-/// `authorization` is the value of an `Authorization` header to send, if any.
-pub fn fetch(
+/// Which refs a fetch updates.
+#[derive(Debug, Clone)]
+pub enum Refs {
+    /// `+refs/*:refs/*`: every ref, for a new mirror.
+    All,
+    /// Only these refs (full names), each mapped onto itself: gix locks every ref it maps, so
+    /// unchanged refs are left out.
+    Only(Vec<BString>),
+}
+
+/// List the upstream's refs (one handshake and ref listing, no objects). `dir` is any local
+/// repository; nothing is written to it. `authorization` is the value of an `Authorization`
+/// header to send, if any.
+pub fn list(
     dir: &Path,
     url: &str,
     authorization: Option<&str>,
     opts: &Options,
-    interrupt: &AtomicBool,
-) -> Result<Fetched, Error> {
+) -> Result<Listing, Error> {
     let repo = open(dir)?;
     let remote =
-        remote(&repo, url, "+refs/*:refs/*")?.with_fetch_tags(gix::remote::fetch::Tags::None);
+        remote(&repo, url, ["+refs/*:refs/*"])?.with_fetch_tags(gix::remote::fetch::Tags::None);
     let auth_asked = Arc::new(AtomicBool::new(false));
     let connection = connect(&remote, authorization, opts, &auth_asked)?;
-    let classify = |e: gix::Error| {
-        if interrupt.load(Ordering::Relaxed) {
-            Error::Interrupted
-        } else if auth_asked.load(Ordering::Relaxed) {
-            Error::AuthRequired
-        } else {
-            Error::Failed(e.to_string())
-        }
-    };
-    let prepared = connection
-        .prepare_fetch(
+    let (map, _handshake) = connection
+        .ref_map(
             gix::progress::Discard,
             gix::remote::ref_map::Options {
                 prefix_from_spec_as_filter_on_remote: false,
                 ..Default::default()
             },
         )
-        .map_err(classify)?;
-    let remote_refs = prepared.ref_map().remote_refs.clone();
-    let has_refs = remote_refs
-        .iter()
-        .any(|r| !matches!(r, RemoteRef::Unborn { .. }));
-    let mut out = Fetched::default();
-    if has_refs {
-        let before = pack_bytes(dir);
-        prepared
-            .with_write_packed_refs_only(true)
-            .receive(gix::progress::Discard, interrupt)
-            .map_err(classify)?;
-        out.pack_bytes = pack_bytes(dir).saturating_sub(before);
-    }
+        .map_err(|e| classify(e, &auth_asked, &AtomicBool::new(false)))?;
+    Ok(listing(map.remote_refs))
+}
+
+fn listing(remote_refs: Vec<RemoteRef>) -> Listing {
+    let mut out = Listing::default();
     for r in remote_refs {
         let (name, id, head_target) = match r {
             RemoteRef::Direct {
@@ -126,6 +117,76 @@ pub fn fetch(
             out.refs.push((name, id));
         }
     }
+    out
+}
+
+fn classify(e: gix::Error, auth_asked: &AtomicBool, interrupt: &AtomicBool) -> Error {
+    if interrupt.load(Ordering::Relaxed) {
+        Error::Interrupted
+    } else if auth_asked.load(Ordering::Relaxed) {
+        Error::AuthRequired
+    } else {
+        Error::Failed(e.to_string())
+    }
+}
+
+/// What a fetch did.
+#[derive(Debug, Clone, Default)]
+pub struct Fetched {
+    /// The refs the upstream listed for this fetch (only the asked ones with [`Refs::Only`]).
+    pub listing: Listing,
+    /// Bytes the fetch added to the repository's packs (0 when nothing was new).
+    pub pack_bytes: u64,
+}
+
+/// Fetch `refs` from `url` into the bare repository at `dir` and update them.
+pub fn fetch(
+    dir: &Path,
+    url: &str,
+    refs: &Refs,
+    authorization: Option<&str>,
+    opts: &Options,
+    interrupt: &AtomicBool,
+) -> Result<Fetched, Error> {
+    let repo = open(dir)?;
+    let specs: Vec<String> = match refs {
+        Refs::All => vec!["+refs/*:refs/*".into()],
+        Refs::Only(names) => names.iter().map(|n| format!("+{n}:{n}")).collect(),
+    };
+    if specs.is_empty() {
+        return Ok(Fetched::default());
+    }
+    let remote = remote(&repo, url, specs.iter().map(String::as_str))?
+        .with_fetch_tags(gix::remote::fetch::Tags::None);
+    let auth_asked = Arc::new(AtomicBool::new(false));
+    let connection = connect(&remote, authorization, opts, &auth_asked)?;
+    let prepared = connection
+        .prepare_fetch(
+            gix::progress::Discard,
+            gix::remote::ref_map::Options {
+                // Exact names: the upstream lists only those. `+refs/*` must list everything,
+                // `HEAD` included.
+                prefix_from_spec_as_filter_on_remote: matches!(refs, Refs::Only(_)),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| classify(e, &auth_asked, interrupt))?;
+    let remote_refs = prepared.ref_map().remote_refs.clone();
+    let has_refs = remote_refs
+        .iter()
+        .any(|r| !matches!(r, RemoteRef::Unborn { .. }));
+    let mut out = Fetched {
+        listing: listing(remote_refs),
+        pack_bytes: 0,
+    };
+    if has_refs {
+        let before = pack_bytes(dir);
+        prepared
+            .with_write_packed_refs_only(true)
+            .receive(gix::progress::Discard, interrupt)
+            .map_err(|e| classify(e, &auth_asked, interrupt))?;
+        out.pack_bytes = pack_bytes(dir).saturating_sub(before);
+    }
     Ok(out)
 }
 
@@ -152,7 +213,7 @@ pub fn check_access(
     opts: &Options,
 ) -> Result<(), Error> {
     let repo = open(dir)?;
-    let remote = remote(&repo, url, "+refs/heads/*:refs/heads/*")?;
+    let remote = remote(&repo, url, ["+refs/heads/*:refs/heads/*"])?;
     let auth_asked = Arc::new(AtomicBool::new(false));
     let connection = connect(&remote, authorization, opts, &auth_asked)?;
     match connection.ref_map(gix::progress::Discard, Default::default()) {
@@ -166,11 +227,15 @@ fn open(dir: &Path) -> Result<gix::Repository, Error> {
     gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| Error::Local(e.to_string()))
 }
 
-/// An anonymous remote for `url` fetching `spec`: nothing is written to the configuration.
-fn remote<'r>(repo: &'r gix::Repository, url: &str, spec: &str) -> Result<gix::Remote<'r>, Error> {
+/// An anonymous remote for `url` fetching `specs`: nothing is written to the configuration.
+fn remote<'r, 's>(
+    repo: &'r gix::Repository,
+    url: &str,
+    specs: impl IntoIterator<Item = &'s str>,
+) -> Result<gix::Remote<'r>, Error> {
     repo.remote_at(url)
         .map_err(|e| Error::Failed(format!("invalid upstream URL {url}: {e}")))?
-        .with_refspecs(Some(spec), Direction::Fetch)
+        .with_refspecs(specs, Direction::Fetch)
         .map_err(|e| Error::Local(e.to_string()))
 }
 

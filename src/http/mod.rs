@@ -24,7 +24,7 @@ use tracing::{field, Instrument, Span};
 use crate::config::{AuthMode, Config};
 use crate::mirror::{self, Freshness, Mirrors, Status, Upstreams};
 use crate::protocol::{pktline, v0, v2, ParseError};
-use crate::repo::{self, ResolveError, Service, Target};
+use crate::repo::{self, ResolveError, Service, Snapshot, Target};
 use crate::upload_pack::{self, Version};
 
 use body::{ChannelWriter, ResponseStream};
@@ -69,7 +69,7 @@ impl AppState {
     }
 
     /// The mirror store, e.g. to remove temporaries at start.
-    pub fn mirrors(&self) -> &Mirrors {
+    pub fn mirrors(&self) -> &Arc<Mirrors> {
         &self.mirrors
     }
 }
@@ -387,19 +387,12 @@ async fn info_refs(state: &AppState, m: Mirrored, version: Version) -> Result<Re
         .ensure(&m.request(), Freshness::IfStale)
         .await?;
     check_access(state, &m, status).await?;
-    let target = m.target;
-    let name = target.name.clone();
-    let (advert, outcome) = tokio::task::spawn_blocking(move || {
-        let repo = repo::open(&target.dir)?;
-        upload_pack::advertise(&repo, version)
-    })
-    .await
-    .map_err(|e| Error::Internal(e.to_string()))?
-    .map_err(|e| match e {
-        upload_pack::Error::Repo(repo::Error::NotFound) => Error::NotFound(name),
-        other => Error::Internal(other.to_string()),
-    })?;
+    let snapshot = snapshot(state, &m).await?;
+    let (chunks, outcome) = upload_pack::advertise(&snapshot, version);
     Span::current().record("outcome", field::debug(outcome));
+    let body = Body::from_stream(futures_util::stream::iter(
+        chunks.into_iter().map(Ok::<_, std::convert::Infallible>),
+    ));
     Ok(with_status(
         (
             [
@@ -409,11 +402,20 @@ async fn info_refs(state: &AppState, m: Mirrored, version: Version) -> Result<Re
                 ),
                 (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
             ],
-            advert,
+            body,
         )
             .into_response(),
         status,
     ))
+}
+
+/// The mirror's current snapshot; 404 when there is no mirror.
+async fn snapshot(state: &AppState, m: &Mirrored) -> Result<Arc<Snapshot>, Error> {
+    state
+        .mirrors
+        .snapshot(&m.target.dir)
+        .await?
+        .ok_or_else(|| Error::NotFound(m.target.name.clone()))
 }
 
 /// Either protocol's parsed request.
@@ -477,44 +479,33 @@ async fn upload_pack(
             .ensure(&m.request(), Freshness::IfStale)
             .await?
     };
+    let mut snapshot = snapshot(&state, &m).await?;
+    if let Parsed::V2(v2::Request {
+        command: v2::Command::LsRefs(args),
+        ..
+    }) = &parsed
+    {
+        check_access(&state, &m, status).await?;
+        let (answer, outcome) = upload_pack::ls_refs(&snapshot, args);
+        span.record("outcome", field::debug(outcome));
+        crate::metrics::request("ls-refs", "ok");
+        return Ok(with_status(pack_response(Body::from(answer)), status));
+    }
     // A want-miss: the client knows objects the mirror does not have yet (a push after our last
     // sync, or a SHA it was given out of band). Sync, then serve what we have.
-    let (wants, want_refs) = match &parsed {
-        Parsed::V0(r) => (r.wants.clone(), Vec::new()),
-        Parsed::V2(r) => match &r.command {
-            v2::Command::Fetch(f) => (f.wants.clone(), f.want_refs.clone()),
-            v2::Command::LsRefs(_) => (Vec::new(), Vec::new()),
-        },
-    };
-    if !wants.is_empty() || !want_refs.is_empty() {
-        let dir = m.target.dir.clone();
-        let missing = tokio::task::spawn_blocking(move || {
-            repo::open(&dir).map(|repo| {
-                wants.iter().any(|w| !repo.has_object(w))
-                    || want_refs.iter().any(|name| {
-                        repo.try_find_reference(gix::bstr::BStr::new(name.as_slice()))
-                            .ok()
-                            .flatten()
-                            .is_none()
-                    })
-            })
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?
-        .map_err(|e| Error::Internal(e.to_string()))?;
-        if missing {
-            if let Some(preamble) = progress_preamble(&parsed) {
-                // The client may wait a while: answer now and show progress during the sync.
-                check_access(&state, &m, Status::Hit).await?;
-                return Ok(sync_with_progress(
-                    state, m, parsed, preamble, arrived, span,
-                ));
-            }
-            status = state
-                .mirrors
-                .ensure(&m.request(), Freshness::SyncedAfter(arrived))
-                .await?;
+    if want_miss(&snapshot, &parsed).await? {
+        if let Some(preamble) = progress_preamble(&parsed) {
+            // The client may wait a while: answer now and show progress during the sync.
+            check_access(&state, &m, Status::Hit).await?;
+            return Ok(sync_with_progress(
+                state, m, parsed, preamble, arrived, span,
+            ));
         }
+        status = state
+            .mirrors
+            .ensure(&m.request(), Freshness::SyncedAfter(arrived))
+            .await?;
+        snapshot = self::snapshot(&state, &m).await?;
     }
     // Only now, with the mirror in its final state for this request: a request that waited
     // while another created the mirror with credentials must not be served without them.
@@ -527,20 +518,43 @@ async fn upload_pack(
         .map_err(|_| Error::Unavailable)?;
     let interrupt = Arc::new(AtomicBool::new(false));
     let (stream, tx) = ResponseStream::new(Arc::clone(&interrupt));
-    start_pack(
-        &state,
-        m.target.dir,
-        parsed,
-        tx,
-        interrupt,
-        permit,
-        false,
-        span,
-    );
+    start_pack(&state, snapshot, parsed, tx, interrupt, permit, false, span);
     Ok(with_status(
         pack_response(Body::from_stream(stream)),
         status,
     ))
+}
+
+/// Whether the request wants objects or refs the mirror does not have.
+async fn want_miss(snapshot: &Arc<Snapshot>, parsed: &Parsed) -> Result<bool, Error> {
+    let (wants, want_refs): (&[gix::ObjectId], &[gix::bstr::BString]) = match parsed {
+        Parsed::V0(r) => (&r.wants, &[]),
+        Parsed::V2(r) => match &r.command {
+            v2::Command::Fetch(f) => (&f.wants, &f.want_refs),
+            v2::Command::LsRefs(_) => (&[], &[]),
+        },
+    };
+    if want_refs
+        .iter()
+        .any(|name| snapshot.find_ref(name).is_none())
+    {
+        return Ok(true);
+    }
+    let unknown: Vec<gix::ObjectId> = wants
+        .iter()
+        .filter(|w| !snapshot.is_tip(w))
+        .copied()
+        .collect();
+    if unknown.is_empty() {
+        return Ok(false);
+    }
+    let snapshot = Arc::clone(snapshot);
+    tokio::task::spawn_blocking(move || {
+        let repo = snapshot.repo();
+        unknown.iter().any(|w| !repo.has_object(w))
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// The answer's start, when it may be sent before the mirror is synced (see
@@ -609,19 +623,19 @@ fn sync_with_progress(
         if send(band(2, &line)).await.is_err() {
             return;
         }
+        let snapshot = match snapshot(&state, &m).await {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                let mut end = band(3, &format!("{e}\n"));
+                pktline::flush(&mut end);
+                let _ = send(end).await;
+                return;
+            }
+        };
         let Ok(permit) = state.pack_slots.clone().acquire_owned().await else {
             return;
         };
-        start_pack(
-            &state,
-            m.target.dir.clone(),
-            parsed,
-            tx,
-            interrupt,
-            permit,
-            true,
-            span,
-        );
+        start_pack(&state, snapshot, parsed, tx, interrupt, permit, true, span);
     };
     tokio::spawn(task.in_current_span());
     with_status(pack_response(Body::from_stream(stream)), Status::Sync)
@@ -642,7 +656,7 @@ fn band(band: u8, text: &str) -> Vec<u8> {
 #[allow(clippy::too_many_arguments)]
 fn start_pack(
     state: &AppState,
-    dir: std::path::PathBuf,
+    snapshot: Arc<Snapshot>,
     parsed: Parsed,
     tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
     interrupt: Arc<AtomicBool>,
@@ -660,22 +674,20 @@ fn start_pack(
         let _permit = permit;
         let _entered = task_span.enter();
         let out = ChannelWriter::new(tx, runtime);
-        let result = repo::open(&dir)
-            .map_err(upload_pack::Error::from)
-            .and_then(|repo| {
-                let db = crate::pack::db(&repo);
-                let ctx = upload_pack::Context {
-                    repo: &repo,
-                    db: &db,
-                    interrupt: &interrupt,
-                    options,
-                    preamble_sent,
-                };
-                match &parsed {
-                    Parsed::V0(req) => upload_pack::serve_v0(&ctx, req, out),
-                    Parsed::V2(req) => upload_pack::serve_v2(&ctx, req, out),
-                }
-            });
+        let repo = snapshot.repo();
+        let db = crate::pack::db(&repo);
+        let ctx = upload_pack::Context {
+            snapshot: &snapshot,
+            repo: &repo,
+            db: &db,
+            interrupt: &interrupt,
+            options,
+            preamble_sent,
+        };
+        let result = match &parsed {
+            Parsed::V0(req) => upload_pack::serve_v0(&ctx, req, out),
+            Parsed::V2(req) => upload_pack::serve_v2(&ctx, req, out),
+        };
         let command = parsed.command();
         match result {
             Ok(outcome) => {

@@ -5,6 +5,12 @@
 //! A mirror is created in a temporary sibling directory and renamed into place, so that a
 //! half-written mirror is never served; temporaries left by a crash are removed at start. A
 //! bare repository found at a mirror path (`git clone --mirror`, a restored backup) is adopted.
+//!
+//! Each mirror has a [`Snapshot`] — its refs, prebuilt advertisement and object store — built
+//! after every create or sync that changed it (and at start), and swapped atomically: requests
+//! read it through an `Arc` and never open the repository themselves.
+
+mod sync;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,17 +18,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
-use gix::refs::Target;
 use tokio::sync::Semaphore;
 
+use crate::repo::Snapshot;
 use crate::upstream;
 
 /// Prefix of the temporary directories mirrors are created in.
 const TMP_PREFIX: &str = ".smart-git-proxy-tmp-";
-/// A file in a mirror created or synced with credentials: it is served only to clients whose
-/// credentials the upstream accepts.
-const PRIVATE_MARKER: &str = "smart-git-proxy-private";
 
 /// One allowed upstream host: its URL segment and the base URL to fetch from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,11 +165,28 @@ struct RepoState {
     last_failure: Option<Instant>,
 }
 
+/// One mirror: its sync state behind the lock that serialises its updates, and its snapshot.
+#[derive(Default)]
+struct Repo {
+    state: Arc<tokio::sync::Mutex<RepoState>>,
+    snapshot: parking_lot::RwLock<Option<Arc<Snapshot>>>,
+}
+
+impl Repo {
+    fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.read().clone()
+    }
+
+    fn set_snapshot(&self, snapshot: Arc<Snapshot>) {
+        *self.snapshot.write() = Some(snapshot);
+    }
+}
+
 /// The mirror store.
 pub struct Mirrors {
     settings: Settings,
     syncs: Arc<Semaphore>,
-    repos: parking_lot::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<RepoState>>>>,
+    repos: parking_lot::Mutex<HashMap<PathBuf, Arc<Repo>>>,
     tmp_counter: AtomicU64,
 }
 
@@ -200,16 +219,107 @@ impl Mirrors {
         remove_temporaries(&self.settings.root, 0)
     }
 
+    /// Build the snapshot of every mirror on disk, so that the first requests find them ready.
+    /// Returns how many were loaded; a mirror that cannot be read is logged and skipped.
+    pub fn load_all(&self) -> usize {
+        let mut dirs = Vec::new();
+        find_mirrors(&self.settings.root, 0, &mut dirs);
+        let mut loaded = 0;
+        for dir in dirs {
+            let repo = self.repo(&dir);
+            if repo.snapshot().is_some() {
+                continue;
+            }
+            match Snapshot::open(&dir, None) {
+                Ok(snapshot) => {
+                    repo.set_snapshot(Arc::new(snapshot));
+                    loaded += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read mirror")
+                }
+            }
+        }
+        loaded
+    }
+
     /// Whether the mirror at `dir` was made with credentials.
     pub fn is_private(dir: &Path) -> bool {
-        dir.join(PRIVATE_MARKER).is_file()
+        dir.join(sync::PRIVATE_MARKER).is_file()
+    }
+
+    /// The mirror's state, loading its last sync time from disk the first time.
+    fn repo(&self, dir: &Path) -> Arc<Repo> {
+        let mut repos = self.repos.lock();
+        if let Some(repo) = repos.get(dir) {
+            return Arc::clone(repo);
+        }
+        let last_sync = sync::last_synced(dir)
+            .and_then(|t| t.elapsed().ok())
+            .and_then(|ago| Instant::now().checked_sub(ago));
+        let repo = Arc::new(Repo {
+            state: Arc::new(tokio::sync::Mutex::new(RepoState {
+                last_sync,
+                last_failure: None,
+            })),
+            snapshot: Default::default(),
+        });
+        repos.insert(dir.to_path_buf(), Arc::clone(&repo));
+        repo
+    }
+
+    /// The current snapshot of the mirror at `dir`, built now if it has none yet (a mirror an
+    /// operator placed after start). `None` when there is no mirror.
+    pub async fn snapshot(&self, dir: &Path) -> Result<Option<Arc<Snapshot>>, Error> {
+        let repo = self.repo(dir);
+        if let Some(snapshot) = repo.snapshot() {
+            return Ok(Some(snapshot));
+        }
+        if !crate::repo::exists(dir) {
+            return Ok(None);
+        }
+        let _state = repo.state.lock().await;
+        if let Some(snapshot) = repo.snapshot() {
+            return Ok(Some(snapshot));
+        }
+        let owned = dir.to_path_buf();
+        let snapshot = tokio::task::spawn_blocking(move || Snapshot::open(&owned, None))
+            .await
+            .map_err(|e| Error::Local {
+                name: dir.display().to_string(),
+                message: e.to_string(),
+            })?;
+        match snapshot {
+            Ok(snapshot) => {
+                let snapshot = Arc::new(snapshot);
+                repo.set_snapshot(Arc::clone(&snapshot));
+                Ok(Some(snapshot))
+            }
+            Err(crate::repo::Error::NotFound) => Ok(None),
+            Err(e) => Err(Error::Local {
+                name: dir.display().to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Rebuild the snapshot of `repo` if the mirror changed on disk; failures are logged and
+    /// the old snapshot kept.
+    async fn refresh(&self, repo: &Arc<Repo>, dir: &Path) {
+        let previous = repo.snapshot();
+        let owned = dir.to_path_buf();
+        match tokio::task::spawn_blocking(move || sync::refresh(&owned, previous)).await {
+            Ok(Ok(snapshot)) => repo.set_snapshot(snapshot),
+            Ok(Err(e)) => tracing::warn!(dir = %dir.display(), error = %e, "cannot read mirror"),
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot read mirror"),
+        }
     }
 
     /// Make sure the mirror exists and is as fresh as `freshness` asks, creating or syncing it
     /// (one at a time per repository; concurrent callers wait for and share the result).
     pub async fn ensure(&self, req: &Request, freshness: Freshness) -> Result<Status, Error> {
-        let state = Arc::clone(self.repos.lock().entry(req.dir.clone()).or_default());
-        let mut state = state.lock_owned().await;
+        let repo = self.repo(&req.dir);
+        let mut state = Arc::clone(&repo.state).lock_owned().await;
         let exists = crate::repo::exists(&req.dir);
         let now = Instant::now();
         if exists {
@@ -222,6 +332,9 @@ impl Mirrors {
             if fresh {
                 return Ok(Status::Hit);
             }
+            // A sync check: first pick up what others changed on disk, so that a mirror whose
+            // upstream fails is still served as it is now.
+            self.refresh(&repo, &req.dir).await;
             let backing_off = state
                 .last_failure
                 .is_some_and(|t| now.duration_since(t) < self.settings.stale_after);
@@ -247,30 +360,36 @@ impl Mirrors {
             let _slot = slot;
             let started = Instant::now();
             let name = owned.name.clone();
+            let current = repo.snapshot();
             let result = tokio::task::spawn_blocking(move || {
                 let interrupt = AtomicBool::new(false);
-                if exists {
-                    sync(&owned, &opts, &interrupt).map(|f| (f, Status::Sync))
-                } else {
-                    create(&owned, &tmp, &opts, &interrupt).map(|f| (f, Status::Clone))
+                match current {
+                    Some(snapshot) if exists => sync::sync(&owned, snapshot, &opts, &interrupt),
+                    _ if exists => Snapshot::open(&owned.dir, None)
+                        .map_err(|e| upstream::Error::Local(e.to_string()))
+                        .and_then(|s| sync::sync(&owned, Arc::new(s), &opts, &interrupt)),
+                    _ => sync::create(&owned, &tmp, &opts, &interrupt),
                 }
             })
             .await
             .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string())));
             match result {
-                Ok((fetched, status)) => {
+                Ok(outcome) => {
                     state.last_sync = Some(Instant::now());
                     state.last_failure = None;
+                    repo.set_snapshot(outcome.snapshot);
+                    let status = outcome.status;
                     crate::metrics::mirror_update(
                         status.as_str(),
                         started.elapsed(),
-                        fetched.pack_bytes,
+                        outcome.pack_bytes,
                     );
                     tracing::info!(
                         repo = %name,
                         status = status.as_str(),
-                        refs = fetched.refs.len(),
-                        bytes = fetched.pack_bytes,
+                        refs = outcome.refs,
+                        changed = outcome.changed,
+                        bytes = outcome.pack_bytes,
                         duration = ?started.elapsed(),
                         "mirror updated"
                     );
@@ -309,117 +428,27 @@ impl Mirrors {
     }
 }
 
-fn create(
-    req: &Request,
-    tmp: &Path,
-    opts: &upstream::Options,
-    interrupt: &AtomicBool,
-) -> Result<upstream::Fetched, upstream::Error> {
-    let local = |e: &dyn std::fmt::Display| upstream::Error::Local(e.to_string());
-    if let Some(parent) = tmp.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| local(&e))?;
-    }
-    let result = (|| {
-        gix::create::into(
-            tmp,
-            gix::create::Kind::Bare,
-            gix::create::Options::default(),
-        )
-        .map_err(|e| local(&e))?;
-        let fetched =
-            upstream::fetch(tmp, &req.url, req.authorization.as_deref(), opts, interrupt)?;
-        finish(tmp, &fetched, req.authorization.is_some())?;
-        Ok(fetched)
-    })();
-    match result {
-        Ok(fetched) => match std::fs::rename(tmp, &req.dir) {
-            Ok(()) => Ok(fetched),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(tmp);
-                Err(local(&e))
-            }
-        },
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(tmp);
-            Err(e)
+/// Collect the bare repositories below `dir` (the mirror directories, `*.git` with objects).
+fn find_mirrors(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        if name.ends_with(".git") && crate::repo::exists(&path) {
+            out.push(path);
+        } else if depth < MAX_SCAN_DEPTH {
+            find_mirrors(&path, depth + 1, out);
         }
     }
-}
-
-fn sync(
-    req: &Request,
-    opts: &upstream::Options,
-    interrupt: &AtomicBool,
-) -> Result<upstream::Fetched, upstream::Error> {
-    if req.authorization.is_some() {
-        // Before any object fetched with credentials lands in the mirror.
-        mark_private(&req.dir)?;
-    }
-    let fetched = upstream::fetch(
-        &req.dir,
-        &req.url,
-        req.authorization.as_deref(),
-        opts,
-        interrupt,
-    )?;
-    finish(&req.dir, &fetched, req.authorization.is_some())?;
-    Ok(fetched)
-}
-
-/// What gix's fetch does not do: delete refs the upstream no longer has, point `HEAD` where
-/// the upstream's points, and remember that credentials were needed.
-fn finish(dir: &Path, fetched: &upstream::Fetched, private: bool) -> Result<(), upstream::Error> {
-    let local = |e: &dyn std::fmt::Display| upstream::Error::Local(e.to_string());
-    let repo = gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| local(&e))?;
-    let upstream_names: std::collections::HashSet<&[u8]> =
-        fetched.refs.iter().map(|(n, _)| n.as_slice()).collect();
-    let mut edits = Vec::new();
-    for r in repo
-        .references()
-        .map_err(|e| local(&e))?
-        .all()
-        .map_err(|e| local(&e))?
-    {
-        let r = r.map_err(|e| local(&e))?;
-        let name = r.name().as_bstr();
-        if !upstream_names.contains(name.as_ref() as &[u8]) {
-            edits.push(RefEdit {
-                change: Change::Delete {
-                    expected: PreviousValue::Any,
-                    log: RefLog::AndReference,
-                },
-                name: r.name().to_owned(),
-                deref: false,
-            });
-        }
-    }
-    if let Some(head) = &fetched.head {
-        let target: gix::refs::FullName = head.clone().try_into().map_err(|e| local(&e))?;
-        edits.push(RefEdit {
-            change: Change::Update {
-                log: LogChange::default(),
-                expected: PreviousValue::Any,
-                new: Target::Symbolic(target),
-            },
-            name: "HEAD".try_into().map_err(|e| local(&e))?,
-            deref: false,
-        });
-    }
-    if !edits.is_empty() {
-        repo.edit_references(edits).map_err(|e| local(&e))?;
-    }
-    if private {
-        mark_private(dir)?;
-    }
-    Ok(())
-}
-
-fn mark_private(dir: &Path) -> Result<(), upstream::Error> {
-    std::fs::write(
-        dir.join(PRIVATE_MARKER),
-        b"created or synced with credentials\n",
-    )
-    .map_err(|e| upstream::Error::Local(e.to_string()))
 }
 
 /// Bare repositories nest at most this deep below `MIRROR_DIR` (host + GitLab subgroups).

@@ -24,11 +24,22 @@ pub struct Refs {
 /// Append the v0 (or, with `version_1`, v1) ref advertisement for `git-upload-pack`, including
 /// the `# service=` preamble smart HTTP requires.
 pub fn v0(out: &mut Vec<u8>, refs: &Refs, version_1: bool) {
+    v0_preamble(out, version_1);
+    v0_refs(out, refs);
+}
+
+/// The start of the v0 (or v1) advertisement: the `# service=` preamble smart HTTP requires,
+/// and v1's version line.
+pub fn v0_preamble(out: &mut Vec<u8>, version_1: bool) {
     pktline::text(out, "# service=git-upload-pack");
     pktline::flush(out);
     if version_1 {
         pktline::text(out, "version 1");
     }
+}
+
+/// The rest of the v0/v1 advertisement: the refs with the capabilities, and the flush.
+pub fn v0_refs(out: &mut Vec<u8>, refs: &Refs) {
     let mut caps = String::from(V0_CAPABILITIES);
     if let Some(target) = refs
         .refs
@@ -85,7 +96,16 @@ pub fn v2(out: &mut Vec<u8>) {
     pktline::flush(out);
 }
 
-/// Append the answer to a v2 `ls-refs` request.
+/// The part of `refs` after `HEAD`, which is sorted by name.
+pub fn sorted_part(refs: &[Ref]) -> &[Ref] {
+    match refs.first() {
+        Some(r) if r.name == "HEAD" => &refs[1..],
+        _ => refs,
+    }
+}
+
+/// Append the answer to a v2 `ls-refs` request. Prefixes select ranges of the sorted refs by
+/// binary search, so the cost follows the answer, not the number of refs.
 pub fn ls_refs(out: &mut Vec<u8>, refs: &Refs, args: &LsRefs) {
     let wanted =
         |name: &BStr| args.prefixes.is_empty() || args.prefixes.iter().any(|p| name.starts_with(p));
@@ -100,28 +120,58 @@ pub fn ls_refs(out: &mut Vec<u8>, refs: &Refs, args: &LsRefs) {
             pktline::data(out, &line);
         }
     }
+    let sorted = sorted_part(&refs.refs);
+    let head = &refs.refs[..refs.refs.len() - sorted.len()];
     let mut line = Vec::with_capacity(128);
-    for r in refs.refs.iter().filter(|r| wanted(r.name.as_ref())) {
-        line.clear();
-        line.extend_from_slice(r.target.to_string().as_bytes());
-        line.push(b' ');
-        line.extend_from_slice(&r.name);
-        if args.symrefs {
-            if let Some(target) = &r.symref_target {
-                line.extend_from_slice(b" symref-target:");
-                line.extend_from_slice(target);
-            }
+    for r in head.iter().filter(|r| wanted(r.name.as_ref())) {
+        ref_line(out, &mut line, r, args);
+    }
+    if args.prefixes.is_empty() {
+        for r in sorted {
+            ref_line(out, &mut line, r, args);
         }
-        if args.peel {
-            if let Some(peeled) = r.peeled {
-                line.extend_from_slice(b" peeled:");
-                line.extend_from_slice(peeled.to_string().as_bytes());
+    } else {
+        let mut ranges: Vec<(usize, usize)> = args
+            .prefixes
+            .iter()
+            .map(|p| {
+                let start = sorted.partition_point(|r| r.name.as_slice() < p.as_slice());
+                let len = sorted[start..].partition_point(|r| r.name.starts_with(p));
+                (start, start + len)
+            })
+            .filter(|(start, end)| start < end)
+            .collect();
+        ranges.sort_unstable();
+        let mut next = 0;
+        for (start, end) in ranges {
+            for r in &sorted[start.max(next)..end.max(next)] {
+                ref_line(out, &mut line, r, args);
             }
+            next = next.max(end);
         }
-        line.push(b'\n');
-        pktline::data(out, &line);
     }
     pktline::flush(out);
+}
+
+fn ref_line(out: &mut Vec<u8>, line: &mut Vec<u8>, r: &Ref, args: &LsRefs) {
+    line.clear();
+    line.extend_from_slice(r.target.to_string().as_bytes());
+    line.push(b' ');
+    line.extend_from_slice(&r.name);
+    if args.symrefs {
+        if let Some(target) = &r.symref_target {
+            line.extend_from_slice(b" symref-target:");
+            line.extend_from_slice(target);
+        }
+    }
+    if args.peel {
+        if let Some(peeled) = r.peeled {
+            line.extend_from_slice(b" peeled:");
+            line.extend_from_slice(peeled.to_string().as_bytes());
+        }
+    }
+    line.push(b'\n');
+    pktline::data(out, line);
 }
 
 #[cfg(test)]

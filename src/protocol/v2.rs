@@ -8,8 +8,9 @@ use super::filter::Filter;
 use super::pktline::{Line, Reader};
 use super::{lossy, parse_oid, Deepen, ParseError};
 
-/// git ignores `ref-prefix` filtering when a client sends more prefixes than this; so do we.
-pub const MAX_REF_PREFIXES: usize = 10;
+/// git ignores `ref-prefix` filtering when a client sends more prefixes than this (`TOO_MANY_PREFIXES`
+/// in ls-refs.c); so do we.
+pub const MAX_REF_PREFIXES: usize = 65536;
 
 /// Arguments of `ls-refs`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

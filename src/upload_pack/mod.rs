@@ -132,7 +132,9 @@ pub struct Options {
 
 /// One request's access to the repository and its cancellation flag.
 pub struct Context<'a> {
-    /// The repository being served.
+    /// The mirror's refs and what else only changes when it syncs.
+    pub snapshot: &'a repo::Snapshot,
+    /// A handle on the repository being served ([`repo::Snapshot::repo`]).
     pub repo: &'a gix::Repository,
     /// One object-database handle for all of the request's object work ([`pack::db`]).
     pub db: &'a pack::Db,
@@ -146,31 +148,39 @@ pub struct Context<'a> {
     pub preamble_sent: bool,
 }
 
-/// The `info/refs` answer for `version`.
-pub fn advertise(repo: &gix::Repository, version: Version) -> Result<(Vec<u8>, Outcome), Error> {
+/// The `info/refs` answer for `version`, in pieces that share the snapshot's prebuilt bytes.
+pub fn advertise(snapshot: &repo::Snapshot, version: Version) -> (Vec<bytes::Bytes>, Outcome) {
     let mut out = Vec::new();
     match version {
         Version::V2 => {
             advert::v2(&mut out);
-            Ok((out, Outcome::Empty))
+            (vec![out.into()], Outcome::Empty)
         }
         Version::V0 | Version::V1 => {
-            let refs = repo::list_refs(repo)?;
-            advert::v0(&mut out, &refs, version == Version::V1);
-            Ok((out, Outcome::Refs(refs.refs.len())))
+            advert::v0_preamble(&mut out, version == Version::V1);
+            (
+                vec![out.into(), snapshot.advert_v0()],
+                Outcome::Refs(snapshot.refs().refs.len()),
+            )
         }
     }
+}
+
+/// The answer to a v2 `ls-refs` command: cheap enough (a binary search and the matching refs)
+/// to run without a blocking thread.
+pub fn ls_refs(snapshot: &repo::Snapshot, args: &v2::LsRefs) -> (Vec<u8>, Outcome) {
+    let mut out = Vec::new();
+    advert::ls_refs(&mut out, snapshot.refs(), args);
+    (out, Outcome::Refs(snapshot.refs().refs.len()))
 }
 
 /// Serve one v2 command, writing the answer to `out`.
 pub fn serve_v2(ctx: &Context<'_>, req: &v2::Request, out: impl Write) -> Result<Outcome, Error> {
     respond(out, ctx.preamble_sent, |out| match &req.command {
         v2::Command::LsRefs(args) => {
-            let refs = repo::list_refs(ctx.repo)?;
-            let mut buf = Vec::new();
-            advert::ls_refs(&mut buf, &refs, args);
+            let (buf, outcome) = ls_refs(ctx.snapshot, args);
             out.write_all(&buf)?;
-            Ok(Outcome::Refs(refs.refs.len()))
+            Ok(outcome)
         }
         v2::Command::Fetch(args) => fetch_v2(ctx, args, out),
     })
@@ -232,20 +242,13 @@ fn fetch_v2<W: Write>(
             return Err(Error::NotOurRef(*want));
         }
     }
-    // Refs are only read when the request needs them.
-    let needs_refs = !args.want_refs.is_empty() || args.include_tag || !args.deepen.not.is_empty();
-    let refs = if needs_refs {
-        repo::list_refs(ctx.repo)?
-    } else {
-        Refs::default()
-    };
+    let refs = ctx.snapshot.refs();
     let mut wants = args.wants.clone();
     let mut wanted_refs = Vec::new();
     for name in &args.want_refs {
-        let r = refs
-            .refs
-            .iter()
-            .find(|r| r.name == *name)
+        let r = ctx
+            .snapshot
+            .find_ref(name)
             .ok_or_else(|| Error::Protocol(format!("unknown ref {name}")))?;
         wanted_refs.push((r.target, name));
         wants.push(r.target);
@@ -279,7 +282,7 @@ fn fetch_v2<W: Write>(
     }
     // Section order per gitprotocol-v2 (and git's fetch-pack): shallow-info, wanted-refs.
     let shallow = if args.deepen.is_active() {
-        let shallow = shallow::compute(ctx.db, &refs, &wants, &args.deepen, ctx.interrupt)?;
+        let shallow = shallow::compute(ctx.db, refs, &wants, &args.deepen, ctx.interrupt)?;
         pktline::text(&mut lines, "shallow-info");
         write_shallow_lines(&mut lines, &shallow);
         pktline::delim(&mut lines);
@@ -299,7 +302,7 @@ fn fetch_v2<W: Write>(
         common: neg.common(),
         shallow: &shallow,
         filter: args.filter.as_ref(),
-        tags: include_tag_candidates(args.include_tag, &refs),
+        tags: include_tag_candidates(args.include_tag, refs),
         ofs_delta: args.ofs_delta,
         progress: !args.no_progress,
         sideband: Some(LARGE_BAND_PAYLOAD),
@@ -372,14 +375,14 @@ fn fetch_v0<W: Write>(
     req: &v0::Request,
     out: &mut Response<W>,
 ) -> Result<Outcome, Error> {
-    let refs = repo::list_refs(ctx.repo)?;
-    check_reachable_wants(ctx, &refs, &req.wants)?;
+    let refs = ctx.snapshot.refs();
+    check_reachable_wants(ctx, &req.wants)?;
     let caps = &req.caps;
     let mut lines = Vec::new();
     // Over stateless HTTP every round repeats the shallow request, and git's fetch-pack
     // expects the shallow list again before the acknowledgements of each round.
     let shallow = if req.deepen.is_active() {
-        shallow::compute(ctx.db, &refs, &req.wants, &req.deepen, ctx.interrupt)?
+        shallow::compute(ctx.db, refs, &req.wants, &req.deepen, ctx.interrupt)?
     } else {
         Shallow::default()
     };
@@ -459,7 +462,7 @@ fn fetch_v0<W: Write>(
         common: neg.common(),
         shallow: &shallow,
         filter: req.filter.as_ref(),
-        tags: include_tag_candidates(caps.include_tag, &refs),
+        tags: include_tag_candidates(caps.include_tag, refs),
         ofs_delta: caps.ofs_delta,
         progress: !caps.no_progress,
         sideband: match caps.sideband {
@@ -474,24 +477,19 @@ fn fetch_v0<W: Write>(
 /// In v0, a want must be reachable from an advertised ref (`allow-reachable-sha1-in-want`).
 /// Commits are checked with a walk that hides every ref; other objects (rare: lazy fetches of
 /// a partial clone forced to protocol v0) against the objects of all refs.
-fn check_reachable_wants(ctx: &Context<'_>, refs: &Refs, wants: &[ObjectId]) -> Result<(), Error> {
-    let tips: Vec<ObjectId> = refs
-        .refs
-        .iter()
-        .flat_map(|r| [Some(r.target), r.peeled])
-        .flatten()
-        .collect();
-    let tip_set: gix::hashtable::HashSet<ObjectId> = tips.iter().copied().collect();
+fn check_reachable_wants(ctx: &Context<'_>, wants: &[ObjectId]) -> Result<(), Error> {
+    let snapshot = ctx.snapshot;
     let db = ctx.db;
     let mut commits = pack::walk::Commits::new(db, Default::default());
     let (mut commit_wants, mut other_wants) = (Vec::new(), Vec::new());
-    for want in wants.iter().filter(|w| !tip_set.contains(*w)) {
+    for want in wants.iter().filter(|w| !snapshot.is_tip(w)) {
         match ctx.repo.find_header(*want).map(|h| h.kind()) {
             Ok(gix::object::Kind::Commit) => commit_wants.push(*want),
             Ok(_) => other_wants.push(*want),
             Err(_) => return Err(Error::NotOurRef(*want)),
         }
     }
+    let tips: Vec<ObjectId> = snapshot.tips().copied().collect();
     if !commit_wants.is_empty() {
         let mut hidden = Vec::new();
         for tip in &tips {

@@ -1,0 +1,229 @@
+//! Creating and syncing one mirror, on a blocking thread.
+//!
+//! A sync first lists the upstream's refs (one round trip) and compares them with the mirror's
+//! snapshot. Equal refs end the sync there: no fetch, no ref transaction, no file written but
+//! the sync time. Otherwise only the refs that changed are fetched (gix locks every ref it
+//! maps, so handing it the unchanged thousands of `refs/pull/*` would cost a lock file each),
+//! deleted refs are removed and `HEAD` follows the upstream's.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use gix::bstr::{BStr, BString, ByteSlice};
+use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
+use gix::refs::Target;
+use gix::ObjectId;
+
+use super::{Request, Status};
+use crate::repo::Snapshot;
+use crate::upstream::{self, Listing};
+
+/// A file in a mirror created or synced with credentials: it is served only to clients whose
+/// credentials the upstream accepts.
+pub(super) const PRIVATE_MARKER: &str = "smart-git-proxy-private";
+/// A file whose modification time is the end of the last successful sync, so that a restart
+/// does not resync every mirror at once.
+pub(super) const SYNCED_MARKER: &str = "smart-git-proxy-synced";
+
+/// What an update did.
+pub(super) struct Outcome {
+    pub status: Status,
+    /// The mirror's snapshot after the update.
+    pub snapshot: Arc<Snapshot>,
+    /// Refs the upstream has.
+    pub refs: usize,
+    /// Refs that were created, moved or deleted (and `HEAD`, when it moved).
+    pub changed: usize,
+    /// Bytes the fetch added.
+    pub pack_bytes: u64,
+}
+
+fn local(e: impl std::fmt::Display) -> upstream::Error {
+    upstream::Error::Local(e.to_string())
+}
+
+/// Create the mirror of `req` in the temporary directory `tmp`, then rename it into place.
+pub(super) fn create(
+    req: &Request,
+    tmp: &Path,
+    opts: &upstream::Options,
+    interrupt: &AtomicBool,
+) -> Result<Outcome, upstream::Error> {
+    if let Some(parent) = tmp.parent() {
+        std::fs::create_dir_all(parent).map_err(local)?;
+    }
+    let result = (|| {
+        gix::create::into(
+            tmp,
+            gix::create::Kind::Bare,
+            gix::create::Options::default(),
+        )
+        .map_err(local)?;
+        let fetched = upstream::fetch(
+            tmp,
+            &req.url,
+            &upstream::Refs::All,
+            req.authorization.as_deref(),
+            opts,
+            interrupt,
+        )?;
+        apply(tmp, &fetched.listing, &HashMap::new(), None)?;
+        if req.authorization.is_some() {
+            mark_private(tmp)?;
+        }
+        mark_synced(tmp)?;
+        Ok(fetched)
+    })();
+    let fetched =
+        match result.and_then(|f| std::fs::rename(tmp, &req.dir).map_err(local).map(|()| f)) {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(tmp);
+                return Err(e);
+            }
+        };
+    let snapshot = Snapshot::open(&req.dir, None).map_err(local)?;
+    Ok(Outcome {
+        status: Status::Clone,
+        snapshot: Arc::new(snapshot),
+        refs: fetched.listing.refs.len(),
+        changed: fetched.listing.refs.len(),
+        pack_bytes: fetched.pack_bytes,
+    })
+}
+
+/// The snapshot of the mirror at `dir` as it is on disk now: `previous` when nothing changed,
+/// else a new one. Someone else (an operator's `git fetch`) may have changed the mirror.
+pub(super) fn refresh(
+    dir: &Path,
+    previous: Option<Arc<Snapshot>>,
+) -> Result<Arc<Snapshot>, crate::repo::Error> {
+    match previous {
+        Some(s) if s.is_current(dir)? => Ok(s),
+        previous => Ok(Arc::new(Snapshot::open(dir, previous.as_deref())?)),
+    }
+}
+
+/// Sync the existing mirror of `req`, whose snapshot (current, see [`refresh`]) is `snapshot`.
+pub(super) fn sync(
+    req: &Request,
+    snapshot: Arc<Snapshot>,
+    opts: &upstream::Options,
+    interrupt: &AtomicBool,
+) -> Result<Outcome, upstream::Error> {
+    let dir = &req.dir;
+    let listing = upstream::list(dir, &req.url, req.authorization.as_deref(), opts)?;
+    let ours: HashMap<&BStr, ObjectId> =
+        crate::protocol::advert::sorted_part(&snapshot.refs().refs)
+            .iter()
+            .map(|r| (r.name.as_ref(), r.target))
+            .collect();
+    let changed: Vec<BString> = listing
+        .refs
+        .iter()
+        .filter(|(name, id)| ours.get(name.as_bstr()) != Some(id))
+        .map(|(name, _)| name.clone())
+        .collect();
+    let mut pack_bytes = 0;
+    if !changed.is_empty() {
+        if req.authorization.is_some() {
+            // Before any object fetched with credentials lands in the mirror.
+            mark_private(dir)?;
+        }
+        pack_bytes = upstream::fetch(
+            dir,
+            &req.url,
+            &upstream::Refs::Only(changed.clone()),
+            req.authorization.as_deref(),
+            opts,
+            interrupt,
+        )?
+        .pack_bytes;
+    }
+    let head = snapshot
+        .refs()
+        .refs
+        .first()
+        .filter(|r| r.name == "HEAD")
+        .and_then(|r| r.symref_target.as_ref())
+        .or(snapshot.refs().unborn_head.as_ref());
+    let edits = apply(dir, &listing, &ours, head)?;
+    mark_synced(dir)?;
+    let changed = changed.len() + edits;
+    let snapshot = if changed > 0 {
+        Arc::new(Snapshot::open(dir, Some(&snapshot)).map_err(local)?)
+    } else {
+        snapshot
+    };
+    Ok(Outcome {
+        status: Status::Sync,
+        snapshot,
+        refs: listing.refs.len(),
+        changed,
+        pack_bytes,
+    })
+}
+
+/// What gix's fetch does not do: delete the refs of `ours` the upstream no longer has, and point
+/// `HEAD` where the upstream's points when that differs from `head`. Returns the edits made.
+fn apply(
+    dir: &Path,
+    listing: &Listing,
+    ours: &HashMap<&BStr, ObjectId>,
+    head: Option<&BString>,
+) -> Result<usize, upstream::Error> {
+    let theirs: std::collections::HashSet<&BStr> =
+        listing.refs.iter().map(|(n, _)| n.as_ref()).collect();
+    let mut edits = Vec::new();
+    for name in ours.keys().filter(|n| !theirs.contains(*n)) {
+        edits.push(RefEdit {
+            change: Change::Delete {
+                expected: PreviousValue::Any,
+                log: RefLog::AndReference,
+            },
+            name: (*name).try_into().map_err(local)?,
+            deref: false,
+        });
+    }
+    if let Some(target) = listing.head.as_ref().filter(|t| Some(*t) != head) {
+        let target: gix::refs::FullName = target.clone().try_into().map_err(local)?;
+        edits.push(RefEdit {
+            change: Change::Update {
+                log: LogChange::default(),
+                expected: PreviousValue::Any,
+                new: Target::Symbolic(target),
+            },
+            name: "HEAD".try_into().map_err(local)?,
+            deref: false,
+        });
+    }
+    let count = edits.len();
+    if count > 0 {
+        let repo = gix::open_opts(dir, gix::open::Options::isolated()).map_err(local)?;
+        repo.edit_references(edits).map_err(local)?;
+    }
+    Ok(count)
+}
+
+pub(super) fn mark_private(dir: &Path) -> Result<(), upstream::Error> {
+    std::fs::write(
+        dir.join(PRIVATE_MARKER),
+        b"created or synced with credentials\n",
+    )
+    .map_err(local)
+}
+
+fn mark_synced(dir: &Path) -> Result<(), upstream::Error> {
+    let file = std::fs::File::create(dir.join(SYNCED_MARKER)).map_err(local)?;
+    file.set_modified(std::time::SystemTime::now())
+        .map_err(local)
+}
+
+/// When the mirror at `dir` was last synced successfully, as recorded on disk.
+pub(super) fn last_synced(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(dir.join(SYNCED_MARKER))
+        .and_then(|m| m.modified())
+        .ok()
+}
