@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Helpers for scripts/bench (loopback only).
+
+  bench-helper.py free-port
+      print a free TCP port on 127.0.0.1
+  bench-helper.py rss OUT PID...
+      every 50 ms, sum VmRSS over the process trees rooted at PID... (the processes and all
+      their descendants); write the peak (kB) and the sample count to OUT after every sample
+      until killed
+  bench-helper.py relay LISTEN_PORT TARGET_PORT LOG
+      a TCP relay 127.0.0.1:LISTEN_PORT -> 127.0.0.1:TARGET_PORT that appends
+      "<bytes client->server> <bytes server->client>" to LOG for every connection once both
+      directions are closed; LOG.open holds the number of connections still open
+  bench-helper.py pkt-refs FILE
+      print the ref lines of a pkt-line response (v2 ls-refs or v0 info/refs), sorted, with
+      capabilities (after NUL) removed
+  bench-helper.py ls-refs-body FILE
+      write the body `git fetch` (protocol v2) sends for its ref listing
+  bench-helper.py median
+      median of the numbers on stdin
+  bench-helper.py table TSV
+      print the markdown results table for the rows in TSV
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import sys
+import time
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1])
+    s.close()
+
+
+def rss(out, roots):
+    roots = {int(p) for p in roots}
+    peak = 0
+    samples = 0
+
+    def stop(*_):
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    while True:
+        parent = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            # the command name may contain spaces and parentheses: fields start after the last ')'
+            fields = stat[stat.rindex(b")") + 2:].split()
+            parent[int(entry)] = int(fields[1])
+        members = set()
+        for pid in parent:
+            p, hops = pid, 0
+            while p > 1 and hops < 64:
+                if p in roots:
+                    members.add(pid)
+                    break
+                p = parent.get(p, 0)
+                hops += 1
+        total = 0
+        for pid in members:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1])
+                            break
+            except OSError:
+                pass
+        samples += 1
+        if total > peak:
+            peak = total
+        tmp = out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{peak} {samples}\n")
+        os.replace(tmp, out)
+        time.sleep(0.05)
+
+
+def relay(listen_port, target_port, log):
+    state = {"open": 0}
+
+    def set_open(delta):
+        state["open"] += delta
+        with open(log + ".open.tmp", "w") as f:
+            f.write(f"{state['open']}\n")
+        os.replace(log + ".open.tmp", log + ".open")
+
+    async def pipe(src, dst):
+        n = 0
+        try:
+            while True:
+                data = await src.read(1 << 16)
+                if not data:
+                    break
+                n += len(data)
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            try:
+                if dst.can_write_eof():
+                    dst.write_eof()
+            except (ConnectionError, OSError, RuntimeError):
+                pass
+        return n
+
+    async def handle(reader, writer):
+        set_open(1)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        except OSError:
+            writer.close()
+            set_open(-1)
+            return
+        up, down = await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        for w in (writer, up_writer):
+            try:
+                w.close()
+            except (ConnectionError, OSError):
+                pass
+        with open(log, "a") as f:
+            f.write(f"{up} {down}\n")
+        set_open(-1)
+
+    async def serve():
+        set_open(0)
+        server = await asyncio.start_server(handle, "127.0.0.1", listen_port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+def pkt_lines(data):
+    i = 0
+    while i + 4 <= len(data):
+        n = int(data[i:i + 4], 16)
+        if n < 4:
+            i += 4
+            yield None
+            continue
+        yield data[i + 4:i + n]
+        i += n
+
+
+def pkt_refs(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    refs = []
+    for line in pkt_lines(data):
+        if line is None or line.startswith(b"#"):
+            continue
+        line = line.split(b"\0", 1)[0].rstrip(b"\n")
+        refs.append(line.decode("utf-8", "replace"))
+    for r in sorted(refs):
+        print(r)
+
+
+def pkt(s):
+    b = s.encode()
+    return b"%04x" % (len(b) + 4) + b
+
+
+def ls_refs_body(path):
+    import subprocess
+    version = subprocess.run(["git", "version"], capture_output=True, text=True).stdout.split()[-1]
+    body = (pkt("command=ls-refs\n") + pkt(f"agent=git/{version}\n") + pkt("object-format=sha1\n") + b"0001"
+            + pkt("peel\n") + pkt("symrefs\n") + pkt("unborn\n") + pkt("ref-prefix HEAD\n")
+            + pkt("ref-prefix refs/heads/\n") + pkt("ref-prefix refs/tags/\n") + b"0000")
+    with open(path, "wb") as f:
+        f.write(body)
+
+
+def median():
+    values = [float(x) for x in sys.stdin.read().split()]
+    print("%.4f" % statistics.median(values))
+
+
+def fmt(value, unit):
+    if value in ("", "-"):
+        return "-"
+    v = float(value)
+    if unit == "s":
+        return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
+    if unit == "B":
+        for u in ("B", "KiB", "MiB", "GiB"):
+            if abs(v) < 1024 or u == "GiB":
+                return f"{v:.0f} {u}" if u == "B" else f"{v:.1f} {u}"
+            v /= 1024
+    if unit == "kB":
+        return f"{v / 1024:.0f} MiB"
+    if unit in ("req/s", "fetch/s", "clone/s"):
+        return f"{v:,.0f} {unit}" if v >= 100 else f"{v:.2f} {unit}"
+    return f"{v:g} {unit}"
+
+
+def table(path):
+    # columns: fixture, shape, metric, unit, kind (time|rate|size), proxy, git, notes
+    print("| fixture | shape | metric | proxy | git | ratio proxy/git | better | notes |")
+    print("|---|---|---|---|---|---|---|---|")
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            fixture, shape, metric, unit, kind, proxy, git, notes = (line.rstrip("\n").split("\t") + [""] * 8)[:8]
+            ratio = better = "-"
+            if proxy not in ("", "-") and git not in ("", "-") and float(git) > 0 and float(proxy) > 0:
+                r = float(proxy) / float(git)
+                ratio = f"{r:.2f}"
+                higher_is_better = kind == "rate"
+                if abs(r - 1) < 0.005:
+                    better = "tie"
+                elif (r > 1) == higher_is_better:
+                    better = f"proxy {max(r, 1 / r):.2f}x"
+                else:
+                    better = f"git {max(r, 1 / r):.2f}x"
+            print(f"| {fixture} | {shape} | {metric} | {fmt(proxy, unit)} | {fmt(git, unit)} | {ratio} | {better} | {notes} |")
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "free-port":
+        free_port()
+    elif cmd == "rss":
+        rss(args[0], args[1:])
+    elif cmd == "relay":
+        relay(int(args[0]), int(args[1]), args[2])
+    elif cmd == "pkt-refs":
+        pkt_refs(args[0])
+    elif cmd == "ls-refs-body":
+        ls_refs_body(args[0])
+    elif cmd == "median":
+        median()
+    elif cmd == "table":
+        table(args[0])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
