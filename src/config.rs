@@ -63,6 +63,10 @@ pub struct Config {
     /// example the full objects of a `--depth=1` pack). Lower is faster, higher is smaller.
     #[arg(long, env = "PACK_COMPRESSION_LEVEL", default_value_t = DEFAULT_COMPRESSION_LEVEL)]
     pub pack_compression_level: u32,
+    /// Disk space for finished packs in the pack cache (`{MIRROR_DIR}/.pack-cache`), e.g.
+    /// `10GiB`; least recently used packs are evicted beyond it. `0` turns the cache off.
+    #[arg(long, env = "PACK_CACHE_MAX_SIZE", default_value = "10GiB")]
+    pub pack_cache_max_size: ByteSize,
 }
 
 /// See `PACK_COMPRESSION_LEVEL`; the README gives the measurements behind it.
@@ -129,6 +133,11 @@ impl Config {
             .ok_or(Error::CompressionLevel(self.pack_compression_level))
     }
 
+    /// Where the pack cache lives.
+    pub fn pack_cache_dir(&self) -> PathBuf {
+        self.mirror_dir.join(".pack-cache")
+    }
+
     /// The parsed `ALLOWED_UPSTREAMS`.
     pub fn upstreams(&self) -> Result<Upstreams, Error> {
         Ok(Upstreams::parse(&self.allowed_upstreams)?)
@@ -173,6 +182,7 @@ impl Config {
             max_concurrent_packs: None,
             pack_threads: None,
             pack_compression_level: DEFAULT_COMPRESSION_LEVEL,
+            pack_cache_max_size: ByteSize::gib(10),
             allowed_upstreams: "github.com".into(),
             sync_stale_after: Duration::from_secs(2).into(),
             auth_mode: AuthMode::None,

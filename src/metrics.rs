@@ -46,3 +46,25 @@ pub fn mirror_update(status: &'static str, duration: Duration, bytes: u64) {
         .record(duration.as_secs_f64());
     metrics::counter!("smart_git_proxy_upstream_bytes_total").increment(bytes);
 }
+
+/// A pack-cache lookup: `hit`, `shared` (attached to a generation in flight), `miss` (started
+/// one) or `bypass`.
+pub fn pack_cache_lookup(result: &'static str) {
+    metrics::counter!("smart_git_proxy_pack_cache_lookups_total", "result" => result).increment(1);
+}
+
+/// Bytes of pack read from the cache for clients.
+pub fn pack_cache_bytes_served(bytes: u64) {
+    metrics::counter!("smart_git_proxy_pack_cache_served_bytes_total").increment(bytes);
+}
+
+/// The cache's size after a change, and whether an entry was evicted.
+pub fn pack_cache_size(entries: usize, bytes: u64) {
+    metrics::gauge!("smart_git_proxy_pack_cache_entries").set(entries as f64);
+    metrics::gauge!("smart_git_proxy_pack_cache_bytes").set(bytes as f64);
+}
+
+/// An entry was evicted to keep the cache under `PACK_CACHE_MAX_SIZE`.
+pub fn pack_cache_eviction() {
+    metrics::counter!("smart_git_proxy_pack_cache_evictions_total").increment(1);
+}

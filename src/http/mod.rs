@@ -23,6 +23,7 @@ use tracing::{field, Instrument, Span};
 
 use crate::config::{AuthMode, Config};
 use crate::mirror::{self, Freshness, Mirrors, Status, Upstreams};
+use crate::pack::cache::PackCache;
 use crate::protocol::{pktline, v0, v2, ParseError};
 use crate::repo::{self, ResolveError, Service, Snapshot, Target};
 use crate::upload_pack::{self, Version};
@@ -39,6 +40,7 @@ pub struct AppState {
     mirrors: Arc<Mirrors>,
     access: Arc<auth::AccessCache>,
     lfs_client: reqwest::Client,
+    pack_cache: Option<PackCache>,
 }
 
 impl AppState {
@@ -53,7 +55,9 @@ impl AppState {
             max_syncs: config.max_concurrent_syncs,
             upstream: upstream_options(&config),
         });
+        let pack_cache = open_pack_cache(&config);
         AppState {
+            pack_cache,
             compression: config.compression().unwrap_or_default(),
             upstreams: Arc::new(config.upstreams().unwrap_or_default()),
             access: Arc::new(auth::AccessCache::new(*config.auth_cache_ttl)),
@@ -71,6 +75,23 @@ impl AppState {
     /// The mirror store, e.g. to remove temporaries at start.
     pub fn mirrors(&self) -> &Arc<Mirrors> {
         &self.mirrors
+    }
+}
+
+/// The pack cache, unless `PACK_CACHE_MAX_SIZE=0`. A cache that cannot be opened is logged
+/// and left off: packs are then generated for every request.
+fn open_pack_cache(config: &Config) -> Option<PackCache> {
+    let max = config.pack_cache_max_size.as_u64();
+    if max == 0 {
+        return None;
+    }
+    let dir = config.pack_cache_dir();
+    match PackCache::open(&dir, max) {
+        Ok(cache) => Some(cache),
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "pack cache off: cannot open it");
+            None
+        }
     }
 }
 
@@ -518,7 +539,10 @@ async fn upload_pack(
         .map_err(|_| Error::Unavailable)?;
     let interrupt = Arc::new(AtomicBool::new(false));
     let (stream, tx) = ResponseStream::new(Arc::clone(&interrupt));
-    start_pack(&state, snapshot, parsed, tx, interrupt, permit, false, span);
+    let name = m.target.name.clone();
+    start_pack(
+        &state, snapshot, name, parsed, tx, interrupt, permit, false, span,
+    );
     Ok(with_status(
         pack_response(Body::from_stream(stream)),
         status,
@@ -635,7 +659,10 @@ fn sync_with_progress(
         let Ok(permit) = state.pack_slots.clone().acquire_owned().await else {
             return;
         };
-        start_pack(&state, snapshot, parsed, tx, interrupt, permit, true, span);
+        let name = m.target.name.clone();
+        start_pack(
+            &state, snapshot, name, parsed, tx, interrupt, permit, true, span,
+        );
     };
     tokio::spawn(task.in_current_span());
     with_status(pack_response(Body::from_stream(stream)), Status::Sync)
@@ -657,6 +684,7 @@ fn band(band: u8, text: &str) -> Vec<u8> {
 fn start_pack(
     state: &AppState,
     snapshot: Arc<Snapshot>,
+    name: String,
     parsed: Parsed,
     tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
     interrupt: Arc<AtomicBool>,
@@ -670,8 +698,8 @@ fn start_pack(
     };
     let task_span = span;
     let runtime = tokio::runtime::Handle::current();
+    let pack_cache = state.pack_cache.clone();
     tokio::task::spawn_blocking(move || {
-        let _permit = permit;
         let _entered = task_span.enter();
         let out = ChannelWriter::new(tx, runtime);
         let repo = snapshot.repo();
@@ -682,6 +710,8 @@ fn start_pack(
             db: &db,
             interrupt: &interrupt,
             options,
+            cache: pack_cache.as_ref().map(|c| (c, name.as_str())),
+            pack_slot: std::cell::Cell::new(Some(Box::new(permit))),
             preamble_sent,
         };
         let result = match &parsed {

@@ -7,6 +7,7 @@
 //!
 //! Neither knows about the protocol or HTTP: they take object ids and an `io::Write`.
 
+pub mod cache;
 mod planner;
 pub mod walk;
 mod writer;
@@ -74,7 +75,7 @@ fn peel(
 }
 
 /// Errors of pack planning and writing.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// An object the pack must contain is not in the repository.
     #[error("object {0} is missing from the repository")]

@@ -130,6 +130,9 @@ pub struct Options {
     pub compression: gix::zlib::Compression,
 }
 
+/// Whatever bounds concurrent pack generations (a semaphore permit), held while one runs.
+pub type PackSlot = Box<dyn Send>;
+
 /// One request's access to the repository and its cancellation flag.
 pub struct Context<'a> {
     /// The mirror's refs and what else only changes when it syncs.
@@ -142,6 +145,11 @@ pub struct Context<'a> {
     pub interrupt: &'a AtomicBool,
     /// Settings.
     pub options: Options,
+    /// The pack cache, if it is on, and the mirror's name for its keys.
+    pub cache: Option<(&'a pack::cache::PackCache, &'a str)>,
+    /// The slot this request holds for pack generation. A request served from the pack cache
+    /// gives it up (it only reads a file); one that starts a shared generation hands it over.
+    pub pack_slot: std::cell::Cell<Option<PackSlot>>,
     /// The caller already sent what precedes the pack data — v2's `packfile` line or v0's
     /// `NAK` — to show progress while it synced the mirror. Only for requests that need no
     /// acknowledgements and no shallow or wanted-refs section; errors then go on band 3.
@@ -561,21 +569,44 @@ fn send_pack<W: Write>(
         shallow: &args.shallow.grafts,
         filter: args.filter,
     };
+    let opts = pack::WriteOptions {
+        ofs_delta: args.ofs_delta,
+        thread_limit: ctx.options.pack_threads,
+        compression: ctx.options.compression,
+    };
+    if let Some((cache, mirror)) = ctx.cache {
+        let filter = args.filter.map(|f| format!("{f:?}"));
+        let key = pack::cache::KeyParts {
+            mirror,
+            wants: &wants,
+            common: &common,
+            shallow: &args.shallow.grafts,
+            tags: &args.tags,
+            filter: filter.as_deref(),
+            ofs_delta: args.ofs_delta,
+            thin_pack: false,
+            compression: ctx.options.compression.level(),
+        }
+        .key();
+        let reader = match cache.lookup(key) {
+            pack::cache::Lookup::Hit(reader) => Some((reader, "hit")),
+            pack::cache::Lookup::Shared(reader) => Some((reader, "shared")),
+            pack::cache::Lookup::Miss(generation, reader) => {
+                generate(ctx, &selection, opts, generation);
+                Some((reader, "miss"))
+            }
+            pack::cache::Lookup::Bypass => None,
+        };
+        if let Some((reader, how)) = reader {
+            // Reading a file needs no generation slot.
+            drop(ctx.pack_slot.take());
+            return send_cached(ctx, args, preamble, v2, out, reader, how);
+        }
+    }
     let started = std::time::Instant::now();
     let plan = match pack::plan(ctx.db, &selection, ctx.interrupt) {
         Ok(plan) => plan,
-        Err(e) => {
-            // Acknowledgements first, so that the error is read where git expects it: after the
-            // final ACK/NAK of v0 the client reads the pack, so the error goes on band 3 there.
-            if !ctx.preamble_sent {
-                out.write_all(&preamble)?;
-                if !v2 {
-                    out.pack_started = true;
-                    out.band_errors = args.sideband.is_some();
-                }
-            }
-            return Err(e.into());
-        }
+        Err(e) => return fail_before_pack(ctx, args, &preamble, v2, out, e),
     };
     if !ctx.preamble_sent {
         if v2 {
@@ -598,11 +629,6 @@ fn send_pack<W: Write>(
             stats.tags
         ))?;
     }
-    let opts = pack::WriteOptions {
-        ofs_delta: args.ofs_delta,
-        thread_limit: ctx.options.pack_threads,
-        compression: ctx.options.compression,
-    };
     let planned = started.elapsed();
     // On failure `respond` tells the client why the pack ends here.
     let written = pack::write(ctx.db.clone(), plan, &mut sb, opts, ctx.interrupt)?;
@@ -618,6 +644,134 @@ fn send_pack<W: Write>(
         objects: written.objects,
         bytes: written.bytes,
     })
+}
+
+/// The pack could not be made: send the acknowledgements first, so that the error is read
+/// where git expects it. After the final ACK/NAK of v0 the client reads the pack, so the error
+/// goes on band 3 there; `respond` writes it.
+fn fail_before_pack<W: Write>(
+    ctx: &Context<'_>,
+    args: &PackArgs<'_>,
+    preamble: &[u8],
+    v2: bool,
+    out: &mut Response<W>,
+    error: pack::Error,
+) -> Result<Outcome, Error> {
+    if !ctx.preamble_sent {
+        out.write_all(preamble)?;
+        if !v2 {
+            out.pack_started = true;
+            out.band_errors = args.sideband.is_some();
+        }
+    }
+    Err(error.into())
+}
+
+/// Send the pack `reader` reads from the cache (`how`: hit, shared or miss, for progress).
+/// It waits for the generation to have planned, so that a failure to plan is still reported
+/// before the pack, as [`send_pack`] does.
+fn send_cached<W: Write>(
+    ctx: &Context<'_>,
+    args: &PackArgs<'_>,
+    mut preamble: Vec<u8>,
+    v2: bool,
+    out: &mut Response<W>,
+    mut reader: pack::cache::Reader,
+    how: &str,
+) -> Result<Outcome, Error> {
+    let objects = match reader.start(ctx.interrupt) {
+        Ok(objects) => objects,
+        Err(e) => return fail_before_pack(ctx, args, &preamble, v2, out, e),
+    };
+    if !ctx.preamble_sent {
+        if v2 {
+            pktline::text(&mut preamble, "packfile");
+        }
+        out.write_all(&preamble)?;
+    }
+    out.pack_started = true;
+    out.band_errors = args.sideband.is_some();
+    let mut sb = Sideband::new(out, args.sideband);
+    if args.progress {
+        sb.progress(&format!("Enumerating objects: {objects}, done.\n"))?;
+    }
+    let mut buf = vec![0u8; CACHED_READ_BYTES];
+    let mut bytes = 0;
+    loop {
+        let n = reader.read(&mut buf, ctx.interrupt)?;
+        if n == 0 {
+            break;
+        }
+        sb.write_all(&buf[..n])?;
+        bytes += n as u64;
+    }
+    if args.progress {
+        sb.progress(&format!("Total {objects} (pack cache {how})\n"))?;
+    }
+    sb.finish()?;
+    Ok(Outcome::Pack {
+        objects: objects as usize,
+        bytes,
+    })
+}
+
+/// How much of a cached pack is read at a time (a few sideband packets).
+const CACHED_READ_BYTES: usize = 256 * 1024;
+
+/// Plan and write the pack of `selection` into `generation` on a thread of its own, which
+/// takes over this request's generation slot: the request only follows the file from now on,
+/// like any other request for the same pack.
+fn generate(
+    ctx: &Context<'_>,
+    selection: &pack::Selection<'_>,
+    opts: pack::WriteOptions,
+    generation: pack::cache::Generation,
+) {
+    let slot = ctx.pack_slot.take();
+    let db = ctx.db.clone();
+    let wants = selection.wants.to_vec();
+    let common = selection.common.to_vec();
+    let tags = selection.tags.to_vec();
+    let shallow = selection.shallow.to_vec();
+    let filter = selection.filter.cloned();
+    let span = tracing::Span::current();
+    let run = move || {
+        let _slot = slot;
+        let _entered = span.enter();
+        let selection = pack::Selection {
+            wants: &wants,
+            common: &common,
+            tags: &tags,
+            shallow: &shallow,
+            filter: filter.as_ref(),
+        };
+        let mut generation = generation;
+        let interrupt = generation.abandoned();
+        let started = std::time::Instant::now();
+        let result = pack::plan(&db, &selection, &interrupt)
+            .and_then(|plan| pack::write(db.clone(), plan, &mut generation, opts, &interrupt));
+        match result {
+            Ok(stats) => match generation.finish() {
+                Ok(len) => tracing::debug!(
+                    objects = stats.objects,
+                    bytes = len,
+                    duration = ?started.elapsed(),
+                    "pack cached"
+                ),
+                Err(e) => tracing::warn!(error = %e, "pack cache: finishing failed"),
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "shared pack generation failed");
+                generation.fail(e);
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("pack-generation".into())
+        .spawn(run)
+    {
+        tracing::error!(error = %e, "cannot start a pack generation thread");
+    }
 }
 
 #[cfg(test)]

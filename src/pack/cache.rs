@@ -1,0 +1,628 @@
+//! The pack cache: finished packs on disk, keyed by the request that produced them, and
+//! generations in flight that any number of identical requests share.
+//!
+//! A pack is a pure function of the resolved request — wants, common haves, the shallow
+//! boundary, the filter, the tags `include-tag` may pull in, and the options that change the
+//! bytes — because objects never change. So an entry never goes stale; it is only evicted, least
+//! recently used first, when the cache outgrows its size.
+//!
+//! A generation writes the raw pack (no sideband framing, which is per client) into a
+//! temporary file; readers follow that file at their own pace, waiting for more only when they
+//! catch up with the writer. A slow reader therefore never stalls the writer or the other
+//! readers. Only a complete pack is renamed to its final name, and temporaries are removed at
+//! start, so a partially written entry is never served, not even after a crash. When every
+//! reader has gone the generation is interrupted.
+//!
+//! Layout: `{dir}/{mirror}-{key}.pack`, where `{mirror}` names the mirror (for per-mirror
+//! accounting) and `{key}` is the SHA-1 of the normalized request; in-flight files end in
+//! `.tmp`. The modification time records the last use, so the LRU order survives restarts.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use gix::ObjectId;
+use parking_lot::{Condvar, Mutex};
+
+use super::Error;
+
+/// Bump when the bytes a key maps to change (a new writer, new options).
+const FORMAT: &str = "smart-git-proxy pack cache 1";
+/// The writer publishes its progress to readers in steps of this size.
+const PUBLISH_BYTES: usize = 256 * 1024;
+/// How often a waiting reader checks whether its own client went away.
+const POLL: Duration = Duration::from_millis(100);
+/// Below this much free space on the cache's filesystem, requests bypass the cache.
+const MIN_FREE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// The identity of a pack: a hash of the normalized request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key {
+    mirror: [u8; 8],
+    request: ObjectId,
+}
+
+impl Key {
+    fn file_stem(&self) -> String {
+        let mirror: String = self.mirror.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{mirror}-{}", self.request)
+    }
+}
+
+/// What goes into a [`Key`]. Lists are sorted and deduplicated, so the order in which a
+/// client sent its wants or haves does not matter.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyParts<'a> {
+    /// The mirror, `host/path`.
+    pub mirror: &'a str,
+    /// Everything the pack starts from (wants, and the shallow boundary's extra wants).
+    pub wants: &'a [ObjectId],
+    /// Everything it stops at (common haves, and the shallow boundary's extra haves).
+    pub common: &'a [ObjectId],
+    /// Shallow grafts.
+    pub shallow: &'a [ObjectId],
+    /// `include-tag` candidates, `(tag, peeled)`.
+    pub tags: &'a [(ObjectId, ObjectId)],
+    /// The filter, canonically printed.
+    pub filter: Option<&'a str>,
+    /// Whether in-pack deltas are written as offset deltas.
+    pub ofs_delta: bool,
+    /// Whether deltas against objects outside the pack are allowed.
+    pub thin_pack: bool,
+    /// The zlib level of recompressed objects.
+    pub compression: i32,
+}
+
+impl KeyParts<'_> {
+    /// The key.
+    pub fn key(&self) -> Key {
+        let mut h = gix::hash::hasher(gix::hash::Kind::Sha1);
+        let mut field = |name: &str, bytes: &[u8]| {
+            h.update(name.as_bytes());
+            h.update(&(bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        };
+        field("format", FORMAT.as_bytes());
+        let mut ids = |name: &str, list: &[ObjectId]| {
+            let mut list = list.to_vec();
+            list.sort_unstable();
+            list.dedup();
+            let bytes: Vec<u8> = list.iter().flat_map(|id| id.as_bytes().to_vec()).collect();
+            field(name, &bytes);
+        };
+        ids("want", self.wants);
+        ids("common", self.common);
+        ids("shallow", self.shallow);
+        let mut tags = self.tags.to_vec();
+        tags.sort_unstable();
+        tags.dedup();
+        let tags: Vec<u8> = tags
+            .iter()
+            .flat_map(|(t, p)| [t.as_bytes(), p.as_bytes()].concat())
+            .collect();
+        field("tags", &tags);
+        field("filter", self.filter.unwrap_or("").as_bytes());
+        field(
+            "options",
+            &[u8::from(self.ofs_delta), u8::from(self.thin_pack)],
+        );
+        field("compression", &self.compression.to_be_bytes());
+        let request = h
+            .try_finalize()
+            .unwrap_or_else(|_| ObjectId::null(gix::hash::Kind::Sha1));
+        let mut mh = gix::hash::hasher(gix::hash::Kind::Sha1);
+        mh.update(self.mirror.as_bytes());
+        let mirror_id = mh
+            .try_finalize()
+            .unwrap_or_else(|_| ObjectId::null(gix::hash::Kind::Sha1));
+        let mut mirror = [0u8; 8];
+        mirror.copy_from_slice(&mirror_id.as_bytes()[..8]);
+        Key { mirror, request }
+    }
+}
+
+/// How a pack is to be served.
+pub enum Lookup {
+    /// A finished pack.
+    Hit(Reader),
+    /// A generation in flight: follow it.
+    Shared(Reader),
+    /// Nothing yet: the caller runs the generation into the [`Generation`] (on a thread of its
+    /// own, since the reader follows it) and serves the [`Reader`].
+    Miss(Generation, Reader),
+    /// The cache cannot take this pack (no free space, the file cannot be created): generate
+    /// it straight to the client.
+    Bypass,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Finished packs served.
+    pub hits: AtomicU64,
+    /// Generations started.
+    pub misses: AtomicU64,
+    /// Requests that attached to a generation in flight.
+    pub shared: AtomicU64,
+    /// Requests that bypassed the cache.
+    pub bypassed: AtomicU64,
+    /// Bytes of pack read from the cache by clients.
+    pub bytes_served: AtomicU64,
+    /// Entries evicted.
+    pub evictions: AtomicU64,
+}
+
+struct Entry {
+    size: u64,
+    used: u64,
+}
+
+#[derive(Default)]
+struct Index {
+    entries: HashMap<Key, Entry>,
+    in_flight: HashMap<Key, Arc<Shared>>,
+    total: u64,
+    clock: u64,
+}
+
+/// The pack cache. Cheap to clone: clones share the cache.
+#[derive(Clone)]
+pub struct PackCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    max_bytes: u64,
+    index: Mutex<Index>,
+    tmp_counter: AtomicU64,
+    stats: Stats,
+}
+
+impl PackCache {
+    /// The cache in `dir`, holding at most `max_bytes` of finished packs. Removes what a previous
+    /// process left unfinished and loads the finished entries, oldest use first.
+    pub fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> io::Result<PackCache> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir)?;
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let path = entry.path();
+            match name.strip_suffix(".pack").and_then(parse_stem) {
+                Some(key) => {
+                    let meta = entry.metadata()?;
+                    let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                    found.push((used, key, meta.len()));
+                }
+                None => {
+                    tracing::info!(path = %path.display(), "removing an unfinished pack-cache file");
+                    std::fs::remove_file(&path)?;
+                }
+            }
+        }
+        found.sort_by_key(|(used, ..)| *used);
+        let mut index = Index::default();
+        for (_, key, size) in found {
+            index.clock += 1;
+            index.total += size;
+            let used = index.clock;
+            index.entries.insert(key, Entry { size, used });
+        }
+        let inner = Inner {
+            dir,
+            max_bytes,
+            index: Mutex::new(index),
+            tmp_counter: AtomicU64::new(0),
+            stats: Stats::default(),
+        };
+        inner.evict(&mut inner.index.lock());
+        Ok(PackCache {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Counters, for metrics.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// Bytes of finished packs on disk.
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.index.lock().total
+    }
+
+    /// Finished packs on disk.
+    pub fn entries(&self) -> usize {
+        self.inner.index.lock().entries.len()
+    }
+
+    /// Find the pack for `key`, attach to its generation, or start one.
+    pub fn lookup(&self, key: Key) -> Lookup {
+        let this = &self.inner;
+        let mut index = this.index.lock();
+        if let Some(used) = index.clock.checked_add(1) {
+            index.clock = used;
+        }
+        let clock = index.clock;
+        if let Some(entry) = index.entries.get_mut(&key) {
+            entry.used = clock;
+            let path = this.path(&key);
+            match File::open(&path) {
+                Ok(file) => {
+                    let len = entry.size;
+                    drop(index);
+                    // The file's time is the LRU order after a restart.
+                    let _ = file.set_modified(SystemTime::now());
+                    this.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::pack_cache_lookup("hit");
+                    return Lookup::Hit(Reader::finished(file, len, &self.inner));
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "pack-cache entry lost");
+                    let size = entry.size;
+                    index.entries.remove(&key);
+                    index.total -= size;
+                }
+            }
+        }
+        if let Some(shared) = index.in_flight.get(&key).cloned() {
+            if let Ok(file) = File::open(&shared.tmp) {
+                drop(index);
+                this.stats.shared.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::pack_cache_lookup("shared");
+                return Lookup::Shared(Reader::following(file, shared, &self.inner));
+            }
+        }
+        if free_space(&this.dir).is_some_and(|free| free < MIN_FREE_BYTES) {
+            this.stats.bypassed.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::pack_cache_lookup("bypass");
+            return Lookup::Bypass;
+        }
+        let n = this.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = this.dir.join(format!(
+            "{}.{}-{n}.tmp",
+            key.file_stem(),
+            std::process::id()
+        ));
+        let opened = File::create(&tmp).and_then(|w| Ok((w, File::open(&tmp)?)));
+        let (write, read) = match opened {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::warn!(path = %tmp.display(), error = %e, "pack cache bypassed");
+                let _ = std::fs::remove_file(&tmp);
+                this.stats.bypassed.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::pack_cache_lookup("bypass");
+                return Lookup::Bypass;
+            }
+        };
+        let shared = Arc::new(Shared {
+            tmp,
+            state: Mutex::new(State::Running { written: 0 }),
+            changed: Condvar::new(),
+            readers: AtomicUsize::new(0),
+            abandoned: Arc::new(AtomicBool::new(false)),
+        });
+        index.in_flight.insert(key, Arc::clone(&shared));
+        drop(index);
+        this.stats.misses.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::pack_cache_lookup("miss");
+        let reader = Reader::following(read, Arc::clone(&shared), &self.inner);
+        Lookup::Miss(
+            Generation {
+                key,
+                shared,
+                file: write,
+                buf: Vec::with_capacity(PUBLISH_BYTES),
+                written: 0,
+                cache: Arc::clone(&self.inner),
+                done: false,
+            },
+            reader,
+        )
+    }
+}
+
+impl Inner {
+    fn path(&self, key: &Key) -> PathBuf {
+        self.dir.join(format!("{}.pack", key.file_stem()))
+    }
+
+    /// Make a finished generation an entry.
+    fn finish(&self, key: Key, shared: &Shared, len: u64) -> io::Result<()> {
+        let mut index = self.index.lock();
+        index.in_flight.remove(&key);
+        let path = self.path(&key);
+        std::fs::rename(&shared.tmp, &path)?;
+        index.clock += 1;
+        let used = index.clock;
+        if let Some(old) = index.entries.insert(key, Entry { size: len, used }) {
+            index.total -= old.size;
+        }
+        index.total += len;
+        self.evict(&mut index);
+        Ok(())
+    }
+
+    fn abort(&self, key: Key, shared: &Shared) {
+        let mut index = self.index.lock();
+        if index
+            .in_flight
+            .get(&key)
+            .is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), shared))
+        {
+            index.in_flight.remove(&key);
+        }
+        let _ = std::fs::remove_file(&shared.tmp);
+    }
+
+    /// Remove least recently used entries until the total fits. Readers of an evicted file keep
+    /// reading it: it is only unlinked.
+    fn evict(&self, index: &mut Index) {
+        self.evict_to(index);
+        crate::metrics::pack_cache_size(index.entries.len(), index.total);
+    }
+
+    fn evict_to(&self, index: &mut Index) {
+        while index.total > self.max_bytes {
+            let Some((&key, _)) = index.entries.iter().min_by_key(|(_, e)| e.used) else {
+                break;
+            };
+            if let Some(entry) = index.entries.remove(&key) {
+                index.total -= entry.size;
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::pack_cache_eviction();
+                let path = self.path(&key);
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot evict a pack");
+                }
+            }
+        }
+    }
+}
+
+fn parse_stem(stem: &str) -> Option<Key> {
+    let (mirror, request) = stem.split_once('-')?;
+    if mirror.len() != 16 {
+        return None;
+    }
+    let mut m = [0u8; 8];
+    for (i, b) in m.iter_mut().enumerate() {
+        *b = u8::from_str_radix(mirror.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(Key {
+        mirror: m,
+        request: ObjectId::from_hex(request.as_bytes()).ok()?,
+    })
+}
+
+/// Free bytes for unprivileged users on the filesystem of `dir`, if it can be told.
+fn free_space(dir: &Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(dir).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+enum State {
+    Running { written: u64 },
+    Done { len: u64 },
+    Failed(Error),
+}
+
+/// A generation in flight, as its readers see it.
+struct Shared {
+    tmp: PathBuf,
+    state: Mutex<State>,
+    changed: Condvar,
+    readers: AtomicUsize,
+    /// Every reader went away: the generation should stop.
+    abandoned: Arc<AtomicBool>,
+}
+
+/// The writing end of a generation: an `io::Write` for the raw pack. Call
+/// [`Generation::finish`] when the pack is complete; dropping it otherwise (or calling
+/// [`Generation::fail`]) fails the generation for every reader and removes its file.
+pub struct Generation {
+    key: Key,
+    shared: Arc<Shared>,
+    file: File,
+    buf: Vec<u8>,
+    written: u64,
+    cache: Arc<Inner>,
+    done: bool,
+}
+
+impl Generation {
+    /// Set when every reader has gone: stop generating.
+    pub fn abandoned(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.shared.abandoned)
+    }
+
+    fn publish(&mut self) -> io::Result<()> {
+        self.file.write_all(&self.buf)?;
+        self.written += self.buf.len() as u64;
+        self.buf.clear();
+        *self.shared.state.lock() = State::Running {
+            written: self.written,
+        };
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// The pack is complete: make it a cache entry.
+    pub fn finish(mut self) -> Result<u64, Error> {
+        self.publish()
+            .map_err(|e| Error::Write(format!("pack cache: {e}")))?;
+        let len = self.written;
+        self.done = true;
+        let cache = Arc::clone(&self.cache);
+        let result = cache.finish(self.key, &self.shared, len);
+        *self.shared.state.lock() = State::Done { len };
+        self.shared.changed.notify_all();
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot keep a finished pack in the cache");
+            cache.abort(self.key, &self.shared);
+        }
+        Ok(len)
+    }
+
+    /// The generation failed with `error`: every reader gets it.
+    pub fn fail(mut self, error: Error) {
+        self.fail_with(error);
+    }
+
+    fn fail_with(&mut self, error: Error) {
+        self.done = true;
+        *self.shared.state.lock() = State::Failed(error);
+        self.shared.changed.notify_all();
+        self.cache.abort(self.key, &self.shared);
+    }
+}
+
+impl Write for Generation {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.shared.abandoned.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "every reader left",
+            ));
+        }
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= PUBLISH_BYTES {
+            self.publish()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if !self.done {
+            // Neither finished nor failed explicitly (a panic): readers must not wait forever.
+            self.fail_with(Error::Write("pack generation stopped".into()));
+        }
+    }
+}
+
+/// Reads one cached pack, following its generation while it runs.
+pub struct Reader {
+    file: File,
+    offset: u64,
+    /// `None` for a finished pack of known length.
+    shared: Option<Arc<Shared>>,
+    len: Option<u64>,
+    cache: Arc<Inner>,
+}
+
+impl Reader {
+    fn finished(file: File, len: u64, cache: &Arc<Inner>) -> Reader {
+        Reader {
+            file,
+            offset: 0,
+            shared: None,
+            len: Some(len),
+            cache: Arc::clone(cache),
+        }
+    }
+
+    fn following(file: File, shared: Arc<Shared>, cache: &Arc<Inner>) -> Reader {
+        shared.readers.fetch_add(1, Ordering::Relaxed);
+        Reader {
+            file,
+            offset: 0,
+            shared: Some(shared),
+            len: None,
+            cache: Arc::clone(cache),
+        }
+    }
+
+    /// Wait until at least `want` bytes are there (or the pack is complete); `Ok(available)`.
+    fn wait_for(&mut self, want: u64, interrupt: &AtomicBool) -> Result<u64, Error> {
+        if let Some(len) = self.len {
+            return Ok(len);
+        }
+        let Some(shared) = &self.shared else {
+            return Ok(0);
+        };
+        let mut state = shared.state.lock();
+        loop {
+            match &*state {
+                State::Done { len } => {
+                    let len = *len;
+                    self.len = Some(len);
+                    return Ok(len);
+                }
+                State::Failed(e) => return Err(e.clone()),
+                State::Running { written } if *written >= want => return Ok(*written),
+                State::Running { .. } => {
+                    if interrupt.load(Ordering::Relaxed) {
+                        return Err(Error::Interrupted);
+                    }
+                    shared.changed.wait_for(&mut state, POLL);
+                }
+            }
+        }
+    }
+
+    /// Wait until the pack has started (its header is written, so planning succeeded) and
+    /// return the number of objects it holds; or the error the generation failed with.
+    pub fn start(&mut self, interrupt: &AtomicBool) -> Result<u32, Error> {
+        self.wait_for(12, interrupt)?;
+        let mut header = [0u8; 12];
+        self.file
+            .seek(SeekFrom::Start(0))
+            .and_then(|_| self.file.read_exact(&mut header))
+            .map_err(|e| Error::Write(format!("pack cache: {e}")))?;
+        self.file
+            .seek(SeekFrom::Start(self.offset))
+            .map_err(|e| Error::Write(format!("pack cache: {e}")))?;
+        if &header[..4] != b"PACK" {
+            return Err(Error::Write("pack cache: not a pack".into()));
+        }
+        Ok(u32::from_be_bytes([
+            header[8], header[9], header[10], header[11],
+        ]))
+    }
+
+    /// Read the next bytes of the pack into `buf`, waiting for the generation if needed; 0 at
+    /// the end.
+    pub fn read(&mut self, buf: &mut [u8], interrupt: &AtomicBool) -> Result<usize, Error> {
+        let available = self.wait_for(self.offset + 1, interrupt)?;
+        let n = (available.saturating_sub(self.offset)).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.file
+            .read_exact(&mut buf[..n])
+            .map_err(|e| Error::Write(format!("pack cache: {e}")))?;
+        self.offset += n as u64;
+        self.cache
+            .stats
+            .bytes_served
+            .fetch_add(n as u64, Ordering::Relaxed);
+        crate::metrics::pack_cache_bytes_served(n as u64);
+        Ok(n)
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.shared {
+            if shared.readers.fetch_sub(1, Ordering::Relaxed) == 1 {
+                let running = matches!(*shared.state.lock(), State::Running { .. });
+                if running {
+                    shared.abandoned.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
