@@ -72,6 +72,11 @@ impl AppState {
         }
     }
 
+    /// The pack cache, when it is on.
+    pub fn pack_cache(&self) -> Option<&PackCache> {
+        self.pack_cache.as_ref()
+    }
+
     /// The mirror store, e.g. to remove temporaries at start.
     pub fn mirrors(&self) -> &Arc<Mirrors> {
         &self.mirrors

@@ -23,7 +23,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use gix::ObjectId;
 use parking_lot::{Condvar, Mutex};
@@ -36,8 +36,11 @@ const FORMAT: &str = "smart-git-proxy pack cache 1";
 const PUBLISH_BYTES: usize = 256 * 1024;
 /// How often a waiting reader checks whether its own client went away.
 const POLL: Duration = Duration::from_millis(100);
-/// Below this much free space on the cache's filesystem, requests bypass the cache.
+/// Below this much free space on the cache's filesystem (or a tenth of a smaller one),
+/// requests bypass the cache.
 const MIN_FREE_BYTES: u64 = 256 * 1024 * 1024;
+/// After a write to the cache failed (a full disk), requests bypass it for this long.
+const BYPASS_AFTER_FAILURE: Duration = Duration::from_secs(60);
 
 /// The identity of a pack: a hash of the normalized request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -181,6 +184,8 @@ struct Inner {
     index: Mutex<Index>,
     tmp_counter: AtomicU64,
     stats: Stats,
+    /// Set when writing failed: bypass until then.
+    bypass_until: Mutex<Option<Instant>>,
 }
 
 impl PackCache {
@@ -195,16 +200,13 @@ impl PackCache {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             let path = entry.path();
-            match name.strip_suffix(".pack").and_then(parse_stem) {
-                Some(key) => {
-                    let meta = entry.metadata()?;
-                    let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                    found.push((used, key, meta.len()));
-                }
-                None => {
-                    tracing::info!(path = %path.display(), "removing an unfinished pack-cache file");
-                    std::fs::remove_file(&path)?;
-                }
+            if name.ends_with(".tmp") {
+                tracing::info!(path = %path.display(), "removing an unfinished pack-cache file");
+                std::fs::remove_file(&path)?;
+            } else if let Some(key) = name.strip_suffix(".pack").and_then(parse_stem) {
+                let meta = entry.metadata()?;
+                let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                found.push((used, key, meta.len()));
             }
         }
         found.sort_by_key(|(used, ..)| *used);
@@ -221,6 +223,7 @@ impl PackCache {
             index: Mutex::new(index),
             tmp_counter: AtomicU64::new(0),
             stats: Stats::default(),
+            bypass_until: Mutex::new(None),
         };
         inner.evict(&mut inner.index.lock());
         Ok(PackCache {
@@ -280,7 +283,11 @@ impl PackCache {
                 return Lookup::Shared(Reader::following(file, shared, &self.inner));
             }
         }
-        if free_space(&this.dir).is_some_and(|free| free < MIN_FREE_BYTES) {
+        let failed_lately = this
+            .bypass_until
+            .lock()
+            .is_some_and(|until| Instant::now() < until);
+        if failed_lately || low_on_space(&this.dir) {
             this.stats.bypassed.fetch_add(1, Ordering::Relaxed);
             crate::metrics::pack_cache_lookup("bypass");
             return Lookup::Bypass;
@@ -402,10 +409,15 @@ fn parse_stem(stem: &str) -> Option<Key> {
     })
 }
 
-/// Free bytes for unprivileged users on the filesystem of `dir`, if it can be told.
-fn free_space(dir: &Path) -> Option<u64> {
-    let stat = rustix::fs::statvfs(dir).ok()?;
-    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+/// Whether the filesystem of `dir` has less than [`MIN_FREE_BYTES`] free for unprivileged
+/// users, or less than a tenth of its size when that is smaller.
+fn low_on_space(dir: &Path) -> bool {
+    let Ok(stat) = rustix::fs::statvfs(dir) else {
+        return false;
+    };
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    let size = stat.f_blocks.saturating_mul(stat.f_frsize);
+    free < MIN_FREE_BYTES.min(size / 10)
 }
 
 enum State {
@@ -444,7 +456,12 @@ impl Generation {
     }
 
     fn publish(&mut self) -> io::Result<()> {
-        self.file.write_all(&self.buf)?;
+        if let Err(e) = self.file.write_all(&self.buf) {
+            // Most likely a full disk: let the next requests bypass the cache for a while.
+            tracing::warn!(error = %e, "pack cache: write failed, bypassing the cache for a while");
+            *self.cache.bypass_until.lock() = Some(Instant::now() + BYPASS_AFTER_FAILURE);
+            return Err(e);
+        }
         self.written += self.buf.len() as u64;
         self.buf.clear();
         *self.shared.state.lock() = State::Running {
@@ -460,6 +477,9 @@ impl Generation {
             .map_err(|e| Error::Write(format!("pack cache: {e}")))?;
         let len = self.written;
         self.done = true;
+        // The file's time is its last use (the kernel's write times are too coarse to order
+        // packs written in quick succession).
+        let _ = self.file.set_modified(SystemTime::now());
         let cache = Arc::clone(&self.cache);
         let result = cache.finish(self.key, &self.shared, len);
         *self.shared.state.lock() = State::Done { len };
@@ -624,5 +644,165 @@ impl Drop for Reader {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> Key {
+        KeyParts {
+            mirror: "example.com/r",
+            wants: &[ObjectId::from_bytes_or_panic(&[n; 20])],
+            common: &[],
+            shallow: &[],
+            tags: &[],
+            filter: None,
+            ofs_delta: true,
+            thin_pack: false,
+            compression: 6,
+        }
+        .key()
+    }
+
+    /// Put a fake pack of `len` bytes under `key`.
+    fn put(cache: &PackCache, key: Key, len: usize) {
+        let Lookup::Miss(mut generation, _reader) = cache.lookup(key) else {
+            panic!("expected a miss");
+        };
+        let mut data = b"PACK\0\0\0\x02\0\0\0\x01".to_vec();
+        data.resize(len, 7);
+        generation.write_all(&data).unwrap();
+        generation.finish().unwrap();
+    }
+
+    fn read_all(mut reader: Reader) -> Vec<u8> {
+        let interrupt = AtomicBool::new(false);
+        assert_eq!(reader.start(&interrupt).unwrap(), 1);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 100];
+        loop {
+            let n = reader.read(&mut buf, &interrupt).unwrap();
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[test]
+    fn keys_ignore_the_order_of_lists_but_not_their_content() {
+        let (a, b) = (
+            ObjectId::from_bytes_or_panic(&[1; 20]),
+            ObjectId::from_bytes_or_panic(&[2; 20]),
+        );
+        fn parts<'a>(wants: &'a [ObjectId], mirror: &'a str) -> KeyParts<'a> {
+            KeyParts {
+                mirror,
+                wants,
+                common: &[],
+                shallow: &[],
+                tags: &[],
+                filter: None,
+                ofs_delta: true,
+                thin_pack: false,
+                compression: 6,
+            }
+        }
+        assert_eq!(parts(&[a, b], "m").key(), parts(&[b, a, a], "m").key());
+        assert_ne!(parts(&[a], "m").key(), parts(&[a, b], "m").key());
+        assert_ne!(parts(&[a], "m").key(), parts(&[a], "n").key());
+        let a_only = [a];
+        let mut other = parts(&a_only, "m");
+        other.ofs_delta = false;
+        assert_ne!(parts(&[a], "m").key(), other.key());
+        // Wants and haves do not blend: the same ids in another role are another pack.
+        let a_list = [a];
+        let mut swapped = parts(&[], "m");
+        swapped.common = &a_list;
+        assert_ne!(parts(&[a], "m").key(), swapped.key());
+    }
+
+    #[test]
+    fn least_recently_used_packs_go_first_also_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PackCache::open(dir.path(), 250).unwrap();
+        put(&cache, key(1), 100);
+        put(&cache, key(2), 100);
+        // A hit makes 1 the most recently used.
+        let Lookup::Hit(reader) = cache.lookup(key(1)) else {
+            panic!("expected a hit");
+        };
+        assert_eq!(read_all(reader).len(), 100);
+        put(&cache, key(3), 100);
+        assert!(
+            matches!(cache.lookup(key(2)), Lookup::Miss(..)),
+            "2 was evicted"
+        );
+        assert_eq!(cache.entries(), 2);
+        assert!(cache.total_bytes() <= 250);
+        drop(cache);
+
+        // The order survives: 1 was used before 3 was written.
+        let cache = PackCache::open(dir.path(), 250).unwrap();
+        assert_eq!(cache.entries(), 2);
+        put(&cache, key(4), 100);
+        assert!(matches!(cache.lookup(key(3)), Lookup::Hit(..)));
+        assert!(matches!(cache.lookup(key(1)), Lookup::Miss(..)));
+    }
+
+    #[test]
+    fn unfinished_packs_are_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PackCache::open(dir.path(), 1 << 20).unwrap();
+        let Lookup::Miss(mut generation, reader) = cache.lookup(key(1)) else {
+            panic!("expected a miss");
+        };
+        generation.write_all(&[0; PUBLISH_BYTES + 1]).unwrap();
+        // A crash leaves the temporary: a new process removes it and does not serve it.
+        let leftover = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftover, 1);
+        std::mem::forget(generation);
+        drop(reader);
+        let cache = PackCache::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(matches!(cache.lookup(key(1)), Lookup::Miss(..)));
+
+        // A generation that stops without finishing fails its readers and leaves nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PackCache::open(dir.path(), 1 << 20).unwrap();
+        let Lookup::Miss(generation, mut reader) = cache.lookup(key(2)) else {
+            panic!("expected a miss");
+        };
+        let Lookup::Shared(mut other) = cache.lookup(key(2)) else {
+            panic!("expected to attach");
+        };
+        generation.fail(Error::Missing(ObjectId::null(gix::hash::Kind::Sha1)));
+        let interrupt = AtomicBool::new(false);
+        assert!(matches!(reader.start(&interrupt), Err(Error::Missing(_))));
+        assert!(matches!(
+            other.read(&mut [0; 8], &interrupt),
+            Err(Error::Missing(_))
+        ));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(cache.entries(), 0);
+    }
+
+    #[test]
+    fn a_generation_stops_when_every_reader_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PackCache::open(dir.path(), 1 << 20).unwrap();
+        let Lookup::Miss(mut generation, reader) = cache.lookup(key(1)) else {
+            panic!("expected a miss");
+        };
+        let Lookup::Shared(other) = cache.lookup(key(1)) else {
+            panic!("expected to attach");
+        };
+        drop(reader);
+        assert!(!generation.abandoned().load(Ordering::Relaxed));
+        drop(other);
+        assert!(generation.abandoned().load(Ordering::Relaxed));
+        assert!(generation.write_all(&[0; 10]).is_err());
     }
 }

@@ -176,6 +176,7 @@ impl Drop for Background {
 pub struct Server {
     pub addr: SocketAddr,
     pub mirror: TempDir,
+    pub state: AppState,
     _background: Background,
 }
 
@@ -187,16 +188,33 @@ impl Server {
 
     /// Serve a new mirror directory, adjusting the configuration first.
     pub fn start_with(adjust: impl FnOnce(&mut Config)) -> Server {
-        let mirror = tempfile::tempdir().expect("mirror dir");
+        Server::start_in(tempfile::tempdir().expect("mirror dir"), adjust)
+    }
+
+    /// Serve an existing mirror directory (as after a restart), adjusting the configuration.
+    pub fn start_in(mirror: TempDir, adjust: impl FnOnce(&mut Config)) -> Server {
         let mut config = Config::new(mirror.path());
         config.allowed_upstreams = format!("http://{HOST}");
         adjust(&mut config);
-        let background = Background::serve(http::router(AppState::new(config)));
+        let state = AppState::new(config);
+        let background = Background::serve(http::router(state.clone()));
         Server {
             addr: background.addr,
             mirror,
+            state,
             _background: background,
         }
+    }
+
+    /// Stop serving and hand back the mirror directory.
+    pub fn stop(self) -> TempDir {
+        drop(self._background);
+        self.mirror
+    }
+
+    /// The pack cache's counters (the cache must be on).
+    pub fn cache_stats(&self) -> &smart_git_proxy::pack::cache::Stats {
+        self.state.pack_cache().expect("pack cache on").stats()
     }
 
     /// Make the read-only fixture `name` available as `example.com/{name}`.
