@@ -600,3 +600,166 @@ fn a_want_miss_shows_progress_while_the_mirror_syncs() {
         "{stderr}"
     );
 }
+
+/// The upload-pack POSTs the upstream received since log entry `from`: their v2 commands.
+fn upstream_commands(up: &Upstream, from: usize) -> Vec<String> {
+    up.log()[from..]
+        .iter()
+        .filter(|l| l.method == "POST")
+        .map(|l| {
+            let body = String::from_utf8_lossy(&l.body);
+            if body.contains("command=ls-refs") {
+                "ls-refs".to_owned()
+            } else if body.contains("command=fetch") {
+                format!("fetch({} wants)", body.matches("want ").count())
+            } else {
+                "other".to_owned()
+            }
+        })
+        .collect()
+}
+
+/// A v2 `ls-refs` of `prefix` straight to the proxy (a POST: it never syncs), as `oid name` lines.
+fn ls_refs(server: &Server, up: &Upstream, name: &str, prefix: &str) -> Vec<String> {
+    let mut body = Vec::new();
+    for line in [
+        "command=ls-refs\n",
+        "0001",
+        &format!("ref-prefix {prefix}\n"),
+        "0000",
+    ] {
+        if line.len() == 4 && line.starts_with("000") {
+            body.extend_from_slice(line.as_bytes());
+        } else {
+            body.extend_from_slice(format!("{:04x}{line}", line.len() + 4).as_bytes());
+        }
+    }
+    let r = request(
+        server.addr,
+        "POST",
+        &format!("/{}/{name}/git-upload-pack", up.segment()),
+        &[("Git-Protocol", "version=2")],
+        &body,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut lines = Vec::new();
+    let mut rest = &r.body[..];
+    while rest.len() >= 4 {
+        let len = usize::from_str_radix(std::str::from_utf8(&rest[..4]).unwrap(), 16).unwrap();
+        if len < 4 {
+            rest = &rest[4..];
+            continue;
+        }
+        lines.push(String::from_utf8_lossy(&rest[4..len]).trim_end().to_owned());
+        rest = &rest[len..];
+    }
+    lines
+}
+
+#[test]
+fn a_sync_with_nothing_new_is_one_ref_listing_and_a_push_fetches_only_what_moved() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/many", "many-refs");
+    let server = proxy(&up, Duration::ZERO);
+    let url = server.url_for(&up.segment(), "o/many");
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "-q", "--mirror", &url, "c"]);
+    let mirror = server.mirror.path().join(up.segment()).join("o/many.git");
+    let packed_refs = std::fs::metadata(mirror.join("packed-refs"))
+        .unwrap()
+        .modified()
+        .unwrap();
+
+    // Nothing changed upstream: one ref listing, no fetch, no ref written.
+    let from = up.log().len();
+    assert_eq!(
+        status_of(&server, &up, "o/many"),
+        (200, Some("sync".into()))
+    );
+    assert_eq!(upstream_commands(&up, from), ["ls-refs"]);
+    assert_eq!(
+        std::fs::metadata(mirror.join("packed-refs"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        packed_refs,
+        "no ref transaction"
+    );
+
+    // One branch moved: only it is fetched (the second listing asks for it alone).
+    let pushed = push_commits(&upstream_dir, "main", 1);
+    let from = up.log().len();
+    assert_eq!(
+        status_of(&server, &up, "o/many"),
+        (200, Some("sync".into()))
+    );
+    assert_eq!(
+        upstream_commands(&up, from),
+        ["ls-refs", "ls-refs", "fetch(1 wants)"]
+    );
+    let log = up.log();
+    let second_listing = &log[from..]
+        .iter()
+        .filter(|l| l.method == "POST")
+        .nth(1)
+        .unwrap()
+        .body;
+    let prefixes = String::from_utf8_lossy(second_listing)
+        .matches("ref-prefix ")
+        .count();
+    assert_eq!(prefixes, 1, "{}", String::from_utf8_lossy(second_listing));
+    assert_eq!(git(&mirror, &["rev-parse", "main"]).trim(), pushed);
+    assert_eq!(refs(&mirror), refs(&upstream_dir));
+    assert_fsck(&mirror);
+}
+
+#[test]
+fn a_sync_swaps_the_snapshot_that_the_next_request_reads() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let server = proxy(&up, Duration::from_secs(3600));
+    let url = server.url_for(&up.segment(), "o/basic");
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "-q", "--bare", &url, "c"]);
+    let before = git(&upstream_dir, &["rev-parse", "main"]).trim().to_owned();
+    let pushed = push_commits(&upstream_dir, "main", 1);
+    // Fresh mirror: requests read the snapshot, which still has the old branch.
+    let main = |server: &Server| ls_refs(server, &up, "o/basic", "refs/heads/main");
+    assert_eq!(main(&server), [format!("{before} refs/heads/main")]);
+    // A want-miss syncs; the very next request, which does not sync, sees the new snapshot.
+    let (_repo, out) = fetch_into_new_repo(&url, &pushed, &["--depth=1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(main(&server), [format!("{pushed} refs/heads/main")]);
+}
+
+#[test]
+fn the_last_sync_time_survives_a_restart() {
+    let up = Upstream::start();
+    up.add_fixture("o/basic", "basic");
+    let server = proxy(&up, Duration::from_secs(3600));
+    let url = server.url_for(&up.segment(), "o/basic");
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "-q", "--bare", &url, "c"]);
+    let mirror_dir = server.stop();
+    let allowed = up.allowed();
+    let server = Server::start_in(mirror_dir, move |c| {
+        c.allowed_upstreams = allowed;
+        c.sync_stale_after = Duration::from_secs(3600).into();
+    });
+    let from = up.log().len();
+    assert_eq!(
+        status_of(&server, &up, "o/basic"),
+        (200, Some("hit".into()))
+    );
+    let url = server.url_for(&up.segment(), "o/basic");
+    git(work.path(), &["clone", "-q", "--bare", &url, "c2"]);
+    assert_eq!(
+        up.log().len(),
+        from,
+        "no upstream request after the restart"
+    );
+}

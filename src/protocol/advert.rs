@@ -261,6 +261,55 @@ mod tests {
     }
 
     #[test]
+    fn ls_refs_prefixes_select_sorted_ranges_once_each() {
+        let mut refs = sample();
+        for name in [
+            "refs/heads/a",
+            "refs/heads/mainline",
+            "refs/pull/1/head",
+            "refs/tags/v0",
+        ] {
+            refs.refs.push(Ref {
+                name: name.into(),
+                target: oid('c'),
+                peeled: None,
+                symref_target: None,
+            });
+        }
+        refs.refs[1..].sort_by(|a, b| a.name.cmp(&b.name));
+        let names = |prefixes: &[&str]| {
+            let mut out = Vec::new();
+            let args = LsRefs {
+                prefixes: prefixes.iter().map(|p| (*p).into()).collect(),
+                ..Default::default()
+            };
+            ls_refs(&mut out, &refs, &args);
+            lines(&out)
+                .into_iter()
+                .filter_map(|l| l.split_once(' ').map(|(_, n)| n.trim_end().to_owned()))
+                .collect::<Vec<_>>()
+        };
+        // Overlapping prefixes, in any order, list each ref once and in sorted order.
+        assert_eq!(
+            names(&["refs/tags/", "refs/heads/main", "HEAD", "refs/heads/"]),
+            [
+                "HEAD",
+                "refs/heads/a",
+                "refs/heads/main",
+                "refs/heads/mainline",
+                "refs/tags/v0",
+                "refs/tags/v1"
+            ]
+        );
+        assert_eq!(
+            names(&["refs/heads/main"]),
+            ["refs/heads/main", "refs/heads/mainline"]
+        );
+        assert_eq!(names(&["refs/pull/"]), ["refs/pull/1/head"]);
+        assert!(names(&["refs/nothing/", "zzz"]).is_empty());
+    }
+
+    #[test]
     fn ls_refs_honours_arguments() {
         let mut out = Vec::new();
         let args = LsRefs {
