@@ -67,6 +67,10 @@ pub struct Config {
     /// `10GiB`; least recently used packs are evicted beyond it. `0` turns the cache off.
     #[arg(long, env = "PACK_CACHE_MAX_SIZE", default_value = "10GiB")]
     pub pack_cache_max_size: ByteSize,
+    /// Memory that the delta-base caches of all pack generations share (each thread of pack
+    /// work takes up to 32 MiB of it; beyond it, work runs uncached: slower, never larger).
+    #[arg(long, env = "PACK_MEMORY_BUDGET", default_value = "256MiB")]
+    pub pack_memory_budget: ByteSize,
 }
 
 /// See `PACK_COMPRESSION_LEVEL`; the README gives the measurements behind it.
@@ -183,6 +187,7 @@ impl Config {
             pack_threads: None,
             pack_compression_level: DEFAULT_COMPRESSION_LEVEL,
             pack_cache_max_size: ByteSize::gib(10),
+            pack_memory_budget: ByteSize::mib(256),
             allowed_upstreams: "github.com".into(),
             sync_stale_after: Duration::from_secs(2).into(),
             auth_mode: AuthMode::None,

@@ -22,6 +22,8 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 
 /// The text exposition of every metric.
 pub fn render() -> String {
+    metrics::gauge!("smart_git_proxy_pack_memory_reserved_bytes")
+        .set(crate::pack::memory_reserved() as f64);
     handle().map(|h| h.render()).unwrap_or_default()
 }
 

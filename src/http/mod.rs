@@ -56,6 +56,9 @@ impl AppState {
             upstream: upstream_options(&config),
         });
         let pack_cache = open_pack_cache(&config);
+        crate::pack::set_memory_budget(
+            usize::try_from(config.pack_memory_budget.as_u64()).unwrap_or(usize::MAX),
+        );
         AppState {
             pack_cache,
             compression: config.compression().unwrap_or_default(),

@@ -15,6 +15,8 @@ mod writer;
 pub use planner::{plan, Plan, Selection, Stats};
 pub use writer::{write, WriteOptions, WriteStats};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use gix::ObjectId;
 
 /// The object database handle pack generation works on: thread-safe and cheap to clone.
@@ -28,17 +30,139 @@ pub fn db(repo: &gix::Repository) -> Db {
     db.prevent_pack_unload();
     db.unset_object_cache();
     // Trees are mostly deltas against each other: a hashed delta-base cache saves most of the
-    // inflating, where gix's default small LRU is scanned linearly on every lookup.
-    db.set_pack_cache(|| {
-        Box::new(gix_pack::cache::lru::MemoryCappedHashmap::new(
-            DELTA_BASE_CACHE_BYTES,
-        ))
-    });
+    // inflating, where gix's default small LRU is scanned linearly on every lookup. Every
+    // thread's handle has its own cache; together they stay within the memory budget.
+    db.set_pack_cache(|| Box::new(BudgetedCache::new()));
     db
 }
 
-/// Per thread of pack work (each thread's handle has its own cache).
+/// At most this much delta-base cache per thread of pack work.
 const DELTA_BASE_CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// A thread that can reserve less than this works without a cache.
+const MIN_CACHE_BYTES: usize = 1024 * 1024;
+
+/// The memory that the delta-base caches of all pack work share (`PACK_MEMORY_BUDGET`):
+/// concurrent requests and their threads reserve from it, so their sum stays bounded however
+/// many run. A thread that finds the budget spent works uncached, slower but within bounds.
+struct MemoryBudget {
+    limit: AtomicUsize,
+    reserved: AtomicUsize,
+}
+
+static BUDGET: MemoryBudget = MemoryBudget {
+    limit: AtomicUsize::new(DEFAULT_MEMORY_BUDGET),
+    reserved: AtomicUsize::new(0),
+};
+
+/// The default of `PACK_MEMORY_BUDGET`.
+pub const DEFAULT_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
+
+/// Set the memory budget of all delta-base caches of the process.
+pub fn set_memory_budget(bytes: usize) {
+    BUDGET.limit.store(bytes, Ordering::Relaxed);
+}
+
+/// Bytes of the memory budget reserved right now.
+pub fn memory_reserved() -> usize {
+    BUDGET.reserved.load(Ordering::Relaxed)
+}
+
+impl MemoryBudget {
+    /// Reserve up to `want` bytes; returns what was reserved (maybe 0).
+    fn reserve(&self, want: usize) -> usize {
+        let mut current = self.reserved.load(Ordering::Relaxed);
+        loop {
+            let available = self.limit.load(Ordering::Relaxed).saturating_sub(current);
+            let take = want.min(available);
+            if take < MIN_CACHE_BYTES {
+                return 0;
+            }
+            match self.reserved.compare_exchange_weak(
+                current,
+                current + take,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return take,
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    fn release(&self, bytes: usize) {
+        self.reserved.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// A delta-base cache whose size is reserved from the process-wide [`MemoryBudget`].
+struct BudgetedCache {
+    inner: Option<gix_pack::cache::lru::MemoryCappedHashmap>,
+    reserved: usize,
+}
+
+impl BudgetedCache {
+    fn new() -> Self {
+        let reserved = BUDGET.reserve(DELTA_BASE_CACHE_BYTES);
+        BudgetedCache {
+            inner: (reserved > 0).then(|| gix_pack::cache::lru::MemoryCappedHashmap::new(reserved)),
+            reserved,
+        }
+    }
+}
+
+impl gix_pack::cache::DecodeEntry for BudgetedCache {
+    fn put(
+        &mut self,
+        pack_id: u32,
+        offset: u64,
+        data: &[u8],
+        kind: gix::object::Kind,
+        compressed_size: usize,
+    ) {
+        if let Some(inner) = &mut self.inner {
+            inner.put(pack_id, offset, data, kind, compressed_size);
+        }
+    }
+
+    fn get(
+        &mut self,
+        pack_id: u32,
+        offset: u64,
+        out: &mut Vec<u8>,
+    ) -> Option<(gix::object::Kind, usize)> {
+        self.inner.as_mut()?.get(pack_id, offset, out)
+    }
+}
+
+impl Drop for BudgetedCache {
+    fn drop(&mut self) {
+        BUDGET.release(self.reserved);
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn reservations_never_exceed_the_budget() {
+        let budget = MemoryBudget {
+            limit: AtomicUsize::new(80 * 1024 * 1024),
+            reserved: AtomicUsize::new(0),
+        };
+        let a = budget.reserve(DELTA_BASE_CACHE_BYTES);
+        let b = budget.reserve(DELTA_BASE_CACHE_BYTES);
+        let c = budget.reserve(DELTA_BASE_CACHE_BYTES);
+        assert_eq!((a, b, c), (32 << 20, 32 << 20, 16 << 20));
+        assert_eq!(
+            budget.reserve(DELTA_BASE_CACHE_BYTES),
+            0,
+            "spent: work uncached"
+        );
+        budget.release(a);
+        assert_eq!(budget.reserve(DELTA_BASE_CACHE_BYTES), 32 << 20);
+    }
+}
 
 /// The object an annotated tag points to.
 fn tag_target(tag: ObjectId, data: &[u8]) -> Result<ObjectId, Error> {
