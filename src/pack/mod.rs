@@ -95,17 +95,20 @@ impl MemoryBudget {
 }
 
 /// A delta-base cache whose size is reserved from the process-wide [`MemoryBudget`].
+/// It reserves on first use: handles that never decode a delta (a request served from the pack
+/// cache) take nothing.
 struct BudgetedCache {
     inner: Option<gix_pack::cache::lru::MemoryCappedHashmap>,
     reserved: usize,
+    tried: bool,
 }
 
 impl BudgetedCache {
     fn new() -> Self {
-        let reserved = BUDGET.reserve(DELTA_BASE_CACHE_BYTES);
         BudgetedCache {
-            inner: (reserved > 0).then(|| gix_pack::cache::lru::MemoryCappedHashmap::new(reserved)),
-            reserved,
+            inner: None,
+            reserved: 0,
+            tried: false,
         }
     }
 }
@@ -119,6 +122,12 @@ impl gix_pack::cache::DecodeEntry for BudgetedCache {
         kind: gix::object::Kind,
         compressed_size: usize,
     ) {
+        if !self.tried {
+            self.tried = true;
+            self.reserved = BUDGET.reserve(DELTA_BASE_CACHE_BYTES);
+            self.inner = (self.reserved > 0)
+                .then(|| gix_pack::cache::lru::MemoryCappedHashmap::new(self.reserved));
+        }
         if let Some(inner) = &mut self.inner {
             inner.put(pack_id, offset, data, kind, compressed_size);
         }
