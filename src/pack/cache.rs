@@ -651,10 +651,10 @@ impl Drop for Reader {
 mod tests {
     use super::*;
 
-    fn key(n: u8) -> Key {
+    fn parts<'a>(wants: &'a [ObjectId], mirror: &'a str) -> KeyParts<'a> {
         KeyParts {
-            mirror: "example.com/r",
-            wants: &[ObjectId::from_bytes_or_panic(&[n; 20])],
+            mirror,
+            wants,
             common: &[],
             shallow: &[],
             tags: &[],
@@ -663,7 +663,10 @@ mod tests {
             thin_pack: false,
             compression: 6,
         }
-        .key()
+    }
+
+    fn key(n: u8) -> Key {
+        parts(&[ObjectId::from_bytes_or_panic(&[n; 20])], "example.com/r").key()
     }
 
     /// Put a fake pack of `len` bytes under `key`.
@@ -697,19 +700,6 @@ mod tests {
             ObjectId::from_bytes_or_panic(&[1; 20]),
             ObjectId::from_bytes_or_panic(&[2; 20]),
         );
-        fn parts<'a>(wants: &'a [ObjectId], mirror: &'a str) -> KeyParts<'a> {
-            KeyParts {
-                mirror,
-                wants,
-                common: &[],
-                shallow: &[],
-                tags: &[],
-                filter: None,
-                ofs_delta: true,
-                thin_pack: false,
-                compression: 6,
-            }
-        }
         assert_eq!(parts(&[a, b], "m").key(), parts(&[b, a, a], "m").key());
         assert_ne!(parts(&[a], "m").key(), parts(&[a, b], "m").key());
         assert_ne!(parts(&[a], "m").key(), parts(&[a], "n").key());

@@ -546,7 +546,7 @@ struct PackArgs<'a> {
 fn send_pack<W: Write>(
     ctx: &Context<'_>,
     args: &PackArgs<'_>,
-    mut preamble: Vec<u8>,
+    preamble: Vec<u8>,
     v2: bool,
     out: &mut Response<W>,
 ) -> Result<Outcome, Error> {
@@ -608,14 +608,7 @@ fn send_pack<W: Write>(
         Ok(plan) => plan,
         Err(e) => return fail_before_pack(ctx, args, &preamble, v2, out, e),
     };
-    if !ctx.preamble_sent {
-        if v2 {
-            pktline::text(&mut preamble, "packfile");
-        }
-        out.write_all(&preamble)?;
-    }
-    out.pack_started = true;
-    out.band_errors = args.sideband.is_some();
+    begin_pack(ctx, args, preamble, v2, out)?;
     let stats = plan.stats;
     let mut sb = Sideband::new(out, args.sideband);
     if args.progress {
@@ -667,13 +660,33 @@ fn fail_before_pack<W: Write>(
     Err(error.into())
 }
 
+/// Write `preamble` (unless the caller sent it) and, in v2, the `packfile` line: from here on
+/// the pack follows, and errors go on band 3.
+fn begin_pack<W: Write>(
+    ctx: &Context<'_>,
+    args: &PackArgs<'_>,
+    mut preamble: Vec<u8>,
+    v2: bool,
+    out: &mut Response<W>,
+) -> io::Result<()> {
+    if !ctx.preamble_sent {
+        if v2 {
+            pktline::text(&mut preamble, "packfile");
+        }
+        out.write_all(&preamble)?;
+    }
+    out.pack_started = true;
+    out.band_errors = args.sideband.is_some();
+    Ok(())
+}
+
 /// Send the pack `reader` reads from the cache (`how`: hit, shared or miss, for progress).
 /// It waits for the generation to have planned, so that a failure to plan is still reported
 /// before the pack, as [`send_pack`] does.
 fn send_cached<W: Write>(
     ctx: &Context<'_>,
     args: &PackArgs<'_>,
-    mut preamble: Vec<u8>,
+    preamble: Vec<u8>,
     v2: bool,
     out: &mut Response<W>,
     mut reader: pack::cache::Reader,
@@ -683,14 +696,7 @@ fn send_cached<W: Write>(
         Ok(objects) => objects,
         Err(e) => return fail_before_pack(ctx, args, &preamble, v2, out, e),
     };
-    if !ctx.preamble_sent {
-        if v2 {
-            pktline::text(&mut preamble, "packfile");
-        }
-        out.write_all(&preamble)?;
-    }
-    out.pack_started = true;
-    out.band_errors = args.sideband.is_some();
+    begin_pack(ctx, args, preamble, v2, out)?;
     let mut sb = Sideband::new(out, args.sideband);
     if args.progress {
         sb.progress(&format!("Enumerating objects: {objects}, done.\n"))?;
