@@ -154,8 +154,10 @@ pub fn ls_refs(out: &mut Vec<u8>, refs: &Refs, args: &LsRefs) {
 }
 
 fn ref_line(out: &mut Vec<u8>, line: &mut Vec<u8>, r: &Ref, args: &LsRefs) {
+    // Hex without a `String` per id: this loop is most of an `ls-refs` answer's cost.
+    let mut hex = [0u8; 40];
     line.clear();
-    line.extend_from_slice(r.target.to_string().as_bytes());
+    line.extend_from_slice(r.target.hex_to_buf(&mut hex).as_bytes());
     line.push(b' ');
     line.extend_from_slice(&r.name);
     if args.symrefs {
@@ -167,7 +169,7 @@ fn ref_line(out: &mut Vec<u8>, line: &mut Vec<u8>, r: &Ref, args: &LsRefs) {
     if args.peel {
         if let Some(peeled) = r.peeled {
             line.extend_from_slice(b" peeled:");
-            line.extend_from_slice(peeled.to_string().as_bytes());
+            line.extend_from_slice(peeled.hex_to_buf(&mut hex).as_bytes());
         }
     }
     line.push(b'\n');

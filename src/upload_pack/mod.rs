@@ -177,7 +177,7 @@ pub fn advertise(snapshot: &repo::Snapshot, version: Version) -> (Vec<bytes::Byt
 /// The answer to a v2 `ls-refs` command: cheap enough (a binary search and the matching refs)
 /// to run without a blocking thread.
 pub fn ls_refs(snapshot: &repo::Snapshot, args: &v2::LsRefs) -> (Vec<u8>, Outcome) {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(64 * 1024);
     advert::ls_refs(&mut out, snapshot.refs(), args);
     (out, Outcome::Refs(snapshot.refs().refs.len()))
 }
