@@ -299,3 +299,137 @@ fn transport_options(authorization: Option<&str>, opts: &Options) -> http::Optio
         ..Default::default()
     }
 }
+
+/// Why the one-request listing did not work.
+#[derive(Debug)]
+pub enum LsRefsError {
+    /// The upstream does not answer a bare v2 `ls-refs` POST (an old server, a dumb one): list
+    /// with gix's handshake instead.
+    Unsupported(String),
+    /// A failure that the handshake would meet too.
+    Failed(Error),
+}
+
+/// The largest `ls-refs` answer read: a repository with a million refs lists in ~100 MB.
+const MAX_LS_REFS_BYTES: usize = 256 * 1024 * 1024;
+
+/// List the upstream's refs with one request: a protocol v2 `ls-refs` POST, without the
+/// capability advertisement that gix's handshake fetches first. Smart HTTP is stateless, so
+/// servers that speak v2 answer it directly; a no-op sync then costs a single round trip.
+pub async fn ls_refs(
+    client: &reqwest::Client,
+    url: &str,
+    authorization: Option<&str>,
+) -> Result<Listing, LsRefsError> {
+    use crate::protocol::pktline;
+    let mut body = Vec::new();
+    pktline::text(&mut body, "command=ls-refs");
+    pktline::text(&mut body, &format!("agent={}", crate::protocol::AGENT));
+    pktline::text(&mut body, "object-format=sha1");
+    pktline::delim(&mut body);
+    pktline::text(&mut body, "symrefs");
+    pktline::text(&mut body, "unborn");
+    pktline::flush(&mut body);
+    let mut request = client
+        .post(format!("{url}/git-upload-pack"))
+        .header("Git-Protocol", "version=2")
+        .header("Content-Type", "application/x-git-upload-pack-request")
+        .header("Accept", "application/x-git-upload-pack-result")
+        .body(body);
+    if let Some(a) = authorization {
+        request = request.header("Authorization", a);
+    }
+    let failed = |e: reqwest::Error| LsRefsError::Failed(Error::Failed(e.to_string()));
+    let mut response = request.send().await.map_err(failed)?;
+    match response.status().as_u16() {
+        200 => {}
+        401 | 403 => return Err(LsRefsError::Failed(Error::AuthRequired)),
+        status => return Err(LsRefsError::Unsupported(format!("HTTP {status}"))),
+    }
+    let mut answer = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(failed)? {
+        if answer.len() + chunk.len() > MAX_LS_REFS_BYTES {
+            return Err(LsRefsError::Failed(Error::Failed(
+                "the upstream's ref listing is too large".into(),
+            )));
+        }
+        answer.extend_from_slice(&chunk);
+    }
+    parse_ls_refs(&answer)
+}
+
+/// Read an `ls-refs` answer: `<oid> <name>[ symref-target:<ref>]` lines (and `unborn HEAD`).
+fn parse_ls_refs(answer: &[u8]) -> Result<Listing, LsRefsError> {
+    use crate::protocol::pktline::{Line, Reader};
+    use gix::bstr::ByteSlice;
+    let unsupported = |what: &str| LsRefsError::Unsupported(what.to_owned());
+    let mut out = Listing::default();
+    let mut reader = Reader::new(answer);
+    loop {
+        let line = match reader.read() {
+            Ok(Some(Line::Data(line))) => line,
+            Ok(Some(Line::Flush)) => return Ok(out),
+            Ok(_) => return Err(unsupported("not an ls-refs answer")),
+            Err(e) => return Err(unsupported(&e.to_string())),
+        };
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        if let Some(message) = line.strip_prefix(b"ERR ") {
+            return Err(unsupported(&message.to_str_lossy()));
+        }
+        let mut fields = line.split_str(" ");
+        let (Some(oid), Some(name)) = (fields.next(), fields.next()) else {
+            return Err(unsupported("not an ls-refs answer"));
+        };
+        let symref = fields.find_map(|f| f.strip_prefix(b"symref-target:"));
+        if name == b"HEAD" {
+            out.head = symref.map(BString::from);
+            continue;
+        }
+        let id = ObjectId::from_hex(oid).map_err(|_| unsupported("not an ls-refs answer"))?;
+        out.refs.push((name.into(), id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::pktline;
+
+    #[test]
+    fn ls_refs_answers_are_read_and_anything_else_falls_back() {
+        let a = "a".repeat(40);
+        let mut answer = Vec::new();
+        pktline::text(
+            &mut answer,
+            &format!("{a} HEAD symref-target:refs/heads/main"),
+        );
+        pktline::text(&mut answer, &format!("{a} refs/heads/main"));
+        pktline::text(&mut answer, &format!("{} refs/tags/v1", "b".repeat(40)));
+        pktline::flush(&mut answer);
+        let listing = parse_ls_refs(&answer).unwrap();
+        assert_eq!(listing.head, Some("refs/heads/main".into()));
+        assert_eq!(listing.refs.len(), 2);
+        assert_eq!(listing.refs[1].0, "refs/tags/v1");
+
+        let mut unborn = Vec::new();
+        pktline::text(&mut unborn, "unborn HEAD symref-target:refs/heads/trunk");
+        pktline::flush(&mut unborn);
+        let listing = parse_ls_refs(&unborn).unwrap();
+        assert_eq!(listing.head, Some("refs/heads/trunk".into()));
+        assert!(listing.refs.is_empty());
+
+        for bad in [
+            b"001e# service=git-upload-pack\n0000".to_vec(),
+            b"0012ERR no v2 here".to_vec(),
+            b"000bgarbage".to_vec(),
+            b"zzzz".to_vec(),
+            Vec::new(),
+        ] {
+            assert!(
+                matches!(parse_ls_refs(&bad), Err(LsRefsError::Unsupported(_))),
+                "{}",
+                String::from_utf8_lossy(&bad)
+            );
+        }
+    }
+}

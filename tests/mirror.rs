@@ -670,13 +670,14 @@ fn a_sync_with_nothing_new_is_one_ref_listing_and_a_push_fetches_only_what_moved
         .modified()
         .unwrap();
 
-    // Nothing changed upstream: one ref listing, no fetch, no ref written.
+    // Nothing changed upstream: one request (a ref listing), no fetch, no ref written.
     let from = up.log().len();
     assert_eq!(
         status_of(&server, &up, "o/many"),
         (200, Some("sync".into()))
     );
     assert_eq!(upstream_commands(&up, from), ["ls-refs"]);
+    assert_eq!(up.log().len() - from, 1, "a single round trip");
     assert_eq!(
         std::fs::metadata(mirror.join("packed-refs"))
             .unwrap()
@@ -762,4 +763,30 @@ fn the_last_sync_time_survives_a_restart() {
         from,
         "no upstream request after the restart"
     );
+}
+
+#[test]
+fn an_upstream_that_speaks_only_v0_is_synced_with_a_handshake() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    up.set_mode(Mode::V0Only);
+    let server = proxy(&up, Duration::ZERO);
+    let url = server.url_for(&up.segment(), "o/basic");
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "-q", "--mirror", &url, "c"]);
+    let pushed = push_commits(&upstream_dir, "main", 1);
+    let from = up.log().len();
+    assert_eq!(
+        status_of(&server, &up, "o/basic"),
+        (200, Some("sync".into()))
+    );
+    assert!(
+        up.log()[from..]
+            .iter()
+            .any(|l| l.path.ends_with("/info/refs")),
+        "the one-request listing failed over to gix's handshake"
+    );
+    let mirror = server.mirror.path().join(up.segment()).join("o/basic.git");
+    assert_eq!(git(&mirror, &["rev-parse", "main"]).trim(), pushed);
+    assert_eq!(refs(&mirror), refs(&upstream_dir));
 }

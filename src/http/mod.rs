@@ -49,11 +49,18 @@ impl AppState {
         crate::metrics::handle();
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let slots = config.max_concurrent_packs.unwrap_or(cores * 2);
+        let upstream_client = reqwest::Client::builder()
+            .connect_timeout(*config.upstream_connect_timeout)
+            .read_timeout(*config.upstream_stall_timeout)
+            .user_agent(crate::protocol::AGENT)
+            .build()
+            .unwrap_or_default();
         let mirrors = Mirrors::new(mirror::Settings {
             root: config.mirror_dir.clone(),
             stale_after: *config.sync_stale_after,
             max_syncs: config.max_concurrent_syncs,
             upstream: upstream_options(&config),
+            client: upstream_client.clone(),
         });
         let pack_cache = open_pack_cache(&config);
         crate::pack::set_memory_budget(
@@ -65,11 +72,7 @@ impl AppState {
             upstreams: Arc::new(config.upstreams().unwrap_or_default()),
             access: Arc::new(auth::AccessCache::new(*config.auth_cache_ttl)),
             mirrors: Arc::new(mirrors),
-            lfs_client: reqwest::Client::builder()
-                .connect_timeout(*config.upstream_connect_timeout)
-                .read_timeout(*config.upstream_stall_timeout)
-                .build()
-                .unwrap_or_default(),
+            lfs_client: upstream_client,
             config: Arc::new(config),
             pack_slots: Arc::new(Semaphore::new(slots)),
         }

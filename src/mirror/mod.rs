@@ -156,6 +156,8 @@ pub struct Settings {
     pub max_syncs: usize,
     /// Upstream timeouts.
     pub upstream: upstream::Options,
+    /// The HTTP client of ref listings ([`upstream::ls_refs`]).
+    pub client: reqwest::Client,
 }
 
 #[derive(Default)]
@@ -353,6 +355,7 @@ impl Mirrors {
         let owned = req.clone();
         let tmp = self.tmp_dir(&req.dir);
         let opts = self.settings.upstream.clone();
+        let client = self.settings.client.clone();
         // The update runs in a task of its own that holds the repository's lock and the sync
         // slot: if this request goes away, the update still finishes and is recorded, and the
         // requests waiting for it see the outcome.
@@ -361,18 +364,37 @@ impl Mirrors {
             let started = Instant::now();
             let name = owned.name.clone();
             let current = repo.snapshot();
-            let result = tokio::task::spawn_blocking(move || {
-                let interrupt = AtomicBool::new(false);
-                match current {
-                    Some(snapshot) if exists => sync::sync(&owned, snapshot, &opts, &interrupt),
-                    _ if exists => Snapshot::open(&owned.dir, None)
-                        .map_err(|e| upstream::Error::Local(e.to_string()))
-                        .and_then(|s| sync::sync(&owned, Arc::new(s), &opts, &interrupt)),
-                    _ => sync::create(&owned, &tmp, &opts, &interrupt),
+            let listing = if exists {
+                // One request; gix's handshake lists again in the blocking part if the
+                // upstream does not take it.
+                upstream::ls_refs(&client, &owned.url, owned.authorization.as_deref()).await
+            } else {
+                Err(upstream::LsRefsError::Unsupported("a new mirror".into()))
+            };
+            let listing = match listing {
+                Ok(listing) => Ok(Some(listing)),
+                Err(upstream::LsRefsError::Unsupported(why)) => {
+                    tracing::debug!(repo = %name, %why, "listing refs with a handshake");
+                    Ok(None)
                 }
-            })
-            .await
-            .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string())));
+                Err(upstream::LsRefsError::Failed(e)) => Err(e),
+            };
+            let result = match listing {
+                Err(e) => Err(e),
+                Ok(listing) => tokio::task::spawn_blocking(move || {
+                    let interrupt = AtomicBool::new(false);
+                    let snapshot = match current {
+                        Some(snapshot) if exists => Ok(snapshot),
+                        _ if exists => Snapshot::open(&owned.dir, None)
+                            .map(Arc::new)
+                            .map_err(|e| upstream::Error::Local(e.to_string())),
+                        _ => return sync::create(&owned, &tmp, &opts, &interrupt),
+                    };
+                    snapshot.and_then(|s| sync::sync(&owned, s, listing, &opts, &interrupt))
+                })
+                .await
+                .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string()))),
+            };
             match result {
                 Ok(outcome) => {
                     state.last_sync = Some(Instant::now());

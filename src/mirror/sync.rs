@@ -107,14 +107,19 @@ pub(super) fn refresh(
 }
 
 /// Sync the existing mirror of `req`, whose snapshot (current, see [`refresh`]) is `snapshot`.
+/// `listing` is the upstream's refs if the caller listed them already.
 pub(super) fn sync(
     req: &Request,
     snapshot: Arc<Snapshot>,
+    listing: Option<Listing>,
     opts: &upstream::Options,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
     let dir = &req.dir;
-    let listing = upstream::list(dir, &req.url, req.authorization.as_deref(), opts)?;
+    let listing = match listing {
+        Some(listing) => listing,
+        None => upstream::list(dir, &req.url, req.authorization.as_deref(), opts)?,
+    };
     let ours: HashMap<&BStr, ObjectId> =
         crate::protocol::advert::sorted_part(&snapshot.refs().refs)
             .iter()

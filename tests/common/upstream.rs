@@ -26,6 +26,8 @@ pub enum Mode {
     Stall,
     /// Serve upload-pack POST responses only up to this many bytes, then drop the connection.
     CutPacksAfter(usize),
+    /// Speak protocol v0 only, as an old server does (the `Git-Protocol` header is ignored).
+    V0Only,
 }
 
 /// One received request.
@@ -160,7 +162,7 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
             return (StatusCode::INTERNAL_SERVER_ERROR, "upstream is down\n").into_response()
         }
         Mode::Stall => std::future::pending::<()>().await,
-        Mode::Normal | Mode::CutPacksAfter(_) => {}
+        Mode::Normal | Mode::CutPacksAfter(_) | Mode::V0Only => {}
     }
     let required = shared
         .auth
@@ -207,7 +209,10 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         return r;
     }
     let root = shared.root.clone();
-    let headers = parts.headers.clone();
+    let mut headers = parts.headers.clone();
+    if mode == Mode::V0Only {
+        headers.remove("git-protocol");
+    }
     let method = parts.method.to_string();
     let output =
         tokio::task::spawn_blocking(move || cgi(&root, &method, &path, &query, &headers, &body))
