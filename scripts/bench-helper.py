@@ -185,6 +185,39 @@ def ls_refs_body(path):
         f.write(body)
 
 
+def fetch_body(path, *args):
+    """A v2 fetch as git sends it without progress: `want` lines from stdin, then ARGS lines."""
+    import subprocess
+    version = subprocess.run(["git", "version"], capture_output=True, text=True).stdout.split()[-1]
+    wants = sorted(set(sys.stdin.read().split()))
+    body = (pkt("command=fetch\n") + pkt(f"agent=git/{version}\n") + pkt("object-format=sha1\n") + b"0001"
+            + pkt("thin-pack\n") + pkt("no-progress\n") + pkt("ofs-delta\n")
+            + b"".join(pkt(a + "\n") for a in args)
+            + b"".join(pkt(f"want {w}\n") for w in wants) + pkt("done\n") + b"0000")
+    with open(path, "wb") as f:
+        f.write(body)
+
+
+def pack_size(path):
+    """The bytes of pack data in a v2 fetch answer (band 1 after `packfile`); fails without one."""
+    data = open(path, "rb").read()
+    total, in_pack, i = 0, False, 0
+    while i + 4 <= len(data):
+        n = int(data[i:i + 4], 16)
+        if n < 4:
+            i += 4
+            continue
+        line = data[i + 4:i + n]
+        if in_pack and line[:1] == b"\x01":
+            total += n - 5
+        elif line == b"packfile\n":
+            in_pack = True
+        i += n
+    if not in_pack or total < 32:
+        sys.exit(f"{path}: no pack in the answer: {data[:200]!r}")
+    print(total)
+
+
 def median():
     values = [float(x) for x in sys.stdin.read().split()]
     print("%.4f" % statistics.median(values))
@@ -245,6 +278,10 @@ def main():
         pkt_refs(args[0])
     elif cmd == "ls-refs-body":
         ls_refs_body(args[0])
+    elif cmd == "fetch-body":
+        fetch_body(args[0], *args[1:])
+    elif cmd == "pack-size":
+        pack_size(args[0])
     elif cmd == "median":
         median()
     elif cmd == "table":
