@@ -1,7 +1,11 @@
-//! Phase benchmarks of pack generation: request parsing, object planning and pack writing.
+//! Phase benchmarks: request parsing, object planning, pack writing, and what a request reads
+//! from a mirror's snapshot (`ls-refs`) or rebuilds after a sync (the snapshot itself).
 //!
-//! The `basic` and `large` fixtures are built once into a temporary directory with
-//! `fixtures/make-fixture.py`. Run with `cargo bench --bench pack`.
+//! Fixtures are built with `fixtures/make-fixture.py` into a temporary directory, or taken from
+//! `target/bench-fixtures/NAME.git` where `scripts/bench` left them. `BENCH_FIXTURES` picks the
+//! pack fixtures (default `basic,large`; `huge` is the 415k-object one) and `REFS_FIXTURE` the
+//! ref-heavy one (default `many-refs`; `pullrefs` has 5,001 refs).
+//! Run with `cargo bench --bench pack`, e.g. `BENCH_FIXTURES=huge REFS_FIXTURE=pullrefs`.
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -12,16 +16,25 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use gix::ObjectId;
 use smart_git_proxy::pack::{self, Plan, Selection, WriteOptions};
-use smart_git_proxy::protocol::{pktline, v0};
-use smart_git_proxy::repo;
+use smart_git_proxy::protocol::{pktline, v0, v2};
+use smart_git_proxy::{repo, upload_pack};
 
-/// A fixture built for this process; the temporary directory lives as long as it does.
+/// A fixture built for this process (the temporary directory lives as long as it does), or one
+/// `scripts/bench` built.
 struct Fixture {
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
     path: PathBuf,
 }
 
 fn build_fixture(name: &str) -> Fixture {
+    let cached =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/bench-fixtures/{name}.git"));
+    if cached.join("objects").is_dir() {
+        return Fixture {
+            _dir: None,
+            path: cached,
+        };
+    }
     let dir = tempfile::tempdir().expect("temp dir for fixtures");
     let home = dir.path().join("home");
     std::fs::create_dir(&home).expect("temp HOME");
@@ -42,7 +55,21 @@ fn build_fixture(name: &str) -> Fixture {
         "fixture {name} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Fixture { _dir: dir, path }
+    Fixture {
+        _dir: Some(dir),
+        path,
+    }
+}
+
+/// The fixture names in environment variable `var`, comma-separated, or `default`.
+fn fixture_names(var: &str, default: &str) -> Vec<String> {
+    std::env::var(var)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The targets of all refs, deduplicated: what a full clone wants.
@@ -141,7 +168,7 @@ fn bench_parse(c: &mut Criterion) {
 /// An open fixture and its full-clone plan. Plans hold pack locations that are only valid for
 /// the database handle that made them, so planning and writing share one handle.
 struct Opened {
-    name: &'static str,
+    name: String,
     repo: gix::Repository,
     db: pack::Db,
     wants: Vec<ObjectId>,
@@ -149,10 +176,13 @@ struct Opened {
 }
 
 fn bench_pack(c: &mut Criterion) {
-    let fixtures = [
-        ("basic", build_fixture("basic")),
-        ("large", build_fixture("large")),
-    ];
+    let fixtures: Vec<(String, Fixture)> = fixture_names("BENCH_FIXTURES", "basic,large")
+        .into_iter()
+        .map(|name| {
+            let fixture = build_fixture(&name);
+            (name, fixture)
+        })
+        .collect();
     let opened: Vec<Opened> = fixtures
         .iter()
         .map(|(name, fixture)| {
@@ -169,7 +199,7 @@ fn bench_pack(c: &mut Criterion) {
                 full.stats.tags
             );
             Opened {
-                name,
+                name: name.clone(),
                 repo,
                 db,
                 wants,
@@ -189,7 +219,7 @@ fn bench_pack(c: &mut Criterion) {
         g.bench_function(format!("{}/full", o.name), |b| {
             b.iter(|| plan_for(&pack::db(&o.repo), black_box(&o.wants), &[]))
         });
-        if o.name == "large" {
+        if o.name != "basic" {
             let main = nth_first_parent(&o.repo, "refs/heads/main", 0);
             let base = nth_first_parent(&o.repo, "refs/heads/main", 50);
             let incr = plan_for(&o.db, &[main], &[base]);
@@ -244,5 +274,49 @@ fn bench_pack(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_parse, bench_pack);
+/// What only changes at sync: building a mirror's snapshot, and answering `ls-refs` from it.
+fn bench_snapshot(c: &mut Criterion) {
+    let name = fixture_names("REFS_FIXTURE", "many-refs")
+        .pop()
+        .unwrap_or_else(|| "many-refs".into());
+    let fixture = build_fixture(&name);
+    let snapshot = repo::Snapshot::open(&fixture.path, None).expect("snapshot");
+    let refs = snapshot.refs().refs.len();
+    eprintln!("{name}: {refs} refs");
+    let mut g = c.benchmark_group("snapshot");
+    g.sample_size(20)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
+    g.throughput(Throughput::Elements(refs as u64));
+    g.bench_function(format!("{name}/open-cold"), |b| {
+        b.iter(|| repo::Snapshot::open(black_box(&fixture.path), None).expect("snapshot"))
+    });
+    g.bench_function(format!("{name}/rebuild-after-sync"), |b| {
+        b.iter(|| {
+            repo::Snapshot::open(black_box(&fixture.path), Some(&snapshot)).expect("snapshot")
+        })
+    });
+    g.bench_function(format!("{name}/is-current"), |b| {
+        b.iter(|| {
+            snapshot
+                .is_current(black_box(&fixture.path))
+                .expect("reads")
+        })
+    });
+    let clone_args = v2::LsRefs {
+        symrefs: true,
+        peel: true,
+        unborn: true,
+        prefixes: vec!["HEAD".into(), "refs/heads/".into(), "refs/tags/".into()],
+    };
+    g.bench_function(format!("{name}/ls-refs-heads-and-tags"), |b| {
+        b.iter(|| upload_pack::ls_refs(&snapshot, black_box(&clone_args)))
+    });
+    g.bench_function(format!("{name}/ls-refs-all"), |b| {
+        b.iter(|| upload_pack::ls_refs(&snapshot, black_box(&v2::LsRefs::default())))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_parse, bench_pack, bench_snapshot);
 criterion_main!(benches);
