@@ -45,7 +45,7 @@ pub struct Config {
     pub auth_mode: AuthMode,
     /// The token sent upstream with `AUTH_MODE=static`.
     #[arg(long, env = "STATIC_TOKEN", hide_env_values = true)]
-    pub static_token: Option<String>,
+    pub static_token: Option<Secret>,
     /// Mirror creations and syncs running at the same time (different repositories).
     #[arg(long, env = "MAX_CONCURRENT_SYNCS", default_value_t = 4)]
     pub max_concurrent_syncs: usize,
@@ -75,6 +75,38 @@ pub struct Config {
 
 /// See `PACK_COMPRESSION_LEVEL`; the README gives the measurements behind it.
 pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
+
+/// A setting that is never printed: its `Debug` form is `<redacted>`, so a logged or printed
+/// configuration does not carry the token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_owned())
+    }
+}
 
 /// Where the credentials for upstream traffic come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -163,7 +195,10 @@ impl Config {
         self.compression()?;
         self.upstreams()?;
         if self.auth_mode == AuthMode::Static
-            && self.static_token.as_deref().is_none_or(str::is_empty)
+            && self
+                .static_token
+                .as_ref()
+                .is_none_or(|t| t.expose().is_empty())
         {
             return Err(Error::MissingToken);
         }
@@ -203,6 +238,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_static_token_is_never_printed() {
+        let c =
+            Config::try_parse_from(["x", "--auth-mode", "static", "--static-token", "ghp_s3cret"])
+                .unwrap();
+        assert_eq!(c.static_token.as_ref().unwrap().expose(), "ghp_s3cret");
+        let printed = format!("{c:?} {c:#?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("<redacted>"));
+    }
 
     #[test]
     fn listen_addr_forms() {

@@ -122,6 +122,9 @@ pub fn resolve(root: &Path, uri_path: &str) -> Result<Target, ResolveError> {
     if last.is_empty() || last == "." || last == ".." {
         return Err(invalid("empty repository name"));
     }
+    // Host names are case-insensitive: `GitHub.com` and `github.com` are one mirror.
+    let host = segments[0].to_ascii_lowercase();
+    segments[0] = &host;
     let mut dir = root.to_path_buf();
     for s in &segments {
         dir.push(s);
@@ -426,6 +429,10 @@ mod tests {
             ok("/gitlab.com/a/b/c/repo.git/info/refs").dir,
             Path::new("/m/gitlab.com/a/b/c/repo.git")
         );
+        let spelled = ok("/GitHub.COM/o/r/info/refs");
+        assert_eq!(spelled.dir, Path::new("/m/github.com/o/r.git"));
+        assert_eq!(spelled.name, "github.com/o/r");
+        assert_eq!(ok("/LOCALHOST:9/o/r/info/refs").name, "localhost:9/o/r");
         let lfs = ok("/github.com/o/r.git/info/lfs/objects/batch");
         assert_eq!(lfs.service, Service::Lfs("/info/lfs/objects/batch".into()));
         assert_eq!(lfs.name, "github.com/o/r");

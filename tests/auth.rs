@@ -20,7 +20,7 @@ fn basic(user_password: &str) -> String {
 
 fn proxy(up: &Upstream, mode: AuthMode, token: Option<&str>) -> Server {
     let allowed = up.allowed();
-    let token = token.map(str::to_owned);
+    let token = token.map(smart_git_proxy::config::Secret::from);
     Server::start_with(move |c| {
         c.allowed_upstreams = allowed;
         c.auth_mode = mode;

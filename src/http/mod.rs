@@ -282,8 +282,8 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
         AuthMode::Static => state
             .config
             .static_token
-            .as_deref()
-            .map(auth::static_token_header),
+            .as_ref()
+            .map(|t| auth::static_token_header(t.expose())),
         AuthMode::PassThrough => client_authorization.clone(),
     };
     let mirrored = Mirrored {
