@@ -316,6 +316,21 @@ fn protocol_errors_are_err_packets() {
         "{}",
         r.text()
     );
+    // Fetches that ask for nothing: no arguments, only haves, only done.
+    for args in [
+        &["command=fetch", "0000"][..],
+        &["command=fetch", "0001", &format!("have {missing}"), "0000"],
+        &["command=fetch", "0001", "done", "0000"],
+    ] {
+        let r = request(server.addr, "POST", UPLOAD_PACK, &[V2], &pkt(args));
+        assert_eq!(r.status, 200);
+        assert!(
+            r.text()
+                .contains("ERR fetch: expected at least one want or want-ref line"),
+            "{args:?}: {}",
+            r.text()
+        );
+    }
     let r = request(
         server.addr,
         "POST",

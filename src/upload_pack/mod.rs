@@ -262,7 +262,10 @@ fn fetch_v2<W: Write>(
         wants.push(r.target);
     }
     if wants.is_empty() {
-        return Ok(Outcome::Empty);
+        // git answers nothing here; an error says what is wrong with the request.
+        return Err(Error::Protocol(
+            "fetch: expected at least one want or want-ref line".into(),
+        ));
     }
     let mut neg = Negotiator::new(ctx.repo, ctx.db, &wants);
     for have in &args.haves {
