@@ -275,12 +275,19 @@ impl PackCache {
                 }
             }
         }
-        if let Some(shared) = index.in_flight.get(&key).cloned() {
+        // A generation whose readers all left is stopping: start a new one instead.
+        let running = index
+            .in_flight
+            .get(&key)
+            .filter(|s| !s.abandoned.load(Ordering::Relaxed))
+            .cloned();
+        if let Some(shared) = running {
             if let Ok(file) = File::open(&shared.tmp) {
+                let reader = Reader::following(file, shared, &self.inner);
                 drop(index);
                 this.stats.shared.fetch_add(1, Ordering::Relaxed);
                 crate::metrics::pack_cache_lookup("shared");
-                return Lookup::Shared(Reader::following(file, shared, &self.inner));
+                return Lookup::Shared(reader);
             }
         }
         let failed_lately = this
@@ -317,10 +324,10 @@ impl PackCache {
             abandoned: Arc::new(AtomicBool::new(false)),
         });
         index.in_flight.insert(key, Arc::clone(&shared));
+        let reader = Reader::following(read, Arc::clone(&shared), &self.inner);
         drop(index);
         this.stats.misses.fetch_add(1, Ordering::Relaxed);
         crate::metrics::pack_cache_lookup("miss");
-        let reader = Reader::following(read, Arc::clone(&shared), &self.inner);
         Lookup::Miss(
             Generation {
                 key,
@@ -554,6 +561,7 @@ impl Reader {
         }
     }
 
+    /// A reader of a generation in flight; call with the index locked (see `Drop`).
     fn following(file: File, shared: Arc<Shared>, cache: &Arc<Inner>) -> Reader {
         shared.readers.fetch_add(1, Ordering::Relaxed);
         Reader {
@@ -637,6 +645,9 @@ impl Reader {
 impl Drop for Reader {
     fn drop(&mut self) {
         if let Some(shared) = &self.shared {
+            // Under the index lock, as `lookup` attaches readers: a request never attaches to a
+            // generation that its last reader is abandoning.
+            let _index = self.cache.index.lock();
             if shared.readers.fetch_sub(1, Ordering::Relaxed) == 1 {
                 let running = matches!(*shared.state.lock(), State::Running { .. });
                 if running {
@@ -794,5 +805,7 @@ mod tests {
         drop(other);
         assert!(generation.abandoned().load(Ordering::Relaxed));
         assert!(generation.write_all(&[0; 10]).is_err());
+        // A request arriving now does not attach to the stopping generation: it starts anew.
+        assert!(matches!(cache.lookup(key(1)), Lookup::Miss(..)));
     }
 }
