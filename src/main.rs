@@ -58,9 +58,12 @@ fn run(config: Config) -> anyhow::Result<()> {
         let removed = state
             .mirrors()
             .remove_temporaries()
-            .context("removing unfinished mirrors")?;
+            .context("removing what a previous run left unfinished")?;
         if removed > 0 {
-            tracing::info!(removed, "removed unfinished mirrors left by a previous run");
+            tracing::info!(
+                removed,
+                "removed unfinished mirrors and sync leftovers of a previous run"
+            );
         }
         // Mirrors found on disk get their snapshots in the background; a request that comes
         // first builds its own.

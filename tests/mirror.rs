@@ -790,3 +790,63 @@ fn an_upstream_that_speaks_only_v0_is_synced_with_a_handshake() {
     assert_eq!(git(&mirror, &["rev-parse", "main"]).trim(), pushed);
     assert_eq!(refs(&mirror), refs(&upstream_dir));
 }
+
+#[test]
+fn leftovers_of_an_interrupted_sync_are_removed_at_start_and_before_each_sync() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let server = proxy(&up, Duration::ZERO);
+    let url = server.url_for(&up.segment(), "o/basic");
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "-q", "--bare", &url, "c"]);
+    let mirror = server.mirror.path().join(up.segment()).join("o/basic.git");
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    // What `kill -9` in the middle of a sync leaves: a temporary pack and a ref lock.
+    let plant = |path: &Path, old: bool| {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let f = std::fs::File::create(path).unwrap();
+        f.set_len(1 << 20).unwrap();
+        if old {
+            f.set_modified(hour_ago).unwrap();
+        }
+    };
+    let tmp_pack = mirror.join("objects/pack/.tmpAbC123");
+    let stale_lock = mirror.join("packed-refs.lock");
+    let live_lock = mirror.join("refs/heads/someone-elses.lock");
+    plant(&tmp_pack, false);
+    plant(&stale_lock, true);
+    plant(&live_lock, false);
+    let pushed = push_commits(&upstream_dir, "main", 1);
+    assert_eq!(
+        status_of(&server, &up, "o/basic"),
+        (200, Some("sync".into()))
+    );
+    assert_eq!(git(&mirror, &["rev-parse", "main"]).trim(), pushed);
+    assert!(!tmp_pack.exists() && !stale_lock.exists());
+    assert!(
+        live_lock.exists(),
+        "a fresh lock may belong to a running git: it stays"
+    );
+    assert_fsck(&mirror);
+
+    // At start, at any depth.
+    let mirror_dir = server.stop();
+    let deep = mirror_dir
+        .path()
+        .join(up.segment())
+        .join(
+            (0..20)
+                .map(|i| format!("g{i}"))
+                .collect::<Vec<_>>()
+                .join("/"),
+        )
+        .join("deep.git");
+    std::fs::create_dir_all(deep.join("objects/pack")).unwrap();
+    plant(&deep.join("objects/pack/.tmpXyZ"), false);
+    plant(&tmp_pack, false);
+    let state = smart_git_proxy::http::AppState::new(smart_git_proxy::config::Config::new(
+        mirror_dir.path(),
+    ));
+    assert_eq!(state.mirrors().remove_temporaries().unwrap(), 2);
+    assert!(!tmp_pack.exists() && !deep.join("objects/pack/.tmpXyZ").exists());
+}

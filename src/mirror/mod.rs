@@ -216,16 +216,23 @@ impl Mirrors {
         }
     }
 
-    /// Remove temporary directories a previous process left behind (it died mid-clone).
+    /// Remove what a previous process left behind when it died: temporary mirror directories
+    /// (mid-clone), and temporary pack files and stale ref locks inside mirrors (mid-sync).
+    /// Returns how many were removed.
     pub fn remove_temporaries(&self) -> std::io::Result<usize> {
-        remove_temporaries(&self.settings.root, 0)
+        remove_temporaries(&self.settings.root)
     }
 
     /// Build the snapshot of every mirror on disk, so that the first requests find them ready.
     /// Returns how many were loaded; a mirror that cannot be read is logged and skipped.
     pub fn load_all(&self) -> usize {
-        let mut dirs = Vec::new();
-        find_mirrors(&self.settings.root, 0, &mut dirs);
+        let dirs = match scan(&self.settings.root) {
+            Ok((mirrors, _)) => mirrors,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot scan the mirror directory");
+                Vec::new()
+            }
+        };
         let mut loaded = 0;
         for dir in dirs {
             let repo = self.repo(&dir);
@@ -450,53 +457,48 @@ impl Mirrors {
     }
 }
 
-/// Collect the bare repositories below `dir` (the mirror directories, `*.git` with objects).
-fn find_mirrors(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') {
-            continue;
-        }
-        let path = entry.path();
-        if name.ends_with(".git") && crate::repo::exists(&path) {
-            out.push(path);
-        } else if depth < MAX_SCAN_DEPTH {
-            find_mirrors(&path, depth + 1, out);
+/// The mirrors and the temporary mirror directories below `root`, at any depth. Symbolic links
+/// are not followed and other dot-directories (the pack cache) are not entered.
+fn scan(root: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let (mut mirrors, mut temporaries) = (Vec::new(), Vec::new());
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            if !entry.file_type()?.is_dir() {
+                continue;
+            }
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let path = entry.path();
+            if name.starts_with(TMP_PREFIX) {
+                temporaries.push(path);
+            } else if name.starts_with('.') {
+                continue;
+            } else if name.ends_with(".git") && crate::repo::exists(&path) {
+                mirrors.push(path);
+            } else {
+                pending.push(path);
+            }
         }
     }
+    Ok((mirrors, temporaries))
 }
 
-/// Bare repositories nest at most this deep below `MIRROR_DIR` (host + GitLab subgroups).
-const MAX_SCAN_DEPTH: usize = 12;
-
-fn remove_temporaries(dir: &Path, depth: usize) -> std::io::Result<usize> {
-    let mut removed = 0;
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        if !entry.file_type()?.is_dir() {
-            continue;
-        }
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with(TMP_PREFIX) {
-            tracing::info!(path = %entry.path().display(), "removing an unfinished mirror");
-            std::fs::remove_dir_all(entry.path())?;
-            removed += 1;
-        } else if !name.ends_with(".git") && depth < MAX_SCAN_DEPTH {
-            removed += remove_temporaries(&entry.path(), depth + 1)?;
-        }
+fn remove_temporaries(root: &Path) -> std::io::Result<usize> {
+    let (mirrors, temporaries) = scan(root)?;
+    for tmp in &temporaries {
+        tracing::info!(path = %tmp.display(), "removing an unfinished mirror");
+        std::fs::remove_dir_all(tmp)?;
+    }
+    let mut removed = temporaries.len();
+    for mirror in &mirrors {
+        removed += sync::remove_leftovers(mirror);
     }
     Ok(removed)
 }
@@ -533,7 +535,7 @@ mod tests {
             .join(format!("github.com/o/{TMP_PREFIX}x.git-1-0/objects"));
         std::fs::create_dir_all(&keep).unwrap();
         std::fs::create_dir_all(&tmp).unwrap();
-        assert_eq!(remove_temporaries(root.path(), 0).unwrap(), 1);
+        assert_eq!(remove_temporaries(root.path()).unwrap(), 1);
         assert!(keep.is_dir());
         assert!(!tmp.parent().unwrap().exists());
     }

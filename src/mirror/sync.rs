@@ -106,6 +106,62 @@ pub(super) fn refresh(
     }
 }
 
+/// A ref lock older than this is a crash's leftover: git and gix hold theirs for milliseconds.
+const STALE_LOCK: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Remove what a sync that died left in the mirror at `dir`: gix's temporary pack and index
+/// files (`objects/pack/.tmp*`, which only this process writes, under the mirror's sync lock)
+/// and ref locks older than [`STALE_LOCK`], which would make every later sync fail. Returns
+/// how many files were removed.
+pub(super) fn remove_leftovers(dir: &Path) -> usize {
+    let mut removed = 0;
+    let mut remove = |path: &Path| match std::fs::remove_file(path) {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "removed a leftover of an interrupted sync");
+            removed += 1;
+        }
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove a leftover"),
+    };
+    if let Ok(entries) = std::fs::read_dir(dir.join("objects/pack")) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".tmp") {
+                remove(&entry.path());
+            }
+        }
+    }
+    let stale = |path: &Path| {
+        std::fs::symlink_metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_LOCK)
+    };
+    for lock in [dir.join("packed-refs.lock"), dir.join("HEAD.lock")] {
+        if stale(&lock) {
+            remove(&lock);
+        }
+    }
+    let mut pending = vec![dir.join("refs")];
+    while let Some(d) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => pending.push(path),
+                Ok(t) if t.is_file() && entry.file_name().to_string_lossy().ends_with(".lock") => {
+                    if stale(&path) {
+                        remove(&path);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    removed
+}
+
 /// Sync the existing mirror of `req`, whose snapshot (current, see [`refresh`]) is `snapshot`.
 /// `listing` is the upstream's refs if the caller listed them already.
 pub(super) fn sync(
@@ -116,6 +172,7 @@ pub(super) fn sync(
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
     let dir = &req.dir;
+    remove_leftovers(dir);
     let listing = match listing {
         Some(listing) => listing,
         None => upstream::list(dir, &req.url, req.authorization.as_deref(), opts)?,
