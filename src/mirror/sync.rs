@@ -150,10 +150,12 @@ pub(super) fn remove_leftovers(dir: &Path) -> usize {
             let path = entry.path();
             match entry.file_type() {
                 Ok(t) if t.is_dir() => pending.push(path),
-                Ok(t) if t.is_file() && entry.file_name().to_string_lossy().ends_with(".lock") => {
-                    if stale(&path) {
-                        remove(&path);
-                    }
+                Ok(t)
+                    if t.is_file()
+                        && entry.file_name().to_string_lossy().ends_with(".lock")
+                        && stale(&path) =>
+                {
+                    remove(&path)
                 }
                 _ => {}
             }
