@@ -30,6 +30,10 @@ pub struct Config {
     /// Defaults to twice the number of cores.
     #[arg(long, env = "MAX_CONCURRENT_PACKS")]
     pub max_concurrent_packs: Option<usize>,
+    /// Upload-pack answers streamed at once, packs read from the pack cache included: each holds
+    /// a thread while its client reads. More wait their turn.
+    #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: usize,
     /// Threads compressing one pack; defaults to all cores.
     #[arg(long, env = "PACK_THREADS")]
     pub pack_threads: Option<usize>,
@@ -187,6 +191,11 @@ impl Config {
                 key: "MAX_CONCURRENT_PACKS",
             });
         }
+        if self.max_concurrent_streams == 0 {
+            return Err(Error::Zero {
+                key: "MAX_CONCURRENT_STREAMS",
+            });
+        }
         if self.pack_threads == Some(0) {
             return Err(Error::Zero {
                 key: "PACK_THREADS",
@@ -219,6 +228,7 @@ impl Config {
             log_level: "info".into(),
             max_request_body: ByteSize::gib(1),
             max_concurrent_packs: None,
+            max_concurrent_streams: 256,
             pack_threads: None,
             pack_compression_level: DEFAULT_COMPRESSION_LEVEL,
             pack_cache_max_size: ByteSize::gib(10),

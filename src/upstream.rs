@@ -310,8 +310,8 @@ pub enum LsRefsError {
     Failed(Error),
 }
 
-/// The largest `ls-refs` answer read: a repository with a million refs lists in ~100 MB.
-const MAX_LS_REFS_BYTES: usize = 256 * 1024 * 1024;
+/// The largest `ls-refs` answer read (about 64 bytes a ref): larger listings fall back to gix.
+const MAX_LS_REFS_BYTES: usize = 64 * 1024 * 1024;
 
 /// List the upstream's refs with one request: a protocol v2 `ls-refs` POST, without the
 /// capability advertisement that gix's handshake fetches first. Smart HTTP is stateless, so
@@ -320,6 +320,7 @@ pub async fn ls_refs(
     client: &reqwest::Client,
     url: &str,
     authorization: Option<&str>,
+    opts: &Options,
 ) -> Result<Listing, LsRefsError> {
     use crate::protocol::pktline;
     let mut body = Vec::new();
@@ -335,23 +336,25 @@ pub async fn ls_refs(
         .header("Git-Protocol", "version=2")
         .header("Content-Type", "application/x-git-upload-pack-request")
         .header("Accept", "application/x-git-upload-pack-result")
+        // A whole listing, not a stall: an upstream trickling bytes cannot hold the sync.
+        .timeout(opts.connect_timeout + opts.stall_timeout)
         .body(body);
     if let Some(a) = authorization {
         request = request.header("Authorization", a);
     }
     let failed = |e: reqwest::Error| LsRefsError::Failed(Error::Failed(e.to_string()));
     let mut response = request.send().await.map_err(failed)?;
+    // Only a 401 asks for credentials; anything else (a 403 from a firewall, a rate limit) is
+    // left to gix's handshake, which tells them apart as it always did.
     match response.status().as_u16() {
         200 => {}
-        401 | 403 => return Err(LsRefsError::Failed(Error::AuthRequired)),
+        401 => return Err(LsRefsError::Failed(Error::AuthRequired)),
         status => return Err(LsRefsError::Unsupported(format!("HTTP {status}"))),
     }
     let mut answer = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(failed)? {
         if answer.len() + chunk.len() > MAX_LS_REFS_BYTES {
-            return Err(LsRefsError::Failed(Error::Failed(
-                "the upstream's ref listing is too large".into(),
-            )));
+            return Err(LsRefsError::Unsupported("a very large ref listing".into()));
         }
         answer.extend_from_slice(&chunk);
     }
@@ -386,6 +389,12 @@ fn parse_ls_refs(answer: &[u8]) -> Result<Listing, LsRefsError> {
             continue;
         }
         let id = ObjectId::from_hex(oid).map_err(|_| unsupported("not an ls-refs answer"))?;
+        // A name git would refuse cannot become a refspec either: skip it, as gix's listing
+        // would fail on it.
+        if gix::refs::FullName::try_from(BString::from(name)).is_err() {
+            tracing::warn!(name = %name.to_str_lossy(), "skipping an invalid ref name from the upstream");
+            continue;
+        }
         out.refs.push((name.into(), id));
     }
 }
@@ -405,6 +414,7 @@ mod tests {
         );
         pktline::text(&mut answer, &format!("{a} refs/heads/main"));
         pktline::text(&mut answer, &format!("{} refs/tags/v1", "b".repeat(40)));
+        pktline::text(&mut answer, &format!("{a} refs/heads/no..way"));
         pktline::flush(&mut answer);
         let listing = parse_ls_refs(&answer).unwrap();
         assert_eq!(listing.head, Some("refs/heads/main".into()));

@@ -280,12 +280,21 @@ fn cache_files(server: &Server) -> Vec<String> {
 
 #[test]
 fn eviction_keeps_the_cache_under_its_size_and_evicted_packs_are_made_again() {
-    let limit = 16 * 1024;
-    let server = Server::start_with(|c| c.pack_cache_max_size = bytesize::ByteSize::b(limit));
-    server.serve_fixture("basic");
     let basic = fixture("basic");
     let commits = git(&basic, &["rev-list", "main"]);
     let commits: Vec<&str> = commits.lines().take(12).collect();
+    // Room for about half of the twelve packs, and for the largest one.
+    let sizing = Server::start();
+    sizing.serve_fixture("basic");
+    let sizes: Vec<u64> = commits
+        .iter()
+        .map(|c| {
+            pack_of(&post_v2(&sizing, "basic", &v2_fetch(&[c], &["deepen 1"])).body).len() as u64
+        })
+        .collect();
+    let limit = (sizes.iter().sum::<u64>() / 2).max(*sizes.iter().max().unwrap());
+    let server = Server::start_with(|c| c.pack_cache_max_size = bytesize::ByteSize::b(limit));
+    server.serve_fixture("basic");
     for round in 0..2 {
         for c in &commits {
             let r = post_v2(&server, "basic", &v2_fetch(&[c], &["deepen 1"]));

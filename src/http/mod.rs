@@ -35,6 +35,7 @@ use body::{ChannelWriter, ResponseStream};
 pub struct AppState {
     config: Arc<Config>,
     pack_slots: Arc<Semaphore>,
+    stream_slots: Arc<Semaphore>,
     compression: gix::zlib::Compression,
     upstreams: Arc<Upstreams>,
     mirrors: Arc<Mirrors>,
@@ -63,6 +64,7 @@ impl AppState {
             client: upstream_client.clone(),
         });
         let pack_cache = open_pack_cache(&config);
+        let streams = config.max_concurrent_streams;
         crate::pack::set_memory_budget(
             usize::try_from(config.pack_memory_budget.as_u64()).unwrap_or(usize::MAX),
         );
@@ -75,6 +77,7 @@ impl AppState {
             lfs_client: upstream_client,
             config: Arc::new(config),
             pack_slots: Arc::new(Semaphore::new(slots)),
+            stream_slots: Arc::new(Semaphore::new(streams)),
         }
     }
 
@@ -542,17 +545,12 @@ async fn upload_pack(
     // Only now, with the mirror in its final state for this request: a request that waited
     // while another created the mirror with credentials must not be served without them.
     check_access(&state, &m, status).await?;
-    let permit = state
-        .pack_slots
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| Error::Unavailable)?;
+    let slots = Slots::acquire(&state).await?;
     let interrupt = Arc::new(AtomicBool::new(false));
     let (stream, tx) = ResponseStream::new(Arc::clone(&interrupt));
     let name = m.target.name.clone();
     start_pack(
-        &state, snapshot, name, parsed, tx, interrupt, permit, false, span,
+        &state, snapshot, name, parsed, tx, interrupt, slots, false, span,
     );
     Ok(with_status(
         pack_response(Body::from_stream(stream)),
@@ -658,7 +656,17 @@ fn sync_with_progress(
         if send(band(2, &line)).await.is_err() {
             return;
         }
-        let snapshot = match snapshot(&state, &m).await {
+        // The sync (this one or another client's) may have made the mirror private: check
+        // again, as the answer without progress does.
+        let checked = match result {
+            Ok(status) => check_access(&state, &m, status).await,
+            Err(e) => Err(e.into()),
+        };
+        let snapshot = match checked {
+            Ok(()) => snapshot(&state, &m).await,
+            Err(e) => Err(e),
+        };
+        let snapshot = match snapshot {
             Ok(snapshot) => snapshot,
             Err(e) => {
                 let mut end = band(3, &format!("{e}\n"));
@@ -667,12 +675,12 @@ fn sync_with_progress(
                 return;
             }
         };
-        let Ok(permit) = state.pack_slots.clone().acquire_owned().await else {
+        let Ok(slots) = Slots::acquire(&state).await else {
             return;
         };
         let name = m.target.name.clone();
         start_pack(
-            &state, snapshot, name, parsed, tx, interrupt, permit, true, span,
+            &state, snapshot, name, parsed, tx, interrupt, slots, true, span,
         );
     };
     tokio::spawn(task.in_current_span());
@@ -690,6 +698,28 @@ fn band(band: u8, text: &str) -> Vec<u8> {
     out
 }
 
+/// What an upload-pack answer holds while it runs: a stream slot for its thread, for as long as
+/// it streams (`MAX_CONCURRENT_STREAMS`), and a pack slot while it generates a pack
+/// (`MAX_CONCURRENT_PACKS`), which an answer read from the pack cache gives back early.
+struct Slots {
+    stream: tokio::sync::OwnedSemaphorePermit,
+    pack: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Slots {
+    async fn acquire(state: &AppState) -> Result<Slots, Error> {
+        let stream = Arc::clone(&state.stream_slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Unavailable)?;
+        let pack = Arc::clone(&state.pack_slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Unavailable)?;
+        Ok(Slots { stream, pack })
+    }
+}
+
 /// Generate the answer to `parsed` on a blocking thread, streaming it into `tx`.
 #[allow(clippy::too_many_arguments)]
 fn start_pack(
@@ -699,7 +729,7 @@ fn start_pack(
     parsed: Parsed,
     tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
     interrupt: Arc<AtomicBool>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    slots: Slots,
     preamble_sent: bool,
     span: Span,
 ) {
@@ -712,6 +742,7 @@ fn start_pack(
     let pack_cache = state.pack_cache.clone();
     tokio::task::spawn_blocking(move || {
         let _entered = task_span.enter();
+        let _stream = slots.stream;
         let out = ChannelWriter::new(tx, runtime);
         let repo = snapshot.repo();
         let db = crate::pack::db(&repo);
@@ -722,7 +753,7 @@ fn start_pack(
             interrupt: &interrupt,
             options,
             cache: pack_cache.as_ref().map(|c| (c, name.as_str())),
-            pack_slot: std::cell::Cell::new(Some(Box::new(permit))),
+            pack_slot: std::cell::Cell::new(Some(Box::new(slots.pack))),
             preamble_sent,
         };
         let result = match &parsed {

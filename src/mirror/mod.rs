@@ -241,8 +241,12 @@ impl Mirrors {
             }
             match Snapshot::open(&dir, None) {
                 Ok(snapshot) => {
-                    repo.set_snapshot(Arc::new(snapshot));
-                    loaded += 1;
+                    // A request may have synced the mirror meanwhile: its snapshot is newer.
+                    let mut current = repo.snapshot.write();
+                    if current.is_none() {
+                        *current = Some(Arc::new(snapshot));
+                        loaded += 1;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(dir = %dir.display(), error = %e, "cannot read mirror")
@@ -347,8 +351,13 @@ impl Mirrors {
             let backing_off = state
                 .last_failure
                 .is_some_and(|t| now.duration_since(t) < self.settings.stale_after);
-            if backing_off && matches!(freshness, Freshness::IfStale) {
-                return Ok(Status::Stale);
+            // A want-miss shares a failed attempt that started after it arrived, as it shares a
+            // successful one: waiting requests do not each retry a failing upstream.
+            let failed_since = |since: Instant| state.last_failure.is_some_and(|t| t > since);
+            match freshness {
+                Freshness::IfStale if backing_off => return Ok(Status::Stale),
+                Freshness::SyncedAfter(since) if failed_since(since) => return Ok(Status::Stale),
+                _ => {}
             }
         }
         let local = |message: String| Error::Local {
@@ -374,7 +383,7 @@ impl Mirrors {
             let listing = if exists {
                 // One request; gix's handshake lists again in the blocking part if the
                 // upstream does not take it.
-                upstream::ls_refs(&client, &owned.url, owned.authorization.as_deref()).await
+                upstream::ls_refs(&client, &owned.url, owned.authorization.as_deref(), &opts).await
             } else {
                 Err(upstream::LsRefsError::Unsupported("a new mirror".into()))
             };
@@ -404,7 +413,9 @@ impl Mirrors {
             };
             match result {
                 Ok(outcome) => {
-                    state.last_sync = Some(Instant::now());
+                    // When the listing was taken, not when the fetch ended: a want-miss that
+                    // arrived during a long fetch must not count this sync as newer than itself.
+                    state.last_sync = Some(started);
                     state.last_failure = None;
                     repo.set_snapshot(outcome.snapshot);
                     let status = outcome.status;
@@ -426,7 +437,7 @@ impl Mirrors {
                 }
                 Err(upstream::Error::AuthRequired) => Err(upstream::Error::AuthRequired),
                 Err(e) if exists => {
-                    state.last_failure = Some(Instant::now());
+                    state.last_failure = Some(started);
                     crate::metrics::mirror_update("stale", started.elapsed(), 0);
                     tracing::warn!(repo = %name, error = %e, "sync failed, serving the existing mirror");
                     Ok(Status::Stale)

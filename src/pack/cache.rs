@@ -348,10 +348,15 @@ impl Inner {
         self.dir.join(format!("{}.pack", key.file_stem()))
     }
 
-    /// Make a finished generation an entry.
+    /// Make a finished generation an entry. A pack larger than the whole cache is not kept:
+    /// it would evict every other entry and then itself.
     fn finish(&self, key: Key, shared: &Shared, len: u64) -> io::Result<()> {
         let mut index = self.index.lock();
-        index.in_flight.remove(&key);
+        self.forget(&mut index, key, shared);
+        if len > self.max_bytes {
+            let _ = std::fs::remove_file(&shared.tmp);
+            return Ok(());
+        }
         let path = self.path(&key);
         std::fs::rename(&shared.tmp, &path)?;
         index.clock += 1;
@@ -366,6 +371,12 @@ impl Inner {
 
     fn abort(&self, key: Key, shared: &Shared) {
         let mut index = self.index.lock();
+        self.forget(&mut index, key, shared);
+        let _ = std::fs::remove_file(&shared.tmp);
+    }
+
+    /// Take `shared` out of the generations in flight, unless a newer one replaced it.
+    fn forget(&self, index: &mut Index, key: Key, shared: &Shared) {
         if index
             .in_flight
             .get(&key)
@@ -373,7 +384,6 @@ impl Inner {
         {
             index.in_flight.remove(&key);
         }
-        let _ = std::fs::remove_file(&shared.tmp);
     }
 
     /// Remove least recently used entries until the total fits. Readers of an evicted file keep
@@ -480,21 +490,28 @@ impl Generation {
 
     /// The pack is complete: make it a cache entry.
     pub fn finish(mut self) -> Result<u64, Error> {
-        self.publish()
-            .map_err(|e| Error::Write(format!("pack cache: {e}")))?;
+        // The file's time is its last use (the kernel's write times are too coarse to order
+        // packs written in quick succession). On disk before it gets its final name: a power
+        // loss must not leave a truncated pack under a name that is served.
+        let written = self.publish().and_then(|()| {
+            let _ = self.file.set_modified(SystemTime::now());
+            self.file.sync_all()
+        });
+        if let Err(e) = written {
+            let error = Error::Write(format!("pack cache: {e}"));
+            self.fail_with(error.clone());
+            return Err(error);
+        }
         let len = self.written;
         self.done = true;
-        // The file's time is its last use (the kernel's write times are too coarse to order
-        // packs written in quick succession).
-        let _ = self.file.set_modified(SystemTime::now());
         let cache = Arc::clone(&self.cache);
-        let result = cache.finish(self.key, &self.shared, len);
-        *self.shared.state.lock() = State::Done { len };
-        self.shared.changed.notify_all();
-        if let Err(e) = result {
+        if let Err(e) = cache.finish(self.key, &self.shared, len) {
+            // The readers have the whole pack open; only the entry is lost.
             tracing::warn!(error = %e, "cannot keep a finished pack in the cache");
             cache.abort(self.key, &self.shared);
         }
+        *self.shared.state.lock() = State::Done { len };
+        self.shared.changed.notify_all();
         Ok(len)
     }
 
@@ -505,9 +522,10 @@ impl Generation {
 
     fn fail_with(&mut self, error: Error) {
         self.done = true;
+        // Out of the index first, so that no new request attaches to a failed generation.
+        self.cache.abort(self.key, &self.shared);
         *self.shared.state.lock() = State::Failed(error);
         self.shared.changed.notify_all();
-        self.cache.abort(self.key, &self.shared);
     }
 }
 
@@ -751,6 +769,27 @@ mod tests {
         put(&cache, key(4), 100);
         assert!(matches!(cache.lookup(key(3)), Lookup::Hit(..)));
         assert!(matches!(cache.lookup(key(1)), Lookup::Miss(..)));
+    }
+
+    #[test]
+    fn a_pack_larger_than_the_cache_is_served_but_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PackCache::open(dir.path(), 250).unwrap();
+        put(&cache, key(1), 100);
+        let Lookup::Miss(mut generation, reader) = cache.lookup(key(2)) else {
+            panic!("expected a miss");
+        };
+        let mut data = b"PACK\0\0\0\x02\0\0\0\x01".to_vec();
+        data.resize(300, 7);
+        generation.write_all(&data).unwrap();
+        generation.finish().unwrap();
+        assert_eq!(read_all(reader).len(), 300, "its readers get all of it");
+        assert!(
+            matches!(cache.lookup(key(1)), Lookup::Hit(..)),
+            "the others stay"
+        );
+        assert!(matches!(cache.lookup(key(2)), Lookup::Miss(..)));
+        assert_eq!(cache.entries(), 1);
     }
 
     #[test]
