@@ -698,6 +698,13 @@ mod tests {
         parts(&[ObjectId::from_bytes_or_panic(&[n; 20])], "example.com/r").key()
     }
 
+    fn miss(cache: &PackCache, key: Key) -> (Generation, Reader) {
+        match cache.lookup(key) {
+            Lookup::Miss(generation, reader) => (generation, reader),
+            _ => panic!("expected a miss"),
+        }
+    }
+
     /// Put a fake pack of `len` bytes under `key`.
     fn put(cache: &PackCache, key: Key, len: usize) {
         let Lookup::Miss(mut generation, _reader) = cache.lookup(key) else {
@@ -776,9 +783,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = PackCache::open(dir.path(), 250).unwrap();
         put(&cache, key(1), 100);
-        let Lookup::Miss(mut generation, reader) = cache.lookup(key(2)) else {
-            panic!("expected a miss");
-        };
+        let (mut generation, reader) = miss(&cache, key(2));
         let mut data = b"PACK\0\0\0\x02\0\0\0\x01".to_vec();
         data.resize(300, 7);
         generation.write_all(&data).unwrap();
@@ -796,9 +801,7 @@ mod tests {
     fn unfinished_packs_are_never_served() {
         let dir = tempfile::tempdir().unwrap();
         let cache = PackCache::open(dir.path(), 1 << 20).unwrap();
-        let Lookup::Miss(mut generation, reader) = cache.lookup(key(1)) else {
-            panic!("expected a miss");
-        };
+        let (mut generation, reader) = miss(&cache, key(1));
         generation.write_all(&[0; PUBLISH_BYTES + 1]).unwrap();
         // A crash leaves the temporary: a new process removes it and does not serve it.
         let leftover = std::fs::read_dir(dir.path()).unwrap().count();
@@ -812,9 +815,7 @@ mod tests {
         // A generation that stops without finishing fails its readers and leaves nothing.
         let dir = tempfile::tempdir().unwrap();
         let cache = PackCache::open(dir.path(), 1 << 20).unwrap();
-        let Lookup::Miss(generation, mut reader) = cache.lookup(key(2)) else {
-            panic!("expected a miss");
-        };
+        let (generation, mut reader) = miss(&cache, key(2));
         let Lookup::Shared(mut other) = cache.lookup(key(2)) else {
             panic!("expected to attach");
         };
@@ -833,9 +834,7 @@ mod tests {
     fn a_generation_stops_when_every_reader_left() {
         let dir = tempfile::tempdir().unwrap();
         let cache = PackCache::open(dir.path(), 1 << 20).unwrap();
-        let Lookup::Miss(mut generation, reader) = cache.lookup(key(1)) else {
-            panic!("expected a miss");
-        };
+        let (mut generation, reader) = miss(&cache, key(1));
         let Lookup::Shared(other) = cache.lookup(key(1)) else {
             panic!("expected to attach");
         };
