@@ -243,3 +243,68 @@ fn the_static_token_is_lent_to_git_lfs_downloads_only() {
     );
     assert_eq!(r.status, 400);
 }
+
+/// A pass-through proxy that syncs on every `info/refs`.
+fn proxy_syncing_always(up: &Upstream) -> Server {
+    let allowed = up.allowed();
+    Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.auth_mode = AuthMode::PassThrough;
+        c.sync_stale_after = Duration::ZERO.into();
+        c.auth_cache_ttl = Duration::from_millis(1).into();
+        c.upstream_stall_timeout = Duration::from_secs(3).into();
+    })
+}
+
+#[test]
+fn credentials_never_make_a_public_mirror_private() {
+    let up = Upstream::start();
+    up.add_fixture("public/repo", "basic");
+    // The upstream ignores credentials on public repositories, as GitHub does.
+    let server = proxy_syncing_always(&up);
+    let bogus = basic("mallory:whatever");
+    let marker = server
+        .mirror
+        .path()
+        .join(up.segment())
+        .join("public/repo.git/smart-git-proxy-private");
+    // Syncs with credentials: the creation, then a sync.
+    for expected in ["clone", "sync"] {
+        let (get, _) = both_endpoints(&server, &up, "public/repo", Some(&bogus));
+        assert_eq!(get.header("x-git-proxy-status").as_deref(), Some(expected));
+        assert!(!marker.exists(), "after the {expected}");
+    }
+    // A failed sync with credentials.
+    up.set_mode(common::upstream::Mode::Fail);
+    let (get, _) = both_endpoints(&server, &up, "public/repo", Some(&bogus));
+    assert_eq!(get.header("x-git-proxy-status").as_deref(), Some("stale"));
+    assert!(!marker.exists(), "after a failed sync");
+    up.set_mode(common::upstream::Mode::Normal);
+    // Anonymous clients are still served.
+    let (get, post) = both_endpoints(&server, &up, "public/repo", None);
+    assert_eq!((get.status, post.status), (200, 200), "{}", get.text());
+}
+
+#[test]
+fn a_mirror_is_private_while_its_upstream_refuses_anonymous_access() {
+    let up = Upstream::start();
+    up.add_fixture("private/repo", "basic");
+    up.require_auth("/private", "alice:secret");
+    let server = proxy_syncing_always(&up);
+    let right = basic("alice:secret");
+    let (get, _) = both_endpoints(&server, &up, "private/repo", Some(&right));
+    assert_eq!(get.status, 200);
+    let marker = server
+        .mirror
+        .path()
+        .join(up.segment())
+        .join("private/repo.git/smart-git-proxy-private");
+    assert!(marker.exists());
+    let (get, _) = both_endpoints(&server, &up, "private/repo", None);
+    assert_eq!(get.status, 401);
+    // The upstream opens the repository: the next sync finds it public.
+    up.open_to_all();
+    let (get, post) = both_endpoints(&server, &up, "private/repo", None);
+    assert_eq!((get.status, post.status), (200, 200), "{}", get.text());
+    assert!(!marker.exists());
+}

@@ -395,6 +395,17 @@ impl Mirrors {
                 }
                 Err(upstream::LsRefsError::Failed(e)) => Err(e),
             };
+            // Privacy is the upstream's, not the request's: a sync with credentials asks whether
+            // the upstream also answers without them. An anonymous sync that succeeds proves it
+            // does; a failed one changes nothing.
+            let private = match &listing {
+                Ok(_) if owned.authorization.is_some() => {
+                    upstream::ls_refs(&client, &owned.url, None, &opts)
+                        .await
+                        .is_err()
+                }
+                _ => false,
+            };
             let result = match listing {
                 Err(e) => Err(e),
                 Ok(listing) => tokio::task::spawn_blocking(move || {
@@ -404,9 +415,10 @@ impl Mirrors {
                         _ if exists => Snapshot::open(&owned.dir, None)
                             .map(Arc::new)
                             .map_err(|e| upstream::Error::Local(e.to_string())),
-                        _ => return sync::create(&owned, &tmp, &opts, &interrupt),
+                        _ => return sync::create(&owned, &tmp, private, &opts, &interrupt),
                     };
-                    snapshot.and_then(|s| sync::sync(&owned, s, listing, &opts, &interrupt))
+                    snapshot
+                        .and_then(|s| sync::sync(&owned, s, listing, private, &opts, &interrupt))
                 })
                 .await
                 .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string()))),

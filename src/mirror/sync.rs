@@ -48,6 +48,7 @@ fn local(e: impl std::fmt::Display) -> upstream::Error {
 pub(super) fn create(
     req: &Request,
     tmp: &Path,
+    private: bool,
     opts: &upstream::Options,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
@@ -70,9 +71,7 @@ pub(super) fn create(
             interrupt,
         )?;
         apply(tmp, &fetched.listing, &HashMap::new(), None)?;
-        if req.authorization.is_some() {
-            mark_private(tmp)?;
-        }
+        set_private(tmp, private)?;
         mark_synced(tmp)?;
         Ok(fetched)
     })();
@@ -165,11 +164,13 @@ pub(super) fn remove_leftovers(dir: &Path) -> usize {
 }
 
 /// Sync the existing mirror of `req`, whose snapshot (current, see [`refresh`]) is `snapshot`.
-/// `listing` is the upstream's refs if the caller listed them already.
+/// `listing` is the upstream's refs if the caller listed them already; `private` whether the
+/// upstream refused to list them without credentials.
 pub(super) fn sync(
     req: &Request,
     snapshot: Arc<Snapshot>,
     listing: Option<Listing>,
+    private: bool,
     opts: &upstream::Options,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
@@ -179,6 +180,8 @@ pub(super) fn sync(
         Some(listing) => listing,
         None => upstream::list(dir, &req.url, req.authorization.as_deref(), opts)?,
     };
+    // Before any object fetched with credentials lands in the mirror.
+    set_private(dir, private)?;
     let ours: HashMap<&BStr, ObjectId> =
         crate::protocol::advert::sorted_part(&snapshot.refs().refs)
             .iter()
@@ -192,10 +195,6 @@ pub(super) fn sync(
         .collect();
     let mut pack_bytes = 0;
     if !changed.is_empty() {
-        if req.authorization.is_some() {
-            // Before any object fetched with credentials lands in the mirror.
-            mark_private(dir)?;
-        }
         pack_bytes = upstream::fetch(
             dir,
             &req.url,
@@ -271,12 +270,19 @@ fn apply(
     Ok(count)
 }
 
-pub(super) fn mark_private(dir: &Path) -> Result<(), upstream::Error> {
-    std::fs::write(
-        dir.join(PRIVATE_MARKER),
-        b"created or synced with credentials\n",
-    )
-    .map_err(local)
+/// Mark the mirror at `dir` private (served only to clients whose credentials the upstream
+/// accepts) or public.
+fn set_private(dir: &Path, private: bool) -> Result<(), upstream::Error> {
+    let marker = dir.join(PRIVATE_MARKER);
+    if private {
+        std::fs::write(marker, b"the upstream lists refs only with credentials\n").map_err(local)
+    } else {
+        match std::fs::remove_file(marker) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(local(e)),
+        }
+    }
 }
 
 fn mark_synced(dir: &Path) -> Result<(), upstream::Error> {
