@@ -230,6 +230,29 @@ fn the_static_token_is_lent_to_git_lfs_downloads_only() {
     );
     assert_eq!(r.status, 200);
     assert_eq!(sent_auth(&up), None, "nor do lock requests");
+    let r = request(
+        server.addr,
+        "GET",
+        &format!("/{}/o/repo.git/info/lfs/locks", up.segment()),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(sent_auth(&up), None, "not even listing locks");
+    // Uploads dressed up as downloads: nested, duplicated, escaped.
+    for disguised in [
+        br#"{"operation":"upload","objects":[{"oid":"x","operation":"download"}]}"#.as_slice(),
+        br#"{"operation":"upload","operation":"download","objects":[]}"#,
+        br#"{"ref":{"name":""operation":"download""},"operation":"upload"}"#,
+    ] {
+        assert_eq!(lfs(disguised).status, 200);
+        assert_eq!(
+            sent_auth(&up),
+            None,
+            "{}",
+            String::from_utf8_lossy(disguised)
+        );
+    }
     // And nothing climbs out of info/lfs.
     let r = request(
         server.addr,

@@ -72,7 +72,8 @@ pub async fn is_download(
     body: Body,
 ) -> Result<(Body, bool), String> {
     if method == Method::GET {
-        return Ok((body, true));
+        // Object downloads, not the locks API (`/info/lfs/locks`).
+        return Ok((body, lfs_path.starts_with("/info/lfs/objects/")));
     }
     if method != Method::POST || lfs_path != "/info/lfs/objects/batch" {
         return Ok((body, false));
@@ -80,14 +81,21 @@ pub async fn is_download(
     let bytes = super::body::read_limited(body, MAX_BATCH_BODY)
         .await
         .map_err(|e| format!("Git LFS batch request: {e}"))?;
-    let compact: Vec<u8> = bytes
-        .iter()
-        .copied()
-        .filter(|b| !b.is_ascii_whitespace())
-        .collect();
-    let needle: &[u8] = br#""operation":"download""#;
-    let download = compact.windows(needle.len()).any(|w| w == needle);
+    let download = batch_operation(&bytes).as_deref() == Some("download");
     Ok((Body::from(bytes), download))
+}
+
+/// The top-level `operation` of a batch request, read as the upstream reads it: JSON, so
+/// escapes and white space mean what they mean there. A body that is not a JSON object with
+/// exactly one string `operation` (a duplicate could be read either way) has none.
+fn batch_operation(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Batch {
+        operation: String,
+    }
+    serde_json::from_slice::<Batch>(body)
+        .ok()
+        .map(|b| b.operation)
 }
 
 /// The upstream URL for an LFS request: the repository URL, the LFS path, the query.
@@ -95,5 +103,39 @@ pub fn upstream_url(repo_url: &str, lfs_path: &str, uri: &Uri) -> String {
     match uri.query() {
         Some(q) => format!("{repo_url}{lfs_path}?{q}"),
         None => format!("{repo_url}{lfs_path}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_top_level_download_is_a_download() {
+        let op = |body: &str| batch_operation(body.as_bytes());
+        assert_eq!(
+            op(r#"{"operation": "download", "objects": []}"#).as_deref(),
+            Some("download")
+        );
+        assert_eq!(
+            op(r#"{"operation":"\u0064ownload"}"#).as_deref(),
+            Some("download")
+        );
+        for not_download in [
+            r#"{"operation":"upload","objects":[{"operation":"download"}]}"#,
+            r#"{"operation":"upload","ref":{"name":"\"operation\":\"download\""}}"#,
+            r#"{"operation":"upload","operation":"download"}"#,
+            r#"{"operation":"download","operation":"upload"}"#,
+            r#"{"objects":[],"x":{"operation":"download"}}"#,
+            r#"["operation","download"]"#,
+            r#"{"operation":"download""#,
+            "",
+        ] {
+            assert_ne!(
+                op(not_download).as_deref(),
+                Some("download"),
+                "{not_download}"
+            );
+        }
     }
 }
