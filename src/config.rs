@@ -50,6 +50,10 @@ pub struct Config {
     /// The token sent upstream with `AUTH_MODE=static`.
     #[arg(long, env = "STATIC_TOKEN", hide_env_values = true)]
     pub static_token: Option<Secret>,
+    /// Upstream hosts the static token is sent to, comma-separated (`host[:port]`). The token
+    /// only travels over HTTPS unless an entry is written `http://host[:port]`.
+    #[arg(long, env = "STATIC_TOKEN_HOSTS", default_value = "github.com")]
+    pub static_token_hosts: String,
     /// Mirror creations and syncs running at the same time (different repositories).
     #[arg(long, env = "MAX_CONCURRENT_SYNCS", default_value_t = 4)]
     pub max_concurrent_syncs: usize,
@@ -178,6 +182,23 @@ impl Config {
         self.mirror_dir.join(".pack-cache")
     }
 
+    /// Whether `STATIC_TOKEN` may be sent to `upstream`: its host is listed in
+    /// `STATIC_TOKEN_HOSTS`, and it is reached over HTTPS or the entry opts into plain HTTP.
+    pub fn lends_static_token_to(&self, upstream: &crate::mirror::Upstream) -> bool {
+        let https = upstream.base_url.starts_with("https://");
+        self.static_token_hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .any(|entry| match entry.strip_prefix("http://") {
+                Some(host) => host.eq_ignore_ascii_case(&upstream.segment),
+                None => {
+                    let host = entry.strip_prefix("https://").unwrap_or(entry);
+                    https && host.eq_ignore_ascii_case(&upstream.segment)
+                }
+            })
+    }
+
     /// The parsed `ALLOWED_UPSTREAMS`.
     pub fn upstreams(&self) -> Result<Upstreams, Error> {
         Ok(Upstreams::parse(&self.allowed_upstreams)?)
@@ -237,6 +258,7 @@ impl Config {
             sync_stale_after: Duration::from_secs(2).into(),
             auth_mode: AuthMode::None,
             static_token: None,
+            static_token_hosts: "github.com".into(),
             max_concurrent_syncs: 4,
             upstream_connect_timeout: Duration::from_secs(10).into(),
             upstream_stall_timeout: Duration::from_secs(60).into(),
@@ -248,6 +270,25 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_static_token_goes_to_its_hosts_over_https_only() {
+        let upstreams = crate::mirror::Upstreams::parse(
+            "github.com,gitlab.example.org,http://127.0.0.1:9001,http://10.0.0.1:80",
+        )
+        .unwrap();
+        let mut c = Config::new("/m");
+        let lends = |c: &Config, segment| c.lends_static_token_to(upstreams.get(segment).unwrap());
+        assert!(lends(&c, "github.com"));
+        assert!(!lends(&c, "gitlab.example.org"), "not listed");
+        c.static_token_hosts = "github.com, 127.0.0.1:9001, http://10.0.0.1:80".into();
+        assert!(
+            !lends(&c, "127.0.0.1:9001"),
+            "plain http needs an http:// entry"
+        );
+        assert!(lends(&c, "10.0.0.1:80"));
+        assert!(lends(&c, "github.com"));
+    }
 
     #[test]
     fn the_static_token_is_never_printed() {

@@ -21,8 +21,11 @@ fn basic(user_password: &str) -> String {
 fn proxy(up: &Upstream, mode: AuthMode, token: Option<&str>) -> Server {
     let allowed = up.allowed();
     let token = token.map(smart_git_proxy::config::Secret::from);
+    // The test upstream is plain http on loopback: opt it in for the static token.
+    let token_hosts = format!("http://{}", up.segment());
     Server::start_with(move |c| {
         c.allowed_upstreams = allowed;
+        c.static_token_hosts = token_hosts;
         c.auth_mode = mode;
         c.static_token = token;
         c.sync_stale_after = Duration::from_secs(3600).into();
@@ -330,4 +333,36 @@ fn a_mirror_is_private_while_its_upstream_refuses_anonymous_access() {
     let (get, post) = both_endpoints(&server, &up, "private/repo", None);
     assert_eq!((get.status, post.status), (200, 200), "{}", get.text());
     assert!(!marker.exists());
+}
+
+#[test]
+fn the_static_token_goes_only_to_its_hosts_and_over_http_only_by_opt_in() {
+    let up = Upstream::start();
+    up.add_fixture("o/repo", "basic");
+    let allowed = up.allowed();
+    for hosts in ["github.com".to_owned(), up.segment()] {
+        let (allowed, token_hosts) = (allowed.clone(), hosts.clone());
+        let server = Server::start_with(move |c| {
+            c.allowed_upstreams = allowed;
+            c.auth_mode = AuthMode::Static;
+            c.static_token = Some("tok3n".into());
+            c.static_token_hosts = token_hosts;
+        });
+        let (get, _) = both_endpoints(&server, &up, "o/repo", None);
+        assert_eq!(get.status, 200, "a public repository needs no token");
+        let lfs = request(
+            server.addr,
+            "POST",
+            &format!("/{}/o/repo.git/info/lfs/objects/batch", up.segment()),
+            &[],
+            br#"{"operation":"download","objects":[]}"#,
+        );
+        assert_eq!(lfs.status, 200);
+        let sent = up
+            .log()
+            .iter()
+            .filter(|l| l.headers.contains_key("authorization"))
+            .count();
+        assert_eq!(sent, 0, "STATIC_TOKEN_HOSTS={hosts}: the token never left");
+    }
 }

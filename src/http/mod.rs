@@ -286,6 +286,7 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
             .config
             .static_token
             .as_ref()
+            .filter(|_| state.config.lends_static_token_to(upstream))
             .map(|t| auth::static_token_header(t.expose())),
         AuthMode::PassThrough => client_authorization.clone(),
     };
