@@ -63,8 +63,8 @@ pub struct Config {
     /// An upstream transfer that stalls (under 1 byte/s) this long is aborted.
     #[arg(long, env = "UPSTREAM_STALL_TIMEOUT", default_value = "60s")]
     pub upstream_stall_timeout: humantime::Duration,
-    /// How long the upstream's acceptance of a client's credentials for a private mirror is
-    /// remembered.
+    /// How long the upstream's acceptance or refusal of a client's credentials for a private
+    /// mirror is remembered.
     #[arg(long, env = "AUTH_CACHE_TTL", default_value = "60s")]
     pub auth_cache_ttl: humantime::Duration,
     /// zlib level (0–9) for objects a pack cannot copy from disk and compresses anew (for

@@ -18,33 +18,48 @@ pub fn static_token_header(token: &str) -> String {
     )
 }
 
-/// Remembers, for a short time, that the upstream accepted a credential for a mirror. Only a
-/// hash of the credential is kept.
+/// Remembers, for a short time, whether the upstream accepted or refused a credential for a
+/// mirror, so that neither a right nor a wrong password costs an upstream round trip per
+/// request. Only a hash of the credential is kept, and at most [`MAX_VERDICTS`] of them.
 pub struct AccessCache {
     ttl: Duration,
-    accepted: parking_lot::Mutex<HashMap<(PathBuf, ObjectId), Instant>>,
+    verdicts: parking_lot::Mutex<HashMap<(PathBuf, ObjectId), (Instant, bool)>>,
 }
 
+/// Verdicts kept at most; beyond, new ones are not remembered until old ones expire, so that a
+/// flood of made-up credentials cannot grow the cache.
+const MAX_VERDICTS: usize = 10_000;
+
 impl AccessCache {
-    /// Remember acceptances for `ttl`.
+    /// Remember verdicts for `ttl`.
     pub fn new(ttl: Duration) -> Self {
         AccessCache {
             ttl,
-            accepted: Default::default(),
+            verdicts: Default::default(),
         }
     }
 
     /// Note that the upstream just accepted `credentials` for `dir`.
     pub fn remember(&self, dir: &Path, credentials: &str) {
-        if let Some(h) = hash(credentials) {
-            self.accepted
-                .lock()
-                .insert((dir.to_path_buf(), h), Instant::now());
+        self.record(dir, credentials, true);
+    }
+
+    fn record(&self, dir: &Path, credentials: &str, accepted: bool) {
+        let Some(h) = hash(credentials) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut verdicts = self.verdicts.lock();
+        if verdicts.len() >= MAX_VERDICTS {
+            verdicts.retain(|_, (at, _)| now.duration_since(*at) < self.ttl);
+        }
+        if verdicts.len() < MAX_VERDICTS {
+            verdicts.insert((dir.to_path_buf(), h), (now, accepted));
         }
     }
 
     /// Whether `credentials` may read `dir`: from the cache, else by running `verify` on a
-    /// blocking thread.
+    /// blocking thread. Acceptances and refusals are remembered; other failures are not.
     pub async fn check<F>(
         &self,
         dir: &Path,
@@ -54,23 +69,29 @@ impl AccessCache {
     where
         F: FnOnce(&str) -> Result<(), crate::upstream::Error> + Send + 'static,
     {
-        let key = hash(credentials).map(|h| (dir.to_path_buf(), h));
-        let now = Instant::now();
-        if let Some(key) = &key {
-            let mut accepted = self.accepted.lock();
-            accepted.retain(|_, at| now.duration_since(*at) < self.ttl);
-            if accepted.contains_key(key) {
-                return Ok(());
+        if let Some(h) = hash(credentials) {
+            let verdict = self
+                .verdicts
+                .lock()
+                .get(&(dir.to_path_buf(), h))
+                .filter(|(at, _)| at.elapsed() < self.ttl)
+                .map(|(_, accepted)| *accepted);
+            match verdict {
+                Some(true) => return Ok(()),
+                Some(false) => return Err(crate::upstream::Error::AuthRequired),
+                None => {}
             }
         }
-        let credentials = credentials.to_owned();
-        tokio::task::spawn_blocking(move || verify(&credentials))
+        let owned = credentials.to_owned();
+        let result = tokio::task::spawn_blocking(move || verify(&owned))
             .await
-            .map_err(|e| crate::upstream::Error::Local(e.to_string()))??;
-        if let Some(key) = key {
-            self.accepted.lock().insert(key, now);
+            .map_err(|e| crate::upstream::Error::Local(e.to_string()))?;
+        match &result {
+            Ok(()) => self.record(dir, credentials, true),
+            Err(crate::upstream::Error::AuthRequired) => self.record(dir, credentials, false),
+            Err(_) => {}
         }
-        Ok(())
+        result
     }
 }
 
@@ -88,5 +109,47 @@ mod tests {
     #[test]
     fn static_token_is_basic_auth() {
         assert_eq!(static_token_header("t0k"), "Basic eC1hY2Nlc3MtdG9rZW46dDBr");
+    }
+
+    #[tokio::test]
+    async fn refusals_are_remembered_like_acceptances_and_other_failures_are_not() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let cache = AccessCache::new(Duration::from_secs(60));
+        let dir = Path::new("/m/host/o/r.git");
+        let calls = Arc::new(AtomicUsize::new(0));
+        let verify = |answer: fn() -> Result<(), crate::upstream::Error>| {
+            let calls = Arc::clone(&calls);
+            move |_: &str| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                answer()
+            }
+        };
+        let refused = || Err(crate::upstream::Error::AuthRequired);
+        let down = || Err(crate::upstream::Error::Failed("unreachable".into()));
+        for _ in 0..3 {
+            let r = cache.check(dir, "Basic wrong", verify(refused)).await;
+            assert!(matches!(r, Err(crate::upstream::Error::AuthRequired)));
+        }
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            1,
+            "one upstream check for three refusals"
+        );
+        for _ in 0..2 {
+            assert!(cache.check(dir, "Basic other", verify(down)).await.is_err());
+        }
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            3,
+            "an unreachable upstream is asked again"
+        );
+        for _ in 0..2 {
+            assert!(cache
+                .check(dir, "Basic right", verify(|| Ok(())))
+                .await
+                .is_ok());
+        }
+        assert_eq!(calls.load(Ordering::Relaxed), 4);
     }
 }
