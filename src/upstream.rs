@@ -126,7 +126,8 @@ fn classify(e: gix::Error, auth_asked: &AtomicBool, interrupt: &AtomicBool) -> E
     } else if auth_asked.load(Ordering::Relaxed) {
         Error::AuthRequired
     } else {
-        Error::Failed(e.to_string())
+        // The whole cause chain: "Failed to consume the pack" alone hides a full disk.
+        Error::Failed(format!("{e:#}"))
     }
 }
 
@@ -219,7 +220,7 @@ pub fn check_access(
     match connection.ref_map(gix::progress::Discard, Default::default()) {
         Ok(_) => Ok(()),
         Err(_) if auth_asked.load(Ordering::Relaxed) => Err(Error::AuthRequired),
-        Err(e) => Err(Error::Failed(e.to_string())),
+        Err(e) => Err(Error::Failed(format!("{e:#}"))),
     }
 }
 

@@ -40,8 +40,9 @@ pub(super) struct Outcome {
     pub pack_bytes: u64,
 }
 
+/// A local failure with its whole cause chain (gix prints it with `{:#}`).
 fn local(e: impl std::fmt::Display) -> upstream::Error {
-    upstream::Error::Local(e.to_string())
+    upstream::Error::Local(format!("{e:#}"))
 }
 
 /// Create the mirror of `req` in the temporary directory `tmp`, then rename it into place.
