@@ -13,21 +13,6 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 
-fn pkt(lines: &[&str]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for l in lines {
-        match *l {
-            "0000" | "0001" => out.extend_from_slice(l.as_bytes()),
-            l => {
-                let line = format!("{l}\n");
-                out.extend_from_slice(format!("{:04x}", line.len() + 4).as_bytes());
-                out.extend_from_slice(line.as_bytes());
-            }
-        }
-    }
-    out
-}
-
 /// A v2 fetch of `wants` (no progress, so the answer is the pack alone).
 fn v2_fetch(wants: &[&str], extra: &[&str]) -> Vec<u8> {
     let mut lines = vec!["command=fetch".to_owned(), "0001".to_owned()];
@@ -51,35 +36,22 @@ fn post_v2(server: &Server, name: &str, body: &[u8]) -> Reply {
 
 /// The pack carried on band 1 of a v2 fetch answer (after its `packfile` line).
 fn pack_of(body: &[u8]) -> Vec<u8> {
+    let payloads = pkt_payloads(body);
+    let start = payloads
+        .iter()
+        .position(|p| *p == b"packfile\n")
+        .unwrap_or_else(|| panic!("no packfile section: {}", String::from_utf8_lossy(body)));
     let mut pack = Vec::new();
-    let mut rest = body;
-    let mut in_pack = false;
-    while rest.len() >= 4 {
-        let len = usize::from_str_radix(std::str::from_utf8(&rest[..4]).unwrap(), 16).unwrap();
-        if len < 4 {
-            rest = &rest[4..];
-            continue;
-        }
-        let data = &rest[4..len];
-        if in_pack {
-            assert_eq!(
-                data[0],
-                1,
-                "unexpected band {}: {:?}",
-                data[0],
-                String::from_utf8_lossy(&data[1..])
-            );
-            pack.extend_from_slice(&data[1..]);
-        } else if data == b"packfile\n" {
-            in_pack = true;
-        }
-        rest = &rest[len..];
+    for data in &payloads[start + 1..] {
+        assert_eq!(
+            data[0],
+            1,
+            "unexpected band {}: {:?}",
+            data[0],
+            String::from_utf8_lossy(&data[1..])
+        );
+        pack.extend_from_slice(&data[1..]);
     }
-    assert!(
-        in_pack,
-        "no packfile section: {}",
-        String::from_utf8_lossy(body)
-    );
     pack
 }
 

@@ -8,17 +8,6 @@ use std::net::TcpStream;
 
 use common::*;
 
-fn pkt(lines: &[&str]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for l in lines {
-        match *l {
-            "0000" | "0001" => out.extend_from_slice(l.as_bytes()),
-            l => out.extend_from_slice(format!("{:04x}{l}\n", l.len() + 5).as_bytes()),
-        }
-    }
-    out
-}
-
 const UPLOAD_PACK: &str = "/127.0.0.1:9/basic/git-upload-pack";
 const V2: (&str, &str) = ("Git-Protocol", "version=2");
 

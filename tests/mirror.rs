@@ -621,19 +621,12 @@ fn upstream_commands(up: &Upstream, from: usize) -> Vec<String> {
 
 /// A v2 `ls-refs` of `prefix` straight to the proxy (a POST: it never syncs), as `oid name` lines.
 fn ls_refs(server: &Server, up: &Upstream, name: &str, prefix: &str) -> Vec<String> {
-    let mut body = Vec::new();
-    for line in [
-        "command=ls-refs\n",
+    let body = pkt(&[
+        "command=ls-refs",
         "0001",
-        &format!("ref-prefix {prefix}\n"),
+        &format!("ref-prefix {prefix}"),
         "0000",
-    ] {
-        if line.len() == 4 && line.starts_with("000") {
-            body.extend_from_slice(line.as_bytes());
-        } else {
-            body.extend_from_slice(format!("{:04x}{line}", line.len() + 4).as_bytes());
-        }
-    }
+    ]);
     let r = request(
         server.addr,
         "POST",
@@ -642,18 +635,10 @@ fn ls_refs(server: &Server, up: &Upstream, name: &str, prefix: &str) -> Vec<Stri
         &body,
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    let mut lines = Vec::new();
-    let mut rest = &r.body[..];
-    while rest.len() >= 4 {
-        let len = usize::from_str_radix(std::str::from_utf8(&rest[..4]).unwrap(), 16).unwrap();
-        if len < 4 {
-            rest = &rest[4..];
-            continue;
-        }
-        lines.push(String::from_utf8_lossy(&rest[4..len]).trim_end().to_owned());
-        rest = &rest[len..];
-    }
-    lines
+    pkt_payloads(&r.body)
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).trim_end().to_owned())
+        .collect()
 }
 
 #[test]

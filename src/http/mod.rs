@@ -639,36 +639,30 @@ fn sync_with_progress(
                 }
             }
         };
-        let line = match &result {
-            Ok(Status::Stale) => {
-                format!("mirroring {name}: upstream unavailable, serving the mirror as it is\n")
+        // Any failure from here on ends the answer with a band-3 message git prints.
+        let ready = async {
+            let status = result?;
+            let line = match status {
+                Status::Stale => {
+                    format!("mirroring {name}: upstream unavailable, serving the mirror as it is\n")
+                }
+                _ => format!(
+                    "mirroring {name}: done in {}s.\n",
+                    started.elapsed().as_secs()
+                ),
+            };
+            // The sync (this one or another client's) may have made the mirror private: check
+            // again, as the answer without progress does.
+            check_access(&state, &m, status).await?;
+            Ok::<_, Error>((line, snapshot(&state, &m).await?))
+        };
+        let snapshot = match ready.await {
+            Ok((line, snapshot)) => {
+                if send(band(2, &line)).await.is_err() {
+                    return;
+                }
+                snapshot
             }
-            Ok(_) => format!(
-                "mirroring {name}: done in {}s.\n",
-                started.elapsed().as_secs()
-            ),
-            Err(e) => {
-                let mut end = band(3, &format!("{e}\n"));
-                pktline::flush(&mut end);
-                let _ = send(end).await;
-                return;
-            }
-        };
-        if send(band(2, &line)).await.is_err() {
-            return;
-        }
-        // The sync (this one or another client's) may have made the mirror private: check
-        // again, as the answer without progress does.
-        let checked = match result {
-            Ok(status) => check_access(&state, &m, status).await,
-            Err(e) => Err(e.into()),
-        };
-        let snapshot = match checked {
-            Ok(()) => snapshot(&state, &m).await,
-            Err(e) => Err(e),
-        };
-        let snapshot = match snapshot {
-            Ok(snapshot) => snapshot,
             Err(e) => {
                 let mut end = band(3, &format!("{e}\n"));
                 pktline::flush(&mut end);

@@ -3,7 +3,8 @@
 //!
 //! A pack is a pure function of the resolved request — wants, common haves, the shallow
 //! boundary, the filter, the tags `include-tag` may pull in, and the options that change the
-//! bytes — because objects never change. So an entry never goes stale; it is only evicted, least
+//! bytes (`ofs-delta`, the compression level; `thin-pack` does not, since thin packs are never
+//! sent) — because objects never change. So an entry never goes stale; it is only evicted, least
 //! recently used first, when the cache outgrows its size.
 //!
 //! A generation writes the raw pack (no sideband framing, which is per client) into a
@@ -74,8 +75,6 @@ pub struct KeyParts<'a> {
     pub filter: Option<&'a str>,
     /// Whether in-pack deltas are written as offset deltas.
     pub ofs_delta: bool,
-    /// Whether deltas against objects outside the pack are allowed.
-    pub thin_pack: bool,
     /// The zlib level of recompressed objects.
     pub compression: i32,
 }
@@ -109,10 +108,7 @@ impl KeyParts<'_> {
             .collect();
         field("tags", &tags);
         field("filter", self.filter.unwrap_or("").as_bytes());
-        field(
-            "options",
-            &[u8::from(self.ofs_delta), u8::from(self.thin_pack)],
-        );
+        field("options", &[u8::from(self.ofs_delta)]);
         field("compression", &self.compression.to_be_bytes());
         let request = h
             .try_finalize()
@@ -689,7 +685,6 @@ mod tests {
             tags: &[],
             filter: None,
             ofs_delta: true,
-            thin_pack: false,
             compression: 6,
         }
     }

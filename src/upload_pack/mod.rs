@@ -587,7 +587,6 @@ fn send_pack<W: Write>(
             tags: &args.tags,
             filter: filter.as_deref(),
             ofs_delta: args.ofs_delta,
-            thin_pack: false,
             compression: ctx.options.compression.level(),
         }
         .key();

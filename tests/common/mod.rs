@@ -285,6 +285,34 @@ impl Reply {
     }
 }
 
+/// A pkt-line body: each line gets its length prefix and a trailing newline; `"0000"` (flush)
+/// and `"0001"` (delimiter) are sent as they are.
+pub fn pkt(lines: &[&str]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for l in lines {
+        match *l {
+            "0000" | "0001" => out.extend_from_slice(l.as_bytes()),
+            l => out.extend_from_slice(format!("{:04x}{l}\n", l.len() + 5).as_bytes()),
+        }
+    }
+    out
+}
+
+/// The data packets of a pkt-line answer, in order (flush and delimiter packets left out).
+pub fn pkt_payloads(mut body: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    while body.len() >= 4 {
+        let len = usize::from_str_radix(std::str::from_utf8(&body[..4]).unwrap(), 16).unwrap();
+        if len < 4 {
+            body = &body[4..];
+            continue;
+        }
+        out.push(&body[4..len]);
+        body = &body[len..];
+    }
+    out
+}
+
 /// A minimal HTTP/1.1 client, so that tests can send exactly the bytes they mean.
 pub fn request(
     addr: SocketAddr,
