@@ -88,7 +88,7 @@ pub async fn is_download(
 /// The top-level `operation` of a batch request, read as the upstream reads it: JSON, so
 /// escapes and white space mean what they mean there. A body that is not a JSON object with
 /// exactly one string `operation` (a duplicate could be read either way) has none.
-fn batch_operation(body: &[u8]) -> Option<String> {
+pub fn batch_operation(body: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Batch {
         operation: String,

@@ -5,7 +5,7 @@
 
 mod auth;
 mod body;
-mod lfs;
+pub mod lfs;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
