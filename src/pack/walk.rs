@@ -127,6 +127,10 @@ const SEEN: u8 = 1;
 const UNINTERESTING: u8 = 2;
 const PROCESSED: u8 = 4;
 
+/// How many uninteresting commits older than the last interesting one the walk still takes
+/// (git's `SLOP`).
+const SLOP: usize = 5;
+
 /// How often (in commits) the interrupt flag is checked.
 const INTERRUPT_CHECK_INTERVAL: usize = 1024;
 
@@ -155,8 +159,25 @@ pub fn walk(
     }
     let mut result = Vec::new();
     let mut popped = 0usize;
-    while w.interesting_queued > 0 {
-        let Some(Entry { id, .. }) = w.queue.pop() else {
+    // Committer dates can lie (clock skew): like git's `still_interesting()`, the walk goes on
+    // past the last interesting commit while queued commits are newer than it, and then for
+    // `SLOP` more, so that a skewed uninteresting commit still paints what lies below it.
+    let mut last_interesting = i64::MAX;
+    let mut slop = SLOP;
+    loop {
+        if w.interesting_queued == 0 {
+            match w.queue.peek() {
+                None => break,
+                Some(top) if top.time >= last_interesting => {}
+                Some(_) => {
+                    slop -= 1;
+                    if slop == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        let Some(Entry { id, time, .. }) = w.queue.pop() else {
             break;
         };
         popped += 1;
@@ -179,6 +200,7 @@ pub fn walk(
                 w.mark_uninteresting(p)?;
             }
         } else {
+            last_interesting = time;
             result.push(id);
             for p in parents {
                 w.push(p, 0)?;

@@ -267,7 +267,7 @@ fn fetch_v2<W: Write>(
             "fetch: expected at least one want or want-ref line".into(),
         ));
     }
-    let mut neg = Negotiator::new(ctx.repo, ctx.db, &wants);
+    let mut neg = Negotiator::new(ctx.repo, ctx.db, &wants, ctx.interrupt);
     for have in &args.haves {
         neg.have(*have)?;
     }
@@ -405,7 +405,7 @@ fn fetch_v0<W: Write>(
         out.write_all(&lines)?;
         return Ok(Outcome::Acks { common: 0 });
     }
-    let mut neg = Negotiator::new(ctx.repo, ctx.db, &req.wants);
+    let mut neg = Negotiator::new(ctx.repo, ctx.db, &req.wants, ctx.interrupt);
     let (mut got_common, mut got_other, mut sent_ready) = (false, false, false);
     let mut last = None;
     // This follows git's get_common_commits() for one stateless round.

@@ -1,9 +1,13 @@
 //! Server-side negotiation state: which haves are common, and when we have enough of them to
 //! stop ("ready"). Mirrors git's `upload-pack.c` (`got_oid`, `ok_to_give_up`).
 
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use gix::hashtable::{HashMap, HashSet};
 use gix::objs::{FindHeader, Kind};
 use gix::ObjectId;
+use smallvec::SmallVec;
 
 use super::Error;
 use crate::pack::walk::Commits;
@@ -23,38 +27,70 @@ pub enum Have {
 }
 
 /// The state of one negotiation (one stateless request).
+///
+/// Readiness is kept incrementally, so that a request costs one traversal of the history
+/// above its oldest have, however its haves are ordered: the commits reachable from the wants
+/// are discovered once, each with the children it was reached from, and a commit found to
+/// reach something the client has marks its descendants once. git gets the same bound from
+/// commit flags that persist across `ok_to_give_up()` calls.
 pub struct Negotiator<'r> {
     repo: &'r gix::Repository,
     commits: Commits<'r>,
     wants: &'r [ObjectId],
+    interrupt: &'r AtomicBool,
     /// Objects the client has: acknowledged haves and the parents of commit haves.
     they_have: HashSet<ObjectId>,
     /// Acknowledged haves, in order: the uninteresting side of the pack.
     common: Vec<ObjectId>,
     /// The committer time of the oldest commit have; no need to look below it.
     oldest_have: Option<i64>,
-    /// `ok_to_give_up` for the current `they_have`, invalidated when it grows.
-    ready: Option<bool>,
-    /// Commits known to reach nothing the client has (for the current `they_have`), and
-    /// commits known to reach something it has: many wants over the same history then cost
-    /// about one traversal, not one each.
-    no_reach: HashSet<ObjectId>,
-    reaches: HashSet<ObjectId>,
+    /// How many of the wants (peeled to commits, distinct) do not reach the client's commits
+    /// yet; `None` until readiness is first asked for.
+    wants_left: Option<usize>,
+    /// Commits reachable from the wants, discovered so far.
+    graph: HashMap<ObjectId, Node>,
+    /// Discovered commits whose parents are not discovered yet, newest first; those older than
+    /// the oldest have wait until an older have arrives.
+    pending: BinaryHeap<(i64, ObjectId)>,
+    /// Haves recorded since readiness was last computed.
+    new_haves: Vec<ObjectId>,
 }
 
+/// A commit reachable from the wants.
+#[derive(Default)]
+struct Node {
+    /// The discovered commits it is a parent of.
+    children: SmallVec<[ObjectId; 1]>,
+    /// Whether it reaches a commit the client has.
+    reaches: bool,
+    /// Whether it is a want.
+    want: bool,
+}
+
+/// How often (in commits) the interrupt flag is checked.
+const INTERRUPT_CHECK_INTERVAL: usize = 1024;
+
 impl<'r> Negotiator<'r> {
-    /// Start negotiating for `wants` on `repo`, reading commits through `db`.
-    pub fn new(repo: &'r gix::Repository, db: &'r Db, wants: &'r [ObjectId]) -> Self {
+    /// Start negotiating for `wants` on `repo`, reading commits through `db`; `interrupt` stops
+    /// the traversal (a client that went away).
+    pub fn new(
+        repo: &'r gix::Repository,
+        db: &'r Db,
+        wants: &'r [ObjectId],
+        interrupt: &'r AtomicBool,
+    ) -> Self {
         Negotiator {
             repo,
             commits: Commits::new(db, HashSet::default()),
             wants,
+            interrupt,
             they_have: HashSet::default(),
             common: Vec::new(),
             oldest_have: None,
-            ready: None,
-            no_reach: HashSet::default(),
-            reaches: HashSet::default(),
+            wants_left: None,
+            graph: HashMap::default(),
+            pending: BinaryHeap::new(),
+            new_haves: Vec::new(),
         }
     }
 
@@ -74,25 +110,21 @@ impl<'r> Negotiator<'r> {
             return Ok(Have::Missing);
         };
         if header.kind == Kind::Commit {
-            let (parents, time) = self.commit(id)?;
+            let commit = self.commits.get(id)?;
+            let (parents, time) = (commit.parents.clone(), commit.time);
             if self.oldest_have.is_none_or(|t| time < t) {
-                // Older commits are now worth exploring: forget what was ruled out.
                 self.oldest_have = Some(time);
-                self.ready = None;
-                self.no_reach.clear();
             }
             for p in parents {
                 if self.they_have.insert(p) {
-                    self.ready = None;
-                    self.no_reach.clear();
+                    self.new_haves.push(p);
                 }
             }
         }
         if !self.they_have.insert(id) {
             return Ok(Have::Common { new: false });
         }
-        self.ready = None;
-        self.no_reach.clear();
+        self.new_haves.push(id);
         self.common.push(id);
         Ok(Have::Common { new: true })
     }
@@ -102,63 +134,100 @@ impl<'r> Negotiator<'r> {
         if self.common.is_empty() {
             return Ok(false);
         }
-        if let Some(ready) = self.ready {
-            return Ok(ready);
-        }
-        let mut ready = true;
-        let mut checked = HashSet::default();
-        for want in self.wants {
-            if checked.insert(*want) && !self.reaches_common(*want)? {
-                ready = false;
-                break;
+        if self.wants_left.is_none() {
+            self.wants_left = Some(0);
+            for want in self.wants {
+                // Non-commits count as reachable: ancestry cannot tell, and git does not wait
+                // for them either.
+                if let Some(commit) = self.commits.peel_to_commit(*want)? {
+                    self.discover(commit, None)?;
+                    if let Some(node) = self.graph.get_mut(&commit) {
+                        if !node.want && !node.reaches {
+                            node.want = true;
+                            self.wants_left = self.wants_left.map(|n| n + 1);
+                        }
+                    }
+                }
             }
         }
-        self.ready = Some(ready);
-        Ok(ready)
-    }
-
-    /// Whether `want` (peeled) is a commit with an ancestor the client has. Non-commits count
-    /// as reachable: ancestry cannot tell, and git does not wait for them either.
-    fn reaches_common(&mut self, want: ObjectId) -> Result<bool, Error> {
-        let Some(start) = self.commits.peel_to_commit(want)? else {
-            return Ok(true);
-        };
+        for id in std::mem::take(&mut self.new_haves) {
+            if self.graph.contains_key(&id) {
+                self.mark_reaches(id);
+            }
+        }
         let min_time = self.oldest_have.unwrap_or(i64::MIN);
-        // Each visited commit with the child it was reached from, to mark the found path.
-        let mut seen: HashMap<ObjectId, Option<ObjectId>> = HashMap::default();
-        let mut stack = vec![start];
-        seen.insert(start, None);
-        while let Some(id) = stack.pop() {
-            if self.they_have.contains(&id) || self.reaches.contains(&id) {
-                let mut at = Some(id);
-                while let Some(c) = at {
-                    self.reaches.insert(c);
-                    at = seen.get(&c).copied().flatten();
-                }
-                return Ok(true);
+        let mut expanded = 0usize;
+        while self.wants_left.is_some_and(|n| n > 0) {
+            match self.pending.peek() {
+                Some(&(time, _)) if time >= min_time => {}
+                _ => return Ok(false),
             }
-            if self.no_reach.contains(&id) {
+            let Some((_, id)) = self.pending.pop() else {
+                return Ok(false);
+            };
+            expanded += 1;
+            if expanded.is_multiple_of(INTERRUPT_CHECK_INTERVAL)
+                && self.interrupt.load(Ordering::Relaxed)
+            {
+                return Err(crate::pack::Error::Interrupted.into());
+            }
+            if self.graph.get(&id).is_some_and(|n| n.reaches) {
+                // Its descendants are marked already; its ancestry cannot add anything.
                 continue;
             }
-            let (parents, time) = self.commit(id)?;
-            if time < min_time {
-                continue;
-            }
+            let parents = self.commits.get(id)?.parents.clone();
             for p in parents {
-                if !seen.contains_key(&p) {
-                    seen.insert(p, Some(id));
-                    stack.push(p);
+                self.discover(p, Some(id))?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Add `id` to the graph as a parent of `child`, queueing it to be expanded when it is new.
+    fn discover(&mut self, id: ObjectId, child: Option<ObjectId>) -> Result<(), Error> {
+        let reaches = match self.graph.get_mut(&id) {
+            Some(node) => {
+                node.children.extend(child);
+                node.reaches
+            }
+            None => {
+                let time = self.commits.get(id)?.time;
+                self.graph.insert(
+                    id,
+                    Node {
+                        children: child.into_iter().collect(),
+                        reaches: false,
+                        want: false,
+                    },
+                );
+                if self.they_have.contains(&id) {
+                    self.mark_reaches(id);
+                } else {
+                    self.pending.push((time, id));
+                }
+                return Ok(());
+            }
+        };
+        if let (true, Some(child)) = (reaches, child) {
+            self.mark_reaches(child);
+        }
+        Ok(())
+    }
+
+    /// Mark `id` and its discovered descendants as reaching the client's commits: each commit
+    /// is marked once per negotiation.
+    fn mark_reaches(&mut self, id: ObjectId) {
+        let mut stack = vec![id];
+        while let Some(id) = stack.pop() {
+            if let Some(node) = self.graph.get_mut(&id) {
+                if !node.reaches {
+                    node.reaches = true;
+                    if node.want {
+                        self.wants_left = self.wants_left.map(|n| n.saturating_sub(1));
+                    }
+                    stack.extend(node.children.iter().copied());
                 }
             }
         }
-        // Nothing below any of these reaches the client's commits either.
-        self.no_reach.extend(seen.into_keys());
-        Ok(false)
-    }
-
-    /// Parents and committer time of a commit.
-    fn commit(&mut self, id: ObjectId) -> Result<(Vec<ObjectId>, i64), Error> {
-        let commit = self.commits.get(id)?;
-        Ok((commit.parents.to_vec(), commit.time))
     }
 }
