@@ -23,9 +23,33 @@ pub struct Config {
     /// Log filter: `debug`, `info`, `warn`, `error`, or a tracing directive.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
-    /// Largest accepted request body after gzip decoding, e.g. `1GiB`, `64MiB`.
-    #[arg(long, env = "MAX_REQUEST_BODY", default_value = "1GiB")]
+    /// Largest accepted request body after gzip decoding, e.g. `64MiB`.
+    #[arg(long, env = "MAX_REQUEST_BODY", default_value = "64MiB")]
     pub max_request_body: ByteSize,
+    /// Request-body bytes that all requests together may hold in memory (after gzip decoding)
+    /// while they are read and parsed; a request that would exceed it gets 503.
+    #[arg(long, env = "MAX_BUFFERED_BODIES", default_value = "256MiB")]
+    pub max_buffered_bodies: ByteSize,
+    /// How long a client may take to send a request's headers; also how long an idle
+    /// keep-alive connection stays open.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "30s")]
+    pub header_read_timeout: humantime::Duration,
+    /// How long a client may take to send a whole request body.
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "60s")]
+    pub body_read_timeout: humantime::Duration,
+    /// Open client connections; beyond it, new connections get 503 and are closed.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// How long an upload-pack request may wait for a pack slot before it gets 503.
+    #[arg(long, env = "QUEUE_TIMEOUT", default_value = "60s")]
+    pub queue_timeout: humantime::Duration,
+    /// How long an upload-pack answer may compute (negotiation, shallow boundary, object
+    /// selection) before its pack starts streaming; then it ends with an error.
+    #[arg(long, env = "COMPUTE_TIMEOUT", default_value = "5m")]
+    pub compute_timeout: humantime::Duration,
+    /// How long a whole upload-pack answer may take, streaming included.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "1h")]
+    pub request_timeout: humantime::Duration,
     /// Upload-pack requests generating packs at the same time; more wait their turn.
     /// Defaults to twice the number of cores.
     #[arg(long, env = "MAX_CONCURRENT_PACKS")]
@@ -57,6 +81,22 @@ pub struct Config {
     /// Mirror creations and syncs running at the same time (different repositories).
     #[arg(long, env = "MAX_CONCURRENT_SYNCS", default_value_t = 4)]
     pub max_concurrent_syncs: usize,
+    /// Of those, how many may run against one upstream host, so that a hanging host cannot
+    /// take every slot. Defaults to `MAX_CONCURRENT_SYNCS` − 1 (at least 1).
+    #[arg(long, env = "MAX_CONCURRENT_SYNCS_PER_HOST")]
+    pub max_concurrent_syncs_per_host: Option<usize>,
+    /// How long a request for an existing mirror waits for its sync to start (a free slot, or
+    /// another request's sync to finish) before the mirror is served as it is (`stale`).
+    #[arg(long, env = "SYNC_WAIT", default_value = "5s")]
+    pub sync_wait: humantime::Duration,
+    /// At most one want-miss sync (a client asking for an object the mirror lacks) per
+    /// repository per this interval; later want-misses wait for it and share it.
+    #[arg(long, env = "WANT_MISS_SYNC_INTERVAL", default_value = "5s")]
+    pub want_miss_sync_interval: humantime::Duration,
+    /// How long a failed mirror creation (an unknown repository, refused credentials, an
+    /// upstream error) is remembered and answered without asking the upstream again.
+    #[arg(long, env = "FAILURE_CACHE_TTL", default_value = "30s")]
+    pub failure_cache_ttl: humantime::Duration,
     /// How long connecting to an upstream may take.
     #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT", default_value = "10s")]
     pub upstream_connect_timeout: humantime::Duration,
@@ -151,6 +191,9 @@ pub enum Error {
         /// The setting.
         key: &'static str,
     },
+    /// The shared body budget cannot hold one largest body.
+    #[error("MAX_BUFFERED_BODIES must be at least MAX_REQUEST_BODY")]
+    BodyBudget,
 }
 
 impl Config {
@@ -199,6 +242,13 @@ impl Config {
             })
     }
 
+    /// `MAX_CONCURRENT_SYNCS_PER_HOST`, or its default.
+    pub fn syncs_per_host(&self) -> usize {
+        self.max_concurrent_syncs_per_host
+            .unwrap_or(self.max_concurrent_syncs.saturating_sub(1))
+            .clamp(1, self.max_concurrent_syncs.max(1))
+    }
+
     /// The parsed `ALLOWED_UPSTREAMS`.
     pub fn upstreams(&self) -> Result<Upstreams, Error> {
         Ok(Upstreams::parse(&self.allowed_upstreams)?)
@@ -232,10 +282,20 @@ impl Config {
         {
             return Err(Error::MissingToken);
         }
-        if self.max_concurrent_syncs == 0 {
-            return Err(Error::Zero {
-                key: "MAX_CONCURRENT_SYNCS",
-            });
+        for (key, value) in [
+            ("MAX_CONCURRENT_SYNCS", Some(self.max_concurrent_syncs)),
+            (
+                "MAX_CONCURRENT_SYNCS_PER_HOST",
+                self.max_concurrent_syncs_per_host,
+            ),
+            ("MAX_CONNECTIONS", Some(self.max_connections)),
+        ] {
+            if value == Some(0) {
+                return Err(Error::Zero { key });
+            }
+        }
+        if self.max_buffered_bodies < self.max_request_body {
+            return Err(Error::BodyBudget);
         }
         Ok(())
     }
@@ -247,7 +307,14 @@ impl Config {
             listen_addr: "127.0.0.1:0".into(),
             mirror_dir: mirror_dir.into(),
             log_level: "info".into(),
-            max_request_body: ByteSize::gib(1),
+            max_request_body: ByteSize::mib(64),
+            max_buffered_bodies: ByteSize::mib(256),
+            header_read_timeout: Duration::from_secs(30).into(),
+            body_read_timeout: Duration::from_secs(60).into(),
+            max_connections: 4096,
+            queue_timeout: Duration::from_secs(60).into(),
+            compute_timeout: Duration::from_secs(300).into(),
+            request_timeout: Duration::from_secs(3600).into(),
             max_concurrent_packs: None,
             max_concurrent_streams: 256,
             pack_threads: None,
@@ -260,6 +327,10 @@ impl Config {
             static_token: None,
             static_token_hosts: "github.com".into(),
             max_concurrent_syncs: 4,
+            max_concurrent_syncs_per_host: None,
+            sync_wait: Duration::from_secs(5).into(),
+            want_miss_sync_interval: Duration::from_secs(5).into(),
+            failure_cache_ttl: Duration::from_secs(30).into(),
             upstream_connect_timeout: Duration::from_secs(10).into(),
             upstream_stall_timeout: Duration::from_secs(60).into(),
             auth_cache_ttl: Duration::from_secs(60).into(),

@@ -12,5 +12,6 @@ pub mod mirror;
 pub mod pack;
 pub mod protocol;
 pub mod repo;
+pub mod ttl;
 pub mod upload_pack;
 pub mod upstream;

@@ -52,6 +52,13 @@ pub enum ResolveError {
     },
 }
 
+/// The longest repository path (`{host}/{path}`) accepted: each segment becomes a directory,
+/// so a client must not be able to make deep or long paths. GitLab nests groups 20 deep.
+const MAX_PATH_BYTES: usize = 1024;
+const MAX_SEGMENTS: usize = 24;
+/// A file name's limit on common file systems.
+const MAX_SEGMENT_BYTES: usize = 255;
+
 /// Resolve `uri_path` (the raw, still percent-encoded path of the request) against `root`.
 pub fn resolve(root: &Path, uri_path: &str) -> Result<Target, ResolveError> {
     let lfs = uri_path
@@ -96,7 +103,16 @@ pub fn resolve(root: &Path, uri_path: &str) -> Result<Target, ResolveError> {
     if repo_part.chars().any(char::is_control) {
         return Err(invalid("control characters are not allowed"));
     }
+    if repo_part.len() > MAX_PATH_BYTES {
+        return Err(invalid("longer than 1024 bytes"));
+    }
     let mut segments: Vec<&str> = repo_part.split('/').collect();
+    if segments.len() > MAX_SEGMENTS {
+        return Err(invalid("more than 24 segments"));
+    }
+    if segments.iter().any(|s| s.len() > MAX_SEGMENT_BYTES) {
+        return Err(invalid("a segment is longer than 255 bytes"));
+    }
     if segments.len() < 2 {
         return Err(invalid("expected {host}/{path}"));
     }
@@ -471,5 +487,21 @@ mod tests {
             resolve(Path::new("/m"), "/github.com/o/r/objects/info/packs"),
             Err(ResolveError::UnknownEndpoint(_))
         ));
+    }
+
+    #[test]
+    fn bounds_path_depth_and_length() {
+        let resolve_repo = |repo: &str| resolve(Path::new("/m"), &format!("/{repo}/info/refs"));
+        let deep = |n: usize| format!("gitlab.com/{}r", "g/".repeat(n - 2));
+        assert!(
+            resolve_repo(&deep(24)).is_ok(),
+            "GitLab's 20 levels of groups fit"
+        );
+        assert!(resolve_repo(&deep(25)).is_err());
+        assert!(resolve_repo(&deep(1900)).is_err());
+        assert!(resolve_repo(&format!("github.com/o/{}", "r".repeat(255))).is_ok());
+        assert!(resolve_repo(&format!("github.com/o/{}", "r".repeat(256))).is_err());
+        let long = format!("github.com/{}/r", vec!["o".repeat(200); 6].join("/"));
+        assert!(resolve_repo(&long).is_err(), "over 1024 bytes");
     }
 }

@@ -31,6 +31,9 @@ pub enum Error {
     /// The upstream wants credentials we do not have, or rejected the ones we sent.
     #[error("the upstream requires authentication, or rejected the credentials")]
     AuthRequired,
+    /// The upstream has no such repository (or hides it: HTTP 404).
+    #[error("the upstream has no such repository")]
+    NotFound,
     /// The upstream could not be reached, answered with an error, or the transfer failed.
     #[error("{0}")]
     Failed(String),
@@ -350,6 +353,7 @@ pub async fn ls_refs(
     match response.status().as_u16() {
         200 => {}
         401 => return Err(LsRefsError::Failed(Error::AuthRequired)),
+        404 => return Err(LsRefsError::Failed(Error::NotFound)),
         status => return Err(LsRefsError::Unsupported(format!("HTTP {status}"))),
     }
     let mut answer = Vec::new();

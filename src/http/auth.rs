@@ -1,12 +1,13 @@
 //! Credentials: the header sent upstream in static mode, and the cache of which client
 //! credentials the upstream accepted for a private mirror.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use gix::ObjectId;
+
+use crate::ttl::TtlMap;
 
 /// The `Authorization` value for `STATIC_TOKEN`: basic auth with the token as password, which
 /// GitHub (`x-access-token`), GitLab and Gitea accept for tokens.
@@ -22,8 +23,7 @@ pub fn static_token_header(token: &str) -> String {
 /// mirror, so that neither a right nor a wrong password costs an upstream round trip per
 /// request. Only a hash of the credential is kept, and at most [`MAX_VERDICTS`] of them.
 pub struct AccessCache {
-    ttl: Duration,
-    verdicts: parking_lot::Mutex<HashMap<(PathBuf, ObjectId), (Instant, bool)>>,
+    verdicts: TtlMap<(PathBuf, ObjectId), bool>,
 }
 
 /// Verdicts kept at most; beyond, new ones are not remembered until old ones expire, so that a
@@ -34,8 +34,7 @@ impl AccessCache {
     /// Remember verdicts for `ttl`.
     pub fn new(ttl: Duration) -> Self {
         AccessCache {
-            ttl,
-            verdicts: Default::default(),
+            verdicts: TtlMap::new(ttl, MAX_VERDICTS),
         }
     }
 
@@ -45,21 +44,11 @@ impl AccessCache {
     }
 
     fn record(&self, dir: &Path, credentials: &str, accepted: bool) {
-        let Some(h) = hash(credentials) else {
-            return;
-        };
-        let now = Instant::now();
-        let mut verdicts = self.verdicts.lock();
-        if verdicts.len() >= MAX_VERDICTS {
-            verdicts.retain(|_, (at, _)| now.duration_since(*at) < self.ttl);
-        }
-        if verdicts.len() < MAX_VERDICTS {
-            verdicts.insert((dir.to_path_buf(), h), (now, accepted));
+        if let Some(h) = hash(credentials) {
+            self.verdicts.insert((dir.to_path_buf(), h), accepted);
         }
     }
 
-    /// Whether `credentials` may read `dir`: from the cache, else by running `verify` on a
-    /// blocking thread. Acceptances and refusals are remembered; other failures are not.
     pub async fn check<F>(
         &self,
         dir: &Path,
@@ -69,18 +58,11 @@ impl AccessCache {
     where
         F: FnOnce(&str) -> Result<(), crate::upstream::Error> + Send + 'static,
     {
-        if let Some(h) = hash(credentials) {
-            let verdict = self
-                .verdicts
-                .lock()
-                .get(&(dir.to_path_buf(), h))
-                .filter(|(at, _)| at.elapsed() < self.ttl)
-                .map(|(_, accepted)| *accepted);
-            match verdict {
-                Some(true) => return Ok(()),
-                Some(false) => return Err(crate::upstream::Error::AuthRequired),
-                None => {}
-            }
+        let verdict = hash(credentials).and_then(|h| self.verdicts.get(&(dir.to_path_buf(), h)));
+        match verdict {
+            Some(true) => return Ok(()),
+            Some(false) => return Err(crate::upstream::Error::AuthRequired),
+            None => {}
         }
         let owned = credentials.to_owned();
         let result = tokio::task::spawn_blocking(move || verify(&owned))

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use axum::body::Body;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Chunks in flight between the pack writer and the socket. With sideband packets of 64 KiB
 /// this bounds a response's buffered bytes to about 1 MiB; a slow client slows the writer.
@@ -25,21 +25,65 @@ pub enum ReadError {
     /// The body stream failed, e.g. invalid gzip.
     #[error("cannot read request body: {0}")]
     Body(String),
+    /// The bytes all requests may buffer together are taken.
+    #[error("too many request bodies in memory")]
+    Busy,
+    /// The client took longer than allowed to send it.
+    #[error("request body not received in time")]
+    TimedOut,
 }
 
-/// Read `body` into memory, failing once it exceeds `limit` bytes.
-pub async fn read_limited(mut body: Body, limit: u64) -> Result<Bytes, ReadError> {
-    let mut out = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ReadError::Body(error_chain(&e)))?;
-        if let Ok(data) = frame.into_data() {
-            if out.len() as u64 + data.len() as u64 > limit {
+/// The unit of the shared body budget (a semaphore counts `u32` permits).
+const BUDGET_UNIT: usize = 1024;
+
+/// How many budget units a buffer of `bytes` takes.
+pub fn budget_units(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(BUDGET_UNIT as u64)).unwrap_or(u32::MAX)
+}
+
+/// Read `body` into memory within `timeout`, failing once it exceeds `limit` bytes. Its
+/// memory is taken from `budget` (shared by all requests; allocation, not length, is counted)
+/// and given back when the returned permit drops; a request that finds the budget spent fails
+/// at once rather than wait, since waiting requests would each hold part of it.
+pub async fn read_limited(
+    body: Body,
+    limit: u64,
+    budget: &Arc<Semaphore>,
+    timeout: std::time::Duration,
+) -> Result<(Bytes, OwnedSemaphorePermit), ReadError> {
+    let mut permit = Arc::clone(budget)
+        .try_acquire_many_owned(0)
+        .map_err(|_| ReadError::Busy)?;
+    let read = async {
+        let mut body = body;
+        let mut out: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ReadError::Body(error_chain(&e)))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let needed = out.len() as u64 + data.len() as u64;
+            if needed > limit {
                 return Err(ReadError::TooLarge);
+            }
+            if needed > out.capacity() as u64 {
+                // Grow as Vec would (doubling), within the limit, paying for it first.
+                let capacity = needed.max(out.capacity() as u64 * 2).min(limit);
+                let more = budget_units(capacity).saturating_sub(permit.num_permits() as u32);
+                let extra = Arc::clone(budget)
+                    .try_acquire_many_owned(more)
+                    .map_err(|_| ReadError::Busy)?;
+                permit.merge(extra);
+                out.reserve_exact(capacity as usize - out.len());
             }
             out.extend_from_slice(&data);
         }
-    }
-    Ok(out.into())
+        Ok(out)
+    };
+    let out = tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| ReadError::TimedOut)??;
+    Ok((out.into(), permit))
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -70,7 +70,9 @@ pub async fn is_download(
     method: &Method,
     lfs_path: &str,
     body: Body,
-) -> Result<(Body, bool), String> {
+    budget: &std::sync::Arc<tokio::sync::Semaphore>,
+    timeout: std::time::Duration,
+) -> Result<(Body, bool), super::body::ReadError> {
     if method == Method::GET {
         // Object downloads, not the locks API (`/info/lfs/locks`).
         return Ok((body, lfs_path.starts_with("/info/lfs/objects/")));
@@ -78,9 +80,7 @@ pub async fn is_download(
     if method != Method::POST || lfs_path != "/info/lfs/objects/batch" {
         return Ok((body, false));
     }
-    let bytes = super::body::read_limited(body, MAX_BATCH_BODY)
-        .await
-        .map_err(|e| format!("Git LFS batch request: {e}"))?;
+    let (bytes, _budget) = super::body::read_limited(body, MAX_BATCH_BODY, budget, timeout).await?;
     let download = batch_operation(&bytes).as_deref() == Some("download");
     Ok((Body::from(bytes), download))
 }

@@ -7,7 +7,7 @@ mod auth;
 mod body;
 pub mod lfs;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -42,6 +42,8 @@ pub struct AppState {
     access: Arc<auth::AccessCache>,
     lfs_client: reqwest::Client,
     pack_cache: Option<PackCache>,
+    /// Request-body memory, in [`body::budget_units`] (`MAX_BUFFERED_BODIES`).
+    body_budget: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -60,6 +62,10 @@ impl AppState {
             root: config.mirror_dir.clone(),
             stale_after: *config.sync_stale_after,
             max_syncs: config.max_concurrent_syncs,
+            max_syncs_per_host: config.syncs_per_host(),
+            sync_wait: *config.sync_wait,
+            want_miss_interval: *config.want_miss_sync_interval,
+            failure_ttl: *config.failure_cache_ttl,
             upstream: upstream_options(&config),
             client: upstream_client.clone(),
         });
@@ -68,7 +74,12 @@ impl AppState {
         crate::pack::set_memory_budget(
             usize::try_from(config.pack_memory_budget.as_u64()).unwrap_or(usize::MAX),
         );
+        let body_budget = Arc::new(Semaphore::new(
+            body::budget_units(config.max_buffered_bodies.as_u64())
+                .min(Semaphore::MAX_PERMITS as u32) as usize,
+        ));
         AppState {
+            body_budget,
             pack_cache,
             compression: config.compression().unwrap_or_default(),
             upstreams: Arc::new(config.upstreams().unwrap_or_default()),
@@ -136,16 +147,64 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serve `router(state)` on `listener` until `shutdown` completes.
+/// Serve `router(state)` on `listener` until `shutdown` completes, then let the open
+/// connections finish.
+///
+/// HTTP/1 connections are served by hyper directly, not `axum::serve`, for the limits a
+/// hostile client must meet: `HEADER_READ_TIMEOUT` (which also closes idle keep-alive
+/// connections) and `MAX_CONNECTIONS`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let config = Arc::clone(&state.config);
+    let app = router(state);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(*config.header_read_timeout);
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: let connections close before the next try.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            // Shed: a short answer, not a wait, so that the client retries elsewhere or later.
+            crate::metrics::request("connection", "shed");
+            let _ = stream.try_write(SHED_RESPONSE);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
+
+/// The answer to a connection over `MAX_CONNECTIONS`.
+const SHED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
+Content-Type: text/plain\r\nContent-Length: 42\r\nConnection: close\r\n\r\n\
+server busy (too many connections); retry\n";
 
 /// Everything that ends a request before upload-pack runs.
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +229,10 @@ enum Error {
     Malformed(ParseError),
     #[error("server is shutting down")]
     Unavailable,
+    #[error("server busy ({0}); retry later")]
+    Busy(&'static str),
+    #[error("request body not received within BODY_READ_TIMEOUT")]
+    BodyTimeout,
     #[error("upstream host '{host}' is not allowed; allowed: {allowed}")]
     HostNotAllowed { host: String, allowed: String },
     #[error("authentication required: the upstream did not accept the credentials for {0}")]
@@ -185,7 +248,7 @@ impl Error {
     fn is_client_error(&self) -> bool {
         !matches!(
             self,
-            Error::Unavailable | Error::BadGateway(_) | Error::Internal(_)
+            Error::Unavailable | Error::Busy(_) | Error::BadGateway(_) | Error::Internal(_)
         )
     }
 }
@@ -202,7 +265,8 @@ impl IntoResponse for Error {
             Error::ReceivePack | Error::DumbHttp => StatusCode::FORBIDDEN,
             Error::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable | Error::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::HostNotAllowed { .. } => StatusCode::FORBIDDEN,
             Error::AuthRequired(_) => StatusCode::UNAUTHORIZED,
             Error::BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -219,6 +283,11 @@ impl IntoResponse for Error {
             format!("{self}\n"),
         )
             .into_response();
+        if let Error::Busy(_) = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             // Without a challenge git does not ask for credentials.
             response.headers_mut().insert(
@@ -230,10 +299,23 @@ impl IntoResponse for Error {
     }
 }
 
+impl Error {
+    /// The error for a body that could not be read under `limit`.
+    fn from_read(e: body::ReadError, limit: bytesize::ByteSize) -> Self {
+        match e {
+            body::ReadError::TooLarge => Error::TooLarge(limit),
+            body::ReadError::Body(msg) => Error::Body(msg),
+            body::ReadError::Busy => Error::Busy("request bodies use their whole memory budget"),
+            body::ReadError::TimedOut => Error::BodyTimeout,
+        }
+    }
+}
+
 impl From<mirror::Error> for Error {
     fn from(e: mirror::Error) -> Self {
         match e {
             mirror::Error::AuthRequired(name) => Error::AuthRequired(name),
+            mirror::Error::NotFound(name) => Error::NotFound(name),
             e @ mirror::Error::Upstream { .. } => Error::BadGateway(e.to_string()),
             e @ mirror::Error::Local { .. } => Error::Internal(e.to_string()),
         }
@@ -352,9 +434,15 @@ async fn route(
             let (body, authorization) = match mirrored.client_authorization.as_deref() {
                 Some(client) => (body, Some(client.to_owned())),
                 None if mirrored.authorization.is_some() => {
-                    let (body, download) = lfs::is_download(method, lfs_path, body)
-                        .await
-                        .map_err(Error::Body)?;
+                    let (body, download) = lfs::is_download(
+                        method,
+                        lfs_path,
+                        body,
+                        &state.body_budget,
+                        *state.config.body_read_timeout,
+                    )
+                    .await
+                    .map_err(|e| Error::from_read(e, bytesize::ByteSize::mib(1)))?;
                     (body, mirrored.authorization.clone().filter(|_| download))
                 }
                 None => (body, None),
@@ -482,16 +570,20 @@ async fn upload_pack(
     let span = Span::current();
     let arrived = std::time::Instant::now();
     let limit = state.config.max_request_body;
-    let bytes = body::read_limited(body, limit.as_u64())
-        .await
-        .map_err(|e| match e {
-            body::ReadError::TooLarge => Error::TooLarge(limit),
-            body::ReadError::Body(msg) => Error::Body(msg),
-        })?;
+    let (bytes, budget) = body::read_limited(
+        body,
+        limit.as_u64(),
+        &state.body_budget,
+        *state.config.body_read_timeout,
+    )
+    .await
+    .map_err(|e| Error::from_read(e, limit))?;
     let parsed = match version {
         Version::V2 => v2::parse(&bytes).map(|r| r.map(Parsed::V2)),
         Version::V0 | Version::V1 => v0::parse(&bytes).map(|r| r.map(Parsed::V0)),
     };
+    // The parsed request is what stays; the body's memory goes back to the budget.
+    drop((bytes, budget));
     let parsed = match parsed {
         Ok(Some(p)) => p,
         Ok(None) => {
@@ -702,17 +794,43 @@ struct Slots {
 }
 
 impl Slots {
+    /// Both slots, waiting at most `QUEUE_TIMEOUT` for them.
     async fn acquire(state: &AppState) -> Result<Slots, Error> {
-        let stream = Arc::clone(&state.stream_slots)
-            .acquire_owned()
+        let wait = async {
+            let stream = Arc::clone(&state.stream_slots).acquire_owned().await;
+            let pack = Arc::clone(&state.pack_slots).acquire_owned().await;
+            match (stream, pack) {
+                (Ok(stream), Ok(pack)) => Ok(Slots { stream, pack }),
+                _ => Err(Error::Unavailable),
+            }
+        };
+        tokio::time::timeout(*state.config.queue_timeout, wait)
             .await
-            .map_err(|_| Error::Unavailable)?;
-        let pack = Arc::clone(&state.pack_slots)
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Unavailable)?;
-        Ok(Slots { stream, pack })
+            .map_err(|_| Error::Busy("every pack slot is taken"))?
     }
+}
+
+/// Enforce an answer's time limits: once `COMPUTE_TIMEOUT` has passed before its pack
+/// streams, or `REQUEST_TIMEOUT` in all, it is interrupted as if its client had gone.
+fn watchdog(
+    config: &Config,
+    interrupt: Arc<AtomicBool>,
+    limits: Arc<upload_pack::Limits>,
+) -> tokio::task::AbortHandle {
+    let (compute, total) = (*config.compute_timeout, *config.request_timeout);
+    let stop = move |limits: &upload_pack::Limits| {
+        limits.timed_out.store(true, Ordering::Relaxed);
+        interrupt.store(true, Ordering::Relaxed);
+    };
+    tokio::spawn(async move {
+        tokio::time::sleep(compute.min(total)).await;
+        if !limits.streaming.load(Ordering::Relaxed) {
+            return stop(&limits);
+        }
+        tokio::time::sleep(total.saturating_sub(compute)).await;
+        stop(&limits)
+    })
+    .abort_handle()
 }
 
 /// Generate the answer to `parsed` on a blocking thread, streaming it into `tx`.
@@ -735,8 +853,11 @@ fn start_pack(
     let task_span = span;
     let runtime = tokio::runtime::Handle::current();
     let pack_cache = state.pack_cache.clone();
+    let limits = Arc::new(upload_pack::Limits::default());
+    let watchdog = watchdog(&state.config, Arc::clone(&interrupt), Arc::clone(&limits));
     tokio::task::spawn_blocking(move || {
         let _entered = task_span.enter();
+        let _watchdog = AbortOnDrop(watchdog);
         let _stream = slots.stream;
         let out = ChannelWriter::new(tx, runtime);
         let repo = snapshot.repo();
@@ -746,6 +867,7 @@ fn start_pack(
             repo: &repo,
             db: &db,
             interrupt: &interrupt,
+            limits: &limits,
             options,
             cache: pack_cache.as_ref().map(|c| (c, name.as_str())),
             pack_slot: std::cell::Cell::new(Some(Box::new(slots.pack))),
@@ -764,6 +886,11 @@ fn start_pack(
                 if let upload_pack::Outcome::Pack { objects, bytes } = outcome {
                     crate::metrics::pack(objects, bytes);
                 }
+            }
+            Err(_) if limits.timed_out.load(Ordering::Relaxed) => {
+                crate::metrics::request(command, "timeout");
+                task_span.record("outcome", "timeout");
+                tracing::warn!("stopped: COMPUTE_TIMEOUT or REQUEST_TIMEOUT passed");
             }
             Err(upload_pack::Error::Io(e)) => {
                 crate::metrics::request(command, "client-gone");
@@ -789,6 +916,15 @@ fn start_pack(
             }
         }
     });
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn pack_response(body: Body) -> Response {

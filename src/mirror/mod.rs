@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use crate::repo::Snapshot;
+use crate::ttl::TtlMap;
 use crate::upstream;
 
 /// Prefix of the temporary directories mirrors are created in.
@@ -118,6 +119,9 @@ pub enum Error {
     /// The upstream needs (other) credentials.
     #[error("authentication required for {0}")]
     AuthRequired(String),
+    /// There is no mirror and the upstream has no such repository.
+    #[error("repository '{0}' not found upstream")]
+    NotFound(String),
     /// There is no mirror and the upstream failed.
     #[error("cannot mirror {name}: {message}")]
     Upstream {
@@ -134,6 +138,19 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+}
+
+/// The slots a running update holds: its host's and a global one.
+type SyncSlots = (
+    tokio::sync::OwnedSemaphorePermit,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
+/// What `ensure` does next.
+enum Step {
+    Done(Status),
+    WaitUntil(Instant),
+    Update(tokio::sync::OwnedMutexGuard<RepoState>, SyncSlots),
 }
 
 /// When a sync is due.
@@ -154,6 +171,14 @@ pub struct Settings {
     pub stale_after: Duration,
     /// `MAX_CONCURRENT_SYNCS`
     pub max_syncs: usize,
+    /// `MAX_CONCURRENT_SYNCS_PER_HOST`
+    pub max_syncs_per_host: usize,
+    /// `SYNC_WAIT`
+    pub sync_wait: Duration,
+    /// `WANT_MISS_SYNC_INTERVAL`
+    pub want_miss_interval: Duration,
+    /// `FAILURE_CACHE_TTL`
+    pub failure_ttl: Duration,
     /// Upstream timeouts.
     pub upstream: upstream::Options,
     /// The HTTP client of ref listings ([`upstream::ls_refs`]).
@@ -165,6 +190,11 @@ struct RepoState {
     last_sync: Option<Instant>,
     /// After a failed sync, the next attempt waits until `stale_after` has passed again.
     last_failure: Option<Instant>,
+    /// When the last want-miss sync started: the next waits `want_miss_interval` after it.
+    last_want_miss: Option<Instant>,
+    /// When a sync last could not start within `sync_wait`: until that much time has passed
+    /// again, requests that only need a fresh mirror are served the mirror as it is.
+    last_busy: Option<Instant>,
 }
 
 /// One mirror: its sync state behind the lock that serialises its updates, and its snapshot.
@@ -188,8 +218,38 @@ impl Repo {
 pub struct Mirrors {
     settings: Settings,
     syncs: Arc<Semaphore>,
-    repos: parking_lot::Mutex<HashMap<PathBuf, Arc<Repo>>>,
+    /// Per upstream host (the first segment of a mirror's name), `max_syncs_per_host` slots.
+    host_syncs: parking_lot::Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Mirrors on disk, and those being created.
+    repos: Arc<parking_lot::Mutex<HashMap<PathBuf, Arc<Repo>>>>,
+    /// Failed creations by mirror and credentials: answered without asking the upstream again
+    /// for `failure_ttl`.
+    failures: Arc<TtlMap<FailureKey, Failure>>,
     tmp_counter: AtomicU64,
+}
+
+/// A mirror directory and a digest of the credentials its creation was tried with.
+type FailureKey = (PathBuf, Option<u64>);
+
+/// Why a creation failed, as remembered: only answers of the upstream that another request
+/// would get again, not transient failures.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    AuthRequired,
+    NotFound,
+}
+
+/// Failed creations remembered at most (see [`TtlMap`]).
+const MAX_FAILURES: usize = 10_000;
+
+fn failure_key(req: &Request) -> FailureKey {
+    use std::hash::{Hash, Hasher};
+    let digest = req.authorization.as_ref().map(|a| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        a.hash(&mut h);
+        h.finish()
+    });
+    (req.dir.clone(), digest)
 }
 
 /// A mirror to ensure: where it lives and where it comes from.
@@ -210,7 +270,9 @@ impl Mirrors {
     pub fn new(settings: Settings) -> Self {
         Mirrors {
             syncs: Arc::new(Semaphore::new(settings.max_syncs.max(1))),
+            failures: Arc::new(TtlMap::new(settings.failure_ttl, MAX_FAILURES)),
             settings,
+            host_syncs: Default::default(),
             repos: Default::default(),
             tmp_counter: AtomicU64::new(0),
         }
@@ -273,7 +335,7 @@ impl Mirrors {
         let repo = Arc::new(Repo {
             state: Arc::new(tokio::sync::Mutex::new(RepoState {
                 last_sync,
-                last_failure: None,
+                ..Default::default()
             })),
             snapshot: Default::default(),
         });
@@ -331,62 +393,51 @@ impl Mirrors {
     /// Make sure the mirror exists and is as fresh as `freshness` asks, creating or syncing it
     /// (one at a time per repository; concurrent callers wait for and share the result).
     pub async fn ensure(&self, req: &Request, freshness: Freshness) -> Result<Status, Error> {
-        let repo = self.repo(&req.dir);
-        let mut state = Arc::clone(&repo.state).lock_owned().await;
+        let started = Instant::now();
+        let key = failure_key(req);
+        let repo = loop {
+            // Before `repo()`: a remembered failure leaves no trace in the store.
+            if let Some(e) = self.remembered_failure(req, &key) {
+                return Err(e);
+            }
+            let repo = self.repo(&req.dir);
+            match self
+                .start_update(req, &key, freshness, &repo, started)
+                .await?
+            {
+                Step::Done(status) => return Ok(status),
+                Step::WaitUntil(t) => tokio::time::sleep_until(t.into()).await,
+                Step::Update(state, slots) => break (repo, state, slots),
+            }
+        };
+        let (repo, mut state, slots) = repo;
         let exists = crate::repo::exists(&req.dir);
-        let now = Instant::now();
-        if exists {
-            let fresh = match freshness {
-                Freshness::IfStale => state
-                    .last_sync
-                    .is_some_and(|t| now.duration_since(t) < self.settings.stale_after),
-                Freshness::SyncedAfter(since) => state.last_sync.is_some_and(|t| t > since),
-            };
-            if fresh {
-                return Ok(Status::Hit);
-            }
-            // A sync check: first pick up what others changed on disk, so that a mirror whose
-            // upstream fails is still served as it is now.
-            self.refresh(&repo, &req.dir).await;
-            let backing_off = state
-                .last_failure
-                .is_some_and(|t| now.duration_since(t) < self.settings.stale_after);
-            // A want-miss shares a failed attempt that started after it arrived, as it shares a
-            // successful one: waiting requests do not each retry a failing upstream.
-            let failed_since = |since: Instant| state.last_failure.is_some_and(|t| t > since);
-            match freshness {
-                Freshness::IfStale if backing_off => return Ok(Status::Stale),
-                Freshness::SyncedAfter(since) if failed_since(since) => return Ok(Status::Stale),
-                _ => {}
-            }
-        }
         let local = |message: String| Error::Local {
             name: req.name.clone(),
             message,
         };
-        let slot = Arc::clone(&self.syncs)
-            .acquire_owned()
-            .await
-            .map_err(|_| local("shutting down".into()))?;
+        if let Freshness::SyncedAfter(_) = freshness {
+            state.last_want_miss = Some(Instant::now());
+        }
         let owned = req.clone();
+        let owned_dir = req.dir.clone();
         let tmp = self.tmp_dir(&req.dir);
         let opts = self.settings.upstream.clone();
         let client = self.settings.client.clone();
         // The update runs in a task of its own that holds the repository's lock and the sync
         // slot: if this request goes away, the update still finishes and is recorded, and the
         // requests waiting for it see the outcome.
+        let failures = Arc::clone(&self.failures);
+        let repos = Arc::clone(&self.repos);
         let update = tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = slots;
             let started = Instant::now();
             let name = owned.name.clone();
             let current = repo.snapshot();
-            let listing = if exists {
-                // One request; gix's handshake lists again in the blocking part if the
-                // upstream does not take it.
-                upstream::ls_refs(&client, &owned.url, owned.authorization.as_deref(), &opts).await
-            } else {
-                Err(upstream::LsRefsError::Unsupported("a new mirror".into()))
-            };
+            // One request; gix's handshake lists again in the blocking part if the upstream
+            // does not take it. For a new mirror it tells an unknown repository (404) apart.
+            let listing =
+                upstream::ls_refs(&client, &owned.url, owned.authorization.as_deref(), &opts).await;
             let listing = match listing {
                 Ok(listing) => Ok(Some(listing)),
                 Err(upstream::LsRefsError::Unsupported(why)) => {
@@ -447,6 +498,19 @@ impl Mirrors {
                     );
                     Ok(status)
                 }
+                Err(e @ (upstream::Error::AuthRequired | upstream::Error::NotFound)) if !exists => {
+                    // Remembered, and forgotten as a mirror: an unknown repository or refused
+                    // credentials cost one upstream request per FAILURE_CACHE_TTL, and no
+                    // memory beyond the cache.
+                    let failure = match e {
+                        upstream::Error::AuthRequired => Failure::AuthRequired,
+                        _ => Failure::NotFound,
+                    };
+                    failures.insert(key, failure);
+                    repos.lock().remove(&owned_dir);
+                    crate::metrics::mirror_update("failed", started.elapsed(), 0);
+                    Err(e)
+                }
                 Err(upstream::Error::AuthRequired) => Err(upstream::Error::AuthRequired),
                 Err(e) if exists => {
                     state.last_failure = Some(started);
@@ -456,6 +520,7 @@ impl Mirrors {
                 }
                 Err(e) => {
                     crate::metrics::mirror_update("failed", started.elapsed(), 0);
+                    repos.lock().remove(&owned_dir);
                     Err(e)
                 }
             }
@@ -463,6 +528,7 @@ impl Mirrors {
         match update.await.map_err(|e| local(e.to_string()))? {
             Ok(status) => Ok(status),
             Err(upstream::Error::AuthRequired) => Err(Error::AuthRequired(req.name.clone())),
+            Err(upstream::Error::NotFound) => Err(Error::NotFound(req.name.clone())),
             Err(e) => Err(Error::Upstream {
                 name: req.name.clone(),
                 message: e.to_string(),
@@ -470,13 +536,133 @@ impl Mirrors {
         }
     }
 
+    /// Decide what `ensure` does next, under the repository's lock: nothing (fresh, or served
+    /// as it is), wait (want-miss backoff), or update, holding the lock and the sync slots.
+    async fn start_update(
+        &self,
+        req: &Request,
+        key: &FailureKey,
+        freshness: Freshness,
+        repo: &Arc<Repo>,
+        arrived: Instant,
+    ) -> Result<Step, Error> {
+        let exists = crate::repo::exists(&req.dir);
+        // A request that only needs some fresh mirror does not wait long for a sync to start:
+        // it is served the mirror as it is.
+        let patient = !(exists && matches!(freshness, Freshness::IfStale));
+        let wait_until = arrived + self.settings.sync_wait;
+        let lock = Arc::clone(&repo.state).lock_owned();
+        let mut state = if patient {
+            lock.await
+        } else {
+            match tokio::time::timeout_at(wait_until.into(), lock).await {
+                Ok(state) => state,
+                Err(_) => return Ok(Step::Done(Status::Stale)),
+            }
+        };
+        // The creation this request waited for may just have failed.
+        if let Some(e) = self.remembered_failure(req, key) {
+            return Err(e);
+        }
+        let now = Instant::now();
+        if exists {
+            let fresh = match freshness {
+                Freshness::IfStale => state
+                    .last_sync
+                    .is_some_and(|t| now.duration_since(t) < self.settings.stale_after),
+                Freshness::SyncedAfter(since) => state.last_sync.is_some_and(|t| t > since),
+            };
+            if fresh {
+                return Ok(Step::Done(Status::Hit));
+            }
+            // A sync check: first pick up what others changed on disk, so that a mirror whose
+            // upstream fails is still served as it is now.
+            self.refresh(repo, &req.dir).await;
+            let recently = |t: Option<Instant>, d: Duration| t.is_some_and(|t| now < t + d);
+            let backing_off = recently(state.last_failure, self.settings.stale_after)
+                || recently(state.last_busy, self.settings.sync_wait);
+            // A want-miss shares a failed attempt that started after it arrived, as it shares a
+            // successful one: waiting requests do not each retry a failing upstream.
+            let failed_since = |since: Instant| state.last_failure.is_some_and(|t| t > since);
+            match freshness {
+                Freshness::IfStale if backing_off => return Ok(Step::Done(Status::Stale)),
+                Freshness::SyncedAfter(since) if failed_since(since) => {
+                    return Ok(Step::Done(Status::Stale))
+                }
+                Freshness::SyncedAfter(_)
+                    if recently(state.last_want_miss, self.settings.want_miss_interval) =>
+                {
+                    // Back off: one want-miss sync per interval; the requests waiting now share
+                    // the next one.
+                    let next = state
+                        .last_want_miss
+                        .map_or(now, |t| t + self.settings.want_miss_interval);
+                    return Ok(Step::WaitUntil(next));
+                }
+                _ => {}
+            }
+        }
+        let slots = self.sync_slots(req);
+        let slots = if patient {
+            slots.await
+        } else {
+            match tokio::time::timeout_at(wait_until.into(), slots).await {
+                Ok(slots) => slots,
+                Err(_) => {
+                    state.last_busy = Some(Instant::now());
+                    tracing::info!(repo = %req.name, "no sync slot within SYNC_WAIT: serving the mirror as it is");
+                    return Ok(Step::Done(Status::Stale));
+                }
+            }
+        };
+        let slots = slots.map_err(|_| Error::Local {
+            name: req.name.clone(),
+            message: "shutting down".into(),
+        })?;
+        Ok(Step::Update(state, slots))
+    }
+
+    /// The remembered failure to create the mirror with these credentials, if it does not
+    /// exist (an operator may have placed it since).
+    fn remembered_failure(&self, req: &Request, key: &FailureKey) -> Option<Error> {
+        let failure = self.failures.get(key)?;
+        if crate::repo::exists(&req.dir) {
+            return None;
+        }
+        Some(match failure {
+            Failure::AuthRequired => Error::AuthRequired(req.name.clone()),
+            Failure::NotFound => Error::NotFound(req.name.clone()),
+        })
+    }
+
+    /// A slot of the mirror's upstream host, then a global one: requests for a host whose
+    /// slots are all taken (a hanging upstream) do not hold global slots while they wait.
+    async fn sync_slots(&self, req: &Request) -> Result<SyncSlots, tokio::sync::AcquireError> {
+        let host = req.name.split('/').next().unwrap_or_default();
+        let host_slots = Arc::clone(
+            self.host_syncs
+                .lock()
+                .entry(host.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(Semaphore::new(self.settings.max_syncs_per_host.max(1)))
+                }),
+        );
+        let host = host_slots.acquire_owned().await?;
+        let global = Arc::clone(&self.syncs).acquire_owned().await?;
+        Ok((host, global))
+    }
+
+    /// A temporary directory for a new mirror, directly under the root: nothing is created at
+    /// the mirror's place until the mirror is complete.
     fn tmp_dir(&self, dir: &Path) -> PathBuf {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        dir.with_file_name(format!("{TMP_PREFIX}{name}-{}-{n}", std::process::id()))
+        self.settings
+            .root
+            .join(format!("{TMP_PREFIX}{name}-{}-{n}", std::process::id()))
     }
 }
 

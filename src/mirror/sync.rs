@@ -76,14 +76,21 @@ pub(super) fn create(
         mark_synced(tmp)?;
         Ok(fetched)
     })();
-    let fetched =
-        match result.and_then(|f| std::fs::rename(tmp, &req.dir).map_err(local).map(|()| f)) {
-            Ok(fetched) => fetched,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(tmp);
-                return Err(e);
-            }
-        };
+    // The mirror's parent directories are made only now, for a mirror that exists.
+    let install = |fetched| {
+        if let Some(parent) = req.dir.parent() {
+            std::fs::create_dir_all(parent).map_err(local)?;
+        }
+        std::fs::rename(tmp, &req.dir).map_err(local)?;
+        Ok(fetched)
+    };
+    let fetched = match result.and_then(install) {
+        Ok(fetched) => fetched,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(tmp);
+            return Err(e);
+        }
+    };
     let snapshot = Snapshot::open(&req.dir, None).map_err(local)?;
     Ok(Outcome {
         status: Status::Clone,

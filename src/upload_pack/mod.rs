@@ -10,7 +10,7 @@ mod shallow;
 mod sideband;
 
 use std::io::{self, Write};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use gix::ObjectId;
 
@@ -100,6 +100,15 @@ impl Error {
     }
 }
 
+/// In a loop whose length the client controls: every 1024 items, stop if the interrupt flag
+/// is set (the client went away, or a time limit passed).
+pub(crate) fn check_interrupt(interrupt: &AtomicBool, i: usize) -> Result<(), Error> {
+    if i.is_multiple_of(1024) && i > 0 && interrupt.load(Ordering::Relaxed) {
+        return Err(pack::Error::Interrupted.into());
+    }
+    Ok(())
+}
+
 /// What a request produced, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -141,8 +150,10 @@ pub struct Context<'a> {
     pub repo: &'a gix::Repository,
     /// One object-database handle for all of the request's object work ([`pack::db`]).
     pub db: &'a pack::Db,
-    /// Set when the client went away: long work stops.
+    /// Set when the client went away or a time limit passed: long work stops.
     pub interrupt: &'a AtomicBool,
+    /// The answer's side of its time limits.
+    pub limits: &'a Limits,
     /// Settings.
     pub options: Options,
     /// The pack cache, if it is on, and the mirror's name for its keys.
@@ -154,6 +165,17 @@ pub struct Context<'a> {
     /// `NAK` — to show progress while it synced the mirror. Only for requests that need no
     /// acknowledgements and no shallow or wanted-refs section; errors then go on band 3.
     pub preamble_sent: bool,
+}
+
+/// An answer's time limits as the answer sees them; a watchdog outside enforces them by
+/// setting the interrupt flag.
+#[derive(Debug, Default)]
+pub struct Limits {
+    /// Set once the pack (or what directly precedes it) streams: the limit on computing no
+    /// longer applies.
+    pub streaming: AtomicBool,
+    /// Set by the watchdog, before the interrupt flag, when a limit passed.
+    pub timed_out: AtomicBool,
 }
 
 /// The `info/refs` answer for `version`, in pieces that share the snapshot's prebuilt bytes.
@@ -184,7 +206,7 @@ pub fn ls_refs(snapshot: &repo::Snapshot, args: &v2::LsRefs) -> (Vec<u8>, Outcom
 
 /// Serve one v2 command, writing the answer to `out`.
 pub fn serve_v2(ctx: &Context<'_>, req: &v2::Request, out: impl Write) -> Result<Outcome, Error> {
-    respond(out, ctx.preamble_sent, |out| match &req.command {
+    respond(out, ctx, |out| match &req.command {
         v2::Command::LsRefs(args) => {
             let (buf, outcome) = ls_refs(ctx.snapshot, args);
             out.write_all(&buf)?;
@@ -198,21 +220,26 @@ pub fn serve_v2(ctx: &Context<'_>, req: &v2::Request, out: impl Write) -> Result
 /// sideband 3 inside it (unless the failure was writing to the client).
 fn respond<W: Write>(
     out: W,
-    preamble_sent: bool,
+    ctx: &Context<'_>,
     serve: impl FnOnce(&mut Response<W>) -> Result<Outcome, Error>,
 ) -> Result<Outcome, Error> {
     let mut out = Response {
         out,
-        pack_started: preamble_sent,
-        band_errors: preamble_sent,
+        pack_started: ctx.preamble_sent,
+        band_errors: ctx.preamble_sent,
     };
     let result = serve(&mut out);
     if let Err(e) = &result {
+        let message = if ctx.limits.timed_out.load(Ordering::Relaxed) {
+            "upload-pack: the request took too long and was stopped".to_owned()
+        } else {
+            e.client_message()
+        };
         let mut buf = Vec::new();
         if !out.pack_started {
-            pktline::err(&mut buf, &e.client_message());
+            pktline::err(&mut buf, &message);
         } else if out.band_errors && !matches!(e, Error::Io(_)) {
-            pktline::band(&mut buf, 3, format!("{}\n", e.client_message()).as_bytes());
+            pktline::band(&mut buf, 3, format!("{message}\n").as_bytes());
             pktline::flush(&mut buf);
         }
         // The client may be gone; the error is returned for logging either way.
@@ -245,7 +272,8 @@ fn fetch_v2<W: Write>(
     args: &v2::Fetch,
     out: &mut Response<W>,
 ) -> Result<Outcome, Error> {
-    for want in &args.wants {
+    for (i, want) in args.wants.iter().enumerate() {
+        check_interrupt(ctx.interrupt, i)?;
         if !ctx.repo.has_object(want) {
             return Err(Error::NotOurRef(*want));
         }
@@ -268,7 +296,8 @@ fn fetch_v2<W: Write>(
         ));
     }
     let mut neg = Negotiator::new(ctx.repo, ctx.db, &wants, ctx.interrupt);
-    for have in &args.haves {
+    for (i, have) in args.haves.iter().enumerate() {
+        check_interrupt(ctx.interrupt, i)?;
         neg.have(*have)?;
     }
     let mut lines = Vec::new();
@@ -378,7 +407,7 @@ pub fn early_preamble_v0(r: &v0::Request) -> Option<Vec<u8>> {
 
 /// Serve one stateless v0/v1 request, writing the answer to `out`.
 pub fn serve_v0(ctx: &Context<'_>, req: &v0::Request, out: impl Write) -> Result<Outcome, Error> {
-    respond(out, ctx.preamble_sent, |out| fetch_v0(ctx, req, out))
+    respond(out, ctx, |out| fetch_v0(ctx, req, out))
 }
 
 fn fetch_v0<W: Write>(
@@ -409,7 +438,8 @@ fn fetch_v0<W: Write>(
     let (mut got_common, mut got_other, mut sent_ready) = (false, false, false);
     let mut last = None;
     // This follows git's get_common_commits() for one stateless round.
-    for have in &req.haves {
+    for (i, have) in req.haves.iter().enumerate() {
+        check_interrupt(ctx.interrupt, i)?;
         match neg.have(*have)? {
             Have::Missing => {
                 got_other = true;
@@ -493,7 +523,8 @@ fn check_reachable_wants(ctx: &Context<'_>, wants: &[ObjectId]) -> Result<(), Er
     let db = ctx.db;
     let mut commits = pack::walk::Commits::new(db, Default::default());
     let (mut commit_wants, mut other_wants) = (Vec::new(), Vec::new());
-    for want in wants.iter().filter(|w| !snapshot.is_tip(w)) {
+    for (i, want) in wants.iter().filter(|w| !snapshot.is_tip(w)).enumerate() {
+        check_interrupt(ctx.interrupt, i)?;
         match ctx.repo.find_header(*want).map(|h| h.kind()) {
             Ok(gix::object::Kind::Commit) => commit_wants.push(*want),
             Ok(_) => other_wants.push(*want),
@@ -677,6 +708,7 @@ fn begin_pack<W: Write>(
         }
         out.write_all(&preamble)?;
     }
+    ctx.limits.streaming.store(true, Ordering::Relaxed);
     out.pack_started = true;
     out.band_errors = args.sideband.is_some();
     Ok(())

@@ -2,7 +2,7 @@
 //! stop ("ready"). Mirrors git's `upload-pack.c` (`got_oid`, `ok_to_give_up`).
 
 use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use gix::hashtable::{HashMap, HashSet};
 use gix::objs::{FindHeader, Kind};
@@ -66,9 +66,6 @@ struct Node {
     /// Whether it is a want.
     want: bool,
 }
-
-/// How often (in commits) the interrupt flag is checked.
-const INTERRUPT_CHECK_INTERVAL: usize = 1024;
 
 impl<'r> Negotiator<'r> {
     /// Start negotiating for `wants` on `repo`, reading commits through `db`; `interrupt` stops
@@ -166,11 +163,7 @@ impl<'r> Negotiator<'r> {
                 return Ok(false);
             };
             expanded += 1;
-            if expanded.is_multiple_of(INTERRUPT_CHECK_INTERVAL)
-                && self.interrupt.load(Ordering::Relaxed)
-            {
-                return Err(crate::pack::Error::Interrupted.into());
-            }
+            super::check_interrupt(self.interrupt, expanded)?;
             if self.graph.get(&id).is_some_and(|n| n.reaches) {
                 // Its descendants are marked already; its ancestry cannot add anything.
                 continue;

@@ -45,7 +45,8 @@ pub fn compute(
     // The client's boundary; objects we do not have are ignored, as git does.
     let mut client = Vec::new();
     let mut client_set = HashSet::default();
-    for id in &deepen.shallows {
+    for (i, id) in deepen.shallows.iter().enumerate() {
+        super::check_interrupt(interrupt, i)?;
         match db
             .try_header(id)
             .map_err(Error::git("reading a shallow commit"))?
@@ -71,8 +72,10 @@ pub fn compute(
     let want_commits = peel_all(&mut commits, wants)?;
     let (candidates, not_shallow) = match deepen.depth {
         Some(depth) if depth >= INFINITE_DEPTH => (Vec::new(), client_set.clone()),
-        Some(depth) if deepen.relative => by_depth(&mut commits, &client, depth.saturating_add(1))?,
-        Some(depth) => by_depth(&mut commits, &want_commits, depth)?,
+        Some(depth) if deepen.relative => {
+            by_depth(&mut commits, &client, depth.saturating_add(1), interrupt)?
+        }
+        Some(depth) => by_depth(&mut commits, &want_commits, depth, interrupt)?,
         None => {
             let mut hidden = Vec::new();
             for name in &deepen.not {
@@ -123,6 +126,7 @@ fn by_depth(
     commits: &mut Commits<'_>,
     heads: &[ObjectId],
     depth: u32,
+    interrupt: &AtomicBool,
 ) -> Result<(Vec<ObjectId>, HashSet<ObjectId>), Error> {
     let mut depths: HashMap<ObjectId, u32> = HashMap::default();
     let mut result = Vec::new();
@@ -130,6 +134,7 @@ fn by_depth(
     let mut stack: Vec<ObjectId> = Vec::new();
     let mut heads = heads.iter();
     let mut current: Option<(ObjectId, u32)> = None;
+    let mut visits = 0usize;
     loop {
         let (id, mut cur_depth) = match current.take() {
             Some(c) => c,
@@ -144,6 +149,9 @@ fn by_depth(
                 },
             },
         };
+        // A commit is visited again when reached by a shorter path: the count is of visits.
+        visits += 1;
+        super::check_interrupt(interrupt, visits)?;
         cur_depth += 1;
         if cur_depth >= depth {
             result.push(id);

@@ -128,7 +128,22 @@ pub struct Background {
 }
 
 impl Background {
+    /// Serve an axum application with `axum::serve`.
     pub fn serve(app: axum::Router) -> Background {
+        Background::start(move |listener, shutdown| async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .expect("serve")
+        })
+    }
+
+    /// Run `serve` on a listener of its own until the returned value is dropped.
+    pub fn start<F, Fut>(serve: F) -> Background
+    where
+        F: FnOnce(tokio::net::TcpListener, ShutdownSignal) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -144,12 +159,13 @@ impl Background {
                 addr_tx
                     .send(listener.local_addr().expect("addr"))
                     .expect("send addr");
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
+                serve(
+                    listener,
+                    Box::pin(async {
                         let _ = shutdown_rx.await;
-                    })
-                    .await
-                    .expect("serve");
+                    }),
+                )
+                .await
             });
         });
         let addr = addr_rx.recv().expect("server address");
@@ -160,6 +176,9 @@ impl Background {
         }
     }
 }
+
+/// Completes when a [`Background`] server is to stop.
+pub type ShutdownSignal = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 impl Drop for Background {
     fn drop(&mut self) {
@@ -197,7 +216,13 @@ impl Server {
         config.allowed_upstreams = format!("http://{HOST}");
         adjust(&mut config);
         let state = AppState::new(config);
-        let background = Background::serve(http::router(state.clone()));
+        let serving = state.clone();
+        // The proxy's own server loop, with its connection limits and timeouts.
+        let background = Background::start(move |listener, shutdown| async move {
+            http::serve(listener, serving, shutdown)
+                .await
+                .expect("serve")
+        });
         Server {
             addr: background.addr,
             mirror,
