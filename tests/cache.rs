@@ -290,27 +290,6 @@ fn eviction_keeps_the_cache_under_its_size_and_evicted_packs_are_made_again() {
     );
 }
 
-/// A tmpfs of `size` mounted at `dir` for the test's lifetime (root only; `None` elsewhere).
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Tmpfs(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_disk_bypasses_the_cache() {
     let mirror = tempfile::tempdir().unwrap();

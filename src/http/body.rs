@@ -132,17 +132,30 @@ impl Drop for ResponseStream {
 /// so that such a client cannot hold a pack slot forever.
 const CLIENT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// How often a writer blocked on a full channel looks at the interrupt flag.
+const INTERRUPT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// The producer's end: a blocking `io::Write` over the channel. A write blocks while the
-/// channel is full, and fails once the receiver is gone or the client stalled too long.
+/// channel is full, and fails once the receiver is gone, the client stalled too long, or the
+/// interrupt flag is set (a time limit passed while the client was not reading).
 pub struct ChannelWriter {
     tx: mpsc::Sender<Chunk>,
     runtime: tokio::runtime::Handle,
+    interrupt: Arc<AtomicBool>,
 }
 
 impl ChannelWriter {
     /// Write into `tx`, waiting on `runtime`'s timers.
-    pub fn new(tx: mpsc::Sender<Chunk>, runtime: tokio::runtime::Handle) -> Self {
-        ChannelWriter { tx, runtime }
+    pub fn new(
+        tx: mpsc::Sender<Chunk>,
+        runtime: tokio::runtime::Handle,
+        interrupt: Arc<AtomicBool>,
+    ) -> Self {
+        ChannelWriter {
+            tx,
+            runtime,
+            interrupt,
+        }
     }
 }
 
@@ -151,21 +164,34 @@ impl Write for ChannelWriter {
         if buf.is_empty() {
             return Ok(0);
         }
-        let send = self.tx.send(Ok(Bytes::copy_from_slice(buf)));
-        match self
-            .runtime
-            .block_on(tokio::time::timeout(CLIENT_STALL_TIMEOUT, send))
-        {
-            Ok(Ok(())) => Ok(buf.len()),
-            Ok(Err(_)) => Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "client disconnected",
-            )),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "client stopped reading",
-            )),
-        }
+        let started = std::time::Instant::now();
+        let (tx, interrupt) = (&self.tx, &self.interrupt);
+        let permit = self.runtime.block_on(async {
+            loop {
+                match tokio::time::timeout(INTERRUPT_POLL, tx.reserve()).await {
+                    Ok(Ok(permit)) => return Ok(permit),
+                    Ok(Err(_)) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "client disconnected",
+                        ))
+                    }
+                    // Not `ErrorKind::Interrupted`, which `write_all` retries.
+                    Err(_) if interrupt.load(Ordering::Relaxed) => {
+                        return Err(io::Error::other("stopped: a time limit passed"))
+                    }
+                    Err(_) if started.elapsed() >= CLIENT_STALL_TIMEOUT => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "client stopped reading",
+                        ))
+                    }
+                    Err(_) => {}
+                }
+            }
+        })?;
+        permit.send(Ok(Bytes::copy_from_slice(buf)));
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -859,7 +859,7 @@ fn start_pack(
         let _entered = task_span.enter();
         let _watchdog = AbortOnDrop(watchdog);
         let _stream = slots.stream;
-        let out = ChannelWriter::new(tx, runtime);
+        let out = ChannelWriter::new(tx, runtime, Arc::clone(&interrupt));
         let repo = snapshot.repo();
         let db = crate::pack::db(&repo);
         let ctx = upload_pack::Context {

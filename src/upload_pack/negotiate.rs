@@ -54,6 +54,8 @@ pub struct Negotiator<'r> {
     pending: BinaryHeap<(i64, ObjectId)>,
     /// Haves recorded since readiness was last computed.
     new_haves: Vec<ObjectId>,
+    /// Commits whose parents were read, over the whole negotiation.
+    expanded: usize,
 }
 
 /// A commit reachable from the wants.
@@ -88,12 +90,19 @@ impl<'r> Negotiator<'r> {
             graph: HashMap::default(),
             pending: BinaryHeap::new(),
             new_haves: Vec::new(),
+            expanded: 0,
         }
     }
 
     /// The haves acknowledged so far.
     pub fn common(&self) -> &[ObjectId] {
         &self.common
+    }
+
+    /// How many commits the readiness checks expanded (read the parents of), in all: at most
+    /// the commits reachable from the wants, however many haves there were.
+    pub fn expanded(&self) -> usize {
+        self.expanded
     }
 
     /// Record a `have`.
@@ -153,7 +162,6 @@ impl<'r> Negotiator<'r> {
             }
         }
         let min_time = self.oldest_have.unwrap_or(i64::MIN);
-        let mut expanded = 0usize;
         while self.wants_left.is_some_and(|n| n > 0) {
             match self.pending.peek() {
                 Some(&(time, _)) if time >= min_time => {}
@@ -162,8 +170,8 @@ impl<'r> Negotiator<'r> {
             let Some((_, id)) = self.pending.pop() else {
                 return Ok(false);
             };
-            expanded += 1;
-            super::check_interrupt(self.interrupt, expanded)?;
+            self.expanded += 1;
+            super::check_interrupt(self.interrupt, self.expanded)?;
             if self.graph.get(&id).is_some_and(|n| n.reaches) {
                 // Its descendants are marked already; its ancestry cannot add anything.
                 continue;

@@ -443,3 +443,86 @@ pub fn fetch_into_new_repo(url: &str, what: &str, extra: &[&str]) -> (tempfile::
     let out = git_output(work.path(), &a, &[]);
     (work, out)
 }
+
+/// A tmpfs of `size` mounted at `dir` for the test's lifetime (root only; `None` elsewhere).
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The real binary, started as the README says on 127.0.0.1 with an ephemeral port, over
+/// `mirror_dir` with extra settings `env`; killed when dropped, however the test ends.
+pub struct Running {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Running {
+    pub fn start(mirror_dir: &Path, env: &[(&str, &str)]) -> Running {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+            .env("MIRROR_DIR", mirror_dir)
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("LOG_LEVEL", "info")
+            .envs(env.iter().copied())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut running = Running {
+            child,
+            addr: String::new(),
+        };
+        let mut lines = BufReader::new(stderr).lines();
+        running.addr = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                l.contains("listening")
+                    .then(|| {
+                        l.split("addr=")
+                            .nth(1)?
+                            .split_whitespace()
+                            .next()
+                            .map(str::to_owned)
+                    })
+                    .flatten()
+            })
+            .expect("the server logs its address");
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        running
+    }
+
+    /// A line of `/proc/<pid>/status`, in KiB (`VmRSS`, `VmHWM`).
+    pub fn status_kib(&self, key: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or_else(|| panic!("{key} in /proc status"))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
