@@ -91,7 +91,7 @@ pub struct Config {
     pub sync_wait: humantime::Duration,
     /// At most one want-miss sync (a client asking for an object the mirror lacks) per
     /// repository per this interval; later want-misses wait for it and share it.
-    #[arg(long, env = "WANT_MISS_SYNC_INTERVAL", default_value = "5s")]
+    #[arg(long, env = "WANT_MISS_SYNC_INTERVAL", default_value = "2s")]
     pub want_miss_sync_interval: humantime::Duration,
     /// How long a failed mirror creation (an unknown repository, refused credentials, an
     /// upstream error) is remembered and answered without asking the upstream again.
@@ -329,7 +329,7 @@ impl Config {
             max_concurrent_syncs: 4,
             max_concurrent_syncs_per_host: None,
             sync_wait: Duration::from_secs(5).into(),
-            want_miss_sync_interval: Duration::from_secs(5).into(),
+            want_miss_sync_interval: Duration::from_secs(2).into(),
             failure_cache_ttl: Duration::from_secs(30).into(),
             upstream_connect_timeout: Duration::from_secs(10).into(),
             upstream_stall_timeout: Duration::from_secs(60).into(),
@@ -422,6 +422,42 @@ mod tests {
         assert_eq!(
             c.validate().unwrap_err().to_string(),
             "PACK_COMPRESSION_LEVEL must be 0 to 9, not 10"
+        );
+        let mut c = Config::new("/m");
+        c.max_buffered_bodies = ByteSize::mib(1);
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "MAX_BUFFERED_BODIES must be at least MAX_REQUEST_BODY"
+        );
+    }
+
+    /// The defaults the README documents, as the command line gives them and as
+    /// `Config::new` does.
+    #[test]
+    fn limits_have_the_documented_defaults() {
+        let parsed = Config::try_parse_from(["x", "--mirror-dir", "/m"]).unwrap();
+        for c in [parsed, Config::new("/m")] {
+            assert_eq!(c.max_request_body, ByteSize::mib(64));
+            assert_eq!(c.max_buffered_bodies, ByteSize::mib(256));
+            assert_eq!(*c.header_read_timeout, Duration::from_secs(30));
+            assert_eq!(*c.body_read_timeout, Duration::from_secs(60));
+            assert_eq!(c.max_connections, 4096);
+            assert_eq!(*c.queue_timeout, Duration::from_secs(60));
+            assert_eq!(*c.compute_timeout, Duration::from_secs(300));
+            assert_eq!(*c.request_timeout, Duration::from_secs(3600));
+            assert_eq!(*c.sync_wait, Duration::from_secs(5));
+            assert_eq!(*c.want_miss_sync_interval, Duration::from_secs(2));
+            assert_eq!(*c.failure_cache_ttl, Duration::from_secs(30));
+            assert_eq!(c.syncs_per_host(), 3, "MAX_CONCURRENT_SYNCS - 1");
+        }
+        let mut c = Config::new("/m");
+        c.max_concurrent_syncs = 1;
+        assert_eq!(c.syncs_per_host(), 1);
+        c.max_concurrent_syncs_per_host = Some(9);
+        assert_eq!(
+            c.syncs_per_host(),
+            1,
+            "never more than MAX_CONCURRENT_SYNCS"
         );
     }
 }
