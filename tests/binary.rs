@@ -8,10 +8,7 @@ use common::*;
 
 #[test]
 fn the_binary_serves_a_clone() {
-    let mirror = tempfile::tempdir().unwrap();
-    let repo_dir = mirror.path().join("127.0.0.1:9/basic.git");
-    std::fs::create_dir_all(repo_dir.parent().unwrap()).unwrap();
-    build_fixture("basic", &repo_dir);
+    let (mirror, repo_dir) = seeded_mirror("basic");
     let running = Running::start(
         mirror.path(),
         &[("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")],

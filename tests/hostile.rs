@@ -61,10 +61,7 @@ fn gzip_bomb(count: u64) -> Vec<u8> {
 /// budget is spent, and the process's peak memory stays near the budget.
 #[test]
 fn concurrent_gzip_bombs_keep_memory_bounded() {
-    let mirror = tempfile::tempdir().unwrap();
-    let repo_dir = mirror.path().join("127.0.0.1:9/basic.git");
-    std::fs::create_dir_all(repo_dir.parent().unwrap()).unwrap();
-    build_fixture("basic", &repo_dir);
+    let (mirror, _) = seeded_mirror("basic");
     let running = Running::start(
         mirror.path(),
         &[

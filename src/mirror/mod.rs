@@ -149,6 +149,7 @@ type SyncSlots = (
 /// What `ensure` does next.
 enum Step {
     Done(Status),
+    Retry,
     WaitUntil(Instant),
     Update(tokio::sync::OwnedMutexGuard<RepoState>, SyncSlots),
 }
@@ -406,6 +407,7 @@ impl Mirrors {
                 .await?
             {
                 Step::Done(status) => return Ok(status),
+                Step::Retry => {}
                 Step::WaitUntil(t) => tokio::time::sleep_until(t.into()).await,
                 Step::Update(state, slots) => break (repo, state, slots),
             }
@@ -560,9 +562,18 @@ impl Mirrors {
                 Err(_) => return Ok(Step::Done(Status::Stale)),
             }
         };
-        // The creation this request waited for may just have failed.
+        // The creation this request waited for may just have failed: remembered, or forgotten
+        // (the store dropped this entry; another request may have made a new one).
         if let Some(e) = self.remembered_failure(req, key) {
             return Err(e);
+        }
+        let current = self
+            .repos
+            .lock()
+            .get(&req.dir)
+            .is_some_and(|r| Arc::ptr_eq(r, repo));
+        if !current {
+            return Ok(Step::Retry);
         }
         let now = Instant::now();
         if exists {

@@ -444,6 +444,16 @@ pub fn fetch_into_new_repo(url: &str, what: &str, extra: &[&str]) -> (tempfile::
     (work, out)
 }
 
+/// A mirror directory holding fixture `name` as `{HOST}/{name}.git`, for the binary to serve;
+/// and that repository's path.
+pub fn seeded_mirror(name: &str) -> (TempDir, PathBuf) {
+    let mirror = tempfile::tempdir().unwrap();
+    let repo_dir = mirror.path().join(HOST).join(format!("{name}.git"));
+    std::fs::create_dir_all(repo_dir.parent().unwrap()).unwrap();
+    build_fixture(name, &repo_dir);
+    (mirror, repo_dir)
+}
+
 /// A tmpfs of `size` mounted at `dir` for the test's lifetime (root only; `None` elsewhere).
 pub struct Tmpfs(PathBuf);
 
