@@ -133,10 +133,7 @@ fn plan_for(db: &pack::Db, wants: &[ObjectId], common: &[ObjectId]) -> Plan {
 }
 
 fn clone_plan(plan: &Plan) -> Plan {
-    Plan {
-        counts: plan.counts.clone(),
-        stats: plan.stats,
-    }
+    plan.clone()
 }
 
 fn write_opts() -> WriteOptions {

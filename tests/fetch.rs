@@ -290,3 +290,91 @@ fn v2_clients_fetch_named_refs_with_want_ref() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-branch"));
 }
+
+/// The pack of a v2 fetch answer: band 1 of the `packfile` section.
+fn packfile(answer: &[u8]) -> Vec<u8> {
+    let lines = pkt_payloads(answer);
+    let start = lines
+        .iter()
+        .position(|l| *l == b"packfile\n")
+        .expect("packfile section");
+    lines[start + 1..]
+        .iter()
+        .filter(|l| l.first() == Some(&1))
+        .flat_map(|l| l[1..].to_vec())
+        .collect()
+}
+
+/// A client with part of the history fetches the rest: with `thin-pack` it receives deltas
+/// against objects it has (and only those: `index-pack --fix-thin` completes the pack from its
+/// own objects, and the result is whole), a smaller pack than without.
+#[test]
+fn thin_packs_hold_deltas_against_what_the_client_has() {
+    let server = Server::start_with(|c| c.pack_cache_max_size = bytesize::ByteSize::b(0));
+    let url = server.serve_fixture("large");
+    let served = fixture("large");
+    let (tip, old) = (
+        git(&served, &["rev-parse", "main"]).trim().to_owned(),
+        git(&served, &["rev-parse", "main~50"]).trim().to_owned(),
+    );
+    // The client: the history up to main~50, nothing else.
+    let work = tempfile::tempdir().unwrap();
+    let client = work.path();
+    git(client, &["init", "-q", "--bare"]);
+    git(
+        client,
+        &["fetch", "-q", &url, &format!("{old}:refs/heads/main")],
+    );
+    let fetch = |thin: bool| {
+        let mut lines = vec!["command=fetch", "0001", "ofs-delta", "no-progress"];
+        if thin {
+            lines.push("thin-pack");
+        }
+        let (want, have) = (format!("want {tip}"), format!("have {old}"));
+        lines.extend([want.as_str(), have.as_str(), "done", "0000"]);
+        let reply = request(
+            server.addr,
+            "POST",
+            &format!("/{HOST}/large/git-upload-pack"),
+            &[("Git-Protocol", "version=2")],
+            &pkt(&lines),
+        );
+        assert_eq!(reply.status, 200);
+        packfile(&reply.body)
+    };
+    let (thin, whole) = (fetch(true), fetch(false));
+    eprintln!(
+        "50 commits behind: thin pack {} bytes, whole {} bytes",
+        thin.len(),
+        whole.len()
+    );
+    assert!(
+        thin.len() < whole.len(),
+        "{} vs {}",
+        thin.len(),
+        whole.len()
+    );
+    for (pack, fix_thin) in [(&whole, false), (&thin, true)] {
+        let mut args = vec!["index-pack", "--stdin", "-v"];
+        if fix_thin {
+            args.push("--fix-thin");
+        }
+        let mut child = std::process::Command::new("git")
+            .current_dir(client)
+            .args(&args)
+            .envs(git_env())
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(pack).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert_eq!(stderr.contains("completed with"), fix_thin, "{stderr}");
+    }
+    git(client, &["update-ref", "refs/heads/main", &tip]);
+    assert_fsck(client);
+}

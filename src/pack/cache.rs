@@ -75,6 +75,8 @@ pub struct KeyParts<'a> {
     pub filter: Option<&'a str>,
     /// Whether in-pack deltas are written as offset deltas.
     pub ofs_delta: bool,
+    /// Whether deltas against the client's objects may be sent (a thin pack).
+    pub thin: bool,
     /// The zlib level of recompressed objects.
     pub compression: i32,
 }
@@ -108,7 +110,7 @@ impl KeyParts<'_> {
             .collect();
         field("tags", &tags);
         field("filter", self.filter.unwrap_or("").as_bytes());
-        field("options", &[u8::from(self.ofs_delta)]);
+        field("options", &[u8::from(self.ofs_delta), u8::from(self.thin)]);
         field("compression", &self.compression.to_be_bytes());
         let request = h
             .try_finalize()
@@ -685,6 +687,7 @@ mod tests {
             tags: &[],
             filter: None,
             ofs_delta: true,
+            thin: false,
             compression: 6,
         }
     }
@@ -738,6 +741,9 @@ mod tests {
         let mut other = parts(&a_only, "m");
         other.ofs_delta = false;
         assert_ne!(parts(&[a], "m").key(), other.key());
+        let mut thin = parts(&a_only, "m");
+        thin.thin = true;
+        assert_ne!(parts(&[a], "m").key(), thin.key());
         // Wants and haves do not blend: the same ids in another role are another pack.
         let a_list = [a];
         let mut swapped = parts(&[], "m");

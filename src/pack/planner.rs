@@ -27,6 +27,9 @@ pub struct Selection<'a> {
     pub shallow: &'a [ObjectId],
     /// Partial-clone filter for the objects that are not wanted directly.
     pub filter: Option<&'a Filter>,
+    /// The client takes a thin pack: deltas against objects it has. Only honoured without a
+    /// filter, since a partial clone may lack the blobs of its own commits.
+    pub thin: bool,
 }
 
 /// How many objects of each kind the plan holds.
@@ -59,12 +62,15 @@ impl Stats {
 }
 
 /// The objects of a pack, each known to exist, with their pack locations resolved.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Plan {
     /// One entry per object, ready for gix-pack.
     pub counts: Vec<Count>,
     /// Totals by kind.
     pub stats: Stats,
+    /// For a thin pack: the objects a delta may be written against by id — those sent, and
+    /// those the client is known to have (the trees and blobs of the common boundary).
+    pub thin_bases: Option<HashSet<ObjectId>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -166,6 +172,15 @@ pub fn plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Plan
                 }
             }
         }
+    }
+    if sel.thin && sel.filter.is_none() && !sel.common.is_empty() {
+        let bases = p
+            .marks
+            .iter()
+            .filter(|(_, m)| matches!(m, Mark::Uninteresting | Mark::Sent))
+            .map(|(id, _)| *id)
+            .collect();
+        p.plan.thin_bases = Some(bases);
     }
     Ok(p.plan)
 }

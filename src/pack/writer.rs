@@ -29,6 +29,8 @@ pub struct WriteStats {
     pub objects: usize,
     /// Entries written as deltas (copied from an existing pack).
     pub deltas: usize,
+    /// Of those, deltas against an object the client has, outside the pack (a thin pack).
+    pub thin_deltas: usize,
     /// Bytes written, trailer included.
     pub bytes: u64,
 }
@@ -44,13 +46,16 @@ pub fn write(
 ) -> Result<WriteStats, Error> {
     let num_objects = u32::try_from(plan.counts.len())
         .map_err(|_| Error::Write("too many objects for one pack".into()))?;
+    let thin_bases = plan.thin_bases;
     let entries = output::entry::iter_from_counts(
         plan.counts,
-        db,
+        db.clone(),
         Box::new(gix::progress::Discard),
         output::entry::iter_from_counts::Options {
             thread_limit: opts.thread_limit,
-            allow_thin_pack: false,
+            // gix then keeps every delta whose base is outside the pack as a ref-delta, without
+            // knowing whether the client has that base: those are checked below.
+            allow_thin_pack: thin_bases.is_some(),
             compression: opts.compression,
             ..Default::default()
         },
@@ -61,6 +66,7 @@ pub fn write(
     let mut ids: Vec<ObjectId> = Vec::new();
     let ofs_delta = opts.ofs_delta;
     let stats_ref = &mut stats;
+    let mut buf = Vec::new();
     let entries = gix::parallel::InOrderIter::from(entries).map(move |chunk| {
         if interrupt.load(Ordering::Relaxed) {
             return Err(gix::error::message("interrupted").into());
@@ -68,13 +74,25 @@ pub fn write(
         let mut chunk = chunk?;
         for entry in &mut chunk {
             stats_ref.objects += 1;
-            if let EntryKind::DeltaRef { object_index } = entry.kind {
-                stats_ref.deltas += 1;
-                if !ofs_delta {
-                    entry.kind = EntryKind::DeltaOid {
-                        id: ids[object_index],
-                    };
+            match entry.kind {
+                EntryKind::DeltaRef { object_index } => {
+                    stats_ref.deltas += 1;
+                    if !ofs_delta {
+                        entry.kind = EntryKind::DeltaOid {
+                            id: ids[object_index],
+                        };
+                    }
                 }
+                EntryKind::DeltaOid { id } => {
+                    if thin_bases.as_ref().is_some_and(|b| b.contains(&id)) {
+                        stats_ref.deltas += 1;
+                        stats_ref.thin_deltas += 1;
+                    } else {
+                        // A base the client may lack: the object goes whole.
+                        *entry = whole(&db, entry.id, &mut buf, opts.compression)?;
+                    }
+                }
+                EntryKind::Base(_) => {}
             }
             if !ofs_delta {
                 ids.push(entry.id);
@@ -103,4 +121,18 @@ pub fn write(
     drop(writer);
     stats.bytes = bytes;
     Ok(stats)
+}
+
+/// Object `id` as a whole (non-delta) entry.
+fn whole(
+    db: &Db,
+    id: ObjectId,
+    buf: &mut Vec<u8>,
+    compression: gix::zlib::Compression,
+) -> gix::Result<output::Entry> {
+    use gix_pack::Find;
+    let (data, location) = db
+        .try_find(&id, buf)?
+        .ok_or_else(|| gix::error::message!("object {id} vanished while writing the pack"))?;
+    output::Entry::from_data(&output::Count::from_data(id, location), &data, compression)
 }

@@ -344,6 +344,7 @@ fn fetch_v2<W: Write>(
         filter: args.filter.as_ref(),
         tags: include_tag_candidates(args.include_tag, refs),
         ofs_delta: args.ofs_delta,
+        thin: args.thin_pack,
         progress: !args.no_progress,
         sideband: Some(LARGE_BAND_PAYLOAD),
     };
@@ -505,6 +506,7 @@ fn fetch_v0<W: Write>(
         filter: req.filter.as_ref(),
         tags: include_tag_candidates(caps.include_tag, refs),
         ofs_delta: caps.ofs_delta,
+        thin: caps.thin_pack,
         progress: !caps.no_progress,
         sideband: match caps.sideband {
             v0::Sideband::None => None,
@@ -569,6 +571,8 @@ struct PackArgs<'a> {
     /// `include-tag` candidates.
     tags: Vec<(ObjectId, ObjectId)>,
     ofs_delta: bool,
+    /// `thin-pack`: deltas against objects the client has may go out as ref-deltas.
+    thin: bool,
     progress: bool,
     /// Payload size of sideband packets; `None` for a raw pack.
     sideband: Option<usize>,
@@ -602,6 +606,7 @@ fn send_pack<W: Write>(
         tags: &args.tags,
         shallow: &args.shallow.grafts,
         filter: args.filter,
+        thin: args.thin,
     };
     let opts = pack::WriteOptions {
         ofs_delta: args.ofs_delta,
@@ -618,6 +623,7 @@ fn send_pack<W: Write>(
             tags: &args.tags,
             filter: filter.as_deref(),
             ofs_delta: args.ofs_delta,
+            thin: args.thin,
             compression: ctx.options.compression.level(),
         }
         .key();
@@ -665,7 +671,7 @@ fn send_pack<W: Write>(
         ))?;
     }
     sb.finish()?;
-    tracing::debug!(?planned, written = ?started.elapsed() - planned, objects = written.objects, "pack sent");
+    tracing::debug!(?planned, written = ?started.elapsed() - planned, objects = written.objects, thin_deltas = written.thin_deltas, "pack sent");
     Ok(Outcome::Pack {
         objects: written.objects,
         bytes: written.bytes,
@@ -774,6 +780,7 @@ fn generate(
     let tags = selection.tags.to_vec();
     let shallow = selection.shallow.to_vec();
     let filter = selection.filter.cloned();
+    let thin = selection.thin;
     let span = tracing::Span::current();
     let run = move || {
         let _slot = slot;
@@ -784,6 +791,7 @@ fn generate(
             tags: &tags,
             shallow: &shallow,
             filter: filter.as_ref(),
+            thin,
         };
         let mut generation = generation;
         let interrupt = generation.abandoned();
