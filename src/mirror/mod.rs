@@ -10,6 +10,7 @@
 //! after every create or sync that changed it (and at start), and swapped atomically: requests
 //! read it through an `Arc` and never open the repository themselves.
 
+pub mod maintain;
 mod sync;
 
 use std::collections::HashMap;

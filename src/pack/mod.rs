@@ -149,6 +149,22 @@ impl Drop for BudgetedCache {
     }
 }
 
+/// Object `id` as a whole (non-delta) pack entry, compressed anew: for a delta whose base
+/// cannot be referenced where it is written.
+pub(crate) fn whole_entry(
+    db: &Db,
+    id: ObjectId,
+    buf: &mut Vec<u8>,
+    compression: gix::zlib::Compression,
+) -> gix::Result<gix_pack::data::output::Entry> {
+    use gix_pack::data::output;
+    use gix_pack::Find;
+    let (data, location) = db
+        .try_find(&id, buf)?
+        .ok_or_else(|| gix::error::message!("object {id} vanished while writing a pack"))?;
+    output::Entry::from_data(&output::Count::from_data(id, location), &data, compression)
+}
+
 #[cfg(test)]
 mod budget_tests {
     use super::*;

@@ -89,7 +89,7 @@ pub fn write(
                         stats_ref.thin_deltas += 1;
                     } else {
                         // A base the client may lack: the object goes whole.
-                        *entry = whole(&db, entry.id, &mut buf, opts.compression)?;
+                        *entry = super::whole_entry(&db, entry.id, &mut buf, opts.compression)?;
                     }
                 }
                 EntryKind::Base(_) => {}
@@ -121,18 +121,4 @@ pub fn write(
     drop(writer);
     stats.bytes = bytes;
     Ok(stats)
-}
-
-/// Object `id` as a whole (non-delta) entry.
-fn whole(
-    db: &Db,
-    id: ObjectId,
-    buf: &mut Vec<u8>,
-    compression: gix::zlib::Compression,
-) -> gix::Result<output::Entry> {
-    use gix_pack::Find;
-    let (data, location) = db
-        .try_find(&id, buf)?
-        .ok_or_else(|| gix::error::message!("object {id} vanished while writing the pack"))?;
-    output::Entry::from_data(&output::Count::from_data(id, location), &data, compression)
 }

@@ -1,0 +1,363 @@
+//! Maintenance: a mirror's packs consolidated into one, in-process, with gix-pack.
+//!
+//! Every sync that fetches adds a pack, and object lookups, walks and delta-base reuse get
+//! slower with each. Consolidation writes one pack holding every object of the old ones and
+//! then deletes them:
+//!
+//! - **Layout.** Three regions, in this order: the objects reachable from `HEAD`,
+//!   `refs/heads/*` and `refs/tags/*` (what a clone needs); those reachable only from other refs
+//!   (`refs/pull/*` and the like); and unreachable objects still within the grace period. Within
+//!   a region, entries keep the order of the packs they come from (gix-pack copies in pack
+//!   order, which is what makes copying cheap).
+//! - **Deltas are copied, never computed.** A delta whose base is in the same source pack stays
+//!   an offset delta; one whose base came from another pack becomes a delta against the base's
+//!   new position (an offset delta when the base is already written, else a ref-delta by id).
+//!   A delta's base always lies in the same region or an earlier one, so that the first region
+//!   is a complete pack by itself: when a base lies in a later region, the object is written
+//!   whole instead.
+//! - **Unreachable objects** (refs deleted or force-pushed upstream) are kept while the pack or
+//!   loose file that holds them is younger than the grace period, so that a client in the middle
+//!   of a negotiation still finds what it was shown; older ones are dropped.
+//! - **Swap.** The new pack is written to a temporary file (which start-up cleanup removes after
+//!   a crash), indexed by gix-pack into `pack-<hash>.pack`/`.idx`, and only then are the old
+//!   packs (those present when maintenance started) and the loose objects deleted. Readers that
+//!   hold an old pack keep it mapped until they finish; new readers find everything in the new
+//!   pack. Packs with a `.keep` file are left alone.
+
+use std::collections::HashMap as StdHashMap;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, SystemTime};
+
+use gix::hashtable::HashSet;
+use gix::ObjectId;
+use gix_pack::data::output::{self, bytes::FromEntriesIter, entry::Kind as EntryKind};
+use gix_pack::Find;
+
+use crate::pack::{self, Db};
+
+/// What a consolidation did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Packs before.
+    pub packs_before: usize,
+    /// Objects in the new pack, by region: ref-reachable from heads and tags, from other refs
+    /// only, unreachable within the grace period.
+    pub regions: [usize; 3],
+    /// Unreachable objects dropped (older than the grace period).
+    pub dropped: usize,
+    /// Bytes of the new pack.
+    pub bytes: u64,
+}
+
+/// Why maintenance failed; the mirror is then left as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading the repository failed.
+    #[error(transparent)]
+    Repo(#[from] crate::repo::Error),
+    /// Selecting or writing objects failed.
+    #[error(transparent)]
+    Pack(#[from] pack::Error),
+    /// A file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// gix-pack failed writing or indexing the pack.
+    #[error("{0}")]
+    Write(String),
+}
+
+fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { context, source }
+}
+
+/// The `.pack` files of the mirror at `dir`, without those protected by a `.keep` file.
+pub fn packs(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir.join("objects/pack"))? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.starts_with("pack-")
+            && name.ends_with(".pack")
+            && !path.with_extension("keep").exists()
+        {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Consolidate the packs and loose objects of the mirror at `dir` into one pack (see the
+/// module documentation). The caller keeps syncs of this mirror out meanwhile.
+pub fn consolidate(
+    dir: &Path,
+    grace: Duration,
+    thread_limit: Option<usize>,
+    interrupt: &AtomicBool,
+) -> Result<Outcome, Error> {
+    let old_packs = packs(dir).map_err(io("listing packs"))?;
+    let repo = crate::repo::open(dir)?;
+    let db = pack::db(&repo);
+    let refs = crate::repo::list_refs(&repo)?;
+    let (mut clone_tips, mut other_tips) = (Vec::new(), Vec::new());
+    for r in &refs.refs {
+        let for_clones = r.name == "HEAD"
+            || r.name.starts_with(b"refs/heads/")
+            || r.name.starts_with(b"refs/tags/");
+        if for_clones {
+            clone_tips.push(r.target);
+        } else {
+            other_tips.push(r.target);
+        }
+    }
+    let first = pack::plan(
+        &db,
+        &pack::Selection {
+            wants: &clone_tips,
+            ..Default::default()
+        },
+        interrupt,
+    )?
+    .counts;
+    let mut seen: HashSet<ObjectId> = first.iter().map(|c| c.id).collect();
+    let mut second = pack::plan(
+        &db,
+        &pack::Selection {
+            wants: &other_tips,
+            common: &clone_tips,
+            ..Default::default()
+        },
+        interrupt,
+    )?
+    .counts;
+    // The planner leaves out what the clone tips' boundary reaches, not all they reach.
+    second.retain(|c| seen.insert(c.id));
+    let (third, dropped) = unreachable(dir, &db, &mut seen, grace)?;
+    let regions = [first.len(), second.len(), third.len()];
+
+    let pack_dir = dir.join("objects/pack");
+    let tmp = pack_dir.join(format!(".tmp-maintenance-{}.pack", std::process::id()));
+    let written = write_regions(&db, [first, second, third], &tmp, thread_limit, interrupt);
+    let indexed = written.and_then(|()| index(&tmp, &pack_dir, interrupt));
+    let _ = std::fs::remove_file(&tmp);
+    let (new_pack, bytes) = indexed?;
+
+    for old in old_packs.iter().filter(|p| **p != new_pack) {
+        for ext in ["idx", "rev", "bitmap", "mtimes", "pack"] {
+            match std::fs::remove_file(old.with_extension(ext)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io("removing an old pack")(e))
+                }
+                _ => {}
+            }
+        }
+    }
+    for (loose, _) in loose_objects(dir).map_err(io("listing loose objects"))? {
+        let _ = std::fs::remove_file(loose);
+    }
+    Ok(Outcome {
+        packs_before: old_packs.len(),
+        regions,
+        dropped,
+        bytes,
+    })
+}
+
+/// The objects not in `seen` (every pack's and loose object), as counts for the third region,
+/// and how many were too old to keep; adds the kept ones to `seen`.
+fn unreachable(
+    dir: &Path,
+    db: &Db,
+    seen: &mut HashSet<ObjectId>,
+    grace: Duration,
+) -> Result<(Vec<output::Count>, usize), Error> {
+    let now = SystemTime::now();
+    let young = |path: &Path| {
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .map_or(true, |t| now.duration_since(t).unwrap_or_default() < grace)
+    };
+    let mut candidates: Vec<(ObjectId, bool)> = Vec::new();
+    for pack in packs(dir).map_err(io("listing packs"))? {
+        let idx = pack.with_extension("idx");
+        let keep = young(&pack);
+        let index = gix_pack::index::File::at(&idx, gix::hash::Kind::Sha1)
+            .map_err(|e| Error::Write(format!("reading {}: {e}", idx.display())))?;
+        candidates.extend(index.iter().map(|e| (e.oid, keep)));
+    }
+    for (path, id) in loose_objects(dir).map_err(io("listing loose objects"))? {
+        candidates.push((id, young(&path)));
+    }
+    let mut kept = Vec::new();
+    let mut dropped = 0;
+    let mut buf = Vec::new();
+    for (id, keep) in candidates {
+        if seen.contains(&id) {
+            continue;
+        }
+        if !keep {
+            dropped += 1;
+            continue;
+        }
+        seen.insert(id);
+        let location = db
+            .location_by_oid(&id, &mut buf)
+            .map_err(|e| Error::Write(format!("locating {id}: {e}")))?;
+        kept.push(output::Count::from_data(id, location));
+    }
+    Ok((kept, dropped))
+}
+
+/// Loose object files with their ids.
+fn loose_objects(dir: &Path) -> std::io::Result<Vec<(PathBuf, ObjectId)>> {
+    let mut out = Vec::new();
+    for fanout in std::fs::read_dir(dir.join("objects"))? {
+        let fanout = fanout?;
+        let prefix = fanout.file_name().to_string_lossy().into_owned();
+        if prefix.len() != 2 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        for entry in std::fs::read_dir(fanout.path())? {
+            let entry = entry?;
+            let hex = format!("{prefix}{}", entry.file_name().to_string_lossy());
+            if let Ok(id) = ObjectId::from_hex(hex.as_bytes()) {
+                out.push((entry.path(), id));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Write the regions, in order, as one pack at `path`.
+fn write_regions(
+    db: &Db,
+    regions: [Vec<output::Count>; 3],
+    path: &Path,
+    thread_limit: Option<usize>,
+    interrupt: &AtomicBool,
+) -> Result<(), Error> {
+    let total: usize = regions.iter().map(Vec::len).sum();
+    let num_objects =
+        u32::try_from(total).map_err(|_| Error::Write("too many objects for one pack".into()))?;
+    let region_of: StdHashMap<ObjectId, usize> = regions
+        .iter()
+        .enumerate()
+        .flat_map(|(r, counts)| counts.iter().map(move |c| (c.id, r)))
+        .collect();
+    let mut chunks: Vec<Box<dyn Iterator<Item = gix::Result<Vec<output::Entry>>>>> = Vec::new();
+    for counts in regions {
+        let entries = output::entry::iter_from_counts(
+            counts,
+            db.clone(),
+            Box::new(gix::progress::Discard),
+            output::entry::iter_from_counts::Options {
+                thread_limit,
+                // Deltas against bases in other packs come out as ref-deltas, fixed up below.
+                allow_thin_pack: true,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| Error::Write(e.to_string()))?;
+        chunks.push(Box::new(gix::parallel::InOrderIter::from(entries)));
+    }
+    // Entries of each region come with indices local to it; `written` maps ids to their index
+    // in the whole pack, `starts` where each region began.
+    let mut written: StdHashMap<ObjectId, usize> = StdHashMap::with_capacity(total);
+    let mut starts: [Option<usize>; 3] = [None; 3];
+    let mut buf = Vec::new();
+    let db = db.clone();
+    let entries = chunks
+        .into_iter()
+        .enumerate()
+        .flat_map(|(region, iter)| iter.map(move |chunk| (region, chunk)))
+        .map(move |(region, chunk)| {
+            if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(gix::error::message("interrupted").into());
+            }
+            let mut chunk = chunk?;
+            let start = *starts[region].get_or_insert(written.len());
+            for entry in &mut chunk {
+                let index = written.len();
+                match entry.kind {
+                    EntryKind::DeltaRef { object_index } => {
+                        entry.kind = EntryKind::DeltaRef {
+                            object_index: start + object_index,
+                        };
+                    }
+                    EntryKind::DeltaOid { id } => match region_of.get(&id) {
+                        Some(r) if *r <= region => {
+                            if let Some(at) = written.get(&id) {
+                                entry.kind = EntryKind::DeltaRef { object_index: *at };
+                            }
+                        }
+                        _ => {
+                            *entry = pack::whole_entry(
+                                &db,
+                                entry.id,
+                                &mut buf,
+                                gix::zlib::Compression::default(),
+                            )?
+                        }
+                    },
+                    EntryKind::Base(_) => {}
+                }
+                written.insert(entry.id, index);
+            }
+            Ok(chunk)
+        });
+    let file = std::fs::File::create(path).map_err(io("creating the new pack"))?;
+    let mut out = BufWriter::new(file);
+    let mut writer = FromEntriesIter::new(
+        entries,
+        &mut out,
+        num_objects,
+        gix_pack::data::Version::V2,
+        gix::hash::Kind::Sha1,
+    );
+    for step in writer.by_ref() {
+        step.map_err(|e| Error::Write(e.to_string()))?;
+    }
+    drop(writer);
+    out.flush().map_err(io("writing the new pack"))?;
+    out.get_ref()
+        .sync_all()
+        .map_err(io("writing the new pack"))?;
+    Ok(())
+}
+
+/// Index the pack at `tmp` into `pack_dir` (as `pack-<hash>.pack` and `.idx`): its path and
+/// size.
+fn index(tmp: &Path, pack_dir: &Path, interrupt: &AtomicBool) -> Result<(PathBuf, u64), Error> {
+    let file = std::fs::File::open(tmp).map_err(io("reading the new pack"))?;
+    let outcome = gix_pack::Bundle::write_to_directory(
+        &mut BufReader::new(file),
+        Some(pack_dir),
+        &mut gix::progress::Discard,
+        interrupt,
+        None::<Db>,
+        gix::hash::Kind::Sha1,
+        gix_pack::bundle::write::Options::default(),
+    )
+    .map_err(|e| Error::Write(format!("indexing the new pack: {e}")))?;
+    // Protection against a concurrent gc, which nothing here runs.
+    if let Some(keep) = outcome.keep_path {
+        std::fs::remove_file(keep).map_err(io("removing the new pack's .keep"))?;
+    }
+    let data = outcome
+        .data_path
+        .ok_or_else(|| Error::Write("indexing gave no pack path".into()))?;
+    let bytes = std::fs::metadata(&data)
+        .map_err(io("reading the new pack"))?
+        .len();
+    Ok((data, bytes))
+}

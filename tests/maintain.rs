@@ -1,0 +1,180 @@
+//! In-process maintenance: packs consolidated into one, with the layout the module promises,
+//! nothing reachable lost, unreachable objects kept within the grace period, and clones served
+//! while it runs.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use common::*;
+use smart_git_proxy::mirror::maintain;
+
+/// A writable copy of fixture `name` at `dest` with `extra` more packs: each a commit fetched
+/// from a scratch clone, as syncs add them.
+fn many_packs(name: &str, dest: &Path, extra: usize) {
+    build_fixture(name, dest);
+    // Every push keeps its pack, as a fetch does.
+    git(dest, &["config", "receive.unpackLimit", "1"]);
+    let work = tempfile::tempdir().unwrap();
+    let src = format!("file://{}", dest.display());
+    git(work.path(), &["clone", "-q", &src, "w"]);
+    let w = work.path().join("w");
+    for i in 0..extra {
+        std::fs::write(w.join(format!("added-{i}")), format!("{i}\n")).unwrap();
+        git(&w, &["add", "-A"]);
+        git(&w, &["commit", "-q", "-m", &format!("added {i}")]);
+        git(
+            &w,
+            &["push", "-q", "origin", &format!("HEAD:refs/pull/{i}/head")],
+        );
+    }
+}
+
+fn consolidate(dir: &Path, grace: Duration) -> maintain::Outcome {
+    maintain::consolidate(dir, grace, None, &AtomicBool::new(false)).expect("maintenance")
+}
+
+/// `git verify-pack -v` of the single pack: ids in pack order, each with its delta base.
+fn pack_order(dir: &Path) -> Vec<(String, Option<String>)> {
+    let packs = maintain::packs(dir).unwrap();
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    let out = git(
+        dir,
+        &[
+            "verify-pack",
+            "-v",
+            packs[0].with_extension("idx").to_str().unwrap(),
+        ],
+    );
+    let mut entries: Vec<(u64, String, Option<String>)> = out
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 5 || f[0].len() != 40 {
+                return None;
+            }
+            Some((
+                f[4].parse().ok()?,
+                f[0].to_owned(),
+                f.get(6).map(|b| (*b).to_owned()),
+            ))
+        })
+        .collect();
+    entries.sort();
+    entries
+        .into_iter()
+        .map(|(_, id, base)| (id, base))
+        .collect()
+}
+
+#[test]
+fn consolidation_keeps_every_object_and_lays_out_regions() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("r.git");
+    many_packs("basic", &dir, 3);
+    let refs_before = refs(&dir);
+    let before = maintain::packs(&dir).unwrap().len();
+    assert!(before >= 4, "{before} packs");
+    let outcome = consolidate(&dir, Duration::from_secs(3600));
+    eprintln!("{outcome:?}");
+    assert_eq!(outcome.packs_before, before);
+    assert!(
+        outcome.regions[0] > 0 && outcome.regions[1] >= 3,
+        "{outcome:?}"
+    );
+    assert_eq!(refs(&dir), refs_before);
+    assert_fsck(&dir);
+    // No loose objects are left.
+    let count = git(&dir, &["count-objects", "-v"]);
+    assert!(
+        count.contains("\ncount: 0\n") || count.starts_with("count: 0\n"),
+        "{count}"
+    );
+
+    // The first region (what clones need) is a complete pack by itself: no delta there has its
+    // base further on.
+    let order = pack_order(&dir);
+    assert_eq!(order.len(), outcome.regions.iter().sum::<usize>());
+    let position: std::collections::HashMap<&str, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| (id.as_str(), i))
+        .collect();
+    let first = outcome.regions[0];
+    for (i, (id, base)) in order.iter().enumerate() {
+        if let Some(base) = base {
+            let region = |p: usize| usize::from(p >= first);
+            assert!(
+                region(position[base.as_str()]) <= region(i),
+                "{id} at {i} has its base {base} in a later region"
+            );
+        }
+    }
+    // Everything reachable from heads and tags is in the first region.
+    let clone_objects = git(&dir, &["rev-list", "--objects", "--branches", "--tags"]);
+    for line in clone_objects.lines() {
+        let id = &line[..40];
+        assert!(
+            position[id] < first,
+            "{id} is reachable from a branch or tag"
+        );
+    }
+
+    // Consolidating a consolidated mirror changes nothing it serves.
+    let again = consolidate(&dir, Duration::from_secs(3600));
+    assert_eq!(again.packs_before, 1);
+    assert_eq!(refs(&dir), refs_before);
+    assert_fsck(&dir);
+}
+
+#[test]
+fn unreachable_objects_are_kept_within_the_grace_period_only() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("r.git");
+    build_fixture("basic", &dir);
+    // A dangling commit, as a force-push upstream leaves one.
+    let tree = git(&dir, &["rev-parse", "main^{tree}"]);
+    let dangling = git_output(&dir, &["commit-tree", tree.trim(), "-m", "dangling"], &[]);
+    let dangling = String::from_utf8_lossy(&dangling.stdout).trim().to_owned();
+    assert_eq!(dangling.len(), 40);
+    let kept = consolidate(&dir, Duration::from_secs(3600));
+    assert_eq!((kept.regions[2], kept.dropped), (1, 0), "{kept:?}");
+    assert_eq!(git(&dir, &["cat-file", "-t", &dangling]).trim(), "commit");
+    let dropped = consolidate(&dir, Duration::ZERO);
+    assert_eq!((dropped.regions[2], dropped.dropped), (0, 1), "{dropped:?}");
+    assert!(!git_output(&dir, &["cat-file", "-e", &dangling], &[])
+        .status
+        .success());
+    assert_fsck(&dir);
+}
+
+#[test]
+fn clones_during_maintenance_succeed() {
+    let server = Server::start_with(|c| c.pack_cache_max_size = bytesize::ByteSize::b(0));
+    let dir = server.repo_dir("busy");
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    many_packs("large", &dir, 3);
+    let url = server.url("busy");
+    let clones: Vec<_> = (0..3)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100 * i));
+                let work = tempfile::tempdir().unwrap();
+                git(work.path(), &["clone", "-q", "--mirror", &url, "c"]);
+                assert_fsck(&work.path().join("c"));
+                refs(&work.path().join("c"))
+            })
+        })
+        .collect();
+    consolidate(&dir, Duration::from_secs(3600));
+    for clone in clones {
+        assert_eq!(clone.join().unwrap(), refs(&dir));
+    }
+    // And after it, from the consolidated pack.
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "-q", "--mirror", &url, "c"]);
+    assert_fsck(&work.path().join("c"));
+}
