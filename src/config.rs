@@ -115,6 +115,15 @@ pub struct Config {
     /// `10GiB`; least recently used packs are evicted beyond it. `0` turns the cache off.
     #[arg(long, env = "PACK_CACHE_MAX_SIZE", default_value = "10GiB")]
     pub pack_cache_max_size: ByteSize,
+    /// Consolidate a mirror's packs into one (in the background, after a sync) once it has more
+    /// than this many; `0` turns background maintenance off (`smart-git-proxy maintain` still
+    /// runs it).
+    #[arg(long, env = "MAINTENANCE_PACK_THRESHOLD", default_value_t = 16)]
+    pub maintenance_pack_threshold: usize,
+    /// Unreachable objects (refs deleted or force-pushed upstream) are kept by maintenance
+    /// while the pack or file holding them is younger than this.
+    #[arg(long, env = "MAINTENANCE_GRACE", default_value = "14days")]
+    pub maintenance_grace: humantime::Duration,
     /// Memory that the delta-base caches of all pack generations share (each thread of pack
     /// work takes up to 32 MiB of it; beyond it, work runs uncached: slower, never larger).
     #[arg(long, env = "PACK_MEMORY_BUDGET", default_value = "256MiB")]
@@ -321,6 +330,8 @@ impl Config {
             pack_compression_level: DEFAULT_COMPRESSION_LEVEL,
             pack_cache_max_size: ByteSize::gib(10),
             pack_memory_budget: ByteSize::mib(256),
+            maintenance_pack_threshold: 16,
+            maintenance_grace: Duration::from_secs(14 * 24 * 3600).into(),
             allowed_upstreams: "github.com".into(),
             sync_stale_after: Duration::from_secs(2).into(),
             auth_mode: AuthMode::None,
@@ -449,6 +460,8 @@ mod tests {
             assert_eq!(*c.want_miss_sync_interval, Duration::from_secs(2));
             assert_eq!(*c.failure_cache_ttl, Duration::from_secs(30));
             assert_eq!(c.syncs_per_host(), 3, "MAX_CONCURRENT_SYNCS - 1");
+            assert_eq!(c.maintenance_pack_threshold, 16);
+            assert_eq!(*c.maintenance_grace, Duration::from_secs(14 * 24 * 3600));
         }
         let mut c = Config::new("/m");
         c.max_concurrent_syncs = 1;

@@ -12,8 +12,33 @@ use tracing_subscriber::EnvFilter;
 /// `EX_USAGE` from sysexits.h: the configuration is invalid.
 const EX_USAGE: u8 = 64;
 
+/// smart-git-proxy: serves Git repositories under MIRROR_DIR over smart HTTP, in-process.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    config: Config,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Consolidate mirrors' packs into one each, now, and exit (safe while a server runs on
+    /// the same MIRROR_DIR).
+    Maintain {
+        /// One mirror, `host/path`.
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        repo: Option<String>,
+        /// Every mirror under MIRROR_DIR.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
 fn main() -> ExitCode {
-    let config = Config::parse();
+    let cli = Cli::parse();
+    let config = cli.config;
     if let Err(e) = config.validate() {
         eprintln!("smart-git-proxy: {e}");
         return ExitCode::from(EX_USAGE);
@@ -30,7 +55,11 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    match run(config) {
+    let result = match cli.command {
+        None => run(config),
+        Some(Command::Maintain { repo, .. }) => maintain(config, repo),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -98,4 +127,51 @@ async fn shutdown_signal() {
         () = term => {}
     }
     tracing::info!("shutting down");
+}
+
+/// `maintain`: consolidate one mirror or all of them, one after the other.
+fn maintain(config: Config, repo: Option<String>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let root = config.mirror_dir.clone();
+        let state = AppState::new(config);
+        let mirrors = state.mirrors();
+        let dirs = match repo {
+            Some(name) => {
+                let target = smart_git_proxy::repo::resolve(&root, &format!("/{name}/info/refs"))?;
+                anyhow::ensure!(
+                    smart_git_proxy::repo::exists(&target.dir),
+                    "no mirror of {name} in {}",
+                    root.display()
+                );
+                vec![target.dir]
+            }
+            None => mirrors.list().context("listing mirrors")?,
+        };
+        let mut failed = 0;
+        for dir in dirs {
+            let name = dir.strip_prefix(&root).unwrap_or(&dir).display().to_string();
+            match mirrors.maintain(&dir).await {
+                Ok(o) => println!(
+                    "{name}: {} packs -> 1, {} objects (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}",
+                    o.packs_before,
+                    o.regions.iter().sum::<usize>(),
+                    o.regions[0],
+                    o.regions[1],
+                    o.regions[2],
+                    o.dropped,
+                    bytesize::ByteSize::b(o.bytes)
+                ),
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("{name}: {e}");
+                }
+            }
+        }
+        anyhow::ensure!(failed == 0, "maintenance failed for {failed} mirror(s)");
+        Ok(())
+    })
 }

@@ -34,3 +34,39 @@ fn an_invalid_configuration_exits_with_usage_error() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("LISTEN_ADDR 'nowhere'"));
 }
+
+#[test]
+fn maintain_consolidates_mirrors_and_reports_failures() {
+    let (mirror, repo_dir) = seeded_mirror("basic");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+            .env("MIRROR_DIR", mirror.path())
+            .env("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let before = refs(&repo_dir);
+    let out = run(&["maintain", "--all"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("127.0.0.1:9/basic.git: 2 packs -> 1"),
+        "{stdout}"
+    );
+    assert_eq!(refs(&repo_dir), before);
+    assert_fsck(&repo_dir);
+    let out = run(&["maintain", "--repo", "127.0.0.1:9/basic"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["maintain", "--repo", "127.0.0.1:9/missing"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no mirror of 127.0.0.1:9/missing"));
+}

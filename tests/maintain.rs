@@ -178,3 +178,52 @@ fn clones_during_maintenance_succeed() {
     git(work.path(), &["clone", "-q", "--mirror", &url, "c"]);
     assert_fsck(&work.path().join("c"));
 }
+
+/// Syncs that fetch schedule maintenance once the mirror has more packs than the threshold;
+/// the mirror stays served throughout and ends with few packs.
+#[test]
+fn syncs_schedule_maintenance_in_the_background() {
+    use common::upstream::Upstream;
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let allowed = up.allowed();
+    let server = Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.sync_stale_after = Duration::ZERO.into();
+        c.maintenance_pack_threshold = 3;
+    });
+    let url = server.url_for(&up.segment(), "o/basic");
+    let mirror = server.mirror.path().join(up.segment()).join("o/basic.git");
+    let work = tempfile::tempdir().unwrap();
+    let src = format!("file://{}", upstream_dir.display());
+    git(work.path(), &["clone", "-q", &src, "w"]);
+    let w = work.path().join("w");
+    let mut most = 0;
+    for i in 0..8 {
+        std::fs::write(w.join(format!("synced-{i}")), format!("{i}\n")).unwrap();
+        git(&w, &["add", "-A"]);
+        git(&w, &["commit", "-q", "-m", &format!("synced {i}")]);
+        git(&w, &["push", "-q", "origin", "HEAD:main"]);
+        // Each sync fetches the new commit as a pack of its own.
+        let (_c, out) = fetch_into_new_repo(&url, "main", &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        most = most.max(maintain::packs(&mirror).unwrap().len());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while maintain::packs(&mirror).unwrap().len() > 3 {
+        assert!(std::time::Instant::now() < deadline, "no maintenance ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("at most {most} packs during the syncs");
+    let clone = tempfile::tempdir().unwrap();
+    git(clone.path(), &["clone", "-q", "--mirror", &url, "c"]);
+    assert_fsck(&clone.path().join("c"));
+    assert_eq!(
+        git(&clone.path().join("c"), &["rev-parse", "main"]),
+        git(&upstream_dir, &["rev-parse", "main"])
+    );
+}

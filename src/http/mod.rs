@@ -66,6 +66,8 @@ impl AppState {
             sync_wait: *config.sync_wait,
             want_miss_interval: *config.want_miss_sync_interval,
             failure_ttl: *config.failure_cache_ttl,
+            maintenance_packs: config.maintenance_pack_threshold,
+            maintenance_grace: *config.maintenance_grace,
             upstream: upstream_options(&config),
             client: upstream_client.clone(),
         });

@@ -141,6 +141,75 @@ pub enum Error {
     },
 }
 
+/// Maintenance of one mirror, as a sync schedules it or a caller runs it.
+struct Maintenance {
+    repo: Arc<Repo>,
+    dir: PathBuf,
+    slots: Arc<Semaphore>,
+    threshold: usize,
+    grace: Duration,
+    threads: Option<usize>,
+}
+
+impl Maintenance {
+    /// In the background, when the mirror has more packs than the threshold and no maintenance
+    /// is queued for it already (many syncs in a row schedule one).
+    fn start_if_due(self) {
+        let due = self.threshold > 0
+            && maintain::packs(&self.dir).is_ok_and(|p| p.len() > self.threshold);
+        if !due || self.repo.maintenance_pending.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        tokio::spawn(async move {
+            let repo = Arc::clone(&self.repo);
+            if let Err(e) = self.run().await {
+                tracing::warn!(error = %e, "maintenance failed; the mirror is unchanged");
+            }
+            repo.maintenance_pending.store(false, Ordering::Relaxed);
+        });
+    }
+
+    async fn run(self) -> Result<maintain::Outcome, Error> {
+        let name = self.dir.display().to_string();
+        let local = |message: String| Error::Local {
+            name: name.clone(),
+            message,
+        };
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| local("shutting down".into()))?;
+        let _state = self.repo.state.lock().await;
+        let started = Instant::now();
+        let dir = self.dir.clone();
+        let (grace, threads) = (self.grace, self.threads);
+        let outcome = tokio::task::spawn_blocking(move || {
+            maintain::consolidate(&dir, grace, threads, &AtomicBool::new(false))
+        })
+        .await
+        .map_err(|e| local(e.to_string()))?
+        .map_err(|e| local(format!("maintenance: {e}")))?;
+        let previous = self.repo.snapshot();
+        let dir = self.dir.clone();
+        match tokio::task::spawn_blocking(move || sync::refresh(&dir, previous)).await {
+            Ok(Ok(snapshot)) => self.repo.set_snapshot(snapshot),
+            Ok(Err(e)) => return Err(local(e.to_string())),
+            Err(e) => return Err(local(e.to_string())),
+        }
+        tracing::info!(
+            repo = %name,
+            packs_before = outcome.packs_before,
+            objects = ?outcome.regions,
+            dropped = outcome.dropped,
+            bytes = outcome.bytes,
+            duration = ?started.elapsed(),
+            "mirror maintained"
+        );
+        Ok(outcome)
+    }
+}
+
 /// The slots a running update holds: its host's and a global one.
 type SyncSlots = (
     tokio::sync::OwnedSemaphorePermit,
@@ -181,6 +250,10 @@ pub struct Settings {
     pub want_miss_interval: Duration,
     /// `FAILURE_CACHE_TTL`
     pub failure_ttl: Duration,
+    /// `MAINTENANCE_PACK_THRESHOLD` (0: off).
+    pub maintenance_packs: usize,
+    /// `MAINTENANCE_GRACE`
+    pub maintenance_grace: Duration,
     /// Upstream timeouts.
     pub upstream: upstream::Options,
     /// The HTTP client of ref listings ([`upstream::ls_refs`]).
@@ -199,11 +272,14 @@ struct RepoState {
     last_busy: Option<Instant>,
 }
 
-/// One mirror: its sync state behind the lock that serialises its updates, and its snapshot.
+/// One mirror: its sync state behind the lock that serialises its updates (and maintenance),
+/// and its snapshot.
 #[derive(Default)]
 struct Repo {
     state: Arc<tokio::sync::Mutex<RepoState>>,
     snapshot: parking_lot::RwLock<Option<Arc<Snapshot>>>,
+    /// A background maintenance is queued or running.
+    maintenance_pending: AtomicBool,
 }
 
 impl Repo {
@@ -228,6 +304,8 @@ pub struct Mirrors {
     /// for `failure_ttl`.
     failures: Arc<TtlMap<FailureKey, Failure>>,
     tmp_counter: AtomicU64,
+    /// Background maintenance runs one at a time.
+    maintenance: Arc<Semaphore>,
 }
 
 /// A mirror directory and a digest of the credentials its creation was tried with.
@@ -277,6 +355,7 @@ impl Mirrors {
             host_syncs: Default::default(),
             repos: Default::default(),
             tmp_counter: AtomicU64::new(0),
+            maintenance: Arc::new(Semaphore::new(1)),
         }
     }
 
@@ -340,6 +419,7 @@ impl Mirrors {
                 ..Default::default()
             })),
             snapshot: Default::default(),
+            maintenance_pending: AtomicBool::new(false),
         });
         repos.insert(dir.to_path_buf(), Arc::clone(&repo));
         repo
@@ -432,6 +512,7 @@ impl Mirrors {
         // requests waiting for it see the outcome.
         let failures = Arc::clone(&self.failures);
         let repos = Arc::clone(&self.repos);
+        let maintenance = self.maintenance_job(&repo, &req.dir);
         let update = tokio::spawn(async move {
             let _slots = slots;
             let started = Instant::now();
@@ -499,6 +580,9 @@ impl Mirrors {
                         duration = ?started.elapsed(),
                         "mirror updated"
                     );
+                    if outcome.pack_bytes > 0 {
+                        maintenance.start_if_due();
+                    }
                     Ok(status)
                 }
                 Err(e @ (upstream::Error::AuthRequired | upstream::Error::NotFound)) if !exists => {
@@ -536,6 +620,31 @@ impl Mirrors {
                 name: req.name.clone(),
                 message: e.to_string(),
             }),
+        }
+    }
+
+    /// Consolidate the packs of the mirror at `dir` now (see [`maintain`]), holding its lock
+    /// so that no sync runs meanwhile, and rebuild its snapshot.
+    pub async fn maintain(&self, dir: &Path) -> Result<maintain::Outcome, Error> {
+        let mut job = self.maintenance_job(&self.repo(dir), dir);
+        job.threads = None;
+        job.run().await
+    }
+
+    /// The mirrors on disk.
+    pub fn list(&self) -> std::io::Result<Vec<PathBuf>> {
+        Ok(scan(&self.settings.root)?.0)
+    }
+
+    fn maintenance_job(&self, repo: &Arc<Repo>, dir: &Path) -> Maintenance {
+        Maintenance {
+            repo: Arc::clone(repo),
+            dir: dir.to_path_buf(),
+            slots: Arc::clone(&self.maintenance),
+            threshold: self.settings.maintenance_packs,
+            grace: self.settings.maintenance_grace,
+            // In the background: one thread, leaving the cores to requests.
+            threads: Some(1),
         }
     }
 
