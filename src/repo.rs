@@ -307,6 +307,9 @@ pub struct Snapshot {
     tips: gix::hashtable::HashSet<gix::ObjectId>,
     /// What was on disk when the snapshot was built: see [`Snapshot::is_current`].
     packs: Vec<std::ffi::OsString>,
+    /// The consolidated pack's first region, when it holds exactly what a clone of these refs
+    /// needs ([`crate::pack::reuse`]).
+    clone_region: Option<(crate::pack::reuse::Region, PathBuf)>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -335,12 +338,14 @@ impl Snapshot {
             .flat_map(|r| [Some(r.target), r.peeled])
             .flatten()
             .collect();
+        let clone_region = crate::pack::reuse::read_layout(dir, &refs);
         Ok(Snapshot {
             repo: repo.into_sync(),
             refs,
             advert_v0: advert.into(),
             tips,
             packs,
+            clone_region,
         })
     }
 
@@ -401,6 +406,12 @@ impl Snapshot {
     /// Every ref target and peeled tag target.
     pub fn tips(&self) -> impl Iterator<Item = &gix::ObjectId> {
         self.tips.iter()
+    }
+
+    /// The region of the consolidated pack a clone of this snapshot can be sent verbatim from,
+    /// and the pack's path.
+    pub fn clone_region(&self) -> Option<&(crate::pack::reuse::Region, PathBuf)> {
+        self.clone_region.as_ref()
     }
 }
 

@@ -227,3 +227,60 @@ fn syncs_schedule_maintenance_in_the_background() {
         git(&upstream_dir, &["rev-parse", "main"])
     );
 }
+
+/// A clone of a maintained mirror is the first region of its pack, sent as it is: the same
+/// bytes every time, a pack git accepts, and `pack-reused` in git's progress.
+#[test]
+fn clones_of_a_maintained_mirror_reuse_the_pack() {
+    let server = Server::start_with(|c| c.pack_cache_max_size = bytesize::ByteSize::b(0));
+    let dir = server.repo_dir("kept");
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    many_packs("large", &dir, 2);
+    let outcome = consolidate(&dir, Duration::from_secs(3600));
+    let url = server.url("kept");
+    let mut stderrs = Vec::new();
+    let mut packs = Vec::new();
+    for _ in 0..2 {
+        let work = tempfile::tempdir().unwrap();
+        let out = git_output(
+            work.path(),
+            &[
+                "-c",
+                "protocol.version=2",
+                "clone",
+                "--bare",
+                "--progress",
+                &url,
+                "c",
+            ],
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let c = work.path().join("c");
+        assert_fsck(&c);
+        assert_eq!(
+            git(&c, &["for-each-ref", "refs/heads", "refs/tags"]),
+            git(&dir, &["for-each-ref", "refs/heads", "refs/tags"])
+        );
+        stderrs.push(String::from_utf8_lossy(&out.stderr).into_owned());
+        let pack = maintain::packs(&c).unwrap();
+        packs.push(std::fs::read(&pack[0]).unwrap());
+    }
+    let reused = format!("pack-reused {}", outcome.regions[0]);
+    assert!(stderrs[0].contains(&reused), "{}", stderrs[0]);
+    assert_eq!(packs[0], packs[1], "byte-identical across clones");
+    // A fetch that is not a clone (here: of the other refs too) is planned as usual.
+    let work = tempfile::tempdir().unwrap();
+    let out = git_output(
+        work.path(),
+        &["clone", "--mirror", "--progress", &url, "c"],
+        &[],
+    );
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pack-reused 0"));
+    assert_fsck(&work.path().join("c"));
+}

@@ -93,6 +93,13 @@ pub fn batch_operation(body: &[u8]) -> Option<String> {
     struct Batch {
         operation: String,
     }
+    // The typed parse alone skips the other fields loosely (invalid escapes, bad UTF-8,
+    // numbers out of range) and takes an array for the struct: the whole body must first be a
+    // valid JSON object. The typed parse then refuses a duplicated `operation`.
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if !value.is_object() {
+        return None;
+    }
     serde_json::from_slice::<Batch>(body)
         .ok()
         .map(|b| b.operation)
@@ -128,6 +135,10 @@ mod tests {
             r#"{"operation":"download","operation":"upload"}"#,
             r#"{"objects":[],"x":{"operation":"download"}}"#,
             r#"["operation","download"]"#,
+            r#"["download"]"#,
+            r#"{"operation":"download","x":"\u12"}"#,
+            r#"{"operation":"download","x":"\udc07"}"#,
+            r#"{"operation":"download","x":1e999}"#,
             r#"{"operation":"download""#,
             "",
         ] {
@@ -137,5 +148,10 @@ mod tests {
                 "{not_download}"
             );
         }
+        assert_eq!(
+            batch_operation(b"{\"operation\":\"download\",\"x\":\"\xff\"}"),
+            None,
+            "not UTF-8"
+        );
     }
 }

@@ -35,7 +35,7 @@ use gix::ObjectId;
 use gix_pack::data::output::{self, bytes::FromEntriesIter, entry::Kind as EntryKind};
 use gix_pack::Find;
 
-use crate::pack::{self, Db};
+use crate::pack::{self, reuse, Db};
 
 /// What a consolidation did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -106,20 +106,18 @@ pub fn consolidate(
     interrupt: &AtomicBool,
 ) -> Result<Outcome, Error> {
     let old_packs = packs(dir).map_err(io("listing packs"))?;
+    // The layout describes packs that are about to go.
+    reuse::remove_layout(dir).map_err(io("removing the pack layout"))?;
     let repo = crate::repo::open(dir)?;
     let db = pack::db(&repo);
     let refs = crate::repo::list_refs(&repo)?;
-    let (mut clone_tips, mut other_tips) = (Vec::new(), Vec::new());
-    for r in &refs.refs {
-        let for_clones = r.name == "HEAD"
-            || r.name.starts_with(b"refs/heads/")
-            || r.name.starts_with(b"refs/tags/");
-        if for_clones {
-            clone_tips.push(r.target);
-        } else {
-            other_tips.push(r.target);
-        }
-    }
+    let clone_tips = reuse::clone_tips(&refs);
+    let other_tips: Vec<ObjectId> = refs
+        .refs
+        .iter()
+        .filter(|r| !reuse::is_clone_ref(&r.name))
+        .map(|r| r.target)
+        .collect();
     let first = pack::plan(
         &db,
         &pack::Selection {
@@ -151,6 +149,15 @@ pub fn consolidate(
     let indexed = written.and_then(|()| index(&tmp, &pack_dir, interrupt));
     let _ = std::fs::remove_file(&tmp);
     let (new_pack, bytes) = indexed?;
+    let region = reuse::Region {
+        pack: new_pack
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        objects: u32::try_from(regions[0]).unwrap_or(u32::MAX),
+        end: region_end(&new_pack, regions[0], bytes)?,
+        tips: reuse::tips_digest(&clone_tips),
+    };
 
     for old in old_packs.iter().filter(|p| **p != new_pack) {
         for ext in ["idx", "rev", "bitmap", "mtimes", "pack"] {
@@ -165,6 +172,7 @@ pub fn consolidate(
     for (loose, _) in loose_objects(dir).map_err(io("listing loose objects"))? {
         let _ = std::fs::remove_file(loose);
     }
+    reuse::write_layout(dir, &region).map_err(io("writing the pack layout"))?;
     Ok(Outcome {
         packs_before: old_packs.len(),
         regions,
@@ -360,4 +368,17 @@ fn index(tmp: &Path, pack_dir: &Path, interrupt: &AtomicBool) -> Result<(PathBuf
         .map_err(io("reading the new pack"))?
         .len();
     Ok((data, bytes))
+}
+
+/// Where the first `objects` entries (in pack order) of the pack at `path` end.
+fn region_end(path: &Path, objects: usize, pack_bytes: u64) -> Result<u64, Error> {
+    let idx = path.with_extension("idx");
+    let index = gix_pack::index::File::at(&idx, gix::hash::Kind::Sha1)
+        .map_err(|e| Error::Write(format!("reading {}: {e}", idx.display())))?;
+    let mut offsets: Vec<u64> = index.iter().map(|e| e.pack_offset).collect();
+    offsets.sort_unstable();
+    Ok(offsets
+        .get(objects)
+        .copied()
+        .unwrap_or(pack_bytes.saturating_sub(20)))
 }

@@ -9,6 +9,7 @@
 
 pub mod cache;
 mod planner;
+pub mod reuse;
 pub mod walk;
 mod writer;
 

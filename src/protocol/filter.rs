@@ -84,7 +84,7 @@ impl Filter {
     pub fn descends(&self, depth: u64) -> bool {
         match self {
             Filter::BlobNone | Filter::BlobLimit(_) => true,
-            Filter::TreeDepth(max) => depth + 1 < *max,
+            Filter::TreeDepth(max) => depth.saturating_add(1) < *max,
             Filter::ObjectType(kind) => matches!(kind, Kind::Tree | Kind::Blob),
             Filter::Combine(subs) => subs.iter().all(|f| f.descends(depth)),
         }

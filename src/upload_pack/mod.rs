@@ -613,6 +613,18 @@ fn send_pack<W: Write>(
         thread_limit: ctx.options.pack_threads,
         compression: ctx.options.compression,
     };
+    if let Some((region, path)) = ctx.snapshot.clone_region() {
+        let reusable = args.ofs_delta
+            && common.is_empty()
+            && args.shallow.grafts.is_empty()
+            && args.filter.is_none()
+            && pack::reuse::tips_digest(&wants) == region.tips;
+        if reusable {
+            // A file read: no generation slot needed.
+            drop(ctx.pack_slot.take());
+            return send_reused(ctx, args, preamble, v2, out, region, path);
+        }
+    }
     if let Some((cache, mirror)) = ctx.cache {
         let filter = args.filter.map(|f| format!("{f:?}"));
         let key = pack::cache::KeyParts {
@@ -757,6 +769,39 @@ fn send_cached<W: Write>(
     sb.finish()?;
     Ok(Outcome::Pack {
         objects: objects as usize,
+        bytes,
+    })
+}
+
+/// Send the first region of the consolidated pack (see [`pack::reuse`]).
+fn send_reused<W: Write>(
+    ctx: &Context<'_>,
+    args: &PackArgs<'_>,
+    preamble: Vec<u8>,
+    v2: bool,
+    out: &mut Response<W>,
+    region: &pack::reuse::Region,
+    path: &std::path::Path,
+) -> Result<Outcome, Error> {
+    begin_pack(ctx, args, preamble, v2, out)?;
+    let mut sb = Sideband::new(out, args.sideband);
+    if args.progress {
+        sb.progress(&format!("Enumerating objects: {}, done.\n", region.objects))?;
+    }
+    let bytes = match pack::reuse::stream(region, path, &mut sb, ctx.interrupt) {
+        Ok(bytes) => bytes,
+        Err(pack::reuse::StreamError::Client(e)) => return Err(Error::Io(e)),
+        Err(pack::reuse::StreamError::Pack(e)) => return Err(Error::Pack(e)),
+    };
+    if args.progress {
+        sb.progress(&format!(
+            "Total {0} (delta 0), reused {0} (delta 0), pack-reused {0}\n",
+            region.objects
+        ))?;
+    }
+    sb.finish()?;
+    Ok(Outcome::Pack {
+        objects: region.objects as usize,
         bytes,
     })
 }
