@@ -551,6 +551,21 @@ fn slow_headers_time_out_and_extra_connections_are_shed() {
         answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
         "{answer}"
     );
+    // An idle keep-alive connection is closed after the same time.
+    let mut idle = TcpStream::connect(server.addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    // Ends (rather than hitting the 30 s read timeout) only if the server closes it.
+    let closed = idle.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        closed.is_ok(),
+        "the idle connection stayed open: {closed:?}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     let server = Server::start_with(|c| c.max_connections = 2);
     let held: Vec<TcpStream> = (0..2)

@@ -448,13 +448,19 @@ fn git_lfs_requests_pass_through_to_the_upstream() {
 fn a_mirror_that_keeps_gaining_packs_stays_servable() {
     let up = Upstream::start();
     let upstream_dir = up.add_fixture("o/basic", "basic");
-    let server = proxy(&up, Duration::from_millis(1));
+    let allowed = up.allowed();
+    // Maintenance off, as an operator may choose: the packs pile up.
+    let server = Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.sync_stale_after = Duration::from_millis(1).into();
+        c.maintenance_pack_threshold = 0;
+    });
     let url = server.url_for(&up.segment(), "o/basic");
     assert_eq!(
         status_of(&server, &up, "o/basic").1.as_deref(),
         Some("clone")
     );
-    // Every sync adds a pack (gix does not repack): go well past gix's 32 initial pack slots.
+    // Every sync adds a pack: go well past gix's 32 initial pack slots.
     for i in 0..40 {
         let tree = git(&upstream_dir, &["rev-parse", "main^{tree}"]);
         let commit = git(

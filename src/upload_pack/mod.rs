@@ -613,18 +613,13 @@ fn send_pack<W: Write>(
         thread_limit: ctx.options.pack_threads,
         compression: ctx.options.compression,
     };
-    if let Some((region, path)) = ctx.snapshot.clone_region() {
-        let reusable = args.ofs_delta
+    let reuse = ctx.snapshot.clone_region().filter(|(region, _)| {
+        args.ofs_delta
             && common.is_empty()
             && args.shallow.grafts.is_empty()
             && args.filter.is_none()
-            && pack::reuse::tips_digest(&wants) == region.tips;
-        if reusable {
-            // A file read: no generation slot needed.
-            drop(ctx.pack_slot.take());
-            return send_reused(ctx, args, preamble, v2, out, region, path);
-        }
-    }
+            && pack::reuse::tips_digest(&wants) == region.tips
+    });
     if let Some((cache, mirror)) = ctx.cache {
         let filter = args.filter.map(|f| format!("{f:?}"));
         let key = pack::cache::KeyParts {
@@ -643,7 +638,7 @@ fn send_pack<W: Write>(
             pack::cache::Lookup::Hit(reader) => Some((reader, "hit")),
             pack::cache::Lookup::Shared(reader) => Some((reader, "shared")),
             pack::cache::Lookup::Miss(generation, reader) => {
-                generate(ctx, &selection, opts, generation);
+                generate(ctx, &selection, reuse.cloned(), opts, generation);
                 Some((reader, "miss"))
             }
             pack::cache::Lookup::Bypass => None,
@@ -653,6 +648,11 @@ fn send_pack<W: Write>(
             drop(ctx.pack_slot.take());
             return send_cached(ctx, args, preamble, v2, out, reader, how);
         }
+    }
+    if let Some((region, path)) = reuse {
+        // A file read: no generation slot needed.
+        drop(ctx.pack_slot.take());
+        return send_reused(ctx, args, preamble, v2, out, region, path);
     }
     let started = std::time::Instant::now();
     let plan = match pack::plan(ctx.db, &selection, ctx.interrupt) {
@@ -811,10 +811,12 @@ const CACHED_READ_BYTES: usize = 256 * 1024;
 
 /// Plan and write the pack of `selection` into `generation` on a thread of its own, which
 /// takes over this request's generation slot: the request only follows the file from now on,
-/// like any other request for the same pack.
+/// like any other request for the same pack. With `reuse`, the pack is that region instead,
+/// copied: cache hits then need no trailer hashing.
 fn generate(
     ctx: &Context<'_>,
     selection: &pack::Selection<'_>,
+    reuse: Option<(pack::reuse::Region, std::path::PathBuf)>,
     opts: pack::WriteOptions,
     generation: pack::cache::Generation,
 ) {
@@ -841,12 +843,25 @@ fn generate(
         let mut generation = generation;
         let interrupt = generation.abandoned();
         let started = std::time::Instant::now();
-        let result = pack::plan(&db, &selection, &interrupt)
-            .and_then(|plan| pack::write(db.clone(), plan, &mut generation, opts, &interrupt));
+        let result = match &reuse {
+            Some((region, path)) => {
+                match pack::reuse::stream(region, path, &mut generation, &interrupt) {
+                    Ok(_) => Ok(region.objects as usize),
+                    Err(pack::reuse::StreamError::Pack(e)) => Err(e),
+                    Err(pack::reuse::StreamError::Client(e)) => {
+                        Err(pack::Error::Write(e.to_string()))
+                    }
+                }
+            }
+            None => pack::plan(&db, &selection, &interrupt).and_then(|plan| {
+                pack::write(db.clone(), plan, &mut generation, opts, &interrupt)
+                    .map(|stats| stats.objects)
+            }),
+        };
         match result {
-            Ok(stats) => match generation.finish() {
+            Ok(objects) => match generation.finish() {
                 Ok(len) => tracing::debug!(
-                    objects = stats.objects,
+                    objects,
                     bytes = len,
                     duration = ?started.elapsed(),
                     "pack cached"
