@@ -206,6 +206,30 @@ fn bench_pack(c: &mut Criterion) {
         .collect();
     let interrupt = AtomicBool::new(false);
 
+    // The commit walk alone: what a commit-graph could speed up (commits read from the
+    // graph instead of inflated from the pack).
+    let mut g = c.benchmark_group("walk");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_millis(500));
+    for o in &opened {
+        g.throughput(Throughput::Elements(o.full.stats.commits as u64));
+        g.bench_function(format!("{}/all-commits", o.name), |b| {
+            b.iter(|| {
+                let db = pack::db(&o.repo);
+                let mut commits = pack::walk::Commits::new(&db, Default::default());
+                let tips: Vec<ObjectId> = o
+                    .wants
+                    .iter()
+                    .filter_map(|w| commits.peel_to_commit(*w).ok().flatten())
+                    .collect();
+                pack::walk::walk(&mut commits, black_box(&tips), &[], None, &interrupt)
+                    .expect("walk")
+            })
+        });
+    }
+    g.finish();
+
     let mut g = c.benchmark_group("plan");
     g.sample_size(10)
         .measurement_time(Duration::from_secs(5))
