@@ -130,6 +130,21 @@ pub struct Config {
     pub pack_memory_budget: ByteSize,
 }
 
+/// Whether `value` is a level or a `tracing` filter directive: a bare word that is no level
+/// (`verbose`) would be read as a target name and silence every other log line.
+fn is_log_filter(value: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    value.split(',').all(|directive| {
+        let directive = directive.trim();
+        match directive.split_once('=') {
+            Some((target, level)) => {
+                !target.is_empty() && LEVELS.contains(&level.to_ascii_lowercase().as_str())
+            }
+            None => LEVELS.contains(&directive.to_ascii_lowercase().as_str()),
+        }
+    })
+}
+
 /// See `PACK_COMPRESSION_LEVEL`; the README gives the measurements behind it.
 pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
 
@@ -203,6 +218,23 @@ pub enum Error {
     /// The shared body budget cannot hold one largest body.
     #[error("MAX_BUFFERED_BODIES must be at least MAX_REQUEST_BODY")]
     BodyBudget,
+    /// No upstream is allowed.
+    #[error("ALLOWED_UPSTREAMS is empty: name at least one upstream host")]
+    NoUpstreams,
+    /// `LOG_LEVEL` is neither a level nor a filter directive.
+    #[error(
+        "LOG_LEVEL '{0}' is not trace, debug, info, warn, error, off or a directive such as \
+         'info,smart_git_proxy=debug'"
+    )]
+    LogLevel(String),
+    /// `MIRROR_DIR` exists and is not a directory, or cannot be created.
+    #[error("MIRROR_DIR '{path}': {reason}")]
+    MirrorDir {
+        /// The setting's value.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl Config {
@@ -214,7 +246,12 @@ impl Config {
                 .parse::<u16>()
                 .ok()
                 .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p)),
-            None => value.parse().ok(),
+            // `host:port` with a name (`localhost:8080`) resolves to its first address.
+            None => value.parse().ok().or_else(|| {
+                std::net::ToSocketAddrs::to_socket_addrs(value)
+                    .ok()
+                    .and_then(|mut addrs| addrs.next())
+            }),
         };
         parsed.ok_or_else(|| Error::ListenAddr {
             value: self.listen_addr.clone(),
@@ -282,7 +319,18 @@ impl Config {
             });
         }
         self.compression()?;
-        self.upstreams()?;
+        if self.upstreams()? == Upstreams::default() {
+            return Err(Error::NoUpstreams);
+        }
+        if !is_log_filter(&self.log_level) {
+            return Err(Error::LogLevel(self.log_level.clone()));
+        }
+        if self.mirror_dir.exists() && !self.mirror_dir.is_dir() {
+            return Err(Error::MirrorDir {
+                path: self.mirror_dir.display().to_string(),
+                reason: "not a directory".into(),
+            });
+        }
         if self.auth_mode == AuthMode::Static
             && self
                 .static_token
@@ -440,6 +488,46 @@ mod tests {
             c.validate().unwrap_err().to_string(),
             "MAX_BUFFERED_BODIES must be at least MAX_REQUEST_BODY"
         );
+    }
+
+    #[test]
+    fn settings_that_would_silently_misbehave_are_refused() {
+        let mut c = Config::new("/m");
+        c.allowed_upstreams = " ".into();
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "ALLOWED_UPSTREAMS is empty: name at least one upstream host"
+        );
+        let mut c = Config::new("/m");
+        for good in [
+            "info",
+            "DEBUG",
+            "warn,smart_git_proxy=debug",
+            "tower_http=off",
+        ] {
+            c.log_level = good.into();
+            assert!(c.validate().is_ok(), "{good}");
+        }
+        for bad in ["verbose", "info,loud", "=debug", ""] {
+            c.log_level = bad.into();
+            assert!(
+                c.validate()
+                    .unwrap_err()
+                    .to_string()
+                    .starts_with("LOG_LEVEL"),
+                "{bad}"
+            );
+        }
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let c = Config::new(file.path());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .ends_with("not a directory"));
+        let mut c = Config::new("/m");
+        c.listen_addr = "localhost:8080".into();
+        assert_eq!(c.listen_socket_addr().unwrap().port(), 8080);
     }
 
     /// The defaults the README documents, as the command line gives them and as

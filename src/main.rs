@@ -37,7 +37,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to stdout with status 0; a bad setting is a usage error, whose
+        // message names the variable (`<SYNC_STALE_AFTER>`) and the value.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EX_USAGE);
+        }
+    };
     let config = cli.config;
     if let Err(e) = config.validate() {
         eprintln!("smart-git-proxy: {e}");
@@ -74,6 +83,8 @@ fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        std::fs::create_dir_all(&config.mirror_dir)
+            .with_context(|| format!("creating MIRROR_DIR {}", config.mirror_dir.display()))?;
         let addr = config.listen_socket_addr()?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await

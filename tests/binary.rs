@@ -70,3 +70,27 @@ fn maintain_consolidates_mirrors_and_reports_failures() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no mirror of 127.0.0.1:9/missing"));
 }
+
+#[test]
+fn bad_settings_exit_with_usage_error_naming_the_variable() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    for (key, value, says) in [
+        ("SYNC_STALE_AFTER", "banana", "<SYNC_STALE_AFTER>"),
+        ("LOG_LEVEL", "verbose", "LOG_LEVEL 'verbose'"),
+        ("ALLOWED_UPSTREAMS", "", "ALLOWED_UPSTREAMS is empty"),
+        (
+            "MIRROR_DIR",
+            file.path().to_str().unwrap(),
+            "not a directory",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env(key, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{key}={value}: {stderr}");
+        assert!(stderr.contains(says), "{key}={value}: {stderr}");
+    }
+}

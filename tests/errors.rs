@@ -454,3 +454,22 @@ fn a_client_that_disconnects_mid_pack_frees_its_slot() {
     );
     assert_fsck(&work.path().join("c"));
 }
+
+/// `/healthz` is liveness; `/readyz` also needs a writable `MIRROR_DIR`.
+#[test]
+fn readiness_follows_the_mirror_directory() {
+    let server = Server::start();
+    let get = |path: &str| request(server.addr, "GET", path, &[], b"");
+    assert_eq!(get("/readyz").status, 200);
+    std::fs::remove_dir_all(server.mirror.path()).unwrap();
+    let r = get("/readyz");
+    assert_eq!(r.status, 503);
+    assert!(
+        r.text().contains("MIRROR_DIR is not writable"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(get("/healthz").status, 200, "still alive");
+    std::fs::create_dir(server.mirror.path()).unwrap();
+    assert_eq!(get("/readyz").status, 200);
+}

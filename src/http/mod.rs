@@ -44,6 +44,8 @@ pub struct AppState {
     pack_cache: Option<PackCache>,
     /// Request-body memory, in [`body::budget_units`] (`MAX_BUFFERED_BODIES`).
     body_budget: Arc<Semaphore>,
+    /// Set once shutdown began: `/readyz` answers 503.
+    draining: Arc<AtomicBool>,
 }
 
 impl AppState {
@@ -81,6 +83,7 @@ impl AppState {
                 .min(Semaphore::MAX_PERMITS as u32) as usize,
         ));
         AppState {
+            draining: Arc::new(AtomicBool::new(false)),
             body_budget,
             pack_cache,
             compression: config.compression().unwrap_or_default(),
@@ -133,6 +136,7 @@ fn upstream_options(config: &Config) -> crate::upstream::Options {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(|| async { crate::metrics::render() }))
         .fallback(git)
         .layer(RequestDecompressionLayer::new().gzip(true))
@@ -149,6 +153,30 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Readiness: 200 when the server takes work and `MIRROR_DIR` is writable (a probe file is
+/// created and removed), 503 with the reason otherwise.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
+    if state.draining.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+    }
+    let probe = state
+        .config
+        .mirror_dir
+        .join(format!(".readyz-{}", std::process::id()));
+    let written = tokio::task::spawn_blocking(move || {
+        std::fs::write(&probe, b"").and_then(|()| std::fs::remove_file(&probe))
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".into()),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("MIRROR_DIR is not writable: {e}\n"),
+        ),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}
+
 /// Serve `router(state)` on `listener` until `shutdown` completes, then let the open
 /// connections finish.
 ///
@@ -161,6 +189,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let config = Arc::clone(&state.config);
+    let draining = Arc::clone(&state.draining);
     let app = router(state);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
@@ -198,6 +227,7 @@ pub async fn serve(
             }
         });
     }
+    draining.store(true, Ordering::Relaxed);
     drop(listener);
     graceful.shutdown().await;
     Ok(())
