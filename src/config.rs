@@ -47,6 +47,9 @@ pub struct Config {
     /// selection) before its pack starts streaming; then it ends with an error.
     #[arg(long, env = "COMPUTE_TIMEOUT", default_value = "5m")]
     pub compute_timeout: humantime::Duration,
+    /// On SIGTERM, how long requests in flight may take to finish before the process exits.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "30s")]
+    pub shutdown_grace: humantime::Duration,
     /// How long a whole upload-pack answer may take, streaming included.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "1h")]
     pub request_timeout: humantime::Duration,
@@ -372,6 +375,7 @@ impl Config {
             queue_timeout: Duration::from_secs(60).into(),
             compute_timeout: Duration::from_secs(300).into(),
             request_timeout: Duration::from_secs(3600).into(),
+            shutdown_grace: Duration::from_secs(30).into(),
             max_concurrent_packs: None,
             max_concurrent_streams: 256,
             pack_threads: None,
@@ -544,6 +548,7 @@ mod tests {
             assert_eq!(*c.queue_timeout, Duration::from_secs(60));
             assert_eq!(*c.compute_timeout, Duration::from_secs(300));
             assert_eq!(*c.request_timeout, Duration::from_secs(3600));
+            assert_eq!(*c.shutdown_grace, Duration::from_secs(30));
             assert_eq!(*c.sync_wait, Duration::from_secs(5));
             assert_eq!(*c.want_miss_sync_interval, Duration::from_secs(2));
             assert_eq!(*c.failure_cache_ttl, Duration::from_secs(30));

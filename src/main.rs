@@ -85,6 +85,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     runtime.block_on(async move {
         std::fs::create_dir_all(&config.mirror_dir)
             .with_context(|| format!("creating MIRROR_DIR {}", config.mirror_dir.display()))?;
+        let _lock = smart_git_proxy::mirror::lock_root(&config.mirror_dir)?;
         let addr = config.listen_socket_addr()?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -113,6 +114,20 @@ fn run(config: Config) -> anyhow::Result<()> {
             let loaded = mirrors.load_all();
             tracing::info!(loaded, duration = ?started.elapsed(), "mirrors loaded");
         });
+        // systemd (`Type=notify`): ready now; watchdog pings while the runtime runs tasks.
+        // Without NOTIFY_SOCKET these do nothing.
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let mut watchdog_usec = 0;
+        if sd_notify::watchdog_enabled(false, &mut watchdog_usec) {
+            let every = std::time::Duration::from_micros(watchdog_usec / 2);
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(every);
+                loop {
+                    ticks.tick().await;
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                }
+            });
+        }
         http::serve(listener, state, shutdown_signal())
             .await
             .context("serving")
@@ -137,6 +152,7 @@ async fn shutdown_signal() {
         () = ctrl_c => {}
         () = term => {}
     }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down");
 }
 

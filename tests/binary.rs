@@ -94,3 +94,32 @@ fn bad_settings_exit_with_usage_error_naming_the_variable() {
         assert!(stderr.contains(says), "{key}={value}: {stderr}");
     }
 }
+
+#[test]
+fn a_second_server_on_the_same_mirror_dir_refuses_to_start() {
+    let (mirror, _) = seeded_mirror("basic");
+    let first = Running::start(
+        mirror.path(),
+        &[("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+        .env("MIRROR_DIR", mirror.path())
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is already served by another smart-git-proxy")
+            && stderr.contains(&format!("pid {}", first.child.id()))
+            && stderr.contains(".smart-git-proxy.lock"),
+        "{stderr}"
+    );
+    drop(first);
+    // Once it is gone, the lock is free.
+    let second = Running::start(
+        mirror.path(),
+        &[("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")],
+    );
+    drop(second);
+}

@@ -178,7 +178,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
 }
 
 /// Serve `router(state)` on `listener` until `shutdown` completes, then let the open
-/// connections finish.
+/// connections finish, for at most `SHUTDOWN_GRACE`.
 ///
 /// HTTP/1 connections are served by hyper directly, not `axum::serve`, for the limits a
 /// hostile client must meet: `HEADER_READ_TIMEOUT` (which also closes idle keep-alive
@@ -229,7 +229,12 @@ pub async fn serve(
     }
     draining.store(true, Ordering::Relaxed);
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(*config.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still running after SHUTDOWN_GRACE are cut off");
+    }
     Ok(())
 }
 

@@ -73,6 +73,9 @@ pub enum Error {
     Write(String),
 }
 
+/// The lock file of maintenance, in the mirror.
+const LOCK_FILE: &str = "smart-git-proxy-maintenance.lock";
+
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { context, source }
 }
@@ -105,6 +108,16 @@ pub fn consolidate(
     thread_limit: Option<usize>,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, Error> {
+    // One maintenance per mirror across processes (a server's and `smart-git-proxy maintain`):
+    // two at once would each delete packs the other reads.
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(LOCK_FILE))
+        .map_err(io("opening the maintenance lock"))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| io("taking the maintenance lock")(e.into()))?;
     let old_packs = packs(dir).map_err(io("listing packs"))?;
     // The layout describes packs that are about to go.
     reuse::remove_layout(dir).map_err(io("removing the pack layout"))?;

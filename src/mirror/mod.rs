@@ -787,6 +787,68 @@ impl Mirrors {
     }
 }
 
+/// The lock file that makes a server the only one on its `MIRROR_DIR`.
+const SERVER_LOCK: &str = ".smart-git-proxy.lock";
+
+/// Another process serves the same `MIRROR_DIR`.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// The lock is held.
+    #[error(
+        "MIRROR_DIR {root} is already served by another smart-git-proxy ({holder}; its lock \
+         is {lock}): run one server per MIRROR_DIR"
+    )]
+    Held {
+        /// `MIRROR_DIR`
+        root: String,
+        /// What the lock file says of its holder.
+        holder: String,
+        /// The lock file.
+        lock: String,
+    },
+    /// The lock file cannot be used.
+    #[error("cannot lock {lock}: {source}")]
+    Io {
+        /// The lock file.
+        lock: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Take `root`'s server lock for as long as the returned file stays open: a second server on
+/// the same `MIRROR_DIR` would break the one-sync-per-mirror guarantee and remove the first
+/// one's temporaries at its start. (`smart-git-proxy maintain` does not take it: maintenance
+/// has a lock of its own per mirror.)
+pub fn lock_root(root: &Path) -> Result<std::fs::File, LockError> {
+    use std::io::{Read, Seek, Write};
+    let path = root.join(SERVER_LOCK);
+    let io = |source| LockError::Io {
+        lock: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        return Err(LockError::Held {
+            root: root.display().to_string(),
+            holder: holder.trim().to_owned(),
+            lock: path.display().to_string(),
+        });
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "pid {}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
 /// The mirrors and the temporary mirror directories below `root`, at any depth. Symbolic links
 /// are not followed and other dot-directories (the pack cache) are not entered.
 fn scan(root: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
