@@ -20,6 +20,9 @@ pub struct Config {
     /// Directory holding the bare repositories, as `{host}/{path}.git`.
     #[arg(long, env = "MIRROR_DIR", default_value = "/mnt/git-mirrors")]
     pub mirror_dir: PathBuf,
+    /// Log lines as `text` or `json` (one object per line, for log shippers).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Log filter: `debug`, `info`, `warn`, `error`, or a tracing directive.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -181,6 +184,15 @@ impl From<&str> for Secret {
     fn from(s: &str) -> Self {
         Secret(s.to_owned())
     }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Where the credentials for upstream traffic come from.
@@ -367,6 +379,7 @@ impl Config {
             listen_addr: "127.0.0.1:0".into(),
             mirror_dir: mirror_dir.into(),
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             max_request_body: ByteSize::mib(64),
             max_buffered_bodies: ByteSize::mib(256),
             header_read_timeout: Duration::from_secs(30).into(),

@@ -140,16 +140,42 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(|| async { crate::metrics::render() }))
         .fallback(git)
         .layer(RequestDecompressionLayer::new().gzip(true))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            tracing::info_span!(
-                "request",
-                method = %req.method(),
-                path = %req.uri().path(),
-                repo = field::Empty,
-                command = field::Empty,
-                outcome = field::Empty,
-            )
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let client = req
+                        .extensions()
+                        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                        .map(|c| c.0.ip().to_string())
+                        .unwrap_or_default();
+                    let agent = req
+                        .headers()
+                        .get(header::USER_AGENT)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        client = %client,
+                        agent = %agent,
+                        repo = field::Empty,
+                        command = field::Empty,
+                        outcome = field::Empty,
+                    )
+                })
+                // One line per request when its answer starts; upload-pack answers log
+                // another when they end ("served", with objects and bytes).
+                .on_response(
+                    |res: &Response, latency: std::time::Duration, _span: &Span| {
+                        tracing::info!(
+                            status = res.status().as_u16(),
+                            latency_ms = latency.as_millis() as u64,
+                            "answered"
+                        )
+                    },
+                ),
+        )
         .with_state(state)
 }
 
@@ -217,7 +243,17 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // Requests carry their client's address, for the request log line.
+        let peer = stream.peer_addr().ok();
+        let service = hyper_util::service::TowerToHyperService::new(
+            tower::ServiceExt::map_request(app.clone(), move |mut req: Request<_>| {
+                if let Some(peer) = peer {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                }
+                req
+            }),
+        );
         let connection =
             graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
         tokio::spawn(async move {
