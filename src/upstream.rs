@@ -34,7 +34,13 @@ pub enum Error {
     /// The upstream has no such repository (or hides it: HTTP 404).
     #[error("the upstream has no such repository")]
     NotFound,
-    /// The upstream could not be reached, answered with an error, or the transfer failed.
+    /// The upstream could not be reached (name resolution, connection refused, TLS).
+    #[error("the upstream is unreachable: {0}")]
+    Unreachable(String),
+    /// The upstream did not answer in time.
+    #[error("the upstream timed out: {0}")]
+    TimedOut(String),
+    /// The upstream answered with an error, or the transfer failed.
     #[error("{0}")]
     Failed(String),
     /// The local repository could not be prepared or updated.
@@ -121,6 +127,27 @@ fn listing(remote_refs: Vec<RemoteRef>) -> Listing {
         }
     }
     out
+}
+
+impl Error {
+    /// A failed HTTP request, told apart as the client needs it: unreachable, timed out, or
+    /// otherwise failed, with the whole cause chain (reqwest's own message names only the URL).
+    fn from_request(e: &reqwest::Error) -> Error {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        if e.is_timeout() {
+            Error::TimedOut(message)
+        } else if e.is_connect() {
+            Error::Unreachable(message)
+        } else {
+            Error::Failed(message)
+        }
+    }
 }
 
 fn classify(e: gix::Error, auth_asked: &AtomicBool, interrupt: &AtomicBool) -> Error {
@@ -346,7 +373,7 @@ pub async fn ls_refs(
     if let Some(a) = authorization {
         request = request.header("Authorization", a);
     }
-    let failed = |e: reqwest::Error| LsRefsError::Failed(Error::Failed(e.to_string()));
+    let failed = |e: reqwest::Error| LsRefsError::Failed(Error::from_request(&e));
     let mut response = request.send().await.map_err(failed)?;
     // Only a 401 asks for credentials; anything else (a 403 from a firewall, a rate limit) is
     // left to gix's handshake, which tells them apart as it always did.

@@ -37,7 +37,9 @@ fn unknown_repositories_hosts_and_endpoints() {
     );
     assert_eq!(r.status, 502);
     assert!(
-        r.text().contains("cannot mirror 127.0.0.1:9/nope"),
+        r.text()
+            .contains("cannot mirror 127.0.0.1:9/nope: the upstream is unreachable")
+            && r.text().contains("Connection refused"),
         "{}",
         r.text()
     );

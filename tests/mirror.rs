@@ -299,8 +299,18 @@ fn upstream_failures_serve_stale_mirrors_and_explain_cold_ones() {
     // A stalled upstream is given up on after the stall timeout.
     up.set_mode(Mode::Stall);
     up.add_fixture("o/stalled", "basic");
-    let (code, _) = status_of(&server, &up, "o/stalled");
-    assert_eq!(code, 502);
+    let r = request(
+        server.addr,
+        "GET",
+        &format!(
+            "/{}/o/stalled/info/refs?service=git-upload-pack",
+            up.segment()
+        ),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("the upstream timed out"), "{}", r.text());
 }
 
 #[test]
