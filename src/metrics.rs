@@ -4,27 +4,166 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// The process-wide recorder's handle; the recorder is installed on first use.
 pub fn handle() -> Option<&'static PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(h) => Some(h),
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics are disabled");
-                None
+        .get_or_init(|| {
+            // Durations are histograms (buckets), not summaries whose quantiles fall to 0 once
+            // nothing happened for a while.
+            let installed = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .and_then(|b| b.install_recorder());
+            match installed {
+                Ok(h) => {
+                    describe();
+                    metrics::gauge!("smart_git_proxy_build_info", "version" => env!("CARGO_PKG_VERSION"))
+                        .set(1.0);
+                    Some(h)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics are disabled");
+                    None
+                }
             }
         })
         .as_ref()
+}
+
+/// Bucket bounds of every `*_seconds` histogram: from a cached ref listing to a cold clone.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// `# HELP` lines for every family.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "smart_git_proxy_requests_total",
+        "Requests by command (info-refs, ls-refs, fetch, upload-pack, lfs) and result (ok, refused, client-gone, timeout, error)"
+    );
+    describe_counter!(
+        "smart_git_proxy_refusals_total",
+        "Requests answered with an error status before upload-pack ran, by reason"
+    );
+    describe_histogram!(
+        "smart_git_proxy_request_seconds",
+        "Time to the start of the answer, by command"
+    );
+    describe_gauge!(
+        "smart_git_proxy_requests_in_flight",
+        "Requests whose answer has not started yet"
+    );
+    describe_counter!(
+        "smart_git_proxy_pack_objects_total",
+        "Objects sent in packs"
+    );
+    describe_counter!("smart_git_proxy_pack_bytes_total", "Pack bytes sent");
+    describe_counter!(
+        "smart_git_proxy_mirror_updates_total",
+        "Mirror creations and syncs by status (clone, sync, stale, failed)"
+    );
+    describe_histogram!(
+        "smart_git_proxy_mirror_update_seconds",
+        "Duration of mirror creations and syncs, by status"
+    );
+    describe_counter!(
+        "smart_git_proxy_upstream_bytes_total",
+        "Pack bytes fetched from upstreams"
+    );
+    describe_counter!(
+        "smart_git_proxy_maintenance_total",
+        "Mirror maintenance runs by result (ok, failed)"
+    );
+    describe_counter!(
+        "smart_git_proxy_pack_cache_lookups_total",
+        "Pack-cache lookups by result (hit, shared, miss, bypass)"
+    );
+    describe_counter!(
+        "smart_git_proxy_pack_cache_served_bytes_total",
+        "Pack bytes read from the pack cache for clients"
+    );
+    describe_gauge!(
+        "smart_git_proxy_pack_cache_entries",
+        "Packs in the pack cache"
+    );
+    describe_gauge!(
+        "smart_git_proxy_pack_cache_bytes",
+        "Bytes in the pack cache"
+    );
+    describe_counter!(
+        "smart_git_proxy_pack_cache_evictions_total",
+        "Packs evicted from the pack cache"
+    );
+    describe_gauge!(
+        "smart_git_proxy_pack_memory_reserved_bytes",
+        "Delta-base cache memory taken from PACK_MEMORY_BUDGET"
+    );
+    describe_gauge!(
+        "smart_git_proxy_build_info",
+        "The running version (always 1)"
+    );
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        "Resident memory of the process"
+    );
+    describe_gauge!("process_open_fds", "Open file descriptors of the process");
+    describe_gauge!("process_threads", "Threads of the process");
 }
 
 /// The text exposition of every metric.
 pub fn render() -> String {
     metrics::gauge!("smart_git_proxy_pack_memory_reserved_bytes")
         .set(crate::pack::memory_reserved() as f64);
+    process();
     handle().map(|h| h.render()).unwrap_or_default()
+}
+
+/// The process's own figures, from `/proc/self` (Linux).
+fn process() {
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let kib = |key: &str| {
+            status.lines().find_map(|l| {
+                l.strip_prefix(key)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+        };
+        if let Some(rss) = kib("VmRSS:") {
+            metrics::gauge!("process_resident_memory_bytes").set(rss * 1024.0);
+        }
+        if let Some(threads) = kib("Threads:") {
+            metrics::gauge!("process_threads").set(threads);
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!("process_open_fds").set(fds.count() as f64);
+    }
+}
+
+/// A request was refused before upload-pack ran (`reason`: a closed set, see the caller).
+pub fn refusal(reason: &'static str) {
+    metrics::counter!("smart_git_proxy_refusals_total", "reason" => reason).increment(1);
+}
+
+/// A request's answer started after `elapsed`.
+pub fn answered(command: &'static str, elapsed: Duration) {
+    metrics::histogram!("smart_git_proxy_request_seconds", "command" => command)
+        .record(elapsed.as_secs_f64());
+}
+
+/// Requests whose answer has not started: +1 when one arrives, -1 when it is answered.
+pub fn in_flight(delta: f64) {
+    metrics::gauge!("smart_git_proxy_requests_in_flight").increment(delta);
+}
+
+/// A maintenance run ended (`ok` or `failed`).
+pub fn maintenance(result: &'static str) {
+    metrics::counter!("smart_git_proxy_maintenance_total", "result" => result).increment(1);
 }
 
 /// A request finished: `command` is `info-refs`, `ls-refs`, `fetch`, `upload-pack` or `lfs`;

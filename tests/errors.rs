@@ -475,3 +475,39 @@ fn readiness_follows_the_mirror_directory() {
     std::fs::create_dir(server.mirror.path()).unwrap();
     assert_eq!(get("/readyz").status, 200);
 }
+
+/// `/metrics`: every family described, durations as histograms, refusals by reason, build and
+/// process figures.
+#[test]
+fn metrics_are_described_and_count_refusals() {
+    let server = Server::start();
+    let r = request(
+        server.addr,
+        "GET",
+        "/example.com/o/r/info/refs?service=git-upload-pack",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 403);
+    let r = request(
+        server.addr,
+        "POST",
+        &format!("/{HOST}/r/git-upload-pack"),
+        &[],
+        b"zzzz",
+    );
+    assert_eq!(r.status, 400);
+    let text = request(server.addr, "GET", "/metrics", &[], b"").text();
+    for needle in [
+        "# HELP smart_git_proxy_requests_total",
+        "# HELP smart_git_proxy_refusals_total",
+        "smart_git_proxy_refusals_total{reason=\"host-not-allowed\"}",
+        "smart_git_proxy_refusals_total{reason=\"malformed\"}",
+        "smart_git_proxy_request_seconds_bucket{command=\"upload-pack\",le=\"0.005\"}",
+        "smart_git_proxy_build_info{version=\"",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+    ] {
+        assert!(text.contains(needle), "{needle} missing in:\n{text}");
+    }
+}

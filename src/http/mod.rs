@@ -238,7 +238,7 @@ pub async fn serve(
         };
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
             // Shed: a short answer, not a wait, so that the client retries elsewhere or later.
-            crate::metrics::request("connection", "shed");
+            crate::metrics::refusal("connections");
             let _ = stream.try_write(SHED_RESPONSE);
             continue;
         };
@@ -349,6 +349,7 @@ impl IntoResponse for Error {
             }
         };
         Span::current().record("outcome", field::display(status.as_u16()));
+        crate::metrics::refusal(self.reason());
         // git shows a text/plain body of a failed request as `remote: <line>`.
         let mut response = (
             status,
@@ -373,6 +374,28 @@ impl IntoResponse for Error {
 }
 
 impl Error {
+    /// The metrics label of the refusal.
+    fn reason(&self) -> &'static str {
+        match self {
+            Error::Resolve(ResolveError::UnknownEndpoint(_)) => "unknown-endpoint",
+            Error::Resolve(ResolveError::InvalidPath { .. }) => "invalid-path",
+            Error::NotFound(_) => "not-found",
+            Error::ReceivePack => "push",
+            Error::DumbHttp => "dumb-http",
+            Error::Method(_) => "method",
+            Error::TooLarge(_) => "body-too-large",
+            Error::Body(_) => "body-unreadable",
+            Error::Malformed(_) => "malformed",
+            Error::Unavailable => "shutting-down",
+            Error::Busy(_) => "busy",
+            Error::BodyTimeout => "body-timeout",
+            Error::HostNotAllowed { .. } => "host-not-allowed",
+            Error::AuthRequired(_) => "auth-required",
+            Error::BadGateway(_) => "upstream",
+            Error::Internal(_) => "internal",
+        }
+    }
+
     /// The error for a body that could not be read under `limit`.
     fn from_read(e: body::ReadError, limit: bytesize::ByteSize) -> Self {
         match e {
@@ -462,7 +485,11 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
         Service::UploadPack | Service::ReceivePack => "upload-pack",
         Service::Lfs(_) => "lfs",
     };
+    let started = std::time::Instant::now();
+    crate::metrics::in_flight(1.0);
     let result = route(&state, &parts, mirrored, version, body).await;
+    crate::metrics::in_flight(-1.0);
+    crate::metrics::answered(command, started.elapsed());
     match &result {
         Ok(_) if command != "upload-pack" => crate::metrics::request(command, "ok"),
         // Upload-pack outcomes are counted when the streamed answer ends.

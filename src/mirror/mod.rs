@@ -189,7 +189,11 @@ impl Maintenance {
         })
         .await
         .map_err(|e| local(e.to_string()))?
-        .map_err(|e| local(format!("maintenance: {e}")))?;
+        .map_err(|e| {
+            crate::metrics::maintenance("failed");
+            local(format!("maintenance: {e}"))
+        })?;
+        crate::metrics::maintenance("ok");
         let previous = self.repo.snapshot();
         let dir = self.dir.clone();
         match tokio::task::spawn_blocking(move || sync::refresh(&dir, previous)).await {
