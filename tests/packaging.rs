@@ -75,3 +75,41 @@ fn the_systemd_unit_verifies() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
 }
+
+/// `cargo deb` is not run here (it would need a release build and cargo-deb in CI): its
+/// metadata is checked instead — every asset but the built binary exists, and the unit and the
+/// env file are among them.
+#[test]
+fn the_debian_package_metadata_names_existing_files() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let manifest = std::fs::read_to_string(format!("{root}/Cargo.toml")).unwrap();
+    let deb = manifest
+        .split("[package.metadata.deb]")
+        .nth(1)
+        .expect("deb metadata")
+        .split("\n[")
+        .next()
+        .unwrap();
+    let sources: Vec<&str> = deb
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("[\"")?.split('"').next())
+        .collect();
+    for needed in [
+        "target/release/smart-git-proxy",
+        "scripts/smart-git-proxy.service",
+        "scripts/env.example",
+        "LICENSE",
+    ] {
+        assert!(
+            sources.contains(&needed),
+            "{needed} not packaged: {sources:?}"
+        );
+    }
+    for source in sources.iter().filter(|s| !s.starts_with("target/")) {
+        assert!(
+            std::path::Path::new(root).join(source).is_file(),
+            "{source}"
+        );
+    }
+    assert!(deb.contains("conf-files = [\"/etc/smart-git-proxy/env\"]"));
+}
