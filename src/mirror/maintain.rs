@@ -119,6 +119,9 @@ pub fn consolidate(
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
         .map_err(|e| io("taking the maintenance lock")(e.into()))?;
     let old_packs = packs(dir).map_err(io("listing packs"))?;
+    // Only these are deleted at the end: a loose object written meanwhile (an operator's git)
+    // stays.
+    let old_loose = loose_objects(dir).map_err(io("listing loose objects"))?;
     // The layout describes packs that are about to go.
     reuse::remove_layout(dir).map_err(io("removing the pack layout"))?;
     let repo = crate::repo::open(dir)?;
@@ -153,7 +156,7 @@ pub fn consolidate(
     .counts;
     // The planner leaves out what the clone tips' boundary reaches, not all they reach.
     second.retain(|c| seen.insert(c.id));
-    let (third, dropped) = unreachable(dir, &db, &mut seen, grace)?;
+    let (third, dropped) = unreachable(dir, &old_loose, &db, &mut seen, grace)?;
     let regions = [first.len(), second.len(), third.len()];
 
     let pack_dir = dir.join("objects/pack");
@@ -182,7 +185,7 @@ pub fn consolidate(
             }
         }
     }
-    for (loose, _) in loose_objects(dir).map_err(io("listing loose objects"))? {
+    for (loose, _) in &old_loose {
         let _ = std::fs::remove_file(loose);
     }
     reuse::write_layout(dir, &region).map_err(io("writing the pack layout"))?;
@@ -194,10 +197,11 @@ pub fn consolidate(
     })
 }
 
-/// The objects not in `seen` (every pack's and loose object), as counts for the third region,
+/// The objects not in `seen` (of every pack and of `loose`), as counts for the third region,
 /// and how many were too old to keep; adds the kept ones to `seen`.
 fn unreachable(
     dir: &Path,
+    loose: &[(PathBuf, ObjectId)],
     db: &Db,
     seen: &mut HashSet<ObjectId>,
     grace: Duration,
@@ -216,8 +220,8 @@ fn unreachable(
             .map_err(|e| Error::Write(format!("reading {}: {e}", idx.display())))?;
         candidates.extend(index.iter().map(|e| (e.oid, keep)));
     }
-    for (path, id) in loose_objects(dir).map_err(io("listing loose objects"))? {
-        candidates.push((id, young(&path)));
+    for (path, id) in loose {
+        candidates.push((*id, young(path)));
     }
     let mut kept = Vec::new();
     let mut dropped = 0;
