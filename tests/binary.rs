@@ -157,12 +157,18 @@ fn json_logs_are_json_and_each_request_is_a_line() {
             "c",
         ],
     );
+    // The adopted mirror is synced first; its upstream (the discard port) refuses.
+    let mut sync_reason = None;
     let answered = loop {
         let v = next();
+        if v["fields"]["message"] == "sync failed, serving the existing mirror" {
+            sync_reason = Some(v["fields"]["reason"].clone());
+        }
         if v["fields"]["message"] == "answered" {
             break v;
         }
     };
+    assert_eq!(sync_reason, Some(serde_json::json!("stale")));
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(answered["fields"]["status"], 200, "{answered}");
@@ -173,4 +179,63 @@ fn json_logs_are_json_and_each_request_is_a_line() {
         "{answered}"
     );
     assert_eq!(span["repo"], "127.0.0.1:9/basic", "{answered}");
+}
+
+/// SIGTERM lets an answer in flight finish: the pack arrives whole, then the process exits 0.
+#[test]
+fn sigterm_lets_a_clone_in_flight_finish() {
+    use std::io::{Read, Write};
+    let (mirror, repo_dir) = seeded_mirror("large");
+    let mut running = Running::start(
+        mirror.path(),
+        &[
+            ("ALLOWED_UPSTREAMS", "http://127.0.0.1:9"),
+            ("PACK_CACHE_MAX_SIZE", "0"),
+        ],
+    );
+    let tip = git(&repo_dir, &["rev-parse", "main"]);
+    let body = pkt(&[
+        "command=fetch",
+        "0001",
+        "ofs-delta",
+        "no-progress",
+        &format!("want {}", tip.trim()),
+        "done",
+        "0000",
+    ]);
+    let mut s = std::net::TcpStream::connect(&running.addr).unwrap();
+    write!(
+        s,
+        "POST /127.0.0.1:9/large/git-upload-pack HTTP/1.1\r\nHost: x\r\nGit-Protocol: version=2\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(&body).unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = s.read(&mut answer).unwrap();
+    answer.truncate(n);
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    let pid = running.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    s.read_to_end(&mut answer).unwrap();
+    let status = running.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    // The whole answer came: its last chunk ends with the flush packet after the pack, and the
+    // chunked body is terminated (not cut off).
+    let end = String::from_utf8_lossy(&answer[answer.len() - 12..]).into_owned();
+    assert!(end.ends_with("0000\r\n0\r\n\r\n"), "{end:?}");
+    let first = answer
+        .windows(4)
+        .position(|w| w == b"PACK")
+        .expect("a pack");
+    assert!(
+        answer.len() - first > 1_000_000,
+        "{} bytes",
+        answer.len() - first
+    );
 }

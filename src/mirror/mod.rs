@@ -506,6 +506,12 @@ impl Mirrors {
         if let Freshness::SyncedAfter(_) = freshness {
             state.last_want_miss = Some(Instant::now());
         }
+        // Why this update runs, for the log.
+        let reason = match freshness {
+            _ if !exists => "new mirror",
+            Freshness::IfStale => "stale",
+            Freshness::SyncedAfter(_) => "want-miss",
+        };
         let owned = req.clone();
         let owned_dir = req.dir.clone();
         let tmp = self.tmp_dir(&req.dir);
@@ -577,6 +583,7 @@ impl Mirrors {
                     );
                     tracing::info!(
                         repo = %name,
+                        reason,
                         status = status.as_str(),
                         refs = outcome.refs,
                         changed = outcome.changed,
@@ -606,7 +613,7 @@ impl Mirrors {
                 Err(e) if exists => {
                     state.last_failure = Some(started);
                     crate::metrics::mirror_update("stale", started.elapsed(), 0);
-                    tracing::warn!(repo = %name, error = %e, "sync failed, serving the existing mirror");
+                    tracing::warn!(repo = %name, reason, error = %e, "sync failed, serving the existing mirror");
                     Ok(Status::Stale)
                 }
                 Err(e) => {
