@@ -18,7 +18,7 @@ pub struct Config {
     #[arg(long, env = "LISTEN_ADDR", default_value = ":8080")]
     pub listen_addr: String,
     /// Directory holding the bare repositories, as `{host}/{path}.git`.
-    #[arg(long, env = "MIRROR_DIR", default_value = "/mnt/git-mirrors")]
+    #[arg(long, env = "MIRROR_DIR", default_value = "/var/tmp/smart-git-proxy")]
     pub mirror_dir: PathBuf,
     /// Log lines as `text` or `json` (one object per line, for log shippers).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -551,6 +551,12 @@ mod tests {
     /// `Config::new` does.
     #[test]
     fn limits_have_the_documented_defaults() {
+        let defaults = Config::try_parse_from(["x"]).unwrap();
+        assert_eq!(
+            defaults.mirror_dir,
+            PathBuf::from("/var/tmp/smart-git-proxy"),
+            "a directory any user can create"
+        );
         let parsed = Config::try_parse_from(["x", "--mirror-dir", "/m"]).unwrap();
         for c in [parsed, Config::new("/m")] {
             assert_eq!(c.max_request_body, ByteSize::mib(64));
