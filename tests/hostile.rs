@@ -1,7 +1,7 @@
 //! The hostile-input suite (issue 9): for each defect found by attacking the proxy, a test that
-//! repeats the attack and asserts the fixed behaviour. The auth defects (#1–#6), crash
-//! leftovers (#13) and protocol edges (#14, #15) have theirs in `auth.rs`, `mirror.rs` and
-//! `errors.rs`; the README's "Security model" maps each defect to its test.
+//! repeats the attack and asserts the fixed behaviour. The other auth defects (#1–#3, #5, #6),
+//! crash leftovers (#13) and protocol edges (#14, #15) have theirs in `auth.rs`, `mirror.rs`,
+//! `errors.rs` and unit tests.
 
 mod common;
 
@@ -609,4 +609,91 @@ fn a_full_disk_is_reported_as_such() {
     assert!(stderr.contains("No space left on device"), "{stderr}");
     let server_dir = server.stop();
     assert_eq!(directories(server_dir.path()), Vec::<String>::new());
+}
+
+/// `Authorization: Basic` for `user:password`.
+fn basic(user_password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(user_password)
+    )
+}
+
+/// #4: the early answer (progress during a want-miss sync) is checked again after the sync it
+/// waited for: here another client's sync, made with credentials, found the upstream private.
+/// The anonymous client passed the check before (the mirror was public) and is refused after.
+#[test]
+fn an_early_answer_is_checked_again_after_the_sync() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("acme/repo", "basic");
+    let allowed = up.allowed();
+    let server = Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.auth_mode = smart_git_proxy::config::AuthMode::PassThrough;
+        c.sync_stale_after = Duration::ZERO.into();
+        c.upstream_stall_timeout = Duration::from_secs(10).into();
+    });
+    let segment = up.segment();
+    let info_refs = format!("/{segment}/acme/repo/info/refs?service=git-upload-pack");
+    let created = request(server.addr, "GET", &info_refs, &[], b"");
+    assert_eq!(
+        created.header("x-git-proxy-status").as_deref(),
+        Some("clone")
+    );
+    // A commit the clients want, not in the mirror yet.
+    let tree = git(&upstream_dir, &["rev-parse", "main^{tree}"]);
+    let sha = git(
+        &upstream_dir,
+        &["commit-tree", tree.trim(), "-p", "main", "-m", "new"],
+    );
+    let sha = sha.trim().to_owned();
+    git(&upstream_dir, &["update-ref", "refs/heads/main", &sha]);
+    let fetch = |authorization: Option<String>| {
+        let (addr, segment, sha) = (server.addr, segment.clone(), sha.clone());
+        std::thread::spawn(move || {
+            let mut headers = vec![("Git-Protocol", "version=2".to_owned())];
+            headers.extend(authorization.map(|a| ("Authorization", a)));
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            request(
+                addr,
+                "POST",
+                &format!("/{segment}/acme/repo/git-upload-pack"),
+                &headers,
+                &pkt(&[
+                    "command=fetch",
+                    "0001",
+                    &format!("want {sha}"),
+                    "done",
+                    "0000",
+                ]),
+            )
+        })
+    };
+    // B: a sync that holds the mirror's lock for a while (the upstream is slow, and still
+    // public when B's listing arrives).
+    up.set_mode(Mode::SlowAfterAuth(Duration::from_secs(2)));
+    let slow = {
+        let (addr, path) = (server.addr, info_refs.clone());
+        std::thread::spawn(move || request(addr, "GET", &path, &[], b"").status)
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    // The upstream turns private.
+    up.require_auth("/acme", "alice:secret");
+    up.set_mode(Mode::Normal);
+    // A (credentials) and then C (none) want the new commit; both wait for B's sync, then
+    // A's sync runs with A's credentials and finds the upstream private; C shares it.
+    let with_credentials = fetch(Some(basic("alice:secret")));
+    std::thread::sleep(Duration::from_millis(300));
+    let anonymous = fetch(None);
+    let _ = slow.join().unwrap();
+    let a = with_credentials.join().unwrap();
+    let c = anonymous.join().unwrap();
+    assert_eq!(a.status, 200);
+    assert!(a.body.windows(4).any(|w| w == b"PACK"), "{}", a.text());
+    // C was answered early (200, the mirror was public), and refused once the sync was done.
+    assert_eq!(c.status, 200);
+    assert!(!c.body.windows(4).any(|w| w == b"PACK"), "C got a pack");
+    assert!(c.text().contains("authentication required"), "{}", c.text());
 }

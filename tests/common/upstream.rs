@@ -28,6 +28,9 @@ pub enum Mode {
     CutPacksAfter(usize),
     /// Speak protocol v0 only, as an old server does (the `Git-Protocol` header is ignored).
     V0Only,
+    /// Check access, then wait this long before answering (a slow upstream; the access
+    /// decision is the one of the moment the request arrived).
+    SlowAfterAuth(std::time::Duration),
 }
 
 /// One received request.
@@ -167,7 +170,7 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
             return (StatusCode::INTERNAL_SERVER_ERROR, "upstream is down\n").into_response()
         }
         Mode::Stall => std::future::pending::<()>().await,
-        Mode::Normal | Mode::CutPacksAfter(_) | Mode::V0Only => {}
+        Mode::Normal | Mode::CutPacksAfter(_) | Mode::V0Only | Mode::SlowAfterAuth(_) => {}
     }
     let required = shared
         .auth
@@ -194,6 +197,9 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
             );
             return r;
         }
+    }
+    if let Mode::SlowAfterAuth(delay) = mode {
+        tokio::time::sleep(delay).await;
     }
     if path.contains("/info/lfs/") {
         let status = StatusCode::from_u16(shared.lfs_status.load(Ordering::Relaxed) as u16)
