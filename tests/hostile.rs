@@ -697,3 +697,28 @@ fn an_early_answer_is_checked_again_after_the_sync() {
     assert!(!c.body.windows(4).any(|w| w == b"PACK"), "C got a pack");
     assert!(c.text().contains("authentication required"), "{}", c.text());
 }
+
+/// #8/#11: concurrent first requests for a repository whose upstream fails share one attempt:
+/// they do not each retry the upstream in turn.
+#[test]
+fn concurrent_creations_share_one_failed_attempt() {
+    let up = Upstream::start();
+    up.add_fixture("o/down", "basic");
+    let server = proxy(&up, |_| {});
+    up.set_mode(Mode::Fail);
+    let path = format!("/{}/o/down/info/refs?service=git-upload-pack", up.segment());
+    let threads: Vec<_> = (0..10)
+        .map(|_| {
+            let (addr, path) = (server.addr, path.clone());
+            std::thread::spawn(move || request(addr, "GET", &path, &[], b"").status)
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 502);
+    }
+    let asked = up.count("o/down");
+    eprintln!("10 concurrent creations on a failing upstream: {asked} upstream requests");
+    // One attempt is a listing and a handshake; stragglers that arrived after it may try once
+    // more.
+    assert!(asked <= 4, "{asked} upstream requests");
+}

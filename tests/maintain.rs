@@ -284,3 +284,51 @@ fn clones_of_a_maintained_mirror_reuse_the_pack() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("pack-reused 0"));
     assert_fsck(&work.path().join("c"));
 }
+
+/// Maintenance by another process replaces the pack a server's snapshot would reuse: the next
+/// clone is planned instead, and succeeds.
+#[test]
+fn a_clone_after_outside_maintenance_falls_back_to_planning() {
+    // No sync check picks the change up: the snapshot keeps naming the replaced pack.
+    let server = Server::start_with(|c| {
+        c.pack_cache_max_size = bytesize::ByteSize::b(0);
+        c.sync_stale_after = Duration::from_secs(3600).into();
+    });
+    let dir = server.repo_dir("moved");
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    many_packs("basic", &dir, 1);
+    consolidate(&dir, Duration::from_secs(3600));
+    // Synced just now, as far as the server knows: no sync check, no snapshot refresh.
+    std::fs::write(dir.join("smart-git-proxy-synced"), "").unwrap();
+    let url = server.url("moved");
+    let clone = || {
+        let work = tempfile::tempdir().unwrap();
+        let out = git_output(
+            work.path(),
+            &["clone", "--bare", "--progress", &url, "c"],
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_fsck(&work.path().join("c"));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(
+        !clone().contains("pack-reused 0"),
+        "the first clone reuses the pack"
+    );
+    // Another pack arrives and is consolidated behind the server's back.
+    let work = tempfile::tempdir().unwrap();
+    let src = format!("file://{}", dir.display());
+    git(work.path(), &["clone", "-q", &src, "w"]);
+    let w = work.path().join("w");
+    std::fs::write(w.join("late"), "late\n").unwrap();
+    git(&w, &["add", "-A"]);
+    git(&w, &["commit", "-q", "-m", "late"]);
+    git(&w, &["push", "-q", "origin", "HEAD:refs/pull/late/head"]);
+    consolidate(&dir, Duration::from_secs(3600));
+    assert!(clone().contains("pack-reused 0"), "planned, not reused");
+}

@@ -862,8 +862,15 @@ fn sync_with_progress(
                 return;
             }
         };
-        let Ok(slots) = Slots::acquire(&state).await else {
-            return;
+        let slots = match Slots::acquire(&state).await {
+            Ok(slots) => slots,
+            Err(e) => {
+                // The preamble went out: say why the pack does not follow.
+                let mut end = band(3, &format!("{e}\n"));
+                pktline::flush(&mut end);
+                let _ = send(end).await;
+                return;
+            }
         };
         let name = m.target.name.clone();
         start_pack(

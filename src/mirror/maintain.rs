@@ -76,24 +76,40 @@ pub enum Error {
 /// The lock file of maintenance, in the mirror.
 const LOCK_FILE: &str = "smart-git-proxy-maintenance.lock";
 
+/// The mirror's maintenance lock, held until the file is dropped: maintenance and syncs take
+/// it, so that `smart-git-proxy maintain` and a server's sync of the same mirror never overlap
+/// (a sync could otherwise fetch against objects maintenance is about to drop). Within one
+/// process both also run under the mirror's mutex, so it never blocks there.
+pub fn lock(dir: &Path) -> std::io::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(LOCK_FILE))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
+    Ok(file)
+}
+
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { context, source }
 }
 
-/// The `.pack` files of the mirror at `dir`, without those protected by a `.keep` file.
+/// The `.pack` files of the mirror at `dir` that have an index, without those protected by a
+/// `.keep` file.
 pub fn packs(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
+    // By index, as git lists packs: a `.pack` whose `.idx` is gone (a crash between the two
+    // deletions) or not written yet (a fetch in progress) is not a pack to read.
     for entry in std::fs::read_dir(dir.join("objects/pack"))? {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
+        let idx = entry?.path();
+        let name = idx.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let pack = idx.with_extension("pack");
         if name.starts_with("pack-")
-            && name.ends_with(".pack")
-            && !path.with_extension("keep").exists()
+            && name.ends_with(".idx")
+            && pack.is_file()
+            && !idx.with_extension("keep").exists()
         {
-            out.push(path);
+            out.push(pack);
         }
     }
     out.sort();
@@ -108,16 +124,7 @@ pub fn consolidate(
     thread_limit: Option<usize>,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, Error> {
-    // One maintenance per mirror across processes (a server's and `smart-git-proxy maintain`):
-    // two at once would each delete packs the other reads.
-    let lock = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.join(LOCK_FILE))
-        .map_err(io("opening the maintenance lock"))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|e| io("taking the maintenance lock")(e.into()))?;
+    let _lock = lock(dir).map_err(io("taking the mirror's maintenance lock"))?;
     let old_packs = packs(dir).map_err(io("listing packs"))?;
     // Only these are deleted at the end: a loose object written meanwhile (an operator's git)
     // stays.

@@ -274,6 +274,9 @@ struct RepoState {
     /// When a sync last could not start within `sync_wait`: until that much time has passed
     /// again, requests that only need a fresh mirror are served the mirror as it is.
     last_busy: Option<Instant>,
+    /// When the last creation attempt failed, and why: requests that waited for it get this
+    /// error rather than each trying again in turn.
+    last_error: Option<(Instant, String)>,
 }
 
 /// One mirror: its sync state behind the lock that serialises its updates (and maintenance),
@@ -618,6 +621,7 @@ impl Mirrors {
                 }
                 Err(e) => {
                     crate::metrics::mirror_update("failed", started.elapsed(), 0);
+                    state.last_error = Some((Instant::now(), e.to_string()));
                     repos.lock().remove(&owned_dir);
                     Err(e)
                 }
@@ -687,6 +691,15 @@ impl Mirrors {
         // (the store dropped this entry; another request may have made a new one).
         if let Some(e) = self.remembered_failure(req, key) {
             return Err(e);
+        }
+        match &state.last_error {
+            Some((failed, message)) if !exists && *failed > arrived => {
+                return Err(Error::Upstream {
+                    name: req.name.clone(),
+                    message: message.clone(),
+                });
+            }
+            _ => {}
         }
         let current = self
             .repos

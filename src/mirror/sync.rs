@@ -183,6 +183,7 @@ pub(super) fn sync(
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
     let dir = &req.dir;
+    let _maintenance = super::maintain::lock(dir).map_err(local)?;
     remove_leftovers(dir);
     let listing = match listing {
         Some(listing) => listing,

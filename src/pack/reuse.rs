@@ -100,17 +100,18 @@ pub enum StreamError {
     Client(std::io::Error),
 }
 
-/// Stream `region` of the pack at `path` to `out` as a pack of its own; the bytes written.
+/// Stream `region` of the pack `file` (opened by the caller, so that a pack maintenance just
+/// replaced is noticed before anything is sent) to `out` as a pack of its own; the bytes
+/// written.
 pub fn stream(
     region: &Region,
-    path: &Path,
+    mut file: std::fs::File,
     mut out: impl Write,
     interrupt: &AtomicBool,
 ) -> Result<u64, StreamError> {
     let pack_err = |e: std::io::Error| {
         StreamError::Pack(super::Error::Write(format!("reusing {}: {e}", region.pack)))
     };
-    let mut file = std::fs::File::open(path).map_err(pack_err)?;
     let mut header = [0u8; 12];
     file.read_exact(&mut header).map_err(pack_err)?;
     if &header[..4] != b"PACK" || header[4..8] != 2u32.to_be_bytes() {

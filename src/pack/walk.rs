@@ -168,7 +168,8 @@ pub fn walk(
         if w.interesting_queued == 0 {
             match w.queue.peek() {
                 None => break,
-                Some(top) if top.time >= last_interesting => {}
+                // Queued commits newer than the last interesting one: not closing in yet.
+                Some(top) if top.time >= last_interesting => slop = SLOP,
                 Some(_) => {
                     slop -= 1;
                     if slop == 0 {

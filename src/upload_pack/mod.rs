@@ -613,12 +613,14 @@ fn send_pack<W: Write>(
         thread_limit: ctx.options.pack_threads,
         compression: ctx.options.compression,
     };
-    let reuse = ctx.snapshot.clone_region().filter(|(region, _)| {
+    let reuse = ctx.snapshot.clone_region().filter(|(region, path)| {
         args.ofs_delta
             && common.is_empty()
             && args.shallow.grafts.is_empty()
             && args.filter.is_none()
             && pack::reuse::tips_digest(&wants) == region.tips
+            // A snapshot older than the last maintenance names a pack that is gone: plan.
+            && path.is_file()
     });
     if let Some((cache, mirror)) = ctx.cache {
         let filter = args.filter.map(|f| format!("{f:?}"));
@@ -650,9 +652,14 @@ fn send_pack<W: Write>(
         }
     }
     if let Some((region, path)) = reuse {
-        // A file read: no generation slot needed.
-        drop(ctx.pack_slot.take());
-        return send_reused(ctx, args, preamble, v2, out, region, path);
+        match std::fs::File::open(path) {
+            Ok(file) => {
+                // A file read: no generation slot needed.
+                drop(ctx.pack_slot.take());
+                return send_reused(ctx, args, preamble, v2, out, region, file);
+            }
+            Err(e) => tracing::debug!(error = %e, "reusable pack gone: planning instead"),
+        }
     }
     let started = std::time::Instant::now();
     let plan = match pack::plan(ctx.db, &selection, ctx.interrupt) {
@@ -781,14 +788,14 @@ fn send_reused<W: Write>(
     v2: bool,
     out: &mut Response<W>,
     region: &pack::reuse::Region,
-    path: &std::path::Path,
+    file: std::fs::File,
 ) -> Result<Outcome, Error> {
     begin_pack(ctx, args, preamble, v2, out)?;
     let mut sb = Sideband::new(out, args.sideband);
     if args.progress {
         sb.progress(&format!("Enumerating objects: {}, done.\n", region.objects))?;
     }
-    let bytes = match pack::reuse::stream(region, path, &mut sb, ctx.interrupt) {
+    let bytes = match pack::reuse::stream(region, file, &mut sb, ctx.interrupt) {
         Ok(bytes) => bytes,
         Err(pack::reuse::StreamError::Client(e)) => return Err(Error::Io(e)),
         Err(pack::reuse::StreamError::Pack(e)) => return Err(Error::Pack(e)),
@@ -844,15 +851,17 @@ fn generate(
         let interrupt = generation.abandoned();
         let started = std::time::Instant::now();
         let result = match &reuse {
-            Some((region, path)) => {
-                match pack::reuse::stream(region, path, &mut generation, &interrupt) {
-                    Ok(_) => Ok(region.objects as usize),
-                    Err(pack::reuse::StreamError::Pack(e)) => Err(e),
-                    Err(pack::reuse::StreamError::Client(e)) => {
-                        Err(pack::Error::Write(e.to_string()))
+            Some((region, path)) => std::fs::File::open(path)
+                .map_err(|e| pack::Error::Write(format!("reusing {}: {e}", region.pack)))
+                .and_then(|file| {
+                    match pack::reuse::stream(region, file, &mut generation, &interrupt) {
+                        Ok(_) => Ok(region.objects as usize),
+                        Err(pack::reuse::StreamError::Pack(e)) => Err(e),
+                        Err(pack::reuse::StreamError::Client(e)) => {
+                            Err(pack::Error::Write(e.to_string()))
+                        }
                     }
-                }
-            }
+                }),
             None => pack::plan(&db, &selection, &interrupt).and_then(|plan| {
                 pack::write(db.clone(), plan, &mut generation, opts, &interrupt)
                     .map(|stats| stats.objects)
