@@ -15,3 +15,16 @@ pub mod repo;
 pub mod ttl;
 pub mod upload_pack;
 pub mod upstream;
+
+/// An error with its causes, `outer: inner: …`: many errors (reqwest's, hyper's) name only
+/// the outermost step in their own message.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}

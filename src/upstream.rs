@@ -133,13 +133,7 @@ impl Error {
     /// A failed HTTP request, told apart as the client needs it: unreachable, timed out, or
     /// otherwise failed, with the whole cause chain (reqwest's own message names only the URL).
     fn from_request(e: &reqwest::Error) -> Error {
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(e);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
+        let message = crate::error_chain(e);
         if e.is_timeout() {
             Error::TimedOut(message)
         } else if e.is_connect() {

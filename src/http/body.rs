@@ -58,7 +58,7 @@ pub async fn read_limited(
         let mut body = body;
         let mut out: Vec<u8> = Vec::new();
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| ReadError::Body(error_chain(&e)))?;
+            let frame = frame.map_err(|e| ReadError::Body(crate::error_chain(&e)))?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
@@ -84,17 +84,6 @@ pub async fn read_limited(
         .await
         .map_err(|_| ReadError::TimedOut)??;
     Ok((out.into(), permit))
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }
 
 type Chunk = Result<Bytes, io::Error>;

@@ -16,9 +16,22 @@ mod writer;
 pub use planner::{plan, Plan, Selection, Stats};
 pub use writer::{write, WriteOptions, WriteStats};
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use gix::ObjectId;
+
+/// Every so many steps of a loop whose length the request decides (commits walked, objects
+/// planned, haves read), whether the work must stop: the client went away or a time limit
+/// passed. `step` counts from 1.
+pub fn check_interrupt(interrupt: &AtomicBool, step: usize) -> Result<(), Error> {
+    if step.is_multiple_of(INTERRUPT_CHECK_INTERVAL) && interrupt.load(Ordering::Relaxed) {
+        return Err(Error::Interrupted);
+    }
+    Ok(())
+}
+
+/// How often (in steps) [`check_interrupt`] looks at the flag.
+const INTERRUPT_CHECK_INTERVAL: usize = 1024;
 
 /// The object database handle pack generation works on: thread-safe and cheap to clone.
 pub type Db = gix::odb::HandleArc;

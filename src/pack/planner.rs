@@ -1,6 +1,6 @@
 //! The object planner: which objects go into the pack.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use gix::hashtable::{HashMap, HashSet};
 use gix::objs::{FindHeader, Kind, TreeRefIter};
@@ -84,9 +84,6 @@ enum Mark {
     /// A tree waiting in the breadth-first walk.
     Queued,
 }
-
-/// How often (in objects) the interrupt flag is checked.
-const INTERRUPT_CHECK_INTERVAL: usize = 1024;
 
 /// Compute the objects reachable from `sel.wants` and not from `sel.common`, as
 /// `git rev-list --objects <wants> --not <common>` does: commits are walked with the common
@@ -201,13 +198,7 @@ impl Planner<'_> {
     /// Count one unit of work and, every so often, check whether the client is still there.
     fn tick(&mut self) -> Result<(), Error> {
         self.work += 1;
-        if self.work.is_multiple_of(INTERRUPT_CHECK_INTERVAL)
-            && self.interrupt.load(Ordering::Relaxed)
-        {
-            Err(Error::Interrupted)
-        } else {
-            Ok(())
-        }
+        super::check_interrupt(self.interrupt, self.work)
     }
 
     fn read_err(context: &'static str, id: ObjectId) -> impl FnOnce(gix::Error) -> Error {

@@ -7,7 +7,7 @@
 //! shallow clients need.
 
 use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use gix::hashtable::{HashMap, HashSet};
 use gix::objs::commit::ref_iter::Token;
@@ -131,9 +131,6 @@ const PROCESSED: u8 = 4;
 /// (git's `SLOP`).
 const SLOP: usize = 5;
 
-/// How often (in commits) the interrupt flag is checked.
-const INTERRUPT_CHECK_INTERVAL: usize = 1024;
-
 /// Walk from `tips`, hiding everything reachable from `hidden`; commits older than `min_time`
 /// count as hidden too (`deepen-since`). Commits are loaded through `commits`, which applies
 /// grafts.
@@ -182,9 +179,7 @@ pub fn walk(
             break;
         };
         popped += 1;
-        if popped.is_multiple_of(INTERRUPT_CHECK_INTERVAL) && interrupt.load(Ordering::Relaxed) {
-            return Err(Error::Interrupted);
-        }
+        super::check_interrupt(interrupt, popped)?;
         let mut flags = w.flags[&id];
         if flags & UNINTERESTING == 0 {
             w.interesting_queued -= 1;

@@ -100,15 +100,6 @@ impl Error {
     }
 }
 
-/// In a loop whose length the client controls: every 1024 items, stop if the interrupt flag
-/// is set (the client went away, or a time limit passed).
-pub(crate) fn check_interrupt(interrupt: &AtomicBool, i: usize) -> Result<(), Error> {
-    if i.is_multiple_of(1024) && i > 0 && interrupt.load(Ordering::Relaxed) {
-        return Err(pack::Error::Interrupted.into());
-    }
-    Ok(())
-}
-
 /// What a request produced, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -273,7 +264,7 @@ fn fetch_v2<W: Write>(
     out: &mut Response<W>,
 ) -> Result<Outcome, Error> {
     for (i, want) in args.wants.iter().enumerate() {
-        check_interrupt(ctx.interrupt, i)?;
+        pack::check_interrupt(ctx.interrupt, i + 1)?;
         if !ctx.repo.has_object(want) {
             return Err(Error::NotOurRef(*want));
         }
@@ -297,7 +288,7 @@ fn fetch_v2<W: Write>(
     }
     let mut neg = Negotiator::new(ctx.repo, ctx.db, &wants, ctx.interrupt);
     for (i, have) in args.haves.iter().enumerate() {
-        check_interrupt(ctx.interrupt, i)?;
+        pack::check_interrupt(ctx.interrupt, i + 1)?;
         neg.have(*have)?;
     }
     let mut lines = Vec::new();
@@ -440,7 +431,7 @@ fn fetch_v0<W: Write>(
     let mut last = None;
     // This follows git's get_common_commits() for one stateless round.
     for (i, have) in req.haves.iter().enumerate() {
-        check_interrupt(ctx.interrupt, i)?;
+        pack::check_interrupt(ctx.interrupt, i + 1)?;
         match neg.have(*have)? {
             Have::Missing => {
                 got_other = true;
@@ -526,7 +517,7 @@ fn check_reachable_wants(ctx: &Context<'_>, wants: &[ObjectId]) -> Result<(), Er
     let mut commits = pack::walk::Commits::new(db, Default::default());
     let (mut commit_wants, mut other_wants) = (Vec::new(), Vec::new());
     for (i, want) in wants.iter().filter(|w| !snapshot.is_tip(w)).enumerate() {
-        check_interrupt(ctx.interrupt, i)?;
+        pack::check_interrupt(ctx.interrupt, i + 1)?;
         match ctx.repo.find_header(*want).map(|h| h.kind()) {
             Ok(gix::object::Kind::Commit) => commit_wants.push(*want),
             Ok(_) => other_wants.push(*want),

@@ -171,7 +171,7 @@ impl<'r> Negotiator<'r> {
                 return Ok(false);
             };
             self.expanded += 1;
-            super::check_interrupt(self.interrupt, self.expanded)?;
+            crate::pack::check_interrupt(self.interrupt, self.expanded)?;
             if self.graph.get(&id).is_some_and(|n| n.reaches) {
                 // Its descendants are marked already; its ancestry cannot add anything.
                 continue;

@@ -46,7 +46,7 @@ pub fn compute(
     let mut client = Vec::new();
     let mut client_set = HashSet::default();
     for (i, id) in deepen.shallows.iter().enumerate() {
-        super::check_interrupt(interrupt, i)?;
+        crate::pack::check_interrupt(interrupt, i + 1)?;
         match db
             .try_header(id)
             .map_err(Error::git("reading a shallow commit"))?
@@ -151,7 +151,7 @@ fn by_depth(
         };
         // A commit is visited again when reached by a shorter path: the count is of visits.
         visits += 1;
-        super::check_interrupt(interrupt, visits)?;
+        crate::pack::check_interrupt(interrupt, visits)?;
         cur_depth += 1;
         if cur_depth >= depth {
             result.push(id);
