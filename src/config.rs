@@ -84,6 +84,9 @@ pub struct Config {
     /// only travels over HTTPS unless an entry is written `http://host[:port]`.
     #[arg(long, env = "STATIC_TOKEN_HOSTS", default_value = "github.com")]
     pub static_token_hosts: String,
+    /// Bearer token for the admin API (`/api/v1/...`); the API is off while it is unset.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
     /// Mirror creations and syncs running at the same time (different repositories).
     #[arg(long, env = "MAX_CONCURRENT_SYNCS", default_value_t = 4)]
     pub max_concurrent_syncs: usize,
@@ -402,6 +405,7 @@ impl Config {
             auth_mode: AuthMode::None,
             static_token: None,
             static_token_hosts: "github.com".into(),
+            admin_token: None,
             max_concurrent_syncs: 4,
             max_concurrent_syncs_per_host: None,
             sync_wait: Duration::from_secs(5).into(),
