@@ -214,19 +214,39 @@ fn bench_pack(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500));
     for o in &opened {
         g.throughput(Throughput::Elements(o.full.stats.commits as u64));
-        g.bench_function(format!("{}/all-commits", o.name), |b| {
-            b.iter(|| {
-                let db = pack::db(&o.repo);
-                let mut commits = pack::walk::Commits::new(&db, Default::default());
-                let tips: Vec<ObjectId> = o
-                    .wants
-                    .iter()
-                    .filter_map(|w| commits.peel_to_commit(*w).ok().flatten())
-                    .collect();
-                pack::walk::walk(&mut commits, black_box(&tips), &[], None, &interrupt)
-                    .expect("walk")
-            })
-        });
+        // Through the commit-graph when the fixture has one, and through the objects.
+        eprintln!(
+            "{}: commit-graph {}",
+            o.name,
+            pack::graph::open(&o.db).map_or("absent".into(), |g| format!(
+                "with {} commits",
+                g.num_commits()
+            ))
+        );
+        for graph in [true, false] {
+            let name = if graph {
+                "all-commits"
+            } else {
+                "all-commits-objects"
+            };
+            g.bench_function(format!("{}/{name}", o.name), |b| {
+                b.iter(|| {
+                    let db = pack::db(&o.repo);
+                    let mut commits = if graph {
+                        pack::walk::Commits::new(&db, Default::default())
+                    } else {
+                        pack::walk::Commits::without_graph(&db)
+                    };
+                    let tips: Vec<ObjectId> = o
+                        .wants
+                        .iter()
+                        .filter_map(|w| commits.peel_to_commit(*w).ok().flatten())
+                        .collect();
+                    pack::walk::walk(&mut commits, black_box(&tips), &[], None, &interrupt)
+                        .expect("walk")
+                })
+            });
+        }
     }
     g.finish();
 

@@ -283,6 +283,35 @@ fn clones_of_a_maintained_mirror_reuse_the_pack() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("pack-reused 0"));
     assert_fsck(&work.path().join("c"));
+
+    // Shallow clones and deepening walk through the commit-graph maintenance wrote.
+    assert!(outcome.commit_graph.is_some_and(|n| n > 0), "{outcome:?}");
+    for version in ["2", "0"] {
+        let work = tempfile::tempdir().unwrap();
+        let v = format!("protocol.version={version}");
+        git(
+            work.path(),
+            &["-c", &v, "clone", "-q", "--bare", "--depth=3", &url, "s"],
+        );
+        let s = work.path().join("s");
+        git(&s, &["-c", &v, "fetch", "-q", "--deepen=40", "origin"]);
+        assert_fsck(&s);
+        assert_eq!(
+            git(&s, &["rev-list", "--count", "main"]).trim(),
+            git(
+                &dir,
+                &[
+                    "rev-list",
+                    "--count",
+                    "--max-count=43",
+                    "--first-parent",
+                    "main"
+                ]
+            )
+            .trim(),
+            "protocol {version}"
+        );
+    }
 }
 
 /// Maintenance by another process replaces the pack a server's snapshot would reuse: the next
@@ -331,4 +360,56 @@ fn a_clone_after_outside_maintenance_falls_back_to_planning() {
     git(&w, &["push", "-q", "origin", "HEAD:refs/pull/late/head"]);
     consolidate(&dir, Duration::from_secs(3600));
     assert!(clone().contains("pack-reused 0"), "planned, not reused");
+}
+
+#[test]
+fn maintenance_writes_a_commit_graph_git_verifies() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("r.git");
+    many_packs("basic", &dir, 2);
+    // An octopus merge exercises the graph's extra-edge list.
+    let scratch = tempfile::tempdir().unwrap();
+    let src = format!("file://{}", dir.display());
+    git(scratch.path(), &["clone", "-q", &src, "w"]);
+    let w = scratch.path().join("w");
+    for branch in ["o1", "o2", "o3"] {
+        git(&w, &["checkout", "-q", "-b", branch, "main"]);
+        std::fs::write(w.join(branch), branch).unwrap();
+        git(&w, &["add", "-A"]);
+        git(&w, &["commit", "-q", "-m", branch]);
+    }
+    git(&w, &["checkout", "-q", "main"]);
+    git(&w, &["merge", "-q", "-m", "octopus", "o1", "o2", "o3"]);
+    git(&w, &["push", "-q", "origin", "HEAD:refs/pull/octopus/head"]);
+
+    let outcome = consolidate(&dir, Duration::from_secs(3600));
+    let commits = git(&dir, &["rev-list", "--all"]).lines().count();
+    assert_eq!(outcome.commit_graph, Some(commits), "{outcome:?}");
+    assert!(dir.join("objects/info/commit-graph").is_file());
+    git(&dir, &["commit-graph", "verify"]);
+    assert_fsck(&dir);
+    // git walks through our graph to the same history as through the objects.
+    let with_graph = git(
+        &dir,
+        &[
+            "-c",
+            "core.commitGraph=true",
+            "rev-list",
+            "--all",
+            "--parents",
+            "--date-order",
+        ],
+    );
+    let without = git(
+        &dir,
+        &[
+            "-c",
+            "core.commitGraph=false",
+            "rev-list",
+            "--all",
+            "--parents",
+            "--date-order",
+        ],
+    );
+    assert_eq!(with_graph, without);
 }

@@ -86,6 +86,35 @@ fn object_sets_match_git_rev_list() {
     check(&large, &["side"], &["main~10", "v2"]);
 }
 
+/// Walks that read commits from a commit-graph (git's, complete or older than the newest
+/// commits) plan what walks over the objects plan.
+#[test]
+fn object_sets_match_with_a_commit_graph() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("r.git");
+    build_fixture("basic", &dir);
+    git(&dir, &["commit-graph", "write", "--reachable"]);
+    assert!(dir.join("objects/info/commit-graph").is_file());
+    check(&dir, &["main", "feature/a", "feature/b", "orphan"], &[]);
+    check(&dir, &["main"], &["main~5"]);
+    check(&dir, &["main", "orphan"], &["feature/b"]);
+
+    // New commits on top of the graph: the walk goes from the objects into the graph.
+    let scratch = tempfile::tempdir().unwrap();
+    let src = format!("file://{}", dir.display());
+    git(scratch.path(), &["clone", "-q", &src, "w"]);
+    let w = scratch.path().join("w");
+    for i in 0..3 {
+        std::fs::write(w.join(format!("new-{i}")), "x").unwrap();
+        git(&w, &["add", "-A"]);
+        git(&w, &["commit", "-q", "-m", &format!("new {i}")]);
+    }
+    git(&w, &["push", "-q", "origin", "HEAD:refs/heads/main"]);
+    check(&dir, &["main"], &[]);
+    check(&dir, &["main"], &["main~4"]);
+    check(&dir, &["main", "feature/a"], &["main~1"]);
+}
+
 #[test]
 fn include_tag_adds_tags_that_point_into_the_pack() {
     let basic = fixture("basic");

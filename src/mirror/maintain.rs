@@ -23,6 +23,8 @@
 //!   packs (those present when maintenance started) and the loose objects deleted. Readers that
 //!   hold an old pack keep it mapped until they finish; new readers find everything in the new
 //!   pack. Packs with a `.keep` file are left alone.
+//! - **Commit-graph.** Last, the commit-graph of everything the refs reach is rewritten
+//!   ([`crate::pack::graph`]), so that walks read parents and times from a table.
 
 use std::collections::HashMap as StdHashMap;
 use std::io::{BufReader, BufWriter, Write};
@@ -49,6 +51,8 @@ pub struct Outcome {
     pub dropped: usize,
     /// Bytes of the new pack.
     pub bytes: u64,
+    /// Commits in the commit-graph written afterwards (`None`: none was written).
+    pub commit_graph: Option<usize>,
 }
 
 /// Why maintenance failed; the mirror is then left as it was.
@@ -196,11 +200,19 @@ pub fn consolidate(
         let _ = std::fs::remove_file(loose);
     }
     reuse::write_layout(dir, &region).map_err(io("writing the pack layout"))?;
+    // The packs are in place; a graph that cannot be written leaves walks on the objects.
+    let tips: Vec<ObjectId> = refs.refs.iter().map(|r| r.target).collect();
+    let commit_graph = pack::graph::write(&dir.join("objects"), &db, &tips, interrupt)
+        .unwrap_or_else(|e| {
+            tracing::warn!(mirror = %dir.display(), "no commit-graph: {e}");
+            None
+        });
     Ok(Outcome {
         packs_before: old_packs.len(),
         regions,
         dropped,
         bytes,
+        commit_graph,
     })
 }
 

@@ -8,6 +8,7 @@
 //! Neither knows about the protocol or HTTP: they take object ids and an `io::Write`.
 
 pub mod cache;
+pub mod graph;
 mod planner;
 pub mod reuse;
 pub mod walk;

@@ -95,7 +95,7 @@ enum Mark {
 /// announces objects the body cannot deliver.
 pub fn plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Plan, Error> {
     let grafts: HashSet<ObjectId> = sel.shallow.iter().copied().collect();
-    let mut commits = Commits::new(db, grafts);
+    let mut commits = Commits::new(db, grafts).locating();
     let mut p = Planner {
         db,
         buf: Vec::new(),

@@ -28,27 +28,58 @@ pub struct Commit {
     pub time: i64,
     /// Root tree.
     pub tree: ObjectId,
-    /// Where the commit is packed, if it is.
+    /// Where the commit is packed, if it is and the walk asked for it ([`Commits::locating`]).
     pub location: Option<Location>,
 }
 
 /// Loads and remembers commits, applying grafts.
 pub struct Commits<'a> {
     db: &'a Db,
+    /// The repository's commit-graph, consulted before the object database.
+    graph: Option<gix::commitgraph::Graph>,
+    /// Whether commits read from the graph need their pack location (which costs as much as
+    /// reading the commit: gix inflates the entry to learn its packed size).
+    locate: bool,
     grafts: HashSet<ObjectId>,
     cache: HashMap<ObjectId, Commit>,
     buf: Vec<u8>,
 }
 
 impl<'a> Commits<'a> {
-    /// Read commits from `db`, treating every commit in `grafts` as parentless.
+    /// Read commits from `db` (through its commit-graph where that has them), treating every
+    /// commit in `grafts` as parentless.
     pub fn new(db: &'a Db, grafts: HashSet<ObjectId>) -> Self {
         Commits {
+            graph: super::graph::open(db),
+            ..Self::without_graph(db)
+        }
+        .with_grafts(grafts)
+    }
+
+    /// Read commits from the objects only: for writing a commit-graph, and for measuring what
+    /// the graph saves.
+    pub fn without_graph(db: &'a Db) -> Self {
+        Commits {
             db,
-            grafts,
+            graph: None,
+            locate: false,
+            grafts: HashSet::default(),
             cache: HashMap::default(),
             buf: Vec::new(),
         }
+    }
+
+    fn with_grafts(mut self, grafts: HashSet<ObjectId>) -> Self {
+        self.grafts = grafts;
+        self
+    }
+
+    /// Give every commit its pack location, as pack generation needs; walks that only decide
+    /// reachability (negotiation, shallow boundaries) go without and then read the commit-graph
+    /// alone.
+    pub fn locating(mut self) -> Self {
+        self.locate = true;
+        self
     }
 
     /// The commit `id`, loaded on first use. A missing object or one that is not a commit is
@@ -68,6 +99,62 @@ impl<'a> Commits<'a> {
     }
 
     fn load(&mut self, id: ObjectId) -> Result<Commit, Error> {
+        let mut commit = match self.from_graph(id)? {
+            Some(commit) => commit,
+            None => self.from_object(id)?,
+        };
+        if self.grafts.contains(&id) {
+            commit.parents.clear();
+        }
+        Ok(commit)
+    }
+
+    /// The commit as the commit-graph has it, with its pack location looked up in the index.
+    fn from_graph(&mut self, id: ObjectId) -> Result<Option<Commit>, Error> {
+        let Some(graph) = &self.graph else {
+            return Ok(None);
+        };
+        let Some(found) = graph.commit_by_id(id) else {
+            return Ok(None);
+        };
+        let mut parents = SmallVec::new();
+        for parent in found.iter_parents() {
+            let position = parent.map_err(|e| Error::Read {
+                context: "reading the commit-graph at",
+                id,
+                message: e.to_string(),
+            })?;
+            parents.push(graph.id_at(position).to_owned());
+        }
+        let time = i64::try_from(found.committer_timestamp()).unwrap_or(i64::MAX);
+        let tree = found.root_tree_id().to_owned();
+        if !self.locate {
+            return Ok(Some(Commit {
+                parents,
+                time,
+                tree,
+                location: None,
+            }));
+        }
+        // A loose commit (or one the graph lists but the mirror lost) is read the slow way,
+        // which also reports it missing.
+        let location = self
+            .db
+            .location_by_oid(&id, &mut self.buf)
+            .map_err(|e| Error::Read {
+                context: "locating commit",
+                id,
+                message: e.to_string(),
+            })?;
+        Ok(location.map(|location| Commit {
+            parents,
+            time,
+            tree,
+            location: Some(location),
+        }))
+    }
+
+    fn from_object(&mut self, id: ObjectId) -> Result<Commit, Error> {
         let (data, location) = self
             .db
             .try_find(&id, &mut self.buf)
@@ -105,9 +192,6 @@ impl<'a> Commits<'a> {
                 }
                 _ => {}
             }
-        }
-        if self.grafts.contains(&id) {
-            commit.parents.clear();
         }
         Ok(commit)
     }
