@@ -1,0 +1,3 @@
+module go-git-client
+
+go 1.19
