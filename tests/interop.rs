@@ -1,5 +1,5 @@
-//! The client matrix: every mainstream Git implementation against the real proxy in front of a
-//! `git http-backend` upstream, in every fetch shape it supports. Each result must pass
+//! The client matrix: every mainstream Git implementation against the real proxy binary in
+//! front of a `git http-backend` upstream, in every fetch shape it supports. Each result must pass
 //! `git fsck --strict` and carry the upstream's refs.
 //!
 //! Clients: the `git` CLI (protocol v2, v1, v0), dulwich (v2 and v0) and libgit2 through
@@ -350,6 +350,7 @@ fn go_git_binary() -> &'static Path {
                     .env("GOPROXY", "off")
                     .env("GOFLAGS", "")
                     .env("GOTOOLCHAIN", "local")
+                    .env("GOENV", "off")
                     .env("CGO_ENABLED", "0")
                     .env("GOCACHE", cache),
             )
@@ -448,9 +449,12 @@ fn heads_and_tags(dir: &Path) -> Vec<String> {
     out
 }
 
+/// The upstream (`git http-backend`) and the real proxy binary in front of it.
 struct Matrix {
     up: Upstream,
-    server: Server,
+    /// Declared before `_mirror`, so the server is killed before its directory goes.
+    server: Running,
+    _mirror: tempfile::TempDir,
     upstream_dir: PathBuf,
     url: String,
 }
@@ -458,15 +462,19 @@ struct Matrix {
 fn matrix() -> Matrix {
     let up = Upstream::start();
     let upstream_dir = up.add_fixture("o/basic", "basic");
-    let allowed = up.allowed();
-    let server = Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
-        c.sync_stale_after = Duration::from_millis(50).into();
-    });
-    let url = server.url_for(&up.segment(), "o/basic");
+    let mirror = tempfile::tempdir().unwrap();
+    let server = Running::start(
+        mirror.path(),
+        &[
+            ("ALLOWED_UPSTREAMS", &up.allowed()),
+            ("SYNC_STALE_AFTER", "50ms"),
+        ],
+    );
+    let url = format!("http://{}/{}/o/basic", server.addr, up.segment());
     Matrix {
         up,
         server,
+        _mirror: mirror,
         upstream_dir,
         url,
     }
@@ -525,6 +533,79 @@ fn full_clone_then_incremental_fetch() {
     }
     drop(m.server);
     drop(m.up);
+}
+
+/// The proxy's count of `git-upload-pack` requests answered.
+fn upload_packs(m: &Matrix) -> u64 {
+    let addr = m.server.addr.parse().unwrap();
+    request(addr, "GET", "/metrics", &[], b"")
+        .text()
+        .lines()
+        .filter(|l| {
+            l.starts_with("smart_git_proxy_requests_total{")
+                && l.contains(r#"command="upload-pack""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `count` new commits on `refs/heads/local-side` of the clone at `git_dir`, forked from its
+/// `main` and newer than anything upstream, so a fetch offers them first as haves.
+fn local_commits(git_dir: &Path, count: usize) {
+    let mut stream = String::new();
+    for i in 0..count {
+        let from = if i == 0 { "from refs/heads/main\n" } else { "" };
+        let body = format!("{i}\n");
+        stream.push_str(&format!(
+            "commit refs/heads/local-side\ncommitter T <t@example.com> {} +0000\ndata 6\nlocal\n{from}M 644 inline local.txt\ndata {}\n{body}\n",
+            2_000_000_000 + i,
+            body.len(),
+        ));
+    }
+    let out = Command::new("git")
+        .current_dir(git_dir)
+        .args(["fast-import", "--quiet"])
+        .envs(git_env())
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(stream.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// An incremental fetch by a client with hundreds of commits the upstream has never seen: the
+/// proxy must NAK its way down to the common history, over several stateless rounds for
+/// JGit (go-git offers all its haves in one request).
+#[test]
+fn fetch_past_local_commits_the_upstream_lacks() {
+    let m = matrix();
+    for client in [Client::Jgit, Client::GoGit] {
+        let work = tempfile::tempdir().unwrap();
+        let dest = work.path().join("c");
+        client
+            .clone(&m.url, &dest, None, None)
+            .unwrap_or_else(|e| panic!("{client:?} clone: {e}"));
+        local_commits(&dest, 300);
+        advance_main(&m, &format!("{client:?} 1"));
+        let commit = advance_main(&m, &format!("{client:?} 2"));
+        let before = upload_packs(&m);
+        client
+            .fetch(&dest, None)
+            .unwrap_or_else(|e| panic!("{client:?} fetch: {e}"));
+        let rounds = upload_packs(&m) - before;
+        assert_fsck(&dest);
+        assert!(
+            heads_and_tags(&dest).contains(&format!("{commit} refs/heads/main")),
+            "{client:?}: fetched main"
+        );
+        if client == Client::Jgit {
+            assert!(rounds >= 2, "JGit negotiated in {rounds} round(s)");
+        }
+    }
 }
 
 #[test]
