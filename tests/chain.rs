@@ -218,3 +218,32 @@ fn stale_mirrors_are_served_across_the_chain() {
     let work = clone_ok(&url);
     assert_eq!(refs(&work.path().join("c")), refs(&upstream_dir));
 }
+
+#[test]
+fn an_edge_lends_its_static_token_to_the_parent_only_where_it_may_go() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("private/repo", "basic");
+    up.require_auth("/private", "x-access-token:t0k");
+    let regional = proxy(&up, None, AuthMode::PassThrough, HOUR);
+    let edge_with = |hosts: String| {
+        let allowed = up.allowed();
+        let parent = format!("http://{}", regional.addr);
+        Server::start_with(move |c| {
+            c.allowed_upstreams = allowed;
+            c.parent_proxy = Some(parent);
+            c.auth_mode = AuthMode::Static;
+            c.static_token = Some("t0k".into());
+            c.static_token_hosts = hosts;
+        })
+    };
+    // The parent is plain http: the token goes there only with an `http://` entry.
+    let edge = edge_with(up.segment());
+    let r = info_refs(&edge, &up, "private/repo", None);
+    assert_eq!(r.status, 401, "{}", r.text());
+    let edge = edge_with(format!("http://{}", up.segment()));
+    let work = clone_ok(&edge.url_for(&up.segment(), "private/repo"));
+    assert_eq!(refs(&work.path().join("c")), refs(&upstream_dir));
+    // The parent got the token passed through, and keeps its mirror private.
+    let r = info_refs(&regional, &up, "private/repo", None);
+    assert_eq!(r.status, 401, "{}", r.text());
+}

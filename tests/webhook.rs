@@ -275,3 +275,84 @@ fn with_balancer_url_a_webhook_is_forwarded_to_the_node_holding_the_mirror() {
         "{metrics}"
     );
 }
+
+#[test]
+fn secrets_are_never_logged() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let up = Upstream::start();
+    up.add_fixture("o/basic", "basic");
+    let mirror = tempfile::tempdir().unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+        .env("MIRROR_DIR", mirror.path())
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("LOG_LEVEL", "trace")
+        .env("ALLOWED_UPSTREAMS", up.allowed())
+        .env("WEBHOOK_SECRET", SECRET)
+        .env("ADMIN_TOKEN", ADMIN)
+        .stderr(Stdio::from(log.reopen().unwrap()))
+        .spawn()
+        .unwrap();
+    // Killed however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Killed(child);
+    let mut addr = None;
+    wait_until("the server listens", || {
+        addr = BufReader::new(log.reopen().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                let rest = l.split("addr=").nth(1)?;
+                rest.split_whitespace().next().map(str::to_owned)
+            });
+        addr.is_some()
+    });
+    let addr: std::net::SocketAddr = addr.unwrap().parse().unwrap();
+    let name = format!("{}/o/basic", up.segment());
+    for token in ["wrong", ADMIN, ADMIN] {
+        request(
+            addr,
+            "POST",
+            &format!("/api/v1/mirrors/{name}/sync"),
+            &[("Authorization", &format!("Bearer {token}"))],
+            b"",
+        );
+    }
+    let body = push_payload(&format!("http://{}/o/basic.git", up.segment()));
+    let bad = signature("wrong", &body);
+    let good = signature(SECRET, &body);
+    for sig in [bad.as_str(), good.as_str()] {
+        request(
+            addr,
+            "POST",
+            "/webhooks/github",
+            &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", sig)],
+            &body,
+        );
+    }
+    request(
+        addr,
+        "POST",
+        "/webhooks/gitlab",
+        &[("X-Gitlab-Event", "Push Hook"), ("X-Gitlab-Token", "wrong")],
+        b"{}",
+    );
+    let read = || std::fs::read_to_string(log.path()).unwrap();
+    wait_until("the webhook's sync is logged", || {
+        read().contains("reason=\"webhook\"")
+    });
+    drop(child);
+    let logged = read();
+    assert!(logged.contains("webhook refused"), "{logged}");
+    assert!(logged.contains("reason=\"warm-up\""), "{logged}");
+    for secret in [SECRET, ADMIN, good.as_str()] {
+        assert!(!logged.contains(secret), "{secret} in the log");
+    }
+}
