@@ -88,6 +88,15 @@ fn cold_clones_through_two_edges_fetch_from_the_upstream_once() {
         "{:?}",
         up.log().iter().map(|l| &l.path).collect::<Vec<_>>()
     );
+    // The allowlist still applies at the edge.
+    let r = request(
+        edges[0].addr,
+        "GET",
+        "/github.com/o/r/info/refs?service=git-upload-pack",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
     let metrics = request(edges[0].addr, "GET", "/metrics", &[], b"").text();
     assert!(
         metrics.contains("smart_git_proxy_parent_fetches_total{status=\"clone\"}"),

@@ -194,6 +194,32 @@ fn a_gitlab_push_hook_with_the_token_syncs_the_mirror() {
     assert_eq!(r.status, 202, "{}", r.text());
     let mirror = mirror_dir(&server, &up, "g/sub/basic");
     wait_until("the webhook's sync", || head_of(&mirror) == pushed);
+    let tag = |git_dir: &std::path::Path| git(git_dir, &["tag", "--list", "v-pushed"]);
+    git(&upstream_dir, &["tag", "v-pushed", &pushed]);
+    let r = request(
+        server.addr,
+        "POST",
+        "/webhooks/gitlab",
+        &[
+            ("X-Gitlab-Event", "Tag Push Hook"),
+            ("X-Gitlab-Token", SECRET),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    wait_until("the tag push's sync", || !tag(&mirror).is_empty());
+}
+
+#[test]
+fn webhook_bodies_are_bounded() {
+    let up = Upstream::start();
+    let server = proxy(&up, |c| {
+        c.max_request_body = bytesize::ByteSize::kib(1);
+        c.max_buffered_bodies = bytesize::ByteSize::kib(64);
+    });
+    let big = vec![b' '; 4096];
+    let r = github(&server, "push", &big, Some(SECRET));
+    assert_eq!(r.status, 413, "{}", r.text());
 }
 
 fn warm_up(server: &Server, name: &str, token: Option<&str>) -> Reply {
@@ -247,8 +273,13 @@ fn the_warm_up_api_creates_and_syncs_mirrors_with_the_admin_token() {
 fn with_balancer_url_a_webhook_is_forwarded_to_the_node_holding_the_mirror() {
     let up = Upstream::start();
     let upstream_dir = up.add_fixture("o/basic", "basic");
+    // Nothing listens there: a node that forwarded again would fail.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
     // B holds the mirror; A received the webhook and knows B only as the balancer.
-    let b = proxy(&up, |_| {});
+    let b_balancer = nowhere.clone();
+    let b = proxy(&up, |c| c.balancer_url = Some(b_balancer));
     let balancer = format!("http://{}", b.addr);
     let a = proxy(&up, |c| c.balancer_url = Some(balancer));
     let url = b.url_for(&up.segment(), "o/basic");
@@ -274,6 +305,10 @@ fn with_balancer_url_a_webhook_is_forwarded_to_the_node_holding_the_mirror() {
         metrics.contains("smart_git_proxy_webhook_forwards_total{result=\"ok\"}"),
         "{metrics}"
     );
+    // A balancer that cannot be reached: the sender sees a failed delivery.
+    let c = proxy(&up, |c| c.balancer_url = Some(nowhere));
+    let r = github(&c, "push", &push_payload(&clone_url), Some(SECRET));
+    assert_eq!(r.status, 502, "{}", r.text());
 }
 
 #[test]
