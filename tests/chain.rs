@@ -256,3 +256,22 @@ fn an_edge_lends_its_static_token_to_the_parent_only_where_it_may_go() {
     let r = info_refs(&regional, &up, "private/repo", None);
     assert_eq!(r.status, 401, "{}", r.text());
 }
+
+#[test]
+fn pushes_reach_the_edge_after_sync_stale_after_at_both_tiers() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let regional = proxy(&up, None, AuthMode::None, Duration::from_millis(1));
+    let edge = proxy(
+        &up,
+        Some(&regional),
+        AuthMode::None,
+        Duration::from_millis(1),
+    );
+    let url = edge.url_for(&up.segment(), "o/basic");
+    clone_ok(&url);
+    // The edge lists the parent's refs with `ls-refs` alone, which syncs the parent.
+    push_commit(&upstream_dir, "main");
+    let work = clone_ok(&url);
+    assert_eq!(refs(&work.path().join("c")), refs(&upstream_dir));
+}

@@ -13,9 +13,9 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, post};
+use axum::routing::post;
 use axum::Router;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
@@ -29,7 +29,7 @@ use crate::repo;
 
 /// The header that marks a warm-up as a webhook forwarded by another node: only an existing
 /// mirror is synced, in the background, and nothing is forwarded again.
-pub const FORWARDED_HEADER: &str = "x-smart-git-proxy-forwarded";
+const FORWARDED_HEADER: &str = "x-smart-git-proxy-forwarded";
 
 /// The largest webhook body read: GitHub caps its payloads at 25 MB (`MAX_REQUEST_BODY`
 /// applies when smaller).
@@ -40,7 +40,7 @@ pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/webhooks/github", post(github))
         .route("/webhooks/gitlab", post(gitlab))
-        .route("/api/v1/mirrors/{*rest}", any(mirror_action))
+        .route("/api/v1/mirrors/{*rest}", post(mirror_action))
 }
 
 /// A short plain-text answer.
@@ -312,7 +312,7 @@ fn mirror_request(state: &AppState, name: &str) -> Result<mirror::Request, (Stat
     let source = fetch_source(&state.config, upstream);
     Ok(mirror::Request {
         url: format!("{}/{path}.git", source.base_url),
-        authorization: upstream_authorization(&state.config, &source, &None),
+        authorization: upstream_authorization(&state.config, &source, None),
         name: target.name,
         dir: target.dir,
     })
@@ -324,7 +324,6 @@ fn mirror_request(state: &AppState, name: &str) -> Result<mirror::Request, (Stat
 /// (`202`; `404` without one).
 async fn mirror_action(
     State(state): State<AppState>,
-    method: Method,
     Path(rest): Path<String>,
     headers: HeaderMap,
 ) -> Response {
@@ -342,9 +341,6 @@ async fn mirror_action(
     let Some(name) = rest.strip_suffix("/sync") else {
         return answer(StatusCode::NOT_FOUND, "no such admin endpoint");
     };
-    if method != Method::POST {
-        return answer(StatusCode::METHOD_NOT_ALLOWED, "use POST");
-    }
     let request = match mirror_request(&state, name) {
         Ok(request) => request,
         Err((status, text)) => return answer(status, text),

@@ -439,7 +439,7 @@ fn fetch_source(config: &Config, upstream: &Upstream) -> Upstream {
 fn upstream_authorization(
     config: &Config,
     source: &Upstream,
-    client_authorization: &Option<String>,
+    client_authorization: Option<&str>,
 ) -> Option<String> {
     match config.auth_mode {
         AuthMode::None => None,
@@ -448,7 +448,7 @@ fn upstream_authorization(
             .as_ref()
             .filter(|_| config.lends_static_token_to(source))
             .map(|t| auth::static_token_header(t.expose())),
-        AuthMode::PassThrough => client_authorization.clone(),
+        AuthMode::PassThrough => client_authorization.map(str::to_owned),
     }
 }
 
@@ -496,7 +496,8 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let source = fetch_source(&state.config, upstream);
-    let authorization = upstream_authorization(&state.config, &source, &client_authorization);
+    let authorization =
+        upstream_authorization(&state.config, &source, client_authorization.as_deref());
     // A child proxy's want-miss or push-driven sync: check our upstream too (`ls-refs`).
     let revalidate = parts
         .headers
