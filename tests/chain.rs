@@ -275,3 +275,34 @@ fn pushes_reach_the_edge_after_sync_stale_after_at_both_tiers() {
     let work = clone_ok(&url);
     assert_eq!(refs(&work.path().join("c")), refs(&upstream_dir));
 }
+
+#[test]
+fn a_warm_up_at_the_edge_makes_the_parent_check_its_upstream() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let regional = proxy(&up, None, AuthMode::None, HOUR);
+    let parent = format!("http://{}", regional.addr);
+    let allowed = up.allowed();
+    let edge = Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.parent_proxy = Some(parent);
+        c.sync_stale_after = HOUR.into();
+        c.admin_token = Some("t0ken".into());
+    });
+    clone_ok(&edge.url_for(&up.segment(), "o/basic"));
+    let pushed = push_commit(&upstream_dir, "main");
+    let r = request(
+        edge.addr,
+        "POST",
+        &format!("/api/v1/mirrors/{}/o/basic/sync", up.segment()),
+        &[("Authorization", "Bearer t0ken")],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mirror = edge.mirror.path().join(up.segment()).join("o/basic.git");
+    assert_eq!(
+        git(&mirror, &["rev-parse", "refs/heads/main"]).trim(),
+        pushed,
+        "SYNC_STALE_AFTER is an hour away at both tiers"
+    );
+}

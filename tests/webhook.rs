@@ -220,6 +220,15 @@ fn webhook_bodies_are_bounded() {
     let big = vec![b' '; 4096];
     let r = github(&server, "push", &big, Some(SECRET));
     assert_eq!(r.status, 413, "{}", r.text());
+    // GitLab's token is checked first: a stranger's body is not even read.
+    let r = request(
+        server.addr,
+        "POST",
+        "/webhooks/gitlab",
+        &[("X-Gitlab-Event", "Push Hook"), ("X-Gitlab-Token", "wrong")],
+        &big,
+    );
+    assert_eq!(r.status, 401, "{}", r.text());
 }
 
 fn warm_up(server: &Server, name: &str, token: Option<&str>) -> Reply {
