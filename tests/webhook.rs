@@ -270,6 +270,10 @@ fn the_warm_up_api_creates_and_syncs_mirrors_with_the_admin_token() {
     assert_eq!(head_of(&mirror), pushed);
     let r = warm_up(&server, "github.com.evil/o/r", Some(ADMIN));
     assert_eq!(r.status, 403, "{}", r.text());
+    for bad in ["..", "o/%2e%2e", ".hidden"] {
+        let r = warm_up(&server, &format!("{}/{bad}", up.segment()), Some(ADMIN));
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
     let r = warm_up(&server, &format!("{}/o/missing", up.segment()), Some(ADMIN));
     assert_eq!(r.status, 404, "{}", r.text());
 

@@ -12,8 +12,8 @@
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
@@ -322,11 +322,7 @@ fn mirror_request(state: &AppState, name: &str) -> Result<mirror::Request, (Stat
 /// create or sync the mirror now and answer `200` with its status when done. Marked as a
 /// forwarded webhook ([`FORWARDED_HEADER`]): sync only an existing mirror, in the background
 /// (`202`; `404` without one).
-async fn mirror_action(
-    State(state): State<AppState>,
-    Path(rest): Path<String>,
-    headers: HeaderMap,
-) -> Response {
+async fn mirror_action(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
     let arrived = Instant::now();
     let Some(token) = state.config.admin_token.as_ref() else {
         return answer(StatusCode::NOT_FOUND, "the admin API is off (ADMIN_TOKEN)");
@@ -338,7 +334,12 @@ async fn mirror_action(
         tracing::info!("admin request refused: bad or missing bearer token");
         return unauthorized("Bearer");
     }
-    let Some(name) = rest.strip_suffix("/sync") else {
+    // The raw path, as Git URLs are resolved: percent-encoding is refused, not decoded.
+    let Some(name) = uri
+        .path()
+        .strip_prefix("/api/v1/mirrors/")
+        .and_then(|rest| rest.strip_suffix("/sync"))
+    else {
         return answer(StatusCode::NOT_FOUND, "no such admin endpoint");
     };
     let request = match mirror_request(&state, name) {

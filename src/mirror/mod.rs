@@ -84,8 +84,9 @@ impl Upstreams {
     /// The name still has to pass the path rules ([`crate::repo::resolve`]).
     pub fn mirror_name(&self, clone_url: &str) -> Option<String> {
         self.0.iter().find_map(|u| {
-            let prefix = clone_url.get(..u.base_url.len())?;
-            let path = clone_url[u.base_url.len()..].strip_prefix('/')?;
+            let n = u.base_url.len();
+            let (prefix, rest) = (clone_url.get(..n)?, clone_url.get(n..)?);
+            let path = rest.strip_prefix('/')?;
             let path = path.trim_end_matches('/');
             let path = path.strip_suffix(".git").unwrap_or(path);
             (prefix.eq_ignore_ascii_case(&u.base_url) && !path.is_empty())
