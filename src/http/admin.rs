@@ -87,8 +87,12 @@ fn signed(secret: &Secret, signature: Option<&str>, body: &[u8]) -> bool {
     mac.verify_slice(&given).is_ok()
 }
 
-/// The webhook body, within its limit and the shared body budget.
-async fn read_body(state: &AppState, body: Body) -> Result<bytes::Bytes, Response> {
+/// The webhook body, within its limit and the shared body budget (held until the returned
+/// permit drops).
+async fn read_body(
+    state: &AppState,
+    body: Body,
+) -> Result<(bytes::Bytes, tokio::sync::OwnedSemaphorePermit), Response> {
     let limit = state.config.max_request_body.as_u64().min(MAX_WEBHOOK_BODY);
     body::read_limited(
         body,
@@ -97,7 +101,6 @@ async fn read_body(state: &AppState, body: Body) -> Result<bytes::Bytes, Respons
         *state.config.body_read_timeout,
     )
     .await
-    .map(|(bytes, _budget)| bytes)
     .map_err(|e| {
         let status = match e {
             body::ReadError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -113,6 +116,18 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// What an authentic notice asks for.
+enum Notice {
+    /// A push to the repository at this URL.
+    Push(String),
+    /// GitHub's check that the hook is set up.
+    Ping,
+    /// Another event, named.
+    Other(String),
+    /// A push whose payload does not parse.
+    Malformed(String),
+}
+
 /// What a GitHub push payload says of its repository.
 #[derive(Deserialize)]
 struct GithubPush {
@@ -124,34 +139,51 @@ struct GithubRepository {
     clone_url: String,
 }
 
+/// The notice in a GitHub delivery, or `None` when its signature is not the body's.
+fn github_notice(
+    secret: &Secret,
+    signature: Option<&str>,
+    event: Option<&str>,
+    body: &[u8],
+) -> Option<Notice> {
+    if !signed(secret, signature, body) {
+        return None;
+    }
+    Some(match event {
+        Some("ping") => Notice::Ping,
+        Some("push") => match serde_json::from_slice::<GithubPush>(body) {
+            Ok(push) => Notice::Push(push.repository.clone_url),
+            Err(e) => Notice::Malformed(e.to_string()),
+        },
+        other => Notice::Other(other.unwrap_or("(none)").to_owned()),
+    })
+}
+
 /// `POST /webhooks/github`: a `push` event syncs the pushed repository's mirror.
 async fn github(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let arrived = Instant::now();
     let Some(secret) = state.config.webhook_secret.clone() else {
         return answer(StatusCode::NOT_FOUND, "webhooks are off (WEBHOOK_SECRET)");
     };
-    let body = match read_body(&state, body).await {
-        Ok(body) => body,
+    let (body, budget) = match read_body(&state, body).await {
+        Ok(read) => read,
         Err(response) => return response,
     };
-    if !signed(&secret, header(&headers, "x-hub-signature-256"), &body) {
-        tracing::info!("webhook refused: bad or missing X-Hub-Signature-256");
-        return unauthorized("HMAC-SHA256");
-    }
-    match header(&headers, "x-github-event") {
-        Some("ping") => return answer(StatusCode::OK, "pong"),
-        Some("push") => {}
-        other => {
-            crate::metrics::webhook_sync("ignored");
-            return answer(
-                StatusCode::ACCEPTED,
-                format!("ignored: event {}", other.unwrap_or("(none)")),
-            );
+    let signature = header(&headers, "x-hub-signature-256").map(str::to_owned);
+    let event = header(&headers, "x-github-event").map(str::to_owned);
+    // Hashing and parsing up to 25 MiB is CPU work.
+    let notice = tokio::task::spawn_blocking(move || {
+        let _budget = budget;
+        github_notice(&secret, signature.as_deref(), event.as_deref(), &body)
+    })
+    .await;
+    match notice {
+        Ok(Some(notice)) => act(state, notice, arrived).await,
+        Ok(None) => {
+            tracing::info!("webhook refused: bad or missing X-Hub-Signature-256");
+            unauthorized("HMAC-SHA256")
         }
-    }
-    match serde_json::from_slice::<GithubPush>(&body) {
-        Ok(push) => pushed(state, &push.repository.clone_url, arrived).await,
-        Err(e) => answer(StatusCode::BAD_REQUEST, format!("not a push payload: {e}")),
+        Err(e) => answer(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -166,35 +198,55 @@ struct GitlabProject {
     git_http_url: String,
 }
 
+/// The notice in a GitLab delivery whose token was accepted.
+fn gitlab_notice(event: Option<&str>, body: &[u8]) -> Notice {
+    match event {
+        Some("Push Hook" | "Tag Push Hook") => match serde_json::from_slice::<GitlabPush>(body) {
+            Ok(push) => Notice::Push(push.project.git_http_url),
+            Err(e) => Notice::Malformed(e.to_string()),
+        },
+        other => Notice::Other(other.unwrap_or("(none)").to_owned()),
+    }
+}
+
 /// `POST /webhooks/gitlab`: a push or tag push syncs the project's mirror. GitLab sends the
-/// secret itself as `X-Gitlab-Token` (no signature).
+/// secret itself as `X-Gitlab-Token` (no signature), so it is checked before the body is read.
 async fn gitlab(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let arrived = Instant::now();
-    let Some(secret) = state.config.webhook_secret.clone() else {
+    let Some(secret) = state.config.webhook_secret.as_ref() else {
         return answer(StatusCode::NOT_FOUND, "webhooks are off (WEBHOOK_SECRET)");
     };
     let token = header(&headers, "x-gitlab-token").unwrap_or_default();
-    if !same(token.as_bytes(), &secret) {
+    if !same(token.as_bytes(), secret) {
         tracing::info!("webhook refused: bad or missing X-Gitlab-Token");
         return unauthorized("X-Gitlab-Token");
     }
-    let body = match read_body(&state, body).await {
-        Ok(body) => body,
+    let (body, budget) = match read_body(&state, body).await {
+        Ok(read) => read,
         Err(response) => return response,
     };
-    match header(&headers, "x-gitlab-event") {
-        Some("Push Hook" | "Tag Push Hook") => {}
-        other => {
-            crate::metrics::webhook_sync("ignored");
-            return answer(
-                StatusCode::ACCEPTED,
-                format!("ignored: event {}", other.unwrap_or("(none)")),
-            );
-        }
+    let event = header(&headers, "x-gitlab-event").map(str::to_owned);
+    let notice = tokio::task::spawn_blocking(move || {
+        let _budget = budget;
+        gitlab_notice(event.as_deref(), &body)
+    })
+    .await;
+    match notice {
+        Ok(notice) => act(state, notice, arrived).await,
+        Err(e) => answer(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
-    match serde_json::from_slice::<GitlabPush>(&body) {
-        Ok(push) => pushed(state, &push.project.git_http_url, arrived).await,
-        Err(e) => answer(StatusCode::BAD_REQUEST, format!("not a push payload: {e}")),
+}
+
+/// Answer an authentic notice.
+async fn act(state: AppState, notice: Notice, arrived: Instant) -> Response {
+    match notice {
+        Notice::Push(url) => pushed(state, &url, arrived).await,
+        Notice::Ping => answer(StatusCode::OK, "pong"),
+        Notice::Other(event) => {
+            crate::metrics::webhook_sync("ignored");
+            answer(StatusCode::ACCEPTED, format!("ignored: event {event}"))
+        }
+        Notice::Malformed(e) => answer(StatusCode::BAD_REQUEST, format!("not a push payload: {e}")),
     }
 }
 
