@@ -87,6 +87,21 @@ pub struct Config {
     /// Bearer token for the admin API (`/api/v1/...`); the API is off while it is unset.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
+    /// Secret of push webhooks (`POST /webhooks/github`, signed with HMAC-SHA256;
+    /// `POST /webhooks/gitlab`, sent as `X-Gitlab-Token`); the endpoints are off while it is
+    /// unset.
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<Secret>,
+    /// Another smart-git-proxy (`http(s)://host:port`) to fetch every mirror from, as
+    /// `{PARENT_PROXY}/{host}/{path}`, instead of the upstream itself: edge tiers share one
+    /// regional fetch.
+    #[arg(long, env = "PARENT_PROXY")]
+    pub parent_proxy: Option<String>,
+    /// The load balancer in front of a sharded fleet (`http(s)://host:port`): a webhook is
+    /// re-sent there as a warm-up of its repository (with `ADMIN_TOKEN`), so that it reaches
+    /// the node that holds the mirror.
+    #[arg(long, env = "BALANCER_URL")]
+    pub balancer_url: Option<String>,
     /// Mirror creations and syncs running at the same time (different repositories).
     #[arg(long, env = "MAX_CONCURRENT_SYNCS", default_value_t = 4)]
     pub max_concurrent_syncs: usize,
@@ -152,6 +167,16 @@ fn is_log_filter(value: &str) -> bool {
             None => LEVELS.contains(&directive.to_ascii_lowercase().as_str()),
         }
     })
+}
+
+/// `value` without trailing slashes, if it is an `http://` or `https://` URL with a host.
+fn base_url(value: &str) -> Option<&str> {
+    let value = value.trim().trim_end_matches('/');
+    let rest = value
+        .strip_prefix("http://")
+        .or_else(|| value.strip_prefix("https://"))?;
+    let valid = !rest.is_empty() && !rest.contains(['?', '#', ' ', '@']);
+    valid.then_some(value)
 }
 
 /// See `PACK_COMPRESSION_LEVEL`; the README gives the measurements behind it.
@@ -245,6 +270,17 @@ pub enum Error {
          'info,smart_git_proxy=debug'"
     )]
     LogLevel(String),
+    /// `PARENT_PROXY` or `BALANCER_URL` is not an `http(s)://host[:port]` URL.
+    #[error("{key} '{value}' is not an http:// or https:// URL")]
+    Url {
+        /// The setting.
+        key: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// `BALANCER_URL` without the token its forwarded requests carry.
+    #[error("BALANCER_URL needs ADMIN_TOKEN (the nodes' shared admin token)")]
+    BalancerWithoutToken,
     /// `MIRROR_DIR` exists and is not a directory, or cannot be created.
     #[error("MIRROR_DIR '{path}': {reason}")]
     MirrorDir {
@@ -372,7 +408,31 @@ impl Config {
         if self.max_buffered_bodies < self.max_request_body {
             return Err(Error::BodyBudget);
         }
+        for (key, value) in [
+            ("PARENT_PROXY", &self.parent_proxy),
+            ("BALANCER_URL", &self.balancer_url),
+        ] {
+            if let Some(value) = value {
+                base_url(value).ok_or_else(|| Error::Url {
+                    key,
+                    value: value.clone(),
+                })?;
+            }
+        }
+        if self.balancer_url.is_some() && self.admin_token.is_none() {
+            return Err(Error::BalancerWithoutToken);
+        }
         Ok(())
+    }
+
+    /// `PARENT_PROXY` without its trailing slash, when set and valid.
+    pub fn parent_proxy(&self) -> Option<&str> {
+        self.parent_proxy.as_deref().and_then(base_url)
+    }
+
+    /// `BALANCER_URL` without its trailing slash, when set and valid.
+    pub fn balancer_url(&self) -> Option<&str> {
+        self.balancer_url.as_deref().and_then(base_url)
     }
 
     /// A configuration with defaults for everything but the mirror directory, as tests and
@@ -406,6 +466,9 @@ impl Config {
             static_token: None,
             static_token_hosts: "github.com".into(),
             admin_token: None,
+            webhook_secret: None,
+            parent_proxy: None,
+            balancer_url: None,
             max_concurrent_syncs: 4,
             max_concurrent_syncs_per_host: None,
             sync_wait: Duration::from_secs(5).into(),
@@ -450,6 +513,31 @@ mod tests {
         let printed = format!("{c:?} {c:#?}");
         assert!(!printed.contains("s3cret"), "{printed}");
         assert!(printed.contains("<redacted>"));
+    }
+
+    #[test]
+    fn chaining_and_forwarding_urls_are_checked() {
+        let mut c = Config::new("/m");
+        c.parent_proxy = Some("http://regional:8080/".into());
+        assert!(c.validate().is_ok());
+        assert_eq!(c.parent_proxy(), Some("http://regional:8080"));
+        for bad in ["regional:8080", "ftp://x", "http://", "http://u:p@x"] {
+            c.parent_proxy = Some(bad.into());
+            assert_eq!(
+                c.validate().unwrap_err().to_string(),
+                format!("PARENT_PROXY '{bad}' is not an http:// or https:// URL")
+            );
+        }
+        let mut c = Config::new("/m");
+        c.balancer_url = Some("http://lb".into());
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "BALANCER_URL needs ADMIN_TOKEN (the nodes' shared admin token)"
+        );
+        c.admin_token = Some("t".into());
+        assert!(c.validate().is_ok());
+        let c = Config::try_parse_from(["x", "--webhook-secret", "hook-s3cret"]).unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
     }
 
     #[test]

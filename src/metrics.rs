@@ -74,6 +74,18 @@ fn describe() {
         "Pack bytes fetched from upstreams"
     );
     describe_counter!(
+        "smart_git_proxy_webhook_syncs_total",
+        "Push webhooks and warm-up requests by outcome (sync, clone, hit, stale, failed, ignored, unauthorized, forwarded)"
+    );
+    describe_counter!(
+        "smart_git_proxy_webhook_forwards_total",
+        "Webhooks re-sent to BALANCER_URL, by result (ok, failed)"
+    );
+    describe_counter!(
+        "smart_git_proxy_parent_fetches_total",
+        "Mirror creations and syncs from PARENT_PROXY, by status (clone, sync, stale, failed)"
+    );
+    describe_counter!(
         "smart_git_proxy_maintenance_total",
         "Mirror maintenance runs by result (ok, failed)"
     );
@@ -208,4 +220,21 @@ pub fn pack_cache_size(entries: usize, bytes: u64) {
 /// An entry was evicted to keep the cache under `PACK_CACHE_MAX_SIZE`.
 pub fn pack_cache_eviction() {
     metrics::counter!("smart_git_proxy_pack_cache_evictions_total").increment(1);
+}
+
+/// A push webhook or warm-up request ended: `outcome` is the sync's status (`sync`, `clone`,
+/// `hit`, `stale`), `failed`, `ignored` (no mirror, not allowed, not a push), `unauthorized`
+/// or `forwarded`.
+pub fn webhook_sync(outcome: &'static str) {
+    metrics::counter!("smart_git_proxy_webhook_syncs_total", "outcome" => outcome).increment(1);
+}
+
+/// A webhook was re-sent to `BALANCER_URL` (`ok` or `failed`).
+pub fn webhook_forward(result: &'static str) {
+    metrics::counter!("smart_git_proxy_webhook_forwards_total", "result" => result).increment(1);
+}
+
+/// A mirror update fetched from `PARENT_PROXY` ended with `status`.
+pub fn parent_fetch(status: &'static str) {
+    metrics::counter!("smart_git_proxy_parent_fetches_total", "status" => status).increment(1);
 }

@@ -341,10 +341,13 @@ const MAX_LS_REFS_BYTES: usize = 64 * 1024 * 1024;
 /// List the upstream's refs with one request: a protocol v2 `ls-refs` POST, without the
 /// capability advertisement that gix's handshake fetches first. Smart HTTP is stateless, so
 /// servers that speak v2 answer it directly; a no-op sync then costs a single round trip.
+/// `revalidate` asks a parent proxy to check its own upstream first (`Cache-Control:
+/// no-cache`), as a want-miss or a push notice needs; other upstreams ignore it.
 pub async fn ls_refs(
     client: &reqwest::Client,
     url: &str,
     authorization: Option<&str>,
+    revalidate: bool,
     opts: &Options,
 ) -> Result<Listing, LsRefsError> {
     use crate::protocol::pktline;
@@ -366,6 +369,9 @@ pub async fn ls_refs(
         .body(body);
     if let Some(a) = authorization {
         request = request.header("Authorization", a);
+    }
+    if revalidate {
+        request = request.header("Cache-Control", "no-cache");
     }
     let failed = |e: reqwest::Error| LsRefsError::Failed(Error::from_request(&e));
     let mut response = request.send().await.map_err(failed)?;

@@ -3,6 +3,7 @@
 //! [`upload_pack`](crate::upload_pack) on a blocking thread whose output streams back through
 //! a bounded channel.
 
+mod admin;
 mod auth;
 mod body;
 pub mod lfs;
@@ -22,7 +23,7 @@ use tower_http::trace::TraceLayer;
 use tracing::{field, Instrument, Span};
 
 use crate::config::{AuthMode, Config};
-use crate::mirror::{self, Freshness, Mirrors, Status, Upstreams};
+use crate::mirror::{self, Freshness, Mirrors, Status, Upstream, Upstreams};
 use crate::pack::cache::PackCache;
 use crate::protocol::{pktline, v0, v2, ParseError};
 use crate::repo::{self, ResolveError, Service, Snapshot, Target};
@@ -72,6 +73,7 @@ impl AppState {
             maintenance_grace: *config.maintenance_grace,
             upstream: upstream_options(&config),
             client: upstream_client.clone(),
+            via_parent: config.parent_proxy().is_some(),
         });
         let pack_cache = open_pack_cache(&config);
         let streams = config.max_concurrent_streams;
@@ -138,6 +140,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(|| async { crate::metrics::render() }))
+        .merge(admin::routes())
         .fallback(git)
         .layer(RequestDecompressionLayer::new().gzip(true))
         .layer(
@@ -418,6 +421,37 @@ impl From<mirror::Error> for Error {
     }
 }
 
+/// Where the mirrors of `upstream` are fetched from: the upstream itself, or with
+/// `PARENT_PROXY` the parent proxy, which serves them under the same `{host}/{path}` names.
+fn fetch_source(config: &Config, upstream: &Upstream) -> Upstream {
+    match config.parent_proxy() {
+        Some(parent) => Upstream {
+            segment: upstream.segment.clone(),
+            base_url: format!("{parent}/{}", upstream.segment),
+        },
+        None => upstream.clone(),
+    }
+}
+
+/// What to send as `Authorization` when fetching from `source`: nothing, the static token
+/// (only where it may go: judged on the URL it would travel to, a parent proxy's included),
+/// or the client's own credentials (pass-through, which a parent proxy passes on in turn).
+fn upstream_authorization(
+    config: &Config,
+    source: &Upstream,
+    client_authorization: Option<&str>,
+) -> Option<String> {
+    match config.auth_mode {
+        AuthMode::None => None,
+        AuthMode::Static => config
+            .static_token
+            .as_ref()
+            .filter(|_| config.lends_static_token_to(source))
+            .map(|t| auth::static_token_header(t.expose())),
+        AuthMode::PassThrough => client_authorization.map(str::to_owned),
+    }
+}
+
 /// A resolved request for a mirrored repository.
 struct Mirrored {
     target: Target,
@@ -427,6 +461,9 @@ struct Mirrored {
     authorization: Option<String>,
     /// The client's own `Authorization` header.
     client_authorization: Option<String>,
+    /// The client asked for a listing checked against the upstream (`Cache-Control:
+    /// no-cache`, as a child proxy does for a want-miss or a push).
+    revalidate: bool,
 }
 
 impl Mirrored {
@@ -458,21 +495,25 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let authorization = match state.config.auth_mode {
-        AuthMode::None => None,
-        AuthMode::Static => state
-            .config
-            .static_token
-            .as_ref()
-            .filter(|_| state.config.lends_static_token_to(upstream))
-            .map(|t| auth::static_token_header(t.expose())),
-        AuthMode::PassThrough => client_authorization.clone(),
-    };
+    let source = fetch_source(&state.config, upstream);
+    let authorization =
+        upstream_authorization(&state.config, &source, client_authorization.as_deref());
+    // A child proxy's want-miss or push-driven sync: check our upstream too (`ls-refs`).
+    let revalidate = parts
+        .headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+        });
     let mirrored = Mirrored {
-        url: format!("{}/{path}.git", upstream.base_url),
+        url: format!("{}/{path}.git", source.base_url),
         target,
         authorization,
         client_authorization,
+        revalidate,
     };
     let version = Version::from_header(
         parts
@@ -699,7 +740,23 @@ async fn upload_pack(
         }
     };
     span.record("command", parsed.command());
-    let mut status = if repo::exists(&m.target.dir) {
+    let is_ls_refs = matches!(
+        &parsed,
+        Parsed::V2(v2::Request {
+            command: v2::Command::LsRefs(_),
+            ..
+        })
+    );
+    let mut status = if is_ls_refs {
+        // A listing is checked for freshness as info/refs is: a child proxy (PARENT_PROXY)
+        // lists refs with this request alone.
+        let freshness = if m.revalidate {
+            Freshness::SyncedAfter(arrived)
+        } else {
+            Freshness::IfStale
+        };
+        state.mirrors.ensure(&m.request(), freshness).await?
+    } else if repo::exists(&m.target.dir) {
         Status::Hit
     } else {
         state

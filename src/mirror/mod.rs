@@ -79,6 +79,21 @@ impl Upstreams {
             .find(|u| u.segment.eq_ignore_ascii_case(segment))
     }
 
+    /// The mirror name (`{segment}/{path}`) of a repository URL as a push notice gives it
+    /// (`https://github.com/o/r.git` → `github.com/o/r`), if its scheme and host are allowed.
+    /// The name still has to pass the path rules ([`crate::repo::resolve`]).
+    pub fn mirror_name(&self, clone_url: &str) -> Option<String> {
+        self.0.iter().find_map(|u| {
+            let n = u.base_url.len();
+            let (prefix, rest) = (clone_url.get(..n)?, clone_url.get(n..)?);
+            let path = rest.strip_prefix('/')?;
+            let path = path.trim_end_matches('/');
+            let path = path.strip_suffix(".git").unwrap_or(path);
+            (prefix.eq_ignore_ascii_case(&u.base_url) && !path.is_empty())
+                .then(|| format!("{}/{path}", u.segment))
+        })
+    }
+
     /// The allowed segments, for messages.
     pub fn names(&self) -> String {
         self.0
@@ -235,6 +250,22 @@ pub enum Freshness {
     IfStale,
     /// Unless a sync finished after this instant (a want-miss: the client saw newer refs).
     SyncedAfter(Instant),
+    /// Unless a sync started after this instant: the upstream said it changed (a push
+    /// webhook) or an operator asks for it (warm-up). `reason` is logged with the sync.
+    Pushed {
+        /// When the notice arrived: notices that arrive during one sync share the next.
+        since: Instant,
+        /// Why, for the log (`webhook`, `warm-up`).
+        reason: &'static str,
+    },
+}
+
+impl Freshness {
+    /// Whether this asks for newer data than `SYNC_STALE_AFTER` would: a parent proxy is then
+    /// asked to check its own upstream too (`Cache-Control: no-cache`).
+    fn revalidates(self) -> bool {
+        !matches!(self, Freshness::IfStale)
+    }
 }
 
 /// Settings of the store.
@@ -262,6 +293,8 @@ pub struct Settings {
     pub upstream: upstream::Options,
     /// The HTTP client of ref listings ([`upstream::ls_refs`]).
     pub client: reqwest::Client,
+    /// Upstream URLs point at a parent proxy (`PARENT_PROXY`), for the metrics.
+    pub via_parent: bool,
 }
 
 #[derive(Default)]
@@ -514,7 +547,10 @@ impl Mirrors {
             _ if !exists => "new mirror",
             Freshness::IfStale => "stale",
             Freshness::SyncedAfter(_) => "want-miss",
+            Freshness::Pushed { reason, .. } => reason,
         };
+        let revalidate = freshness.revalidates();
+        let via_parent = self.settings.via_parent;
         let owned = req.clone();
         let owned_dir = req.dir.clone();
         let tmp = self.tmp_dir(&req.dir);
@@ -533,8 +569,14 @@ impl Mirrors {
             let current = repo.snapshot();
             // One request; gix's handshake lists again in the blocking part if the upstream
             // does not take it. For a new mirror it tells an unknown repository (404) apart.
-            let listing =
-                upstream::ls_refs(&client, &owned.url, owned.authorization.as_deref(), &opts).await;
+            let listing = upstream::ls_refs(
+                &client,
+                &owned.url,
+                owned.authorization.as_deref(),
+                revalidate,
+                &opts,
+            )
+            .await;
             let listing = match listing {
                 Ok(listing) => Ok(Some(listing)),
                 Err(upstream::LsRefsError::Unsupported(why)) => {
@@ -548,7 +590,7 @@ impl Mirrors {
             // does; a failed one changes nothing.
             let private = match &listing {
                 Ok(_) if owned.authorization.is_some() => {
-                    upstream::ls_refs(&client, &owned.url, None, &opts)
+                    upstream::ls_refs(&client, &owned.url, None, false, &opts)
                         .await
                         .is_err()
                 }
@@ -584,6 +626,9 @@ impl Mirrors {
                         started.elapsed(),
                         outcome.pack_bytes,
                     );
+                    if via_parent {
+                        crate::metrics::parent_fetch(status.as_str());
+                    }
                     tracing::info!(
                         repo = %name,
                         reason,
@@ -610,17 +655,26 @@ impl Mirrors {
                     failures.insert(key, failure);
                     repos.lock().remove(&owned_dir);
                     crate::metrics::mirror_update("failed", started.elapsed(), 0);
+                    if via_parent {
+                        crate::metrics::parent_fetch("failed");
+                    }
                     Err(e)
                 }
                 Err(upstream::Error::AuthRequired) => Err(upstream::Error::AuthRequired),
                 Err(e) if exists => {
                     state.last_failure = Some(started);
                     crate::metrics::mirror_update("stale", started.elapsed(), 0);
+                    if via_parent {
+                        crate::metrics::parent_fetch("stale");
+                    }
                     tracing::warn!(repo = %name, reason, error = %e, "sync failed, serving the existing mirror");
                     Ok(Status::Stale)
                 }
                 Err(e) => {
                     crate::metrics::mirror_update("failed", started.elapsed(), 0);
+                    if via_parent {
+                        crate::metrics::parent_fetch("failed");
+                    }
                     state.last_error = Some((Instant::now(), e.to_string()));
                     repos.lock().remove(&owned_dir);
                     Err(e)
@@ -715,7 +769,9 @@ impl Mirrors {
                 Freshness::IfStale => state
                     .last_sync
                     .is_some_and(|t| now.duration_since(t) < self.settings.stale_after),
-                Freshness::SyncedAfter(since) => state.last_sync.is_some_and(|t| t > since),
+                Freshness::SyncedAfter(since) | Freshness::Pushed { since, .. } => {
+                    state.last_sync.is_some_and(|t| t > since)
+                }
             };
             if fresh {
                 return Ok(Step::Done(Status::Hit));
@@ -731,7 +787,9 @@ impl Mirrors {
             let failed_since = |since: Instant| state.last_failure.is_some_and(|t| t > since);
             match freshness {
                 Freshness::IfStale if backing_off => return Ok(Step::Done(Status::Stale)),
-                Freshness::SyncedAfter(since) if failed_since(since) => {
+                Freshness::SyncedAfter(since) | Freshness::Pushed { since, .. }
+                    if failed_since(since) =>
+                {
                     return Ok(Step::Done(Status::Stale))
                 }
                 Freshness::SyncedAfter(_)
@@ -940,6 +998,35 @@ mod tests {
         assert_eq!(u.names(), "github.com, 127.0.0.1:9001, gitlab.example.org");
         assert!(Upstreams::parse("ftp://x").is_err());
         assert!(Upstreams::parse("a/b").is_err());
+    }
+
+    #[test]
+    fn push_notices_name_mirrors_of_allowed_upstreams_only() {
+        let u = Upstreams::parse("github.com, http://127.0.0.1:9001").unwrap();
+        let name = |url| u.mirror_name(url);
+        assert_eq!(
+            name("https://github.com/o/r.git").as_deref(),
+            Some("github.com/o/r")
+        );
+        assert_eq!(
+            name("https://GitHub.com/g/sub/r").as_deref(),
+            Some("github.com/g/sub/r")
+        );
+        assert_eq!(
+            name("http://127.0.0.1:9001/o/r.git").as_deref(),
+            Some("127.0.0.1:9001/o/r")
+        );
+        for other in [
+            "http://github.com/o/r.git",
+            "https://github.com.evil.org/o/r.git",
+            "https://github.com",
+            "https://github.com/",
+            "http://127.0.0.1:9002/o/r.git",
+            "git@github.com:o/r.git",
+            "",
+        ] {
+            assert_eq!(name(other), None, "{other}");
+        }
     }
 
     #[test]

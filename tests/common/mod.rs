@@ -536,3 +536,31 @@ impl Drop for Running {
         let _ = self.child.wait();
     }
 }
+
+/// One upstream commit on `branch` of the bare repository `dir`, through a scratch clone; its
+/// id.
+pub fn push_commit(dir: &Path, branch: &str) -> String {
+    let work = tempfile::tempdir().unwrap();
+    let src = format!("file://{}", dir.display());
+    git(work.path(), &["clone", "-q", "--branch", branch, &src, "w"]);
+    let w = work.path().join("w");
+    let unique = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    std::fs::write(w.join(format!("pushed-{unique}")), "pushed\n").unwrap();
+    git(&w, &["add", "-A"]);
+    git(&w, &["commit", "-q", "-m", "pushed"]);
+    git(&w, &["push", "-q", "origin", &format!("HEAD:{branch}")]);
+    git(&w, &["rev-parse", "HEAD"]).trim().to_owned()
+}
+
+/// Wait until `done` holds, checking every 50 ms; panics with `what` after a minute (a bound
+/// for a hung test, not a timing assertion).
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

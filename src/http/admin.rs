@@ -1,0 +1,475 @@
+//! Push-driven freshness: the upstreams' push webhooks (`POST /webhooks/github`, signed with
+//! HMAC-SHA256; `POST /webhooks/gitlab`, with a shared token) and the authenticated warm-up
+//! API (`POST /api/v1/mirrors/{host}/{path}/sync`). Both sync a mirror at once through the
+//! mirror store's usual path (one sync per repository, per-host slots); `SYNC_STALE_AFTER`
+//! stays the fallback for pushes that send no notice.
+//!
+//! With `BALANCER_URL` (a sharded fleet behind a balancer that routes by repository), a
+//! webhook is not acted on where it lands but re-sent through the balancer as a warm-up of its
+//! repository, marked so that the node that holds the mirror syncs it and does not forward
+//! again.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use super::{body, fetch_source, upstream_authorization, AppState};
+use crate::config::Secret;
+use crate::mirror::{self, Freshness, Status};
+use crate::repo;
+
+/// The header that marks a warm-up as a webhook forwarded by another node: only an existing
+/// mirror is synced, in the background, and nothing is forwarded again.
+const FORWARDED_HEADER: &str = "x-smart-git-proxy-forwarded";
+
+/// The largest webhook body read: GitHub caps its payloads at 25 MB (`MAX_REQUEST_BODY`
+/// applies when smaller).
+const MAX_WEBHOOK_BODY: u64 = 25 << 20;
+
+/// The routes of this module.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/webhooks/github", post(github))
+        .route("/webhooks/gitlab", post(gitlab))
+        .route("/api/v1/mirrors/{*rest}", post(mirror_action))
+}
+
+/// A short plain-text answer.
+fn answer(status: StatusCode, text: impl Into<String>) -> Response {
+    let mut text = text.into();
+    text.push('\n');
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+/// A refused credential: counted, and answered without saying what was expected.
+fn unauthorized(challenge: &'static str) -> Response {
+    crate::metrics::webhook_sync("unauthorized");
+    let mut r = answer(StatusCode::UNAUTHORIZED, "unauthorized");
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    r
+}
+
+/// Whether `given` equals `secret`, in time independent of where they differ.
+fn same(given: &[u8], secret: &Secret) -> bool {
+    given.ct_eq(secret.expose().as_bytes()).into()
+}
+
+/// Whether `signature` (`X-Hub-Signature-256: sha256=<hex>`) is the HMAC-SHA256 of `body`
+/// under `secret`; the MAC is compared in constant time.
+fn signed(secret: &Secret, signature: Option<&str>, body: &[u8]) -> bool {
+    let Some(hex_mac) = signature.and_then(|s| s.trim().strip_prefix("sha256=")) else {
+        return false;
+    };
+    let Ok(given) = hex::decode(hex_mac) else {
+        return false;
+    };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()) else {
+        return false;
+    };
+    mac.update(body);
+    mac.verify_slice(&given).is_ok()
+}
+
+/// The webhook body, within its limit and the shared body budget (held until the returned
+/// permit drops).
+async fn read_body(
+    state: &AppState,
+    body: Body,
+) -> Result<(bytes::Bytes, tokio::sync::OwnedSemaphorePermit), Response> {
+    let limit = state.config.max_request_body.as_u64().min(MAX_WEBHOOK_BODY);
+    body::read_limited(
+        body,
+        limit,
+        &state.body_budget,
+        *state.config.body_read_timeout,
+    )
+    .await
+    .map_err(|e| {
+        let status = match e {
+            body::ReadError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            body::ReadError::Body(_) => StatusCode::BAD_REQUEST,
+            body::ReadError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            body::ReadError::TimedOut => StatusCode::REQUEST_TIMEOUT,
+        };
+        answer(status, e.to_string())
+    })
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// What an authentic notice asks for.
+enum Notice {
+    /// A push to the repository at this URL.
+    Push(String),
+    /// GitHub's check that the hook is set up.
+    Ping,
+    /// Another event, named.
+    Other(String),
+    /// A push whose payload does not parse.
+    Malformed(String),
+}
+
+/// What a GitHub push payload says of its repository.
+#[derive(Deserialize)]
+struct GithubPush {
+    repository: GithubRepository,
+}
+
+#[derive(Deserialize)]
+struct GithubRepository {
+    clone_url: String,
+}
+
+/// The notice in a GitHub delivery, or `None` when its signature is not the body's.
+fn github_notice(
+    secret: &Secret,
+    signature: Option<&str>,
+    event: Option<&str>,
+    body: &[u8],
+) -> Option<Notice> {
+    if !signed(secret, signature, body) {
+        return None;
+    }
+    Some(match event {
+        Some("ping") => Notice::Ping,
+        Some("push") => match serde_json::from_slice::<GithubPush>(body) {
+            Ok(push) => Notice::Push(push.repository.clone_url),
+            Err(e) => Notice::Malformed(e.to_string()),
+        },
+        other => Notice::Other(other.unwrap_or("(none)").to_owned()),
+    })
+}
+
+/// `POST /webhooks/github`: a `push` event syncs the pushed repository's mirror.
+async fn github(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let arrived = Instant::now();
+    let Some(secret) = state.config.webhook_secret.clone() else {
+        return answer(StatusCode::NOT_FOUND, "webhooks are off (WEBHOOK_SECRET)");
+    };
+    let (body, budget) = match read_body(&state, body).await {
+        Ok(read) => read,
+        Err(response) => return response,
+    };
+    let signature = header(&headers, "x-hub-signature-256").map(str::to_owned);
+    let event = header(&headers, "x-github-event").map(str::to_owned);
+    // Hashing and parsing up to 25 MiB is CPU work.
+    let notice = tokio::task::spawn_blocking(move || {
+        let _budget = budget;
+        github_notice(&secret, signature.as_deref(), event.as_deref(), &body)
+    })
+    .await;
+    match notice {
+        Ok(Some(notice)) => act(state, notice, arrived).await,
+        Ok(None) => {
+            tracing::info!("webhook refused: bad or missing X-Hub-Signature-256");
+            unauthorized("HMAC-SHA256")
+        }
+        Err(e) => answer(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// What a GitLab push payload says of its project.
+#[derive(Deserialize)]
+struct GitlabPush {
+    project: GitlabProject,
+}
+
+#[derive(Deserialize)]
+struct GitlabProject {
+    git_http_url: String,
+}
+
+/// The notice in a GitLab delivery whose token was accepted.
+fn gitlab_notice(event: Option<&str>, body: &[u8]) -> Notice {
+    match event {
+        Some("Push Hook" | "Tag Push Hook") => match serde_json::from_slice::<GitlabPush>(body) {
+            Ok(push) => Notice::Push(push.project.git_http_url),
+            Err(e) => Notice::Malformed(e.to_string()),
+        },
+        other => Notice::Other(other.unwrap_or("(none)").to_owned()),
+    }
+}
+
+/// `POST /webhooks/gitlab`: a push or tag push syncs the project's mirror. GitLab sends the
+/// secret itself as `X-Gitlab-Token` (no signature), so it is checked before the body is read.
+async fn gitlab(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let arrived = Instant::now();
+    let Some(secret) = state.config.webhook_secret.as_ref() else {
+        return answer(StatusCode::NOT_FOUND, "webhooks are off (WEBHOOK_SECRET)");
+    };
+    let token = header(&headers, "x-gitlab-token").unwrap_or_default();
+    if !same(token.as_bytes(), secret) {
+        tracing::info!("webhook refused: bad or missing X-Gitlab-Token");
+        return unauthorized("X-Gitlab-Token");
+    }
+    let (body, budget) = match read_body(&state, body).await {
+        Ok(read) => read,
+        Err(response) => return response,
+    };
+    let event = header(&headers, "x-gitlab-event").map(str::to_owned);
+    let notice = tokio::task::spawn_blocking(move || {
+        let _budget = budget;
+        gitlab_notice(event.as_deref(), &body)
+    })
+    .await;
+    match notice {
+        Ok(notice) => act(state, notice, arrived).await,
+        Err(e) => answer(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Answer an authentic notice.
+async fn act(state: AppState, notice: Notice, arrived: Instant) -> Response {
+    match notice {
+        Notice::Push(url) => pushed(state, &url, arrived).await,
+        Notice::Ping => answer(StatusCode::OK, "pong"),
+        Notice::Other(event) => {
+            crate::metrics::webhook_sync("ignored");
+            answer(StatusCode::ACCEPTED, format!("ignored: event {event}"))
+        }
+        Notice::Malformed(e) => answer(StatusCode::BAD_REQUEST, format!("not a push payload: {e}")),
+    }
+}
+
+/// A push notice for `clone_url`: sync its mirror in the background (or forward it), and
+/// answer `202` at once. A repository that is not mirrored or not allowed is acknowledged and
+/// ignored.
+async fn pushed(state: AppState, clone_url: &str, arrived: Instant) -> Response {
+    let Some(name) = state.upstreams.mirror_name(clone_url) else {
+        tracing::info!(url = clone_url, "push ignored: not an allowed upstream");
+        crate::metrics::webhook_sync("ignored");
+        return answer(StatusCode::ACCEPTED, "ignored: not an allowed upstream");
+    };
+    let Ok(request) = mirror_request(&state, &name) else {
+        crate::metrics::webhook_sync("ignored");
+        tracing::info!(repo = %name, "push ignored: not a valid mirror name");
+        return answer(StatusCode::ACCEPTED, "ignored: not a valid repository path");
+    };
+    if let Some(balancer) = state.config.balancer_url() {
+        return forward(&state, balancer, &name).await;
+    }
+    if !repo::exists(&request.dir) {
+        tracing::info!(repo = %name, "push ignored: no mirror");
+        crate::metrics::webhook_sync("ignored");
+        return answer(
+            StatusCode::ACCEPTED,
+            format!("ignored: no mirror of {name}"),
+        );
+    }
+    sync_in_background(state, request, arrived, "webhook");
+    answer(StatusCode::ACCEPTED, format!("syncing {name}"))
+}
+
+/// Sync an existing mirror in a task of its own, so that the notice is answered at once and
+/// the sync finishes even if its sender goes away.
+fn sync_in_background(
+    state: AppState,
+    request: mirror::Request,
+    since: Instant,
+    reason: &'static str,
+) {
+    tokio::spawn(async move {
+        let freshness = Freshness::Pushed { since, reason };
+        match state.mirrors.ensure(&request, freshness).await {
+            Ok(status) => crate::metrics::webhook_sync(status.as_str()),
+            Err(e) => {
+                crate::metrics::webhook_sync("failed");
+                tracing::warn!(repo = %request.name, reason, error = %e, "push-driven sync failed");
+            }
+        }
+    });
+}
+
+/// Re-send a push notice for `name` through the balancer, to the node that holds it.
+async fn forward(state: &AppState, balancer: &str, name: &str) -> Response {
+    let Some(token) = state.config.admin_token.as_ref() else {
+        // Config::validate refuses BALANCER_URL without ADMIN_TOKEN.
+        return answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "BALANCER_URL needs ADMIN_TOKEN",
+        );
+    };
+    let url = format!("{balancer}/api/v1/mirrors/{name}/sync");
+    let timeout = *state.config.upstream_connect_timeout + *state.config.upstream_stall_timeout;
+    let sent = state
+        .lfs_client
+        .post(&url)
+        .bearer_auth(token.expose())
+        .header(FORWARDED_HEADER, "webhook")
+        .timeout(timeout)
+        .send()
+        .await;
+    match sent {
+        Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {
+            crate::metrics::webhook_forward("ok");
+            crate::metrics::webhook_sync("forwarded");
+            tracing::info!(repo = %name, status = r.status().as_u16(), "push forwarded");
+            answer(StatusCode::ACCEPTED, format!("forwarded {name}"))
+        }
+        Ok(r) => {
+            crate::metrics::webhook_forward("failed");
+            tracing::warn!(repo = %name, status = r.status().as_u16(), "forwarding a push failed");
+            answer(
+                StatusCode::BAD_GATEWAY,
+                format!("forwarding to BALANCER_URL failed: HTTP {}", r.status()),
+            )
+        }
+        Err(e) => {
+            crate::metrics::webhook_forward("failed");
+            let e = crate::error_chain(&e);
+            tracing::warn!(repo = %name, error = %e, "forwarding a push failed");
+            answer(
+                StatusCode::BAD_GATEWAY,
+                format!("forwarding to BALANCER_URL failed: {e}"),
+            )
+        }
+    }
+}
+
+/// The mirror request for `name` (`{host}/{path}`), with the proxy's own upstream
+/// credentials: a notice carries no client's, so in pass-through mode a private mirror is not
+/// synced this way (its sync fails and it stays as it is).
+fn mirror_request(state: &AppState, name: &str) -> Result<mirror::Request, (StatusCode, String)> {
+    let target = repo::resolve(&state.config.mirror_dir, &format!("/{name}/info/refs"))
+        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    let (host, path) = target.name.split_once('/').unwrap_or((&target.name, ""));
+    let Some(upstream) = state.upstreams.get(host) else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            format!(
+                "upstream host '{host}' is not allowed; allowed: {}",
+                state.upstreams.names()
+            ),
+        ));
+    };
+    let source = fetch_source(&state.config, upstream);
+    Ok(mirror::Request {
+        url: format!("{}/{path}.git", source.base_url),
+        authorization: upstream_authorization(&state.config, &source, None),
+        name: target.name,
+        dir: target.dir,
+    })
+}
+
+/// `POST /api/v1/mirrors/{host}/{path}/sync` with `Authorization: Bearer <ADMIN_TOKEN>`:
+/// create or sync the mirror now and answer `200` with its status when done. Marked as a
+/// forwarded webhook ([`FORWARDED_HEADER`]): sync only an existing mirror, in the background
+/// (`202`; `404` without one).
+async fn mirror_action(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
+    let arrived = Instant::now();
+    let Some(token) = state.config.admin_token.as_ref() else {
+        return answer(StatusCode::NOT_FOUND, "the admin API is off (ADMIN_TOKEN)");
+    };
+    let given = header(&headers, "authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !same(given.trim().as_bytes(), token) {
+        tracing::info!("admin request refused: bad or missing bearer token");
+        return unauthorized("Bearer");
+    }
+    // The raw path, as Git URLs are resolved: percent-encoding is refused, not decoded.
+    let Some(name) = uri
+        .path()
+        .strip_prefix("/api/v1/mirrors/")
+        .and_then(|rest| rest.strip_suffix("/sync"))
+    else {
+        return answer(StatusCode::NOT_FOUND, "no such admin endpoint");
+    };
+    let request = match mirror_request(&state, name) {
+        Ok(request) => request,
+        Err((status, text)) => return answer(status, text),
+    };
+    if headers.contains_key(FORWARDED_HEADER) {
+        if !repo::exists(&request.dir) {
+            crate::metrics::webhook_sync("ignored");
+            return answer(
+                StatusCode::NOT_FOUND,
+                format!("no mirror of {}", request.name),
+            );
+        }
+        let name = request.name.clone();
+        sync_in_background(state, request, arrived, "webhook");
+        return answer(StatusCode::ACCEPTED, format!("syncing {name}"));
+    }
+    let freshness = Freshness::Pushed {
+        since: arrived,
+        reason: "warm-up",
+    };
+    match state.mirrors.ensure(&request, freshness).await {
+        Ok(status) => {
+            crate::metrics::webhook_sync(status.as_str());
+            let code = match status {
+                Status::Clone => StatusCode::CREATED,
+                _ => StatusCode::OK,
+            };
+            let body = serde_json::json!({ "repo": request.name, "status": status.as_str() });
+            (
+                code,
+                [(header::CONTENT_TYPE, "application/json")],
+                format!("{body}\n"),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            crate::metrics::webhook_sync("failed");
+            let code = match &e {
+                mirror::Error::NotFound(_) => StatusCode::NOT_FOUND,
+                mirror::Error::AuthRequired(_) | mirror::Error::Upstream { .. } => {
+                    StatusCode::BAD_GATEWAY
+                }
+                mirror::Error::Local { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            answer(code, e.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_hmac_sha256_of_the_body() {
+        let secret = Secret::from("It's a Secret to Everybody");
+        // GitHub's documented example (docs: "Validating webhook deliveries").
+        let good = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        assert!(signed(&secret, Some(good), b"Hello, World!"));
+        assert!(!signed(&secret, Some(good), b"Hello, World?"));
+        assert!(!signed(&secret, Some(&good[7..]), b"Hello, World!"));
+        assert!(!signed(&secret, Some("sha256=zz"), b"Hello, World!"));
+        assert!(!signed(&secret, None, b"Hello, World!"));
+        assert!(!signed(
+            &Secret::from("other"),
+            Some(good),
+            b"Hello, World!"
+        ));
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        let secret = Secret::from("t0ken");
+        assert!(same(b"t0ken", &secret));
+        assert!(!same(b"t0ke", &secret));
+        assert!(!same(b"t0kenx", &secret));
+        assert!(!same(b"", &secret));
+    }
+}
