@@ -99,9 +99,9 @@ impl<'a> Commits<'a> {
     }
 
     fn load(&mut self, id: ObjectId) -> Result<Commit, Error> {
-        let mut commit = match self.from_graph(id)? {
+        let mut commit = match self.read_graph(id)? {
             Some(commit) => commit,
-            None => self.from_object(id)?,
+            None => self.read_object(id)?,
         };
         if self.grafts.contains(&id) {
             commit.parents.clear();
@@ -110,7 +110,7 @@ impl<'a> Commits<'a> {
     }
 
     /// The commit as the commit-graph has it, with its pack location looked up in the index.
-    fn from_graph(&mut self, id: ObjectId) -> Result<Option<Commit>, Error> {
+    fn read_graph(&mut self, id: ObjectId) -> Result<Option<Commit>, Error> {
         let Some(graph) = &self.graph else {
             return Ok(None);
         };
@@ -154,7 +154,7 @@ impl<'a> Commits<'a> {
         }))
     }
 
-    fn from_object(&mut self, id: ObjectId) -> Result<Commit, Error> {
+    fn read_object(&mut self, id: ObjectId) -> Result<Commit, Error> {
         let (data, location) = self
             .db
             .try_find(&id, &mut self.buf)
