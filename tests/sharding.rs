@@ -44,7 +44,8 @@ struct Node {
 }
 
 impl Node {
-    fn start(env: &[(&str, &str)]) -> Node {
+    /// A node listening on `ip` (a loopback address), on an ephemeral port.
+    fn start(ip: &str, env: &[(&str, &str)]) -> Node {
         let mut node = Node {
             child: None,
             addr: String::new(),
@@ -54,7 +55,7 @@ impl Node {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
-        node.spawn("127.0.0.1:0");
+        node.spawn(&format!("{ip}:0"));
         node
     }
 
@@ -144,22 +145,43 @@ impl Drop for Node {
     }
 }
 
-/// nginx running the shipped configuration, with the nodes' addresses substituted.
-struct Nginx {
-    child: Child,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
+/// The load balancer in front of the nodes.
+#[derive(Debug, Clone, Copy)]
+enum Balancer {
+    /// `scripts/nginx-sharded.conf`.
+    Nginx,
+    /// `scripts/haproxy-sharded.cfg`.
+    Haproxy,
 }
 
-impl Nginx {
-    fn start(nodes: &[&str]) -> Nginx {
-        let version = Command::new("nginx")
-            .arg("-V")
-            .output()
-            .unwrap_or_else(|e| {
-                panic!("nginx is needed for this test (apt-get install nginx-light): {e}")
-            });
-        let build = String::from_utf8_lossy(&version.stderr).into_owned();
+/// A balancer running its shipped configuration with the nodes' addresses substituted, logging
+/// `URI|node|status` for every request it finished.
+struct Front {
+    child: Child,
+    addr: SocketAddr,
+    /// The balancer's configuration, logs and temporary files, removed after it stopped.
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+/// The shipped file `name` with each `(from, to)` replaced (each `from` must be there).
+fn shipped(name: &str, substitutions: &[(String, String)]) -> String {
+    let mut conf = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts")
+            .join(name),
+    )
+    .unwrap();
+    for (from, to) in substitutions {
+        assert!(conf.contains(from.as_str()), "{name} has '{from}'");
+        conf = conf.replace(from.as_str(), to);
+    }
+    conf
+}
+
+impl Front {
+    fn start(balancer: Balancer, nodes: &[&str]) -> Front {
+        assert_eq!(nodes.len(), 3, "the shipped files list three nodes");
         let dir = tempfile::tempdir().unwrap();
         // Run as root (CI), nginx's workers drop to an unprivileged user: let them in.
         std::fs::set_permissions(
@@ -172,86 +194,37 @@ impl Nginx {
             probe.local_addr().unwrap().port()
         };
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-
-        let shipped = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nginx-sharded.conf"),
-        )
-        .unwrap();
-        let mut conf = shipped;
-        let mut substitute = |from: &str, to: &str| {
-            assert!(conf.contains(from), "the shipped file has '{from}'");
-            conf = conf.replace(from, to);
+        let (mut child, log, errors) = match balancer {
+            Balancer::Nginx => nginx(dir.path(), addr, nodes),
+            Balancer::Haproxy => haproxy(dir.path(), addr, nodes),
         };
-        assert_eq!(nodes.len(), 3, "the shipped file lists three nodes");
-        for (i, node) in nodes.iter().enumerate() {
-            substitute(
-                &format!("server 10.0.0.{}:8080 ", i + 1),
-                &format!("server {node} "),
-            );
-        }
-        substitute("listen 8080;", &format!("listen {addr};"));
-        // A returning node is tried again after a second, not ten.
-        substitute("fail_timeout=10s", "fail_timeout=1s");
-        let d = dir.path().display();
-        std::fs::write(dir.path().join("sharded.conf"), conf).unwrap();
-
-        // Every temporary directory this nginx was built with, under the prefix (the built-in
-        // ones need root).
-        let temp_paths: String = [
-            ("client-body", "client_body"),
-            ("proxy", "proxy"),
-            ("fastcgi", "fastcgi"),
-            ("uwsgi", "uwsgi"),
-            ("scgi", "scgi"),
-        ]
-        .iter()
-        .filter(|(flag, _)| build.contains(&format!("--http-{flag}-temp-path")))
-        .map(|(_, name)| format!("    {name}_temp_path {d}/{name}_temp;\n"))
-        .collect();
-        let main = format!(
-            "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
-             events {{ worker_connections 512; }}\nhttp {{\n{temp_paths}\
-             \x20   log_format shard '$request_uri|$upstream_addr|$status';\n\
-             \x20   access_log {d}/access.log shard;\n\
-             \x20   include {d}/sharded.conf;\n}}\n"
-        );
-        std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
-        let mut child = Command::new("nginx")
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .arg("-c")
-            .arg(dir.path().join("nginx.conf"))
-            .args(["-g", "daemon off;"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for("nginx to listen", || {
+        wait_for("the balancer to listen", || {
             if let Some(status) = child.try_wait().unwrap() {
                 panic!(
-                    "nginx exited with {status}:\n{}",
-                    std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+                    "{balancer:?} exited with {status}:\n{}",
+                    std::fs::read_to_string(&errors).unwrap_or_default()
                 );
             }
             TcpStream::connect(addr).is_ok()
         });
-        Nginx { child, addr, dir }
+        Front {
+            child,
+            addr,
+            _dir: dir,
+            log,
+        }
     }
 
-    /// Every request nginx has finished: (request URI, the node that answered it — the last of
-    /// `$upstream_addr`, which lists each node tried —, status). A marker request is awaited
-    /// first, so that the requests before it are written.
+    /// Every request the balancer has finished: (request URI, the node that answered it — the
+    /// last one tried —, status). A marker request is awaited first, so that the requests
+    /// before it are written.
     fn served(&self) -> Vec<(String, String, u16)> {
         static MARKS: AtomicUsize = AtomicUsize::new(0);
         let mark = format!("/healthz?mark={}", MARKS.fetch_add(1, Ordering::Relaxed));
         let reply = request(self.addr, "GET", &mark, &[], b"");
         assert_eq!(reply.status, 200);
-        let read =
-            || std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
-        wait_for("nginx's access log", || {
+        let read = || std::fs::read_to_string(&self.log).unwrap_or_default();
+        wait_for("the balancer's log", || {
             read().lines().any(|l| l.starts_with(&format!("{mark}|")))
         });
         read()
@@ -260,16 +233,122 @@ impl Nginx {
                 let mut parts = l.split('|');
                 let uri = parts.next()?.to_owned();
                 let node = parts.next()?.rsplit(", ").next()?.trim().to_owned();
-                let status = parts.next()?.parse().ok()?;
+                let status = parts.next()?.trim().parse().ok()?;
                 Some((uri, node, status))
             })
             .collect()
     }
 }
 
-impl Drop for Nginx {
+/// nginx as the current user, in the foreground, with everything it writes under `dir`: the
+/// process, its access log and its error log.
+fn nginx(dir: &Path, addr: SocketAddr, nodes: &[&str]) -> (Child, PathBuf, PathBuf) {
+    let version = Command::new("nginx")
+        .arg("-V")
+        .output()
+        .unwrap_or_else(|e| panic!("nginx is needed for this test (apt-get install nginx): {e}"));
+    let build = String::from_utf8_lossy(&version.stderr).into_owned();
+    let mut substitutions: Vec<(String, String)> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            (
+                format!("server 10.0.0.{}:8080 ", i + 1),
+                format!("server {node} "),
+            )
+        })
+        .collect();
+    substitutions.push(("listen 8080;".into(), format!("listen {addr};")));
+    // A returning node is tried again after a second, not ten.
+    substitutions.push(("fail_timeout=10s".into(), "fail_timeout=1s".into()));
+    std::fs::write(
+        dir.join("sharded.conf"),
+        shipped("nginx-sharded.conf", &substitutions),
+    )
+    .unwrap();
+    let d = dir.display();
+    // Every temporary directory this nginx was built with, under the prefix (the built-in
+    // ones need root).
+    let temp_paths: String = [
+        ("client-body", "client_body"),
+        ("proxy", "proxy"),
+        ("fastcgi", "fastcgi"),
+        ("uwsgi", "uwsgi"),
+        ("scgi", "scgi"),
+    ]
+    .iter()
+    .filter(|(flag, _)| build.contains(&format!("--http-{flag}-temp-path")))
+    .map(|(_, name)| format!("    {name}_temp_path {d}/{name}_temp;\n"))
+    .collect();
+    let main = format!(
+        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
+         events {{ worker_connections 512; }}\nhttp {{\n{temp_paths}\
+         \x20   log_format shard '$request_uri|$upstream_addr|$status';\n\
+         \x20   access_log {d}/access.log shard;\n\
+         \x20   include {d}/sharded.conf;\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), main).unwrap();
+    let child = Command::new("nginx")
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .args(["-g", "daemon off;"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, dir.join("access.log"), dir.join("error.log"))
+}
+
+/// HAProxy in the foreground, logging to a file under `dir` (its standard error).
+fn haproxy(dir: &Path, addr: SocketAddr, nodes: &[&str]) -> (Child, PathBuf, PathBuf) {
+    let mut substitutions: Vec<(String, String)> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            (
+                format!("server node{} 10.0.0.{}:8080", i + 1, i + 1),
+                format!("server node{} {node}", i + 1),
+            )
+        })
+        .collect();
+    substitutions.push(("bind :8080".into(), format!("bind {addr}")));
+    substitutions.push((
+        "    mode http\n".into(),
+        "    mode http\n    log global\n    log-format \"%HU|%si:%sp|%ST\"\n".into(),
+    ));
+    // Health checks every 200 ms, so that a test does not wait for them.
+    substitutions.push((
+        "inter 2s fall 2 rise 2".into(),
+        "inter 200ms fall 1 rise 1".into(),
+    ));
+    let conf = format!(
+        "global\n    log stderr format raw local0 info\n\n{}",
+        shipped("haproxy-sharded.cfg", &substitutions)
+    );
+    std::fs::write(dir.join("haproxy.cfg"), conf).unwrap();
+    let log = dir.join("haproxy.log");
+    let child = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(dir.join("haproxy.cfg"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("haproxy is needed for this test (apt-get install haproxy): {e}")
+        });
+    (child, log.clone(), log)
+}
+
+impl Drop for Front {
     fn drop(&mut self) {
-        // SIGTERM: the master stops its workers and exits (SIGKILL would orphan them).
+        // SIGTERM: nginx's master stops its workers and exits (SIGKILL would orphan them).
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -277,24 +356,31 @@ impl Drop for Nginx {
     }
 }
 
-/// The upstream, three nodes, and nginx in front of them. Dropped in that order's reverse.
+/// The upstream, three nodes, and a balancer in front of them. Dropped in that order's reverse.
 struct Cluster {
-    nginx: Nginx,
+    front: Front,
     nodes: Vec<Node>,
     upstream: Upstream,
 }
 
 impl Cluster {
     fn start(node_env: &[(&str, &str)]) -> Cluster {
+        Cluster::start_behind(Balancer::Nginx, node_env)
+    }
+
+    fn start_behind(balancer: Balancer, node_env: &[(&str, &str)]) -> Cluster {
         let upstream = Upstream::start();
         let allowed = upstream.allowed();
         let mut env = vec![("ALLOWED_UPSTREAMS", allowed.as_str())];
         env.extend_from_slice(node_env);
-        let nodes: Vec<Node> = (0..3).map(|_| Node::start(&env)).collect();
+        // Each on an address of its own, as nodes on separate machines.
+        let nodes: Vec<Node> = (0..3)
+            .map(|i| Node::start(&format!("127.0.0.{}", 11 + i), &env))
+            .collect();
         let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
-        let nginx = Nginx::start(&addrs);
+        let front = Front::start(balancer, &addrs);
         Cluster {
-            nginx,
+            front,
             nodes,
             upstream,
         }
@@ -305,7 +391,7 @@ impl Cluster {
         let suffix = if dot_git { ".git" } else { "" };
         format!(
             "http://{}/{}/{name}{suffix}",
-            self.nginx.addr,
+            self.front.addr,
             self.upstream.segment()
         )
     }
@@ -319,11 +405,11 @@ impl Cluster {
     }
 
     /// The node (index) that answered each repository's requests logged from `since` on
-    /// (a position in [`Nginx::served`]); a repository answered by several is a failure.
+    /// (a position in [`Front::served`]); a repository answered by several is a failure.
     fn routes(&self, names: &[String], since: usize) -> BTreeMap<String, usize> {
         let segment = self.upstream.segment();
         let mut seen: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
-        for (uri, node, _) in self.nginx.served().into_iter().skip(since) {
+        for (uri, node, _) in self.front.served().into_iter().skip(since) {
             let Some(name) = names.iter().find(|n| {
                 uri.contains(&format!("/{segment}/{n}/"))
                     || uri.contains(&format!("/{segment}/{n}.git/"))
@@ -363,7 +449,17 @@ fn clone_ok(work: &Path, args: &[&str], url: &str, dest: &str) -> PathBuf {
 
 #[test]
 fn repositories_are_sharded_move_when_their_node_dies_and_return_when_it_is_back() {
-    let mut cluster = Cluster::start(&[("TRUSTED_PROXIES", "127.0.0.1")]);
+    sharding(Balancer::Nginx);
+}
+
+/// The same with the README's HAProxy equivalent.
+#[test]
+fn haproxy_shards_the_same_way() {
+    sharding(Balancer::Haproxy);
+}
+
+fn sharding(balancer: Balancer) {
+    let mut cluster = Cluster::start_behind(balancer, &[("TRUSTED_PROXIES", "127.0.0.1")]);
     let segment = cluster.upstream.segment();
     let names: Vec<String> = (0..12)
         .map(|i| match i {
@@ -419,7 +515,7 @@ fn repositories_are_sharded_move_when_their_node_dies_and_return_when_it_is_back
         let listed = git(work.path(), &["ls-remote", &cluster.url(name, !dot_git)]);
         assert!(listed.contains("refs/heads/main"), "{listed}");
         let lfs = request(
-            cluster.nginx.addr,
+            cluster.front.addr,
             "POST",
             &format!("/{segment}/{name}.git/info/lfs/objects/batch"),
             &[("Content-Type", "application/vnd.git-lfs+json")],
@@ -429,7 +525,7 @@ fn repositories_are_sharded_move_when_their_node_dies_and_return_when_it_is_back
         assert!(lfs.text().starts_with("lfs-echo POST"), "{}", lfs.text());
         // Whatever the node answers (the API may be off), the request must reach the owner.
         request(
-            cluster.nginx.addr,
+            cluster.front.addr,
             "POST",
             &format!("/api/v1/mirrors/{segment}/{name}/sync"),
             &[],
@@ -448,14 +544,14 @@ fn repositories_are_sharded_move_when_their_node_dies_and_return_when_it_is_back
     let per_node: Vec<usize> = (0..3)
         .map(|n| first.values().filter(|&&i| i == n).count())
         .collect();
-    eprintln!("repositories per node: {per_node:?}");
+    eprintln!("{balancer:?}: repositories per node: {per_node:?}");
 
     // The node with the most repositories dies: its repositories, and only those, move to the
     // others, which create the mirrors they lack and serve every clone.
     let victim = (0..3).max_by_key(|&n| per_node[n]).unwrap();
     let orphans: Vec<&String> = names.iter().filter(|n| first[*n] == victim).collect();
     cluster.nodes[victim].kill();
-    let since = cluster.nginx.served().len();
+    let since = cluster.front.served().len();
     for (i, name) in names.iter().enumerate() {
         let git_dir = clone_ok(
             work.path(),
@@ -478,17 +574,31 @@ fn repositories_are_sharded_move_when_their_node_dies_and_return_when_it_is_back
     }
     assert_eq!(moved, orphans, "only the dead node's repositories move");
     eprintln!(
-        "moved when a node left: {} of {} repositories ({:.0}%; 1/N = 33%)",
+        "{balancer:?}: moved when a node left: {} of {} repositories ({:.0}%; 1/N = 33%)",
         moved.len(),
         names.len(),
         100.0 * moved.len() as f64 / names.len() as f64
     );
 
-    // It comes back (same address, same mirrors): once nginx tries it again (fail_timeout),
-    // its repositories return to it.
+    // It comes back (same address, same mirrors): once the balancer tries it again, its
+    // repositories return to it.
     cluster.nodes[victim].restart();
-    std::thread::sleep(Duration::from_millis(1500));
-    let since = cluster.nginx.served().len();
+    // nginx leaves a failed node alone for fail_timeout (counted in whole seconds), then tries
+    // it on the next request that hashes to it; HAProxy puts it back once a health check
+    // passes.
+    let probe = cluster.url(orphans[0], false);
+    let victim_addr = cluster.nodes[victim].addr.clone();
+    wait_for("the balancer to try the node again", || {
+        git(work.path(), &["ls-remote", &probe]);
+        cluster
+            .front
+            .served()
+            .iter()
+            .rev()
+            .find(|(uri, _, _)| uri.contains(&format!("/{}/info/refs", orphans[0])))
+            .is_some_and(|(_, node, _)| *node == victim_addr)
+    });
+    let since = cluster.front.served().len();
     for (i, name) in names.iter().enumerate() {
         clone_ok(
             work.path(),
@@ -631,7 +741,7 @@ fn a_clone_whose_node_dies_fails_cleanly_and_its_retry_succeeds() {
     // The client reads the first MiB of answers, then stops: the node is in the middle of the
     // 40 MiB pack when it dies.
     let resume = Arc::new(AtomicBool::new(false));
-    let (relay, paused) = pausing_relay(cluster.nginx.addr, 1 << 20, Arc::clone(&resume));
+    let (relay, paused) = pausing_relay(cluster.front.addr, 1 << 20, Arc::clone(&resume));
     let url = format!("http://{relay}/{}/acme/big", cluster.upstream.segment());
     let work = tempfile::tempdir().unwrap();
     let dest = work.path().join("cut");
@@ -726,7 +836,7 @@ fn logs_name_the_client_behind_a_trusted_proxy_only() {
     let via_nginx = info_refs("acme/logged");
     get(
         "127.0.0.2",
-        cluster.nginx.addr,
+        cluster.front.addr,
         &format!("{via_nginx}{query}"),
         "6.6.6.6",
     );
@@ -760,7 +870,7 @@ fn request_bodies_stream_through_to_the_node() {
         "/{}/acme/streamed/git-upload-pack",
         cluster.upstream.segment()
     );
-    let mut s = TcpStream::connect(cluster.nginx.addr).unwrap();
+    let mut s = TcpStream::connect(cluster.front.addr).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     let first = pkt(&["command=ls-refs", "0001"]);
     write!(
