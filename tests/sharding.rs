@@ -321,10 +321,10 @@ fn haproxy(dir: &Path, addr: SocketAddr, nodes: &[&str]) -> (Child, PathBuf, Pat
         "    mode http\n".into(),
         "    mode http\n    log global\n    log-format \"%HU|%si:%sp|%ST\"\n".into(),
     ));
-    // Health checks every 200 ms, so that a test does not wait for them.
+    // Frequent health checks, so that the test does not wait for them.
     substitutions.push((
         "inter 2s fall 2 rise 2".into(),
-        "inter 200ms fall 1 rise 1".into(),
+        "inter 300ms fall 2 rise 1".into(),
     ));
     let conf = format!(
         "global\n    log stderr format raw local0 info\n\n{}",
@@ -611,8 +611,8 @@ fn sharding(balancer: Balancer) {
     let returned = orphans.iter().filter(|n| third[**n] == victim).count();
     let moved_again = names.iter().filter(|n| third[*n] != second[*n]).count();
     eprintln!(
-        "after the node returned: {returned} of its {} repositories came back; {moved_again} of \
-         {} moved in all",
+        "{balancer:?}: after the node returned: {returned} of its {} repositories came back; \
+         {moved_again} of {} moved in all",
         orphans.len(),
         names.len()
     );
