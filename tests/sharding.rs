@@ -157,6 +157,7 @@ enum Balancer {
 /// A balancer running its shipped configuration with the nodes' addresses substituted, logging
 /// `URI|node|status` for every request it finished.
 struct Front {
+    balancer: Balancer,
     child: Child,
     addr: SocketAddr,
     /// The balancer's configuration, logs and temporary files, removed after it stopped.
@@ -208,10 +209,26 @@ impl Front {
             TcpStream::connect(addr).is_ok()
         });
         Front {
+            balancer,
             child,
             addr,
             _dir: dir,
             log,
+        }
+    }
+
+    /// Once node `index` is dead, wait until the balancer routes nothing to it. nginx skips a
+    /// node on its first refused connection; HAProxy retries a refused connection elsewhere
+    /// at once, but takes the node off the ring (where the next node may differ: it picks
+    /// the closest point on either side) only when its health checks fail.
+    fn wait_until_out(&self, index: usize) {
+        if let Balancer::Haproxy = self.balancer {
+            let down = format!("smart_git_proxy/node{} is DOWN", index + 1);
+            wait_for("HAProxy to take the node out", || {
+                std::fs::read_to_string(&self.log)
+                    .unwrap_or_default()
+                    .contains(&down)
+            });
         }
     }
 
@@ -551,6 +568,7 @@ fn sharding(balancer: Balancer) {
     let victim = (0..3).max_by_key(|&n| per_node[n]).unwrap();
     let orphans: Vec<&String> = names.iter().filter(|n| first[*n] == victim).collect();
     cluster.nodes[victim].kill();
+    cluster.front.wait_until_out(victim);
     let since = cluster.front.served().len();
     for (i, name) in names.iter().enumerate() {
         let git_dir = clone_ok(
