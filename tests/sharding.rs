@@ -907,3 +907,34 @@ fn request_bodies_stream_through_to_the_node() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("BODY_READ_TIMEOUT"), "{answer}");
 }
+
+/// The README's excerpts are the shipped files' lines, so that they cannot drift apart.
+#[test]
+fn the_readme_quotes_the_shipped_configurations() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for (fence, file) in [
+        ("```nginx", "nginx-sharded.conf"),
+        ("```haproxy", "haproxy-sharded.cfg"),
+    ] {
+        let shipped = std::fs::read_to_string(root.join("scripts").join(file)).unwrap();
+        let shipped: BTreeSet<&str> = shipped.lines().map(str::trim).collect();
+        let excerpt = readme
+            .split(fence)
+            .nth(1)
+            .unwrap_or_else(|| panic!("the README quotes {file}"))
+            .split("```")
+            .next()
+            .unwrap();
+        for line in excerpt.lines() {
+            // A trailing comment in the README explains; the directive must be the file's.
+            let line = line.split("  #").next().unwrap().trim();
+            if !line.is_empty() {
+                assert!(
+                    shipped.iter().any(|l| l.starts_with(line)),
+                    "README line not in {file}: {line}"
+                );
+            }
+        }
+    }
+}
