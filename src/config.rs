@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use clap::{Parser, ValueEnum};
 
+use crate::http::forwarded::TrustedProxies;
 use crate::mirror::{Upstreams, UpstreamsError};
 
 /// smart-git-proxy: serves Git repositories under MIRROR_DIR over smart HTTP, in-process.
@@ -26,6 +27,10 @@ pub struct Config {
     /// Log filter: `debug`, `info`, `warn`, `error`, or a tracing directive.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Comma-separated addresses and CIDR ranges of load balancers whose `X-Forwarded-For`
+    /// names the client in logs; empty: the header is ignored.
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
     /// Largest accepted request body after gzip decoding, e.g. `64MiB`.
     #[arg(long, env = "MAX_REQUEST_BODY", default_value = "64MiB")]
     pub max_request_body: ByteSize,
@@ -281,6 +286,9 @@ pub enum Error {
     /// `BALANCER_URL` without the token its forwarded requests carry.
     #[error("BALANCER_URL needs ADMIN_TOKEN (the nodes' shared admin token)")]
     BalancerWithoutToken,
+    /// `TRUSTED_PROXIES` has an unusable entry.
+    #[error(transparent)]
+    TrustedProxies(#[from] crate::http::forwarded::ParseError),
     /// `MIRROR_DIR` exists and is not a directory, or cannot be created.
     #[error("MIRROR_DIR '{path}': {reason}")]
     MirrorDir {
@@ -354,9 +362,15 @@ impl Config {
         Ok(Upstreams::parse(&self.allowed_upstreams)?)
     }
 
+    /// The parsed `TRUSTED_PROXIES`.
+    pub fn trusted_proxies(&self) -> Result<TrustedProxies, Error> {
+        Ok(self.trusted_proxies.parse()?)
+    }
+
     /// Check every setting; call before binding.
     pub fn validate(&self) -> Result<(), Error> {
         self.listen_socket_addr()?;
+        self.trusted_proxies()?;
         if self.max_concurrent_packs == Some(0) {
             return Err(Error::Zero {
                 key: "MAX_CONCURRENT_PACKS",
@@ -443,6 +457,7 @@ impl Config {
             mirror_dir: mirror_dir.into(),
             log_level: "info".into(),
             log_format: LogFormat::Text,
+            trusted_proxies: String::new(),
             max_request_body: ByteSize::mib(64),
             max_buffered_bodies: ByteSize::mib(256),
             header_read_timeout: Duration::from_secs(30).into(),
@@ -637,6 +652,12 @@ mod tests {
         let mut c = Config::new("/m");
         c.listen_addr = "localhost:8080".into();
         assert_eq!(c.listen_socket_addr().unwrap().port(), 8080);
+        let mut c = Config::new("/m");
+        c.trusted_proxies = "10.0.0.0/8, lb.internal".into();
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "TRUSTED_PROXIES entry 'lb.internal' is not an IP address or a CIDR range (10.0.0.0/8)"
+        );
     }
 
     /// The defaults the README documents, as the command line gives them and as

@@ -6,6 +6,7 @@
 mod admin;
 mod auth;
 mod body;
+pub mod forwarded;
 pub mod lfs;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +48,8 @@ pub struct AppState {
     body_budget: Arc<Semaphore>,
     /// Set once shutdown began: `/readyz` answers 503.
     draining: Arc<AtomicBool>,
+    /// Whose `X-Forwarded-For` names the client in the request log.
+    trusted_proxies: Arc<forwarded::TrustedProxies>,
 }
 
 impl AppState {
@@ -85,6 +88,7 @@ impl AppState {
                 .min(Semaphore::MAX_PERMITS as u32) as usize,
         ));
         AppState {
+            trusted_proxies: Arc::new(config.trusted_proxies().unwrap_or_default()),
             draining: Arc::new(AtomicBool::new(false)),
             body_budget,
             pack_cache,
@@ -136,6 +140,7 @@ fn upstream_options(config: &Config) -> crate::upstream::Options {
 
 /// The application: Git smart HTTP on every path, plus `/healthz`.
 pub fn router(state: AppState) -> Router {
+    let trusted = Arc::clone(&state.trusted_proxies);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -145,11 +150,12 @@ pub fn router(state: AppState) -> Router {
         .layer(RequestDecompressionLayer::new().gzip(true))
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
+                .make_span_with(move |req: &Request| {
+                    // Behind a trusted load balancer, the address it says it served.
                     let client = req
                         .extensions()
                         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                        .map(|c| c.0.ip().to_string())
+                        .map(|c| trusted.client(c.0.ip(), req.headers()).to_string())
                         .unwrap_or_default();
                     let agent = req
                         .headers()
