@@ -5,6 +5,7 @@
 
 mod auth;
 mod body;
+mod inventory;
 pub mod lfs;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -138,6 +139,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(|| async { crate::metrics::render() }))
+        .route("/api/v1/mirrors", get(inventory::mirrors))
         .fallback(git)
         .layer(RequestDecompressionLayer::new().gzip(true))
         .layer(
@@ -427,6 +429,8 @@ struct Mirrored {
     authorization: Option<String>,
     /// The client's own `Authorization` header.
     client_authorization: Option<String>,
+    /// Keeps the mirror from eviction until the answer has been sent.
+    lease: mirror::Lease,
 }
 
 impl Mirrored {
@@ -469,6 +473,7 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
         AuthMode::PassThrough => client_authorization.clone(),
     };
     let mirrored = Mirrored {
+        lease: state.mirrors.lease(&target.dir),
         url: format!("{}/{path}.git", upstream.base_url),
         target,
         authorization,
@@ -597,6 +602,7 @@ async fn check_access(state: &AppState, m: &Mirrored, status: Status) -> Result<
 }
 
 fn with_status(mut response: Response, status: Status) -> Response {
+    crate::metrics::served(status.as_str());
     response.headers_mut().insert(
         "x-git-proxy-status",
         HeaderValue::from_static(status.as_str()),
@@ -612,6 +618,7 @@ async fn info_refs(state: &AppState, m: Mirrored, version: Version) -> Result<Re
         .await?;
     check_access(state, &m, status).await?;
     let snapshot = snapshot(state, &m).await?;
+    state.mirrors.served(&m.target.dir);
     let (chunks, outcome) = upload_pack::advertise(&snapshot, version);
     Span::current().record("outcome", field::debug(outcome));
     let body = Body::from_stream(futures_util::stream::iter(
@@ -714,6 +721,7 @@ async fn upload_pack(
     }) = &parsed
     {
         check_access(&state, &m, status).await?;
+        state.mirrors.served(&m.target.dir);
         let (answer, outcome) = upload_pack::ls_refs(&snapshot, args);
         span.record("outcome", field::debug(outcome));
         crate::metrics::request("ls-refs", "ok");
@@ -739,11 +747,16 @@ async fn upload_pack(
     // while another created the mirror with credentials must not be served without them.
     check_access(&state, &m, status).await?;
     let slots = Slots::acquire(&state).await?;
+    state.mirrors.served(&m.target.dir);
     let interrupt = Arc::new(AtomicBool::new(false));
     let (stream, tx) = ResponseStream::new(Arc::clone(&interrupt));
     let name = m.target.name.clone();
+    let held = Held {
+        slots,
+        _lease: m.lease,
+    };
     start_pack(
-        &state, snapshot, name, parsed, tx, interrupt, slots, false, span,
+        &state, snapshot, name, parsed, tx, interrupt, held, false, span,
     );
     Ok(with_status(
         pack_response(Body::from_stream(stream)),
@@ -872,9 +885,14 @@ fn sync_with_progress(
                 return;
             }
         };
+        state.mirrors.served(&m.target.dir);
         let name = m.target.name.clone();
+        let held = Held {
+            slots,
+            _lease: m.lease,
+        };
         start_pack(
-            &state, snapshot, name, parsed, tx, interrupt, slots, true, span,
+            &state, snapshot, name, parsed, tx, interrupt, held, true, span,
         );
     };
     tokio::spawn(task.in_current_span());
@@ -917,6 +935,12 @@ impl Slots {
     }
 }
 
+/// What a pack answer holds until it has been sent: its slots, and its mirror's lease.
+struct Held {
+    slots: Slots,
+    _lease: mirror::Lease,
+}
+
 /// Enforce an answer's time limits: once `COMPUTE_TIMEOUT` has passed before its pack
 /// streams, or `REQUEST_TIMEOUT` in all, it is interrupted as if its client had gone.
 fn watchdog(
@@ -949,7 +973,7 @@ fn start_pack(
     parsed: Parsed,
     tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
     interrupt: Arc<AtomicBool>,
-    slots: Slots,
+    held: Held,
     preamble_sent: bool,
     span: Span,
 ) {
@@ -965,6 +989,7 @@ fn start_pack(
     tokio::task::spawn_blocking(move || {
         let _entered = task_span.enter();
         let _watchdog = AbortOnDrop(watchdog);
+        let Held { slots, _lease } = held;
         let _stream = slots.stream;
         let out = ChannelWriter::new(tx, runtime, Arc::clone(&interrupt));
         let repo = snapshot.repo();
