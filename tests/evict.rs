@@ -131,7 +131,10 @@ fn the_least_recently_used_mirror_is_evicted_with_its_pack_cache_entries() {
     // `a` is served again: `b` is now the least recently used... until `b` is served too.
     clone(&running, &up, "a");
     clone(&running, &up, "b");
-    assert_eq!(metric(&running, "smart_git_proxy_mirror_evictions_total"), Some(0.0));
+    assert_eq!(
+        metric(&running, "smart_git_proxy_mirror_evictions_total"),
+        Some(0.0)
+    );
 
     clone(&running, &up, "c");
     wait_until("a mirror is evicted", || !dir("a").exists());
@@ -142,7 +145,10 @@ fn the_least_recently_used_mirror_is_evicted_with_its_pack_cache_entries() {
         "a's pack-cache entries are gone: {left:?}"
     );
     assert!(!left.is_empty(), "b's and c's entries stay");
-    assert_eq!(metric(&running, "smart_git_proxy_mirror_evictions_total"), Some(1.0));
+    assert_eq!(
+        metric(&running, "smart_git_proxy_mirror_evictions_total"),
+        Some(1.0)
+    );
     wait_until("the gauges follow", || {
         metric(&running, "smart_git_proxy_mirrors") == Some(2.0)
     });
@@ -190,7 +196,9 @@ fn the_access_order_survives_a_restart() {
     // it would be `a`; by use it is `b`.
     let limit = (one * 2 - one / 10).to_string();
     let running = start(mirror.path(), &up, &[("MIRROR_MAX_SIZE", &limit)]);
-    wait_until("a mirror is evicted", || !dir("a").exists() || !dir("b").exists());
+    wait_until("a mirror is evicted", || {
+        !dir("a").exists() || !dir("b").exists()
+    });
     assert!(dir("a").exists(), "the one used last stays");
     assert!(!dir("b").exists());
     stop(running);

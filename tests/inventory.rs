@@ -20,7 +20,10 @@ fn get(addr: SocketAddr, path: &str, auth: Option<&str>) -> Reply {
 #[test]
 fn the_admin_api_is_off_without_a_token() {
     let mirror = tempfile::tempdir().unwrap();
-    let running = Running::start(mirror.path(), &[("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")]);
+    let running = Running::start(
+        mirror.path(),
+        &[("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")],
+    );
     let addr = running.addr.parse().unwrap();
     let bearer = format!("Bearer {TOKEN}");
     assert_eq!(get(addr, "/api/v1/mirrors", None).status, 404);
@@ -55,7 +58,11 @@ fn the_inventory_lists_every_mirror_in_pages_to_the_token_holder_only() {
     // A sync of `two` fails: served stale, recorded as failed.
     up.set_mode(Mode::Fail);
     std::thread::sleep(Duration::from_millis(1100));
-    let r = get(addr, &format!("/{seg}/acme/two/info/refs?service=git-upload-pack"), None);
+    let r = get(
+        addr,
+        &format!("/{seg}/acme/two/info/refs?service=git-upload-pack"),
+        None,
+    );
     assert_eq!(r.header("x-git-proxy-status").as_deref(), Some("stale"));
     up.set_mode(Mode::Normal);
 
@@ -72,13 +79,19 @@ fn the_inventory_lists_every_mirror_in_pages_to_the_token_holder_only() {
         assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
     }
     let bearer = format!("Bearer {TOKEN}");
-    assert_eq!(get(addr, "/api/v1/mirrors?limit=x", Some(&bearer)).status, 400);
+    assert_eq!(
+        get(addr, "/api/v1/mirrors?limit=x", Some(&bearer)).status,
+        400
+    );
 
     // Two pages of two.
     let page = |query: &str| {
         let r = get(addr, &format!("{path}{query}"), Some(&bearer));
         assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
+        assert_eq!(
+            r.header("content-type").as_deref(),
+            Some("application/json")
+        );
         assert!(!r.text().contains("user") && !r.text().contains("pa55word"));
         serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()
     };
@@ -96,7 +109,11 @@ fn the_inventory_lists_every_mirror_in_pages_to_the_token_holder_only() {
         .map(|n| format!("{seg}/acme/{n}"))
         .collect();
     assert_eq!(names, expected);
-    assert_eq!(page("")["mirrors"].as_array().unwrap().len(), 3, "default limit");
+    assert_eq!(
+        page("")["mirrors"].as_array().unwrap().len(),
+        3,
+        "default limit"
+    );
     assert_eq!(page("?limit=0")["mirrors"].as_array().unwrap().len(), 1);
 
     for m in &all {
@@ -124,7 +141,11 @@ fn the_inventory_lists_every_mirror_in_pages_to_the_token_holder_only() {
             assert!(humantime::parse_rfc3339(t).is_ok(), "{time}: {t}");
         }
         let failed = name.ends_with("/two");
-        assert_eq!(m["last_sync_outcome"], if failed { "failed" } else { "ok" }, "{m}");
+        assert_eq!(
+            m["last_sync_outcome"],
+            if failed { "failed" } else { "ok" },
+            "{m}"
+        );
         assert_eq!(m["private"], name.ends_with("/private"), "{m}");
     }
 
@@ -134,7 +155,11 @@ fn the_inventory_lists_every_mirror_in_pages_to_the_token_holder_only() {
         .env("MIRROR_DIR", mirror.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let table = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = table.lines().collect();
     assert!(
@@ -144,9 +169,20 @@ fn the_inventory_lists_every_mirror_in_pages_to_the_token_holder_only() {
     for (line, name) in lines[1..4].iter().zip(&expected) {
         let cells: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cells[0], name, "{table}");
-        let private = if name.ends_with("/private") { "yes" } else { "no" };
-        let outcome = if name.ends_with("/two") { "failed" } else { "ok" };
-        assert!(cells.contains(&private) && cells.contains(&outcome), "{table}");
+        let private = if name.ends_with("/private") {
+            "yes"
+        } else {
+            "no"
+        };
+        let outcome = if name.ends_with("/two") {
+            "failed"
+        } else {
+            "ok"
+        };
+        assert!(
+            cells.contains(&private) && cells.contains(&outcome),
+            "{table}"
+        );
     }
     assert!(lines[4].starts_with("3 mirrors"), "{table}");
 }
