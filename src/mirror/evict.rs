@@ -303,6 +303,88 @@ mod tests {
         assert!(half > 0 && half <= whole / 2 + 1, "{half} of {whole}");
     }
 
+    fn store(root: &Path) -> Mirrors {
+        let timeout = Duration::from_secs(1);
+        Mirrors::new(super::super::Settings {
+            root: root.to_path_buf(),
+            stale_after: timeout,
+            max_syncs: 1,
+            max_syncs_per_host: 1,
+            sync_wait: timeout,
+            want_miss_interval: timeout,
+            failure_ttl: timeout,
+            maintenance_packs: 0,
+            maintenance_grace: timeout,
+            upstream: crate::upstream::Options {
+                connect_timeout: timeout,
+                stall_timeout: timeout,
+            },
+            client: reqwest::Client::new(),
+        })
+    }
+
+    /// A mirror as far as the store can tell (`objects/`), with `bytes` of pack, last served
+    /// at `served_ms`.
+    fn mirror(mirrors: &Mirrors, name: &str, bytes: usize, served_ms: u64) -> PathBuf {
+        let dir = mirrors.settings.root.join(format!("{name}.git"));
+        std::fs::create_dir_all(dir.join("objects/pack")).unwrap();
+        std::fs::write(dir.join("objects/pack/pack-1.pack"), vec![0; bytes]).unwrap();
+        mirrors.repo(&dir).record.lock().record.last_serve_ms = Some(served_ms);
+        dir
+    }
+
+    #[test]
+    fn passes_evict_the_least_recently_used_mirrors_not_in_use() {
+        let root = tempfile::tempdir().unwrap();
+        let mirrors = store(root.path());
+        let a = mirror(&mirrors, "h/a", 1000, 1);
+        let b = mirror(&mirrors, "h/b", 1000, 2);
+        let c = mirror(&mirrors, "h/c", 1000, 3);
+        let cache = PackCache::open(root.path().join(".pack-cache"), 1 << 20).unwrap();
+        let under = pass(&mirrors, Some(&cache), Some(Limit::Bytes(3000)));
+        assert_eq!(
+            (under.mirrors, under.mirror_bytes, under.evicted),
+            (3, 3000, 0)
+        );
+
+        // Over the limit, down to 90 % of it: `a` would go first, but it is read, and `b` is
+        // being maintained by another process; `c` goes.
+        let lease = mirrors.lease(&a);
+        let maintenance = crate::mirror::maintain::lock(&b).unwrap();
+        let limit = Some(Limit::Bytes(2500));
+        let busy = pass(&mirrors, Some(&cache), limit);
+        assert_eq!((busy.evicted, busy.deferred), (1, 2));
+        assert!(a.exists() && b.exists() && !c.exists());
+        assert!(mirrors.leases.deferred.load(Ordering::Relaxed));
+
+        // Released: a pass over a lower limit takes the least recently used, `a`, and stops
+        // under 90 % of it.
+        drop((lease, maintenance));
+        let released = pass(&mirrors, Some(&cache), Some(Limit::Bytes(1500)));
+        assert_eq!((released.evicted, released.mirrors), (1, 1));
+        assert!(!a.exists() && b.exists());
+        let left: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !left.iter().any(|n| n.starts_with(EVICTED_PREFIX)),
+            "{left:?}"
+        );
+        assert!(!mirrors.repos.lock().contains_key(&a));
+    }
+
+    #[test]
+    fn evicted_leftovers_are_removed_at_start() {
+        let root = tempfile::tempdir().unwrap();
+        let aside = root.path().join(format!("{EVICTED_PREFIX}1-0/objects"));
+        std::fs::create_dir_all(&aside).unwrap();
+        let kept = root.path().join("h/.evicted-not-ours.git/objects");
+        std::fs::create_dir_all(&kept).unwrap();
+        assert_eq!(store(root.path()).remove_temporaries().unwrap(), 1);
+        assert!(!aside.exists() && kept.exists());
+    }
+
     #[test]
     fn usage_counts_files_and_packs() {
         let dir = tempfile::tempdir().unwrap();

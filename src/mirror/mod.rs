@@ -584,11 +584,6 @@ impl Mirrors {
         written
     }
 
-    /// Wake the eviction task (see [`evict::run`]).
-    pub fn wake_eviction(&self) {
-        self.leases.wake.notify_one();
-    }
-
     /// One page of the inventory: up to `limit` mirrors whose names sort after `after`, in
     /// name order, and whether more follow. Call on a blocking thread (sizes not known yet are
     /// measured).
