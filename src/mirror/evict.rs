@@ -303,26 +303,6 @@ mod tests {
         assert!(half > 0 && half <= whole / 2 + 1, "{half} of {whole}");
     }
 
-    fn store(root: &Path) -> Mirrors {
-        let timeout = Duration::from_secs(1);
-        Mirrors::new(super::super::Settings {
-            root: root.to_path_buf(),
-            stale_after: timeout,
-            max_syncs: 1,
-            max_syncs_per_host: 1,
-            sync_wait: timeout,
-            want_miss_interval: timeout,
-            failure_ttl: timeout,
-            maintenance_packs: 0,
-            maintenance_grace: timeout,
-            upstream: crate::upstream::Options {
-                connect_timeout: timeout,
-                stall_timeout: timeout,
-            },
-            client: reqwest::Client::new(),
-        })
-    }
-
     /// A mirror as far as the store can tell (`objects/`), with `bytes` of pack, last served
     /// at `served_ms`.
     fn mirror(mirrors: &Mirrors, name: &str, bytes: usize, served_ms: u64) -> PathBuf {
@@ -336,7 +316,7 @@ mod tests {
     #[test]
     fn passes_evict_the_least_recently_used_mirrors_not_in_use() {
         let root = tempfile::tempdir().unwrap();
-        let mirrors = store(root.path());
+        let mirrors = super::super::tests::store(root.path());
         let a = mirror(&mirrors, "h/a", 1000, 1);
         let b = mirror(&mirrors, "h/b", 1000, 2);
         let c = mirror(&mirrors, "h/c", 1000, 3);
@@ -381,7 +361,12 @@ mod tests {
         std::fs::create_dir_all(&aside).unwrap();
         let kept = root.path().join("h/.evicted-not-ours.git/objects");
         std::fs::create_dir_all(&kept).unwrap();
-        assert_eq!(store(root.path()).remove_temporaries().unwrap(), 1);
+        assert_eq!(
+            super::super::tests::store(root.path())
+                .remove_temporaries()
+                .unwrap(),
+            1
+        );
         assert!(!aside.exists() && kept.exists());
     }
 

@@ -1224,6 +1224,54 @@ mod tests {
         assert!(Upstreams::parse("a/b").is_err());
     }
 
+    pub(super) fn store(root: &Path) -> Mirrors {
+        let timeout = Duration::from_secs(1);
+        Mirrors::new(Settings {
+            root: root.to_path_buf(),
+            stale_after: timeout,
+            max_syncs: 1,
+            max_syncs_per_host: 1,
+            sync_wait: timeout,
+            want_miss_interval: timeout,
+            failure_ttl: timeout,
+            maintenance_packs: 0,
+            maintenance_grace: timeout,
+            upstream: crate::upstream::Options {
+                connect_timeout: timeout,
+                stall_timeout: timeout,
+            },
+            client: reqwest::Client::new(),
+        })
+    }
+
+    #[test]
+    fn the_inventory_pages_through_every_mirror_in_name_order() {
+        let root = tempfile::tempdir().unwrap();
+        let mirrors = store(root.path());
+        // Thousands of directories are slow to make on a busy disk: 2,000 in pages of 250.
+        for i in 0..2_000 {
+            let dir = root.path().join(format!("h/g{}/r{i}.git", i % 100));
+            std::fs::create_dir_all(dir.join("objects")).unwrap();
+            mirrors.repo(&dir);
+        }
+        let started = Instant::now();
+        let (mut names, mut cursor, mut pages) = (Vec::new(), None::<String>, 0);
+        loop {
+            let (page, more) = mirrors.inventory(None, cursor.as_deref(), 250);
+            pages += 1;
+            names.extend(page.into_iter().map(|m| m.repo));
+            if !more {
+                break;
+            }
+            cursor = names.last().cloned();
+        }
+        eprintln!("2,000 mirrors in {pages} pages: {:?}", started.elapsed());
+        assert_eq!(pages, 8);
+        assert_eq!(names.len(), 2_000);
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats");
+        assert_eq!(names[0], "h/g0/r0");
+    }
+
     #[test]
     fn removes_temporaries_but_not_mirrors() {
         let root = tempfile::tempdir().unwrap();
