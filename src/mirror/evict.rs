@@ -191,6 +191,7 @@ pub fn pass(mirrors: &Mirrors, cache: Option<&PackCache>, limit: Option<Limit>) 
                     );
                 }
                 Evicted::InUse => outcome.deferred += 1,
+                Evicted::Failed => {}
                 Evicted::Gone => {
                     outcome.mirrors -= 1;
                     outcome.mirror_bytes -= sizes[i];
@@ -214,8 +215,10 @@ enum Evicted {
     Yes,
     /// Leased, syncing or being maintained: retried when its last lease ends.
     InUse,
-    /// Not in the store any more, or not on disk.
+    /// Not in the store any more (a failed creation removed it).
     Gone,
+    /// It could not be locked or moved aside (logged); it stays.
+    Failed,
 }
 
 /// Delete the mirror at `dir` unless it is in use.
@@ -244,7 +247,7 @@ fn evict(mirrors: &Mirrors, dir: &Path, repo: &Arc<Repo>) -> Evicted {
         Ok(None) => return in_use(),
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot evict a mirror");
-            return Evicted::Gone;
+            return Evicted::Failed;
         }
     };
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -254,7 +257,7 @@ fn evict(mirrors: &Mirrors, dir: &Path, repo: &Arc<Repo>) -> Evicted {
         .join(format!("{EVICTED_PREFIX}{}-{n}", std::process::id()));
     if let Err(e) = std::fs::rename(dir, &aside) {
         tracing::warn!(dir = %dir.display(), error = %e, "cannot evict a mirror");
-        return Evicted::Gone;
+        return Evicted::Failed;
     }
     repos.remove(dir);
     drop((leases, repos));
