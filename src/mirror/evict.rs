@@ -269,7 +269,7 @@ fn evict(mirrors: &Mirrors, dir: &Path, repo: &Arc<Repo>) -> Evicted {
 }
 
 /// Run passes until the store is dropped: when woken (a sync grew a mirror, a mirror due for
-/// eviction was released) and every [`PASS_INTERVAL`].
+/// eviction was released) and every minute.
 pub async fn run(mirrors: Weak<Mirrors>, cache: Option<PackCache>, limit: Option<Limit>) {
     loop {
         let Some(store) = mirrors.upgrade() else {
