@@ -144,6 +144,11 @@ pub struct Config {
     /// `10GiB`; least recently used packs are evicted beyond it. `0` turns the cache off.
     #[arg(long, env = "PACK_CACHE_MAX_SIZE", default_value = "10GiB")]
     pub pack_cache_max_size: ByteSize,
+    /// Disk space for mirrors and the pack cache together, as a size (`200GiB`) or a share of
+    /// `MIRROR_DIR`'s filesystem (`80%`); beyond it the least recently used mirrors are deleted
+    /// (with their pack-cache entries) down to 90 % of it. Unset: no limit.
+    #[arg(long, env = "MIRROR_MAX_SIZE")]
+    pub mirror_max_size: Option<crate::mirror::evict::Limit>,
     /// Consolidate a mirror's packs into one (in the background, after a sync) once it has more
     /// than this many; `0` turns background maintenance off (`smart-git-proxy maintain` still
     /// runs it).
@@ -472,6 +477,7 @@ impl Config {
             pack_threads: None,
             pack_compression_level: DEFAULT_COMPRESSION_LEVEL,
             pack_cache_max_size: ByteSize::gib(10),
+            mirror_max_size: None,
             pack_memory_budget: ByteSize::mib(256),
             maintenance_pack_threshold: 16,
             maintenance_grace: Duration::from_secs(14 * 24 * 3600).into(),

@@ -34,6 +34,9 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Print the mirrors under MIRROR_DIR as a table (size, packs, last sync and serve,
+    /// privacy, pack-cache bytes), read from disk; safe while a server runs.
+    Mirrors,
 }
 
 fn main() -> ExitCode {
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => run(config),
         Some(Command::Maintain { repo, .. }) => maintain(config, repo),
+        Some(Command::Mirrors) => mirrors(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -97,6 +101,7 @@ fn run(config: Config) -> anyhow::Result<()> {
             mirror_dir = %config.mirror_dir.display(),
             "listening"
         );
+        let limit = config.mirror_max_size;
         let state = AppState::new(config);
         let removed = state
             .mirrors()
@@ -109,13 +114,22 @@ fn run(config: Config) -> anyhow::Result<()> {
             );
         }
         // Mirrors found on disk get their snapshots in the background; a request that comes
-        // first builds its own.
+        // first builds its own. Eviction starts once they are known.
         let mirrors = std::sync::Arc::clone(state.mirrors());
-        tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let loaded = mirrors.load_all();
-            tracing::info!(loaded, duration = ?started.elapsed(), "mirrors loaded");
+        let weak = std::sync::Arc::downgrade(&mirrors);
+        let cache = state.pack_cache().cloned();
+        tokio::spawn(async move {
+            let loaded = tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let loaded = mirrors.load_all();
+                tracing::info!(loaded, duration = ?started.elapsed(), "mirrors loaded");
+            })
+            .await;
+            if loaded.is_ok() {
+                smart_git_proxy::mirror::evict::run(weak, cache, limit).await;
+            }
         });
+        let mirrors = std::sync::Arc::clone(state.mirrors());
         // systemd (`Type=notify`): ready now; watchdog pings while the runtime runs tasks.
         // Without NOTIFY_SOCKET these do nothing.
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -132,8 +146,66 @@ fn run(config: Config) -> anyhow::Result<()> {
         }
         http::serve(listener, state, shutdown_signal())
             .await
-            .context("serving")
+            .context("serving")?;
+        // The serves not written yet: the eviction order survives the restart.
+        let written = tokio::task::spawn_blocking(move || mirrors.flush_records())
+            .await
+            .context("writing mirror records")?;
+        tracing::info!(written, "mirror records written");
+        Ok(())
     })
+}
+
+/// `mirrors`: the inventory as a table, from `MIRROR_DIR` alone.
+fn mirrors(config: &Config) -> anyhow::Result<()> {
+    let list =
+        smart_git_proxy::mirror::inventory_on_disk(&config.mirror_dir, &config.pack_cache_dir())
+            .with_context(|| format!("reading {}", config.mirror_dir.display()))?;
+    let size = |b: u64| bytesize::ByteSize::b(b).to_string();
+    let or_dash = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".into());
+    let mut rows = vec![[
+        "REPOSITORY".to_owned(),
+        "SIZE".into(),
+        "PACKS".into(),
+        "LAST SYNC".into(),
+        "OUTCOME".into(),
+        "LAST SERVE".into(),
+        "PRIVATE".into(),
+        "PACK CACHE".into(),
+    ]];
+    for m in &list {
+        rows.push([
+            m.repo.clone(),
+            size(m.bytes),
+            m.packs.to_string(),
+            or_dash(&m.last_sync),
+            m.last_sync_outcome.map_or("-", |o| o.as_str()).into(),
+            or_dash(&m.last_serve),
+            if m.private { "yes" } else { "no" }.into(),
+            size(m.pack_cache_bytes),
+        ]);
+    }
+    let mut widths = [0usize; 8];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    let total: u64 = list.iter().map(|m| m.bytes + m.pack_cache_bytes).sum();
+    println!(
+        "{} mirrors, {} with their pack-cache entries",
+        list.len(),
+        size(total)
+    );
+    Ok(())
 }
 
 async fn shutdown_signal() {

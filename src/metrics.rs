@@ -21,6 +21,8 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
                     describe();
                     metrics::gauge!("smart_git_proxy_build_info", "version" => env!("CARGO_PKG_VERSION"))
                         .set(1.0);
+                    // Present from the start, so that a rate over it is 0 rather than empty.
+                    metrics::counter!("smart_git_proxy_mirror_evictions_total").absolute(0);
                     Some(h)
                 }
                 Err(e) => {
@@ -108,6 +110,23 @@ fn describe() {
     describe_counter!(
         "smart_git_proxy_pack_cache_evictions_total",
         "Packs evicted from the pack cache"
+    );
+    describe_counter!(
+        "smart_git_proxy_served_total",
+        "info/refs and upload-pack answers by X-Git-Proxy-Status (clone, sync, hit, stale)"
+    );
+    describe_gauge!("smart_git_proxy_mirrors", "Mirrors on disk");
+    describe_gauge!(
+        "smart_git_proxy_mirror_bytes",
+        "Bytes of the mirrors on disk (the pack cache not included)"
+    );
+    describe_gauge!(
+        "smart_git_proxy_mirror_max_bytes",
+        "MIRROR_MAX_SIZE in bytes, for mirrors and pack cache together (absent when unset)"
+    );
+    describe_counter!(
+        "smart_git_proxy_mirror_evictions_total",
+        "Mirrors deleted, least recently used first, to stay under MIRROR_MAX_SIZE"
     );
     describe_gauge!(
         "smart_git_proxy_pack_memory_reserved_bytes",
@@ -237,4 +256,23 @@ pub fn webhook_forward(result: &'static str) {
 /// A mirror update fetched from `PARENT_PROXY` ended with `status`.
 pub fn parent_fetch(status: &'static str) {
     metrics::counter!("smart_git_proxy_parent_fetches_total", "status" => status).increment(1);
+}
+
+/// An answer carried `X-Git-Proxy-Status: status`.
+pub fn served(status: &'static str) {
+    metrics::counter!("smart_git_proxy_served_total", "status" => status).increment(1);
+}
+
+/// The mirrors on disk and their bytes, and `MIRROR_MAX_SIZE` when set, after an eviction pass.
+pub fn mirror_disk(mirrors: usize, bytes: u64, limit: Option<u64>) {
+    metrics::gauge!("smart_git_proxy_mirrors").set(mirrors as f64);
+    metrics::gauge!("smart_git_proxy_mirror_bytes").set(bytes as f64);
+    if let Some(limit) = limit {
+        metrics::gauge!("smart_git_proxy_mirror_max_bytes").set(limit as f64);
+    }
+}
+
+/// A mirror was evicted to stay under `MIRROR_MAX_SIZE`.
+pub fn mirror_evicted() {
+    metrics::counter!("smart_git_proxy_mirror_evictions_total").increment(1);
 }

@@ -239,3 +239,82 @@ fn sigterm_lets_a_clone_in_flight_finish() {
         answer.len() - first
     );
 }
+
+/// At SIGTERM the listener closes: new connections are refused at once (a load balancer's
+/// health check fails, so it routes elsewhere) while an answer in flight finishes; an idle
+/// connection opened before is closed or answered `503 draining`, never `ready`.
+#[test]
+fn sigterm_closes_the_listener_while_answers_finish() {
+    use std::io::{Read, Write};
+    let (mirror, repo_dir) = seeded_mirror("large");
+    let mut running = Running::start(
+        mirror.path(),
+        &[
+            ("ALLOWED_UPSTREAMS", "http://127.0.0.1:9"),
+            ("PACK_CACHE_MAX_SIZE", "0"),
+        ],
+    );
+    let addr: std::net::SocketAddr = running.addr.parse().unwrap();
+    assert_eq!(request(addr, "GET", "/readyz", &[], b"").status, 200);
+    let tip = git(&repo_dir, &["rev-parse", "main"]);
+    let body = pkt(&[
+        "command=fetch",
+        "0001",
+        "ofs-delta",
+        "no-progress",
+        &format!("want {}", tip.trim()),
+        "done",
+        "0000",
+    ]);
+    let mut busy = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        busy,
+        "POST /127.0.0.1:9/large/git-upload-pack HTTP/1.1\r\nHost: x\r\nGit-Protocol: version=2\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    busy.write_all(&body).unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = busy.read(&mut answer).unwrap();
+    answer.truncate(n);
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    // A keep-alive connection, idle when the signal comes.
+    let mut idle = std::net::TcpStream::connect(addr).unwrap();
+    write!(idle, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut first = [0u8; 12];
+    idle.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+
+    let pid = running.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the listener is still open after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The idle connection: closed, or told that the server is draining.
+    let mut rest = Vec::new();
+    let _ = idle.read(&mut vec![0u8; 4096]);
+    let asked = write!(idle, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").is_ok();
+    if asked {
+        let _ = idle.read_to_end(&mut rest);
+    }
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.is_empty() || rest.starts_with("HTTP/1.1 503"),
+        "{rest}"
+    );
+    // The answer in flight still arrives whole.
+    busy.read_to_end(&mut answer).unwrap();
+    assert!(running.child.wait().unwrap().success());
+    let end = String::from_utf8_lossy(&answer[answer.len() - 12..]).into_owned();
+    assert!(end.ends_with("0000\r\n0\r\n\r\n"), "{end:?}");
+}

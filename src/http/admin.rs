@@ -71,6 +71,14 @@ fn same(given: &[u8], secret: &Secret) -> bool {
     given.ct_eq(secret.expose().as_bytes()).into()
 }
 
+/// Whether `headers` carry `Authorization: Bearer <token>` (the admin API's credential).
+pub(super) fn bearer(headers: &HeaderMap, token: &Secret) -> bool {
+    let given = header(headers, "authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    same(given.trim().as_bytes(), token)
+}
+
 /// Whether `signature` (`X-Hub-Signature-256: sha256=<hex>`) is the HMAC-SHA256 of `body`
 /// under `secret`; the MAC is compared in constant time.
 fn signed(secret: &Secret, signature: Option<&str>, body: &[u8]) -> bool {
@@ -379,10 +387,7 @@ async fn mirror_action(State(state): State<AppState>, uri: Uri, headers: HeaderM
     let Some(token) = state.config.admin_token.as_ref() else {
         return answer(StatusCode::NOT_FOUND, "the admin API is off (ADMIN_TOKEN)");
     };
-    let given = header(&headers, "authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if !same(given.trim().as_bytes(), token) {
+    if !bearer(&headers, token) {
         tracing::info!("admin request refused: bad or missing bearer token");
         return unauthorized("Bearer");
     }

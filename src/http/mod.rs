@@ -7,6 +7,7 @@ mod admin;
 mod auth;
 mod body;
 pub mod forwarded;
+mod inventory;
 pub mod lfs;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -146,6 +147,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(|| async { crate::metrics::render() }))
         .merge(admin::routes())
+        .route("/api/v1/mirrors", get(inventory::mirrors))
         .fallback(git)
         .layer(RequestDecompressionLayer::new().gzip(true))
         .layer(
@@ -470,6 +472,8 @@ struct Mirrored {
     /// The client asked for a listing checked against the upstream (`Cache-Control:
     /// no-cache`, as a child proxy does for a want-miss or a push).
     revalidate: bool,
+    /// Keeps the mirror from eviction until the answer has been sent.
+    lease: mirror::Lease,
 }
 
 impl Mirrored {
@@ -515,6 +519,7 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
                 .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
         });
     let mirrored = Mirrored {
+        lease: state.mirrors.lease(&target.dir),
         url: format!("{}/{path}.git", source.base_url),
         target,
         authorization,
@@ -644,6 +649,7 @@ async fn check_access(state: &AppState, m: &Mirrored, status: Status) -> Result<
 }
 
 fn with_status(mut response: Response, status: Status) -> Response {
+    crate::metrics::served(status.as_str());
     response.headers_mut().insert(
         "x-git-proxy-status",
         HeaderValue::from_static(status.as_str()),
@@ -659,6 +665,7 @@ async fn info_refs(state: &AppState, m: Mirrored, version: Version) -> Result<Re
         .await?;
     check_access(state, &m, status).await?;
     let snapshot = snapshot(state, &m).await?;
+    state.mirrors.served(&m.target.dir);
     let (chunks, outcome) = upload_pack::advertise(&snapshot, version);
     Span::current().record("outcome", field::debug(outcome));
     let body = Body::from_stream(futures_util::stream::iter(
@@ -777,6 +784,7 @@ async fn upload_pack(
     }) = &parsed
     {
         check_access(&state, &m, status).await?;
+        state.mirrors.served(&m.target.dir);
         let (answer, outcome) = upload_pack::ls_refs(&snapshot, args);
         span.record("outcome", field::debug(outcome));
         crate::metrics::request("ls-refs", "ok");
@@ -802,11 +810,16 @@ async fn upload_pack(
     // while another created the mirror with credentials must not be served without them.
     check_access(&state, &m, status).await?;
     let slots = Slots::acquire(&state).await?;
+    state.mirrors.served(&m.target.dir);
     let interrupt = Arc::new(AtomicBool::new(false));
     let (stream, tx) = ResponseStream::new(Arc::clone(&interrupt));
     let name = m.target.name.clone();
+    let held = Held {
+        slots,
+        _lease: m.lease,
+    };
     start_pack(
-        &state, snapshot, name, parsed, tx, interrupt, slots, false, span,
+        &state, snapshot, name, parsed, tx, interrupt, held, false, span,
     );
     Ok(with_status(
         pack_response(Body::from_stream(stream)),
@@ -935,9 +948,14 @@ fn sync_with_progress(
                 return;
             }
         };
+        state.mirrors.served(&m.target.dir);
         let name = m.target.name.clone();
+        let held = Held {
+            slots,
+            _lease: m.lease,
+        };
         start_pack(
-            &state, snapshot, name, parsed, tx, interrupt, slots, true, span,
+            &state, snapshot, name, parsed, tx, interrupt, held, true, span,
         );
     };
     tokio::spawn(task.in_current_span());
@@ -980,6 +998,12 @@ impl Slots {
     }
 }
 
+/// What a pack answer holds until it has been sent: its slots, and its mirror's lease.
+struct Held {
+    slots: Slots,
+    _lease: mirror::Lease,
+}
+
 /// Enforce an answer's time limits: once `COMPUTE_TIMEOUT` has passed before its pack
 /// streams, or `REQUEST_TIMEOUT` in all, it is interrupted as if its client had gone.
 fn watchdog(
@@ -1012,7 +1036,7 @@ fn start_pack(
     parsed: Parsed,
     tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
     interrupt: Arc<AtomicBool>,
-    slots: Slots,
+    held: Held,
     preamble_sent: bool,
     span: Span,
 ) {
@@ -1028,6 +1052,7 @@ fn start_pack(
     tokio::task::spawn_blocking(move || {
         let _entered = task_span.enter();
         let _watchdog = AbortOnDrop(watchdog);
+        let Held { slots, _lease } = held;
         let _stream = slots.stream;
         let out = ChannelWriter::new(tx, runtime, Arc::clone(&interrupt));
         let repo = snapshot.repo();

@@ -10,7 +10,9 @@
 //! after every create or sync that changed it (and at start), and swapped atomically: requests
 //! read it through an `Arc` and never open the repository themselves.
 
+pub mod evict;
 pub mod maintain;
+pub mod record;
 mod sync;
 
 use std::collections::HashMap;
@@ -19,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::repo::Snapshot;
 use crate::ttl::TtlMap;
@@ -209,6 +211,7 @@ impl Maintenance {
             local(format!("maintenance: {e}"))
         })?;
         crate::metrics::maintenance("ok");
+        *self.repo.usage.lock() = None;
         let previous = self.repo.snapshot();
         let dir = self.dir.clone();
         match tokio::task::spawn_blocking(move || sync::refresh(&dir, previous)).await {
@@ -320,9 +323,48 @@ struct Repo {
     snapshot: parking_lot::RwLock<Option<Arc<Snapshot>>>,
     /// A background maintenance is queued or running.
     maintenance_pending: AtomicBool,
+    /// Its last sync and serve, as on disk (or newer).
+    record: parking_lot::Mutex<record::Held>,
+    /// Its size on disk; `None` until measured, and after a sync or maintenance changed it.
+    usage: parking_lot::Mutex<Option<evict::Usage>>,
 }
 
 impl Repo {
+    /// The mirror's size, measured now if it is not known (a directory walk: call on a
+    /// blocking thread).
+    fn usage(&self, dir: &Path) -> evict::Usage {
+        if let Some(usage) = *self.usage.lock() {
+            return usage;
+        }
+        let usage = evict::usage(dir);
+        *self.usage.lock() = Some(usage);
+        usage
+    }
+
+    /// Write the record of the mirror at `dir`, under its lock so that writes land in order.
+    fn write_record(&self, dir: &Path) {
+        let mut held = self.record.lock();
+        held.dirty = false;
+        if let Err(e) = held.record.write(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot write the mirror's record");
+        }
+    }
+
+    /// Note a sync's outcome (`Err` with the upstream's message) and write it.
+    fn synced(&self, dir: &Path, result: Result<(), String>) {
+        {
+            let mut held = self.record.lock();
+            held.record.last_sync_ms = Some(record::now_ms());
+            held.record.last_sync_outcome = Some(match result {
+                Ok(()) => record::SyncOutcome::Ok,
+                Err(_) => record::SyncOutcome::Failed,
+            });
+            held.record.last_sync_error = result.err();
+        }
+        *self.usage.lock() = None;
+        self.write_record(dir);
+    }
+
     fn snapshot(&self) -> Option<Arc<Snapshot>> {
         self.snapshot.read().clone()
     }
@@ -330,6 +372,129 @@ impl Repo {
     fn set_snapshot(&self, snapshot: Arc<Snapshot>) {
         *self.snapshot.write() = Some(snapshot);
     }
+}
+
+/// The leases requests hold on mirrors, by directory: a leased mirror is not evicted.
+#[derive(Default)]
+struct Leases {
+    counts: parking_lot::Mutex<HashMap<PathBuf, usize>>,
+    /// An eviction pass skipped a leased mirror: wake it when a mirror's last lease ends.
+    deferred: AtomicBool,
+    /// Wakes the eviction task.
+    wake: Arc<Notify>,
+}
+
+/// A request's hold on a mirror: while it lives, the mirror is not evicted. Taken before the
+/// request looks at the mirror, dropped when its answer has been sent.
+pub struct Lease {
+    leases: Arc<Leases>,
+    dir: PathBuf,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut counts = self.leases.counts.lock();
+        let last = match counts.get_mut(&self.dir) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                counts.remove(&self.dir);
+                true
+            }
+        };
+        drop(counts);
+        if last && self.leases.deferred.swap(false, Ordering::Relaxed) {
+            self.leases.wake.notify_one();
+        }
+    }
+}
+
+/// One mirror as the inventory lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Info {
+    /// `host/path`
+    pub repo: String,
+    /// Bytes of its files.
+    pub bytes: u64,
+    /// Its pack files.
+    pub packs: usize,
+    /// When its last sync (or creation) ended, RFC 3339.
+    pub last_sync: Option<String>,
+    /// `ok` or `failed`.
+    pub last_sync_outcome: Option<record::SyncOutcome>,
+    /// When it was last served, RFC 3339.
+    pub last_serve: Option<String>,
+    /// Served only to clients whose credentials the upstream accepts (who they are is not
+    /// kept).
+    pub private: bool,
+    /// Bytes of its packs in the pack cache.
+    pub pack_cache_bytes: u64,
+}
+
+impl Info {
+    fn new(
+        repo: String,
+        dir: &Path,
+        usage: evict::Usage,
+        rec: &record::Record,
+        pack_cache_bytes: u64,
+    ) -> Info {
+        let time = |ms: u64| humantime::format_rfc3339_seconds(record::time_of(ms)).to_string();
+        // An adopted mirror, or one synced before records existed: its sync marker.
+        let last_sync_ms = rec.last_sync_ms.or_else(|| {
+            sync::last_synced(dir)
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64)
+        });
+        Info {
+            repo,
+            bytes: usage.bytes,
+            packs: usage.packs,
+            last_sync: last_sync_ms.map(time),
+            last_sync_outcome: rec.last_sync_outcome,
+            last_serve: rec.last_serve_ms.map(time),
+            private: Mirrors::is_private(dir),
+            pack_cache_bytes,
+        }
+    }
+}
+
+/// The mirrors under `root` as read from disk alone, sorted by name: what `smart-git-proxy
+/// mirrors` prints beside a running server (whose serve times may be up to
+/// [`record::SERVE_WRITE_INTERVAL`] behind). Call on a blocking thread.
+pub fn inventory_on_disk(root: &Path, pack_cache_dir: &Path) -> std::io::Result<Vec<Info>> {
+    let cached = crate::pack::cache::bytes_by_mirror_on_disk(pack_cache_dir)?;
+    let mut out: Vec<Info> = scan(root)?
+        .0
+        .into_iter()
+        .map(|dir| {
+            let name = name_of(root, &dir);
+            let cache = cached
+                .get(&crate::pack::cache::MirrorId::of(&name))
+                .copied()
+                .unwrap_or(0);
+            Info::new(
+                name,
+                &dir,
+                evict::usage(&dir),
+                &record::Record::read(&dir),
+                cache,
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.repo.cmp(&b.repo));
+    Ok(out)
+}
+
+/// `host/path` of the mirror at `dir` below `root`.
+fn name_of(root: &Path, dir: &Path) -> String {
+    let relative = dir.strip_prefix(root).unwrap_or(dir).to_string_lossy();
+    relative
+        .strip_suffix(".git")
+        .unwrap_or(&relative)
+        .to_owned()
 }
 
 /// The mirror store.
@@ -346,6 +511,7 @@ pub struct Mirrors {
     tmp_counter: AtomicU64,
     /// Background maintenance runs one at a time.
     maintenance: Arc<Semaphore>,
+    leases: Arc<Leases>,
 }
 
 /// A mirror directory and a digest of the credentials its creation was tried with.
@@ -396,7 +562,103 @@ impl Mirrors {
             repos: Default::default(),
             tmp_counter: AtomicU64::new(0),
             maintenance: Arc::new(Semaphore::new(1)),
+            leases: Default::default(),
         }
+    }
+
+    /// Hold the mirror at `dir` (which need not exist yet) for a request: it is not evicted
+    /// until the lease is dropped.
+    pub fn lease(&self, dir: &Path) -> Lease {
+        *self
+            .leases
+            .counts
+            .lock()
+            .entry(dir.to_path_buf())
+            .or_default() += 1;
+        Lease {
+            leases: Arc::clone(&self.leases),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// A request was served from the mirror at `dir`: its place in the eviction order. Written
+    /// to its record at most once per [`record::SERVE_WRITE_INTERVAL`] (the rest at shutdown,
+    /// see [`Mirrors::flush_records`]).
+    pub fn served(&self, dir: &Path) {
+        let repo = self.repo(dir);
+        if !repo.record.lock().served() {
+            return;
+        }
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            if crate::repo::exists(&dir) {
+                repo.write_record(&dir);
+            }
+        });
+    }
+
+    /// Write every serve not written yet (at shutdown: the eviction order survives restarts).
+    /// Call on a blocking thread.
+    pub fn flush_records(&self) -> usize {
+        let repos: Vec<(PathBuf, Arc<Repo>)> = self
+            .repos
+            .lock()
+            .iter()
+            .filter(|(_, r)| r.record.lock().dirty)
+            .map(|(d, r)| (d.clone(), Arc::clone(r)))
+            .collect();
+        let mut written = 0;
+        for (dir, repo) in repos {
+            if crate::repo::exists(&dir) {
+                repo.write_record(&dir);
+                written += 1;
+            }
+        }
+        written
+    }
+
+    /// One page of the inventory: up to `limit` mirrors whose names sort after `after`, in
+    /// name order, and whether more follow. Call on a blocking thread (sizes not known yet are
+    /// measured).
+    pub fn inventory(
+        &self,
+        cache: Option<&crate::pack::cache::PackCache>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Info>, bool) {
+        let root = &self.settings.root;
+        let mut all: Vec<(String, PathBuf, Arc<Repo>)> = self
+            .repos
+            .lock()
+            .iter()
+            .map(|(dir, repo)| (name_of(root, dir), dir.clone(), Arc::clone(repo)))
+            .filter(|(name, ..)| after.is_none_or(|a| name.as_str() > a))
+            .collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let cached = cache.map(|c| c.bytes_by_mirror()).unwrap_or_default();
+        let mut page = Vec::new();
+        let mut more = false;
+        for (name, dir, repo) in all {
+            if !crate::repo::exists(&dir) {
+                continue;
+            }
+            if page.len() == limit {
+                more = true;
+                break;
+            }
+            let cache = cached
+                .get(&crate::pack::cache::MirrorId::of(&name))
+                .copied()
+                .unwrap_or(0);
+            let rec = repo.record.lock().record.clone();
+            page.push(Info::new(name, &dir, repo.usage(&dir), &rec, cache));
+        }
+        (page, more)
+    }
+
+    /// `host/path` of the mirror at `dir`.
+    fn name_of(&self, dir: &Path) -> String {
+        name_of(&self.settings.root, dir)
     }
 
     /// Remove what a previous process left behind when it died: temporary mirror directories
@@ -458,8 +720,11 @@ impl Mirrors {
                 last_sync,
                 ..Default::default()
             })),
-            snapshot: Default::default(),
-            maintenance_pending: AtomicBool::new(false),
+            record: parking_lot::Mutex::new(record::Held {
+                record: record::Record::read(dir),
+                ..Default::default()
+            }),
+            ..Default::default()
         });
         repos.insert(dir.to_path_buf(), Arc::clone(&repo));
         repo
@@ -562,6 +827,7 @@ impl Mirrors {
         let failures = Arc::clone(&self.failures);
         let repos = Arc::clone(&self.repos);
         let maintenance = self.maintenance_job(&repo, &req.dir);
+        let wake_eviction = Arc::clone(&self.leases.wake);
         let update = tokio::spawn(async move {
             let _slots = slots;
             let started = Instant::now();
@@ -621,6 +887,11 @@ impl Mirrors {
                     state.last_failure = None;
                     repo.set_snapshot(outcome.snapshot);
                     let status = outcome.status;
+                    record_sync(&repo, &owned_dir, Ok(())).await;
+                    if outcome.pack_bytes > 0 || status == Status::Clone {
+                        // The mirror grew: measured again, and perhaps over MIRROR_MAX_SIZE.
+                        wake_eviction.notify_one();
+                    }
                     crate::metrics::mirror_update(
                         status.as_str(),
                         started.elapsed(),
@@ -663,6 +934,7 @@ impl Mirrors {
                 Err(upstream::Error::AuthRequired) => Err(upstream::Error::AuthRequired),
                 Err(e) if exists => {
                     state.last_failure = Some(started);
+                    record_sync(&repo, &owned_dir, Err(e.to_string())).await;
                     crate::metrics::mirror_update("stale", started.elapsed(), 0);
                     if via_parent {
                         crate::metrics::parent_fetch("stale");
@@ -869,6 +1141,15 @@ impl Mirrors {
     }
 }
 
+/// Note a sync's outcome in the mirror's record, on a blocking thread.
+async fn record_sync(repo: &Arc<Repo>, dir: &Path, result: Result<(), String>) {
+    let (repo, dir) = (Arc::clone(repo), dir.to_path_buf());
+    let written = tokio::task::spawn_blocking(move || repo.synced(&dir, result)).await;
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot write the mirror's record");
+    }
+}
+
 /// The lock file that makes a server the only one on its `MIRROR_DIR`.
 const SERVER_LOCK: &str = ".smart-git-proxy.lock";
 
@@ -950,7 +1231,8 @@ fn scan(root: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             let path = entry.path();
-            if name.starts_with(TMP_PREFIX) {
+            let evicted = dir == root && name.starts_with(evict::EVICTED_PREFIX);
+            if name.starts_with(TMP_PREFIX) || evicted {
                 temporaries.push(path);
             } else if name.starts_with('.') {
                 continue;
@@ -967,7 +1249,7 @@ fn scan(root: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
 fn remove_temporaries(root: &Path) -> std::io::Result<usize> {
     let (mirrors, temporaries) = scan(root)?;
     for tmp in &temporaries {
-        tracing::info!(path = %tmp.display(), "removing an unfinished mirror");
+        tracing::info!(path = %tmp.display(), "removing an unfinished or evicted mirror");
         std::fs::remove_dir_all(tmp)?;
     }
     let mut removed = temporaries.len();
@@ -998,6 +1280,55 @@ mod tests {
         assert_eq!(u.names(), "github.com, 127.0.0.1:9001, gitlab.example.org");
         assert!(Upstreams::parse("ftp://x").is_err());
         assert!(Upstreams::parse("a/b").is_err());
+    }
+
+    pub(super) fn store(root: &Path) -> Mirrors {
+        let timeout = Duration::from_secs(1);
+        Mirrors::new(Settings {
+            root: root.to_path_buf(),
+            stale_after: timeout,
+            max_syncs: 1,
+            max_syncs_per_host: 1,
+            sync_wait: timeout,
+            want_miss_interval: timeout,
+            failure_ttl: timeout,
+            maintenance_packs: 0,
+            maintenance_grace: timeout,
+            via_parent: false,
+            upstream: crate::upstream::Options {
+                connect_timeout: timeout,
+                stall_timeout: timeout,
+            },
+            client: reqwest::Client::new(),
+        })
+    }
+
+    #[test]
+    fn the_inventory_pages_through_every_mirror_in_name_order() {
+        let root = tempfile::tempdir().unwrap();
+        let mirrors = store(root.path());
+        // Thousands of directories are slow to make on a busy disk: 2,000 in pages of 250.
+        for i in 0..2_000 {
+            let dir = root.path().join(format!("h/g{}/r{i}.git", i % 100));
+            std::fs::create_dir_all(dir.join("objects")).unwrap();
+            mirrors.repo(&dir);
+        }
+        let started = Instant::now();
+        let (mut names, mut cursor, mut pages) = (Vec::new(), None::<String>, 0);
+        loop {
+            let (page, more) = mirrors.inventory(None, cursor.as_deref(), 250);
+            pages += 1;
+            names.extend(page.into_iter().map(|m| m.repo));
+            if !more {
+                break;
+            }
+            cursor = names.last().cloned();
+        }
+        eprintln!("2,000 mirrors in {pages} pages: {:?}", started.elapsed());
+        assert_eq!(pages, 8);
+        assert_eq!(names.len(), 2_000);
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats");
+        assert_eq!(names[0], "h/g0/r0");
     }
 
     #[test]

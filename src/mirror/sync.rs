@@ -148,6 +148,20 @@ pub(super) fn remove_leftovers(dir: &Path) -> usize {
             remove(&lock);
         }
     }
+    // A record's temporary, left by a crash between its write and its rename.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            if name
+                .to_string_lossy()
+                .starts_with(super::record::TMP_PREFIX)
+                && stale(&path)
+            {
+                remove(&path);
+            }
+        }
+    }
     let mut pending = vec![dir.join("refs")];
     while let Some(d) = pending.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
@@ -301,7 +315,7 @@ fn mark_synced(dir: &Path) -> Result<(), upstream::Error> {
 }
 
 /// When the mirror at `dir` was last synced successfully, as recorded on disk.
-pub(super) fn last_synced(dir: &Path) -> Option<std::time::SystemTime> {
+pub fn last_synced(dir: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(dir.join(SYNCED_MARKER))
         .and_then(|m| m.modified())
         .ok()

@@ -43,16 +43,35 @@ const MIN_FREE_BYTES: u64 = 256 * 1024 * 1024;
 /// After a write to the cache failed (a full disk), requests bypass it for this long.
 const BYPASS_AFTER_FAILURE: Duration = Duration::from_secs(60);
 
+/// The mirror part of a [`Key`] (and of an entry's file name): the first 8 bytes of the SHA-1
+/// of the mirror's name, `host/path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MirrorId([u8; 8]);
+
+impl MirrorId {
+    /// The id of the mirror `host/path`.
+    pub fn of(name: &str) -> MirrorId {
+        let mut h = gix::hash::hasher(gix::hash::Kind::Sha1);
+        h.update(name.as_bytes());
+        let id = h
+            .try_finalize()
+            .unwrap_or_else(|_| ObjectId::null(gix::hash::Kind::Sha1));
+        let mut mirror = [0u8; 8];
+        mirror.copy_from_slice(&id.as_bytes()[..8]);
+        MirrorId(mirror)
+    }
+}
+
 /// The identity of a pack: a hash of the normalized request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Key {
-    mirror: [u8; 8],
+    mirror: MirrorId,
     request: ObjectId,
 }
 
 impl Key {
     fn file_stem(&self) -> String {
-        let mirror: String = self.mirror.iter().map(|b| format!("{b:02x}")).collect();
+        let mirror: String = self.mirror.0.iter().map(|b| format!("{b:02x}")).collect();
         format!("{mirror}-{}", self.request)
     }
 }
@@ -115,14 +134,10 @@ impl KeyParts<'_> {
         let request = h
             .try_finalize()
             .unwrap_or_else(|_| ObjectId::null(gix::hash::Kind::Sha1));
-        let mut mh = gix::hash::hasher(gix::hash::Kind::Sha1);
-        mh.update(self.mirror.as_bytes());
-        let mirror_id = mh
-            .try_finalize()
-            .unwrap_or_else(|_| ObjectId::null(gix::hash::Kind::Sha1));
-        let mut mirror = [0u8; 8];
-        mirror.copy_from_slice(&mirror_id.as_bytes()[..8]);
-        Key { mirror, request }
+        Key {
+            mirror: MirrorId::of(self.mirror),
+            request,
+        }
     }
 }
 
@@ -242,6 +257,42 @@ impl PackCache {
     /// Finished packs on disk.
     pub fn entries(&self) -> usize {
         self.inner.index.lock().entries.len()
+    }
+
+    /// Bytes of finished packs per mirror.
+    pub fn bytes_by_mirror(&self) -> HashMap<MirrorId, u64> {
+        let index = self.inner.index.lock();
+        let mut out = HashMap::new();
+        for (key, entry) in &index.entries {
+            *out.entry(key.mirror).or_default() += entry.size;
+        }
+        out
+    }
+
+    /// Remove the finished packs of `mirror` (its mirror is being deleted); returns their
+    /// bytes. Readers of a removed file keep reading it: it is only unlinked.
+    pub fn remove_mirror(&self, mirror: MirrorId) -> u64 {
+        let this = &self.inner;
+        let mut index = this.index.lock();
+        let keys: Vec<Key> = index
+            .entries
+            .keys()
+            .filter(|k| k.mirror == mirror)
+            .copied()
+            .collect();
+        let mut removed = 0;
+        for key in keys {
+            if let Some(entry) = index.entries.remove(&key) {
+                index.total -= entry.size;
+                removed += entry.size;
+                let path = this.path(&key);
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a pack");
+                }
+            }
+        }
+        crate::metrics::pack_cache_size(index.entries.len(), index.total);
+        removed
     }
 
     /// Find the pack for `key`, attach to its generation, or start one.
@@ -409,6 +460,29 @@ impl Inner {
     }
 }
 
+/// Bytes of finished packs per mirror in the cache directory `dir`, read from the directory
+/// itself (for another process than the server's, e.g. `smart-git-proxy mirrors`).
+pub fn bytes_by_mirror_on_disk(dir: &Path) -> io::Result<HashMap<MirrorId, u64>> {
+    let mut out = HashMap::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        if let Some(key) = name
+            .to_string_lossy()
+            .strip_suffix(".pack")
+            .and_then(parse_stem)
+        {
+            *out.entry(key.mirror).or_default() += entry.metadata()?.len();
+        }
+    }
+    Ok(out)
+}
+
 fn parse_stem(stem: &str) -> Option<Key> {
     let (mirror, request) = stem.split_once('-')?;
     if mirror.len() != 16 {
@@ -419,7 +493,7 @@ fn parse_stem(stem: &str) -> Option<Key> {
         *b = u8::from_str_radix(mirror.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(Key {
-        mirror: m,
+        mirror: MirrorId(m),
         request: ObjectId::from_hex(request.as_bytes()).ok()?,
     })
 }
@@ -777,6 +851,26 @@ mod tests {
         put(&cache, key(4), 100);
         assert!(matches!(cache.lookup(key(3)), Lookup::Hit(..)));
         assert!(matches!(cache.lookup(key(1)), Lookup::Miss(..)));
+    }
+
+    #[test]
+    fn a_mirrors_packs_are_counted_and_removed_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PackCache::open(dir.path(), 1 << 20).unwrap();
+        let other =
+            |n: u8| parts(&[ObjectId::from_bytes_or_panic(&[n; 20])], "example.com/o").key();
+        put(&cache, key(1), 100);
+        put(&cache, key(2), 50);
+        put(&cache, other(3), 70);
+        let (mine, theirs) = (MirrorId::of("example.com/r"), MirrorId::of("example.com/o"));
+        let by_mirror = cache.bytes_by_mirror();
+        assert_eq!((by_mirror[&mine], by_mirror[&theirs]), (150, 70));
+        assert_eq!(bytes_by_mirror_on_disk(dir.path()).unwrap(), by_mirror);
+        assert_eq!(cache.remove_mirror(mine), 150);
+        assert_eq!((cache.entries(), cache.total_bytes()), (1, 70));
+        assert!(matches!(cache.lookup(key(1)), Lookup::Miss(..)));
+        assert!(matches!(cache.lookup(other(3)), Lookup::Hit(..)));
+        assert_eq!(bytes_by_mirror_on_disk(dir.path()).unwrap().len(), 1);
     }
 
     #[test]
