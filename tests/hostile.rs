@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use common::upstream::{Mode, Upstream};
 use common::*;
 
-/// A proxy in front of `up`, adjusted by `adjust`.
+/// A proxy in front of `up`, adjusted by `adjust`. The upstream timeouts stay at their
+/// generous defaults: the test upstream sends nothing until `git http-backend` has finished,
+/// which on a loaded machine can take seconds.
 fn proxy(up: &Upstream, adjust: impl FnOnce(&mut smart_git_proxy::config::Config)) -> Server {
     let allowed = up.allowed();
     Server::start_with(move |c| {
         c.allowed_upstreams = allowed;
         c.sync_stale_after = Duration::from_secs(3600).into();
-        c.upstream_stall_timeout = Duration::from_secs(3).into();
-        c.upstream_connect_timeout = Duration::from_secs(3).into();
         adjust(c);
     })
 }
@@ -477,6 +477,11 @@ fn stalled_and_vanished_clients_give_their_slot_back() {
 
 /// #11: a hanging upstream cannot starve the others of sync slots (per-host slots), and when
 /// every slot is taken, a stale mirror is served as it is after SYNC_WAIT.
+///
+/// The hanging upstream stalls until the test releases it, so no upstream timeout has to fire
+/// and the healthy upstream gets the default (generous) ones: with a 5 s stall timeout, a
+/// loaded machine once turned the first healthy sync into a 502 (`git http-backend` took
+/// longer than that to answer).
 #[test]
 fn a_hanging_upstream_does_not_starve_other_mirrors() {
     let hanging = Upstream::start();
@@ -490,7 +495,6 @@ fn a_hanging_upstream_does_not_starve_other_mirrors() {
             c.max_concurrent_syncs = syncs;
             c.sync_wait = Duration::from_secs(1).into();
             c.sync_stale_after = Duration::ZERO.into();
-            c.upstream_stall_timeout = Duration::from_secs(5).into();
         });
         let info_refs = |up: &Upstream, name: &str| {
             request(
@@ -501,8 +505,10 @@ fn a_hanging_upstream_does_not_starve_other_mirrors() {
                 b"",
             )
         };
-        assert_eq!(info_refs(&healthy, "o/basic").status, 200);
+        let created = info_refs(&healthy, "o/basic");
+        assert_eq!(created.status, 200, "{}", created.text());
         hanging.set_mode(Mode::Stall);
+        let asked_before = hanging.count("/o/r");
         let stuck: Vec<_> = (0..3)
             .map(|i| {
                 let (addr, segment) = (server.addr, hanging.segment());
@@ -518,7 +524,11 @@ fn a_hanging_upstream_does_not_starve_other_mirrors() {
                 })
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(500));
+        // One stuck sync holds the hanging host's only slot (and a global one) once its
+        // request reached the upstream; the others queue for the host slot.
+        wait_until("a sync stuck on the hanging upstream", || {
+            hanging.count("/o/r") > asked_before
+        });
         let r = info_refs(&healthy, "o/basic");
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(
@@ -526,6 +536,7 @@ fn a_hanging_upstream_does_not_starve_other_mirrors() {
             Some(expected),
             "MAX_CONCURRENT_SYNCS={syncs}"
         );
+        // Released, the upstream answers that these repositories do not exist.
         hanging.set_mode(Mode::Normal);
         for t in stuck {
             assert_ne!(t.join().unwrap(), 200);
@@ -632,7 +643,6 @@ fn an_early_answer_is_checked_again_after_the_sync() {
         c.allowed_upstreams = allowed;
         c.auth_mode = smart_git_proxy::config::AuthMode::PassThrough;
         c.sync_stale_after = Duration::ZERO.into();
-        c.upstream_stall_timeout = Duration::from_secs(10).into();
     });
     let segment = up.segment();
     let info_refs = format!("/{segment}/acme/repo/info/refs?service=git-upload-pack");
@@ -674,11 +684,15 @@ fn an_early_answer_is_checked_again_after_the_sync() {
     // B: a sync that holds the mirror's lock for a while (the upstream is slow, and still
     // public when B's listing arrives).
     up.set_mode(Mode::SlowAfterAuth(Duration::from_secs(2)));
+    let asked_before = up.count("/acme/repo");
     let slow = {
         let (addr, path) = (server.addr, info_refs.clone());
         std::thread::spawn(move || request(addr, "GET", &path, &[], b"").status)
     };
-    std::thread::sleep(Duration::from_millis(500));
+    // B's listing reached the upstream (and passed its access check) while it was public.
+    wait_until("B's sync at the upstream", || {
+        up.count("/acme/repo") > asked_before
+    });
     // The upstream turns private.
     up.require_auth("/acme", "alice:secret");
     up.set_mode(Mode::Normal);
