@@ -422,7 +422,8 @@ fn stalled_and_vanished_clients_give_their_slot_back() {
     let server = Server::start_with(|c| {
         c.max_concurrent_packs = Some(1);
         c.pack_cache_max_size = bytesize::ByteSize::b(0);
-        c.request_timeout = Duration::from_secs(2).into();
+        // It also bounds the fetch that takes the slot next: room for a loaded machine.
+        c.request_timeout = Duration::from_secs(5).into();
         c.queue_timeout = Duration::from_secs(60).into();
     });
     server.serve_fixture("large");
