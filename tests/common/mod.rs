@@ -260,10 +260,12 @@ impl Drop for Background {
 
 /// The proxy, running in-process on 127.0.0.1 with an ephemeral port.
 pub struct Server {
+    /// First, so that it is dropped first: the server stops (its syncs included) before its
+    /// mirror directory is removed, which could otherwise fail and leave the directory behind.
+    _background: Background,
     pub addr: SocketAddr,
     pub mirror: TempDir,
     pub state: AppState,
-    _background: Background,
 }
 
 impl Server {
@@ -601,6 +603,17 @@ impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A child process killed when dropped, however the test ends (a panic included), so that no
+/// server outlives its test.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
