@@ -613,11 +613,15 @@ fn slow_headers_time_out_and_extra_connections_are_shed() {
 fn a_full_disk_is_reported_as_such() {
     let up = Upstream::start();
     up.add_fixture("o/large", "large");
-    let mirror = tempfile::tempdir().unwrap();
-    let Some(_tmpfs) = Tmpfs::mount(mirror.path(), "512k") else {
+    let outer = tempfile::tempdir().unwrap();
+    let disk = outer.path().join("disk");
+    let Some(_tmpfs) = Tmpfs::mount(&disk, "512k") else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
+    // A mirror dir on the tmpfs rather than the mount point itself: it is removed before the
+    // tmpfs is unmounted, and the mount point (which cannot be removed while mounted) after.
+    let mirror = tempfile::tempdir_in(&disk).unwrap();
     let allowed = up.allowed();
     let server = Server::start_in(mirror, move |c| {
         c.allowed_upstreams = allowed;

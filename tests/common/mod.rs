@@ -538,9 +538,14 @@ impl Tmpfs {
     }
 }
 
+/// Drop it before the directory it is mounted in is removed (declare it after the server that
+/// owns that directory): a mount point cannot be removed, and the directory would be left
+/// behind.
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        // Lazily: a server still running holds files there (its lock file), which would make a
+        // plain umount fail and leave the mount.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
