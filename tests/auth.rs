@@ -278,7 +278,6 @@ fn proxy_syncing_always(up: &Upstream) -> Server {
         c.auth_mode = AuthMode::PassThrough;
         c.sync_stale_after = Duration::ZERO.into();
         c.auth_cache_ttl = Duration::from_millis(1).into();
-        c.upstream_stall_timeout = Duration::from_secs(3).into();
     })
 }
 

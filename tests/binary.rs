@@ -128,15 +128,17 @@ fn a_second_server_on_the_same_mirror_dir_refuses_to_start() {
 fn json_logs_are_json_and_each_request_is_a_line() {
     use std::io::{BufRead, BufReader};
     let (mirror, _) = seeded_mirror("basic");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
-        .env("MIRROR_DIR", mirror.path())
-        .env("LISTEN_ADDR", "127.0.0.1:0")
-        .env("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")
-        .env("LOG_FORMAT", "json")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+            .env("MIRROR_DIR", mirror.path())
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")
+            .env("LOG_FORMAT", "json")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
     let mut next = || -> serde_json::Value {
         let line = lines.next().expect("a log line").unwrap();
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
@@ -169,8 +171,7 @@ fn json_logs_are_json_and_each_request_is_a_line() {
         }
     };
     assert_eq!(sync_reason, Some(serde_json::json!("stale")));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert_eq!(answered["fields"]["status"], 200, "{answered}");
     let span = &answered["span"];
     assert_eq!(span["client"], "127.0.0.1", "{answered}");

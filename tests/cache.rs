@@ -293,7 +293,7 @@ fn eviction_keeps_the_cache_under_its_size_and_evicted_packs_are_made_again() {
 #[test]
 fn a_full_disk_bypasses_the_cache() {
     let mirror = tempfile::tempdir().unwrap();
-    let Some(_tmpfs) = Tmpfs::mount(&mirror.path().join(".pack-cache"), "1m") else {
+    let Some(tmpfs) = Tmpfs::mount(&mirror.path().join(".pack-cache"), "1m") else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
@@ -304,6 +304,9 @@ fn a_full_disk_bypasses_the_cache() {
     )
     .unwrap();
     let server = Server::start_in(mirror, |_| {});
+    // Declared after the server, so unmounted before its mirror dir is removed (a
+    // mount point cannot be, and the directory would be left behind).
+    let _tmpfs = tmpfs;
     server.serve_fixture("large");
     let work = tempfile::tempdir().unwrap();
     git(
@@ -318,11 +321,14 @@ fn a_full_disk_bypasses_the_cache() {
 #[test]
 fn a_disk_that_fills_up_mid_pack_fails_that_pack_and_the_retry_bypasses_the_cache() {
     let mirror = tempfile::tempdir().unwrap();
-    let Some(_tmpfs) = Tmpfs::mount(&mirror.path().join(".pack-cache"), "2m") else {
+    let Some(tmpfs) = Tmpfs::mount(&mirror.path().join(".pack-cache"), "2m") else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
     let server = Server::start_in(mirror, |_| {});
+    // Declared after the server, so unmounted before its mirror dir is removed (a
+    // mount point cannot be, and the directory would be left behind).
+    let _tmpfs = tmpfs;
     server.serve_fixture("large");
     let work = tempfile::tempdir().unwrap();
     // The pack of `large` is several MiB: the cache's file cannot hold it.

@@ -21,8 +21,6 @@ fn proxy(up: &Upstream, parent: Option<&Server>, mode: AuthMode, stale_after: Du
         c.auth_mode = mode;
         c.sync_stale_after = stale_after.into();
         c.auth_cache_ttl = Duration::from_millis(1).into();
-        c.upstream_stall_timeout = Duration::from_secs(5).into();
-        c.upstream_connect_timeout = Duration::from_secs(5).into();
     })
 }
 

@@ -168,3 +168,33 @@ fn clone_single_branch_and_tags() {
         );
     }
 }
+
+/// A test process leaves nothing in the system's temp directory: fixtures and the `git` HOME
+/// live in the cargo target's temp dir, and every test's own directories go with the test.
+/// Checked by running another test of this binary with a temp directory of its own.
+#[test]
+fn a_test_process_leaves_nothing_in_the_temp_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["ls_remote_matches_the_repository", "--exact", "--quiet"])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        "the test ran: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+}

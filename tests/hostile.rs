@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use common::upstream::{Mode, Upstream};
 use common::*;
 
-/// A proxy in front of `up`, adjusted by `adjust`.
+/// A proxy in front of `up`, adjusted by `adjust`. The upstream timeouts stay at their
+/// generous defaults: the test upstream sends nothing until `git http-backend` has finished,
+/// which on a loaded machine can take seconds.
 fn proxy(up: &Upstream, adjust: impl FnOnce(&mut smart_git_proxy::config::Config)) -> Server {
     let allowed = up.allowed();
     Server::start_with(move |c| {
         c.allowed_upstreams = allowed;
         c.sync_stale_after = Duration::from_secs(3600).into();
-        c.upstream_stall_timeout = Duration::from_secs(3).into();
-        c.upstream_connect_timeout = Duration::from_secs(3).into();
         adjust(c);
     })
 }
@@ -243,7 +243,15 @@ fn a_want_miss_flood_shares_backed_off_syncs() {
     assert_eq!(created.status, 200);
     for mode in [Mode::Normal, Mode::Fail] {
         up.set_mode(mode);
-        let before = up.count("git-upload-pack") + up.count("info/refs");
+        // Each request once: `up.count` would count `info/refs?service=git-upload-pack` under
+        // both needles, and a failed sync (ls-refs, then the handshake) as three requests.
+        let upstream_requests = || {
+            up.log()
+                .iter()
+                .filter(|l| l.path.ends_with("/git-upload-pack") || l.path.ends_with("/info/refs"))
+                .count()
+        };
+        let before = upstream_requests();
         let started = Instant::now();
         let threads: Vec<_> = (0..30)
             .map(|i| {
@@ -270,7 +278,7 @@ fn a_want_miss_flood_shares_backed_off_syncs() {
         for t in threads {
             assert_eq!(t.join().unwrap(), (200, true), "{mode:?}");
         }
-        let syncs = up.count("git-upload-pack") + up.count("info/refs") - before;
+        let syncs = upstream_requests() - before;
         let elapsed = started.elapsed();
         eprintln!("30 want-misses ({mode:?} upstream) in {elapsed:?}: {syncs} upstream requests");
         // Each sync is one or two requests (ls-refs, then a handshake when it fails); at most
@@ -422,7 +430,8 @@ fn stalled_and_vanished_clients_give_their_slot_back() {
     let server = Server::start_with(|c| {
         c.max_concurrent_packs = Some(1);
         c.pack_cache_max_size = bytesize::ByteSize::b(0);
-        c.request_timeout = Duration::from_secs(2).into();
+        // It also bounds the fetch that takes the slot next: room for a loaded machine.
+        c.request_timeout = Duration::from_secs(5).into();
         c.queue_timeout = Duration::from_secs(60).into();
     });
     server.serve_fixture("large");
@@ -477,6 +486,11 @@ fn stalled_and_vanished_clients_give_their_slot_back() {
 
 /// #11: a hanging upstream cannot starve the others of sync slots (per-host slots), and when
 /// every slot is taken, a stale mirror is served as it is after SYNC_WAIT.
+///
+/// The hanging upstream stalls until the test releases it, so no upstream timeout has to fire
+/// and the healthy upstream gets the default (generous) ones: with a 5 s stall timeout, a
+/// loaded machine once turned the first healthy sync into a 502 (`git http-backend` took
+/// longer than that to answer).
 #[test]
 fn a_hanging_upstream_does_not_starve_other_mirrors() {
     let hanging = Upstream::start();
@@ -490,7 +504,6 @@ fn a_hanging_upstream_does_not_starve_other_mirrors() {
             c.max_concurrent_syncs = syncs;
             c.sync_wait = Duration::from_secs(1).into();
             c.sync_stale_after = Duration::ZERO.into();
-            c.upstream_stall_timeout = Duration::from_secs(5).into();
         });
         let info_refs = |up: &Upstream, name: &str| {
             request(
@@ -501,8 +514,10 @@ fn a_hanging_upstream_does_not_starve_other_mirrors() {
                 b"",
             )
         };
-        assert_eq!(info_refs(&healthy, "o/basic").status, 200);
+        let created = info_refs(&healthy, "o/basic");
+        assert_eq!(created.status, 200, "{}", created.text());
         hanging.set_mode(Mode::Stall);
+        let asked_before = hanging.count("/o/r");
         let stuck: Vec<_> = (0..3)
             .map(|i| {
                 let (addr, segment) = (server.addr, hanging.segment());
@@ -518,7 +533,11 @@ fn a_hanging_upstream_does_not_starve_other_mirrors() {
                 })
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(500));
+        // One stuck sync holds the hanging host's only slot (and a global one) once its
+        // request reached the upstream; the others queue for the host slot.
+        wait_until("a sync stuck on the hanging upstream", || {
+            hanging.count("/o/r") > asked_before
+        });
         let r = info_refs(&healthy, "o/basic");
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(
@@ -526,6 +545,7 @@ fn a_hanging_upstream_does_not_starve_other_mirrors() {
             Some(expected),
             "MAX_CONCURRENT_SYNCS={syncs}"
         );
+        // Released, the upstream answers that these repositories do not exist.
         hanging.set_mode(Mode::Normal);
         for t in stuck {
             assert_ne!(t.join().unwrap(), 200);
@@ -581,11 +601,16 @@ fn slow_headers_time_out_and_extra_connections_are_shed() {
     let _ = extra.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     drop(held);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        request(server.addr, "GET", "/healthz", &[], b"").status,
-        200
-    );
+    // The slots come back once the server has seen those connections close (soon, but a
+    // loaded machine decides when): until then it answers 503.
+    let addr = server.addr.to_string();
+    wait_until("a connection slot free again", || {
+        send_raw(
+            &addr,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"",
+        ) == Some(200)
+    });
 }
 
 /// #17: a full disk is reported as such to the client.
@@ -593,11 +618,15 @@ fn slow_headers_time_out_and_extra_connections_are_shed() {
 fn a_full_disk_is_reported_as_such() {
     let up = Upstream::start();
     up.add_fixture("o/large", "large");
-    let mirror = tempfile::tempdir().unwrap();
-    let Some(_tmpfs) = Tmpfs::mount(mirror.path(), "512k") else {
+    let outer = tempfile::tempdir().unwrap();
+    let disk = outer.path().join("disk");
+    let Some(_tmpfs) = Tmpfs::mount(&disk, "512k") else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
+    // A mirror dir on the tmpfs rather than the mount point itself: it is removed before the
+    // tmpfs is unmounted, and the mount point (which cannot be removed while mounted) after.
+    let mirror = tempfile::tempdir_in(&disk).unwrap();
     let allowed = up.allowed();
     let server = Server::start_in(mirror, move |c| {
         c.allowed_upstreams = allowed;
@@ -632,7 +661,6 @@ fn an_early_answer_is_checked_again_after_the_sync() {
         c.allowed_upstreams = allowed;
         c.auth_mode = smart_git_proxy::config::AuthMode::PassThrough;
         c.sync_stale_after = Duration::ZERO.into();
-        c.upstream_stall_timeout = Duration::from_secs(10).into();
     });
     let segment = up.segment();
     let info_refs = format!("/{segment}/acme/repo/info/refs?service=git-upload-pack");
@@ -674,11 +702,15 @@ fn an_early_answer_is_checked_again_after_the_sync() {
     // B: a sync that holds the mirror's lock for a while (the upstream is slow, and still
     // public when B's listing arrives).
     up.set_mode(Mode::SlowAfterAuth(Duration::from_secs(2)));
+    let asked_before = up.count("/acme/repo");
     let slow = {
         let (addr, path) = (server.addr, info_refs.clone());
         std::thread::spawn(move || request(addr, "GET", &path, &[], b"").status)
     };
-    std::thread::sleep(Duration::from_millis(500));
+    // B's listing reached the upstream (and passed its access check) while it was public.
+    wait_until("B's sync at the upstream", || {
+        up.count("/acme/repo") > asked_before
+    });
     // The upstream turns private.
     up.require_auth("/acme", "alice:secret");
     up.set_mode(Mode::Normal);

@@ -9,14 +9,14 @@ use std::time::Duration;
 use common::upstream::{Mode, Upstream};
 use common::*;
 
-/// A proxy in front of `up`, syncing when older than `stale_after`.
+/// A proxy in front of `up`, syncing when older than `stale_after`. The upstream timeouts
+/// stay at their generous defaults: the test upstream sends nothing until `git http-backend`
+/// has finished, which on a loaded machine can take seconds.
 fn proxy(up: &Upstream, stale_after: Duration) -> Server {
     let allowed = up.allowed();
     Server::start_with(move |c| {
         c.allowed_upstreams = allowed;
         c.sync_stale_after = stale_after.into();
-        c.upstream_stall_timeout = Duration::from_secs(3).into();
-        c.upstream_connect_timeout = Duration::from_secs(3).into();
     })
 }
 
@@ -296,11 +296,17 @@ fn upstream_failures_serve_stale_mirrors_and_explain_cold_ones() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot mirror"), "{stderr}");
 
-    // A stalled upstream is given up on after the stall timeout.
+    // A stalled upstream is given up on after the stall timeout: a short one, on a proxy that
+    // only ever meets the stalled upstream.
+    let allowed = up.allowed();
+    let impatient = Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.upstream_stall_timeout = Duration::from_secs(1).into();
+    });
     up.set_mode(Mode::Stall);
     up.add_fixture("o/stalled", "basic");
     let r = request(
-        server.addr,
+        impatient.addr,
         "GET",
         &format!(
             "/{}/o/stalled/info/refs?service=git-upload-pack",

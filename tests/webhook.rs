@@ -342,14 +342,6 @@ fn secrets_are_never_logged() {
         .stderr(Stdio::from(log.reopen().unwrap()))
         .spawn()
         .unwrap();
-    // Killed however the test ends.
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let child = Killed(child);
     let mut addr = None;
     wait_until("the server listens", || {

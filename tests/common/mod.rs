@@ -4,12 +4,12 @@
 
 pub mod upstream;
 
-use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use smart_git_proxy::config::Config;
 use smart_git_proxy::http::{self, AppState};
@@ -20,50 +20,117 @@ use tempfile::TempDir;
 /// they are and no test reaches beyond loopback.
 pub const HOST: &str = "127.0.0.1:9";
 
-fn fixtures_root() -> &'static Path {
-    static ROOT: OnceLock<TempDir> = OnceLock::new();
-    ROOT.get_or_init(|| tempfile::tempdir().expect("temp dir for fixtures"))
-        .path()
+/// Where the tests keep what outlives one test process (fixtures, the `git` HOME): the
+/// cargo target's temp dir, so that nothing piles up in `/tmp` and `cargo clean` removes it.
+fn target_tmp(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&dir).expect("a directory in the target's temp dir");
+    dir
 }
 
-/// Build fixture `name` into `dest` (a `.git` directory) with the fixture script.
+/// Build fixture `name` into `dest` (a `.git` directory): a private copy, which the test may
+/// change.
 pub fn build_fixture(name: &str, dest: &Path) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/make-fixture.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(name)
-        .arg(dest)
-        .envs(git_env())
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "fixture {name} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    copy_dir(&fixture(name), dest);
 }
 
-/// A read-only fixture shared by the tests of this process, built on first use.
+/// The read-only fixture `name`, shared by every test process: built once per version of the
+/// fixture script (and of git, which writes its packs) into the target's temp dir. Tests that
+/// change a repository use [`build_fixture`] instead.
+///
+/// Test binaries run in parallel: the first to need a fixture builds it under a file lock
+/// (one for all fixtures), into a scratch directory renamed into place, so no process sees a
+/// half-built fixture.
 pub fn fixture(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let built = BUILT.get_or_init(Default::default);
-    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
-    built
-        .entry(name.to_owned())
-        .or_insert_with(|| {
-            let dest = fixtures_root().join(format!("{name}.git"));
-            build_fixture(name, &dest);
-            dest
-        })
-        .clone()
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/make-fixture.py");
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut hasher);
+    std::fs::read(&script)
+        .expect("the fixture script")
+        .hash(&mut hasher);
+    git_version().hash(&mut hasher);
+    let cache = target_tmp("fixtures");
+    let done = cache.join(format!("{name}-{:016x}.git", hasher.finish()));
+    if done.exists() {
+        return done;
+    }
+    let lock = std::fs::File::create(cache.join(".lock")).expect("lock file");
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("fixture lock");
+    // Another process may have built it while this one waited.
+    if !done.exists() {
+        remove_leftovers(&cache, name);
+        let scratch = tempfile::tempdir_in(&cache).expect("scratch dir for a fixture");
+        let built = scratch.path().join("repo.git");
+        let out = Command::new("python3")
+            .arg(&script)
+            .arg(name)
+            .arg(&built)
+            .envs(git_env())
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "fixture {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::rename(&built, &done).expect("fixture moved into place");
+    }
+    done
+}
+
+/// Under the fixture lock, so that no build is under way: remove the scratch directories of
+/// builds that were killed, and the versions of fixture `name` made by older scripts.
+fn remove_leftovers(cache: &Path, name: &str) {
+    let prefix = format!("{name}-");
+    for entry in std::fs::read_dir(cache)
+        .expect("read fixture cache")
+        .flatten()
+    {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let old_version = file_name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".git"))
+            .is_some_and(|key| key.len() == 16 && key.bytes().all(|b| b.is_ascii_hexdigit()));
+        if file_name.starts_with(".tmp") || old_version {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// `git --version`: part of a fixture's cache key.
+fn git_version() -> &'static str {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION.get_or_init(|| {
+        let out = Command::new("git")
+            .arg("--version")
+            .output()
+            .expect("git runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+}
+
+/// Copy the directory `src` to `dest` (created if missing), files and subdirectories.
+fn copy_dir(src: &Path, dest: &Path) {
+    std::fs::create_dir_all(dest).expect("destination dir");
+    for entry in std::fs::read_dir(src).expect("read fixture dir") {
+        let entry = entry.expect("fixture dir entry");
+        let to = dest.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), &to).expect("copy fixture file");
+        }
+    }
 }
 
 /// Environment for every `git` the tests run: no system or user configuration, no prompts.
 pub fn git_env() -> Vec<(&'static str, String)> {
-    static HOME: OnceLock<TempDir> = OnceLock::new();
-    let home = HOME.get_or_init(|| tempfile::tempdir().expect("temp HOME"));
+    static HOME: OnceLock<PathBuf> = OnceLock::new();
+    // Empty, and the same for every test process; git does not write into it (no global
+    // configuration, no credential helper).
+    let home = HOME.get_or_init(|| target_tmp("home"));
     vec![
-        ("HOME", home.path().display().to_string()),
+        ("HOME", home.display().to_string()),
         ("GIT_CONFIG_NOSYSTEM", "1".into()),
         ("GIT_CONFIG_GLOBAL", "/dev/null".into()),
         ("GIT_TERMINAL_PROMPT", "0".into()),
@@ -193,10 +260,12 @@ impl Drop for Background {
 
 /// The proxy, running in-process on 127.0.0.1 with an ephemeral port.
 pub struct Server {
+    /// First, so that it is dropped first: the server stops (its syncs included) before its
+    /// mirror directory is removed, which could otherwise fail and leave the directory behind.
+    _background: Background,
     pub addr: SocketAddr,
     pub mirror: TempDir,
     pub state: AppState,
-    _background: Background,
 }
 
 impl Server {
@@ -470,9 +539,14 @@ impl Tmpfs {
     }
 }
 
+/// Drop it before the directory it is mounted in is removed (declare it after the server that
+/// owns that directory): a mount point cannot be removed, and the directory would be left
+/// behind.
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        // Lazily: a server still running holds files there (its lock file), which would make a
+        // plain umount fail and leave the mount.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
@@ -535,6 +609,17 @@ impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A child process killed when dropped, however the test ends (a panic included), so that no
+/// server outlives its test.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

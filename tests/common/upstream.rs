@@ -22,7 +22,9 @@ pub enum Mode {
     Normal,
     /// Answer every request with 500.
     Fail,
-    /// Never answer.
+    /// Answer nothing until the mode changes, then go on as the new mode says: a hanging
+    /// upstream that a test releases when it is done with it, instead of waiting for the
+    /// proxy's stall timeout.
     Stall,
     /// Serve upload-pack POST responses only up to this many bytes, then drop the connection.
     CutPacksAfter(usize),
@@ -47,7 +49,8 @@ pub struct Logged {
 struct Shared {
     root: PathBuf,
     log: Arc<Mutex<Vec<Logged>>>,
-    mode: Arc<Mutex<Mode>>,
+    /// A watch, so that stalled requests see the mode change that releases them.
+    mode: Arc<tokio::sync::watch::Sender<Mode>>,
     /// Repository path prefix (e.g. `/private`) -> `user:password`.
     auth: Arc<Mutex<HashMap<String, String>>>,
     lfs_status: Arc<AtomicUsize>,
@@ -67,7 +70,7 @@ impl Upstream {
         let shared = Shared {
             root: root.path().to_path_buf(),
             log: Default::default(),
-            mode: Arc::new(Mutex::new(Mode::Normal)),
+            mode: Arc::new(tokio::sync::watch::Sender::new(Mode::Normal)),
             auth: Default::default(),
             lfs_status: Arc::new(AtomicUsize::new(200)),
         };
@@ -107,7 +110,7 @@ impl Upstream {
     }
 
     pub fn set_mode(&self, mode: Mode) {
-        *self.shared.mode.lock().unwrap() = mode;
+        self.shared.mode.send_replace(mode);
     }
 
     /// Require Basic auth `user:password` for repositories under `/prefix`.
@@ -143,7 +146,7 @@ impl Upstream {
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        // A stalled handler would keep the graceful shutdown waiting.
+        // Release stalled handlers: they would keep the graceful shutdown waiting.
         self.set_mode(Mode::Normal);
         self.background.take();
     }
@@ -164,13 +167,24 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         headers: parts.headers.clone(),
         body: body.clone(),
     });
-    let mode = *shared.mode.lock().unwrap();
+    let mut mode = *shared.mode.borrow();
+    if mode == Mode::Stall {
+        let mut changes = shared.mode.subscribe();
+        // The sender lives in `shared`, so the wait ends only with a mode change.
+        mode = changes
+            .wait_for(|m| *m != Mode::Stall)
+            .await
+            .map_or(Mode::Normal, |m| *m);
+    }
     match mode {
         Mode::Fail => {
             return (StatusCode::INTERNAL_SERVER_ERROR, "upstream is down\n").into_response()
         }
-        Mode::Stall => std::future::pending::<()>().await,
-        Mode::Normal | Mode::CutPacksAfter(_) | Mode::V0Only | Mode::SlowAfterAuth(_) => {}
+        Mode::Stall
+        | Mode::Normal
+        | Mode::CutPacksAfter(_)
+        | Mode::V0Only
+        | Mode::SlowAfterAuth(_) => {}
     }
     let required = shared
         .auth
