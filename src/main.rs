@@ -185,14 +185,15 @@ fn maintain(config: Config, repo: Option<String>) -> anyhow::Result<()> {
             let name = dir.strip_prefix(&root).unwrap_or(&dir).display().to_string();
             match mirrors.maintain(&dir).await {
                 Ok(o) => println!(
-                    "{name}: {} packs -> 1, {} objects (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}",
+                    "{name}: {} packs -> 1, {} objects (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}, {} bitmapped commits",
                     o.packs_before,
                     o.regions.iter().sum::<usize>(),
                     o.regions[0],
                     o.regions[1],
                     o.regions[2],
                     o.dropped,
-                    bytesize::ByteSize::b(o.bytes)
+                    bytesize::ByteSize::b(o.bytes),
+                    o.bitmap_commits
                 ),
                 Err(e) => {
                     failed += 1;

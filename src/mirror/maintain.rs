@@ -20,7 +20,10 @@
 //!   of a negotiation still finds what it was shown; older ones are dropped.
 //! - **Swap.** The new pack is written to a temporary file (which start-up cleanup removes after
 //!   a crash), indexed by gix-pack into `pack-<hash>.pack`/`.idx`, and only then are the old
-//!   packs (those present when maintenance started) and the loose objects deleted. Readers that
+//!   packs (those present when maintenance started) and the loose objects deleted. Before the
+//!   swap, the new pack gets its reachability bitmap (`pack-<hash>.bitmap`, written to a
+//!   temporary name and renamed, see [`crate::pack::bitmap`]): ref tips first (heads and
+//!   tags, then other refs), and a spread along their history. Readers that
 //!   hold an old pack keep it mapped until they finish; new readers find everything in the new
 //!   pack. Packs with a `.keep` file are left alone.
 
@@ -49,6 +52,9 @@ pub struct Outcome {
     pub dropped: usize,
     /// Bytes of the new pack.
     pub bytes: u64,
+    /// Commits with a reachability bitmap in the new pack's `.bitmap` (0 when writing it
+    /// failed: the mirror is served by walking then).
+    pub bitmap_commits: usize,
 }
 
 /// Why maintenance failed; the mirror is then left as it was.
@@ -181,6 +187,18 @@ pub fn consolidate(
         end: region_end(&new_pack, regions[0], bytes)?,
         tips: reuse::tips_digest(&clone_tips),
     };
+    let bitmap_tips: Vec<ObjectId> = clone_tips.iter().chain(&other_tips).copied().collect();
+    let bitmap_commits = match pack::bitmap::write(&db, &new_pack, &bitmap_tips, interrupt) {
+        Ok(written) => {
+            tracing::debug!(?written, "bitmap written");
+            written.commits
+        }
+        // The pack is complete without it; requests walk instead.
+        Err(e) => {
+            tracing::warn!(pack = %new_pack.display(), error = %e, "no reachability bitmap written");
+            0
+        }
+    };
 
     for old in old_packs.iter().filter(|p| **p != new_pack) {
         for ext in ["idx", "rev", "bitmap", "mtimes", "pack"] {
@@ -201,6 +219,7 @@ pub fn consolidate(
         regions,
         dropped,
         bytes,
+        bitmap_commits,
     })
 }
 

@@ -7,13 +7,14 @@
 //!
 //! Neither knows about the protocol or HTTP: they take object ids and an `io::Write`.
 
+pub mod bitmap;
 pub mod cache;
 mod planner;
 pub mod reuse;
 pub mod walk;
 mod writer;
 
-pub use planner::{plan, Plan, Selection, Stats};
+pub use planner::{plan, Plan, Selection, Stats, ThinBases};
 pub use writer::{write, WriteOptions, WriteStats};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -514,6 +514,16 @@ fn fetch_v0<W: Write>(
 fn check_reachable_wants(ctx: &Context<'_>, wants: &[ObjectId]) -> Result<(), Error> {
     let snapshot = ctx.snapshot;
     let db = ctx.db;
+    if wants.iter().all(|w| snapshot.is_tip(w)) {
+        return Ok(());
+    }
+    // The bitmap answers for every kind of object, without walking every ref.
+    if let Some(reachable) = snapshot.reachable(db, ctx.interrupt)? {
+        return match wants.iter().find(|w| !reachable.contains(w)) {
+            Some(id) => Err(Error::NotOurRef(*id)),
+            None => Ok(()),
+        };
+    }
     let mut commits = pack::walk::Commits::new(db, Default::default());
     let (mut commit_wants, mut other_wants) = (Vec::new(), Vec::new());
     for (i, want) in wants.iter().filter(|w| !snapshot.is_tip(w)).enumerate() {
@@ -598,6 +608,7 @@ fn send_pack<W: Write>(
         shallow: &args.shallow.grafts,
         filter: args.filter,
         thin: args.thin,
+        bitmap: ctx.snapshot.bitmap(),
     };
     let opts = pack::WriteOptions {
         ofs_delta: args.ofs_delta,
@@ -826,6 +837,7 @@ fn generate(
     let shallow = selection.shallow.to_vec();
     let filter = selection.filter.cloned();
     let thin = selection.thin;
+    let bitmap = selection.bitmap.cloned();
     let span = tracing::Span::current();
     let run = move || {
         let _slot = slot;
@@ -837,6 +849,7 @@ fn generate(
             shallow: &shallow,
             filter: filter.as_ref(),
             thin,
+            bitmap: bitmap.as_ref(),
         };
         let mut generation = generation;
         let interrupt = generation.abandoned();

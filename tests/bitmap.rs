@@ -1,0 +1,326 @@
+//! Reachability bitmaps: the ones maintenance writes pass git's own verifier
+//! (`git rev-list --test-bitmap`) and are used by git; ours and git's (`git repack -a -d -b`)
+//! are read; the planner's answers from them equal `git rev-list --objects`; objects newer than
+//! the bitmap are covered by a walk on top; and clones, fetches and want checks of a maintained
+//! mirror are served from them.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use gix::ObjectId;
+use smart_git_proxy::mirror::maintain;
+use smart_git_proxy::pack::{self, bitmap, Selection};
+use smart_git_proxy::repo;
+
+fn id(dir: &Path, rev: &str) -> ObjectId {
+    ObjectId::from_hex(git(dir, &["rev-parse", rev]).trim().as_bytes()).unwrap()
+}
+
+/// A writable copy of fixture `name`, consolidated by maintenance (which writes the bitmap).
+fn maintained(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join(format!("{name}.git"));
+    build_fixture(name, &dir);
+    let outcome = maintain::consolidate(
+        &dir,
+        Duration::from_secs(3600),
+        None,
+        &AtomicBool::new(false),
+    )
+    .expect("maintenance");
+    assert!(outcome.bitmap_commits > 0, "{outcome:?}");
+    (work, dir)
+}
+
+fn bitmap_path(dir: &Path) -> PathBuf {
+    let packs = maintain::packs(dir).unwrap();
+    let found: Vec<PathBuf> = packs
+        .iter()
+        .map(|p| p.with_extension("bitmap"))
+        .filter(|b| b.is_file())
+        .collect();
+    assert_eq!(found.len(), 1, "one bitmap: {packs:?}");
+    found[0].clone()
+}
+
+fn rev_list(dir: &Path, revs: &[String], extra: &[&str]) -> BTreeSet<String> {
+    let mut a = vec!["rev-list", "--objects"];
+    a.extend_from_slice(extra);
+    a.extend(revs.iter().map(String::as_str));
+    git(dir, &a)
+        .lines()
+        .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// The bitmap planner's answer for `wants --not haves` equals git's object list (and so the
+/// walking planner's), and comes from the bitmap rather than the fallback.
+fn check(dir: &Path, index: &Arc<bitmap::Index>, wants: &[&str], haves: &[&str]) {
+    let want_ids: Vec<ObjectId> = wants.iter().map(|w| id(dir, w)).collect();
+    let have_ids: Vec<ObjectId> = haves.iter().map(|h| id(dir, h)).collect();
+    let repo = repo::open(dir).unwrap();
+    let db = pack::db(&repo);
+    let sel = Selection {
+        wants: &want_ids,
+        common: &have_ids,
+        bitmap: Some(index),
+        ..Default::default()
+    };
+    let plan = bitmap::plan(&db, index, &sel, &AtomicBool::new(false))
+        .unwrap()
+        .unwrap_or_else(|| panic!("{wants:?} --not {haves:?}: the bitmap answers"));
+    let ours: BTreeSet<String> = plan.counts.iter().map(|c| c.id.to_string()).collect();
+    assert_eq!(ours.len(), plan.counts.len(), "no object twice");
+    assert_eq!(plan.stats.total(), plan.counts.len(), "every object typed");
+    let mut revs: Vec<String> = want_ids.iter().map(ToString::to_string).collect();
+    revs.extend(have_ids.iter().map(|h| format!("^{h}")));
+    let theirs = rev_list(dir, &revs, &[]);
+    assert_eq!(
+        ours,
+        theirs,
+        "{wants:?} --not {haves:?}: only ours {:?}, only git's {:?}",
+        ours.difference(&theirs).take(5).collect::<Vec<_>>(),
+        theirs.difference(&ours).take(5).collect::<Vec<_>>()
+    );
+    // The walking planner agrees.
+    let walked = pack::plan(
+        &db,
+        &Selection {
+            bitmap: None,
+            ..sel
+        },
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    let walked: BTreeSet<String> = walked.counts.iter().map(|c| c.id.to_string()).collect();
+    assert_eq!(ours, walked, "{wants:?} --not {haves:?}: bitmap vs walk");
+}
+
+fn planner_cases(dir: &Path, index: &Arc<bitmap::Index>, large: bool) {
+    if large {
+        check(dir, index, &["main", "side"], &[]);
+        check(dir, index, &["main"], &["main~100"]);
+        check(dir, index, &["side"], &["main~10", "v2"]);
+        check(dir, index, &["main~37"], &["main~250"]);
+        return;
+    }
+    let tips: Vec<String> = git(dir, &["for-each-ref", "--format=%(objectname)"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let tips: Vec<&str> = tips.iter().map(String::as_str).collect();
+    check(dir, index, &tips, &[]);
+    check(dir, index, &["main"], &["main~5"]);
+    check(dir, index, &["main"], &["feature/a"]);
+    check(dir, index, &["feature/a", "feature/b"], &["v1.0"]);
+    check(dir, index, &["main", "orphan"], &["feature/b"]);
+    check(dir, index, &["v2.0-signed-off"], &["main~3"]);
+    check(dir, index, &["main:README.md"], &[]);
+    check(dir, index, &["main"], &["main"]);
+    check(dir, index, &["main"], &["main~2^{tree}"]);
+}
+
+/// `git rev-list --test-bitmap` for `rev` passes.
+fn assert_test_bitmap(dir: &Path, rev: &str) {
+    let out = git_output(dir, &["rev-list", "--test-bitmap", rev], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.contains("OK!"),
+        "--test-bitmap {rev}: {stderr}"
+    );
+}
+
+#[test]
+fn git_verifies_and_uses_the_bitmaps_maintenance_writes() {
+    for name in ["basic", "large"] {
+        let (_work, dir) = maintained(name);
+        let index = bitmap::Index::open(&bitmap_path(&dir)).expect("our bitmap reads");
+        let heads = git(
+            &dir,
+            &["for-each-ref", "--format=%(objectname)", "refs/heads"],
+        );
+        for tip in heads.lines() {
+            assert_test_bitmap(&dir, tip);
+        }
+        // A commit of the spread along main's first-parent history.
+        let len: usize = git(&dir, &["rev-list", "--first-parent", "--count", "main"])
+            .trim()
+            .parse()
+            .unwrap();
+        if len > bitmap::SPREAD {
+            assert_test_bitmap(&dir, &format!("main~{}", len - bitmap::SPREAD));
+            assert!(index.commits() > heads.lines().count(), "{index:?}");
+        }
+        // git answers from it, and the same as without.
+        let all = vec!["--all".to_owned()];
+        assert_eq!(
+            rev_list(&dir, &all, &["--use-bitmap-index"]),
+            rev_list(&dir, &all, &[]),
+            "{name}"
+        );
+        assert_fsck(&dir);
+    }
+}
+
+#[test]
+fn planner_answers_from_our_bitmaps_equal_git_rev_list() {
+    let (_work, basic) = maintained("basic");
+    let index = Arc::new(bitmap::Index::open(&bitmap_path(&basic)).unwrap());
+    planner_cases(&basic, &index, false);
+    let (_work, large) = maintained("large");
+    let index = Arc::new(bitmap::Index::open(&bitmap_path(&large)).unwrap());
+    planner_cases(&large, &index, true);
+}
+
+#[test]
+fn bitmaps_git_wrote_are_read() {
+    for name in ["basic", "large"] {
+        let work = tempfile::tempdir().unwrap();
+        let dir = work.path().join(format!("{name}.git"));
+        build_fixture(name, &dir);
+        // The optional sections git may add: the name-hash cache and the lookup table.
+        git(
+            &dir,
+            &[
+                "-c",
+                "pack.writeBitmapHashCache=true",
+                "-c",
+                "pack.writeBitmapLookupTable=true",
+                "repack",
+                "-a",
+                "-d",
+                "-b",
+                "-q",
+            ],
+        );
+        let index = Arc::new(bitmap::Index::open(&bitmap_path(&dir)).expect("git's bitmap reads"));
+        assert!(index.commits() > 0);
+        planner_cases(&dir, &index, name == "large");
+    }
+}
+
+/// A commit on `branch` of the repository at `dir`, made from a scratch clone and pushed as a
+/// pack of its own, as a sync would add it.
+fn push_commit(dir: &Path, branch: &str, file: &str) {
+    git(dir, &["config", "receive.unpackLimit", "1"]);
+    let work = tempfile::tempdir().unwrap();
+    let src = format!("file://{}", dir.display());
+    git(work.path(), &["clone", "-q", "-b", branch, &src, "w"]);
+    let w = work.path().join("w");
+    std::fs::write(w.join(file), format!("{file}\n")).unwrap();
+    git(&w, &["add", "-A"]);
+    git(&w, &["commit", "-q", "-m", file]);
+    git(&w, &["push", "-q", "origin", &format!("HEAD:{branch}")]);
+}
+
+#[test]
+fn objects_newer_than_the_bitmap_are_walked_on_top() {
+    let (_work, dir) = maintained("basic");
+    let old_main = id(&dir, "main").to_string();
+    push_commit(&dir, "main", "new-1");
+    push_commit(&dir, "main", "new-2");
+    push_commit(&dir, "feature/b", "new-b");
+    let index = Arc::new(bitmap::Index::open(&bitmap_path(&dir)).unwrap());
+    check(&dir, &index, &["main"], &[]);
+    check(&dir, &index, &["main"], &[&old_main]);
+    check(
+        &dir,
+        &index,
+        &["main", "feature/b"],
+        &["main~1", "feature/a"],
+    );
+    check(&dir, &index, &["feature/b"], &["main"]);
+}
+
+#[test]
+fn requests_the_bitmap_cannot_answer_fall_back_to_the_walk() {
+    let (_work, dir) = maintained("basic");
+    let index = Arc::new(bitmap::Index::open(&bitmap_path(&dir)).unwrap());
+    let repo = repo::open(&dir).unwrap();
+    let db = pack::db(&repo);
+    let main = [id(&dir, "main")];
+    let tree = [id(&dir, "main^{tree}")];
+    let shallow = [id(&dir, "main~2")];
+    let no = AtomicBool::new(false);
+    for sel in [
+        Selection {
+            wants: &tree,
+            ..Default::default()
+        },
+        Selection {
+            wants: &main,
+            shallow: &shallow,
+            ..Default::default()
+        },
+    ] {
+        assert!(bitmap::plan(&db, &index, &sel, &no).unwrap().is_none());
+        // Through the seam, the walk answers.
+        let plan = pack::plan(
+            &db,
+            &Selection {
+                bitmap: Some(&index),
+                ..sel
+            },
+            &no,
+        )
+        .unwrap();
+        assert!(!plan.counts.is_empty());
+    }
+}
+
+#[test]
+fn a_maintained_mirror_is_served_from_its_bitmap() {
+    let server = Server::start();
+    let (_work, served) = maintained("basic");
+    let url = server.link("basic", &served);
+    // A commit in the repository that no ref reaches.
+    let tree = git(&served, &["rev-parse", "main^{tree}"]);
+    let dangling = git(&served, &["commit-tree", tree.trim(), "-m", "dangling"]);
+    let dangling = dangling.trim();
+    for v in PROTOCOLS {
+        let work = tempfile::tempdir().unwrap();
+        let p = proto(v);
+        git(
+            work.path(),
+            &args(&["clone", "-q", "--mirror", &url, "c.git"], &p),
+        );
+        let c = work.path().join("c.git");
+        assert_fsck(&c);
+        assert_eq!(refs(&c), refs(&served), "v{v}");
+
+        // An incremental fetch: the client has an older main.
+        let inc = work.path().join("inc");
+        git(work.path(), &["init", "-q", "--bare", "inc"]);
+        let old = format!("{}:refs/heads/old", id(&served, "main~7"));
+        git(&inc, &args(&["fetch", "-q", &url, &old], &p));
+        git(
+            &inc,
+            &args(&["fetch", "-q", &url, "main:refs/heads/main"], &p),
+        );
+        assert_fsck(&inc);
+
+        // v0: a non-tip want is checked against what the refs reach, from the bitmap.
+        let init = work.path().join("w");
+        git(work.path(), &["init", "-q", "w"]);
+        let deep = git(&served, &["rev-parse", "main~3"]);
+        git(&init, &args(&["fetch", "-q", &url, deep.trim()], &p));
+        assert_fsck(&init.join(".git"));
+        let out = git_output(&init, &args(&["fetch", &url, dangling], &p), &[]);
+        if v == "0" {
+            assert!(!out.status.success(), "v0 serves only what refs reach");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("not our ref"));
+        } else {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
