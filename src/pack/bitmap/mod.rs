@@ -271,12 +271,14 @@ impl<'a> Reach<'a> {
     }
 
     /// Add commit `start` and everything it reaches, walking only what is not in the set yet
-    /// (the set is closed: what is in it, its history is too). Walks at most `budget` more
-    /// commits; `Ok(false)` when that was not enough, and the set is then incomplete.
+    /// (the set is closed: what is in it, its history is too). A commit met on the way that
+    /// has a bitmap in `bitmaps` adds that instead of being walked. Walks at most `budget`
+    /// more commits; `Ok(false)` when that was not enough, and the set is then incomplete.
     fn add_commit(
         &mut self,
         db: &Db,
         commits: &mut Commits<'_>,
+        mut bitmaps: Option<&mut read::Decoder<'_>>,
         start: ObjectId,
         budget: &mut usize,
         interrupt: &AtomicBool,
@@ -286,6 +288,20 @@ impl<'a> Reach<'a> {
         while let Some(id) = stack.pop() {
             if self.contains(&id) {
                 continue;
+            }
+            if let Some(decoder) = bitmaps.as_deref_mut() {
+                if let Some(entry) = decoder.index().entry(&id) {
+                    match decoder.get(entry) {
+                        Ok(bits) => {
+                            self.bits.or(bits);
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(bitmap = %decoder.index().path().display(), error = %e, "unreadable bitmap: walking instead");
+                            return Ok(false);
+                        }
+                    }
+                }
             }
             if *budget == 0 {
                 return Ok(false);
@@ -297,6 +313,7 @@ impl<'a> Reach<'a> {
             stack.extend(commit.parents.iter().copied());
             self.insert(id, Kind::Commit);
         }
+        // Trees after commits: by then the bitmaps met are in the set, and most trees with them.
         let mut buf = Vec::new();
         for tree in trees {
             self.add_tree(db, tree, &mut buf, interrupt)?;
@@ -413,7 +430,7 @@ impl<'a> Reach<'a> {
             }
         }
         for id in walk {
-            if !self.add_commit(db, &mut commits, id, budget, interrupt)? {
+            if !self.add_commit(db, &mut commits, Some(&mut decoder), id, budget, interrupt)? {
                 return Ok(false);
             }
         }

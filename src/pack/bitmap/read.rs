@@ -198,6 +198,11 @@ impl<'a> Decoder<'a> {
         }
     }
 
+    /// The bitmaps decoded.
+    pub(super) fn index(&self) -> &'a Index {
+        self.index
+    }
+
     /// The objects commit entry `i` reaches.
     pub(super) fn get(&mut self, i: usize) -> Result<&Bits, String> {
         let mut chain = vec![i];

@@ -121,7 +121,7 @@ pub fn write(
                 continue;
             }
             let mut unbounded = usize::MAX;
-            reach.add_commit(db, &mut commits, *id, &mut unbounded, interrupt)?;
+            reach.add_commit(db, &mut commits, None, *id, &mut unbounded, interrupt)?;
             if !reach.ext.is_empty() {
                 return Err(Error::Pack(format!(
                     "the pack lacks objects {id} reaches, e.g. {}",
