@@ -275,9 +275,89 @@ fn requests_the_bitmap_cannot_answer_fall_back_to_the_walk() {
 }
 
 #[test]
-fn a_maintained_mirror_is_served_from_its_bitmap() {
+fn more_than_max_walk_new_commits_fall_back_to_the_walk() {
+    let (_work, dir) = maintained("basic");
+    // MAX_WALK + 1 commits (no files) on top of main, on a branch of their own.
+    let main = id(&dir, "main");
+    let mut stream = format!("reset refs/heads/long\nfrom {main}\n\n");
+    for i in 0..=bitmap::MAX_WALK {
+        stream.push_str(&format!(
+            "commit refs/heads/long\ncommitter T <t@example.com> {} +0000\ndata 2\nc\n\n",
+            1_800_000_000 + i
+        ));
+    }
+    let mut child = std::process::Command::new("git")
+        .current_dir(&dir)
+        .args(["fast-import", "--quiet"])
+        .envs(git_env())
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), stream.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+    let index = Arc::new(bitmap::Index::open(&bitmap_path(&dir)).unwrap());
+    let repo = repo::open(&dir).unwrap();
+    let db = pack::db(&repo);
+    let no = AtomicBool::new(false);
+    let long = [id(&dir, "long")];
+    let sel = Selection {
+        wants: &long,
+        bitmap: Some(&index),
+        ..Default::default()
+    };
+    assert!(bitmap::plan(&db, &index, &sel, &no).unwrap().is_none());
+    // One commit fewer is still answered from the bitmap.
+    let shorter = [id(&dir, "long~1")];
+    let sel = Selection {
+        wants: &shorter,
+        ..sel
+    };
+    let plan = bitmap::plan(&db, &index, &sel, &no)
+        .unwrap()
+        .expect("within the bound");
+    assert_eq!(
+        plan.counts.len(),
+        rev_list(&dir, &[shorter[0].to_string()], &[]).len()
+    );
+    assert_eq!(
+        pack::plan(
+            &db,
+            &Selection {
+                wants: &long,
+                ..sel
+            },
+            &no
+        )
+        .unwrap()
+        .counts
+        .len(),
+        rev_list(&dir, &["long".to_owned()], &[]).len()
+    );
+}
+
+/// `basic`, maintained by the proxy or repacked by git with a bitmap.
+fn bitmapped(ours: bool) -> (tempfile::TempDir, PathBuf) {
+    if ours {
+        return maintained("basic");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("basic.git");
+    build_fixture("basic", &dir);
+    git(&dir, &["repack", "-a", "-d", "-b", "-q"]);
+    (work, dir)
+}
+
+#[test]
+fn a_bitmapped_mirror_is_served_from_its_bitmap() {
+    for ours in [true, false] {
+        serve_bitmapped(ours);
+    }
+}
+
+fn serve_bitmapped(ours: bool) {
     let server = Server::start();
-    let (_work, served) = maintained("basic");
+    let (_work, served) = bitmapped(ours);
+    bitmap_path(&served);
     let url = server.link("basic", &served);
     // A commit in the repository that no ref reaches.
     let tree = git(&served, &["rev-parse", "main^{tree}"]);
