@@ -283,7 +283,22 @@ fn bench_pack(c: &mut Criterion) {
             started.elapsed(),
             outcome.bitmap_commits
         );
-        let bitmap_path = maintain::packs(&copy).expect("packs")[0].with_extension("bitmap");
+        let pack_path = maintain::packs(&copy).expect("packs")[0].clone();
+        let bitmap_path = pack_path.with_extension("bitmap");
+        {
+            let repo = repo::open(&copy).expect("open copy");
+            let tips = all_tips(&repo);
+            let started = std::time::Instant::now();
+            let written = pack::bitmap::write(&pack::db(&repo), &pack_path, &tips, &interrupt)
+                .expect("bitmap");
+            eprintln!(
+                "{name}: the bitmap alone: {:?}, {} commits ({} XORed), {} bytes",
+                started.elapsed(),
+                written.commits,
+                written.xored,
+                written.bytes
+            );
+        }
         let index = Arc::new(pack::bitmap::Index::open(&bitmap_path).expect("bitmap"));
         let repo = repo::open(&copy).expect("open copy");
         let wants = all_tips(&repo);

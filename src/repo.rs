@@ -346,9 +346,19 @@ impl Snapshot {
             .flatten()
             .collect();
         let clone_region = crate::pack::reuse::read_layout(dir, &refs);
+        let bitmap_path = bitmap_file(dir);
+        // The bitmap belongs to its pack, which a sync leaves alone: the one already read
+        // stays valid.
+        let bitmap = std::sync::OnceLock::new();
+        if let Some(loaded) = previous
+            .filter(|p| p.bitmap_path == bitmap_path)
+            .and_then(|p| p.bitmap.get())
+        {
+            let _ = bitmap.set(loaded.clone());
+        }
         Ok(Snapshot {
-            bitmap_path: bitmap_file(dir),
-            bitmap: Default::default(),
+            bitmap_path,
+            bitmap,
             reachable: Default::default(),
             repo: repo.into_sync(),
             refs,

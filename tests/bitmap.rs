@@ -404,3 +404,30 @@ fn serve_bitmapped(ours: bool) {
         }
     }
 }
+
+#[test]
+fn negotiation_tells_a_want_reaches_a_have_from_the_bitmap() {
+    let (_work, dir) = maintained("large");
+    let index = Arc::new(bitmap::Index::open(&bitmap_path(&dir)).unwrap());
+    let repo = repo::open(&dir).unwrap();
+    let db = pack::db(&repo);
+    let no = AtomicBool::new(false);
+    let want = [id(&dir, "main")];
+    let expanded = |bitmap: Option<&Arc<bitmap::Index>>| {
+        let mut neg = smart_git_proxy::upload_pack::Negotiator::new(&repo, &db, &want, &no)
+            .with_bitmap(bitmap);
+        neg.have(id(&dir, "main~1500")).unwrap();
+        assert!(neg.ok_to_give_up().unwrap(), "main reaches main~1500");
+        neg.expanded()
+    };
+    assert!(expanded(None) >= 1500, "the walk goes down to the have");
+    assert_eq!(expanded(Some(&index)), 0, "the bitmap needs no walk");
+    // A have the want does not reach still needs the walk, which says no.
+    let mut neg = smart_git_proxy::upload_pack::Negotiator::new(&repo, &db, &want, &no)
+        .with_bitmap(Some(&index));
+    neg.have(id(&dir, "side")).unwrap();
+    let reaches = git_output(&dir, &["merge-base", "--is-ancestor", "side", "main"], &[])
+        .status
+        .success();
+    assert_eq!(neg.ok_to_give_up().unwrap(), reaches);
+}

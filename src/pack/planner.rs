@@ -134,8 +134,10 @@ enum Mark {
 pub fn plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Plan, Error> {
     if let Some(index) = sel.bitmap {
         if let Some(plan) = bitmap::plan(db, index, sel, interrupt)? {
+            tracing::debug!(objects = plan.counts.len(), "planned from the bitmap");
             return Ok(plan);
         }
+        tracing::debug!("the bitmap does not cover the request: walking");
     }
     walk_plan(db, sel, interrupt)
 }

@@ -286,7 +286,8 @@ fn fetch_v2<W: Write>(
             "fetch: expected at least one want or want-ref line".into(),
         ));
     }
-    let mut neg = Negotiator::new(ctx.repo, ctx.db, &wants, ctx.interrupt);
+    let mut neg =
+        Negotiator::new(ctx.repo, ctx.db, &wants, ctx.interrupt).with_bitmap(ctx.snapshot.bitmap());
     for (i, have) in args.haves.iter().enumerate() {
         pack::check_interrupt(ctx.interrupt, i + 1)?;
         neg.have(*have)?;
@@ -426,7 +427,8 @@ fn fetch_v0<W: Write>(
         out.write_all(&lines)?;
         return Ok(Outcome::Acks { common: 0 });
     }
-    let mut neg = Negotiator::new(ctx.repo, ctx.db, &req.wants, ctx.interrupt);
+    let mut neg = Negotiator::new(ctx.repo, ctx.db, &req.wants, ctx.interrupt)
+        .with_bitmap(ctx.snapshot.bitmap());
     let (mut got_common, mut got_other, mut sent_ready) = (false, false, false);
     let mut last = None;
     // This follows git's get_common_commits() for one stateless round.

@@ -234,6 +234,19 @@ pub(crate) struct Reach<'a> {
     ext: HashMap<ObjectId, Kind>,
     /// Objects visited, for interrupt checks.
     work: usize,
+    /// When set, the type of every pack object added, by [`type_index`] (the bitmap writer
+    /// learns the types of the pack's objects this way).
+    types: Option<[Bits; 4]>,
+}
+
+/// The index of `kind` among the type bitmaps, in git's order: commits, trees, blobs, tags.
+fn type_index(kind: Kind) -> usize {
+    match kind {
+        Kind::Commit => 0,
+        Kind::Tree => 1,
+        Kind::Blob => 2,
+        Kind::Tag => 3,
+    }
 }
 
 impl<'a> Reach<'a> {
@@ -243,6 +256,7 @@ impl<'a> Reach<'a> {
             bits: Bits::with_len(objects.len()),
             ext: HashMap::default(),
             work: 0,
+            types: None,
         }
     }
 
@@ -259,6 +273,9 @@ impl<'a> Reach<'a> {
             Some(pos) if self.bits.get(pos) => false,
             Some(pos) => {
                 self.bits.set(pos);
+                if let Some(types) = &mut self.types {
+                    types[type_index(kind)].set(pos);
+                }
                 true
             }
             None => self.ext.insert(id, kind).is_none(),

@@ -165,6 +165,13 @@ impl Index {
         self.commits.get(id).copied()
     }
 
+    /// What commit `id` reaches, if it has a bitmap (one that cannot be decoded counts as
+    /// none).
+    pub fn commit_bits(&self, id: &ObjectId) -> Option<Bits> {
+        let entry = self.entry(id)?;
+        Decoder::new(self).get(entry).ok().cloned()
+    }
+
     /// The type of the object at pack position `pos`, from the type bitmaps.
     pub fn kind(&self, pos: usize) -> Option<Kind> {
         [Kind::Commit, Kind::Tree, Kind::Blob, Kind::Tag]

@@ -68,17 +68,7 @@ pub fn write(
 ) -> Result<Outcome, Error> {
     let objects = Objects::open(pack).map_err(Error::Pack)?;
     let n = u32::try_from(objects.len()).map_err(|_| Error::Pack("too many objects".into()))?;
-    let mut out = Vec::new();
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_be_bytes());
-    out.extend_from_slice(&OPT_FULL_DAG.to_be_bytes());
-    let count_at = out.len();
-    out.extend_from_slice(&0u32.to_be_bytes());
-    out.extend_from_slice(objects.pack_checksum().as_bytes());
-    for bits in type_bitmaps(db, &objects, interrupt)? {
-        ewah::encode(&bits, n, &mut out);
-    }
-
+    let mut types: [Bits; 4] = std::array::from_fn(|_| Bits::with_len(objects.len()));
     let mut commits = Commits::new(db, HashSet::default());
     let mut selected: HashMap<ObjectId, usize> = HashMap::default();
     let mut entries = Entries::default();
@@ -111,6 +101,7 @@ pub fn write(
         let room = MAX_COMMITS - selected.len();
         let spread = SPREAD.max(chain.len().div_ceil(room));
         let mut reach = Reach::new(&objects);
+        reach.types = Some(std::mem::take(&mut types));
         if let Some(entry) = below {
             reach.bits = entries.bits(entry, objects.len()).map_err(Error::Pack)?;
         }
@@ -139,9 +130,19 @@ pub fn write(
                 .ok_or_else(|| Error::Pack(format!("the pack lacks commit {id}")))?;
             selected.insert(*id, entries.push(position, &reach.bits, n));
         }
+        types = reach.types.take().unwrap_or_default();
     }
 
-    out[count_at..count_at + 4].copy_from_slice(&(entries.count as u32).to_be_bytes());
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_be_bytes());
+    out.extend_from_slice(&OPT_FULL_DAG.to_be_bytes());
+    // At most MAX_COMMITS.
+    out.extend_from_slice(&(entries.count as u32).to_be_bytes());
+    out.extend_from_slice(objects.pack_checksum().as_bytes());
+    for bits in complete_types(db, &objects, types, interrupt)? {
+        ewah::encode(&bits, n, &mut out);
+    }
     out.extend_from_slice(&entries.bytes);
     let mut hasher = gix::hash::hasher(gix::hash::Kind::Sha1);
     hasher.update(&out);
@@ -168,25 +169,31 @@ pub fn write(
     })
 }
 
-/// One bitmap per object type, in git's order: commits, trees, blobs, tags.
-fn type_bitmaps(db: &Db, objects: &Objects, interrupt: &AtomicBool) -> Result<[Bits; 4], Error> {
-    let mut types: [Bits; 4] = std::array::from_fn(|_| Bits::with_len(objects.len()));
+/// The type bitmaps, from `known` (the types the walks learnt) and the headers of the objects
+/// no walk reached (tags, objects only refs beyond [`MAX_COMMITS`] or nothing reaches).
+fn complete_types(
+    db: &Db,
+    objects: &Objects,
+    mut known: [Bits; 4],
+    interrupt: &AtomicBool,
+) -> Result<[Bits; 4], Error> {
+    let mut any = Bits::with_len(objects.len());
+    for bits in &known {
+        any.or(bits);
+    }
     for pos in 0..objects.len() {
         crate::pack::check_interrupt(interrupt, pos + 1)?;
+        if any.get(pos) {
+            continue;
+        }
         let id = objects.id(pos);
         let header = db
             .try_header(&id)
             .map_err(|e| Error::Pack(format!("reading {id}: {e}")))?
             .ok_or_else(|| Error::Pack(format!("object {id} of the pack is missing")))?;
-        let t = match header.kind {
-            gix::objs::Kind::Commit => 0,
-            gix::objs::Kind::Tree => 1,
-            gix::objs::Kind::Blob => 2,
-            gix::objs::Kind::Tag => 3,
-        };
-        types[t].set(pos);
+        known[super::type_index(header.kind)].set(pos);
     }
-    Ok(types)
+    Ok(known)
 }
 
 /// The commit entries written so far.
