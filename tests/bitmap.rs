@@ -431,3 +431,35 @@ fn negotiation_tells_a_want_reaches_a_have_from_the_bitmap() {
         .success();
     assert_eq!(neg.ok_to_give_up().unwrap(), reaches);
 }
+
+#[test]
+fn a_bitmap_that_does_not_fit_its_pack_is_ignored() {
+    let (_work, dir) = maintained("basic");
+    let path = bitmap_path(&dir);
+    let good = std::fs::read(&path).unwrap();
+    // Written for another pack (the checksum in the header differs), then cut short.
+    let mut other = good.clone();
+    other[12] ^= 0xff;
+    let cut = good[..40].to_vec();
+    for (what, bytes) in [("another pack's", other), ("truncated", cut)] {
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(bitmap::Index::open(&path).is_err(), "{what}");
+        // Served by walking.
+        let server = Server::start();
+        let url = server.link("basic", &dir);
+        let work = tempfile::tempdir().unwrap();
+        for v in PROTOCOLS {
+            let c = work.path().join(format!("c{v}.git"));
+            git(
+                work.path(),
+                &args(
+                    &["clone", "-q", "--mirror", &url, c.to_str().unwrap()],
+                    &proto(v),
+                ),
+            );
+            assert_fsck(&c);
+            let deep = id(&dir, "main~3").to_string();
+            git(&c, &args(&["fetch", "-q", &url, &deep], &proto(v)));
+        }
+    }
+}
