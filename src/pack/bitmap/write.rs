@@ -152,7 +152,8 @@ pub fn write(
     out.extend_from_slice(trailer.as_bytes());
 
     let path = pack.with_extension("bitmap");
-    let tmp = pack.with_extension("bitmap.tmp");
+    // `.tmp*` in the pack directory: start-up cleanup removes it after a crash.
+    let tmp = path.with_file_name(format!(".tmp-bitmap-{}", std::process::id()));
     let written = std::fs::File::create(&tmp).and_then(|mut f| {
         f.write_all(&out)?;
         f.sync_all()
