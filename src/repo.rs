@@ -479,7 +479,7 @@ impl Snapshot {
 
 /// The first `.bitmap` in the repository at `dir` whose pack and index are there (git, too,
 /// uses one bitmap per repository).
-fn bitmap_file(dir: &Path) -> Option<PathBuf> {
+pub fn bitmap_file(dir: &Path) -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir.join("objects/pack"))
         .ok()?
         .flatten()

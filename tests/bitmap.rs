@@ -463,3 +463,39 @@ fn a_bitmap_that_does_not_fit_its_pack_is_ignored() {
         }
     }
 }
+
+#[test]
+fn maintenance_again_plans_from_the_old_bitmap_and_writes_a_new_one() {
+    let (_work, dir) = maintained("large");
+    let old = bitmap_path(&dir);
+    push_commit(&dir, "main", "new-1");
+    push_commit(&dir, "side", "new-side");
+    let outcome = maintain::consolidate(
+        &dir,
+        Duration::from_secs(3600),
+        None,
+        &AtomicBool::new(false),
+    )
+    .expect("maintenance");
+    let new = bitmap_path(&dir);
+    assert_ne!(old, new);
+    assert!(!old.exists(), "the old pack's bitmap went with it");
+    // The first region holds exactly what the clone refs reach.
+    let clone_refs: Vec<String> = git(
+        &dir,
+        &[
+            "for-each-ref",
+            "--format=%(objectname)",
+            "refs/heads",
+            "refs/tags",
+        ],
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(outcome.regions[0], rev_list(&dir, &clone_refs, &[]).len());
+    for rev in ["main", "side"] {
+        assert_test_bitmap(&dir, rev);
+    }
+    assert_fsck(&dir);
+}

@@ -147,10 +147,18 @@ pub fn consolidate(
         .filter(|r| !reuse::is_clone_ref(&r.name))
         .map(|r| r.target)
         .collect();
+    // The bitmap of the last maintenance (or git's) answers most of the regions' planning.
+    let bitmap = crate::repo::bitmap_file(dir).and_then(|path| {
+        pack::bitmap::Index::open(&path)
+            .map_err(|e| tracing::debug!(error = %e, "maintenance walks: no usable bitmap"))
+            .ok()
+            .map(std::sync::Arc::new)
+    });
     let first = pack::plan(
         &db,
         &pack::Selection {
             wants: &clone_tips,
+            bitmap: bitmap.as_ref(),
             ..Default::default()
         },
         interrupt,
@@ -162,12 +170,13 @@ pub fn consolidate(
         &pack::Selection {
             wants: &other_tips,
             common: &clone_tips,
+            bitmap: bitmap.as_ref(),
             ..Default::default()
         },
         interrupt,
     )?
     .counts;
-    // The planner leaves out what the clone tips' boundary reaches, not all they reach.
+    // The walking planner leaves out what the clone tips' boundary reaches, not all they reach.
     second.retain(|c| seen.insert(c.id));
     let (third, dropped) = unreachable(dir, &old_loose, &db, &mut seen, grace)?;
     let regions = [first.len(), second.len(), third.len()];
