@@ -374,6 +374,33 @@ fn serve_bitmapped(ours: bool) {
         assert_fsck(&c);
         assert_eq!(refs(&c), refs(&served), "v{v}");
 
+        // A partial clone gets no blobs, then fetches those of main lazily.
+        let partial = work.path().join("partial");
+        git(
+            work.path(),
+            &args(
+                &[
+                    "clone",
+                    "-q",
+                    "--filter=blob:none",
+                    "--no-checkout",
+                    &url,
+                    "partial",
+                ],
+                &p,
+            ),
+        );
+        let missing = git(
+            &partial,
+            &["rev-list", "--objects", "--all", "--missing=print"],
+        );
+        assert!(
+            missing.lines().any(|l| l.starts_with('?')),
+            "v{v}: blobs left out"
+        );
+        git(&partial, &args(&["checkout", "-q", "main"], &p));
+        assert_fsck(&partial.join(".git"));
+
         // An incremental fetch: the client has an older main.
         let inc = work.path().join("inc");
         git(work.path(), &["init", "-q", "--bare", "inc"]);
@@ -498,4 +525,62 @@ fn maintenance_again_plans_from_the_old_bitmap_and_writes_a_new_one() {
         assert_test_bitmap(&dir, rev);
     }
     assert_fsck(&dir);
+}
+
+#[test]
+fn filters_by_kind_and_size_are_answered_from_the_bitmap() {
+    use smart_git_proxy::protocol::filter::Filter;
+    let (_work, dir) = maintained("basic");
+    push_commit(&dir, "main", "new-1");
+    let index = Arc::new(bitmap::Index::open(&bitmap_path(&dir)).unwrap());
+    let repo = repo::open(&dir).unwrap();
+    let db = pack::db(&repo);
+    let no = AtomicBool::new(false);
+    let set = |plan: pack::Plan| -> BTreeSet<String> {
+        plan.counts.iter().map(|c| c.id.to_string()).collect()
+    };
+    let cases: [(&[&str], &[&str]); 4] = [
+        (&["main", "v2.0-signed-off"], &[]),
+        (&["main"], &["main~5"]),
+        (&["main:README.md", "blob-tag"], &[]),
+        (&["feature/a", "feature/b"], &["v1.0"]),
+    ];
+    for spec in [
+        "blob:none",
+        "blob:limit=1k",
+        "object:type=commit",
+        "object:type=tree",
+        "combine:blob:none+object:type=tree",
+    ] {
+        let filter = Filter::parse(spec).unwrap();
+        for (wants, haves) in cases {
+            let wants: Vec<ObjectId> = wants.iter().map(|w| id(&dir, w)).collect();
+            let haves: Vec<ObjectId> = haves.iter().map(|h| id(&dir, h)).collect();
+            let sel = Selection {
+                wants: &wants,
+                common: &haves,
+                filter: Some(&filter),
+                ..Default::default()
+            };
+            let from_bitmap = bitmap::plan(&db, &index, &sel, &no)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{spec}: the bitmap answers"));
+            assert_eq!(from_bitmap.stats.total(), from_bitmap.counts.len());
+            let walked = pack::plan(&db, &sel, &no).unwrap();
+            assert_eq!(
+                set(from_bitmap),
+                set(walked),
+                "{spec} {wants:?} --not {haves:?}"
+            );
+        }
+    }
+    // tree:<depth> depends on where a tree is reached: walked.
+    let filter = Filter::parse("tree:1").unwrap();
+    let main = [id(&dir, "main")];
+    let sel = Selection {
+        wants: &main,
+        filter: Some(&filter),
+        ..Default::default()
+    };
+    assert!(bitmap::plan(&db, &index, &sel, &no).unwrap().is_none());
 }

@@ -7,7 +7,8 @@
 //! arithmetic, walking only the commits and trees newer than the nearest bitmapped commits
 //! (git's approach), and gives up — the caller then walks — when a want or have is not in the
 //! pack's history within [`MAX_WALK`] commits, or the request needs the walk anyway (a
-//! shallow boundary, a filter, a wanted tree).
+//! shallow boundary, a `tree:<depth>` filter, a wanted tree). Filters that decide by an
+//! object's kind and size are applied to the result.
 
 mod ewah;
 mod read;
@@ -17,7 +18,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use gix::hashtable::{HashMap, HashSet};
-use gix::objs::{Kind, TreeRefIter};
+use gix::objs::{FindHeader, Kind, TreeRefIter};
 use gix::ObjectId;
 use gix_pack::data::entry::Location;
 use gix_pack::data::output::Count;
@@ -29,6 +30,7 @@ pub use write::{write, Error as WriteError, Outcome as WriteOutcome, MAX_COMMITS
 use super::planner::{Plan, Selection, Stats, ThinBases};
 use super::walk::Commits;
 use super::{Db, Error};
+use crate::protocol::filter::Filter;
 
 /// At most this many commits are walked on top of the bitmaps (objects newer than the last
 /// maintenance, or wants and haves whose commit carries no bitmap) before the planner falls
@@ -502,7 +504,9 @@ pub fn plan(
     sel: &Selection<'_>,
     interrupt: &AtomicBool,
 ) -> Result<Option<Plan>, Error> {
-    if !sel.shallow.is_empty() || sel.filter.is_some() {
+    // A filter that decides by kind and size alone applies to the result; one that depends on
+    // the depth an object is reached at (`tree:<n>`) needs the walk.
+    if !sel.shallow.is_empty() || sel.filter.is_some_and(Filter::depends_on_depth) {
         return Ok(None);
     }
     let objects = index.objects();
@@ -523,6 +527,24 @@ pub fn plan(
         .filter(|(id, _)| !have.ext.contains_key(*id))
         .map(|(id, kind)| (*id, *kind))
         .collect();
+    if let Some(filter) = sel.filter {
+        let wanted = wanted_objects(db, sel.wants)?;
+        let keep = |id: &ObjectId, kind: Kind| {
+            wanted.contains(id)
+                || filter.includes(kind, 0, &mut || {
+                    db.try_header(id).ok().flatten().map_or(0, |h| h.size)
+                })
+        };
+        let mut kept = Bits::with_len(objects.len());
+        for (i, pos) in send.ones().enumerate() {
+            super::check_interrupt(interrupt, i + 1)?;
+            if pos < objects.len() && index.kind(pos).is_some_and(|k| keep(&objects.id(pos), k)) {
+                kept.set(pos);
+            }
+        }
+        send = kept;
+        ext.retain(|id, kind| keep(id, *kind));
+    }
 
     // include-tag: a tag whose peeled object is sent comes along, with the tags it peels
     // through.
@@ -605,6 +627,31 @@ pub fn plan(
         });
     }
     Ok(Some(plan))
+}
+
+/// The wanted objects, and the tags they peel through to the first object that is not a tag:
+/// sent whatever the filter says, as the walk does.
+fn wanted_objects(db: &Db, wants: &[ObjectId]) -> Result<HashSet<ObjectId>, Error> {
+    let mut out = HashSet::default();
+    let mut buf = Vec::new();
+    for want in wants {
+        let mut id = *want;
+        while out.insert(id) {
+            let Some((data, _)) = db.try_find(&id, &mut buf).map_err(|e| Error::Read {
+                context: "reading wanted object",
+                id,
+                message: e.to_string(),
+            })?
+            else {
+                break;
+            };
+            if data.kind != Kind::Tag {
+                break;
+            }
+            id = super::tag_target(id, data.data)?;
+        }
+    }
+    Ok(out)
 }
 
 fn count_kind(stats: &mut Stats, kind: Option<Kind>) {
