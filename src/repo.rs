@@ -311,9 +311,9 @@ pub struct Snapshot {
     /// The consolidated pack's first region, when it holds exactly what a clone of these refs
     /// needs ([`crate::pack::reuse`]).
     clone_region: Option<(crate::pack::reuse::Region, PathBuf)>,
-    /// The reachability bitmap found when the snapshot was built, read on first use.
+    /// The reachability bitmap found when the snapshot was built, and what it holds.
     bitmap_path: Option<PathBuf>,
-    bitmap: std::sync::OnceLock<Option<Arc<crate::pack::bitmap::Index>>>,
+    bitmap: Option<Arc<crate::pack::bitmap::Index>>,
     /// What the tips reach, from the bitmap, for reachability checks of wants; `None` inside
     /// when the bitmap does not cover them.
     reachable: std::sync::OnceLock<Option<Arc<crate::pack::bitmap::Reachable>>>,
@@ -347,15 +347,12 @@ impl Snapshot {
             .collect();
         let clone_region = crate::pack::reuse::read_layout(dir, &refs);
         let bitmap_path = bitmap_file(dir);
-        // The bitmap belongs to its pack, which a sync leaves alone: the one already read
-        // stays valid.
-        let bitmap = std::sync::OnceLock::new();
-        if let Some(loaded) = previous
-            .filter(|p| p.bitmap_path == bitmap_path)
-            .and_then(|p| p.bitmap.get())
-        {
-            let _ = bitmap.set(loaded.clone());
-        }
+        // Read now, off the request path (the snapshot is built on a blocking thread); the
+        // bitmap belongs to its pack, which a sync leaves alone, so one already read stays.
+        let bitmap = match previous.filter(|p| p.bitmap_path == bitmap_path) {
+            Some(p) => p.bitmap.clone(),
+            None => bitmap_path.as_deref().and_then(load_bitmap),
+        };
         Ok(Snapshot {
             bitmap_path,
             bitmap,
@@ -428,24 +425,10 @@ impl Snapshot {
         self.tips.iter()
     }
 
-    /// The repository's reachability bitmap, read on first use; `None` when there is none or it
-    /// cannot be read (then the planner walks, and the reason is logged once).
+    /// The repository's reachability bitmap, read when the snapshot was built; `None` when there
+    /// is none or it cannot be read (then the planner walks, and the reason is logged once).
     pub fn bitmap(&self) -> Option<&Arc<crate::pack::bitmap::Index>> {
-        self.bitmap
-            .get_or_init(|| {
-                let path = self.bitmap_path.as_ref()?;
-                match crate::pack::bitmap::Index::open(path) {
-                    Ok(index) => {
-                        tracing::debug!(?index, "bitmap loaded");
-                        Some(Arc::new(index))
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ignoring the reachability bitmap");
-                        None
-                    }
-                }
-            })
-            .as_ref()
+        self.bitmap.as_ref()
     }
 
     /// Everything the tips reach, from the bitmap (computed on first use, once per snapshot);
@@ -474,6 +457,20 @@ impl Snapshot {
     /// and the pack's path.
     pub fn clone_region(&self) -> Option<&(crate::pack::reuse::Region, PathBuf)> {
         self.clone_region.as_ref()
+    }
+}
+
+/// Read the bitmap at `path`; `None` (and a warning) when it cannot be used.
+fn load_bitmap(path: &Path) -> Option<Arc<crate::pack::bitmap::Index>> {
+    match crate::pack::bitmap::Index::open(path) {
+        Ok(index) => {
+            tracing::debug!(?index, "bitmap loaded");
+            Some(Arc::new(index))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the reachability bitmap");
+            None
+        }
     }
 }
 
