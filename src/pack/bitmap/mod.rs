@@ -527,10 +527,22 @@ pub fn plan(
         .filter(|(id, _)| !have.ext.contains_key(*id))
         .map(|(id, kind)| (*id, *kind))
         .collect();
+    // Wanted tags and blobs are sent even to a client that has them (by reachability: a
+    // partial clone lacks the blobs of its commits and asks for them by id), as the walk does.
+    let wanted = wanted_objects(db, sel.wants)?;
+    for (id, kind) in &wanted {
+        if matches!(kind, Kind::Tag | Kind::Blob) {
+            match objects.position(id) {
+                Some(pos) => send.set(pos),
+                None => {
+                    ext.insert(*id, *kind);
+                }
+            }
+        }
+    }
     if let Some(filter) = sel.filter {
-        let wanted = wanted_objects(db, sel.wants)?;
         let keep = |id: &ObjectId, kind: Kind| {
-            wanted.contains(id)
+            wanted.contains_key(id)
                 || filter.includes(kind, 0, &mut || {
                     db.try_header(id).ok().flatten().map_or(0, |h| h.size)
                 })
@@ -629,22 +641,23 @@ pub fn plan(
     Ok(Some(plan))
 }
 
-/// The wanted objects, and the tags they peel through to the first object that is not a tag:
-/// sent whatever the filter says, as the walk does.
-fn wanted_objects(db: &Db, wants: &[ObjectId]) -> Result<HashSet<ObjectId>, Error> {
-    let mut out = HashSet::default();
+/// The wanted objects, and the tags they peel through to the first object that is not a tag,
+/// with their kinds: sent whatever the filter says, as the walk does.
+fn wanted_objects(db: &Db, wants: &[ObjectId]) -> Result<HashMap<ObjectId, Kind>, Error> {
+    let mut out = HashMap::default();
     let mut buf = Vec::new();
     for want in wants {
         let mut id = *want;
-        while out.insert(id) {
-            let Some((data, _)) = db.try_find(&id, &mut buf).map_err(|e| Error::Read {
-                context: "reading wanted object",
-                id,
-                message: e.to_string(),
-            })?
-            else {
-                break;
-            };
+        while !out.contains_key(&id) {
+            let (data, _) = db
+                .try_find(&id, &mut buf)
+                .map_err(|e| Error::Read {
+                    context: "reading wanted object",
+                    id,
+                    message: e.to_string(),
+                })?
+                .ok_or(Error::Missing(id))?;
+            out.insert(id, data.kind);
             if data.kind != Kind::Tag {
                 break;
             }
