@@ -1,8 +1,9 @@
 //! EWAH-compressed bitmaps as git's `.bitmap` files store them (JavaEWAH's serialization:
 //! bit count, word count, the words, the position of the last run-length word; all big
-//! endian). gix has no encoder, and `gix-bitmap`'s decoder refuses the zero-padding git's
-//! encoder leaves after the last bit and yields bits one by one, so both small codecs live
-//! here; gix-bitmap is the oracle of their unit tests.
+//! endian). gix has no encoder, and `gix-bitmap`'s decoder refuses any run that reaches past
+//! the bit count (a run of zero words over a partial last word) and yields bits one by one,
+//! so both small codecs live here, the decoder lenient about zero padding and bounded by the
+//! pack's object count; gix-bitmap is the oracle of their unit tests.
 
 use super::Bits;
 
@@ -49,8 +50,8 @@ pub fn encode(bits: &Bits, num_bits: u32, out: &mut Vec<u8>) {
 }
 
 /// Decode the EWAH bitmap at the start of `data` into a set of at most `limit` bits: its bits
-/// and the bytes after it. Runs of zeros past `limit` are accepted (git's encoder pads), set
-/// bits there are not.
+/// and the bytes after it. Zeros past `limit` are accepted (a bitmap may be longer than
+/// needed), set bits there are not.
 pub fn decode(data: &[u8], limit: usize) -> Result<(Bits, &[u8]), String> {
     let len = skip(data).ok_or("EWAH bitmap cut off")?;
     let words = data[8..len - 4]
