@@ -11,10 +11,12 @@ use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use gix::ObjectId;
+use smart_git_proxy::mirror::maintain;
 use smart_git_proxy::pack::{self, Plan, Selection, WriteOptions};
 use smart_git_proxy::protocol::{pktline, v0, v2};
 use smart_git_proxy::{repo, upload_pack};
@@ -273,6 +275,76 @@ fn bench_pack(c: &mut Criterion) {
             g.bench_function(format!("{}/incremental-50", o.name), |b| {
                 b.iter(|| plan_for(&pack::db(&o.repo), black_box(&[main]), black_box(&[base])))
             });
+        }
+    }
+    g.finish();
+
+    // The same plans on a maintained copy (one pack, with the bitmap maintenance writes),
+    // walked and from the bitmap.
+    let mut g = c.benchmark_group("plan-bitmap");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_millis(500));
+    for (name, fixture) in &fixtures {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let copy = dir.path().join("m.git");
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(&fixture.path)
+            .arg(&copy)
+            .status()
+            .expect("cp runs");
+        assert!(status.success());
+        let started = std::time::Instant::now();
+        let outcome = maintain::consolidate(&copy, Duration::from_secs(3600), None, &interrupt)
+            .expect("maintenance");
+        eprintln!(
+            "{name}: maintenance with bitmap: {:?}, {} bitmapped commits",
+            started.elapsed(),
+            outcome.bitmap_commits
+        );
+        let pack_path = maintain::packs(&copy).expect("packs")[0].clone();
+        let bitmap_path = pack_path.with_extension("bitmap");
+        {
+            let repo = repo::open(&copy).expect("open copy");
+            let tips = all_tips(&repo);
+            let started = std::time::Instant::now();
+            let written = pack::bitmap::write(&pack::db(&repo), &pack_path, &tips, &interrupt)
+                .expect("bitmap");
+            eprintln!(
+                "{name}: the bitmap alone: {:?}, {} commits ({} XORed), {} bytes",
+                started.elapsed(),
+                written.commits,
+                written.xored,
+                written.bytes
+            );
+        }
+        let index = Arc::new(pack::bitmap::Index::open(&bitmap_path).expect("bitmap"));
+        let repo = repo::open(&copy).expect("open copy");
+        let wants = all_tips(&repo);
+        let plan =
+            |bitmap: Option<&Arc<pack::bitmap::Index>>, wants: &[ObjectId], common: &[ObjectId]| {
+                let sel = Selection {
+                    wants,
+                    common,
+                    bitmap,
+                    ..Default::default()
+                };
+                pack::plan(&pack::db(&repo), &sel, &interrupt).expect("plan")
+            };
+        for (label, bitmap) in [("walk", None), ("bitmap", Some(&index))] {
+            g.bench_function(format!("{name}/full-{label}"), |b| {
+                b.iter(|| plan(bitmap, black_box(&wants), &[]))
+            });
+        }
+        if name != "basic" {
+            let main = nth_first_parent(&repo, "refs/heads/main", 0);
+            let base = nth_first_parent(&repo, "refs/heads/main", 50);
+            for (label, bitmap) in [("walk", None), ("bitmap", Some(&index))] {
+                g.bench_function(format!("{name}/incremental-50-{label}"), |b| {
+                    b.iter(|| plan(bitmap, black_box(&[main]), black_box(&[base])))
+                });
+            }
         }
     }
     g.finish();

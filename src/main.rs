@@ -257,14 +257,16 @@ fn maintain(config: Config, repo: Option<String>) -> anyhow::Result<()> {
             let name = dir.strip_prefix(&root).unwrap_or(&dir).display().to_string();
             match mirrors.maintain(&dir).await {
                 Ok(o) => println!(
-                    "{name}: {} packs -> 1, {} objects (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}",
+                    "{name}: {} packs -> 1, {} objects (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}, {} bitmapped commits, {} commits in the commit-graph",
                     o.packs_before,
                     o.regions.iter().sum::<usize>(),
                     o.regions[0],
                     o.regions[1],
                     o.regions[2],
                     o.dropped,
-                    bytesize::ByteSize::b(o.bytes)
+                    bytesize::ByteSize::b(o.bytes),
+                    o.bitmap_commits,
+                    o.commit_graph.unwrap_or(0)
                 ),
                 Err(e) => {
                     failed += 1;

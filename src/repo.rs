@@ -4,6 +4,7 @@
 //! It knows nothing of HTTP beyond the path string, and nothing of upstreams.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use gix::bstr::{BString, ByteSlice};
 use gix::refs::TargetRef;
@@ -310,6 +311,12 @@ pub struct Snapshot {
     /// The consolidated pack's first region, when it holds exactly what a clone of these refs
     /// needs ([`crate::pack::reuse`]).
     clone_region: Option<(crate::pack::reuse::Region, PathBuf)>,
+    /// The reachability bitmap found when the snapshot was built, and what it holds.
+    bitmap_path: Option<PathBuf>,
+    bitmap: Option<Arc<crate::pack::bitmap::Index>>,
+    /// What the tips reach, from the bitmap, for reachability checks of wants; `None` inside
+    /// when the bitmap does not cover them.
+    reachable: std::sync::OnceLock<Option<Arc<crate::pack::bitmap::Reachable>>>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -339,7 +346,17 @@ impl Snapshot {
             .flatten()
             .collect();
         let clone_region = crate::pack::reuse::read_layout(dir, &refs);
+        let bitmap_path = bitmap_file(dir);
+        // Read now, off the request path (the snapshot is built on a blocking thread); the
+        // bitmap belongs to its pack, which a sync leaves alone, so one already read stays.
+        let bitmap = match previous.filter(|p| p.bitmap_path == bitmap_path) {
+            Some(p) => p.bitmap.clone(),
+            None => bitmap_path.as_deref().and_then(load_bitmap),
+        };
         Ok(Snapshot {
+            bitmap_path,
+            bitmap,
+            reachable: Default::default(),
             repo: repo.into_sync(),
             refs,
             advert_v0: advert.into(),
@@ -408,11 +425,70 @@ impl Snapshot {
         self.tips.iter()
     }
 
+    /// The repository's reachability bitmap, read when the snapshot was built; `None` when there
+    /// is none or it cannot be read (then the planner walks, and the reason is logged once).
+    pub fn bitmap(&self) -> Option<&Arc<crate::pack::bitmap::Index>> {
+        self.bitmap.as_ref()
+    }
+
+    /// Everything the tips reach, from the bitmap (computed on first use, once per snapshot);
+    /// `Ok(None)` when there is no bitmap or it does not cover the tips.
+    pub fn reachable(
+        &self,
+        db: &crate::pack::Db,
+        interrupt: &std::sync::atomic::AtomicBool,
+    ) -> Result<Option<Arc<crate::pack::bitmap::Reachable>>, crate::pack::Error> {
+        if let Some(done) = self.reachable.get() {
+            return Ok(done.clone());
+        }
+        let Some(index) = self.bitmap() else {
+            return Ok(None);
+        };
+        let tips: Vec<gix::ObjectId> = self.tips.iter().copied().collect();
+        let computed =
+            crate::pack::bitmap::Reachable::compute(db, index.clone(), &tips, interrupt)?
+                .map(Arc::new);
+        // Another request may have computed it meanwhile: the same answer.
+        let _ = self.reachable.set(computed.clone());
+        Ok(computed)
+    }
+
     /// The region of the consolidated pack a clone of this snapshot can be sent verbatim from,
     /// and the pack's path.
     pub fn clone_region(&self) -> Option<&(crate::pack::reuse::Region, PathBuf)> {
         self.clone_region.as_ref()
     }
+}
+
+/// Read the bitmap at `path`; `None` (and a warning) when it cannot be used.
+fn load_bitmap(path: &Path) -> Option<Arc<crate::pack::bitmap::Index>> {
+    match crate::pack::bitmap::Index::open(path) {
+        Ok(index) => {
+            tracing::debug!(?index, "bitmap loaded");
+            Some(Arc::new(index))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the reachability bitmap");
+            None
+        }
+    }
+}
+
+/// The first `.bitmap` in the repository at `dir` whose pack and index are there (git, too,
+/// uses one bitmap per repository).
+pub fn bitmap_file(dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir.join("objects/pack"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "bitmap")
+                && p.with_extension("idx").is_file()
+                && p.with_extension("pack").is_file()
+        })
+        .collect();
+    found.sort();
+    found.into_iter().next()
 }
 
 /// The names of the pack indexes of the repository at `dir`, sorted.

@@ -20,7 +20,10 @@
 //!   of a negotiation still finds what it was shown; older ones are dropped.
 //! - **Swap.** The new pack is written to a temporary file (which start-up cleanup removes after
 //!   a crash), indexed by gix-pack into `pack-<hash>.pack`/`.idx`, and only then are the old
-//!   packs (those present when maintenance started) and the loose objects deleted. Readers that
+//!   packs (those present when maintenance started) and the loose objects deleted. Before the
+//!   swap, the new pack gets its reachability bitmap (`pack-<hash>.bitmap`, written to a
+//!   temporary name and renamed, see [`crate::pack::bitmap`]): ref tips first (heads and
+//!   tags, then other refs), and a spread along their history. Readers that
 //!   hold an old pack keep it mapped until they finish; new readers find everything in the new
 //!   pack. Packs with a `.keep` file are left alone.
 //! - **Commit-graph.** Last, the commit-graph of everything the refs reach is rewritten
@@ -53,6 +56,9 @@ pub struct Outcome {
     pub bytes: u64,
     /// Commits in the commit-graph written afterwards (`None`: none was written).
     pub commit_graph: Option<usize>,
+    /// Commits with a reachability bitmap in the new pack's `.bitmap` (0 when writing it
+    /// failed: the mirror is served by walking then).
+    pub bitmap_commits: usize,
 }
 
 /// Why maintenance failed; the mirror is then left as it was.
@@ -159,10 +165,18 @@ pub fn consolidate(
         .filter(|r| !reuse::is_clone_ref(&r.name))
         .map(|r| r.target)
         .collect();
+    // The bitmap of the last maintenance (or git's) answers most of the regions' planning.
+    let bitmap = crate::repo::bitmap_file(dir).and_then(|path| {
+        pack::bitmap::Index::open(&path)
+            .map_err(|e| tracing::debug!(error = %e, "maintenance walks: no usable bitmap"))
+            .ok()
+            .map(std::sync::Arc::new)
+    });
     let first = pack::plan(
         &db,
         &pack::Selection {
             wants: &clone_tips,
+            bitmap: bitmap.as_ref(),
             ..Default::default()
         },
         interrupt,
@@ -174,12 +188,13 @@ pub fn consolidate(
         &pack::Selection {
             wants: &other_tips,
             common: &clone_tips,
+            bitmap: bitmap.as_ref(),
             ..Default::default()
         },
         interrupt,
     )?
     .counts;
-    // The planner leaves out what the clone tips' boundary reaches, not all they reach.
+    // The walking planner leaves out what the clone tips' boundary reaches, not all they reach.
     second.retain(|c| seen.insert(c.id));
     let (third, dropped) = unreachable(dir, &old_loose, &db, &mut seen, grace)?;
     let regions = [first.len(), second.len(), third.len()];
@@ -198,6 +213,18 @@ pub fn consolidate(
         objects: u32::try_from(regions[0]).unwrap_or(u32::MAX),
         end: region_end(&new_pack, regions[0], bytes)?,
         tips: reuse::tips_digest(&clone_tips),
+    };
+    let bitmap_tips: Vec<ObjectId> = clone_tips.iter().chain(&other_tips).copied().collect();
+    let bitmap_commits = match pack::bitmap::write(&db, &new_pack, &bitmap_tips, interrupt) {
+        Ok(written) => {
+            tracing::debug!(?written, "bitmap written");
+            written.commits
+        }
+        // The pack is complete without it; requests walk instead.
+        Err(e) => {
+            tracing::warn!(pack = %new_pack.display(), error = %e, "no reachability bitmap written");
+            0
+        }
     };
 
     for old in old_packs.iter().filter(|p| **p != new_pack) {
@@ -227,6 +254,7 @@ pub fn consolidate(
         dropped,
         bytes,
         commit_graph,
+        bitmap_commits,
     })
 }
 

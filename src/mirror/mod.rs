@@ -225,6 +225,7 @@ impl Maintenance {
             objects = ?outcome.regions,
             dropped = outcome.dropped,
             bytes = outcome.bytes,
+            bitmap_commits = outcome.bitmap_commits,
             duration = ?started.elapsed(),
             "mirror maintained"
         );

@@ -7,6 +7,7 @@
 //!
 //! Neither knows about the protocol or HTTP: they take object ids and an `io::Write`.
 
+pub mod bitmap;
 pub mod cache;
 pub mod graph;
 mod planner;
@@ -14,7 +15,7 @@ pub mod reuse;
 pub mod walk;
 mod writer;
 
-pub use planner::{plan, Plan, Selection, Stats};
+pub use planner::{plan, Plan, Selection, Stats, ThinBases};
 pub use writer::{write, WriteOptions, WriteStats};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

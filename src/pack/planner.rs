@@ -1,6 +1,7 @@
 //! The object planner: which objects go into the pack.
 
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use gix::hashtable::{HashMap, HashSet};
 use gix::objs::{FindHeader, Kind, TreeRefIter};
@@ -8,6 +9,7 @@ use gix::ObjectId;
 use gix_pack::data::output::Count;
 use gix_pack::Find;
 
+use super::bitmap;
 use super::walk::{self, Commits};
 use super::{Db, Error};
 use crate::protocol::filter::Filter;
@@ -30,6 +32,9 @@ pub struct Selection<'a> {
     /// The client takes a thin pack: deltas against objects it has. Only honoured without a
     /// filter, since a partial clone may lack the blobs of its own commits.
     pub thin: bool,
+    /// The reachability bitmaps of the repository, if it has any: the plan is then computed
+    /// from them when they cover the request, and walked otherwise.
+    pub bitmap: Option<&'a Arc<bitmap::Index>>,
 }
 
 /// How many objects of each kind the plan holds.
@@ -69,8 +74,37 @@ pub struct Plan {
     /// Totals by kind.
     pub stats: Stats,
     /// For a thin pack: the objects a delta may be written against by id — those sent, and
-    /// those the client is known to have (the trees and blobs of the common boundary).
-    pub thin_bases: Option<HashSet<ObjectId>>,
+    /// those the client is known to have.
+    pub thin_bases: Option<ThinBases>,
+}
+
+/// The objects a thin pack's deltas may use as bases.
+#[derive(Debug, Clone)]
+pub enum ThinBases {
+    /// Those the walk marked: sent, or in the trees of the common boundary.
+    Ids(HashSet<ObjectId>),
+    /// Everything the wants and the common commits reach, from the bitmaps.
+    Bitmap {
+        /// The bitmaps `bits` are positions of.
+        index: Arc<bitmap::Index>,
+        /// Objects of the bitmapped pack.
+        bits: bitmap::Bits,
+        /// Objects outside of it.
+        ext: HashSet<ObjectId>,
+    },
+}
+
+impl ThinBases {
+    /// Whether a delta may be written against `id`.
+    pub fn contains(&self, id: &ObjectId) -> bool {
+        match self {
+            ThinBases::Ids(ids) => ids.contains(id),
+            ThinBases::Bitmap { index, bits, ext } => match index.objects().position(id) {
+                Some(pos) => bits.get(pos),
+                None => ext.contains(id),
+            },
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -93,7 +127,23 @@ enum Mark {
 ///
 /// Every object in the result exists; a missing one is an error, so that a pack header never
 /// announces objects the body cannot deliver.
+///
+/// With [`Selection::bitmap`], the bitmaps answer instead when they can ([`bitmap::plan`]):
+/// then the objects the common commits reach are left out exactly, not only those of the
+/// boundary's trees, as `git rev-list --objects --use-bitmap-index` does.
 pub fn plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Plan, Error> {
+    if let Some(index) = sel.bitmap {
+        if let Some(plan) = bitmap::plan(db, index, sel, interrupt)? {
+            tracing::debug!(objects = plan.counts.len(), "planned from the bitmap");
+            return Ok(plan);
+        }
+        tracing::debug!("the bitmap does not cover the request: walking");
+    }
+    walk_plan(db, sel, interrupt)
+}
+
+/// [`plan()`] by walking commits and trees.
+fn walk_plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Plan, Error> {
     let grafts: HashSet<ObjectId> = sel.shallow.iter().copied().collect();
     let mut commits = Commits::new(db, grafts).locating();
     let mut p = Planner {
@@ -177,7 +227,7 @@ pub fn plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Plan
             .filter(|(_, m)| matches!(m, Mark::Uninteresting | Mark::Sent))
             .map(|(id, _)| *id)
             .collect();
-        p.plan.thin_bases = Some(bases);
+        p.plan.thin_bases = Some(ThinBases::Ids(bases));
     }
     Ok(p.plan)
 }

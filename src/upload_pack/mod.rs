@@ -286,7 +286,8 @@ fn fetch_v2<W: Write>(
             "fetch: expected at least one want or want-ref line".into(),
         ));
     }
-    let mut neg = Negotiator::new(ctx.repo, ctx.db, &wants, ctx.interrupt);
+    let mut neg =
+        Negotiator::new(ctx.repo, ctx.db, &wants, ctx.interrupt).with_bitmap(ctx.snapshot.bitmap());
     for (i, have) in args.haves.iter().enumerate() {
         pack::check_interrupt(ctx.interrupt, i + 1)?;
         neg.have(*have)?;
@@ -426,7 +427,8 @@ fn fetch_v0<W: Write>(
         out.write_all(&lines)?;
         return Ok(Outcome::Acks { common: 0 });
     }
-    let mut neg = Negotiator::new(ctx.repo, ctx.db, &req.wants, ctx.interrupt);
+    let mut neg = Negotiator::new(ctx.repo, ctx.db, &req.wants, ctx.interrupt)
+        .with_bitmap(ctx.snapshot.bitmap());
     let (mut got_common, mut got_other, mut sent_ready) = (false, false, false);
     let mut last = None;
     // This follows git's get_common_commits() for one stateless round.
@@ -514,6 +516,16 @@ fn fetch_v0<W: Write>(
 fn check_reachable_wants(ctx: &Context<'_>, wants: &[ObjectId]) -> Result<(), Error> {
     let snapshot = ctx.snapshot;
     let db = ctx.db;
+    if wants.iter().all(|w| snapshot.is_tip(w)) {
+        return Ok(());
+    }
+    // The bitmap answers for every kind of object, without walking every ref.
+    if let Some(reachable) = snapshot.reachable(db, ctx.interrupt)? {
+        return match wants.iter().find(|w| !reachable.contains(w)) {
+            Some(id) => Err(Error::NotOurRef(*id)),
+            None => Ok(()),
+        };
+    }
     let mut commits = pack::walk::Commits::new(db, Default::default());
     let (mut commit_wants, mut other_wants) = (Vec::new(), Vec::new());
     for (i, want) in wants.iter().filter(|w| !snapshot.is_tip(w)).enumerate() {
@@ -598,6 +610,7 @@ fn send_pack<W: Write>(
         shallow: &args.shallow.grafts,
         filter: args.filter,
         thin: args.thin,
+        bitmap: ctx.snapshot.bitmap(),
     };
     let opts = pack::WriteOptions {
         ofs_delta: args.ofs_delta,
@@ -826,6 +839,7 @@ fn generate(
     let shallow = selection.shallow.to_vec();
     let filter = selection.filter.cloned();
     let thin = selection.thin;
+    let bitmap = selection.bitmap.cloned();
     let span = tracing::Span::current();
     let run = move || {
         let _slot = slot;
@@ -837,6 +851,7 @@ fn generate(
             shallow: &shallow,
             filter: filter.as_ref(),
             thin,
+            bitmap: bitmap.as_ref(),
         };
         let mut generation = generation;
         let interrupt = generation.abandoned();

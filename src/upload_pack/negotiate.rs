@@ -3,6 +3,7 @@
 
 use std::collections::BinaryHeap;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use gix::hashtable::{HashMap, HashSet};
 use gix::objs::{FindHeader, Kind};
@@ -10,6 +11,7 @@ use gix::ObjectId;
 use smallvec::SmallVec;
 
 use super::Error;
+use crate::pack::bitmap;
 use crate::pack::walk::Commits;
 use crate::pack::Db;
 
@@ -56,6 +58,11 @@ pub struct Negotiator<'r> {
     new_haves: Vec<ObjectId>,
     /// Commits whose parents were read, over the whole negotiation.
     expanded: usize,
+    /// The repository's reachability bitmap, if any.
+    bitmap: Option<&'r Arc<bitmap::Index>>,
+    /// The wants (peeled to commits) that have a bitmap and do not reach the client's commits
+    /// yet, with what they reach: a have is checked against them without walking.
+    want_bits: Vec<(ObjectId, bitmap::Bits)>,
 }
 
 /// A commit reachable from the wants.
@@ -91,7 +98,16 @@ impl<'r> Negotiator<'r> {
             pending: BinaryHeap::new(),
             new_haves: Vec::new(),
             expanded: 0,
+            bitmap: None,
+            want_bits: Vec::new(),
         }
+    }
+
+    /// Use the reachability bitmap `index` (when there is one) to tell whether a want reaches
+    /// a have: for wants with a bitmap, a lookup instead of a walk down to the have.
+    pub fn with_bitmap(mut self, index: Option<&'r Arc<bitmap::Index>>) -> Self {
+        self.bitmap = index;
+        self
     }
 
     /// The haves acknowledged so far.
@@ -146,6 +162,9 @@ impl<'r> Negotiator<'r> {
                 // Non-commits count as reachable: ancestry cannot tell, and git does not wait
                 // for them either.
                 if let Some(commit) = self.commits.peel_to_commit(*want)? {
+                    if let Some(bits) = self.bitmap.and_then(|b| b.commit_bits(&commit)) {
+                        self.want_bits.push((commit, bits));
+                    }
                     self.discover(commit, None)?;
                     if let Some(node) = self.graph.get_mut(&commit) {
                         if !node.want && !node.reaches {
@@ -156,10 +175,28 @@ impl<'r> Negotiator<'r> {
                 }
             }
         }
+        let mut reached = Vec::new();
         for id in std::mem::take(&mut self.new_haves) {
             if self.graph.contains_key(&id) {
                 self.mark_reaches(id);
             }
+            // Commits only, as git's ok_to_give_up() counts them.
+            let commit_position = self.bitmap.and_then(|b| {
+                let pos = b.objects().position(&id)?;
+                (b.kind(pos) == Some(Kind::Commit)).then_some(pos)
+            });
+            if let Some(pos) = commit_position {
+                self.want_bits.retain(|(want, bits)| {
+                    let hit = bits.get(pos);
+                    if hit {
+                        reached.push(*want);
+                    }
+                    !hit
+                });
+            }
+        }
+        for want in reached {
+            self.mark_reaches(want);
         }
         let min_time = self.oldest_have.unwrap_or(i64::MIN);
         while self.wants_left.is_some_and(|n| n > 0) {
