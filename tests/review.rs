@@ -1,0 +1,234 @@
+//! Hostile input found in review: a corrupt commit-graph in a mirror never makes a request
+//! panic, and what is served from it is still a correct repository or a clean failure.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Once;
+use std::time::Duration;
+
+use common::*;
+use smart_git_proxy::mirror::maintain;
+use smart_git_proxy::pack::graph;
+
+/// Panics anywhere in this test process (the server runs in it), counted by a hook installed
+/// once.
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+}
+
+/// The chunks of a commit-graph file: id and byte range.
+fn chunks(graph: &[u8]) -> Vec<([u8; 4], std::ops::Range<usize>)> {
+    let n = usize::from(graph[6]);
+    let entry = |i: usize| {
+        let at = 8 + i * 12;
+        let id: [u8; 4] = graph[at..at + 4].try_into().unwrap();
+        let offset = u64::from_be_bytes(graph[at + 4..at + 12].try_into().unwrap());
+        (id, usize::try_from(offset).unwrap())
+    };
+    (0..n)
+        .map(|i| {
+            let (id, start) = entry(i);
+            (id, start..entry(i + 1).1)
+        })
+        .collect()
+}
+
+fn chunk(graph: &[u8], id: &[u8; 4]) -> std::ops::Range<usize> {
+    chunks(graph)
+        .into_iter()
+        .find(|(i, _)| i == id)
+        .map(|(_, r)| r)
+        .unwrap_or_else(|| panic!("chunk {}", String::from_utf8_lossy(id)))
+}
+
+/// Each commit's `CDAT` entry (tree, parent 1, parent 2, generation and time) rewritten by
+/// `edit(position, entry)`.
+fn edit_cdat(graph: &mut [u8], mut edit: impl FnMut(u32, &mut [u8])) {
+    let cdat = chunk(graph, b"CDAT");
+    for (i, entry) in graph[cdat].chunks_exact_mut(36).enumerate() {
+        edit(u32::try_from(i).unwrap(), entry);
+    }
+}
+
+/// Ways to damage a commit-graph, each named.
+fn corruptions() -> Vec<(&'static str, Box<dyn Fn(&mut Vec<u8>)>)> {
+    vec![
+        ("empty", Box::new(|g: &mut Vec<u8>| g.clear())),
+        (
+            "truncated to half",
+            Box::new(|g: &mut Vec<u8>| g.truncate(g.len() / 2)),
+        ),
+        (
+            "truncated in the chunk table",
+            Box::new(|g: &mut Vec<u8>| g.truncate(20)),
+        ),
+        (
+            "fanout not monotonic",
+            Box::new(|g: &mut Vec<u8>| {
+                let fan = chunk(g, b"OIDF");
+                g[fan.start..fan.start + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+            }),
+        ),
+        (
+            "fanout counts more commits than listed",
+            Box::new(|g: &mut Vec<u8>| {
+                let fan = chunk(g, b"OIDF");
+                let end = fan.end;
+                g[end - 4..end].copy_from_slice(&0x00ff_ffffu32.to_be_bytes());
+            }),
+        ),
+        (
+            "parents out of range",
+            Box::new(|g: &mut Vec<u8>| {
+                edit_cdat(g, |_, e| {
+                    e[20..24].copy_from_slice(&0x6fff_fff0u32.to_be_bytes())
+                })
+            }),
+        ),
+        (
+            "every commit its own parent",
+            Box::new(|g: &mut Vec<u8>| {
+                edit_cdat(g, |i, e| e[20..24].copy_from_slice(&i.to_be_bytes()))
+            }),
+        ),
+        (
+            "every commit a root",
+            Box::new(|g: &mut Vec<u8>| {
+                edit_cdat(g, |_, e| {
+                    e[20..24].copy_from_slice(&0x7000_0000u32.to_be_bytes());
+                    e[24..28].copy_from_slice(&0x7000_0000u32.to_be_bytes());
+                })
+            }),
+        ),
+        (
+            "second parent in a missing extra-edge list",
+            Box::new(|g: &mut Vec<u8>| {
+                edit_cdat(g, |_, e| {
+                    e[24..28].copy_from_slice(&0x8000_0005u32.to_be_bytes())
+                })
+            }),
+        ),
+        (
+            "trees that do not exist",
+            Box::new(|g: &mut Vec<u8>| edit_cdat(g, |_, e| e[..20].fill(0xab))),
+        ),
+        (
+            "times and generations garbage",
+            Box::new(|g: &mut Vec<u8>| edit_cdat(g, |_, e| e[28..36].fill(0xff))),
+        ),
+        (
+            "ids not sorted",
+            Box::new(|g: &mut Vec<u8>| {
+                let oidl = chunk(g, b"OIDL");
+                g[oidl].reverse();
+            }),
+        ),
+    ]
+}
+
+/// Clone, shallow clone and deepen, and fetch with a common history from `url` (protocol
+/// v2): each either succeeds with a repository `git fsck --strict` accepts, or fails.
+fn exercise(url: &str, what: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut check = |step: &str, dir: &Path, out: std::process::Output| {
+        if out.status.success() {
+            let fsck = git_output(dir, &["fsck", "--strict", "--no-progress"], &[]);
+            if !fsck.status.success() {
+                failures.push(format!(
+                    "{what}: {step}: served a broken repository: {}",
+                    String::from_utf8_lossy(&fsck.stderr).trim()
+                ));
+            }
+        } else {
+            failures.push(format!(
+                "{what}: {step}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        out.status.success()
+    };
+    let v2 = ["-c", "protocol.version=2"];
+    let work = tempfile::tempdir().unwrap();
+    let out = git_output(
+        work.path(),
+        &args(&["clone", "--mirror", url, "m"], &[]),
+        &[],
+    );
+    check("clone --mirror", &work.path().join("m"), out);
+    let out = git_output(
+        work.path(),
+        &[v2[0], v2[1], "clone", "--bare", "--depth=2", url, "s"],
+        &[],
+    );
+    let s = work.path().join("s");
+    if check("clone --depth=2", &s, out) {
+        let out = git_output(&s, &[v2[0], v2[1], "fetch", "--deepen=30", "origin"], &[]);
+        check("fetch --deepen=30", &s, out);
+        // Negotiation over the history the shallow clone has.
+        let out = git_output(&s, &[v2[0], v2[1], "fetch", "--unshallow", "origin"], &[]);
+        check("fetch --unshallow", &s, out);
+    }
+    failures
+}
+
+/// Whether walks in the repository at `dir` read its commit-graph.
+fn graph_is_used(dir: &Path) -> bool {
+    let repo = gix::open(dir).unwrap();
+    graph::open(&smart_git_proxy::pack::db(&repo)).is_some()
+}
+
+#[test]
+fn graphs_git_writes_verify() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("r.git");
+    build_fixture("basic", &dir);
+    git(&dir, &["commit-graph", "write", "--reachable"]);
+    assert!(graph_is_used(&dir));
+    // A split chain, as `git maintenance` or `fetch.writeCommitGraph` leave it.
+    let _ = std::fs::remove_file(dir.join("objects/info/commit-graph"));
+    git(&dir, &["commit-graph", "write", "--reachable", "--split"]);
+    assert!(dir
+        .join("objects/info/commit-graphs/commit-graph-chain")
+        .is_file());
+    assert!(graph_is_used(&dir));
+}
+
+#[test]
+fn a_corrupt_commit_graph_never_panics_and_never_serves_a_broken_repository() {
+    count_panics();
+    let mut failures = Vec::new();
+    for (what, corrupt) in corruptions() {
+        let server = Server::start_with(|c| c.pack_cache_max_size = bytesize::ByteSize::b(0));
+        let dir = server.repo_dir("graph");
+        std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+        build_fixture("basic", &dir);
+        let outcome = maintain::consolidate(
+            &dir,
+            Duration::from_secs(3600),
+            None,
+            &AtomicBool::new(false),
+        )
+        .expect("maintenance");
+        assert!(outcome.commit_graph.is_some_and(|n| n > 0), "{outcome:?}");
+        assert!(graph_is_used(&dir), "our own graph verifies");
+        let path = dir.join("objects/info/commit-graph");
+        let mut graph = std::fs::read(&path).unwrap();
+        corrupt(&mut graph);
+        std::fs::write(&path, &graph).unwrap();
+
+        failures.extend(exercise(&server.url("graph"), what));
+        assert_eq!(PANICS.load(Ordering::SeqCst), 0, "{what}: a panic");
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
