@@ -62,14 +62,19 @@ pub fn open(db: &Db) -> Option<gix::commitgraph::Graph> {
 
 /// Whether each commit-graph version (by `objects/info` directory) passed verification: one
 /// entry per mirror, replaced when its graph is.
-static VERDICTS: std::sync::LazyLock<
-    parking_lot::Mutex<std::collections::HashMap<PathBuf, (Version, bool)>>,
-> = std::sync::LazyLock::new(Default::default);
+static VERDICTS: std::sync::LazyLock<parking_lot::Mutex<Verdicts>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// By `objects/info` directory: the graph's version and whether it passed.
+type Verdicts = std::collections::HashMap<PathBuf, (Version, bool)>;
 
 /// A version of a repository's commit-graph files: the single file's and the split chain's
 /// identity (device, inode, size, modification time), as a replacement by rename changes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Version([Option<(u64, u64, u64, i64, i64)>; 2]);
+struct Version([Option<FileId>; 2]);
+
+/// Device, inode, size, modification time (seconds, nanoseconds).
+type FileId = (u64, u64, u64, i64, i64);
 
 impl Version {
     fn of(info: &Path) -> Version {
