@@ -61,8 +61,11 @@ fn edit_cdat(graph: &mut [u8], mut edit: impl FnMut(u32, &mut [u8])) {
     }
 }
 
+/// A way to damage a commit-graph's bytes.
+type Corruption = Box<dyn Fn(&mut Vec<u8>)>;
+
 /// Ways to damage a commit-graph, each named.
-fn corruptions() -> Vec<(&'static str, Box<dyn Fn(&mut Vec<u8>)>)> {
+fn corruptions() -> Vec<(&'static str, Corruption)> {
     vec![
         ("empty", Box::new(|g: &mut Vec<u8>| g.clear())),
         (
