@@ -19,7 +19,7 @@ use axum::routing::post;
 use axum::Router;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{body, fetch_source, upstream_authorization, AppState};
@@ -66,9 +66,13 @@ fn unauthorized(challenge: &'static str) -> Response {
     r
 }
 
-/// Whether `given` equals `secret`, in time independent of where they differ.
+/// Whether `given` equals `secret`, in time independent of where they differ and of the
+/// secret's length: `ct_eq` on slices of different lengths returns at once, so the digests
+/// are compared.
 fn same(given: &[u8], secret: &Secret) -> bool {
-    given.ct_eq(secret.expose().as_bytes()).into()
+    Sha256::digest(given)
+        .ct_eq(&Sha256::digest(secret.expose().as_bytes()))
+        .into()
 }
 
 /// Whether `headers` carry `Authorization: Bearer <token>` (the admin API's credential).
