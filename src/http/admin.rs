@@ -279,6 +279,8 @@ async fn pushed(state: AppState, clone_url: &str, arrived: Instant) -> Response 
     if let Some(balancer) = state.config.balancer_url() {
         return forward(&state, balancer, &name).await;
     }
+    // Held from the check to the end of the sync: an evicted mirror is not created anew.
+    let lease = state.mirrors.lease(&request.dir);
     if !repo::exists(&request.dir) {
         tracing::info!(repo = %name, "push ignored: no mirror");
         crate::metrics::webhook_sync("ignored");
@@ -287,7 +289,7 @@ async fn pushed(state: AppState, clone_url: &str, arrived: Instant) -> Response 
             format!("ignored: no mirror of {name}"),
         );
     }
-    sync_in_background(state, request, arrived, "webhook");
+    sync_in_background(state, request, lease, arrived, "webhook");
     answer(StatusCode::ACCEPTED, format!("syncing {name}"))
 }
 
@@ -296,10 +298,12 @@ async fn pushed(state: AppState, clone_url: &str, arrived: Instant) -> Response 
 fn sync_in_background(
     state: AppState,
     request: mirror::Request,
+    lease: mirror::Lease,
     since: Instant,
     reason: &'static str,
 ) {
     tokio::spawn(async move {
+        let _lease = lease;
         let freshness = Freshness::Pushed { since, reason };
         match state.mirrors.ensure(&request, freshness).await {
             Ok(status) => crate::metrics::webhook_sync(status.as_str()),
@@ -408,6 +412,7 @@ async fn mirror_action(State(state): State<AppState>, uri: Uri, headers: HeaderM
         Err((status, text)) => return answer(status, text),
     };
     if headers.contains_key(FORWARDED_HEADER) {
+        let lease = state.mirrors.lease(&request.dir);
         if !repo::exists(&request.dir) {
             crate::metrics::webhook_sync("ignored");
             return answer(
@@ -416,7 +421,7 @@ async fn mirror_action(State(state): State<AppState>, uri: Uri, headers: HeaderM
             );
         }
         let name = request.name.clone();
-        sync_in_background(state, request, arrived, "webhook");
+        sync_in_background(state, request, lease, arrived, "webhook");
         return answer(StatusCode::ACCEPTED, format!("syncing {name}"));
     }
     let freshness = Freshness::Pushed {

@@ -780,6 +780,10 @@ impl Mirrors {
     /// Make sure the mirror exists and is as fresh as `freshness` asks, creating or syncing it
     /// (one at a time per repository; concurrent callers wait for and share the result).
     pub async fn ensure(&self, req: &Request, freshness: Freshness) -> Result<Status, Error> {
+        // Callers without a lease of their own (warm-ups, push notices): eviction must not
+        // remove the repository between `repo()` and its lock, or this update would run on a
+        // state the store no longer holds, beside another request's.
+        let _lease = self.lease(&req.dir);
         let started = Instant::now();
         let key = failure_key(req);
         let repo = loop {
