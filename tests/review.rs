@@ -400,3 +400,42 @@ fn hostile_payloads_and_queries_are_answered() {
     );
     assert_eq!(PANICS.load(Ordering::SeqCst), 0);
 }
+
+/// A maintenance lock taken while eviction held it and moved the mirror away is a lock on the
+/// file of the removed mirror: the waiter must lock the file the path names now, or it would
+/// run beside a sync of a mirror created anew at the same path.
+#[test]
+fn a_lock_taken_after_the_mirror_moved_is_the_new_mirrors() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("r.git");
+    std::fs::create_dir_all(&dir).unwrap();
+    let held = maintain::lock(&dir).unwrap();
+    let waiter = {
+        let dir = dir.clone();
+        std::thread::spawn(move || maintain::lock(&dir).unwrap())
+    };
+    // The waiter is blocked on the lock file: /proc/locks lists it with "->" and its inode.
+    let inode = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(dir.join("smart-git-proxy-maintenance.lock"))
+            .unwrap()
+            .ino()
+    };
+    wait_until("the waiter to block on the lock", || {
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("->") && l.contains(&format!(":{inode} ")))
+    });
+    // Evicted: moved aside and deleted; then created anew at the same path.
+    let aside = root.path().join(".evicted-r");
+    std::fs::rename(&dir, &aside).unwrap();
+    std::fs::remove_dir_all(&aside).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    drop(held);
+    let _lock = waiter.join().unwrap();
+    assert!(
+        maintain::try_lock(&dir).unwrap().is_none(),
+        "the waiter holds the lock of the mirror at the path"
+    );
+}
