@@ -589,9 +589,18 @@ impl Mirrors {
         if !repo.record.lock().served() {
             return;
         }
+        // Written later, on a blocking thread: by then the request may be gone and the mirror
+        // evicted and created anew, whose record this one must not replace.
+        let lease = self.lease(dir);
+        let repos = Arc::clone(&self.repos);
         let dir = dir.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            if crate::repo::exists(&dir) {
+            let _lease = lease;
+            let current = repos
+                .lock()
+                .get(&dir)
+                .is_some_and(|r| Arc::ptr_eq(r, &repo));
+            if current && crate::repo::exists(&dir) {
                 repo.write_record(&dir);
             }
         });
