@@ -378,8 +378,9 @@ impl Repo {
 #[derive(Default)]
 struct Leases {
     counts: parking_lot::Mutex<HashMap<PathBuf, usize>>,
-    /// An eviction pass skipped a leased mirror: wake it when a mirror's last lease ends.
-    deferred: AtomicBool,
+    /// Mirrors an eviction pass skipped as in use: the end of one's last lease wakes it (not
+    /// any mirror's, or every request would start a pass while the limit is exceeded).
+    deferred: parking_lot::Mutex<std::collections::HashSet<PathBuf>>,
     /// Wakes the eviction task.
     wake: Arc<Notify>,
 }
@@ -405,7 +406,7 @@ impl Drop for Lease {
             }
         };
         drop(counts);
-        if last && self.leases.deferred.swap(false, Ordering::Relaxed) {
+        if last && self.leases.deferred.lock().remove(&self.dir) {
             self.leases.wake.notify_one();
         }
     }
