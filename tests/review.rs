@@ -439,3 +439,31 @@ fn a_lock_taken_after_the_mirror_moved_is_the_new_mirrors() {
         "the waiter holds the lock of the mirror at the path"
     );
 }
+
+/// A GitHub delivery without a well-formed `X-Hub-Signature-256` cannot be authentic: it is
+/// refused before its body is read (here, a body over the limit is not even looked at).
+#[test]
+fn unsigned_github_deliveries_are_refused_before_their_body_is_read() {
+    let server = Server::start_with(|c| {
+        c.webhook_secret = Some("s".into());
+        c.max_request_body = bytesize::ByteSize::kib(1);
+        c.max_buffered_bodies = bytesize::ByteSize::kib(64);
+    });
+    let big = vec![b' '; 4096];
+    for signature in [None, Some("sha1=00"), Some("sha256=zz"), Some("sha256=")] {
+        let mut headers = vec![("X-GitHub-Event", "push")];
+        headers.extend(signature.map(|s| ("X-Hub-Signature-256", s)));
+        let r = request(server.addr, "POST", "/webhooks/github", &headers, &big);
+        assert_eq!(r.status, 401, "{signature:?}: {}", r.text());
+    }
+    // A well-formed signature gets the body read (and refused as too large).
+    let sig = format!("sha256={}", "0".repeat(64));
+    let r = request(
+        server.addr,
+        "POST",
+        "/webhooks/github",
+        &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &sig)],
+        &big,
+    );
+    assert_eq!(r.status, 413, "{}", r.text());
+}

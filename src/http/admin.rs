@@ -83,13 +83,18 @@ pub(super) fn bearer(headers: &HeaderMap, token: &Secret) -> bool {
     same(given.trim().as_bytes(), token)
 }
 
+/// The MAC an `X-Hub-Signature-256: sha256=<hex>` header carries, if it is well-formed.
+fn signature_mac(signature: Option<&str>) -> Option<[u8; 32]> {
+    let hex_mac = signature?.trim().strip_prefix("sha256=")?;
+    let mut mac = [0; 32];
+    hex::decode_to_slice(hex_mac, &mut mac).ok()?;
+    Some(mac)
+}
+
 /// Whether `signature` (`X-Hub-Signature-256: sha256=<hex>`) is the HMAC-SHA256 of `body`
 /// under `secret`; the MAC is compared in constant time.
 fn signed(secret: &Secret, signature: Option<&str>, body: &[u8]) -> bool {
-    let Some(hex_mac) = signature.and_then(|s| s.trim().strip_prefix("sha256=")) else {
-        return false;
-    };
-    let Ok(given) = hex::decode(hex_mac) else {
+    let Some(given) = signature_mac(signature) else {
         return false;
     };
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()) else {
@@ -177,11 +182,16 @@ async fn github(State(state): State<AppState>, headers: HeaderMap, body: Body) -
     let Some(secret) = state.config.webhook_secret.clone() else {
         return answer(StatusCode::NOT_FOUND, "webhooks are off (WEBHOOK_SECRET)");
     };
+    let signature = header(&headers, "x-hub-signature-256").map(str::to_owned);
+    // Without a signature nothing can be authentic: a stranger's body is not read.
+    if signature_mac(signature.as_deref()).is_none() {
+        tracing::info!("webhook refused: bad or missing X-Hub-Signature-256");
+        return unauthorized("HMAC-SHA256");
+    }
     let (body, budget) = match read_body(&state, body).await {
         Ok(read) => read,
         Err(response) => return response,
     };
-    let signature = header(&headers, "x-hub-signature-256").map(str::to_owned);
     let event = header(&headers, "x-github-event").map(str::to_owned);
     // Hashing and parsing up to 25 MiB is CPU work.
     let notice = tokio::task::spawn_blocking(move || {
