@@ -718,10 +718,10 @@ impl Mirrors {
 
     /// The mirror's state, loading its last sync time from disk the first time.
     fn repo(&self, dir: &Path) -> Arc<Repo> {
-        let mut repos = self.repos.lock();
-        if let Some(repo) = repos.get(dir) {
+        if let Some(repo) = self.repos.lock().get(dir) {
             return Arc::clone(repo);
         }
+        // Read from disk without the store's lock, which every request takes.
         let last_sync = sync::last_synced(dir)
             .and_then(|t| t.elapsed().ok())
             .and_then(|ago| Instant::now().checked_sub(ago));
@@ -736,8 +736,8 @@ impl Mirrors {
             }),
             ..Default::default()
         });
-        repos.insert(dir.to_path_buf(), Arc::clone(&repo));
-        repo
+        // Another request may have been first: its state is the one shared.
+        Arc::clone(self.repos.lock().entry(dir.to_path_buf()).or_insert(repo))
     }
 
     /// The current snapshot of the mirror at `dir`, built now if it has none yet (a mirror an
