@@ -442,7 +442,19 @@ impl Info {
         rec: &record::Record,
         pack_cache_bytes: u64,
     ) -> Info {
-        let time = |ms: u64| humantime::format_rfc3339_seconds(record::time_of(ms)).to_string();
+        // RFC 3339 ends with year 9999 (the formatter fails beyond it): a damaged record's
+        // time, or a marker's, is then unknown.
+        let time = |ms: u64| {
+            use std::fmt::Write;
+            let mut text = String::new();
+            write!(
+                text,
+                "{}",
+                humantime::format_rfc3339_seconds(record::time_of(ms))
+            )
+            .ok()
+            .map(|()| text)
+        };
         // An adopted mirror, or one synced before records existed: its sync marker.
         let last_sync_ms = rec.last_sync_ms.or_else(|| {
             sync::last_synced(dir)
@@ -453,9 +465,9 @@ impl Info {
             repo,
             bytes: usage.bytes,
             packs: usage.packs,
-            last_sync: last_sync_ms.map(time),
+            last_sync: last_sync_ms.and_then(time),
             last_sync_outcome: rec.last_sync_outcome,
-            last_serve: rec.last_serve_ms.map(time),
+            last_serve: rec.last_serve_ms.and_then(time),
             private: Mirrors::is_private(dir),
             pack_cache_bytes,
         }
@@ -1343,6 +1355,28 @@ mod tests {
         assert_eq!(names.len(), 2_000);
         assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats");
         assert_eq!(names[0], "h/g0/r0");
+    }
+
+    #[test]
+    fn the_inventory_shows_times_beyond_year_9999_as_unknown() {
+        let root = tempfile::tempdir().unwrap();
+        let mirrors = store(root.path());
+        let dir = root.path().join("h/r.git");
+        std::fs::create_dir_all(dir.join("objects")).unwrap();
+        // A damaged or hand-edited record: RFC 3339 has no year 10000.
+        std::fs::write(
+            dir.join(record::FILE),
+            br#"{"last_sync_ms":300000000000000,"last_serve_ms":18446744073709551615}"#,
+        )
+        .unwrap();
+        mirrors.repo(&dir);
+        let (page, _) = mirrors.inventory(None, None, 10);
+        assert_eq!(
+            (page[0].last_sync.as_deref(), page[0].last_serve.as_deref()),
+            (None, None)
+        );
+        let on_disk = inventory_on_disk(root.path(), &root.path().join(".pack-cache")).unwrap();
+        assert_eq!(on_disk[0].last_serve, None);
     }
 
     #[test]
