@@ -288,6 +288,13 @@ pub enum Error {
         /// The value given.
         value: String,
     },
+    /// `ADMIN_TOKEN` or `WEBHOOK_SECRET` set but empty: every request without credentials
+    /// would present it.
+    #[error("{key} is empty: set a secret, or unset it to turn its endpoints off")]
+    EmptySecret {
+        /// The setting.
+        key: &'static str,
+    },
     /// `BALANCER_URL` without the token its forwarded requests carry.
     #[error("BALANCER_URL needs ADMIN_TOKEN (the nodes' shared admin token)")]
     BalancerWithoutToken,
@@ -438,6 +445,17 @@ impl Config {
                 })?;
             }
         }
+        for (key, secret) in [
+            ("ADMIN_TOKEN", &self.admin_token),
+            ("WEBHOOK_SECRET", &self.webhook_secret),
+        ] {
+            if secret
+                .as_ref()
+                .is_some_and(|s| s.expose().trim().is_empty())
+            {
+                return Err(Error::EmptySecret { key });
+            }
+        }
         if self.balancer_url.is_some() && self.admin_token.is_none() {
             return Err(Error::BalancerWithoutToken);
         }
@@ -559,6 +577,22 @@ mod tests {
         assert!(c.validate().is_ok());
         let c = Config::try_parse_from(["x", "--webhook-secret", "hook-s3cret"]).unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn empty_secrets_are_refused() {
+        for (key, value) in [("ADMIN_TOKEN", ""), ("WEBHOOK_SECRET", " ")] {
+            let mut c = Config::new("/m");
+            let secret = Some(Secret::from(value));
+            match key {
+                "ADMIN_TOKEN" => c.admin_token = secret,
+                _ => c.webhook_secret = secret,
+            }
+            assert_eq!(
+                c.validate().unwrap_err().to_string(),
+                format!("{key} is empty: set a secret, or unset it to turn its endpoints off")
+            );
+        }
     }
 
     #[test]

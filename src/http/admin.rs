@@ -19,7 +19,7 @@ use axum::routing::post;
 use axum::Router;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{body, fetch_source, upstream_authorization, AppState};
@@ -66,9 +66,13 @@ fn unauthorized(challenge: &'static str) -> Response {
     r
 }
 
-/// Whether `given` equals `secret`, in time independent of where they differ.
+/// Whether `given` equals `secret`, in time independent of where they differ and of the
+/// secret's length: `ct_eq` on slices of different lengths returns at once, so the digests
+/// are compared.
 fn same(given: &[u8], secret: &Secret) -> bool {
-    given.ct_eq(secret.expose().as_bytes()).into()
+    Sha256::digest(given)
+        .ct_eq(&Sha256::digest(secret.expose().as_bytes()))
+        .into()
 }
 
 /// Whether `headers` carry `Authorization: Bearer <token>` (the admin API's credential).
@@ -79,13 +83,18 @@ pub(super) fn bearer(headers: &HeaderMap, token: &Secret) -> bool {
     same(given.trim().as_bytes(), token)
 }
 
+/// The MAC an `X-Hub-Signature-256: sha256=<hex>` header carries, if it is well-formed.
+fn signature_mac(signature: Option<&str>) -> Option<[u8; 32]> {
+    let hex_mac = signature?.trim().strip_prefix("sha256=")?;
+    let mut mac = [0; 32];
+    hex::decode_to_slice(hex_mac, &mut mac).ok()?;
+    Some(mac)
+}
+
 /// Whether `signature` (`X-Hub-Signature-256: sha256=<hex>`) is the HMAC-SHA256 of `body`
 /// under `secret`; the MAC is compared in constant time.
 fn signed(secret: &Secret, signature: Option<&str>, body: &[u8]) -> bool {
-    let Some(hex_mac) = signature.and_then(|s| s.trim().strip_prefix("sha256=")) else {
-        return false;
-    };
-    let Ok(given) = hex::decode(hex_mac) else {
+    let Some(given) = signature_mac(signature) else {
         return false;
     };
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()) else {
@@ -173,11 +182,16 @@ async fn github(State(state): State<AppState>, headers: HeaderMap, body: Body) -
     let Some(secret) = state.config.webhook_secret.clone() else {
         return answer(StatusCode::NOT_FOUND, "webhooks are off (WEBHOOK_SECRET)");
     };
+    let signature = header(&headers, "x-hub-signature-256").map(str::to_owned);
+    // Without a signature nothing can be authentic: a stranger's body is not read.
+    if signature_mac(signature.as_deref()).is_none() {
+        tracing::info!("webhook refused: bad or missing X-Hub-Signature-256");
+        return unauthorized("HMAC-SHA256");
+    }
     let (body, budget) = match read_body(&state, body).await {
         Ok(read) => read,
         Err(response) => return response,
     };
-    let signature = header(&headers, "x-hub-signature-256").map(str::to_owned);
     let event = header(&headers, "x-github-event").map(str::to_owned);
     // Hashing and parsing up to 25 MiB is CPU work.
     let notice = tokio::task::spawn_blocking(move || {
@@ -275,6 +289,8 @@ async fn pushed(state: AppState, clone_url: &str, arrived: Instant) -> Response 
     if let Some(balancer) = state.config.balancer_url() {
         return forward(&state, balancer, &name).await;
     }
+    // Held from the check to the end of the sync: an evicted mirror is not created anew.
+    let lease = state.mirrors.lease(&request.dir);
     if !repo::exists(&request.dir) {
         tracing::info!(repo = %name, "push ignored: no mirror");
         crate::metrics::webhook_sync("ignored");
@@ -283,7 +299,7 @@ async fn pushed(state: AppState, clone_url: &str, arrived: Instant) -> Response 
             format!("ignored: no mirror of {name}"),
         );
     }
-    sync_in_background(state, request, arrived, "webhook");
+    sync_in_background(state, request, lease, arrived, "webhook");
     answer(StatusCode::ACCEPTED, format!("syncing {name}"))
 }
 
@@ -292,10 +308,12 @@ async fn pushed(state: AppState, clone_url: &str, arrived: Instant) -> Response 
 fn sync_in_background(
     state: AppState,
     request: mirror::Request,
+    lease: mirror::Lease,
     since: Instant,
     reason: &'static str,
 ) {
     tokio::spawn(async move {
+        let _lease = lease;
         let freshness = Freshness::Pushed { since, reason };
         match state.mirrors.ensure(&request, freshness).await {
             Ok(status) => crate::metrics::webhook_sync(status.as_str()),
@@ -404,6 +422,7 @@ async fn mirror_action(State(state): State<AppState>, uri: Uri, headers: HeaderM
         Err((status, text)) => return answer(status, text),
     };
     if headers.contains_key(FORWARDED_HEADER) {
+        let lease = state.mirrors.lease(&request.dir);
         if !repo::exists(&request.dir) {
             crate::metrics::webhook_sync("ignored");
             return answer(
@@ -412,7 +431,7 @@ async fn mirror_action(State(state): State<AppState>, uri: Uri, headers: HeaderM
             );
         }
         let name = request.name.clone();
-        sync_in_background(state, request, arrived, "webhook");
+        sync_in_background(state, request, lease, arrived, "webhook");
         return answer(StatusCode::ACCEPTED, format!("syncing {name}"));
     }
     let freshness = Freshness::Pushed {

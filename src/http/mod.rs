@@ -169,7 +169,8 @@ pub fn router(state: AppState) -> Router {
                         method = %req.method(),
                         path = %req.uri().path(),
                         client = %client,
-                        agent = %agent,
+                        // Recorded as text: the log quotes and escapes it (the client's).
+                        agent = agent,
                         repo = field::Empty,
                         command = field::Empty,
                         outcome = field::Empty,

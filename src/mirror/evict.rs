@@ -142,6 +142,8 @@ pub struct Outcome {
 /// recently used mirrors that are not in use until the disk use is at 90 % of it.
 pub fn pass(mirrors: &Mirrors, cache: Option<&PackCache>, limit: Option<Limit>) -> Outcome {
     let root = &mirrors.settings.root;
+    // This pass decides afresh which mirrors it waits for.
+    mirrors.leases.deferred.lock().clear();
     let mut candidates: Vec<(PathBuf, Arc<Repo>)> = mirrors
         .repos
         .lock()
@@ -232,7 +234,7 @@ fn evict(mirrors: &Mirrors, dir: &Path, repo: &Arc<Repo>) -> Evicted {
     }
     let leases = mirrors.leases.counts.lock();
     let in_use = || {
-        mirrors.leases.deferred.store(true, Ordering::Relaxed);
+        mirrors.leases.deferred.lock().insert(dir.to_path_buf());
         Evicted::InUse
     };
     if leases.contains_key(dir) || repo.maintenance_pending.load(Ordering::Relaxed) {
@@ -338,7 +340,7 @@ mod tests {
         let busy = pass(&mirrors, Some(&cache), limit);
         assert_eq!((busy.evicted, busy.deferred), (1, 2));
         assert!(a.exists() && b.exists() && !c.exists());
-        assert!(mirrors.leases.deferred.load(Ordering::Relaxed));
+        assert!(mirrors.leases.deferred.lock().contains(&a));
 
         // Released: a pass over a lower limit takes the least recently used, `a`, and stops
         // under 90 % of it.
@@ -355,6 +357,28 @@ mod tests {
             "{left:?}"
         );
         assert!(!mirrors.repos.lock().contains_key(&a));
+    }
+
+    #[test]
+    fn only_the_release_of_a_deferred_mirror_wakes_eviction() {
+        use futures_util::FutureExt;
+        let root = tempfile::tempdir().unwrap();
+        let mirrors = super::super::tests::store(root.path());
+        let a = mirror(&mirrors, "h/a", 1000, 1);
+        let b = mirror(&mirrors, "h/b", 1000, 2);
+        let c = mirror(&mirrors, "h/c", 10, 3);
+        let woken = || mirrors.leases.wake.notified().now_or_never().is_some();
+        let lease = mirrors.lease(&a);
+        let busy = pass(&mirrors, None, Some(Limit::Bytes(1500)));
+        assert_eq!((busy.evicted, busy.deferred), (1, 1));
+        assert!(a.exists() && !b.exists());
+        // Requests for other mirrors end: no pass (under load, one after every request).
+        for _ in 0..3 {
+            drop(mirrors.lease(&c));
+        }
+        assert!(!woken());
+        drop(lease);
+        assert!(woken(), "the deferred mirror was released");
     }
 
     #[test]

@@ -91,26 +91,46 @@ const LOCK_FILE: &str = "smart-git-proxy-maintenance.lock";
 /// (a sync could otherwise fetch against objects maintenance is about to drop). Within one
 /// process both also run under the mirror's mutex, so it never blocks there.
 pub fn lock(dir: &Path) -> std::io::Result<std::fs::File> {
-    let file = std::fs::OpenOptions::new()
+    loop {
+        let file = open_lock_file(dir)?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
+        if still_at(&file, dir)? {
+            return Ok(file);
+        }
+    }
+}
+
+fn open_lock_file(dir: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
-        .open(dir.join(LOCK_FILE))?;
-    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
-    Ok(file)
+        .open(dir.join(LOCK_FILE))
+}
+
+/// Whether the locked `file` is still the one `dir` names: eviction holds the lock while it
+/// moves the mirror away, and a waiter that then gets it holds the removed mirror's file,
+/// which excludes nobody from a mirror created anew at the same path.
+fn still_at(file: &std::fs::File, dir: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let locked = file.metadata()?;
+    Ok(match std::fs::metadata(dir.join(LOCK_FILE)) {
+        Ok(now) => (now.dev(), now.ino()) == (locked.dev(), locked.ino()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    })
 }
 
 /// The mirror's maintenance lock if nobody holds it (see [`lock`]); `None` if someone does.
 pub fn try_lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.join(LOCK_FILE))?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(Some(file)),
-        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
-        Err(e) => Err(e.into()),
+    loop {
+        let file = open_lock_file(dir)?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) if still_at(&file, dir)? => return Ok(Some(file)),
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -379,8 +379,9 @@ impl Repo {
 #[derive(Default)]
 struct Leases {
     counts: parking_lot::Mutex<HashMap<PathBuf, usize>>,
-    /// An eviction pass skipped a leased mirror: wake it when a mirror's last lease ends.
-    deferred: AtomicBool,
+    /// Mirrors an eviction pass skipped as in use: the end of one's last lease wakes it (not
+    /// any mirror's, or every request would start a pass while the limit is exceeded).
+    deferred: parking_lot::Mutex<std::collections::HashSet<PathBuf>>,
     /// Wakes the eviction task.
     wake: Arc<Notify>,
 }
@@ -406,7 +407,7 @@ impl Drop for Lease {
             }
         };
         drop(counts);
-        if last && self.leases.deferred.swap(false, Ordering::Relaxed) {
+        if last && self.leases.deferred.lock().remove(&self.dir) {
             self.leases.wake.notify_one();
         }
     }
@@ -442,7 +443,19 @@ impl Info {
         rec: &record::Record,
         pack_cache_bytes: u64,
     ) -> Info {
-        let time = |ms: u64| humantime::format_rfc3339_seconds(record::time_of(ms)).to_string();
+        // RFC 3339 ends with year 9999 (the formatter fails beyond it): a damaged record's
+        // time, or a marker's, is then unknown.
+        let time = |ms: u64| {
+            use std::fmt::Write;
+            let mut text = String::new();
+            write!(
+                text,
+                "{}",
+                humantime::format_rfc3339_seconds(record::time_of(ms))
+            )
+            .ok()
+            .map(|()| text)
+        };
         // An adopted mirror, or one synced before records existed: its sync marker.
         let last_sync_ms = rec.last_sync_ms.or_else(|| {
             sync::last_synced(dir)
@@ -453,9 +466,9 @@ impl Info {
             repo,
             bytes: usage.bytes,
             packs: usage.packs,
-            last_sync: last_sync_ms.map(time),
+            last_sync: last_sync_ms.and_then(time),
             last_sync_outcome: rec.last_sync_outcome,
-            last_serve: rec.last_serve_ms.map(time),
+            last_serve: rec.last_serve_ms.and_then(time),
             private: Mirrors::is_private(dir),
             pack_cache_bytes,
         }
@@ -590,9 +603,18 @@ impl Mirrors {
         if !repo.record.lock().served() {
             return;
         }
+        // Written later, on a blocking thread: by then the request may be gone and the mirror
+        // evicted and created anew, whose record this one must not replace.
+        let lease = self.lease(dir);
+        let repos = Arc::clone(&self.repos);
         let dir = dir.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            if crate::repo::exists(&dir) {
+            let _lease = lease;
+            let current = repos
+                .lock()
+                .get(&dir)
+                .is_some_and(|r| Arc::ptr_eq(r, &repo));
+            if current && crate::repo::exists(&dir) {
                 repo.write_record(&dir);
             }
         });
@@ -709,10 +731,10 @@ impl Mirrors {
 
     /// The mirror's state, loading its last sync time from disk the first time.
     fn repo(&self, dir: &Path) -> Arc<Repo> {
-        let mut repos = self.repos.lock();
-        if let Some(repo) = repos.get(dir) {
+        if let Some(repo) = self.repos.lock().get(dir) {
             return Arc::clone(repo);
         }
+        // Read from disk without the store's lock, which every request takes.
         let last_sync = sync::last_synced(dir)
             .and_then(|t| t.elapsed().ok())
             .and_then(|ago| Instant::now().checked_sub(ago));
@@ -727,8 +749,8 @@ impl Mirrors {
             }),
             ..Default::default()
         });
-        repos.insert(dir.to_path_buf(), Arc::clone(&repo));
-        repo
+        // Another request may have been first: its state is the one shared.
+        Arc::clone(self.repos.lock().entry(dir.to_path_buf()).or_insert(repo))
     }
 
     /// The current snapshot of the mirror at `dir`, built now if it has none yet (a mirror an
@@ -781,6 +803,10 @@ impl Mirrors {
     /// Make sure the mirror exists and is as fresh as `freshness` asks, creating or syncing it
     /// (one at a time per repository; concurrent callers wait for and share the result).
     pub async fn ensure(&self, req: &Request, freshness: Freshness) -> Result<Status, Error> {
+        // Callers without a lease of their own (warm-ups, push notices): eviction must not
+        // remove the repository between `repo()` and its lock, or this update would run on a
+        // state the store no longer holds, beside another request's.
+        let _lease = self.lease(&req.dir);
         let started = Instant::now();
         let key = failure_key(req);
         let repo = loop {
@@ -1330,6 +1356,28 @@ mod tests {
         assert_eq!(names.len(), 2_000);
         assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats");
         assert_eq!(names[0], "h/g0/r0");
+    }
+
+    #[test]
+    fn the_inventory_shows_times_beyond_year_9999_as_unknown() {
+        let root = tempfile::tempdir().unwrap();
+        let mirrors = store(root.path());
+        let dir = root.path().join("h/r.git");
+        std::fs::create_dir_all(dir.join("objects")).unwrap();
+        // A damaged or hand-edited record: RFC 3339 has no year 10000.
+        std::fs::write(
+            dir.join(record::FILE),
+            br#"{"last_sync_ms":300000000000000,"last_serve_ms":18446744073709551615}"#,
+        )
+        .unwrap();
+        mirrors.repo(&dir);
+        let (page, _) = mirrors.inventory(None, None, 10);
+        assert_eq!(
+            (page[0].last_sync.as_deref(), page[0].last_serve.as_deref()),
+            (None, None)
+        );
+        let on_disk = inventory_on_disk(root.path(), &root.path().join(".pack-cache")).unwrap();
+        assert_eq!(on_disk[0].last_serve, None);
     }
 
     #[test]

@@ -21,10 +21,74 @@ use gix::ObjectId;
 use super::walk::Commits;
 use super::{check_interrupt, Db, Error};
 
-/// The commit-graph of the repository behind `db`, if it has a readable one.
+/// The commit-graph of the repository behind `db`, if it has one that passes verification.
+///
+/// Opening checks only the file's structure; a graph whose bytes are damaged (or that lies
+/// about parents) would make walks fail or send incomplete packs. So each version of the
+/// graph's files is verified once (checksum, order, parent positions, generations, see
+/// [`gix::commitgraph::Graph::verify_integrity`]) and, when it fails, ignored: walks then read
+/// the objects, as without a graph.
 pub fn open(db: &Db) -> Option<gix::commitgraph::Graph> {
     let store = db.store_ref();
-    gix::commitgraph::Graph::from_info_dir(&store.path().join("info"), store.object_hash()).ok()
+    let info = store.path().join("info");
+    let before = Version::of(&info);
+    let graph = gix::commitgraph::Graph::from_info_dir(&info, store.object_hash()).ok()?;
+    let after = Version::of(&info);
+    let known = (before == after)
+        .then(|| {
+            VERDICTS
+                .lock()
+                .get(&info)
+                .filter(|(v, _)| *v == after)
+                .map(|(_, ok)| *ok)
+        })
+        .flatten();
+    let ok = known.unwrap_or_else(|| {
+        let verified = graph.verify_integrity(|_| Ok::<_, std::io::Error>(()));
+        if let Err(e) = &verified {
+            tracing::warn!(
+                dir = %info.display(),
+                error = %e,
+                "ignoring a commit-graph that fails verification"
+            );
+        }
+        if before == after {
+            VERDICTS.lock().insert(info, (after, verified.is_ok()));
+        }
+        verified.is_ok()
+    });
+    ok.then_some(graph)
+}
+
+/// Whether each commit-graph version (by `objects/info` directory) passed verification: one
+/// entry per mirror, replaced when its graph is.
+static VERDICTS: std::sync::LazyLock<parking_lot::Mutex<Verdicts>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// By `objects/info` directory: the graph's version and whether it passed.
+type Verdicts = std::collections::HashMap<PathBuf, (Version, bool)>;
+
+/// A version of a repository's commit-graph files: the single file's and the split chain's
+/// identity (device, inode, size, modification time), as a replacement by rename changes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Version([Option<FileId>; 2]);
+
+/// Device, inode, size, modification time (seconds, nanoseconds).
+type FileId = (u64, u64, u64, i64, i64);
+
+impl Version {
+    fn of(info: &Path) -> Version {
+        use std::os::unix::fs::MetadataExt;
+        let id = |path: PathBuf| {
+            std::fs::metadata(path)
+                .ok()
+                .map(|m| (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+        };
+        Version([
+            id(info.join("commit-graph")),
+            id(info.join("commit-graphs/commit-graph-chain")),
+        ])
+    }
 }
 
 /// The path of the single-file commit-graph in an objects directory.
