@@ -105,6 +105,15 @@ impl ThinBases {
             },
         }
     }
+
+    /// The bitmap index the bases came from, whose pack order names the objects of its pack
+    /// by offset.
+    pub fn bitmap(&self) -> Option<&Arc<bitmap::Index>> {
+        match self {
+            ThinBases::Ids(_) => None,
+            ThinBases::Bitmap { index, .. } => Some(index),
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -206,10 +206,19 @@ impl Objects {
         self.idx.pack_checksum()
     }
 
+    /// The object whose entry starts at `offset`, if one does.
+    pub(crate) fn id_at_offset(&self, offset: u64) -> Option<ObjectId> {
+        let pos = self
+            .order
+            .binary_search_by_key(&offset, |i| self.idx.pack_offset_at_index(*i))
+            .ok()?;
+        Some(self.id(pos))
+    }
+
     /// gix's id of this pack in `db`, found by looking up a few objects: the pack locations of
     /// [`Objects::location`] then need no lookup per object. `None` when `db` finds those
     /// objects elsewhere (another pack holds them too).
-    fn pack_id(&self, db: &Db) -> Option<u32> {
+    pub(crate) fn pack_id(&self, db: &Db) -> Option<u32> {
         let mut buf = Vec::new();
         let mut found = None;
         for pos in [0, self.len() / 2, self.len().saturating_sub(1)] {
