@@ -35,6 +35,49 @@ pub fn check_interrupt(interrupt: &AtomicBool, step: usize) -> Result<(), Error>
 /// How often (in steps) [`check_interrupt`] looks at the flag.
 const INTERRUPT_CHECK_INTERVAL: usize = 1024;
 
+/// Object `id` (read into `buf`) and its pack location; `context` names the read in errors,
+/// and a missing object is [`Error::Missing`].
+pub(crate) fn find<'b>(
+    db: &Db,
+    buf: &'b mut Vec<u8>,
+    id: ObjectId,
+    context: &'static str,
+) -> Result<(gix::objs::Data<'b>, Option<gix_pack::data::entry::Location>), Error> {
+    use gix_pack::Find;
+    db.try_find(&id, buf)
+        .map_err(|e| Error::Read {
+            context,
+            id,
+            message: e.to_string(),
+        })?
+        .ok_or(Error::Missing(id))
+}
+
+/// [`find()`] for an object that must be a `kind` (a commit or a tree, as walks expect).
+pub(crate) fn find_kind<'b>(
+    db: &Db,
+    buf: &'b mut Vec<u8>,
+    id: ObjectId,
+    kind: gix::object::Kind,
+) -> Result<(gix::objs::Data<'b>, Option<gix_pack::data::entry::Location>), Error> {
+    use gix::object::Kind;
+    let (reading, expected) = match kind {
+        Kind::Commit => ("reading commit", "expected a commit at"),
+        Kind::Tree => ("reading tree", "expected a tree at"),
+        Kind::Blob => ("reading blob", "expected a blob at"),
+        Kind::Tag => ("reading tag", "expected a tag at"),
+    };
+    let (data, location) = find(db, buf, id, reading)?;
+    if data.kind != kind {
+        return Err(Error::Read {
+            context: expected,
+            id,
+            message: format!("found a {}", data.kind),
+        });
+    }
+    Ok((data, location))
+}
+
 /// The object database handle pack generation works on: thread-safe and cheap to clone.
 pub type Db = gix::odb::HandleArc;
 
@@ -222,16 +265,8 @@ fn peel(
     buf: &mut Vec<u8>,
     mut id: ObjectId,
 ) -> Result<(ObjectId, gix::object::Kind), Error> {
-    use gix_pack::Find;
     loop {
-        let (data, _) = db
-            .try_find(&id, buf)
-            .map_err(|e| Error::Read {
-                context: "reading object",
-                id,
-                message: e.to_string(),
-            })?
-            .ok_or(Error::Missing(id))?;
+        let (data, _) = find(db, buf, id, "reading object")?;
         if data.kind != gix::object::Kind::Tag {
             return Ok((id, data.kind));
         }

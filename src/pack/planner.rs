@@ -293,11 +293,8 @@ impl Planner<'_> {
                 return Ok(());
             }
             let (kind, location, tag_target) = {
-                let (data, location) = self
-                    .db
-                    .try_find(&id, &mut self.buf)
-                    .map_err(Self::read_err("reading wanted object", id))?
-                    .ok_or(Error::Missing(id))?;
+                let (data, location) =
+                    super::find(self.db, &mut self.buf, id, "reading wanted object")?;
                 let target = match data.kind {
                     Kind::Tag => Some(super::tag_target(id, data.data)?),
                     _ => None,
@@ -421,18 +418,8 @@ impl Planner<'_> {
                 let included = self.take(tree, Kind::Tree, depth, mark, wanted.contains(&tree))?;
                 children.clear();
                 let location = {
-                    let (data, location) = self
-                        .db
-                        .try_find(&tree, &mut self.buf)
-                        .map_err(Self::read_err("reading tree", tree))?
-                        .ok_or(Error::Missing(tree))?;
-                    if data.kind != Kind::Tree {
-                        return Err(Error::Read {
-                            context: "expected a tree at",
-                            id: tree,
-                            message: format!("found a {}", data.kind),
-                        });
-                    }
+                    let (data, location) =
+                        super::find_kind(self.db, &mut self.buf, tree, Kind::Tree)?;
                     for entry in TreeRefIter::from_bytes(data.data, tree.kind()) {
                         let entry = entry.map_err(|e| Error::Read {
                             context: "decoding tree",

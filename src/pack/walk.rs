@@ -155,22 +155,7 @@ impl<'a> Commits<'a> {
     }
 
     fn read_object(&mut self, id: ObjectId) -> Result<Commit, Error> {
-        let (data, location) = self
-            .db
-            .try_find(&id, &mut self.buf)
-            .map_err(|e| Error::Read {
-                context: "reading commit",
-                id,
-                message: e.to_string(),
-            })?
-            .ok_or(Error::Missing(id))?;
-        if data.kind != Kind::Commit {
-            return Err(Error::Read {
-                context: "expected a commit at",
-                id,
-                message: format!("found a {}", data.kind),
-            });
-        }
+        let (data, location) = super::find_kind(self.db, &mut self.buf, id, Kind::Commit)?;
         let mut commit = Commit {
             parents: SmallVec::new(),
             time: 0,

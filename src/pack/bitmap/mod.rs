@@ -363,21 +363,7 @@ impl<'a> Reach<'a> {
                 continue;
             }
             self.tick(interrupt)?;
-            let (data, _) = db
-                .try_find(&tree, buf)
-                .map_err(|e| Error::Read {
-                    context: "reading tree",
-                    id: tree,
-                    message: e.to_string(),
-                })?
-                .ok_or(Error::Missing(tree))?;
-            if data.kind != Kind::Tree {
-                return Err(Error::Read {
-                    context: "expected a tree at",
-                    id: tree,
-                    message: format!("found a {}", data.kind),
-                });
-            }
+            let (data, _) = super::find_kind(db, buf, tree, Kind::Tree)?;
             for entry in TreeRefIter::from_bytes(data.data, tree.kind()) {
                 let entry = entry.map_err(|e| Error::Read {
                     context: "decoding tree",
@@ -418,14 +404,7 @@ impl<'a> Reach<'a> {
         for id in ids {
             let mut id = *id;
             loop {
-                let (data, _) = db
-                    .try_find(&id, &mut buf)
-                    .map_err(|e| Error::Read {
-                        context: "reading object",
-                        id,
-                        message: e.to_string(),
-                    })?
-                    .ok_or(Error::Missing(id))?;
+                let (data, _) = super::find(db, &mut buf, id, "reading object")?;
                 match data.kind {
                     Kind::Tag => {
                         let target = super::tag_target(id, data.data)?;
@@ -658,14 +637,7 @@ fn wanted_objects(db: &Db, wants: &[ObjectId]) -> Result<HashMap<ObjectId, Kind>
     for want in wants {
         let mut id = *want;
         while !out.contains_key(&id) {
-            let (data, _) = db
-                .try_find(&id, &mut buf)
-                .map_err(|e| Error::Read {
-                    context: "reading wanted object",
-                    id,
-                    message: e.to_string(),
-                })?
-                .ok_or(Error::Missing(id))?;
+            let (data, _) = super::find(db, &mut buf, id, "reading wanted object")?;
             out.insert(id, data.kind);
             if data.kind != Kind::Tag {
                 break;
