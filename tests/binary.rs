@@ -185,7 +185,7 @@ fn json_logs_are_json_and_each_request_is_a_line() {
 /// SIGTERM lets an answer in flight finish: the pack arrives whole, then the process exits 0.
 #[test]
 fn sigterm_lets_a_clone_in_flight_finish() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let (mirror, repo_dir) = seeded_mirror("large");
     let mut running = Running::start(
         mirror.path(),
@@ -195,34 +195,8 @@ fn sigterm_lets_a_clone_in_flight_finish() {
         ],
     );
     let tip = git(&repo_dir, &["rev-parse", "main"]);
-    let body = pkt(&[
-        "command=fetch",
-        "0001",
-        "ofs-delta",
-        "no-progress",
-        &format!("want {}", tip.trim()),
-        "done",
-        "0000",
-    ]);
-    let mut s = std::net::TcpStream::connect(&running.addr).unwrap();
-    write!(
-        s,
-        "POST /127.0.0.1:9/large/git-upload-pack HTTP/1.1\r\nHost: x\r\nGit-Protocol: version=2\r\n\
-         Connection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(&body).unwrap();
-    let mut answer = vec![0u8; 4096];
-    let n = s.read(&mut answer).unwrap();
-    answer.truncate(n);
-    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
-    let pid = running.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let (mut s, mut answer) = running.answer_in_flight(&tip);
+    running.terminate();
     s.read_to_end(&mut answer).unwrap();
     let status = running.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
@@ -258,28 +232,7 @@ fn sigterm_closes_the_listener_while_answers_finish() {
     let addr: std::net::SocketAddr = running.addr.parse().unwrap();
     assert_eq!(request(addr, "GET", "/readyz", &[], b"").status, 200);
     let tip = git(&repo_dir, &["rev-parse", "main"]);
-    let body = pkt(&[
-        "command=fetch",
-        "0001",
-        "ofs-delta",
-        "no-progress",
-        &format!("want {}", tip.trim()),
-        "done",
-        "0000",
-    ]);
-    let mut busy = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        busy,
-        "POST /127.0.0.1:9/large/git-upload-pack HTTP/1.1\r\nHost: x\r\nGit-Protocol: version=2\r\n\
-         Connection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    busy.write_all(&body).unwrap();
-    let mut answer = vec![0u8; 4096];
-    let n = busy.read(&mut answer).unwrap();
-    answer.truncate(n);
-    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    let (mut busy, mut answer) = running.answer_in_flight(&tip);
     // A keep-alive connection, idle when the signal comes.
     let mut idle = std::net::TcpStream::connect(addr).unwrap();
     write!(idle, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
@@ -287,12 +240,7 @@ fn sigterm_closes_the_listener_while_answers_finish() {
     idle.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
 
-    let pid = running.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    running.terminate();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while std::net::TcpStream::connect(addr).is_ok() {
         assert!(

@@ -29,12 +29,7 @@ fn start(mirror_dir: &Path, up: &Upstream, env: &[(&str, &str)]) -> Running {
 
 /// SIGTERM, and wait for the exit (the server writes its records on the way out).
 fn stop(mut running: Running) {
-    let pid = running.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    running.terminate();
     let status = running.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }

@@ -594,6 +594,46 @@ impl Running {
         running
     }
 
+    /// Send SIGTERM, as systemd does to stop the service.
+    pub fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// A v2 fetch of `tip` from fixture `large` (mirrored as `127.0.0.1:9/large`), on a new
+    /// connection, read up to the first bytes of its answer, which must be a 200: an answer in
+    /// flight, with the rest (and the pack) still to come.
+    pub fn answer_in_flight(&self, tip: &str) -> (std::net::TcpStream, Vec<u8>) {
+        use std::io::{Read, Write};
+        let body = pkt(&[
+            "command=fetch",
+            "0001",
+            "ofs-delta",
+            "no-progress",
+            &format!("want {}", tip.trim()),
+            "done",
+            "0000",
+        ]);
+        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
+        write!(
+            s,
+            "POST /127.0.0.1:9/large/git-upload-pack HTTP/1.1\r\nHost: x\r\nGit-Protocol: version=2\r\n\
+             Connection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(&body).unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = s.read(&mut answer).unwrap();
+        answer.truncate(n);
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+        (s, answer)
+    }
+
     /// A line of `/proc/<pid>/status`, in KiB (`VmRSS`, `VmHWM`).
     pub fn status_kib(&self, key: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
