@@ -10,7 +10,6 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use gix::ObjectId;
@@ -27,13 +26,7 @@ fn maintained(name: &str) -> (tempfile::TempDir, PathBuf) {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().join(format!("{name}.git"));
     build_fixture(name, &dir);
-    let outcome = maintain::consolidate(
-        &dir,
-        Duration::from_secs(3600),
-        None,
-        &AtomicBool::new(false),
-    )
-    .expect("maintenance");
+    let outcome = maintain_now(&dir);
     assert!(outcome.bitmap_commits > 0, "{outcome:?}");
     (work, dir)
 }
@@ -497,13 +490,7 @@ fn maintenance_again_plans_from_the_old_bitmap_and_writes_a_new_one() {
     let old = bitmap_path(&dir);
     push_commit(&dir, "main", "new-1");
     push_commit(&dir, "side", "new-side");
-    let outcome = maintain::consolidate(
-        &dir,
-        Duration::from_secs(3600),
-        None,
-        &AtomicBool::new(false),
-    )
-    .expect("maintenance");
+    let outcome = maintain_now(&dir);
     let new = bitmap_path(&dir);
     assert_ne!(old, new);
     assert!(!old.exists(), "the old pack's bitmap went with it");

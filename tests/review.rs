@@ -4,9 +4,8 @@
 mod common;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Once;
-use std::time::Duration;
 
 use common::*;
 use hmac::{Hmac, Mac};
@@ -218,13 +217,7 @@ fn a_corrupt_commit_graph_never_panics_and_never_serves_a_broken_repository() {
         let dir = server.repo_dir("graph");
         std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
         build_fixture("basic", &dir);
-        let outcome = maintain::consolidate(
-            &dir,
-            Duration::from_secs(3600),
-            None,
-            &AtomicBool::new(false),
-        )
-        .expect("maintenance");
+        let outcome = maintain_now(&dir);
         assert!(outcome.commit_graph.is_some_and(|n| n > 0), "{outcome:?}");
         assert!(graph_is_used(&dir), "our own graph verifies");
         let path = dir.join("objects/info/commit-graph");

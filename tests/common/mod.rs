@@ -652,6 +652,17 @@ impl Drop for Running {
     }
 }
 
+/// Consolidate the mirror at `dir` now, with an hour's grace for unreachable objects.
+pub fn maintain_now(dir: &Path) -> smart_git_proxy::mirror::maintain::Outcome {
+    smart_git_proxy::mirror::maintain::consolidate(
+        dir,
+        std::time::Duration::from_secs(3600),
+        None,
+        &std::sync::atomic::AtomicBool::new(false),
+    )
+    .expect("maintenance")
+}
+
 /// A child process killed when dropped, however the test ends (a panic included), so that no
 /// server outlives its test.
 pub struct Killed(pub std::process::Child);
