@@ -461,7 +461,7 @@ impl Snapshot {
 }
 
 /// Read the bitmap at `path`; `None` (and a warning) when it cannot be used.
-fn load_bitmap(path: &Path) -> Option<Arc<crate::pack::bitmap::Index>> {
+pub(crate) fn load_bitmap(path: &Path) -> Option<Arc<crate::pack::bitmap::Index>> {
     match crate::pack::bitmap::Index::open(path) {
         Ok(index) => {
             tracing::debug!(?index, "bitmap loaded");

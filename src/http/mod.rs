@@ -197,10 +197,14 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     if state.draining.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
     }
-    let probe = state
-        .config
-        .mirror_dir
-        .join(format!(".readyz-{}", std::process::id()));
+    // One file per probe: overlapping probes (a kubelet's and a balancer's) must not remove
+    // each other's.
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let probe = state.config.mirror_dir.join(format!(
+        ".readyz-{}-{}",
+        std::process::id(),
+        PROBES.fetch_add(1, Ordering::Relaxed)
+    ));
     let written = tokio::task::spawn_blocking(move || {
         std::fs::write(&probe, b"").and_then(|()| std::fs::remove_file(&probe))
     })

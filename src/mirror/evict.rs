@@ -226,7 +226,8 @@ enum Evicted {
 /// Delete the mirror at `dir` unless it is in use.
 fn evict(mirrors: &Mirrors, dir: &Path, repo: &Arc<Repo>) -> Evicted {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    // Under the store's lock, which leases are taken under: no request can start reading the
+    // Under the store's lock (which `Mirrors::repo` takes) and, below, the lease counts' (which
+    // `Mirrors::lease` takes), both held until the rename: no request can start reading the
     // mirror between the check and the rename.
     let mut repos = mirrors.repos.lock();
     if !repos.get(dir).is_some_and(|r| Arc::ptr_eq(r, repo)) {

@@ -186,12 +186,7 @@ pub fn consolidate(
         .map(|r| r.target)
         .collect();
     // The bitmap of the last maintenance (or git's) answers most of the regions' planning.
-    let bitmap = crate::repo::bitmap_file(dir).and_then(|path| {
-        pack::bitmap::Index::open(&path)
-            .map_err(|e| tracing::debug!(error = %e, "maintenance walks: no usable bitmap"))
-            .ok()
-            .map(std::sync::Arc::new)
-    });
+    let bitmap = crate::repo::bitmap_file(dir).and_then(|path| crate::repo::load_bitmap(&path));
     let first = pack::plan(
         &db,
         &pack::Selection {

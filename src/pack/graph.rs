@@ -14,6 +14,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use gix::hashtable::HashMap;
 use gix::ObjectId;
@@ -28,45 +29,46 @@ use super::{check_interrupt, Db, Error};
 /// graph's files is verified once (checksum, order, parent positions, generations, see
 /// [`gix::commitgraph::Graph::verify_integrity`]) and, when it fails, ignored: walks then read
 /// the objects, as without a graph.
-pub fn open(db: &Db) -> Option<gix::commitgraph::Graph> {
+///
+/// Every walk asks (several per request), so the opened graph is kept per version: a request
+/// pays two `stat`s, and only the first walk after a new graph opens and verifies it.
+pub fn open(db: &Db) -> Option<Arc<gix::commitgraph::Graph>> {
     let store = db.store_ref();
     let info = store.path().join("info");
     let before = Version::of(&info);
-    let graph = gix::commitgraph::Graph::from_info_dir(&info, store.object_hash()).ok()?;
-    let after = Version::of(&info);
-    let known = (before == after)
-        .then(|| {
-            VERDICTS
-                .lock()
-                .get(&info)
-                .filter(|(v, _)| *v == after)
-                .map(|(_, ok)| *ok)
-        })
-        .flatten();
-    let ok = known.unwrap_or_else(|| {
-        let verified = graph.verify_integrity(|_| Ok::<_, std::io::Error>(()));
-        if let Err(e) = &verified {
-            tracing::warn!(
-                dir = %info.display(),
-                error = %e,
-                "ignoring a commit-graph that fails verification"
-            );
-        }
-        if before == after {
-            VERDICTS.lock().insert(info, (after, verified.is_ok()));
-        }
-        verified.is_ok()
-    });
-    ok.then_some(graph)
+    if let Some((_, graph)) = GRAPHS.lock().get(&info).filter(|(v, _)| *v == before) {
+        return graph.clone();
+    }
+    let graph = gix::commitgraph::Graph::from_info_dir(&info, store.object_hash())
+        .ok()
+        .filter(
+            |graph| match graph.verify_integrity(|_| Ok::<_, std::io::Error>(())) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        dir = %info.display(),
+                        error = %e,
+                        "ignoring a commit-graph that fails verification"
+                    );
+                    false
+                }
+            },
+        )
+        .map(Arc::new);
+    // Replaced while it was read: not remembered, the next walk looks again.
+    if Version::of(&info) == before {
+        GRAPHS.lock().insert(info, (before, graph.clone()));
+    }
+    graph
 }
 
-/// Whether each commit-graph version (by `objects/info` directory) passed verification: one
-/// entry per mirror, replaced when its graph is.
-static VERDICTS: std::sync::LazyLock<parking_lot::Mutex<Verdicts>> =
+/// The verified commit-graph of each version (by `objects/info` directory; `None`: none, or
+/// one that failed): one entry per mirror, replaced when its graph is.
+static GRAPHS: std::sync::LazyLock<parking_lot::Mutex<Graphs>> =
     std::sync::LazyLock::new(Default::default);
 
-/// By `objects/info` directory: the graph's version and whether it passed.
-type Verdicts = std::collections::HashMap<PathBuf, (Version, bool)>;
+/// By `objects/info` directory: the graph's version and the graph.
+type Graphs = std::collections::HashMap<PathBuf, (Version, Option<Arc<gix::commitgraph::Graph>>)>;
 
 /// A version of a repository's commit-graph files: the single file's and the split chain's
 /// identity (device, inode, size, modification time), as a replacement by rename changes it.
@@ -119,8 +121,8 @@ pub fn write(
     if db.store_ref().object_hash() != gix::hash::Kind::Sha1 {
         return Ok(None);
     }
-    // Read the objects themselves, not a graph that is being replaced.
-    let mut commits = Commits::without_graph(db);
+    // The old graph, where it has a commit, is as true as the objects (commits do not change).
+    let mut commits = Commits::new(db, Default::default());
     let mut table: HashMap<ObjectId, (ObjectId, smallvec::SmallVec<[ObjectId; 2]>, i64)> =
         HashMap::default();
     let mut stack = Vec::new();

@@ -36,7 +36,7 @@ pub struct Commit {
 pub struct Commits<'a> {
     db: &'a Db,
     /// The repository's commit-graph, consulted before the object database.
-    graph: Option<gix::commitgraph::Graph>,
+    graph: Option<std::sync::Arc<gix::commitgraph::Graph>>,
     /// Whether commits read from the graph need their pack location (which costs as much as
     /// reading the commit: gix inflates the entry to learn its packed size).
     locate: bool,
