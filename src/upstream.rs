@@ -229,25 +229,6 @@ fn pack_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether `authorization` gives access to `url`: a ref listing only, no objects. `dir` is any
-/// local repository (the mirror); nothing is written to it.
-pub fn check_access(
-    dir: &Path,
-    url: &str,
-    authorization: Option<&str>,
-    opts: &Options,
-) -> Result<(), Error> {
-    let repo = open(dir)?;
-    let remote = remote(&repo, url, ["+refs/heads/*:refs/heads/*"])?;
-    let auth_asked = Arc::new(AtomicBool::new(false));
-    let connection = connect(&remote, authorization, opts, &auth_asked)?;
-    match connection.ref_map(gix::progress::Discard, Default::default()) {
-        Ok(_) => Ok(()),
-        Err(_) if auth_asked.load(Ordering::Relaxed) => Err(Error::AuthRequired),
-        Err(e) => Err(Error::Failed(format!("{e:#}"))),
-    }
-}
-
 fn open(dir: &Path) -> Result<gix::Repository, Error> {
     gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| Error::Local(e.to_string()))
 }
@@ -323,6 +304,44 @@ fn transport_options(authorization: Option<&str>, opts: &Options) -> http::Optio
         user_agent: Some(crate::protocol::AGENT.into()),
         ..Default::default()
     }
+}
+
+/// Redirects a ref listing follows at most (as git's `http.followRedirects` default does for
+/// its first request, reqwest's own limit).
+const MAX_REDIRECTS: usize = 10;
+
+/// The HTTP client of ref listings ([`ls_refs`]), with the timeouts of `opts`. It follows a
+/// redirect only to one of the `allowed` origins (`scheme://host[:port]`: the
+/// `ALLOWED_UPSTREAMS` and `PARENT_PROXY`), never from `https` to `http`, and at most
+/// [`MAX_REDIRECTS`]: an upstream cannot send the proxy, or a client's credentials, elsewhere.
+pub fn listing_client(opts: &Options, allowed: &[String]) -> reqwest::Result<reqwest::Client> {
+    let allowed: Vec<reqwest::Url> = allowed
+        .iter()
+        .filter_map(|a| reqwest::Url::parse(a).ok())
+        .collect();
+    let policy = reqwest::redirect::Policy::custom(move |attempt| {
+        let to = attempt.url().origin();
+        let downgrade = attempt.url().scheme() == "http"
+            && attempt.previous().iter().any(|u| u.scheme() == "https");
+        let origin = to.ascii_serialization();
+        if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error("too many redirects")
+        } else if downgrade {
+            attempt.error(format!("refusing a redirect from https to {origin}"))
+        } else if allowed.iter().any(|a| a.origin() == to) {
+            attempt.follow()
+        } else {
+            attempt.error(format!(
+                "refusing a redirect to {origin}: not in ALLOWED_UPSTREAMS"
+            ))
+        }
+    });
+    reqwest::Client::builder()
+        .connect_timeout(opts.connect_timeout)
+        .read_timeout(opts.stall_timeout)
+        .user_agent(crate::protocol::AGENT)
+        .redirect(policy)
+        .build()
 }
 
 /// Why the one-request listing did not work.
