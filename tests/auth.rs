@@ -789,25 +789,31 @@ fn concurrent_wrong_passwords_share_one_upstream_check() {
     assert_eq!(up.log().len() - asked, 1, "the refusal is remembered");
 }
 
-/// The upstream's ref listing, like its fetch, follows no redirect to a host outside
-/// `ALLOWED_UPSTREAMS`.
+/// No upstream request follows a redirect to a host outside `ALLOWED_UPSTREAMS`: not the ref
+/// listing, nor the fetch's handshake (whose redirect gix would follow).
 #[test]
 fn no_upstream_request_follows_a_redirect_outside_the_allowed_upstreams() {
+    use common::upstream::Mode;
     let up = Upstream::start();
     up.add_fixture("o/repo", "basic");
     let elsewhere = Upstream::start();
     elsewhere.add_fixture("o/repo", "basic");
-    up.set_mode(common::upstream::Mode::RedirectTo(elsewhere.addr));
-    for mode in [AuthMode::None, AuthMode::PassThrough] {
-        let server = proxy(&up, mode, None);
-        for authorization in [None, Some(basic("alice:secret"))] {
-            let (get, post) = both_endpoints(&server, &up, "o/repo", authorization.as_deref());
-            assert_eq!(
-                (get.status, post.status),
-                (502, 502),
-                "{mode:?}: {}",
-                get.text()
-            );
+    for redirect in [
+        Mode::RedirectTo(elsewhere.addr),
+        Mode::RedirectGetsTo(elsewhere.addr),
+    ] {
+        up.set_mode(redirect);
+        for mode in [AuthMode::None, AuthMode::PassThrough] {
+            let server = proxy(&up, mode, None);
+            for authorization in [None, Some(basic("alice:secret"))] {
+                let (get, post) = both_endpoints(&server, &up, "o/repo", authorization.as_deref());
+                assert_eq!(
+                    (get.status, post.status),
+                    (502, 502),
+                    "{redirect:?}, {mode:?}: {}",
+                    get.text()
+                );
+            }
         }
     }
     assert_eq!(
@@ -815,4 +821,67 @@ fn no_upstream_request_follows_a_redirect_outside_the_allowed_upstreams() {
         0,
         "a request went to a host not allowed"
     );
+}
+
+/// A redirect to another allowed upstream (a renamed repository, a moved host) is followed by
+/// the listing, and the fetch goes where it led.
+#[test]
+fn redirects_within_the_allowed_upstreams_are_followed() {
+    let up = Upstream::start();
+    let moved = Upstream::start();
+    moved.add_fixture("o/repo", "basic");
+    up.set_mode(common::upstream::Mode::RedirectTo(moved.addr));
+    let allowed = format!("{},{}", up.allowed(), moved.allowed());
+    let server = Server::start_with(move |c| c.allowed_upstreams = allowed);
+    let work = tempfile::tempdir().unwrap();
+    for version in PROTOCOLS {
+        let dest = format!("c{version}");
+        git(
+            work.path(),
+            &[
+                "-c",
+                &format!("protocol.version={version}"),
+                "clone",
+                "-q",
+                &server.url_for(&up.segment(), "o/repo"),
+                &dest,
+            ],
+        );
+        assert_fsck(&work.path().join(dest).join(".git"));
+    }
+    assert!(moved.count("/o/repo.git") > 0);
+}
+
+/// The admin API's `Bearer` scheme is matched case-insensitively (RFC 9110, 11.1); the token
+/// is not.
+#[test]
+fn the_admin_bearer_scheme_is_case_insensitive() {
+    let server = Server::start_with(|c| c.admin_token = Some("t0ken".into()));
+    let get = |authorization: &str| {
+        request(
+            server.addr,
+            "GET",
+            "/api/v1/mirrors",
+            &[("Authorization", authorization)],
+            b"",
+        )
+        .status
+    };
+    for accepted in [
+        "Bearer t0ken",
+        "bearer t0ken",
+        "BEARER t0ken",
+        "bEaReR   t0ken",
+    ] {
+        assert_eq!(get(accepted), 200, "{accepted}");
+    }
+    for refused in [
+        "Bearer T0KEN",
+        "Basic t0ken",
+        "Bearert0ken",
+        "t0ken",
+        "Bearer",
+    ] {
+        assert_eq!(get(refused), 401, "{refused}");
+    }
 }

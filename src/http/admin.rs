@@ -75,11 +75,14 @@ fn same(given: &[u8], secret: &Secret) -> bool {
         .into()
 }
 
-/// Whether `headers` carry `Authorization: Bearer <token>` (the admin API's credential).
+/// Whether `headers` carry `Authorization: Bearer <token>` (the admin API's credential). The
+/// scheme is case-insensitive (RFC 9110, 11.1), and one or more spaces separate it from the
+/// token.
 pub(super) fn bearer(headers: &HeaderMap, token: &Secret) -> bool {
     let given = header(headers, "authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, credentials)| credentials);
     same(given.trim().as_bytes(), token)
 }
 

@@ -72,8 +72,10 @@ impl AppState {
             .map(str::to_owned)
             .chain(config.parent_proxy().map(|p| p.to_string()))
             .collect();
-        let listing_client = crate::upstream::listing_client(&upstream_options(&config), &origins)
-            .unwrap_or_default();
+        // Fails only when the TLS backend cannot start, as every HTTP client would.
+        let listing_client =
+            crate::upstream::ListingClient::new(&upstream_options(&config), &origins)
+                .expect("the TLS backend initialises");
         let mirrors = Mirrors::new(mirror::Settings {
             root: config.mirror_dir.clone(),
             stale_after: *config.sync_stale_after,

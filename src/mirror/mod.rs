@@ -302,8 +302,8 @@ pub struct Settings {
     pub maintenance_grace: Duration,
     /// Upstream timeouts.
     pub upstream: upstream::Options,
-    /// The HTTP client of ref listings ([`upstream::listing_client`]).
-    pub client: reqwest::Client,
+    /// The HTTP client of ref listings.
+    pub client: upstream::ListingClient,
     /// `AUTH_CACHE_TTL`: how long a verdict on client credentials is remembered.
     pub access_ttl: Duration,
     /// Upstream URLs point at a parent proxy (`PARENT_PROXY`), for the metrics.
@@ -1024,6 +1024,10 @@ impl Mirrors {
                 Err(e) => Err(e),
                 Ok(plan) => tokio::task::spawn_blocking(move || {
                     let interrupt = AtomicBool::new(false);
+                    let mut owned = owned;
+                    if let Some(url) = &plan.listing.url {
+                        owned.url = url.clone();
+                    }
                     let authorization = plan.authorization.as_ref().map(Secret::expose);
                     if !exists {
                         return sync::create(
@@ -1344,7 +1348,7 @@ impl Mirrors {
 /// Lists an upstream's refs for updates and access checks.
 #[derive(Clone)]
 struct Lister {
-    client: reqwest::Client,
+    client: upstream::ListingClient,
     opts: upstream::Options,
 }
 
@@ -1645,7 +1649,14 @@ mod tests {
                 connect_timeout: timeout,
                 stall_timeout: timeout,
             },
-            client: reqwest::Client::new(),
+            client: upstream::ListingClient::new(
+                &crate::upstream::Options {
+                    connect_timeout: timeout,
+                    stall_timeout: timeout,
+                },
+                &[],
+            )
+            .expect("a client without TLS settings builds"),
             access_ttl: timeout,
         })
     }
@@ -1726,6 +1737,24 @@ mod tests {
             "",
         ] {
             assert_eq!(name(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn requests_never_print_credentials() {
+        for credentials in [
+            Credentials::Client(Some(Secret::from("Basic c2VjcmV0"))),
+            Credentials::Proxy(Secret::from("Basic c2VjcmV0")),
+        ] {
+            let req = Request {
+                name: "h/o/r".into(),
+                dir: "/m/h/o/r.git".into(),
+                url: "https://h/o/r.git".into(),
+                credentials,
+            };
+            let printed = format!("{req:?} {req:#?}");
+            assert!(!printed.contains("c2VjcmV0"), "{printed}");
+            assert!(printed.contains("<redacted>"), "{printed}");
         }
     }
 

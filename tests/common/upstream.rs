@@ -39,6 +39,9 @@ pub enum Mode {
     Slow(std::time::Duration),
     /// Answer every request with `302 Found` to the same path and query on this address.
     RedirectTo(SocketAddr),
+    /// The same for `GET` requests only (a fetch's handshake; a bare `ls-refs` POST is
+    /// served).
+    RedirectGetsTo(SocketAddr),
 }
 
 /// One received request.
@@ -193,7 +196,12 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     if let Mode::Slow(delay) = mode {
         tokio::time::sleep(delay).await;
     }
-    if let Mode::RedirectTo(to) = mode {
+    let redirect = match mode {
+        Mode::RedirectTo(to) => Some(to),
+        Mode::RedirectGetsTo(to) if parts.method == axum::http::Method::GET => Some(to),
+        _ => None,
+    };
+    if let Some(to) = redirect {
         let query = if query.is_empty() {
             String::new()
         } else {
@@ -223,7 +231,8 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         | Mode::V0Only
         | Mode::SlowAfterAuth(_)
         | Mode::Slow(_)
-        | Mode::RedirectTo(_) => {}
+        | Mode::RedirectTo(_)
+        | Mode::RedirectGetsTo(_) => {}
     }
     let given = parts
         .headers
