@@ -885,3 +885,60 @@ fn the_admin_bearer_scheme_is_case_insensitive() {
         assert_eq!(get(refused), 401, "{refused}");
     }
 }
+
+/// An upstream that refuses the proxy's own token once the mirror exists is an upstream
+/// failure: the mirror is served as it is (`stale`), and the sync is retried after
+/// `SYNC_STALE_AFTER`, not on every request.
+#[test]
+fn a_refused_static_token_serves_the_mirror_stale_and_backs_off() {
+    let up = Upstream::start();
+    up.add_fixture("private/repo", "basic");
+    up.require_auth("/private", "x-access-token:tok3n");
+    let allowed = up.allowed();
+    let token_hosts = format!("http://{}", up.segment());
+    let server = Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.static_token_hosts = token_hosts;
+        c.auth_mode = AuthMode::Static;
+        c.static_token = Some("tok3n".into());
+        c.sync_stale_after = Duration::from_secs(1).into();
+    });
+    let (get, _) = both_endpoints(&server, &up, "private/repo", None);
+    assert_eq!(get.header("x-git-proxy-status").as_deref(), Some("clone"));
+    // The token is revoked.
+    up.require_auth("/private", "x-access-token:other");
+    std::thread::sleep(Duration::from_millis(1100));
+    let asked = up.log().len();
+    for _ in 0..5 {
+        let (get, post) = both_endpoints(&server, &up, "private/repo", None);
+        assert_eq!((get.status, post.status), (200, 200), "{}", get.text());
+        assert_eq!(get.header("x-git-proxy-status").as_deref(), Some("stale"));
+    }
+    let cost = up.log().len() - asked;
+    assert!(cost <= 2, "{cost} upstream requests for 10 requests");
+}
+
+/// In pass-through mode a warm-up carries no client's credentials: the sync of a private
+/// mirror is refused before it reaches the upstream, and the mirror stays as it is.
+#[test]
+fn a_warm_up_of_a_private_mirror_costs_no_upstream_request_in_pass_through_mode() {
+    let up = Upstream::start();
+    up.add_fixture("private/repo", "basic");
+    up.require_auth("/private", "alice:secret");
+    let server = pass_through(&up, |c| c.admin_token = Some("t0ken".into()));
+    let (get, _) = both_endpoints(&server, &up, "private/repo", Some(&basic("alice:secret")));
+    assert_eq!(get.status, 200);
+    let asked = up.log().len();
+    for _ in 0..3 {
+        let r = request(
+            server.addr,
+            "POST",
+            &format!("/api/v1/mirrors/{}/private/repo/sync", up.segment()),
+            &[("Authorization", "Bearer t0ken")],
+            b"",
+        );
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert!(r.text().contains("authentication required"), "{}", r.text());
+    }
+    assert_eq!(up.log().len(), asked, "a warm-up reached the upstream");
+}
