@@ -524,6 +524,63 @@ mod tests {
     use crate::protocol::pktline;
 
     #[test]
+    fn redirects_lead_only_to_allowed_origins_and_keep_credentials_at_home() {
+        let opts = Options {
+            connect_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(1),
+        };
+        let allowed = [
+            "https://a.example".to_owned(),
+            "http://127.0.0.1:9".to_owned(),
+        ];
+        let client = ListingClient::new(&opts, &allowed).unwrap();
+        let follow = |from: &str, location: &str, credentials: bool| {
+            let response = axum::http::Response::builder()
+                .status(302)
+                .header("location", location)
+                .body("")
+                .unwrap();
+            let from = reqwest::Url::parse(from).unwrap();
+            client
+                .redirect(&from, &reqwest::Response::from(response), credentials)
+                .map(|u| u.to_string())
+        };
+        let a = "https://a.example/o/r.git/git-upload-pack";
+        assert_eq!(
+            follow(a, "/n/r.git/git-upload-pack", true).unwrap(),
+            "https://a.example/n/r.git/git-upload-pack",
+            "a relative location, same origin, credentials kept"
+        );
+        for refused in [
+            "https://evil.example/o/r.git/git-upload-pack",
+            "https://a.example.evil.example/o/r.git/git-upload-pack",
+            "https://a.example:8443/o/r.git/git-upload-pack",
+            "http://a.example/o/r.git/git-upload-pack",
+            "http://127.0.0.1:9/o/r.git/git-upload-pack",
+            "file:///etc/passwd",
+        ] {
+            assert!(follow(a, refused, false).is_err(), "{refused}");
+        }
+        let local = "http://127.0.0.1:9/o/r.git/git-upload-pack";
+        assert!(follow(local, a, false).is_ok(), "to another allowed origin");
+        assert!(
+            follow(local, a, true).is_err(),
+            "credentials do not go to another origin"
+        );
+        let response = reqwest::Response::from(
+            axum::http::Response::builder()
+                .status(302)
+                .body("")
+                .unwrap(),
+        );
+        let from = reqwest::Url::parse(a).unwrap();
+        assert!(
+            client.redirect(&from, &response, false).is_err(),
+            "no location"
+        );
+    }
+
+    #[test]
     fn ls_refs_answers_are_read_and_anything_else_falls_back() {
         let a = "a".repeat(40);
         let mut answer = Vec::new();
