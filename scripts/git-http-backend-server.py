@@ -6,8 +6,18 @@ Usage: git-http-backend-server.py PROJECT_ROOT PORT
 Serves every repository under PROJECT_ROOT (GIT_HTTP_EXPORT_ALL) on 127.0.0.1:PORT. Request
 bodies (Content-Length or chunked) are passed on stdin; the CGI output is streamed back with
 the status from its `Status:` header. Responses end by closing the connection (HTTP/1.0).
+
+Optional, from the environment (scripts/soak's hostile shapes use them):
+  BACKEND_AUTH=/prefix=user:password,...   repositories under /prefix need Basic auth (else 401)
+  BACKEND_HIDE=/prefix=PATTERN=user:password,...
+                                           requests without those credentials do not see the
+                                           refs PATTERN names (uploadpack.hideRefs), as on a
+                                           server with per-ref read rights
+  BACKEND_LOG=1                            one line per request on stdout: METHOD PATH STATUS
+                                           auth|anonymous
 """
 
+import base64
 import http.server
 import os
 import shutil
@@ -15,6 +25,25 @@ import subprocess
 import sys
 import threading
 import urllib.parse
+
+
+def rules(name):
+    """[(prefix, [fields...])] from an environment variable of comma-separated prefix=... rules."""
+    out = []
+    for rule in filter(None, os.environ.get(name, "").split(",")):
+        prefix, *fields = rule.split("=")
+        out.append((prefix, fields))
+    return out
+
+
+AUTH = rules("BACKEND_AUTH")
+HIDE = rules("BACKEND_HIDE")
+LOG = os.environ.get("BACKEND_LOG") == "1"
+LOG_LOCK = threading.Lock()
+
+
+def basic(user_password):
+    return "Basic " + base64.b64encode(user_password.encode()).decode()
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -45,9 +74,31 @@ class Handler(http.server.BaseHTTPRequestHandler):
             parts.append(self.rfile.read(size))
             self.rfile.readline()
 
+    def logged(self, path, status):
+        if LOG:
+            who = "auth" if self.headers.get("Authorization") else "anonymous"
+            with LOG_LOCK:
+                print(f"{self.command} {path} {status} {who}", flush=True)
+
     def run_backend(self, body):
         path, _, query = self.path.partition("?")
+        given = self.headers.get("Authorization")
+        for prefix, (user_password,) in AUTH:
+            if path.startswith(prefix) and given != basic(user_password):
+                self.logged(path, 401)
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="upstream"')
+                self.end_headers()
+                self.wfile.write(b"credentials required\n")
+                return
+        hidden = [pattern for prefix, (pattern, user_password) in HIDE
+                  if path.startswith(prefix) and given != basic(user_password)]
         env = dict(os.environ)
+        for i, pattern in enumerate(hidden):
+            env[f"GIT_CONFIG_KEY_{i}"] = "uploadpack.hideRefs"
+            env[f"GIT_CONFIG_VALUE_{i}"] = pattern
+        if hidden:
+            env["GIT_CONFIG_COUNT"] = str(len(hidden))
         env.update({
             "GIT_PROJECT_ROOT": self.root,
             "GIT_HTTP_EXPORT_ALL": "1",
@@ -89,6 +140,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 status = int(value.strip().split()[0])
             else:
                 headers.append((name, value.strip()))
+        self.logged(path, status)
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)

@@ -58,6 +58,9 @@ pub struct Listing {
     pub refs: Vec<(BString, ObjectId)>,
     /// The branch the upstream's `HEAD` points to, if it said.
     pub head: Option<BString>,
+    /// The repository URL the listing was redirected to (within the allowed upstreams, see
+    /// [`ListingClient`]), which fetches use: they follow no redirect themselves.
+    pub url: Option<String>,
 }
 
 /// Which refs a fetch updates.
@@ -229,25 +232,6 @@ fn pack_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether `authorization` gives access to `url`: a ref listing only, no objects. `dir` is any
-/// local repository (the mirror); nothing is written to it.
-pub fn check_access(
-    dir: &Path,
-    url: &str,
-    authorization: Option<&str>,
-    opts: &Options,
-) -> Result<(), Error> {
-    let repo = open(dir)?;
-    let remote = remote(&repo, url, ["+refs/heads/*:refs/heads/*"])?;
-    let auth_asked = Arc::new(AtomicBool::new(false));
-    let connection = connect(&remote, authorization, opts, &auth_asked)?;
-    match connection.ref_map(gix::progress::Discard, Default::default()) {
-        Ok(_) => Ok(()),
-        Err(_) if auth_asked.load(Ordering::Relaxed) => Err(Error::AuthRequired),
-        Err(e) => Err(Error::Failed(format!("{e:#}"))),
-    }
-}
-
 fn open(dir: &Path) -> Result<gix::Repository, Error> {
     gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| Error::Local(e.to_string()))
 }
@@ -321,7 +305,76 @@ fn transport_options(authorization: Option<&str>, opts: &Options) -> http::Optio
         low_speed_limit_bytes_per_second: 1,
         low_speed_time_seconds: opts.stall_timeout.as_secs().max(1),
         user_agent: Some(crate::protocol::AGENT.into()),
+        // gix would follow the first redirect to any host: only the ref listing follows, to
+        // the allowed upstreams, and the fetch goes where it led.
+        follow_redirects: http::options::FollowRedirects::None,
         ..Default::default()
+    }
+}
+
+/// Redirects a ref listing follows at most.
+const MAX_REDIRECTS: usize = 10;
+
+/// The HTTP client of ref listings ([`ls_refs`]), and where their redirects may lead: to one of
+/// the allowed origins (`scheme://host[:port]`: the `ALLOWED_UPSTREAMS` and `PARENT_PROXY`),
+/// never from `https` to `http`, never to another origin with credentials, at most
+/// [`MAX_REDIRECTS`]. An upstream cannot send the proxy, or a client's credentials, elsewhere.
+#[derive(Debug, Clone)]
+pub struct ListingClient {
+    client: reqwest::Client,
+    allowed: Arc<Vec<reqwest::Url>>,
+}
+
+impl ListingClient {
+    /// A client with the timeouts of `opts`, following redirects to the `allowed` origins only.
+    pub fn new(opts: &Options, allowed: &[String]) -> reqwest::Result<Self> {
+        let allowed = allowed
+            .iter()
+            .filter_map(|a| reqwest::Url::parse(a).ok())
+            .collect();
+        let client = reqwest::Client::builder()
+            .connect_timeout(opts.connect_timeout)
+            .read_timeout(opts.stall_timeout)
+            .user_agent(crate::protocol::AGENT)
+            // Followed in `ls_refs`, which re-sends the POST (reqwest would turn a 301 or 302
+            // into a GET without a body) and checks where it goes.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(ListingClient {
+            client,
+            allowed: Arc::new(allowed),
+        })
+    }
+
+    /// Where the redirect `response` to a request for `from` leads, if it may be followed
+    /// (`with_credentials`: the request carries an `Authorization`).
+    fn redirect(
+        &self,
+        from: &reqwest::Url,
+        response: &reqwest::Response,
+        with_credentials: bool,
+    ) -> Result<reqwest::Url, Error> {
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| from.join(l).ok())
+            .ok_or_else(|| Error::Failed(format!("a redirect from {from} without a location")))?;
+        let origin = location.origin().ascii_serialization();
+        let refuse = |why: &str| {
+            Err(Error::Failed(format!(
+                "refusing a redirect to {origin}: {why}"
+            )))
+        };
+        if from.scheme() == "https" && location.scheme() != "https" {
+            refuse("not https")
+        } else if !self.allowed.iter().any(|a| a.origin() == location.origin()) {
+            refuse("not in ALLOWED_UPSTREAMS")
+        } else if with_credentials && location.origin() != from.origin() {
+            refuse("the credentials are for another host")
+        } else {
+            Ok(location)
+        }
     }
 }
 
@@ -344,7 +397,7 @@ const MAX_LS_REFS_BYTES: usize = 64 * 1024 * 1024;
 /// `revalidate` asks a parent proxy to check its own upstream first (`Cache-Control:
 /// no-cache`), as a want-miss or a push notice needs; other upstreams ignore it.
 pub async fn ls_refs(
-    client: &reqwest::Client,
+    client: &ListingClient,
     url: &str,
     authorization: Option<&str>,
     revalidate: bool,
@@ -359,22 +412,41 @@ pub async fn ls_refs(
     pktline::text(&mut body, "symrefs");
     pktline::text(&mut body, "unborn");
     pktline::flush(&mut body);
-    let mut request = client
-        .post(format!("{url}/git-upload-pack"))
-        .header("Git-Protocol", "version=2")
-        .header("Content-Type", "application/x-git-upload-pack-request")
-        .header("Accept", "application/x-git-upload-pack-result")
-        // A whole listing, not a stall: an upstream trickling bytes cannot hold the sync.
-        .timeout(opts.connect_timeout + opts.stall_timeout)
-        .body(body);
-    if let Some(a) = authorization {
-        request = request.header("Authorization", a);
-    }
-    if revalidate {
-        request = request.header("Cache-Control", "no-cache");
-    }
     let failed = |e: reqwest::Error| LsRefsError::Failed(Error::from_request(&e));
-    let mut response = request.send().await.map_err(failed)?;
+    let mut endpoint = reqwest::Url::parse(&format!("{url}/git-upload-pack")).map_err(|e| {
+        LsRefsError::Failed(Error::Failed(format!("invalid upstream URL {url}: {e}")))
+    })?;
+    let mut redirects = 0;
+    let mut response = loop {
+        let mut request = client
+            .client
+            .post(endpoint.clone())
+            .header("Git-Protocol", "version=2")
+            .header("Content-Type", "application/x-git-upload-pack-request")
+            .header("Accept", "application/x-git-upload-pack-result")
+            // A whole listing, not a stall: an upstream trickling bytes cannot hold the sync.
+            .timeout(opts.connect_timeout + opts.stall_timeout)
+            .body(body.clone());
+        if let Some(a) = authorization {
+            request = request.header("Authorization", a);
+        }
+        if revalidate {
+            request = request.header("Cache-Control", "no-cache");
+        }
+        let response = request.send().await.map_err(failed)?;
+        if !response.status().is_redirection() {
+            break response;
+        }
+        redirects += 1;
+        if redirects > MAX_REDIRECTS {
+            return Err(LsRefsError::Failed(Error::Failed(format!(
+                "more than {MAX_REDIRECTS} redirects from {url}"
+            ))));
+        }
+        endpoint = client
+            .redirect(&endpoint, &response, authorization.is_some())
+            .map_err(LsRefsError::Failed)?;
+    };
     // Only a 401 asks for credentials; anything else (a 403 from a firewall, a rate limit) is
     // left to gix's handshake, which tells them apart as it always did.
     match response.status().as_u16() {
@@ -383,6 +455,19 @@ pub async fn ls_refs(
         404 => return Err(LsRefsError::Failed(Error::NotFound)),
         status => return Err(LsRefsError::Unsupported(format!("HTTP {status}"))),
     }
+    // The fetch goes where the listing was sent, as git sends every request after the first to
+    // where that one was redirected.
+    let redirected = match redirects {
+        0 => None,
+        _ => match endpoint.as_str().strip_suffix("/git-upload-pack") {
+            Some(base) => Some(base.to_owned()),
+            None => {
+                return Err(LsRefsError::Failed(Error::Failed(format!(
+                    "redirected to {endpoint}, which is not a repository's upload-pack"
+                ))))
+            }
+        },
+    };
     let mut answer = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(failed)? {
         if answer.len() + chunk.len() > MAX_LS_REFS_BYTES {
@@ -390,7 +475,9 @@ pub async fn ls_refs(
         }
         answer.extend_from_slice(&chunk);
     }
-    parse_ls_refs(&answer)
+    let mut listing = parse_ls_refs(&answer)?;
+    listing.url = redirected;
+    Ok(listing)
 }
 
 /// Read an `ls-refs` answer: `<oid> <name>[ symref-target:<ref>]` lines (and `unborn HEAD`).
@@ -435,6 +522,63 @@ fn parse_ls_refs(answer: &[u8]) -> Result<Listing, LsRefsError> {
 mod tests {
     use super::*;
     use crate::protocol::pktline;
+
+    #[test]
+    fn redirects_lead_only_to_allowed_origins_and_keep_credentials_at_home() {
+        let opts = Options {
+            connect_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(1),
+        };
+        let allowed = [
+            "https://a.example".to_owned(),
+            "http://127.0.0.1:9".to_owned(),
+        ];
+        let client = ListingClient::new(&opts, &allowed).unwrap();
+        let follow = |from: &str, location: &str, credentials: bool| {
+            let response = axum::http::Response::builder()
+                .status(302)
+                .header("location", location)
+                .body("")
+                .unwrap();
+            let from = reqwest::Url::parse(from).unwrap();
+            client
+                .redirect(&from, &reqwest::Response::from(response), credentials)
+                .map(|u| u.to_string())
+        };
+        let a = "https://a.example/o/r.git/git-upload-pack";
+        assert_eq!(
+            follow(a, "/n/r.git/git-upload-pack", true).unwrap(),
+            "https://a.example/n/r.git/git-upload-pack",
+            "a relative location, same origin, credentials kept"
+        );
+        for refused in [
+            "https://evil.example/o/r.git/git-upload-pack",
+            "https://a.example.evil.example/o/r.git/git-upload-pack",
+            "https://a.example:8443/o/r.git/git-upload-pack",
+            "http://a.example/o/r.git/git-upload-pack",
+            "http://127.0.0.1:9/o/r.git/git-upload-pack",
+            "file:///etc/passwd",
+        ] {
+            assert!(follow(a, refused, false).is_err(), "{refused}");
+        }
+        let local = "http://127.0.0.1:9/o/r.git/git-upload-pack";
+        assert!(follow(local, a, false).is_ok(), "to another allowed origin");
+        assert!(
+            follow(local, a, true).is_err(),
+            "credentials do not go to another origin"
+        );
+        let response = reqwest::Response::from(
+            axum::http::Response::builder()
+                .status(302)
+                .body("")
+                .unwrap(),
+        );
+        let from = reqwest::Url::parse(a).unwrap();
+        assert!(
+            client.redirect(&from, &response, false).is_err(),
+            "no location"
+        );
+    }
 
     #[test]
     fn ls_refs_answers_are_read_and_anything_else_falls_back() {

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{body, fetch_source, upstream_authorization, AppState};
+use super::{body, fetch_source, upstream_credentials, AppState};
 use crate::config::Secret;
 use crate::mirror::{self, Freshness, Status};
 use crate::repo;
@@ -75,11 +75,14 @@ fn same(given: &[u8], secret: &Secret) -> bool {
         .into()
 }
 
-/// Whether `headers` carry `Authorization: Bearer <token>` (the admin API's credential).
+/// Whether `headers` carry `Authorization: Bearer <token>` (the admin API's credential). The
+/// scheme is case-insensitive (RFC 9110, 11.1), and one or more spaces separate it from the
+/// token.
 pub(super) fn bearer(headers: &HeaderMap, token: &Secret) -> bool {
     let given = header(headers, "authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, credentials)| credentials);
     same(given.trim().as_bytes(), token)
 }
 
@@ -373,7 +376,7 @@ async fn forward(state: &AppState, balancer: &str, name: &str) -> Response {
 
 /// The mirror request for `name` (`{host}/{path}`), with the proxy's own upstream
 /// credentials: a notice carries no client's, so in pass-through mode a private mirror is not
-/// synced this way (its sync fails and it stays as it is).
+/// synced this way (it is refused before any upstream request and stays as it is).
 fn mirror_request(state: &AppState, name: &str) -> Result<mirror::Request, (StatusCode, String)> {
     let target = repo::resolve(&state.config.mirror_dir, &format!("/{name}/info/refs"))
         .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
@@ -390,7 +393,7 @@ fn mirror_request(state: &AppState, name: &str) -> Result<mirror::Request, (Stat
     let source = fetch_source(&state.config, upstream);
     Ok(mirror::Request {
         url: format!("{}/{path}.git", source.base_url),
-        authorization: upstream_authorization(&state.config, &source, None),
+        credentials: upstream_credentials(&state.config, &source, None),
         name: target.name,
         dir: target.dir,
     })

@@ -42,7 +42,6 @@ pub struct AppState {
     compression: gix::zlib::Compression,
     upstreams: Arc<Upstreams>,
     mirrors: Arc<Mirrors>,
-    access: Arc<auth::AccessCache>,
     lfs_client: reqwest::Client,
     pack_cache: Option<PackCache>,
     /// Request-body memory, in [`body::budget_units`] (`MAX_BUFFERED_BODIES`).
@@ -65,6 +64,18 @@ impl AppState {
             .user_agent(crate::protocol::AGENT)
             .build()
             .unwrap_or_default();
+        // Ref listings follow redirects only within the allowed upstreams (and the parent).
+        let origins: Vec<String> = config
+            .upstreams()
+            .unwrap_or_default()
+            .base_urls()
+            .map(str::to_owned)
+            .chain(config.parent_proxy().map(|p| p.to_string()))
+            .collect();
+        // Fails only when the TLS backend cannot start, as every HTTP client would.
+        let listing_client =
+            crate::upstream::ListingClient::new(&upstream_options(&config), &origins)
+                .expect("the TLS backend initialises");
         let mirrors = Mirrors::new(mirror::Settings {
             root: config.mirror_dir.clone(),
             stale_after: *config.sync_stale_after,
@@ -76,7 +87,8 @@ impl AppState {
             maintenance_packs: config.maintenance_pack_threshold,
             maintenance_grace: *config.maintenance_grace,
             upstream: upstream_options(&config),
-            client: upstream_client.clone(),
+            client: listing_client,
+            access_ttl: *config.auth_cache_ttl,
             via_parent: config.parent_proxy().is_some(),
         });
         let pack_cache = open_pack_cache(&config);
@@ -95,7 +107,6 @@ impl AppState {
             pack_cache,
             compression: config.compression().unwrap_or_default(),
             upstreams: Arc::new(config.upstreams().unwrap_or_default()),
-            access: Arc::new(auth::AccessCache::new(*config.auth_cache_ttl)),
             mirrors: Arc::new(mirrors),
             lfs_client: upstream_client,
             config: Arc::new(config),
@@ -446,22 +457,26 @@ fn fetch_source(config: &Config, upstream: &Upstream) -> Upstream {
     }
 }
 
-/// What to send as `Authorization` when fetching from `source`: nothing, the static token
-/// (only where it may go: judged on the URL it would travel to, a parent proxy's included),
-/// or the client's own credentials (pass-through, which a parent proxy passes on in turn).
-fn upstream_authorization(
+/// What may reach `source` when fetching a mirror: nothing, the static token (only where it
+/// may go: judged on the URL it would travel to, a parent proxy's included), or the client's
+/// own credentials (pass-through, which a parent proxy passes on in turn).
+fn upstream_credentials(
     config: &Config,
     source: &Upstream,
     client_authorization: Option<&str>,
-) -> Option<String> {
+) -> mirror::Credentials {
     match config.auth_mode {
-        AuthMode::None => None,
+        AuthMode::None => mirror::Credentials::None,
         AuthMode::Static => config
             .static_token
             .as_ref()
             .filter(|_| config.lends_static_token_to(source))
-            .map(|t| auth::static_token_header(t.expose())),
-        AuthMode::PassThrough => client_authorization.map(str::to_owned),
+            .map_or(mirror::Credentials::None, |t| {
+                mirror::Credentials::Proxy(auth::static_token_header(t.expose()).as_str().into())
+            }),
+        AuthMode::PassThrough => {
+            mirror::Credentials::Client(client_authorization.map(crate::config::Secret::from))
+        }
     }
 }
 
@@ -470,8 +485,8 @@ struct Mirrored {
     target: Target,
     /// The upstream repository URL.
     url: String,
-    /// What to send upstream as `Authorization`.
-    authorization: Option<String>,
+    /// What may reach the upstream, and who is served.
+    credentials: mirror::Credentials,
     /// The client's own `Authorization` header.
     client_authorization: Option<String>,
     /// The client asked for a listing checked against the upstream (`Cache-Control:
@@ -487,7 +502,7 @@ impl Mirrored {
             name: self.target.name.clone(),
             dir: self.target.dir.clone(),
             url: self.url.clone(),
-            authorization: self.authorization.clone(),
+            credentials: self.credentials.clone(),
         }
     }
 }
@@ -511,8 +526,7 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let source = fetch_source(&state.config, upstream);
-    let authorization =
-        upstream_authorization(&state.config, &source, client_authorization.as_deref());
+    let credentials = upstream_credentials(&state.config, &source, client_authorization.as_deref());
     // A child proxy's want-miss or push-driven sync: check our upstream too (`ls-refs`).
     let revalidate = parts
         .headers
@@ -527,7 +541,7 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
         lease: state.mirrors.lease(&target.dir),
         url: format!("{}/{path}.git", source.base_url),
         target,
-        authorization,
+        credentials,
         client_authorization,
         revalidate,
     };
@@ -590,7 +604,7 @@ async fn route(
             // only lent for downloads: it must not let anonymous clients write upstream.
             let (body, authorization) = match mirrored.client_authorization.as_deref() {
                 Some(client) => (body, Some(client.to_owned())),
-                None if mirrored.authorization.is_some() => {
+                None if matches!(mirrored.credentials, mirror::Credentials::Proxy(_)) => {
                     let (body, download) = lfs::is_download(
                         method,
                         lfs_path,
@@ -600,7 +614,13 @@ async fn route(
                     )
                     .await
                     .map_err(|e| Error::from_read(e, bytesize::ByteSize::mib(1)))?;
-                    (body, mirrored.authorization.clone().filter(|_| download))
+                    let token = match &mirrored.credentials {
+                        mirror::Credentials::Proxy(token) if download => {
+                            Some(token.expose().to_owned())
+                        }
+                        _ => None,
+                    };
+                    (body, token)
                 }
                 None => (body, None),
             };
@@ -621,38 +641,6 @@ async fn route(
     }
 }
 
-/// For a private mirror, the client's credentials must be accepted by the upstream. Call it
-/// after the mirror was ensured: `status` tells whether this very request just fetched with the
-/// client's credentials, which the upstream thereby accepted.
-async fn check_access(state: &AppState, m: &Mirrored, status: Status) -> Result<(), Error> {
-    if state.config.auth_mode != AuthMode::PassThrough || !Mirrors::is_private(&m.target.dir) {
-        return Ok(());
-    }
-    let Some(credentials) = m.client_authorization.as_deref() else {
-        return Err(Error::AuthRequired(m.target.name.clone()));
-    };
-    if matches!(status, Status::Clone | Status::Sync) {
-        state.access.remember(&m.target.dir, credentials);
-        return Ok(());
-    }
-    let dir = m.target.dir.clone();
-    let url = m.url.clone();
-    let opts = upstream_options(&state.config);
-    state
-        .access
-        .check(&m.target.dir, credentials, move |credentials| {
-            crate::upstream::check_access(&dir, &url, Some(credentials), &opts)
-        })
-        .await
-        .map_err(|e| match e {
-            crate::upstream::Error::AuthRequired => Error::AuthRequired(m.target.name.clone()),
-            other => Error::BadGateway(format!(
-                "cannot verify credentials for {}: {other}",
-                m.target.name
-            )),
-        })
-}
-
 fn with_status(mut response: Response, status: Status) -> Response {
     crate::metrics::served(status.as_str());
     response.headers_mut().insert(
@@ -668,7 +656,6 @@ async fn info_refs(state: &AppState, m: Mirrored, version: Version) -> Result<Re
         .mirrors
         .ensure(&m.request(), Freshness::IfStale)
         .await?;
-    check_access(state, &m, status).await?;
     let snapshot = snapshot(state, &m).await?;
     state.mirrors.served(&m.target.dir);
     let (chunks, outcome) = upload_pack::advertise(&snapshot, version);
@@ -765,6 +752,9 @@ async fn upload_pack(
             ..
         })
     );
+    // The mirror is ensured (or, existing, its client authorized) before anything else this
+    // request can trigger: a client refused on a private mirror costs no sync and no want-miss,
+    // and learns nothing from its wants, whatever the protocol.
     let mut status = if is_ls_refs {
         // A listing is checked for freshness as info/refs is: a child proxy (PARENT_PROXY)
         // lists refs with this request alone.
@@ -775,6 +765,7 @@ async fn upload_pack(
         };
         state.mirrors.ensure(&m.request(), freshness).await?
     } else if repo::exists(&m.target.dir) {
+        state.mirrors.authorize(&m.request()).await?;
         Status::Hit
     } else {
         state
@@ -788,7 +779,6 @@ async fn upload_pack(
         ..
     }) = &parsed
     {
-        check_access(&state, &m, status).await?;
         state.mirrors.served(&m.target.dir);
         let (answer, outcome) = upload_pack::ls_refs(&snapshot, args);
         span.record("outcome", field::debug(outcome));
@@ -796,11 +786,11 @@ async fn upload_pack(
         return Ok(with_status(pack_response(Body::from(answer)), status));
     }
     // A want-miss: the client knows objects the mirror does not have yet (a push after our last
-    // sync, or a SHA it was given out of band). Sync, then serve what we have.
+    // sync, or a SHA it was given out of band). Sync, then serve what we have; the sync checks
+    // the client again afterwards, as it may have found the upstream private.
     if want_miss(&snapshot, &parsed).await? {
         if let Some(preamble) = progress_preamble(&parsed) {
             // The client may wait a while: answer now and show progress during the sync.
-            check_access(&state, &m, Status::Hit).await?;
             return Ok(sync_with_progress(
                 state, m, parsed, preamble, arrived, span,
             ));
@@ -811,9 +801,6 @@ async fn upload_pack(
             .await?;
         snapshot = self::snapshot(&state, &m).await?;
     }
-    // Only now, with the mirror in its final state for this request: a request that waited
-    // while another created the mirror with credentials must not be served without them.
-    check_access(&state, &m, status).await?;
     let slots = Slots::acquire(&state).await?;
     state.mirrors.served(&m.target.dir);
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -924,9 +911,6 @@ fn sync_with_progress(
                     started.elapsed().as_secs()
                 ),
             };
-            // The sync (this one or another client's) may have made the mirror private: check
-            // again, as the answer without progress does.
-            check_access(&state, &m, status).await?;
             Ok::<_, Error>((line, snapshot(&state, &m).await?))
         };
         let snapshot = match ready.await {

@@ -10,6 +10,7 @@
 //! after every create or sync that changed it (and at start), and swapped atomically: requests
 //! read it through an `Arc` and never open the repository themselves.
 
+mod access;
 pub mod evict;
 pub mod maintain;
 pub mod record;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore};
 
+use crate::config::Secret;
 use crate::repo::Snapshot;
 use crate::ttl::TtlMap;
 use crate::upstream;
@@ -94,6 +96,11 @@ impl Upstreams {
             (prefix.eq_ignore_ascii_case(&u.base_url) && !path.is_empty())
                 .then(|| format!("{}/{path}", u.segment))
         })
+    }
+
+    /// The base URLs (`scheme://host[:port]`) of the allowed upstreams.
+    pub fn base_urls(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|u| u.base_url.as_str())
     }
 
     /// The allowed segments, for messages.
@@ -295,8 +302,10 @@ pub struct Settings {
     pub maintenance_grace: Duration,
     /// Upstream timeouts.
     pub upstream: upstream::Options,
-    /// The HTTP client of ref listings ([`upstream::ls_refs`]).
-    pub client: reqwest::Client,
+    /// The HTTP client of ref listings.
+    pub client: upstream::ListingClient,
+    /// `AUTH_CACHE_TTL`: how long a verdict on client credentials is remembered.
+    pub access_ttl: Duration,
     /// Upstream URLs point at a parent proxy (`PARENT_PROXY`), for the metrics.
     pub via_parent: bool,
 }
@@ -522,13 +531,16 @@ pub struct Mirrors {
     /// Failed creations by mirror and credentials: answered without asking the upstream again
     /// for `failure_ttl`.
     failures: Arc<TtlMap<FailureKey, Failure>>,
+    /// The upstream's verdicts on client credentials for private mirrors.
+    access: Arc<access::AccessCache>,
     tmp_counter: AtomicU64,
     /// Background maintenance runs one at a time.
     maintenance: Arc<Semaphore>,
     leases: Arc<Leases>,
 }
 
-/// A mirror directory and a digest of the credentials its creation was tried with.
+/// A mirror directory and a digest of the credentials its creation was tried with (`None`:
+/// anonymously).
 type FailureKey = (PathBuf, Option<u64>);
 
 /// Why a creation failed, as remembered: only answers of the upstream that another request
@@ -542,14 +554,35 @@ enum Failure {
 /// Failed creations remembered at most (see [`TtlMap`]).
 const MAX_FAILURES: usize = 10_000;
 
-fn failure_key(req: &Request) -> FailureKey {
+fn failure_key(dir: &Path, credentials: Option<&Secret>) -> FailureKey {
     use std::hash::{Hash, Hasher};
-    let digest = req.authorization.as_ref().map(|a| {
+    let digest = credentials.map(|c| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        a.hash(&mut h);
+        c.expose().hash(&mut h);
         h.finish()
     });
-    (req.dir.clone(), digest)
+    (dir.to_path_buf(), digest)
+}
+
+/// Which credentials reach the upstream for a mirror, and who is served.
+///
+/// With a client's own credentials (pass-through), privacy is the upstream's: a mirror is
+/// public while the upstream lists its refs anonymously, and a public mirror is only ever
+/// synced anonymously, so that anonymous clients receive exactly what the upstream gives
+/// anonymous clients, even from an upstream that shows authenticated users more refs. A
+/// client's credentials are sent only for a mirror whose upstream refuses anonymous access
+/// (HTTP 401, as git itself tries credentials only then), and a private mirror is served
+/// only to credentials the upstream accepts ([`Mirrors::authorize`]).
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    /// Nothing: every sync is anonymous (`AUTH_MODE=none`, or a static token not lent to this
+    /// upstream).
+    None,
+    /// The proxy's own (`STATIC_TOKEN`): every sync uses them, and what they read is served to
+    /// every client.
+    Proxy(Secret),
+    /// The client's own (`AUTH_MODE=pass-through`), if it sent any.
+    Client(Option<Secret>),
 }
 
 /// A mirror to ensure: where it lives and where it comes from.
@@ -561,8 +594,31 @@ pub struct Request {
     pub dir: PathBuf,
     /// The upstream URL.
     pub url: String,
-    /// `Authorization` header value to send upstream.
-    pub authorization: Option<String>,
+    /// What may reach the upstream, and who is served.
+    pub credentials: Credentials,
+}
+
+impl Request {
+    /// The credentials that key this request's remembered creation failures.
+    fn failure_key(&self) -> FailureKey {
+        match &self.credentials {
+            Credentials::None | Credentials::Client(None) => failure_key(&self.dir, None),
+            Credentials::Proxy(c) | Credentials::Client(Some(c)) => failure_key(&self.dir, Some(c)),
+        }
+    }
+}
+
+/// How an update fetches, as the upstream's answers decided it.
+struct Plan {
+    /// The upstream's refs, as the credentials below show them.
+    listing: upstream::Listing,
+    /// What is sent upstream (`None`: nothing).
+    authorization: Option<Secret>,
+    /// Whether the mirror is private after the update.
+    private: bool,
+    /// The existing mirror was private and is public now: it is made again anonymously, so
+    /// that nothing fetched with credentials stays in it.
+    recreate: bool,
 }
 
 impl Mirrors {
@@ -571,6 +627,7 @@ impl Mirrors {
         Mirrors {
             syncs: Arc::new(Semaphore::new(settings.max_syncs.max(1))),
             failures: Arc::new(TtlMap::new(settings.failure_ttl, MAX_FAILURES)),
+            access: Arc::new(access::AccessCache::new(settings.access_ttl)),
             settings,
             host_syncs: Default::default(),
             repos: Default::default(),
@@ -800,15 +857,111 @@ impl Mirrors {
         }
     }
 
+    /// Whether the client of `req` may be served the mirror. Always, unless the mirror is
+    /// private and `req` carries a client's credentials (pass-through, see [`Credentials`]):
+    /// then only if the upstream accepts them, as remembered for `AUTH_CACHE_TTL` or checked
+    /// now with one ref listing that concurrent requests with the same credentials share.
+    /// Call it before anything else a request can trigger (a sync, a want-miss): a refused
+    /// client then costs no upstream request beyond that check, and learns nothing by timing.
+    ///
+    /// A client without credentials is checked the same way, with an anonymous listing: when
+    /// the upstream has opened the repository, the mirror is first made again anonymously
+    /// (nothing fetched with credentials stays in it), and the client is served.
+    pub async fn authorize(&self, req: &Request) -> Result<(), Error> {
+        if self.access(req).await? {
+            return Ok(());
+        }
+        self.update(
+            req,
+            Freshness::Pushed {
+                since: Instant::now(),
+                reason: "now public",
+            },
+        )
+        .await?;
+        if self.access(req).await? {
+            return Ok(());
+        }
+        // Still private: the update failed. Anonymous requests are refused without asking the
+        // upstream again until the verdict expires.
+        if let Credentials::Client(None) = req.credentials {
+            self.access.record(&req.dir, None, false);
+        }
+        Err(Error::AuthRequired(req.name.clone()))
+    }
+
+    /// [`Mirrors::authorize`] without the update: `Ok(false)` for an anonymous client of a
+    /// private mirror whose upstream lists it anonymously now.
+    async fn access(&self, req: &Request) -> Result<bool, Error> {
+        let Credentials::Client(credentials) = &req.credentials else {
+            return Ok(true);
+        };
+        if !Mirrors::is_private(&req.dir) {
+            return Ok(true);
+        }
+        let check = {
+            let (lister, url, dir) = (self.lister(), req.url.clone(), req.dir.clone());
+            let credentials = credentials.clone();
+            async move {
+                let listed = lister
+                    .list(&url, &dir, false, credentials.as_ref(), false)
+                    .await;
+                match (listed, &credentials) {
+                    (Ok(_), _) => Ok(()),
+                    // Credentials the upstream knows that cannot read the repository (GitHub
+                    // answers 404 to those).
+                    (Err(upstream::Error::NotFound), Some(_)) => Err(upstream::Error::AuthRequired),
+                    (Err(e), Some(_)) => Err(e),
+                    // Anonymously, anything but a listing leaves the mirror private, and is
+                    // remembered as a refusal: anonymous requests cost no upstream request
+                    // each, even while the upstream fails.
+                    (Err(_), None) => Err(upstream::Error::AuthRequired),
+                }
+            }
+        };
+        let verdict = self
+            .access
+            .check(&req.dir, credentials.as_ref().map(Secret::expose), check)
+            .await;
+        match (verdict, credentials) {
+            (Ok(()), Some(_)) => Ok(true),
+            (Ok(()), None) => Ok(false),
+            (Err(upstream::Error::AuthRequired), _) => Err(Error::AuthRequired(req.name.clone())),
+            (Err(e), _) => Err(Error::Upstream {
+                name: req.name.clone(),
+                message: format!("cannot verify the credentials: {e}"),
+            }),
+        }
+    }
+
     /// Make sure the mirror exists and is as fresh as `freshness` asks, creating or syncing it
-    /// (one at a time per repository; concurrent callers wait for and share the result).
+    /// (one at a time per repository; concurrent callers wait for and share the result), for
+    /// a client that [`Mirrors::authorize`] lets in, before and after.
     pub async fn ensure(&self, req: &Request, freshness: Freshness) -> Result<Status, Error> {
+        self.authorize(req).await?;
+        let status = self.update(req, freshness).await?;
+        // The mirror may have been created, or found private, by the update this request
+        // waited for (another request's, with other credentials).
+        self.authorize(req).await?;
+        Ok(status)
+    }
+
+    /// The ref lister of updates and access checks.
+    fn lister(&self) -> Lister {
+        Lister {
+            client: self.settings.client.clone(),
+            opts: self.settings.upstream.clone(),
+        }
+    }
+
+    /// [`Mirrors::ensure`] without the access checks.
+    async fn update(&self, req: &Request, freshness: Freshness) -> Result<Status, Error> {
         // Callers without a lease of their own (warm-ups, push notices): eviction must not
         // remove the repository between `repo()` and its lock, or this update would run on a
         // state the store no longer holds, beside another request's.
         let _lease = self.lease(&req.dir);
         let started = Instant::now();
-        let key = failure_key(req);
+        let key = req.failure_key();
         let repo = loop {
             // Before `repo()`: a remembered failure leaves no trace in the store.
             if let Some(e) = self.remembered_failure(req, &key) {
@@ -846,8 +999,10 @@ impl Mirrors {
         let owned = req.clone();
         let owned_dir = req.dir.clone();
         let tmp = self.tmp_dir(&req.dir);
+        let aside = self.aside_dir();
         let opts = self.settings.upstream.clone();
-        let client = self.settings.client.clone();
+        let lister = self.lister();
+        let access = Arc::clone(&self.access);
         // The update runs in a task of its own that holds the repository's lock and the sync
         // slot: if this request goes away, the update still finishes and is recorded, and the
         // requests waiting for it see the outcome.
@@ -860,48 +1015,45 @@ impl Mirrors {
             let started = Instant::now();
             let name = owned.name.clone();
             let current = repo.snapshot();
-            // One request; gix's handshake lists again in the blocking part if the upstream
-            // does not take it. For a new mirror it tells an unknown repository (404) apart.
-            let listing = upstream::ls_refs(
-                &client,
-                &owned.url,
-                owned.authorization.as_deref(),
-                revalidate,
-                &opts,
+            let from_client = matches!(owned.credentials, Credentials::Client(_));
+            let plan = plan(
+                &lister, &owned, exists, &tmp, revalidate, &failures, &access,
             )
             .await;
-            let listing = match listing {
-                Ok(listing) => Ok(Some(listing)),
-                Err(upstream::LsRefsError::Unsupported(why)) => {
-                    tracing::debug!(repo = %name, %why, "listing refs with a handshake");
-                    Ok(None)
-                }
-                Err(upstream::LsRefsError::Failed(e)) => Err(e),
-            };
-            // Privacy is the upstream's, not the request's: a sync with credentials asks whether
-            // the upstream also answers without them. An anonymous sync that succeeds proves it
-            // does; a failed one changes nothing.
-            let private = match &listing {
-                Ok(_) if owned.authorization.is_some() => {
-                    upstream::ls_refs(&client, &owned.url, None, false, &opts)
-                        .await
-                        .is_err()
-                }
-                _ => false,
-            };
-            let result = match listing {
+            let result = match plan {
                 Err(e) => Err(e),
-                Ok(listing) => tokio::task::spawn_blocking(move || {
+                Ok(plan) => tokio::task::spawn_blocking(move || {
                     let interrupt = AtomicBool::new(false);
+                    let mut owned = owned;
+                    if let Some(url) = &plan.listing.url {
+                        owned.url = url.clone();
+                    }
+                    let authorization = plan.authorization.as_ref().map(Secret::expose);
+                    if !exists {
+                        return sync::create(
+                            &owned,
+                            &tmp,
+                            authorization,
+                            plan.private,
+                            &opts,
+                            &interrupt,
+                        );
+                    }
+                    if plan.recreate {
+                        tracing::info!(repo = %owned.name, "the upstream lists the repository anonymously now: mirroring it again without credentials");
+                        return sync::recreate(&owned, &tmp, &aside, &opts, &interrupt);
+                    }
                     let snapshot = match current {
-                        Some(snapshot) if exists => Ok(snapshot),
-                        _ if exists => Snapshot::open(&owned.dir, None)
+                        Some(snapshot) => Ok(snapshot),
+                        None => Snapshot::open(&owned.dir, None)
                             .map(Arc::new)
                             .map_err(|e| upstream::Error::Local(e.to_string())),
-                        _ => return sync::create(&owned, &tmp, private, &opts, &interrupt),
                     };
-                    snapshot
-                        .and_then(|s| sync::sync(&owned, s, listing, private, &opts, &interrupt))
+                    snapshot.and_then(|s| {
+                        let listing = plan.listing;
+                        let private = plan.private;
+                        sync::sync(&owned, s, listing, authorization, private, &opts, &interrupt)
+                    })
                 })
                 .await
                 .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string()))),
@@ -958,7 +1110,12 @@ impl Mirrors {
                     }
                     Err(e)
                 }
-                Err(upstream::Error::AuthRequired) => Err(upstream::Error::AuthRequired),
+                // The upstream refuses this client, or anonymous access to a mirror that is
+                // private from now on: its clients are checked before any sync, so refusals do
+                // not reach the upstream again.
+                Err(upstream::Error::AuthRequired) if from_client => {
+                    Err(upstream::Error::AuthRequired)
+                }
                 Err(e) if exists => {
                     state.last_failure = Some(started);
                     record_sync(&repo, &owned_dir, Err(e.to_string())).await;
@@ -1125,9 +1282,18 @@ impl Mirrors {
     }
 
     /// The remembered failure to create the mirror with these credentials, if it does not
-    /// exist (an operator may have placed it since).
+    /// exist (an operator may have placed it since). A repository the upstream does not have
+    /// for anonymous requests is not looked for with a client's credentials either: they are
+    /// tried only after a refusal (401).
     fn remembered_failure(&self, req: &Request, key: &FailureKey) -> Option<Error> {
-        let failure = self.failures.get(key)?;
+        let anonymously = || match &req.credentials {
+            Credentials::Client(Some(_)) => self
+                .failures
+                .get(&failure_key(&req.dir, None))
+                .filter(|f| matches!(f, Failure::NotFound)),
+            _ => None,
+        };
+        let failure = self.failures.get(key).or_else(anonymously)?;
         if crate::repo::exists(&req.dir) {
             return None;
         }
@@ -1154,6 +1320,17 @@ impl Mirrors {
         Ok((host, global))
     }
 
+    /// Where an existing mirror is moved before it is deleted (when it is made again),
+    /// directly under the root: the start-up cleanup removes what a crash leaves there.
+    fn aside_dir(&self) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.settings.root.join(format!(
+            "{}replaced-{}-{n}",
+            evict::EVICTED_PREFIX,
+            std::process::id()
+        ))
+    }
+
     /// A temporary directory for a new mirror, directly under the root: nothing is created at
     /// the mirror's place until the mirror is complete.
     fn tmp_dir(&self, dir: &Path) -> PathBuf {
@@ -1165,6 +1342,152 @@ impl Mirrors {
         self.settings
             .root
             .join(format!("{TMP_PREFIX}{name}-{}-{n}", std::process::id()))
+    }
+}
+
+/// Lists an upstream's refs for updates and access checks.
+#[derive(Clone)]
+struct Lister {
+    client: upstream::ListingClient,
+    opts: upstream::Options,
+}
+
+impl Lister {
+    /// The refs at `url` as `authorization` shows them: one `ls-refs` request, or gix's
+    /// handshake from the local repository `local` when the upstream does not take a bare
+    /// `ls-refs`. With `fresh`, `local` is a new mirror's temporary directory: made for the
+    /// handshake, and removed again when the listing fails.
+    async fn list(
+        &self,
+        url: &str,
+        local: &Path,
+        fresh: bool,
+        authorization: Option<&Secret>,
+        revalidate: bool,
+    ) -> Result<upstream::Listing, upstream::Error> {
+        let auth = authorization.map(Secret::expose);
+        match upstream::ls_refs(&self.client, url, auth, revalidate, &self.opts).await {
+            Ok(listing) => Ok(listing),
+            Err(upstream::LsRefsError::Failed(e)) => Err(e),
+            Err(upstream::LsRefsError::Unsupported(why)) => {
+                tracing::debug!(url, %why, "listing refs with a handshake");
+                let (url, local) = (url.to_owned(), local.to_path_buf());
+                let (authorization, opts) = (authorization.cloned(), self.opts.clone());
+                tokio::task::spawn_blocking(move || {
+                    let auth = authorization.as_ref().map(Secret::expose);
+                    let listed = if fresh {
+                        sync::init(&local).and_then(|()| upstream::list(&local, &url, auth, &opts))
+                    } else {
+                        upstream::list(&local, &url, auth, &opts)
+                    };
+                    if fresh && listed.is_err() {
+                        let _ = std::fs::remove_dir_all(&local);
+                    }
+                    listed
+                })
+                .await
+                .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string())))
+            }
+        }
+    }
+}
+
+/// Decide how the update of `req` fetches (see [`Credentials`]): from which listing, with
+/// which credentials, and whether the mirror is private afterwards. `tmp` is where a new
+/// mirror is made. Anonymous refusals and the verdicts on a client's credentials are noted on
+/// the way.
+async fn plan(
+    lister: &Lister,
+    req: &Request,
+    exists: bool,
+    tmp: &Path,
+    revalidate: bool,
+    failures: &TtlMap<FailureKey, Failure>,
+    access: &access::AccessCache,
+) -> Result<Plan, upstream::Error> {
+    let local = if exists { req.dir.as_path() } else { tmp };
+    let list = |authorization| lister.list(&req.url, local, !exists, authorization, revalidate);
+    let was_private = exists && Mirrors::is_private(&req.dir);
+    let client = match &req.credentials {
+        Credentials::None => {
+            return Ok(Plan {
+                listing: list(None).await?,
+                authorization: None,
+                private: false,
+                recreate: was_private,
+            })
+        }
+        Credentials::Proxy(token) => {
+            let listing = list(Some(token)).await?;
+            // Privacy is the upstream's, not the request's: whether it also answers without
+            // the token.
+            let private = upstream::ls_refs(&lister.client, &req.url, None, false, &lister.opts)
+                .await
+                .is_err();
+            return Ok(Plan {
+                listing,
+                authorization: Some(token.clone()),
+                private,
+                recreate: false,
+            });
+        }
+        Credentials::Client(client) => client,
+    };
+    let anonymous_key = failure_key(&req.dir, None);
+    let refused_before =
+        !exists && matches!(failures.get(&anonymous_key), Some(Failure::AuthRequired));
+    let anonymously = if refused_before {
+        Err(upstream::Error::AuthRequired)
+    } else {
+        list(None).await
+    };
+    match anonymously {
+        Ok(listing) => {
+            return Ok(Plan {
+                listing,
+                authorization: None,
+                private: false,
+                recreate: was_private,
+            })
+        }
+        Err(upstream::Error::AuthRequired) => {}
+        Err(e) => {
+            if let (false, upstream::Error::NotFound) = (exists, &e) {
+                failures.insert(anonymous_key, Failure::NotFound);
+            }
+            return Err(e);
+        }
+    }
+    // The upstream refuses anonymous access: the mirror is private from now on, before
+    // anything else happens to it.
+    access.record(&req.dir, None, false);
+    if !exists {
+        failures.insert(anonymous_key, Failure::AuthRequired);
+    } else if !was_private {
+        let dir = req.dir.clone();
+        tokio::task::spawn_blocking(move || sync::set_private(&dir, true))
+            .await
+            .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string())))?;
+        tracing::info!(repo = %req.name, "the upstream refuses anonymous access: the mirror is private");
+    }
+    let Some(credentials) = client else {
+        return Err(upstream::Error::AuthRequired);
+    };
+    match list(Some(credentials)).await {
+        Ok(listing) => {
+            access.record(&req.dir, Some(credentials.expose()), true);
+            Ok(Plan {
+                listing,
+                authorization: Some(credentials.clone()),
+                private: true,
+                recreate: false,
+            })
+        }
+        Err(upstream::Error::AuthRequired | upstream::Error::NotFound) if exists => {
+            access.record(&req.dir, Some(credentials.expose()), false);
+            Err(upstream::Error::AuthRequired)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -1326,7 +1649,15 @@ mod tests {
                 connect_timeout: timeout,
                 stall_timeout: timeout,
             },
-            client: reqwest::Client::new(),
+            client: upstream::ListingClient::new(
+                &crate::upstream::Options {
+                    connect_timeout: timeout,
+                    stall_timeout: timeout,
+                },
+                &[],
+            )
+            .expect("a client without TLS settings builds"),
+            access_ttl: timeout,
         })
     }
 
@@ -1406,6 +1737,24 @@ mod tests {
             "",
         ] {
             assert_eq!(name(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn requests_never_print_credentials() {
+        for credentials in [
+            Credentials::Client(Some(Secret::from("Basic c2VjcmV0"))),
+            Credentials::Proxy(Secret::from("Basic c2VjcmV0")),
+        ] {
+            let req = Request {
+                name: "h/o/r".into(),
+                dir: "/m/h/o/r.git".into(),
+                url: "https://h/o/r.git".into(),
+                credentials,
+            };
+            let printed = format!("{req:?} {req:#?}");
+            assert!(!printed.contains("c2VjcmV0"), "{printed}");
+            assert!(printed.contains("<redacted>"), "{printed}");
         }
     }
 

@@ -45,29 +45,41 @@ fn local(e: impl std::fmt::Display) -> upstream::Error {
     upstream::Error::Local(format!("{e:#}"))
 }
 
-/// Create the mirror of `req` in the temporary directory `tmp`, then rename it into place.
-pub(super) fn create(
-    req: &Request,
-    tmp: &Path,
-    private: bool,
-    opts: &upstream::Options,
-    interrupt: &AtomicBool,
-) -> Result<Outcome, upstream::Error> {
+/// Make an empty bare repository at `tmp` (a new mirror's temporary directory), unless a ref
+/// listing made it already.
+pub(super) fn init(tmp: &Path) -> Result<(), upstream::Error> {
+    if tmp.join("HEAD").is_file() {
+        return Ok(());
+    }
     if let Some(parent) = tmp.parent() {
         std::fs::create_dir_all(parent).map_err(local)?;
     }
+    gix::create::into(
+        tmp,
+        gix::create::Kind::Bare,
+        gix::create::Options::default(),
+    )
+    .map_err(local)?;
+    Ok(())
+}
+
+/// Fetch everything of `req`'s upstream into the temporary directory `tmp` with
+/// `authorization`, marked `private` or not. `tmp` is removed if that fails.
+fn build(
+    req: &Request,
+    tmp: &Path,
+    authorization: Option<&str>,
+    private: bool,
+    opts: &upstream::Options,
+    interrupt: &AtomicBool,
+) -> Result<upstream::Fetched, upstream::Error> {
     let result = (|| {
-        gix::create::into(
-            tmp,
-            gix::create::Kind::Bare,
-            gix::create::Options::default(),
-        )
-        .map_err(local)?;
+        init(tmp)?;
         let fetched = upstream::fetch(
             tmp,
             &req.url,
             &upstream::Refs::All,
-            req.authorization.as_deref(),
+            authorization,
             opts,
             interrupt,
         )?;
@@ -76,29 +88,83 @@ pub(super) fn create(
         mark_synced(tmp)?;
         Ok(fetched)
     })();
-    // The mirror's parent directories are made only now, for a mirror that exists.
-    let install = |fetched| {
-        if let Some(parent) = req.dir.parent() {
-            std::fs::create_dir_all(parent).map_err(local)?;
-        }
-        std::fs::rename(tmp, &req.dir).map_err(local)?;
-        Ok(fetched)
-    };
-    let fetched = match result.and_then(install) {
-        Ok(fetched) => fetched,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(tmp);
-            return Err(e);
-        }
-    };
-    let snapshot = Snapshot::open(&req.dir, None).map_err(local)?;
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+    result
+}
+
+/// What a creation reports, from what it fetched.
+fn created(
+    dir: &Path,
+    status: Status,
+    fetched: &upstream::Fetched,
+) -> Result<Outcome, upstream::Error> {
+    let snapshot = Snapshot::open(dir, None).map_err(local)?;
     Ok(Outcome {
-        status: Status::Clone,
+        status,
         snapshot: Arc::new(snapshot),
         refs: fetched.listing.refs.len(),
         changed: fetched.listing.refs.len(),
         pack_bytes: fetched.pack_bytes,
     })
+}
+
+/// Create the mirror of `req` in the temporary directory `tmp`, fetching with
+/// `authorization`, then rename it into place.
+pub(super) fn create(
+    req: &Request,
+    tmp: &Path,
+    authorization: Option<&str>,
+    private: bool,
+    opts: &upstream::Options,
+    interrupt: &AtomicBool,
+) -> Result<Outcome, upstream::Error> {
+    let fetched = build(req, tmp, authorization, private, opts, interrupt)?;
+    // The mirror's parent directories are made only now, for a mirror that exists.
+    let install = || {
+        if let Some(parent) = req.dir.parent() {
+            std::fs::create_dir_all(parent).map_err(local)?;
+        }
+        std::fs::rename(tmp, &req.dir).map_err(local)
+    };
+    if let Err(e) = install() {
+        let _ = std::fs::remove_dir_all(tmp);
+        return Err(e);
+    }
+    created(&req.dir, Status::Clone, &fetched)
+}
+
+/// Make the existing mirror of `req` again, anonymously, in `tmp`, and swap it into place:
+/// what its earlier syncs fetched with credentials is not kept. The old mirror is moved to
+/// `aside` under its maintenance lock, then deleted; readers that hold its packs keep them
+/// until they finish, as after a maintenance. If anything fails, the old mirror stays.
+pub(super) fn recreate(
+    req: &Request,
+    tmp: &Path,
+    aside: &Path,
+    opts: &upstream::Options,
+    interrupt: &AtomicBool,
+) -> Result<Outcome, upstream::Error> {
+    let fetched = build(req, tmp, None, false, opts, interrupt)?;
+    let swapped = (|| {
+        let _maintenance = super::maintain::lock(&req.dir).map_err(local)?;
+        std::fs::rename(&req.dir, aside).map_err(local)?;
+        if let Err(e) = std::fs::rename(tmp, &req.dir) {
+            let _ = std::fs::rename(aside, &req.dir);
+            return Err(local(e));
+        }
+        Ok(())
+    })();
+    if let Err(e) = swapped {
+        let _ = std::fs::remove_dir_all(tmp);
+        return Err(e);
+    }
+    if let Err(e) = std::fs::remove_dir_all(aside) {
+        // Removed at the next start.
+        tracing::warn!(dir = %aside.display(), error = %e, "cannot delete a replaced mirror");
+    }
+    created(&req.dir, Status::Sync, &fetched)
 }
 
 /// The snapshot of the mirror at `dir` as it is on disk now: `previous` when nothing changed,
@@ -185,13 +251,15 @@ pub(super) fn remove_leftovers(dir: &Path) -> usize {
     removed
 }
 
-/// Sync the existing mirror of `req`, whose snapshot (current, see [`refresh`]) is `snapshot`.
-/// `listing` is the upstream's refs if the caller listed them already; `private` whether the
-/// upstream refused to list them without credentials.
+/// Sync the existing mirror of `req`, whose snapshot (current, see [`refresh`]) is `snapshot`,
+/// to `listing` (the upstream's refs as `authorization` shows them), fetching with
+/// `authorization`; `private` tells whether the upstream refused to list them without
+/// credentials.
 pub(super) fn sync(
     req: &Request,
     snapshot: Arc<Snapshot>,
-    listing: Option<Listing>,
+    listing: Listing,
+    authorization: Option<&str>,
     private: bool,
     opts: &upstream::Options,
     interrupt: &AtomicBool,
@@ -199,10 +267,6 @@ pub(super) fn sync(
     let dir = &req.dir;
     let _maintenance = super::maintain::lock(dir).map_err(local)?;
     remove_leftovers(dir);
-    let listing = match listing {
-        Some(listing) => listing,
-        None => upstream::list(dir, &req.url, req.authorization.as_deref(), opts)?,
-    };
     // Before any object fetched with credentials lands in the mirror.
     set_private(dir, private)?;
     let ours: HashMap<&BStr, ObjectId> =
@@ -222,7 +286,7 @@ pub(super) fn sync(
             dir,
             &req.url,
             &upstream::Refs::Only(changed.clone()),
-            req.authorization.as_deref(),
+            authorization,
             opts,
             interrupt,
         )?
@@ -295,7 +359,7 @@ fn apply(
 
 /// Mark the mirror at `dir` private (served only to clients whose credentials the upstream
 /// accepts) or public.
-fn set_private(dir: &Path, private: bool) -> Result<(), upstream::Error> {
+pub(super) fn set_private(dir: &Path, private: bool) -> Result<(), upstream::Error> {
     let marker = dir.join(PRIVATE_MARKER);
     if private {
         std::fs::write(marker, b"the upstream lists refs only with credentials\n").map_err(local)

@@ -1,6 +1,7 @@
 //! A real upstream for the tests: `git http-backend` (CGI) behind a small HTTP server on
-//! 127.0.0.1, with a request log, optional Basic auth per repository, and switches to make it
-//! fail, stall, or cut a response short.
+//! 127.0.0.1, with a request log, optional Basic auth per repository, refs hidden from
+//! anonymous requests, and switches to make it fail, stall, slow, redirect, or cut a response
+//! short.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -33,6 +34,14 @@ pub enum Mode {
     /// Check access, then wait this long before answering (a slow upstream; the access
     /// decision is the one of the moment the request arrived).
     SlowAfterAuth(std::time::Duration),
+    /// Wait this long before anything else, refusals included (a slow upstream whose checks
+    /// overlap).
+    Slow(std::time::Duration),
+    /// Answer every request with `302 Found` to the same path and query on this address.
+    RedirectTo(SocketAddr),
+    /// The same for `GET` requests only (a fetch's handshake; a bare `ls-refs` POST is
+    /// served).
+    RedirectGetsTo(SocketAddr),
 }
 
 /// One received request.
@@ -53,6 +62,9 @@ struct Shared {
     mode: Arc<tokio::sync::watch::Sender<Mode>>,
     /// Repository path prefix (e.g. `/private`) -> `user:password`.
     auth: Arc<Mutex<HashMap<String, String>>>,
+    /// Repository path prefix -> (refs hidden from requests without these credentials
+    /// (`uploadpack.hideRefs`), `user:password`).
+    hidden: Arc<Mutex<HashMap<String, (String, String)>>>,
     lfs_status: Arc<AtomicUsize>,
 }
 
@@ -72,6 +84,7 @@ impl Upstream {
             log: Default::default(),
             mode: Arc::new(tokio::sync::watch::Sender::new(Mode::Normal)),
             auth: Default::default(),
+            hidden: Default::default(),
             lfs_status: Arc::new(AtomicUsize::new(200)),
         };
         let app = axum::Router::new()
@@ -122,6 +135,18 @@ impl Upstream {
             .insert(prefix.into(), user_password.into());
     }
 
+    /// For repositories under `/prefix`, hide the refs under `refs` (an `uploadpack.hideRefs`
+    /// value) from every request that does not carry Basic auth `user:password`: they are
+    /// neither listed nor fetchable by name, as on a server with per-ref read rights. The
+    /// repositories stay readable without credentials.
+    pub fn hide_from_anonymous(&self, prefix: &str, refs: &str, user_password: &str) {
+        self.shared
+            .hidden
+            .lock()
+            .unwrap()
+            .insert(prefix.into(), (refs.into(), user_password.into()));
+    }
+
     /// Stop requiring credentials anywhere.
     pub fn open_to_all(&self) {
         self.shared.auth.lock().unwrap().clear();
@@ -168,6 +193,26 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         body: body.clone(),
     });
     let mut mode = *shared.mode.borrow();
+    if let Mode::Slow(delay) = mode {
+        tokio::time::sleep(delay).await;
+    }
+    let redirect = match mode {
+        Mode::RedirectTo(to) => Some(to),
+        Mode::RedirectGetsTo(to) if parts.method == axum::http::Method::GET => Some(to),
+        _ => None,
+    };
+    if let Some(to) = redirect {
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        let mut r = StatusCode::FOUND.into_response();
+        if let Ok(location) = HeaderValue::from_str(&format!("http://{to}{path}{query}")) {
+            r.headers_mut().insert("location", location);
+        }
+        return r;
+    }
     if mode == Mode::Stall {
         let mut changes = shared.mode.subscribe();
         // The sender lives in `shared`, so the wait ends only with a mode change.
@@ -184,8 +229,24 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         | Mode::Normal
         | Mode::CutPacksAfter(_)
         | Mode::V0Only
-        | Mode::SlowAfterAuth(_) => {}
+        | Mode::SlowAfterAuth(_)
+        | Mode::Slow(_)
+        | Mode::RedirectTo(_)
+        | Mode::RedirectGetsTo(_) => {}
     }
+    let given = parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let carries = |user_password: &str| {
+        use base64::Engine as _;
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(user_password)
+        );
+        given.as_deref() == Some(expected.as_str())
+    };
     let required = shared
         .auth
         .lock()
@@ -194,16 +255,7 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         .find(|(prefix, _)| path.starts_with(prefix.as_str()))
         .map(|(_, up)| up.clone());
     if let Some(user_password) = required {
-        use base64::Engine as _;
-        let expected = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(user_password)
-        );
-        let given = parts
-            .headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        if given != Some(expected.as_str()) {
+        if !carries(&user_password) {
             let mut r = (StatusCode::UNAUTHORIZED, "credentials required\n").into_response();
             r.headers_mut().insert(
                 "www-authenticate",
@@ -233,16 +285,36 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         );
         return r;
     }
+    // Git reads `GIT_CONFIG_COUNT` and friends as configuration: per request, without touching
+    // the repository's own.
+    let hide = shared
+        .hidden
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+        .filter(|(_, (_, user_password))| !carries(user_password))
+        .map(|(_, (refs, _))| refs.clone());
+    let config: Vec<(String, String)> = hide
+        .map(|refs| {
+            vec![
+                ("GIT_CONFIG_COUNT".into(), "1".into()),
+                ("GIT_CONFIG_KEY_0".into(), "uploadpack.hideRefs".into()),
+                ("GIT_CONFIG_VALUE_0".into(), refs),
+            ]
+        })
+        .unwrap_or_default();
     let root = shared.root.clone();
     let mut headers = parts.headers.clone();
     if mode == Mode::V0Only {
         headers.remove("git-protocol");
     }
     let method = parts.method.to_string();
-    let output =
-        tokio::task::spawn_blocking(move || cgi(&root, &method, &path, &query, &headers, &body))
-            .await
-            .expect("cgi task");
+    let output = tokio::task::spawn_blocking(move || {
+        cgi(&root, &method, &path, &query, &headers, &body, &config)
+    })
+    .await
+    .expect("cgi task");
     let (status, body, hdrs) = output;
     let cut = match mode {
         Mode::CutPacksAfter(n)
@@ -277,6 +349,7 @@ fn cgi(
     query: &str,
     headers: &HeaderMap,
     body: &[u8],
+    config: &[(String, String)],
 ) -> (StatusCode, Vec<u8>, HeaderMap) {
     let header = |name: &str| {
         headers
@@ -301,6 +374,7 @@ fn cgi(
         .env("HTTP_CONTENT_ENCODING", header("content-encoding"))
         .env("GIT_PROTOCOL", header("git-protocol"))
         .env("REMOTE_ADDR", "127.0.0.1")
+        .envs(config.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
