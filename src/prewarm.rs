@@ -351,6 +351,9 @@ mod tests {
         assert!(!matches("refs/pull/1/head"));
         let deep = Refs::parse("refs/pull/**").unwrap();
         assert!(deep.matches("refs/pull/1/merge".into(), None));
+        let merges = Refs::parse("refs/pull/*/merge").unwrap();
+        assert!(merges.matches("refs/pull/12/merge".into(), None));
+        assert!(!merges.matches("refs/pull/12/head".into(), None));
         assert!(Refs::parse("").unwrap().is_empty());
         assert!(Refs::parse(" , ").unwrap().is_empty());
         for bad in ["a b", "main~1", "x:y", "a\\b", "a\u{7}"] {

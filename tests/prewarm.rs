@@ -354,3 +354,66 @@ fn prewarm_count(result: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+#[test]
+fn an_empty_prewarm_refs_prewarms_nothing_and_a_bad_one_is_refused() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let (_mirror, running) = proxy(&up, &[("PREWARM_REFS", "")]);
+    warm_up(&running, &up, "o/basic");
+    push_commit(&upstream_dir, "main");
+    push_webhook(&running, &up, "o/basic");
+    wait_until("the webhook's sync", || {
+        metric(
+            &running,
+            "smart_git_proxy_mirror_updates_total{status=\"sync\"}",
+        ) == 1.0
+    });
+    for result in smart_git_proxy::prewarm::RESULTS {
+        assert_eq!(prewarms(&running, result), 0.0, "{result}");
+    }
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("MIRROR_DIR", tempfile::tempdir().unwrap().path())
+        .env("PREWARM_REFS", "main, release~1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("PREWARM_REFS entry 'release~1'"),
+        "{stderr}"
+    );
+}
+
+/// A push of many matching branches prewarms the first `MAX_REFS` commits by ref name; the
+/// branches that did not move, and repeated commits, count for nothing.
+#[test]
+fn at_most_max_refs_commits_per_sync() {
+    use smart_git_proxy::prewarm::{Refs, MAX_REFS};
+    use smart_git_proxy::repo::Snapshot;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("r.git");
+    build_fixture("basic", &dir);
+    git(&dir, &["branch", "release/still", "main~12"]);
+    let before = Snapshot::open(&dir, None).unwrap();
+    for i in 0..MAX_REFS + 2 {
+        git(
+            &dir,
+            &["branch", &format!("release/{i:02}"), &format!("main~{i}")],
+        );
+    }
+    git(&dir, &["branch", "release/same", "main"]);
+    let after = Snapshot::open(&dir, None).unwrap();
+    let (commits, more) = Refs::parse("release/*").unwrap().moved(&before, &after);
+    let expected: Vec<gix::ObjectId> = (0..MAX_REFS)
+        .map(|i| {
+            git(&dir, &["rev-parse", &format!("main~{i}")])
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!((commits, more), (expected, 2));
+}
