@@ -70,6 +70,16 @@ fn url(running: &Running, up: &Upstream, name: &str) -> String {
 /// `actions/checkout`'s fetch of `sha` (protocol `version`, plus `extra` arguments) into a new
 /// repository whose `origin` is `url`; the result must pass `git fsck --strict`.
 fn checkout(url: &str, version: &str, sha: &str, extra: &[&str]) -> TempDir {
+    checkout_with(url, version, sha, extra, &[])
+}
+
+fn checkout_with(
+    url: &str,
+    version: &str,
+    sha: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> TempDir {
     let work = tempfile::tempdir().unwrap();
     git(work.path(), &["init", "-q"]);
     git(work.path(), &["remote", "add", "origin", url]);
@@ -86,7 +96,7 @@ fn checkout(url: &str, version: &str, sha: &str, extra: &[&str]) -> TempDir {
     ];
     args.extend_from_slice(extra);
     args.extend(["origin", refspec.as_str()]);
-    let out = git_output(work.path(), &args, &[]);
+    let out = git_output(work.path(), &args, env);
     assert!(
         out.status.success(),
         "checkout fetch failed: {}",
@@ -162,8 +172,23 @@ fn the_first_checkout_after_a_pushed_webhook_is_a_cache_hit() {
         (0.0, 0.0)
     );
 
-    checkout(&url, "2", &pushed, &[]);
+    let trace = tempfile::NamedTempFile::new().unwrap();
+    let trace_path = trace.path().to_str().unwrap();
+    checkout_with(&url, "2", &pushed, &[], &[("GIT_TRACE_PACKET", trace_path)]);
     assert_eq!(lookups(&running, "hit"), 1.0, "the first job is a hit");
+    // What this git sent is the request prewarming stands for (the agent aside).
+    let sent: Vec<String> = std::fs::read_to_string(trace.path())
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once("fetch> ").map(|(_, line)| line.to_owned()))
+        .filter(|l| !l.starts_with("agent="))
+        .collect();
+    let expected: Vec<String> = smart_git_proxy::prewarm::CHECKOUT_REQUEST
+        .iter()
+        .filter(|l| !l.starts_with("agent="))
+        .map(|l| l.replace("{sha}", &pushed))
+        .collect();
+    assert_eq!(sent, expected);
     assert_eq!(lookups(&running, "miss"), 0.0);
     // With progress shown (actions/checkout's default), the same pack.
     checkout(&url, "2", &pushed, &["--progress"]);

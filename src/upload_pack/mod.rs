@@ -377,10 +377,10 @@ pub enum Prefill {
     NoRoom,
 }
 
-/// Put the pack that the v2 fetch `args` is answered with into the pack cache (`ctx.cache`,
-/// which must be set), under the key that request looks up, generating it on this thread: the
-/// client that sends the request later is served a cache hit. `args` must need no negotiation
-/// (`done`, or no `have`).
+/// Put the pack that the v2 fetch `args` is answered with into the pack cache (`ctx.cache`;
+/// without one, [`Prefill::NoRoom`]), under the key that request looks up, generating it on
+/// this thread: the client that sends the request later is served a cache hit. `args` must
+/// need no negotiation (`done`, or no `have`).
 pub fn prefill_v2(ctx: &Context<'_>, args: &v2::Fetch) -> Result<Prefill, Error> {
     let Some((cache, mirror)) = ctx.cache else {
         return Ok(Prefill::NoRoom);
