@@ -16,10 +16,18 @@
       capabilities (after NUL) removed
   bench-helper.py ls-refs-body FILE
       write the body `git fetch` (protocol v2) sends for its ref listing
+  bench-helper.py fetch-body FILE ARGS...
+      write a v2 fetch body (wants from stdin, then ARGS lines), as git sends it without progress
+  bench-helper.py pack-size FILE
+      print the bytes of pack data in a v2 fetch answer
+  bench-helper.py github-push URL SECRET CLONE_URL REF
+      POST a GitHub `push` webhook for CLONE_URL and REF to URL, signed with SECRET
+      (X-Hub-Signature-256); print the HTTP status
   bench-helper.py median
       median of the numbers on stdin
   bench-helper.py table TSV
-      print the markdown results table for the rows in TSV
+      print the markdown results table for the rows in TSV (fixture, shape, metric, unit,
+      kind, proxy, git, notes, and the proxy's value before maintenance if measured)
 """
 
 import asyncio
@@ -218,6 +226,26 @@ def pack_size(path):
     print(total)
 
 
+def github_push(url, secret, clone_url, ref):
+    import hashlib
+    import hmac
+    import json
+    import urllib.error
+    import urllib.request
+    body = json.dumps({"ref": ref, "repository": {"full_name": "bench", "clone_url": clone_url}}).encode()
+    signature = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "X-GitHub-Event": "push",
+        "Content-Type": "application/json",
+        "X-Hub-Signature-256": signature,
+    })
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            print(answer.status)
+    except urllib.error.HTTPError as e:
+        print(e.code)
+
+
 def median():
     values = [float(x) for x in sys.stdin.read().split()]
     print("%.4f" % statistics.median(values))
@@ -226,6 +254,8 @@ def median():
 def fmt(value, unit):
     if value in ("", "-"):
         return "-"
+    if unit == "text":
+        return value
     v = float(value)
     if unit == "s":
         return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
@@ -241,27 +271,45 @@ def fmt(value, unit):
     return f"{v:g} {unit}"
 
 
+def compare(proxy, git, kind):
+    """The ratio proxy/git and who is better, or ("-", "-")."""
+    if kind == "text" or proxy in ("", "-") or git in ("", "-"):
+        return "-", "-"
+    if float(git) <= 0 or float(proxy) <= 0:
+        return "-", "-"
+    r = float(proxy) / float(git)
+    higher_is_better = kind == "rate"
+    if abs(r - 1) < 0.005:
+        better = "tie"
+    elif (r > 1) == higher_is_better:
+        better = f"proxy {max(r, 1 / r):.2f}x"
+    else:
+        better = f"git {max(r, 1 / r):.2f}x"
+    return f"{r:.2f}", better
+
+
 def table(path):
-    # columns: fixture, shape, metric, unit, kind (time|rate|size), proxy, git, notes
-    print("| fixture | shape | metric | proxy | git | ratio proxy/git | better | notes |")
-    print("|---|---|---|---|---|---|---|---|")
+    # columns: fixture, shape, metric, unit, kind (time|rate|size|text), proxy, git, notes,
+    # and the proxy's value on the mirror before maintenance (empty when not measured)
+    rows = []
     with open(path) as f:
         for line in f:
-            if not line.strip():
-                continue
-            fixture, shape, metric, unit, kind, proxy, git, notes = (line.rstrip("\n").split("\t") + [""] * 8)[:8]
-            ratio = better = "-"
-            if proxy not in ("", "-") and git not in ("", "-") and float(git) > 0 and float(proxy) > 0:
-                r = float(proxy) / float(git)
-                ratio = f"{r:.2f}"
-                higher_is_better = kind == "rate"
-                if abs(r - 1) < 0.005:
-                    better = "tie"
-                elif (r > 1) == higher_is_better:
-                    better = f"proxy {max(r, 1 / r):.2f}x"
-                else:
-                    better = f"git {max(r, 1 / r):.2f}x"
-            print(f"| {fixture} | {shape} | {metric} | {fmt(proxy, unit)} | {fmt(git, unit)} | {ratio} | {better} | {notes} |")
+            if line.strip():
+                rows.append((line.rstrip("\n").split("\t") + [""] * 9)[:9])
+    window = any(r[8] not in ("", "-") for r in rows)
+    head = "| fixture | shape | metric | proxy | git | ratio proxy/git | better |"
+    rule = "|---|---|---|---|---|---|---|"
+    if window:
+        head += " proxy before maintenance | ratio before/git |"
+        rule += "---|---|"
+    print(head + " notes |")
+    print(rule + "---|")
+    for fixture, shape, metric, unit, kind, proxy, git, notes, before in rows:
+        ratio, better = compare(proxy, git, kind)
+        cells = [fixture, shape, metric, fmt(proxy, unit), fmt(git, unit), ratio, better]
+        if window:
+            cells += [fmt(before, unit), compare(before, git, kind)[0]]
+        print("| " + " | ".join(cells + [notes]) + " |")
 
 
 def main():
@@ -282,6 +330,8 @@ def main():
         fetch_body(args[0], *args[1:])
     elif cmd == "pack-size":
         pack_size(args[0])
+    elif cmd == "github-push":
+        github_push(*args[:4])
     elif cmd == "median":
         median()
     elif cmd == "table":

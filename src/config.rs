@@ -158,6 +158,11 @@ pub struct Config {
     /// while the pack or file holding them is younger than this.
     #[arg(long, env = "MAINTENANCE_GRACE", default_value = "14days")]
     pub maintenance_grace: humantime::Duration,
+    /// Refs whose moves by a sync prewarm the pack cache with the `--depth=1` fetch
+    /// `actions/checkout` makes: comma-separated, `HEAD` for the branch `HEAD` points to, or
+    /// globs of ref names (`release/*` is `refs/heads/release/*`; `refs/tags/v*`); empty: off.
+    #[arg(long, env = "PREWARM_REFS", default_value = "HEAD")]
+    pub prewarm_refs: String,
     /// Memory that the delta-base caches of all pack generations share (each thread of pack
     /// work takes up to 32 MiB of it; beyond it, work runs uncached: slower, never larger).
     #[arg(long, env = "PACK_MEMORY_BUDGET", default_value = "256MiB")]
@@ -301,6 +306,9 @@ pub enum Error {
     /// `TRUSTED_PROXIES` has an unusable entry.
     #[error(transparent)]
     TrustedProxies(#[from] crate::http::forwarded::ParseError),
+    /// `PREWARM_REFS` has an unusable entry.
+    #[error(transparent)]
+    PrewarmRefs(#[from] crate::prewarm::RefsError),
     /// `MIRROR_DIR` exists and is not a directory, or cannot be created.
     #[error("MIRROR_DIR '{path}': {reason}")]
     MirrorDir {
@@ -379,10 +387,16 @@ impl Config {
         Ok(self.trusted_proxies.parse()?)
     }
 
+    /// The parsed `PREWARM_REFS`.
+    pub fn prewarm_refs(&self) -> Result<crate::prewarm::Refs, Error> {
+        Ok(crate::prewarm::Refs::parse(&self.prewarm_refs)?)
+    }
+
     /// Check every setting; call before binding.
     pub fn validate(&self) -> Result<(), Error> {
         self.listen_socket_addr()?;
         self.trusted_proxies()?;
+        self.prewarm_refs()?;
         if self.max_concurrent_packs == Some(0) {
             return Err(Error::Zero {
                 key: "MAX_CONCURRENT_PACKS",
@@ -499,6 +513,7 @@ impl Config {
             pack_memory_budget: ByteSize::mib(256),
             maintenance_pack_threshold: 16,
             maintenance_grace: Duration::from_secs(14 * 24 * 3600).into(),
+            prewarm_refs: "HEAD".into(),
             allowed_upstreams: "github.com".into(),
             sync_stale_after: Duration::from_secs(2).into(),
             auth_mode: AuthMode::None,

@@ -10,6 +10,7 @@ pub mod http;
 pub mod metrics;
 pub mod mirror;
 pub mod pack;
+pub mod prewarm;
 pub mod protocol;
 pub mod repo;
 pub mod ttl;

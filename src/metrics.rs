@@ -23,6 +23,10 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
                         .set(1.0);
                     // Present from the start, so that a rate over it is 0 rather than empty.
                     metrics::counter!("smart_git_proxy_mirror_evictions_total").absolute(0);
+                    for result in crate::prewarm::RESULTS {
+                        metrics::counter!("smart_git_proxy_prewarm_total", "result" => *result)
+                            .absolute(0);
+                    }
                     Some(h)
                 }
                 Err(e) => {
@@ -94,6 +98,10 @@ fn describe() {
     describe_counter!(
         "smart_git_proxy_pack_cache_lookups_total",
         "Pack-cache lookups by result (hit, shared, miss, bypass)"
+    );
+    describe_counter!(
+        "smart_git_proxy_prewarm_total",
+        "Checkout packs prewarmed after syncs, by result (generated, cached, superseded, cache-off, no-room, limit, failed)"
     );
     describe_counter!(
         "smart_git_proxy_pack_cache_served_bytes_total",
@@ -223,6 +231,11 @@ pub fn mirror_update(status: &'static str, duration: Duration, bytes: u64) {
 /// one) or `bypass`.
 pub fn pack_cache_lookup(result: &'static str) {
     metrics::counter!("smart_git_proxy_pack_cache_lookups_total", "result" => result).increment(1);
+}
+
+/// `n` prewarms ended with `result` (one of [`crate::prewarm::RESULTS`]).
+pub fn prewarm(result: &'static str, n: u64) {
+    metrics::counter!("smart_git_proxy_prewarm_total", "result" => result).increment(n);
 }
 
 /// Bytes of pack read from the cache for clients.

@@ -92,6 +92,18 @@ impl AppState {
             via_parent: config.parent_proxy().is_some(),
         });
         let pack_cache = open_pack_cache(&config);
+        let pack_slots = Arc::new(Semaphore::new(slots));
+        let compression = config.compression().unwrap_or_default();
+        let prewarmer = crate::prewarm::Prewarmer::new(crate::prewarm::Settings {
+            refs: config.prewarm_refs().unwrap_or_default(),
+            cache: pack_cache.clone(),
+            options: upload_pack::Options {
+                pack_threads: config.pack_threads,
+                compression,
+            },
+            pack_slots: Arc::clone(&pack_slots),
+        });
+        mirrors.on_sync(Arc::new(move |synced| prewarmer.synced(synced)));
         let streams = config.max_concurrent_streams;
         crate::pack::set_memory_budget(
             usize::try_from(config.pack_memory_budget.as_u64()).unwrap_or(usize::MAX),
@@ -105,12 +117,12 @@ impl AppState {
             draining: Arc::new(AtomicBool::new(false)),
             body_budget,
             pack_cache,
-            compression: config.compression().unwrap_or_default(),
+            compression,
             upstreams: Arc::new(config.upstreams().unwrap_or_default()),
             mirrors: Arc::new(mirrors),
             lfs_client: upstream_client,
             config: Arc::new(config),
-            pack_slots: Arc::new(Semaphore::new(slots)),
+            pack_slots,
             stream_slots: Arc::new(Semaphore::new(streams)),
         }
     }

@@ -422,6 +422,31 @@ impl Drop for Lease {
     }
 }
 
+fn lease(leases: &Arc<Leases>, dir: &Path) -> Lease {
+    *leases.counts.lock().entry(dir.to_path_buf()).or_default() += 1;
+    Lease {
+        leases: Arc::clone(leases),
+        dir: dir.to_path_buf(),
+    }
+}
+
+/// A sync that changed an existing mirror, as a [`SyncHook`] is told of it.
+pub struct Synced {
+    /// `host/path`
+    pub name: String,
+    /// The mirror directory.
+    pub dir: PathBuf,
+    /// The mirror's snapshot before the sync.
+    pub before: Arc<Snapshot>,
+    /// Its snapshot after the sync.
+    pub after: Arc<Snapshot>,
+    /// Keeps the mirror from eviction while the hook holds it.
+    pub lease: Lease,
+}
+
+/// Called on the runtime after each sync that changed an existing mirror; must not block.
+pub type SyncHook = Arc<dyn Fn(Synced) + Send + Sync>;
+
 /// One mirror as the inventory lists it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Info {
@@ -537,6 +562,7 @@ pub struct Mirrors {
     /// Background maintenance runs one at a time.
     maintenance: Arc<Semaphore>,
     leases: Arc<Leases>,
+    sync_hook: std::sync::OnceLock<SyncHook>,
 }
 
 /// A mirror directory and a digest of the credentials its creation was tried with (`None`:
@@ -634,21 +660,20 @@ impl Mirrors {
             tmp_counter: AtomicU64::new(0),
             maintenance: Arc::new(Semaphore::new(1)),
             leases: Default::default(),
+            sync_hook: Default::default(),
         }
     }
 
     /// Hold the mirror at `dir` (which need not exist yet) for a request: it is not evicted
     /// until the lease is dropped.
     pub fn lease(&self, dir: &Path) -> Lease {
-        *self
-            .leases
-            .counts
-            .lock()
-            .entry(dir.to_path_buf())
-            .or_default() += 1;
-        Lease {
-            leases: Arc::clone(&self.leases),
-            dir: dir.to_path_buf(),
+        lease(&self.leases, dir)
+    }
+
+    /// Tell `hook` of every sync that changes an existing mirror (set once, at start).
+    pub fn on_sync(&self, hook: SyncHook) {
+        if self.sync_hook.set(hook).is_err() {
+            tracing::warn!("a sync hook is set already");
         }
     }
 
@@ -1010,11 +1035,14 @@ impl Mirrors {
         let repos = Arc::clone(&self.repos);
         let maintenance = self.maintenance_job(&repo, &req.dir);
         let wake_eviction = Arc::clone(&self.leases.wake);
+        let hook = self.sync_hook.get().cloned();
+        let leases = Arc::clone(&self.leases);
         let update = tokio::spawn(async move {
             let _slots = slots;
             let started = Instant::now();
             let name = owned.name.clone();
             let current = repo.snapshot();
+            let before = current.clone().filter(|_| exists);
             let from_client = matches!(owned.credentials, Credentials::Client(_));
             let plan = plan(
                 &lister, &owned, exists, &tmp, revalidate, &failures, &access,
@@ -1064,8 +1092,19 @@ impl Mirrors {
                     // arrived during a long fetch must not count this sync as newer than itself.
                     state.last_sync = Some(started);
                     state.last_failure = None;
-                    repo.set_snapshot(outcome.snapshot);
+                    repo.set_snapshot(Arc::clone(&outcome.snapshot));
                     let status = outcome.status;
+                    if let (Some(hook), Some(before)) = (&hook, before) {
+                        if outcome.changed > 0 {
+                            hook(Synced {
+                                name: name.clone(),
+                                dir: owned_dir.clone(),
+                                before,
+                                after: Arc::clone(&outcome.snapshot),
+                                lease: lease(&leases, &owned_dir),
+                            });
+                        }
+                    }
                     record_sync(&repo, &owned_dir, Ok(())).await;
                     if outcome.pack_bytes > 0 || status == Status::Clone {
                         // The mirror grew: measured again, and perhaps over MIRROR_MAX_SIZE.

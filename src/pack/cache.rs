@@ -1,11 +1,17 @@
 //! The pack cache: finished packs on disk, keyed by the request that produced them, and
 //! generations in flight that any number of identical requests share.
 //!
-//! A pack is a pure function of the resolved request — wants, common haves, the shallow
-//! boundary, the filter, the tags `include-tag` may pull in, and the options that change the
-//! bytes (`ofs-delta`, the compression level; `thin-pack` does not, since thin packs are never
-//! sent) — because objects never change. So an entry never goes stale; it is only evicted, least
+//! A pack is a pure function of the resolved request, because objects never change. The key
+//! ([`KeyParts`]) is the SHA-1 of, per mirror: the wants (with the commits the shallow boundary
+//! adds), the common haves (with the client's unshallowed commits), the shallow grafts, the
+//! annotated tags `include-tag` may pull in, the filter, and the options that change the bytes
+//! (`ofs-delta`, `thin-pack`, the compression level). What only frames the pack — the protocol
+//! version, sideband, progress, the agent — is not part of it, so a v0 and a v2 client asking
+//! for the same objects share an entry. An entry never goes stale; it is only evicted, least
 //! recently used first, when the cache outgrows its size.
+//!
+//! [`PackCache::prefill`] starts a generation for no client (`crate::prewarm`); clients that
+//! ask meanwhile follow it as they follow each other's.
 //!
 //! A generation writes the raw pack (no sideband framing, which is per client) into a
 //! temporary file; readers follow that file at their own pace, waiting for more only when they
@@ -339,15 +345,64 @@ impl PackCache {
                 return Lookup::Shared(reader);
             }
         }
-        let failed_lately = this
-            .bypass_until
-            .lock()
-            .is_some_and(|until| Instant::now() < until);
-        if failed_lately || low_on_space(&this.dir) {
+        if !this.has_room() {
             this.stats.bypassed.fetch_add(1, Ordering::Relaxed);
             crate::metrics::pack_cache_lookup("bypass");
             return Lookup::Bypass;
         }
+        let Some((generation, read)) = self.start(&mut index, key, false) else {
+            this.stats.bypassed.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::pack_cache_lookup("bypass");
+            return Lookup::Bypass;
+        };
+        let reader = Reader::following(read, Arc::clone(&generation.shared), &self.inner);
+        drop(index);
+        this.stats.misses.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::pack_cache_lookup("miss");
+        Lookup::Miss(generation, reader)
+    }
+
+    /// Whether the cache takes new packs now: not when its filesystem is low on space, nor
+    /// for a while after a write failed.
+    pub fn has_room(&self) -> bool {
+        self.inner.has_room()
+    }
+
+    /// Start the generation of `key` for no client in particular (a prewarm), unless the cache
+    /// has that pack or a generation of it is under way. Clients that ask for the pack
+    /// meanwhile follow the generation; it runs to its end even when they all leave. Not counted
+    /// as a lookup.
+    pub fn prefill(&self, key: Key) -> Prefill {
+        let mut index = self.inner.index.lock();
+        if let Some(used) = index.clock.checked_add(1) {
+            index.clock = used;
+        }
+        let clock = index.clock;
+        if let Some(entry) = index.entries.get_mut(&key) {
+            entry.used = clock;
+            return Prefill::Present;
+        }
+        let running = index
+            .in_flight
+            .get(&key)
+            .is_some_and(|s| !s.abandoned.load(Ordering::Relaxed));
+        if running {
+            return Prefill::Present;
+        }
+        if !self.inner.has_room() {
+            return Prefill::NoRoom;
+        }
+        match self.start(&mut index, key, true) {
+            Some((generation, _)) => Prefill::Generate(generation),
+            None => Prefill::NoRoom,
+        }
+    }
+
+    /// A new generation of `key` in flight, and a second handle on its file for a reader;
+    /// `None` when the file cannot be created. A `pinned` generation is not abandoned when its
+    /// readers leave.
+    fn start(&self, index: &mut Index, key: Key, pinned: bool) -> Option<(Generation, File)> {
+        let this = &self.inner;
         let n = this.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = this.dir.join(format!(
             "{}.{}-{n}.tmp",
@@ -360,9 +415,7 @@ impl PackCache {
             Err(e) => {
                 tracing::warn!(path = %tmp.display(), error = %e, "pack cache bypassed");
                 let _ = std::fs::remove_file(&tmp);
-                this.stats.bypassed.fetch_add(1, Ordering::Relaxed);
-                crate::metrics::pack_cache_lookup("bypass");
-                return Lookup::Bypass;
+                return None;
             }
         };
         let shared = Arc::new(Shared {
@@ -370,29 +423,42 @@ impl PackCache {
             state: Mutex::new(State::Running { written: 0 }),
             changed: Condvar::new(),
             readers: AtomicUsize::new(0),
+            pinned,
             abandoned: Arc::new(AtomicBool::new(false)),
         });
         index.in_flight.insert(key, Arc::clone(&shared));
-        let reader = Reader::following(read, Arc::clone(&shared), &self.inner);
-        drop(index);
-        this.stats.misses.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::pack_cache_lookup("miss");
-        Lookup::Miss(
-            Generation {
-                key,
-                shared,
-                file: write,
-                buf: Vec::with_capacity(PUBLISH_BYTES),
-                written: 0,
-                cache: Arc::clone(&self.inner),
-                done: false,
-            },
-            reader,
-        )
+        let generation = Generation {
+            key,
+            shared,
+            file: write,
+            buf: Vec::with_capacity(PUBLISH_BYTES),
+            written: 0,
+            cache: Arc::clone(&self.inner),
+            done: false,
+        };
+        Some((generation, read))
     }
 }
 
+/// What [`PackCache::prefill`] found.
+pub enum Prefill {
+    /// The pack is in the cache, or being generated.
+    Present,
+    /// The cache takes no new pack now ([`PackCache::has_room`]).
+    NoRoom,
+    /// Nothing yet: the caller writes the pack into this generation.
+    Generate(Generation),
+}
+
 impl Inner {
+    fn has_room(&self) -> bool {
+        let failed_lately = self
+            .bypass_until
+            .lock()
+            .is_some_and(|until| Instant::now() < until);
+        !failed_lately && !low_on_space(&self.dir)
+    }
+
     fn path(&self, key: &Key) -> PathBuf {
         self.dir.join(format!("{}.pack", key.file_stem()))
     }
@@ -521,6 +587,8 @@ struct Shared {
     state: Mutex<State>,
     changed: Condvar,
     readers: AtomicUsize,
+    /// Started for no client (a prewarm): readers that leave do not stop it.
+    pinned: bool,
     /// Every reader went away: the generation should stop.
     abandoned: Arc<AtomicBool>,
 }
@@ -738,7 +806,7 @@ impl Drop for Reader {
             // Under the index lock, as `lookup` attaches readers: a request never attaches to a
             // generation that its last reader is abandoning.
             let _index = self.cache.index.lock();
-            if shared.readers.fetch_sub(1, Ordering::Relaxed) == 1 {
+            if shared.readers.fetch_sub(1, Ordering::Relaxed) == 1 && !shared.pinned {
                 let running = matches!(*shared.state.lock(), State::Running { .. });
                 if running {
                     shared.abandoned.store(true, Ordering::Relaxed);
@@ -923,6 +991,34 @@ mod tests {
         ));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         assert_eq!(cache.entries(), 0);
+    }
+
+    #[test]
+    fn a_prefill_is_shared_by_clients_and_outlives_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PackCache::open(dir.path(), 1 << 20).unwrap();
+        let Prefill::Generate(mut generation) = cache.prefill(key(1)) else {
+            panic!("expected to generate");
+        };
+        assert!(matches!(cache.prefill(key(1)), Prefill::Present), "running");
+        let Lookup::Shared(client) = cache.lookup(key(1)) else {
+            panic!("a client follows the prefill");
+        };
+        drop(client);
+        assert!(!generation.abandoned().load(Ordering::Relaxed));
+        let mut data = b"PACK\0\0\0\x02\0\0\0\x01".to_vec();
+        data.resize(100, 7);
+        generation.write_all(&data).unwrap();
+        generation.finish().unwrap();
+        assert!(
+            matches!(cache.prefill(key(1)), Prefill::Present),
+            "finished"
+        );
+        let Lookup::Hit(reader) = cache.lookup(key(1)) else {
+            panic!("expected a hit");
+        };
+        assert_eq!(read_all(reader), data);
+        assert_eq!(cache.stats().misses.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -263,6 +263,26 @@ fn fetch_v2<W: Write>(
     args: &v2::Fetch,
     out: &mut Response<W>,
 ) -> Result<Outcome, Error> {
+    match resolve_v2(ctx, args)? {
+        Step::Acks(lines, outcome) => {
+            out.write_all(&lines)?;
+            Ok(outcome)
+        }
+        Step::Pack(lines, pack_args) => send_pack(ctx, &pack_args, lines, true, out),
+    }
+}
+
+/// Where a request stands after negotiation.
+enum Step {
+    /// Acknowledgements only: the lines to send, and what they acknowledged.
+    Acks(Vec<u8>, Outcome),
+    /// The lines to send before the pack (acknowledgements, shallow and wanted-refs sections),
+    /// and the pack.
+    Pack(Vec<u8>, Box<PackArgs>),
+}
+
+/// Negotiate a v2 fetch and resolve its shallow boundary and wanted refs.
+fn resolve_v2(ctx: &Context<'_>, args: &v2::Fetch) -> Result<Step, Error> {
     for (i, want) in args.wants.iter().enumerate() {
         pack::check_interrupt(ctx.interrupt, i + 1)?;
         if !ctx.repo.has_object(want) {
@@ -304,14 +324,14 @@ fn fetch_v2<W: Write>(
         }
         if !neg.ok_to_give_up()? {
             pktline::flush(&mut lines);
-            out.write_all(&lines)?;
-            return Ok(Outcome::Acks {
-                common: neg.common().len(),
-            });
+            let common = neg.common().len();
+            return Ok(Step::Acks(lines, Outcome::Acks { common }));
         }
         pktline::text(&mut lines, "ready");
         pktline::delim(&mut lines);
     }
+    let common = neg.common().to_vec();
+    drop(neg);
     // Section order per gitprotocol-v2 (and git's fetch-pack): shallow-info, wanted-refs.
     let shallow = if args.deepen.is_active() {
         let shallow = shallow::compute(ctx.db, refs, &wants, &args.deepen, ctx.interrupt)?;
@@ -330,17 +350,60 @@ fn fetch_v2<W: Write>(
         pktline::delim(&mut lines);
     }
     let pack_args = PackArgs {
-        wants: &wants,
-        common: neg.common(),
-        shallow: &shallow,
-        filter: args.filter.as_ref(),
+        wants,
+        common,
+        shallow,
+        filter: args.filter.clone(),
         tags: include_tag_candidates(args.include_tag, refs),
         ofs_delta: args.ofs_delta,
         thin: args.thin_pack,
         progress: !args.no_progress,
         sideband: Some(LARGE_BAND_PAYLOAD),
     };
-    send_pack(ctx, &pack_args, lines, true, out)
+    Ok(Step::Pack(lines, Box::new(pack_args)))
+}
+
+/// What [`prefill_v2`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefill {
+    /// The pack was generated into the cache.
+    Generated {
+        /// Objects in the pack.
+        objects: usize,
+    },
+    /// The cache has it already, or a generation of it is under way.
+    Present,
+    /// The cache takes no new pack now (low on disk space, or a write failed lately).
+    NoRoom,
+}
+
+/// Put the pack that the v2 fetch `args` is answered with into the pack cache (`ctx.cache`;
+/// without one, [`Prefill::NoRoom`]), under the key that request looks up, generating it on
+/// this thread: the client that sends the request later is served a cache hit. `args` must
+/// need no negotiation (`done`, or no `have`).
+pub fn prefill_v2(ctx: &Context<'_>, args: &v2::Fetch) -> Result<Prefill, Error> {
+    let Some((cache, mirror)) = ctx.cache else {
+        return Ok(Prefill::NoRoom);
+    };
+    let pack_args = match resolve_v2(ctx, args)? {
+        Step::Pack(_, pack_args) => pack_args,
+        Step::Acks(..) => {
+            return Err(Error::Protocol(
+                "prefill: the request needs negotiation".into(),
+            ))
+        }
+    };
+    let (wants, common) = pack_args.ends();
+    let generation = match cache.prefill(pack_args.cache_key(ctx, mirror, &wants, &common)) {
+        pack::cache::Prefill::Present => return Ok(Prefill::Present),
+        pack::cache::Prefill::NoRoom => return Ok(Prefill::NoRoom),
+        pack::cache::Prefill::Generate(generation) => generation,
+    };
+    let selection = pack_args.selection(ctx, &wants, &common);
+    let reuse = pack_args.reusable(ctx, &wants, &common).cloned();
+    let opts = pack_args.write_options(ctx);
+    let objects = fill(ctx.db, &selection, reuse.as_ref(), opts, generation)?;
+    Ok(Prefill::Generated { objects })
 }
 
 /// `shallow <oid>` and `unshallow <oid>` lines, without a trailing newline as git writes them:
@@ -493,10 +556,10 @@ fn fetch_v0<W: Write>(
         }
     }
     let pack_args = PackArgs {
-        wants: &req.wants,
-        common: neg.common(),
-        shallow: &shallow,
-        filter: req.filter.as_ref(),
+        wants: req.wants.clone(),
+        common: neg.common().to_vec(),
+        shallow,
+        filter: req.filter.clone(),
         tags: include_tag_candidates(caps.include_tag, refs),
         ofs_delta: caps.ofs_delta,
         thin: caps.thin_pack,
@@ -566,11 +629,12 @@ fn check_reachable_wants(ctx: &Context<'_>, wants: &[ObjectId]) -> Result<(), Er
     Ok(())
 }
 
-struct PackArgs<'a> {
-    wants: &'a [ObjectId],
-    common: &'a [ObjectId],
-    shallow: &'a Shallow,
-    filter: Option<&'a Filter>,
+/// What a pack is made of, once negotiation and the shallow boundary are resolved.
+struct PackArgs {
+    wants: Vec<ObjectId>,
+    common: Vec<ObjectId>,
+    shallow: Shallow,
+    filter: Option<Filter>,
     /// `include-tag` candidates.
     tags: Vec<(ObjectId, ObjectId)>,
     ofs_delta: bool,
@@ -581,65 +645,108 @@ struct PackArgs<'a> {
     sideband: Option<usize>,
 }
 
+impl PackArgs {
+    /// What the pack starts from and stops at: the wants and the common haves, with what the
+    /// shallow boundary adds to each.
+    fn ends(&self) -> (Vec<ObjectId>, Vec<ObjectId>) {
+        let wants = self
+            .wants
+            .iter()
+            .chain(&self.shallow.extra_wants)
+            .copied()
+            .collect();
+        let common = self
+            .common
+            .iter()
+            .chain(&self.shallow.extra_haves)
+            .copied()
+            .collect();
+        (wants, common)
+    }
+
+    fn selection<'a>(
+        &'a self,
+        ctx: &'a Context<'_>,
+        wants: &'a [ObjectId],
+        common: &'a [ObjectId],
+    ) -> pack::Selection<'a> {
+        pack::Selection {
+            wants,
+            common,
+            tags: &self.tags,
+            shallow: &self.shallow.grafts,
+            filter: self.filter.as_ref(),
+            thin: self.thin,
+            bitmap: ctx.snapshot.bitmap(),
+        }
+    }
+
+    fn write_options(&self, ctx: &Context<'_>) -> pack::WriteOptions {
+        pack::WriteOptions {
+            ofs_delta: self.ofs_delta,
+            thread_limit: ctx.options.pack_threads,
+            compression: ctx.options.compression,
+        }
+    }
+
+    /// The pack cache's key for this pack of `mirror`.
+    fn cache_key(
+        &self,
+        ctx: &Context<'_>,
+        mirror: &str,
+        wants: &[ObjectId],
+        common: &[ObjectId],
+    ) -> pack::cache::Key {
+        let filter = self.filter.as_ref().map(|f| format!("{f:?}"));
+        pack::cache::KeyParts {
+            mirror,
+            wants,
+            common,
+            shallow: &self.shallow.grafts,
+            tags: &self.tags,
+            filter: filter.as_deref(),
+            ofs_delta: self.ofs_delta,
+            thin: self.thin,
+            compression: ctx.options.compression.level(),
+        }
+        .key()
+    }
+
+    /// The consolidated pack's first region, when it is exactly this pack.
+    fn reusable<'c>(
+        &self,
+        ctx: &'c Context<'_>,
+        wants: &[ObjectId],
+        common: &[ObjectId],
+    ) -> Option<&'c (pack::reuse::Region, std::path::PathBuf)> {
+        ctx.snapshot.clone_region().filter(|(region, path)| {
+            self.ofs_delta
+                && common.is_empty()
+                && self.shallow.grafts.is_empty()
+                && self.filter.is_none()
+                && pack::reuse::tips_digest(wants) == region.tips
+                // A snapshot older than the last maintenance names a pack that is gone: plan.
+                && path.is_file()
+        })
+    }
+}
+
 /// Plan the pack, then write `preamble` (acknowledgements), the `packfile` section header in
 /// v2, and the pack. Planning happens before anything is written so that a failure can still
 /// be reported as an `ERR` packet.
 fn send_pack<W: Write>(
     ctx: &Context<'_>,
-    args: &PackArgs<'_>,
+    args: &PackArgs,
     preamble: Vec<u8>,
     v2: bool,
     out: &mut Response<W>,
 ) -> Result<Outcome, Error> {
-    let wants: Vec<ObjectId> = args
-        .wants
-        .iter()
-        .chain(&args.shallow.extra_wants)
-        .copied()
-        .collect();
-    let common: Vec<ObjectId> = args
-        .common
-        .iter()
-        .chain(&args.shallow.extra_haves)
-        .copied()
-        .collect();
-    let selection = pack::Selection {
-        wants: &wants,
-        common: &common,
-        tags: &args.tags,
-        shallow: &args.shallow.grafts,
-        filter: args.filter,
-        thin: args.thin,
-        bitmap: ctx.snapshot.bitmap(),
-    };
-    let opts = pack::WriteOptions {
-        ofs_delta: args.ofs_delta,
-        thread_limit: ctx.options.pack_threads,
-        compression: ctx.options.compression,
-    };
-    let reuse = ctx.snapshot.clone_region().filter(|(region, path)| {
-        args.ofs_delta
-            && common.is_empty()
-            && args.shallow.grafts.is_empty()
-            && args.filter.is_none()
-            && pack::reuse::tips_digest(&wants) == region.tips
-            // A snapshot older than the last maintenance names a pack that is gone: plan.
-            && path.is_file()
-    });
+    let (wants, common) = args.ends();
+    let selection = args.selection(ctx, &wants, &common);
+    let opts = args.write_options(ctx);
+    let reuse = args.reusable(ctx, &wants, &common);
     if let Some((cache, mirror)) = ctx.cache {
-        let filter = args.filter.map(|f| format!("{f:?}"));
-        let key = pack::cache::KeyParts {
-            mirror,
-            wants: &wants,
-            common: &common,
-            shallow: &args.shallow.grafts,
-            tags: &args.tags,
-            filter: filter.as_deref(),
-            ofs_delta: args.ofs_delta,
-            thin: args.thin,
-            compression: ctx.options.compression.level(),
-        }
-        .key();
+        let key = args.cache_key(ctx, mirror, &wants, &common);
         let reader = match cache.lookup(key) {
             pack::cache::Lookup::Hit(reader) => Some((reader, "hit")),
             pack::cache::Lookup::Shared(reader) => Some((reader, "shared")),
@@ -706,7 +813,7 @@ fn send_pack<W: Write>(
 /// goes on band 3 there; `respond` writes it.
 fn fail_before_pack<W: Write>(
     ctx: &Context<'_>,
-    args: &PackArgs<'_>,
+    args: &PackArgs,
     preamble: &[u8],
     v2: bool,
     out: &mut Response<W>,
@@ -726,7 +833,7 @@ fn fail_before_pack<W: Write>(
 /// the pack follows, and errors go on band 3.
 fn begin_pack<W: Write>(
     ctx: &Context<'_>,
-    args: &PackArgs<'_>,
+    args: &PackArgs,
     mut preamble: Vec<u8>,
     v2: bool,
     out: &mut Response<W>,
@@ -748,7 +855,7 @@ fn begin_pack<W: Write>(
 /// before the pack, as [`send_pack`] does.
 fn send_cached<W: Write>(
     ctx: &Context<'_>,
-    args: &PackArgs<'_>,
+    args: &PackArgs,
     preamble: Vec<u8>,
     v2: bool,
     out: &mut Response<W>,
@@ -787,7 +894,7 @@ fn send_cached<W: Write>(
 /// Send the first region of the consolidated pack (see [`pack::reuse`]).
 fn send_reused<W: Write>(
     ctx: &Context<'_>,
-    args: &PackArgs<'_>,
+    args: &PackArgs,
     preamble: Vec<u8>,
     v2: bool,
     out: &mut Response<W>,
@@ -853,47 +960,59 @@ fn generate(
             thin,
             bitmap: bitmap.as_ref(),
         };
-        let mut generation = generation;
-        let interrupt = generation.abandoned();
-        let started = std::time::Instant::now();
-        let result = match &reuse {
-            Some((region, path)) => std::fs::File::open(path)
-                .map_err(|e| pack::Error::Write(format!("reusing {}: {e}", region.pack)))
-                .and_then(|file| {
-                    match pack::reuse::stream(region, file, &mut generation, &interrupt) {
-                        Ok(_) => Ok(region.objects as usize),
-                        Err(pack::reuse::StreamError::Pack(e)) => Err(e),
-                        Err(pack::reuse::StreamError::Client(e)) => {
-                            Err(pack::Error::Write(e.to_string()))
-                        }
-                    }
-                }),
-            None => pack::plan(&db, &selection, &interrupt).and_then(|plan| {
-                pack::write(db.clone(), plan, &mut generation, opts, &interrupt)
-                    .map(|stats| stats.objects)
-            }),
-        };
-        match result {
-            Ok(objects) => match generation.finish() {
-                Ok(len) => tracing::debug!(
-                    objects,
-                    bytes = len,
-                    duration = ?started.elapsed(),
-                    "pack cached"
-                ),
-                Err(e) => tracing::warn!(error = %e, "pack cache: finishing failed"),
-            },
-            Err(e) => {
-                tracing::debug!(error = %e, "shared pack generation failed");
-                generation.fail(e);
-            }
-        }
+        // Its readers get the error; nothing more to do with it here.
+        let _ = fill(&db, &selection, reuse.as_ref(), opts, generation);
     };
     if let Err(e) = std::thread::Builder::new()
         .name("pack-generation".into())
         .spawn(run)
     {
         tracing::error!(error = %e, "cannot start a pack generation thread");
+    }
+}
+
+/// Plan and write the pack of `selection` into `generation` on this thread, or with `reuse`
+/// copy that region instead; then finish the generation (or fail it, which its readers see).
+/// Returns the number of objects.
+fn fill(
+    db: &pack::Db,
+    selection: &pack::Selection<'_>,
+    reuse: Option<&(pack::reuse::Region, std::path::PathBuf)>,
+    opts: pack::WriteOptions,
+    mut generation: pack::cache::Generation,
+) -> Result<usize, pack::Error> {
+    let interrupt = generation.abandoned();
+    let started = std::time::Instant::now();
+    let result = match reuse {
+        Some((region, path)) => std::fs::File::open(path)
+            .map_err(|e| pack::Error::Write(format!("reusing {}: {e}", region.pack)))
+            .and_then(|file| {
+                match pack::reuse::stream(region, file, &mut generation, &interrupt) {
+                    Ok(_) => Ok(region.objects as usize),
+                    Err(pack::reuse::StreamError::Pack(e)) => Err(e),
+                    Err(pack::reuse::StreamError::Client(e)) => {
+                        Err(pack::Error::Write(e.to_string()))
+                    }
+                }
+            }),
+        None => pack::plan(db, selection, &interrupt).and_then(|plan| {
+            pack::write(db.clone(), plan, &mut generation, opts, &interrupt)
+                .map(|stats| stats.objects)
+        }),
+    };
+    match result {
+        Ok(objects) => {
+            let len = generation.finish().inspect_err(|e| {
+                tracing::warn!(error = %e, "pack cache: finishing failed");
+            })?;
+            tracing::debug!(objects, bytes = len, duration = ?started.elapsed(), "pack cached");
+            Ok(objects)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "shared pack generation failed");
+            generation.fail(e.clone());
+            Err(e)
+        }
     }
 }
 
