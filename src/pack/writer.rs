@@ -61,19 +61,11 @@ pub fn write(
             bases,
             opts.compression,
         )),
-        None => Box::new(gix::parallel::InOrderIter::from(
-            output::entry::iter_from_counts(
-                plan.counts,
-                db.clone(),
-                Box::new(gix::progress::Discard),
-                output::entry::iter_from_counts::Options {
-                    thread_limit: opts.thread_limit,
-                    compression: opts.compression,
-                    ..Default::default()
-                },
-            )
-            .map_err(|e| Error::Write(e.to_string()))?,
-        )),
+        None => Box::new(gix::parallel::InOrderIter::from(parallel_entries(
+            db.clone(),
+            plan.counts,
+            opts,
+        ))),
     };
 
     let mut stats = WriteStats::default();
@@ -132,6 +124,120 @@ pub fn write(
     Ok(stats)
 }
 
+/// The counts of a pack sorted by pack and offset (unpacked objects first), as gix-pack orders
+/// entries, and the range of each pack in them: a delta whose base is in the same range is
+/// written as an offset delta.
+struct Sorted {
+    counts: Vec<Count>,
+    ranges: Vec<(u32, Range<usize>)>,
+}
+
+impl Sorted {
+    fn new(mut counts: Vec<Count>) -> Self {
+        counts.sort_by_key(|c| {
+            c.entry_pack_location
+                .as_ref()
+                .map(|l| (l.pack_id, l.pack_offset))
+        });
+        let mut ranges: Vec<(u32, Range<usize>)> = Vec::new();
+        for (i, count) in counts.iter().enumerate() {
+            if let Some(location) = count.entry_pack_location.as_ref() {
+                match ranges.last_mut() {
+                    Some((pack, range)) if *pack == location.pack_id => range.end = i + 1,
+                    _ => ranges.push((location.pack_id, i..i + 1)),
+                }
+            }
+        }
+        Sorted { counts, ranges }
+    }
+
+    /// The range of `counts` in pack `pack_id`, or `i..i + 1` (no other base).
+    fn range(&self, pack_id: u32, i: usize) -> Range<usize> {
+        self.ranges
+            .binary_search_by_key(&pack_id, |r| r.0)
+            .map(|r| self.ranges[r].1.clone())
+            .unwrap_or(i..i + 1)
+    }
+}
+
+/// Objects per chunk of work of [`parallel_entries`], at most: small enough that every thread
+/// gets several chunks of a `--depth=1` pack (a few thousand objects), large enough that
+/// handing a chunk over costs nothing next to compressing it.
+const MAX_CHUNK: usize = 256;
+
+/// The entries of a pack that is not thin, made by `opts.thread_limit` threads (every core by
+/// default) in chunks of consecutive counts and handed back tagged with their order. Each
+/// thread keeps its own database handle (and so its own delta-base cache: consecutive counts
+/// share delta chains) and its own zlib state: an object that cannot be copied (a delta whose
+/// base is not in the pack, such as most of a `--depth=1` pack) is decoded and compressed
+/// anew, and compression is most of that pack's cost.
+fn parallel_entries(
+    db: Db,
+    counts: Vec<Count>,
+    opts: WriteOptions,
+) -> impl Iterator<Item = gix::Result<(gix::parallel::SequenceId, Vec<output::Entry>)>> {
+    let threads = gix::parallel::num_threads(opts.thread_limit);
+    let sorted = Arc::new(Sorted::new(counts));
+    let len = sorted.counts.len();
+    let chunk = (len / (threads * 4)).clamp(1, MAX_CHUNK);
+    let chunks = (0..len.div_ceil(chunk)).map(move |n| (n, n * chunk..((n + 1) * chunk).min(len)));
+    let compression = opts.compression;
+    gix::parallel::Stepwise::new(
+        chunks,
+        Some(threads),
+        move |_| (db.clone(), Vec::new(), super::Deflater::new(compression)),
+        move |(n, range): (usize, Range<usize>), (db, buf, deflater)| {
+            let mut out = Vec::with_capacity(range.len());
+            for i in range {
+                out.push(copied_or_compressed(db, &sorted, i, buf, deflater)?);
+            }
+            Ok((n, out))
+        },
+        gix::parallel::IdentityWithResult::<_, gix::Error>::default(),
+    )
+}
+
+/// How `from_pack_entry` names a delta's base outside the pack (thin packs only).
+type BaseLookup = fn(u32, u64) -> gix::Result<Option<ObjectId>>;
+
+/// Entry `i` of `sorted`: copied from its pack when it is whole or a delta against another
+/// object of the pack, otherwise decoded and compressed whole.
+fn copied_or_compressed(
+    db: &Db,
+    sorted: &Sorted,
+    i: usize,
+    buf: &mut Vec<u8>,
+    deflater: &mut super::Deflater,
+) -> gix::Result<output::Entry> {
+    let count = &sorted.counts[i];
+    if let Some(location) = count.entry_pack_location.as_ref() {
+        if let Some(packed) = db.entry_by_location(location) {
+            let range = sorted.range(location.pack_id, i);
+            let no_thin_bases: Option<BaseLookup> = None;
+            if let Some(entry) = output::Entry::from_pack_entry(
+                packed,
+                count,
+                &sorted.counts[range.clone()],
+                range.start,
+                no_thin_bases,
+                gix_pack::data::Version::V2,
+            ) {
+                return entry;
+            }
+        }
+    }
+    let id = count.id;
+    let (data, _) = db
+        .try_find(&id, buf)?
+        .ok_or_else(|| gix::error::message!("object {id} vanished while writing a pack"))?;
+    Ok(output::Entry {
+        id,
+        kind: EntryKind::Base(data.kind),
+        decompressed_size: data.data.len(),
+        compressed_data: deflater.deflate(data.data)?,
+    })
+}
+
 /// Entries per chunk of [`ThinEntries`]: what the writer holds at a time.
 const THIN_CHUNK: usize = 1000;
 
@@ -157,9 +263,7 @@ const MAX_DELTA_OBJECT: usize = 16 * 1024 * 1024;
 /// delta search does ([`super::delta`]); the delta is kept when it is at most half the object,
 /// git's rule. Thin packs are fetches, small next to clones, so one thread is enough.
 struct ThinEntries {
-    counts: Vec<Count>,
-    /// The range of `counts` in each pack, by gix pack id, in `counts` order.
-    ranges: Vec<(u32, Range<usize>)>,
+    sorted: Sorted,
     next: usize,
     bases: BaseIds,
     thin: ThinBases,
@@ -223,30 +327,13 @@ impl BaseIds {
 impl ThinEntries {
     fn new(
         db: Db,
-        mut counts: Vec<Count>,
+        counts: Vec<Count>,
         thin: ThinBases,
         compression: gix::zlib::Compression,
     ) -> Self {
-        let key = |c: &Count| {
-            c.entry_pack_location
-                .as_ref()
-                .map(|l| (l.pack_id, l.pack_offset))
-        };
-        // Unpacked objects first, then by pack and offset, as gix-pack orders them.
-        counts.sort_by_key(key);
-        let mut ranges: Vec<(u32, Range<usize>)> = Vec::new();
-        for (i, count) in counts.iter().enumerate() {
-            if let Some(location) = count.entry_pack_location.as_ref() {
-                match ranges.last_mut() {
-                    Some((pack, range)) if *pack == location.pack_id => range.end = i + 1,
-                    _ => ranges.push((location.pack_id, i..i + 1)),
-                }
-            }
-        }
         let bitmap = thin.bitmap().cloned();
         ThinEntries {
-            counts,
-            ranges,
+            sorted: Sorted::new(counts),
             next: 0,
             bases: BaseIds {
                 db,
@@ -262,22 +349,18 @@ impl ThinEntries {
     }
 
     fn entry(&mut self, i: usize) -> gix::Result<output::Entry> {
-        let count = &self.counts[i];
+        let count = &self.sorted.counts[i];
         let same_path = self.thin.same_path(&count.id);
         // The object whole as the pack has it, in case no delta is found.
         let mut copied = None;
         if let Some(location) = count.entry_pack_location.as_ref() {
             if let Some(packed) = self.bases.db.entry_by_location(location) {
-                let range = self
-                    .ranges
-                    .binary_search_by_key(&location.pack_id, |r| r.0)
-                    .map(|r| self.ranges[r].1.clone())
-                    .unwrap_or(i..i + 1);
+                let range = self.sorted.range(location.pack_id, i);
                 let bases = &mut self.bases;
                 let made = output::Entry::from_pack_entry(
                     packed,
                     count,
-                    &self.counts[range.clone()],
+                    &self.sorted.counts[range.clone()],
                     range.start,
                     Some(|pack_id, offset| bases.id_at(pack_id, offset, same_path)),
                     gix_pack::data::Version::V2,
@@ -366,16 +449,17 @@ impl Iterator for ThinEntries {
     type Item = gix::Result<Vec<output::Entry>>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.next >= self.counts.len() {
+        let len = self.sorted.counts.len();
+        if self.next >= len {
             return None;
         }
-        let end = (self.next + THIN_CHUNK).min(self.counts.len());
+        let end = (self.next + THIN_CHUNK).min(len);
         let mut chunk = Vec::with_capacity(end - self.next);
         for i in self.next..end {
             match self.entry(i) {
                 Ok(entry) => chunk.push(entry),
                 Err(e) => {
-                    self.next = self.counts.len();
+                    self.next = len;
                     return Some(Err(e));
                 }
             }
