@@ -196,6 +196,10 @@ fn walk_plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Pla
         work: 0,
         filter: sel.filter,
         paths: (sel.thin && sel.filter.is_none() && !sel.common.is_empty()).then(Paths::default),
+        bitmapped: sel.bitmap.and_then(|index| {
+            let objects = index.objects();
+            objects.pack_id(db).map(|pack_id| (objects, pack_id))
+        }),
     };
 
     let mut tips = Vec::new();
@@ -287,6 +291,9 @@ struct Planner<'a> {
     filter: Option<&'a Filter>,
     /// Kept when the pack will be thin, to find the client's version of what is sent.
     paths: Option<Paths>,
+    /// The bitmapped pack's order and gix id, when the repository has a bitmap: objects of
+    /// that pack are located from it ([`Planner::locate`]).
+    bitmapped: Option<(&'a bitmap::Objects, u32)>,
 }
 
 impl Planner<'_> {
@@ -302,6 +309,24 @@ impl Planner<'_> {
             id,
             message: e.to_string(),
         }
+    }
+
+    /// Where `id` is packed. gix learns an entry's size by inflating it (a whole blob, for most
+    /// objects of a `--depth=1` pack); the bitmapped pack's order gives it as the distance to
+    /// the next entry.
+    fn locate(
+        &mut self,
+        id: ObjectId,
+        context: &'static str,
+    ) -> Result<Option<gix_pack::data::entry::Location>, Error> {
+        if let Some((objects, pack_id)) = self.bitmapped {
+            if let Some(pos) = objects.position(&id) {
+                return Ok(Some(objects.location(pos, pack_id)));
+            }
+        }
+        self.db
+            .location_by_oid(&id, &mut self.location_buf)
+            .map_err(Self::read_err(context, id))
     }
 
     fn emit(
@@ -445,10 +470,7 @@ impl Planner<'_> {
         while !level.is_empty() {
             keyed.clear();
             for (id, path) in level.drain(..) {
-                let location = self
-                    .db
-                    .location_by_oid(&id, &mut self.location_buf)
-                    .map_err(Self::read_err("locating tree", id))?;
+                let location = self.locate(id, "locating tree")?;
                 keyed.push((
                     location.map_or((u32::MAX, u64::MAX), |l| (l.pack_id, l.pack_offset)),
                     id,
@@ -511,10 +533,7 @@ impl Planner<'_> {
                     } else if self.take(id, Kind::Blob, depth + 1, mark, false)?
                         && mark == Mark::Sent
                     {
-                        let location = self
-                            .db
-                            .location_by_oid(&id, &mut self.location_buf)
-                            .map_err(Self::read_err("locating blob", id))?;
+                        let location = self.locate(id, "locating blob")?;
                         if location.is_none() && !self.db.contains(&id) {
                             return Err(Error::Missing(id));
                         }
