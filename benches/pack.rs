@@ -383,6 +383,50 @@ fn bench_pack(c: &mut Criterion) {
                 BatchSize::PerIteration,
             )
         });
+        if o.name != "basic" {
+            // A fetch 50 commits behind on the walk path (no bitmap): a thin pack, with deltas
+            // made anew against the client's version of each path.
+            let main = nth_first_parent(&o.repo, "refs/heads/main", 0);
+            let base = nth_first_parent(&o.repo, "refs/heads/main", 50);
+            let thin_plan = || {
+                let sel = Selection {
+                    wants: &[main],
+                    common: &[base],
+                    thin: true,
+                    ..Default::default()
+                };
+                pack::plan(&o.db, &sel, &interrupt).expect("plan")
+            };
+            let stats = pack::write(
+                o.db.clone(),
+                thin_plan(),
+                std::io::sink(),
+                write_opts(),
+                &interrupt,
+            )
+            .expect("write");
+            eprintln!(
+                "{}: main~50..main thin pack: {} objects, {} deltas ({} thin), {} bytes",
+                o.name, stats.objects, stats.deltas, stats.thin_deltas, stats.bytes
+            );
+            g.throughput(Throughput::Bytes(stats.bytes));
+            g.bench_function(format!("{}/incremental-50-thin", o.name), |b| {
+                b.iter_batched(
+                    thin_plan,
+                    |plan| {
+                        pack::write(
+                            o.db.clone(),
+                            plan,
+                            std::io::sink(),
+                            write_opts(),
+                            &interrupt,
+                        )
+                        .expect("write")
+                    },
+                    BatchSize::PerIteration,
+                )
+            });
+        }
     }
     g.finish();
 }

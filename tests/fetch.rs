@@ -378,3 +378,148 @@ fn thin_packs_hold_deltas_against_what_the_client_has() {
     git(client, &["update-ref", "refs/heads/main", &tip]);
     assert_fsck(client);
 }
+
+/// The ids of the objects in the pack whose index is `idx` (`git show-index`).
+fn pack_objects(git_dir: &Path, idx: &Path) -> std::collections::BTreeSet<String> {
+    let out = std::process::Command::new("git")
+        .current_dir(git_dir)
+        .arg("show-index")
+        .envs(git_env())
+        .stdin(std::fs::File::open(idx).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1).map(str::to_owned))
+        .collect()
+}
+
+fn idx_files(git_dir: &Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    std::fs::read_dir(git_dir.join("objects/pack"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "idx"))
+        .collect()
+}
+
+/// On the walk path — a mirror the proxy created from its upstream and never maintained, so
+/// without a bitmap — a fetch 50 commits behind gets a thin pack, with either protocol: deltas
+/// against the client's version of each path, also for the objects the mirror holds whole (an
+/// upstream repacked by git keeps the newest version of a file whole). git's client completes
+/// it (`index-pack --fix-thin` appends the bases, objects the client had) and `fsck --strict`
+/// passes. The pack is smaller than the same answer without `thin-pack`, and no larger than
+/// 1.2x what git's own upload-pack sends.
+#[test]
+fn walk_path_fetches_get_thin_packs_against_the_clients_versions() {
+    let up = upstream::Upstream::start();
+    let upstream_dir = up.add_fixture("o/large", "large");
+    git(&upstream_dir, &["repack", "-a", "-d", "-f", "-q"]);
+    let allowed = up.allowed();
+    let server = Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.sync_stale_after = std::time::Duration::from_secs(3600).into();
+        c.pack_cache_max_size = bytesize::ByteSize::b(0);
+        c.maintenance_pack_threshold = 0;
+    });
+    let url = server.url_for(&up.segment(), "o/large");
+    let (tip, old) = (
+        git(&upstream_dir, &["rev-parse", "main"]).trim().to_owned(),
+        git(&upstream_dir, &["rev-parse", "main~50"])
+            .trim()
+            .to_owned(),
+    );
+    for v in PROTOCOLS {
+        let work = tempfile::tempdir().unwrap();
+        let client = work.path();
+        git(client, &["init", "-q", "--bare"]);
+        // The first request creates the mirror.
+        git(
+            client,
+            &["fetch", "-q", &url, &format!("{old}:refs/heads/main")],
+        );
+        let before = idx_files(client);
+        let had: std::collections::BTreeSet<String> = before
+            .iter()
+            .flat_map(|idx| pack_objects(client, idx))
+            .collect();
+        // Kept as a pack, however few the objects.
+        git(
+            client,
+            &args(
+                &[
+                    "-c",
+                    "fetch.unpackLimit=1",
+                    "fetch",
+                    "-q",
+                    &url,
+                    "+main:refs/heads/main",
+                ],
+                &proto(v),
+            ),
+        );
+        assert_eq!(git(client, &["rev-parse", "main"]).trim(), tip, "v{v}");
+        assert_fsck(client);
+        let fetched: Vec<_> = idx_files(client).difference(&before).cloned().collect();
+        assert_eq!(fetched.len(), 1, "v{v}: one pack kept");
+        let appended = pack_objects(client, &fetched[0]).intersection(&had).count();
+        eprintln!("v{v}: index-pack --fix-thin appended {appended} bases");
+        assert!(appended > 0, "v{v}: the pack was not thin");
+    }
+    let mirror = server
+        .mirror
+        .path()
+        .join(up.segment())
+        .join("o/large.git/objects/pack");
+    assert!(
+        !std::fs::read_dir(&mirror).unwrap().any(|e| e
+            .unwrap()
+            .path()
+            .extension()
+            .is_some_and(|x| x == "bitmap")),
+        "the walk path: no bitmap"
+    );
+
+    let body = |thin: bool| {
+        let mut lines = vec!["command=fetch", "0001", "ofs-delta", "no-progress"];
+        if thin {
+            lines.push("thin-pack");
+        }
+        let (want, have) = (format!("want {tip}"), format!("have {old}"));
+        lines.extend([want.as_str(), have.as_str(), "done", "0000"]);
+        pkt(&lines)
+    };
+    let ours = |thin: bool| {
+        let reply = request(
+            server.addr,
+            "POST",
+            &format!("/{}/o/large/git-upload-pack", up.segment()),
+            &[("Git-Protocol", "version=2")],
+            &body(thin),
+        );
+        assert_eq!(reply.status, 200);
+        packfile(&reply.body).len()
+    };
+    let mut upload_pack = std::process::Command::new("git")
+        .args(["upload-pack", "--stateless-rpc"])
+        .arg(&upstream_dir)
+        .envs(git_env())
+        .env("GIT_PROTOCOL", "version=2")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    upload_pack
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&body(true))
+        .unwrap();
+    let out = upload_pack.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let (thin, whole, gits) = (ours(true), ours(false), packfile(&out.stdout).len());
+    eprintln!("50 commits behind: thin {thin} bytes, without thin-pack {whole}, git {gits}");
+    assert!(thin < whole, "{thin} vs {whole}");
+    assert!(thin * 10 <= gits * 12, "{thin} vs git's {gits}");
+}

@@ -9,6 +9,7 @@
 
 pub mod bitmap;
 pub mod cache;
+mod delta;
 pub mod graph;
 mod planner;
 pub mod reuse;
@@ -224,6 +225,47 @@ pub(crate) fn whole_entry(
     output::Entry::from_data(&output::Count::from_data(id, location), &data, compression)
 }
 
+/// A zlib compressor kept across entries: making one clears its tables (hundreds of KiB), which
+/// costs more than compressing a small object.
+pub(crate) struct Deflater {
+    compress: gix::zlib::stream::deflate::Compress,
+}
+
+impl Deflater {
+    pub(crate) fn new(level: gix::zlib::Compression) -> Self {
+        Deflater {
+            compress: gix::zlib::stream::deflate::Compress::new(level),
+        }
+    }
+
+    /// `data` as one zlib stream.
+    pub(crate) fn deflate(&mut self, data: &[u8]) -> gix::Result<Vec<u8>> {
+        use gix::zlib::stream::deflate::FlushCompress;
+        self.compress.reset();
+        let (start_in, start_out) = (self.compress.total_in(), self.compress.total_out());
+        let mut out = Vec::new();
+        loop {
+            let read = usize::try_from(self.compress.total_in() - start_in)
+                .map_err(|_| gix::error::message("zlib read more than it was given"))?;
+            let written = usize::try_from(self.compress.total_out() - start_out)
+                .map_err(|_| gix::error::message("zlib wrote more than memory holds"))?;
+            // zlib's bound for one stream is about the input plus 0.1 % and a few bytes.
+            out.resize(written + (data.len() - read) + data.len() / 512 + 64, 0);
+            let status = self.compress.compress(
+                &data[read..],
+                &mut out[written..],
+                FlushCompress::Finish,
+            )?;
+            if status == gix::zlib::Status::StreamEnd {
+                let written = usize::try_from(self.compress.total_out() - start_out)
+                    .map_err(|_| gix::error::message("zlib wrote more than memory holds"))?;
+                out.truncate(written);
+                return Ok(out);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod budget_tests {
     use super::*;
@@ -245,6 +287,24 @@ mod budget_tests {
         );
         budget.release(a);
         assert_eq!(budget.reserve(DELTA_BASE_CACHE_BYTES), 32 << 20);
+    }
+
+    #[test]
+    fn a_reused_deflater_makes_whole_streams() {
+        let mut deflater = Deflater::new(gix::zlib::Compression::default());
+        let big: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        for data in [&b""[..], b"x", b"some text, some text, some text", &big] {
+            let compressed = deflater.deflate(data).expect("deflates");
+            let mut out = vec![0; data.len()];
+            let (status, read, written) = gix::zlib::Inflate::default()
+                .once(&compressed, &mut out)
+                .expect("inflates");
+            assert_eq!(status, gix::zlib::Status::StreamEnd);
+            assert_eq!((read, written), (compressed.len(), data.len()));
+            assert_eq!(out, data);
+        }
     }
 }
 

@@ -73,16 +73,17 @@ pub struct Plan {
     pub counts: Vec<Count>,
     /// Totals by kind.
     pub stats: Stats,
-    /// For a thin pack: the objects a delta may be written against by id — those sent, and
-    /// those the client is known to have.
+    /// For a thin pack: the objects outside the pack that the client is known to have, which
+    /// deltas may be written against by id.
     pub thin_bases: Option<ThinBases>,
 }
 
 /// The objects a thin pack's deltas may use as bases.
 #[derive(Debug, Clone)]
 pub enum ThinBases {
-    /// Those the walk marked: sent, or in the trees of the common boundary.
-    Ids(HashSet<ObjectId>),
+    /// From the walk: for sent trees and blobs, the object the client has at the same path in
+    /// the trees of the common boundary (git's "preferred bases"). A delta may use that one.
+    SamePath(HashMap<ObjectId, ObjectId>),
     /// Everything the wants and the common commits reach, from the bitmaps.
     Bitmap {
         /// The bitmaps `bits` are positions of.
@@ -95,10 +96,10 @@ pub enum ThinBases {
 }
 
 impl ThinBases {
-    /// Whether a delta may be written against `id`.
+    /// Whether a delta may be written against `id`, which the pack does not hold.
     pub fn contains(&self, id: &ObjectId) -> bool {
         match self {
-            ThinBases::Ids(ids) => ids.contains(id),
+            ThinBases::SamePath(_) => false,
             ThinBases::Bitmap { index, bits, ext } => match index.objects().position(id) {
                 Some(pos) => bits.get(pos),
                 None => ext.contains(id),
@@ -106,14 +107,44 @@ impl ThinBases {
         }
     }
 
+    /// The object the client has at the path where the walk met `id`, a base for a new delta.
+    pub fn same_path(&self, id: &ObjectId) -> Option<ObjectId> {
+        match self {
+            ThinBases::SamePath(map) => map.get(id).copied(),
+            ThinBases::Bitmap { .. } => None,
+        }
+    }
+
     /// The bitmap index the bases came from, whose pack order names the objects of its pack
     /// by offset.
     pub fn bitmap(&self) -> Option<&Arc<bitmap::Index>> {
         match self {
-            ThinBases::Ids(_) => None,
+            ThinBases::SamePath(_) => None,
             ThinBases::Bitmap { index, .. } => Some(index),
         }
     }
+}
+
+/// A path in the trees, hashed: the path of an object is its parent's, extended by its name.
+/// Only picks delta bases, so a collision costs at most a larger delta, never correctness.
+type PathHash = u64;
+
+/// The path of root trees.
+const ROOT: PathHash = 0xcbf2_9ce4_8422_2325;
+
+fn child_path(parent: PathHash, name: &[u8]) -> PathHash {
+    name.iter().chain(b"/").fold(parent, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Paths seen by a walk whose pack will be thin.
+#[derive(Default)]
+struct Paths {
+    /// What the client has at each path of the boundary's trees (the first object met there).
+    client: std::collections::HashMap<PathHash, ObjectId>,
+    /// Each sent tree and blob, with the path it was met at.
+    sent: Vec<(ObjectId, PathHash)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -164,6 +195,11 @@ fn walk_plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Pla
         interrupt,
         work: 0,
         filter: sel.filter,
+        paths: (sel.thin && sel.filter.is_none() && !sel.common.is_empty()).then(Paths::default),
+        bitmapped: sel.bitmap.and_then(|index| {
+            let objects = index.objects();
+            objects.pack_id(db).map(|pack_id| (objects, pack_id))
+        }),
     };
 
     let mut tips = Vec::new();
@@ -229,14 +265,16 @@ fn walk_plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Pla
             }
         }
     }
-    if sel.thin && sel.filter.is_none() && !sel.common.is_empty() {
-        let bases = p
-            .marks
-            .iter()
-            .filter(|(_, m)| matches!(m, Mark::Uninteresting | Mark::Sent))
-            .map(|(id, _)| *id)
+    if let Some(paths) = p.paths.take() {
+        let same_path = paths
+            .sent
+            .into_iter()
+            .filter_map(|(id, path)| {
+                let theirs = *paths.client.get(&path)?;
+                (theirs != id).then_some((id, theirs))
+            })
             .collect();
-        p.plan.thin_bases = Some(ThinBases::Ids(bases));
+        p.plan.thin_bases = Some(ThinBases::SamePath(same_path));
     }
     Ok(p.plan)
 }
@@ -251,6 +289,11 @@ struct Planner<'a> {
     /// Objects visited so far, for interrupt checks.
     work: usize,
     filter: Option<&'a Filter>,
+    /// Kept when the pack will be thin, to find the client's version of what is sent.
+    paths: Option<Paths>,
+    /// The bitmapped pack's order and gix id, when the repository has a bitmap: objects of
+    /// that pack are located from it ([`Planner::locate`]).
+    bitmapped: Option<(&'a bitmap::Objects, u32)>,
 }
 
 impl Planner<'_> {
@@ -266,6 +309,24 @@ impl Planner<'_> {
             id,
             message: e.to_string(),
         }
+    }
+
+    /// Where `id` is packed. gix learns an entry's size by inflating it (a whole blob, for most
+    /// objects of a `--depth=1` pack); the bitmapped pack's order gives it as the distance to
+    /// the next entry.
+    fn locate(
+        &mut self,
+        id: ObjectId,
+        context: &'static str,
+    ) -> Result<Option<gix_pack::data::entry::Location>, Error> {
+        if let Some((objects, pack_id)) = self.bitmapped {
+            if let Some(pos) = objects.position(&id) {
+                return Ok(Some(objects.location(pos, pack_id)));
+            }
+        }
+        self.db
+            .location_by_oid(&id, &mut self.location_buf)
+            .map_err(Self::read_err(context, id))
     }
 
     fn emit(
@@ -371,7 +432,8 @@ impl Planner<'_> {
 
     /// Walk the trees `roots` and everything below them that is not marked yet, marking it
     /// `mark`; with [`Mark::Sent`], every newly marked object the filter passes is added to the
-    /// plan. Roots in `wanted` are sent whatever the filter says.
+    /// plan. Roots in `wanted` are sent whatever the filter says. When the pack will be thin,
+    /// the paths of what the client has and of what is sent are noted ([`Paths`]).
     ///
     /// The walk goes breadth-first, one depth at a time, and reads each level's trees in pack
     /// order. Trees of one path form delta chains whose bases come first in the pack, so in this
@@ -384,8 +446,13 @@ impl Planner<'_> {
         mark: Mark,
         wanted: &HashSet<ObjectId>,
     ) -> Result<(), Error> {
-        let mut level: Vec<ObjectId> = Vec::new();
+        let mut level: Vec<(ObjectId, PathHash)> = Vec::new();
         for root in roots {
+            if mark == Mark::Uninteresting {
+                if let Some(paths) = &mut self.paths {
+                    paths.client.entry(ROOT).or_insert(*root);
+                }
+            }
             // A wanted tree is sent even when the client is known to have it.
             let queue = match self.marks.get(root) {
                 None => true,
@@ -394,7 +461,7 @@ impl Planner<'_> {
             };
             if queue {
                 self.marks.insert(*root, Mark::Queued);
-                level.push(*root);
+                level.push((*root, ROOT));
             }
         }
         let mut depth = 0u64;
@@ -402,18 +469,16 @@ impl Planner<'_> {
         let mut children = Vec::new();
         while !level.is_empty() {
             keyed.clear();
-            for id in level.drain(..) {
-                let location = self
-                    .db
-                    .location_by_oid(&id, &mut self.location_buf)
-                    .map_err(Self::read_err("locating tree", id))?;
+            for (id, path) in level.drain(..) {
+                let location = self.locate(id, "locating tree")?;
                 keyed.push((
                     location.map_or((u32::MAX, u64::MAX), |l| (l.pack_id, l.pack_offset)),
                     id,
+                    path,
                 ));
             }
             keyed.sort_unstable();
-            for (_, tree) in std::mem::take(&mut keyed) {
+            for (_, tree, path) in std::mem::take(&mut keyed) {
                 self.tick()?;
                 let included = self.take(tree, Kind::Tree, depth, mark, wanted.contains(&tree))?;
                 children.clear();
@@ -428,7 +493,11 @@ impl Planner<'_> {
                         })?;
                         // Submodule commits live in another repository.
                         if !entry.mode.is_commit() {
-                            children.push((entry.oid.to_owned(), entry.mode.is_tree()));
+                            let child = match &self.paths {
+                                Some(_) => child_path(path, entry.filename),
+                                None => ROOT,
+                            };
+                            children.push((entry.oid.to_owned(), entry.mode.is_tree(), child));
                         }
                     }
                     location
@@ -437,6 +506,9 @@ impl Planner<'_> {
                     Mark::Sent if included => {
                         self.plan.counts.push(Count::from_data(tree, location));
                         self.plan.stats.trees += 1;
+                        if let Some(paths) = &mut self.paths {
+                            paths.sent.push((tree, path));
+                        }
                         Mark::Sent
                     }
                     Mark::Sent => Mark::Filtered,
@@ -446,24 +518,29 @@ impl Planner<'_> {
                 if mark == Mark::Sent && self.filter.is_some_and(|f| !f.descends(depth)) {
                     continue;
                 }
-                for (id, is_tree) in children.drain(..) {
+                for (id, is_tree, path) in children.drain(..) {
+                    if mark == Mark::Uninteresting {
+                        if let Some(paths) = &mut self.paths {
+                            paths.client.entry(path).or_insert(id);
+                        }
+                    }
                     if self.marks.contains_key(&id) {
                         continue;
                     }
                     if is_tree {
                         self.marks.insert(id, Mark::Queued);
-                        level.push(id);
+                        level.push((id, path));
                     } else if self.take(id, Kind::Blob, depth + 1, mark, false)?
                         && mark == Mark::Sent
                     {
-                        let location = self
-                            .db
-                            .location_by_oid(&id, &mut self.location_buf)
-                            .map_err(Self::read_err("locating blob", id))?;
+                        let location = self.locate(id, "locating blob")?;
                         if location.is_none() && !self.db.contains(&id) {
                             return Err(Error::Missing(id));
                         }
                         self.emit(id, Kind::Blob, location);
+                        if let Some(paths) = &mut self.paths {
+                            paths.sent.push((id, path));
+                        }
                     }
                 }
             }

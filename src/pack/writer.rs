@@ -15,7 +15,7 @@ use std::sync::Arc;
 use gix_pack::data::output::Count;
 use gix_pack::Find;
 
-use super::{bitmap, Db, Error, Plan};
+use super::{bitmap, Db, Error, Plan, ThinBases};
 
 /// Knobs of [`write()`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -54,36 +54,24 @@ pub fn write(
 ) -> Result<WriteStats, Error> {
     let num_objects = u32::try_from(plan.counts.len())
         .map_err(|_| Error::Write("too many objects for one pack".into()))?;
-    let thin_bases = plan.thin_bases;
-    let entries: Box<dyn Iterator<Item = gix::Result<Vec<output::Entry>>>> = match &thin_bases {
-        // Every delta whose base is outside the pack is kept as a ref-delta, without knowing
-        // whether the client has that base: those are checked below.
+    let entries: Box<dyn Iterator<Item = gix::Result<Vec<output::Entry>>>> = match plan.thin_bases {
         Some(bases) => Box::new(ThinEntries::new(
             db.clone(),
             plan.counts,
-            bases.bitmap().cloned(),
+            bases,
             opts.compression,
         )),
-        None => Box::new(gix::parallel::InOrderIter::from(
-            output::entry::iter_from_counts(
-                plan.counts,
-                db.clone(),
-                Box::new(gix::progress::Discard),
-                output::entry::iter_from_counts::Options {
-                    thread_limit: opts.thread_limit,
-                    compression: opts.compression,
-                    ..Default::default()
-                },
-            )
-            .map_err(|e| Error::Write(e.to_string()))?,
-        )),
+        None => Box::new(gix::parallel::InOrderIter::from(parallel_entries(
+            db.clone(),
+            plan.counts,
+            opts,
+        ))),
     };
 
     let mut stats = WriteStats::default();
     let mut ids: Vec<ObjectId> = Vec::new();
     let ofs_delta = opts.ofs_delta;
     let stats_ref = &mut stats;
-    let mut buf = Vec::new();
     let entries = entries.map(move |chunk| {
         if interrupt.load(Ordering::Relaxed) {
             return Err(gix::error::message("interrupted").into());
@@ -100,14 +88,10 @@ pub fn write(
                         };
                     }
                 }
-                EntryKind::DeltaOid { id } => {
-                    if thin_bases.as_ref().is_some_and(|b| b.contains(&id)) {
-                        stats_ref.deltas += 1;
-                        stats_ref.thin_deltas += 1;
-                    } else {
-                        // A base the client may lack: the object goes whole.
-                        *entry = super::whole_entry(&db, entry.id, &mut buf, opts.compression)?;
-                    }
+                // Only thin packs have them, against a base the client has.
+                EntryKind::DeltaOid { .. } => {
+                    stats_ref.deltas += 1;
+                    stats_ref.thin_deltas += 1;
                 }
                 EntryKind::Base(_) => {}
             }
@@ -140,27 +124,152 @@ pub fn write(
     Ok(stats)
 }
 
+/// The counts of a pack sorted by pack and offset (unpacked objects first), as gix-pack orders
+/// entries, and the range of each pack in them: a delta whose base is in the same range is
+/// written as an offset delta.
+struct Sorted {
+    counts: Vec<Count>,
+    ranges: Vec<(u32, Range<usize>)>,
+}
+
+impl Sorted {
+    fn new(mut counts: Vec<Count>) -> Self {
+        counts.sort_by_key(|c| {
+            c.entry_pack_location
+                .as_ref()
+                .map(|l| (l.pack_id, l.pack_offset))
+        });
+        let mut ranges: Vec<(u32, Range<usize>)> = Vec::new();
+        for (i, count) in counts.iter().enumerate() {
+            if let Some(location) = count.entry_pack_location.as_ref() {
+                match ranges.last_mut() {
+                    Some((pack, range)) if *pack == location.pack_id => range.end = i + 1,
+                    _ => ranges.push((location.pack_id, i..i + 1)),
+                }
+            }
+        }
+        Sorted { counts, ranges }
+    }
+
+    /// The range of `counts` in pack `pack_id`, or `i..i + 1` (no other base).
+    fn range(&self, pack_id: u32, i: usize) -> Range<usize> {
+        self.ranges
+            .binary_search_by_key(&pack_id, |r| r.0)
+            .map(|r| self.ranges[r].1.clone())
+            .unwrap_or(i..i + 1)
+    }
+}
+
+/// Objects per chunk of work of [`parallel_entries`], at most: small enough that every thread
+/// gets several chunks of a `--depth=1` pack (a few thousand objects), large enough that
+/// handing a chunk over costs nothing next to compressing it.
+const MAX_CHUNK: usize = 256;
+
+/// The entries of a pack that is not thin, made by `opts.thread_limit` threads (every core by
+/// default) in chunks of consecutive counts and handed back tagged with their order. Each
+/// thread keeps its own database handle (and so its own delta-base cache: consecutive counts
+/// share delta chains) and its own zlib state: an object that cannot be copied (a delta whose
+/// base is not in the pack, such as most of a `--depth=1` pack) is decoded and compressed
+/// anew, and compression is most of that pack's cost.
+fn parallel_entries(
+    db: Db,
+    counts: Vec<Count>,
+    opts: WriteOptions,
+) -> impl Iterator<Item = gix::Result<(gix::parallel::SequenceId, Vec<output::Entry>)>> {
+    let threads = gix::parallel::num_threads(opts.thread_limit);
+    let sorted = Arc::new(Sorted::new(counts));
+    let len = sorted.counts.len();
+    let chunk = (len / (threads * 4)).clamp(1, MAX_CHUNK);
+    let chunks = (0..len.div_ceil(chunk)).map(move |n| (n, n * chunk..((n + 1) * chunk).min(len)));
+    let compression = opts.compression;
+    gix::parallel::Stepwise::new(
+        chunks,
+        Some(threads),
+        move |_| (db.clone(), Vec::new(), super::Deflater::new(compression)),
+        move |(n, range): (usize, Range<usize>), (db, buf, deflater)| {
+            let mut out = Vec::with_capacity(range.len());
+            for i in range {
+                out.push(copied_or_compressed(db, &sorted, i, buf, deflater)?);
+            }
+            Ok((n, out))
+        },
+        gix::parallel::IdentityWithResult::<_, gix::Error>::default(),
+    )
+}
+
+/// How `from_pack_entry` names a delta's base outside the pack (thin packs only).
+type BaseLookup = fn(u32, u64) -> gix::Result<Option<ObjectId>>;
+
+/// Entry `i` of `sorted`: copied from its pack when it is whole or a delta against another
+/// object of the pack, otherwise decoded and compressed whole.
+fn copied_or_compressed(
+    db: &Db,
+    sorted: &Sorted,
+    i: usize,
+    buf: &mut Vec<u8>,
+    deflater: &mut super::Deflater,
+) -> gix::Result<output::Entry> {
+    let count = &sorted.counts[i];
+    if let Some(location) = count.entry_pack_location.as_ref() {
+        if let Some(packed) = db.entry_by_location(location) {
+            let range = sorted.range(location.pack_id, i);
+            let no_thin_bases: Option<BaseLookup> = None;
+            if let Some(entry) = output::Entry::from_pack_entry(
+                packed,
+                count,
+                &sorted.counts[range.clone()],
+                range.start,
+                no_thin_bases,
+                gix_pack::data::Version::V2,
+            ) {
+                return entry;
+            }
+        }
+    }
+    let id = count.id;
+    let (data, _) = db
+        .try_find(&id, buf)?
+        .ok_or_else(|| gix::error::message!("object {id} vanished while writing a pack"))?;
+    Ok(output::Entry {
+        id,
+        kind: EntryKind::Base(data.kind),
+        decompressed_size: data.data.len(),
+        compressed_data: deflater.deflate(data.data)?,
+    })
+}
+
 /// Entries per chunk of [`ThinEntries`]: what the writer holds at a time.
 const THIN_CHUNK: usize = 1000;
+
+/// Objects larger than this are never deltified anew: a delta holds both versions and an index
+/// of one in memory.
+const MAX_DELTA_OBJECT: usize = 16 * 1024 * 1024;
 
 /// The entries of a thin pack, made on the writing thread, in the order gix-pack would make
 /// them (by pack, then offset).
 ///
-/// gix-pack's parallel `iter_from_counts` learns the id of a delta's base outside the pack
-/// from a table of the whole source pack (every entry's offset and id, sorted), which it builds
-/// anew for every chunk of work that meets such a delta: four times for a fetch of 1,500
-/// objects from a 415k-object pack, and once per 1,000 objects beyond that. Profiled, that was
-/// 57 % of an incremental fetch's server time. Here the bitmapped pack's order, which the
-/// snapshot keeps, answers without a table, and another pack's table is built at most once.
-/// Thin packs are fetches, small next to clones, so one thread copying entries is enough.
+/// An entry is copied from the mirror's pack when it can be: a whole object, a delta against
+/// another object of the pack, or a delta against an object the client has. gix-pack's
+/// parallel `iter_from_counts` learns the id of a delta's base outside the pack from a table of
+/// the whole source pack (every entry's offset and id, sorted), which it builds anew for every
+/// chunk of work that meets such a delta: 57 % of an incremental fetch's server time. Here the
+/// bitmapped pack's order, which the snapshot keeps, answers without a table; without a bitmap
+/// the only base the client is known to have is the object at the same path in the boundary's
+/// trees, whose location is compared with the delta's base.
+///
+/// Without a bitmap a fetch's new objects are often whole in the mirror (git's repacks make the
+/// newest version the base of the older ones) or deltas against a version the client may lack.
+/// Those with a version at the same path on the client are deltified against it anew, as git's
+/// delta search does ([`super::delta`]); the delta is kept when it is at most half the object,
+/// git's rule. Thin packs are fetches, small next to clones, so one thread is enough.
 struct ThinEntries {
-    counts: Vec<Count>,
-    /// The range of `counts` in each pack, by gix pack id, in `counts` order.
-    ranges: Vec<(u32, Range<usize>)>,
+    sorted: Sorted,
     next: usize,
     bases: BaseIds,
+    thin: ThinBases,
     buf: Vec<u8>,
-    compression: gix::zlib::Compression,
+    base_buf: Vec<u8>,
+    deflater: super::Deflater,
 }
 
 /// Ids of pack entries by offset, for deltas whose base is not in the pack.
@@ -168,26 +277,46 @@ struct BaseIds {
     db: Db,
     /// The bitmapped pack's order, and its gix pack id once looked up.
     bitmap: Option<(Arc<bitmap::Index>, Option<Option<u32>>)>,
-    /// Offset-sorted tables of other packs, built on first use.
-    tables: HashMap<u32, Vec<(u64, ObjectId)>>,
+    /// Offset-sorted tables of other packs, built on first use; `None` when no object outside
+    /// the bitmap (or the same path) may be a base.
+    tables: Option<HashMap<u32, Vec<(u64, ObjectId)>>>,
+    buf: Vec<u8>,
 }
 
 impl BaseIds {
-    fn id_at(&mut self, pack_id: u32, offset: u64) -> gix::Result<Option<ObjectId>> {
+    /// The id of the object at `offset` in pack `pack_id`, when it may be a base: `same_path`
+    /// (the client's version of the object) is checked first.
+    fn id_at(
+        &mut self,
+        pack_id: u32,
+        offset: u64,
+        same_path: Option<ObjectId>,
+    ) -> gix::Result<Option<ObjectId>> {
         if let Some((index, id)) = &mut self.bitmap {
             let bitmapped = *id.get_or_insert_with(|| index.objects().pack_id(&self.db));
             if bitmapped == Some(pack_id) {
                 return Ok(index.objects().id_at_offset(offset));
             }
         }
-        if !self.tables.contains_key(&pack_id) {
-            let mut table = self.db.pack_offsets_and_oid(pack_id)?.ok_or_else(|| {
-                gix::error::message!("pack {pack_id} vanished while writing a pack")
-            })?;
-            table.sort_unstable_by_key(|e| e.0);
-            self.tables.insert(pack_id, table);
+        if let Some(candidate) = same_path {
+            let location = self.db.location_by_oid(&candidate, &mut self.buf)?;
+            if location.is_some_and(|l| l.pack_id == pack_id && l.pack_offset == offset) {
+                return Ok(Some(candidate));
+            }
         }
-        let table = &self.tables[&pack_id];
+        let Some(tables) = &mut self.tables else {
+            return Ok(None);
+        };
+        let table = match tables.entry(pack_id) {
+            std::collections::hash_map::Entry::Occupied(table) => table.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let mut table = self.db.pack_offsets_and_oid(pack_id)?.ok_or_else(|| {
+                    gix::error::message!("pack {pack_id} vanished while writing a pack")
+                })?;
+                table.sort_unstable_by_key(|e| e.0);
+                slot.insert(table)
+            }
+        };
         Ok(table
             .binary_search_by_key(&offset, |e| e.0)
             .ok()
@@ -198,82 +327,139 @@ impl BaseIds {
 impl ThinEntries {
     fn new(
         db: Db,
-        mut counts: Vec<Count>,
-        bitmap: Option<Arc<bitmap::Index>>,
+        counts: Vec<Count>,
+        thin: ThinBases,
         compression: gix::zlib::Compression,
     ) -> Self {
-        let key = |c: &Count| {
-            c.entry_pack_location
-                .as_ref()
-                .map(|l| (l.pack_id, l.pack_offset))
-        };
-        // Unpacked objects first, then by pack and offset, as gix-pack orders them.
-        counts.sort_by_key(key);
-        let mut ranges: Vec<(u32, Range<usize>)> = Vec::new();
-        for (i, count) in counts.iter().enumerate() {
-            if let Some(location) = count.entry_pack_location.as_ref() {
-                match ranges.last_mut() {
-                    Some((pack, range)) if *pack == location.pack_id => range.end = i + 1,
-                    _ => ranges.push((location.pack_id, i..i + 1)),
-                }
-            }
-        }
+        let bitmap = thin.bitmap().cloned();
         ThinEntries {
-            counts,
-            ranges,
+            sorted: Sorted::new(counts),
             next: 0,
             bases: BaseIds {
                 db,
+                tables: bitmap.is_some().then(HashMap::new),
                 bitmap: bitmap.map(|index| (index, None)),
-                tables: HashMap::new(),
+                buf: Vec::new(),
             },
+            thin,
             buf: Vec::new(),
-            compression,
+            base_buf: Vec::new(),
+            deflater: super::Deflater::new(compression),
         }
     }
 
     fn entry(&mut self, i: usize) -> gix::Result<output::Entry> {
-        let count = &self.counts[i];
+        let count = &self.sorted.counts[i];
+        let same_path = self.thin.same_path(&count.id);
+        // The object whole as the pack has it, in case no delta is found.
+        let mut copied = None;
         if let Some(location) = count.entry_pack_location.as_ref() {
             if let Some(packed) = self.bases.db.entry_by_location(location) {
-                let range = self
-                    .ranges
-                    .binary_search_by_key(&location.pack_id, |r| r.0)
-                    .map(|r| self.ranges[r].1.clone())
-                    .unwrap_or(i..i + 1);
+                let range = self.sorted.range(location.pack_id, i);
                 let bases = &mut self.bases;
-                if let Some(entry) = output::Entry::from_pack_entry(
+                let made = output::Entry::from_pack_entry(
                     packed,
                     count,
-                    &self.counts[range.clone()],
+                    &self.sorted.counts[range.clone()],
                     range.start,
-                    Some(|pack_id, offset| bases.id_at(pack_id, offset)),
+                    Some(|pack_id, offset| bases.id_at(pack_id, offset, same_path)),
                     gix_pack::data::Version::V2,
-                ) {
-                    return entry;
+                );
+                if let Some(entry) = made {
+                    let entry = entry?;
+                    match entry.kind {
+                        EntryKind::DeltaRef { .. } => return Ok(entry),
+                        EntryKind::DeltaOid { id }
+                            if same_path == Some(id) || self.thin.contains(&id) =>
+                        {
+                            return Ok(entry)
+                        }
+                        // Against a base the client may lack: made anew below.
+                        EntryKind::DeltaOid { .. } => {}
+                        EntryKind::Base(_) if same_path.is_none() => return Ok(entry),
+                        EntryKind::Base(_) => copied = Some(entry),
+                    }
                 }
             }
         }
-        // Not packed, or packed in a way that cannot be copied (a ref-delta): compressed anew.
+        // Not packed, packed in a way that cannot be copied (a ref-delta), against a base the
+        // client may lack, or whole with a version on the client: the object is needed.
         let id = count.id;
-        super::whole_entry(&self.bases.db, id, &mut self.buf, self.compression)
+        let db = &self.bases.db;
+        let (data, _) = db
+            .try_find(&id, &mut self.buf)?
+            .ok_or_else(|| gix::error::message!("object {id} vanished while writing a pack"))?;
+        if let Some(base) = same_path {
+            if let Some(entry) =
+                delta_entry(db, id, &data, base, &mut self.base_buf, &mut self.deflater)?
+            {
+                return Ok(entry);
+            }
+        }
+        match copied {
+            Some(entry) => Ok(entry),
+            None => Ok(output::Entry {
+                id,
+                kind: EntryKind::Base(data.kind),
+                decompressed_size: data.data.len(),
+                compressed_data: self.deflater.deflate(data.data)?,
+            }),
+        }
     }
+}
+
+/// Object `id` (`target`) as a delta against `base_id`, when that is at most half its size
+/// (less the base's id), as git requires of a new delta; `None` otherwise.
+fn delta_entry(
+    db: &Db,
+    id: ObjectId,
+    target: &gix::objs::Data<'_>,
+    base_id: ObjectId,
+    buf: &mut Vec<u8>,
+    deflater: &mut super::Deflater,
+) -> gix::Result<Option<output::Entry>> {
+    let max = (target.data.len() / 2).saturating_sub(id.as_bytes().len());
+    if max == 0 || target.data.len() > MAX_DELTA_OBJECT {
+        return Ok(None);
+    }
+    let Some((base, _)) = db.try_find(&base_id, buf)? else {
+        return Ok(None);
+    };
+    // A delta inserts at least what the target has more than the base.
+    if base.kind != target.kind
+        || base.data.len() > MAX_DELTA_OBJECT
+        || target.data.len() > base.data.len() + max
+    {
+        return Ok(None);
+    }
+    let Some(delta) = super::delta::Index::new(base.data)
+        .and_then(|index| super::delta::encode(&index, target.data, max))
+    else {
+        return Ok(None);
+    };
+    Ok(Some(output::Entry {
+        id,
+        kind: EntryKind::DeltaOid { id: base_id },
+        decompressed_size: delta.len(),
+        compressed_data: deflater.deflate(&delta)?,
+    }))
 }
 
 impl Iterator for ThinEntries {
     type Item = gix::Result<Vec<output::Entry>>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.next >= self.counts.len() {
+        let len = self.sorted.counts.len();
+        if self.next >= len {
             return None;
         }
-        let end = (self.next + THIN_CHUNK).min(self.counts.len());
+        let end = (self.next + THIN_CHUNK).min(len);
         let mut chunk = Vec::with_capacity(end - self.next);
         for i in self.next..end {
             match self.entry(i) {
                 Ok(entry) => chunk.push(entry),
                 Err(e) => {
-                    self.next = self.counts.len();
+                    self.next = len;
                     return Some(Err(e));
                 }
             }

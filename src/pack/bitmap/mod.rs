@@ -187,7 +187,7 @@ impl Objects {
     }
 
     /// Where the object at `pos` lies in the pack with gix id `pack_id`.
-    fn location(&self, pos: usize, pack_id: u32) -> Location {
+    pub(crate) fn location(&self, pos: usize, pack_id: u32) -> Location {
         let start = self.offset(pos);
         let end = if pos + 1 < self.len() {
             self.offset(pos + 1)
