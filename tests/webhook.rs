@@ -435,11 +435,10 @@ fn replayed_deliveries_cost_nothing() {
     let mirror = mirror_dir(&server, &up, "o/basic");
     let pushed = push_commit(&upstream_dir, "main");
     let body = push_payload(&format!("http://{}/o/basic.git", up.segment()));
-    let synced = "smart_git_proxy_webhook_syncs_total{outcome=\"sync\"}";
     let r = delivery(&server, "d-1", &body);
     assert_eq!(r.status, 202, "{}", r.text());
-    wait_until("the delivery's sync", || counter(&server, synced) == 1);
-    assert_eq!(head_of(&mirror), pushed);
+    // The refs move after the fetch, the sync's last upstream request.
+    wait_until("the delivery's sync", || head_of(&mirror) == pushed);
     let asked = up.log().len();
     for _ in 0..20 {
         let r = delivery(&server, "d-1", &body);
@@ -465,14 +464,8 @@ fn replayed_deliveries_cost_nothing() {
         .text()
     };
     assert!(gitlab("g-1").starts_with("syncing"));
-    let done = |server: &Server| {
-        counter(server, synced)
-            + counter(
-                server,
-                "smart_git_proxy_webhook_syncs_total{outcome=\"hit\"}",
-            )
-    };
-    wait_until("the GitLab delivery's sync", || done(&server) == 2);
+    // Nothing moved upstream: its sync is one ref listing.
+    wait_until("the GitLab delivery's sync", || up.log().len() > asked);
     let asked_after_gitlab = up.log().len();
     assert!(asked_after_gitlab > asked);
     for _ in 0..5 {
@@ -483,6 +476,7 @@ fn replayed_deliveries_cost_nothing() {
         asked_after_gitlab,
         "the replays reached nobody"
     );
+    // Only this test of the binary (whose tests share one metrics registry) sends replays.
     assert_eq!(
         counter(
             &server,
@@ -502,10 +496,12 @@ fn replayed_deliveries_cost_nothing() {
 #[test]
 fn a_balancer_404_is_not_a_delivery() {
     let up = Upstream::start();
-    let balancer = Background::serve(
-        axum::Router::new()
-            .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "no route\n") }),
-    );
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&asked);
+    let balancer = Background::serve(axum::Router::new().fallback(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { (axum::http::StatusCode::NOT_FOUND, "no route\n") }
+    }));
     let url = format!("http://{}", balancer.addr);
     let a = proxy(&up, |c| c.balancer_url = Some(url));
     let body = push_payload(&format!("http://{}/o/basic.git", up.segment()));
@@ -518,14 +514,8 @@ fn a_balancer_404_is_not_a_delivery() {
         );
     }
     assert_eq!(
-        counter(
-            &a,
-            "smart_git_proxy_webhook_forwards_total{result=\"failed\"}"
-        ),
-        2
-    );
-    assert_eq!(
-        counter(&a, "smart_git_proxy_webhook_forwards_total{result=\"ok\"}"),
-        0
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the redelivery was forwarded again"
     );
 }

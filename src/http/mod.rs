@@ -408,15 +408,10 @@ impl IntoResponse for Error {
             Error::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::HostNotAllowed { .. } => StatusCode::FORBIDDEN,
             Error::AuthRequired(_) => StatusCode::UNAUTHORIZED,
-            Error::BadGateway { status, detail, .. } => {
-                tracing::warn!(error = %detail, "upstream failed");
-                *status
-            }
-            Error::Internal(detail) => {
-                tracing::error!(error = %detail, "internal error");
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Error::BadGateway { status, .. } => *status,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
+        self.log();
         Span::current().record("outcome", field::display(status.as_u16()));
         crate::metrics::refusal(self.reason());
         // git shows a text/plain body of a failed request as `remote: <line>`.
@@ -476,6 +471,15 @@ impl Error {
             body::ReadError::Busy => Error::Busy("request bodies use their whole memory budget"),
             body::ReadError::ClientShare => Error::ClientBusy,
             body::ReadError::TimedOut => Error::BodyTimeout,
+        }
+    }
+
+    /// Log what the client is not told: the details of a 5xx.
+    fn log(&self) {
+        match self {
+            Error::BadGateway { detail, .. } => tracing::warn!(error = %detail, "upstream failed"),
+            Error::Internal(detail) => tracing::error!(error = %detail, "internal error"),
+            _ => {}
         }
     }
 
@@ -1018,6 +1022,7 @@ fn sync_with_progress(
                 snapshot
             }
             Err(e) => {
+                e.log();
                 let mut end = band(3, &format!("{e}\n"));
                 pktline::flush(&mut end);
                 let _ = send(end).await;
