@@ -38,6 +38,11 @@ pub struct Config {
     /// while they are read and parsed; a request that would exceed it gets 503.
     #[arg(long, env = "MAX_BUFFERED_BODIES", default_value = "256MiB")]
     pub max_buffered_bodies: ByteSize,
+    /// Of `MAX_BUFFERED_BODIES`, what the bodies of one client address (an IPv6 /64; behind
+    /// `TRUSTED_PROXIES`, the address they name) may hold together; beyond it, 429. Defaults
+    /// to `MAX_REQUEST_BODY`.
+    #[arg(long, env = "MAX_BUFFERED_BODIES_PER_CLIENT")]
+    pub max_buffered_bodies_per_client: Option<ByteSize>,
     /// How long a client may take to send a request's headers; also how long an idle
     /// keep-alive connection stays open.
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "30s")]
@@ -45,6 +50,10 @@ pub struct Config {
     /// How long a client may take to send a whole request body.
     #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "60s")]
     pub body_read_timeout: humantime::Duration,
+    /// A client that takes none of its answer for this long (its connection accepts no byte)
+    /// is disconnected, and the work for it stops.
+    #[arg(long, env = "CLIENT_STALL_TIMEOUT", default_value = "60s")]
+    pub client_stall_timeout: humantime::Duration,
     /// Open client connections; beyond it, new connections get 503 and are closed.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
@@ -273,9 +282,18 @@ pub enum Error {
         /// The setting.
         key: &'static str,
     },
-    /// The shared body budget cannot hold one largest body.
-    #[error("MAX_BUFFERED_BODIES must be at least MAX_REQUEST_BODY")]
-    BodyBudget,
+    /// A time limit of zero, which would refuse everything.
+    #[error("{key} must be longer than 0s")]
+    ZeroTime {
+        /// The setting.
+        key: &'static str,
+    },
+    /// The shared body budget, or one client's share, cannot hold one largest body.
+    #[error("{key} must be at least MAX_REQUEST_BODY")]
+    BodyBudget {
+        /// The setting.
+        key: &'static str,
+    },
     /// No upstream is allowed.
     #[error("ALLOWED_UPSTREAMS is empty: name at least one upstream host")]
     NoUpstreams,
@@ -377,6 +395,12 @@ impl Config {
             .clamp(1, self.max_concurrent_syncs.max(1))
     }
 
+    /// `MAX_BUFFERED_BODIES_PER_CLIENT`, or its default.
+    pub fn body_share(&self) -> ByteSize {
+        self.max_buffered_bodies_per_client
+            .unwrap_or(self.max_request_body)
+    }
+
     /// The parsed `ALLOWED_UPSTREAMS`.
     pub fn upstreams(&self) -> Result<Upstreams, Error> {
         Ok(Upstreams::parse(&self.allowed_upstreams)?)
@@ -446,7 +470,19 @@ impl Config {
             }
         }
         if self.max_buffered_bodies < self.max_request_body {
-            return Err(Error::BodyBudget);
+            return Err(Error::BodyBudget {
+                key: "MAX_BUFFERED_BODIES",
+            });
+        }
+        if self.body_share() < self.max_request_body {
+            return Err(Error::BodyBudget {
+                key: "MAX_BUFFERED_BODIES_PER_CLIENT",
+            });
+        }
+        if self.client_stall_timeout.is_zero() {
+            return Err(Error::ZeroTime {
+                key: "CLIENT_STALL_TIMEOUT",
+            });
         }
         for (key, value) in [
             ("PARENT_PROXY", &self.parent_proxy),
@@ -497,6 +533,8 @@ impl Config {
             trusted_proxies: String::new(),
             max_request_body: ByteSize::mib(64),
             max_buffered_bodies: ByteSize::mib(256),
+            max_buffered_bodies_per_client: None,
+            client_stall_timeout: Duration::from_secs(60).into(),
             header_read_timeout: Duration::from_secs(30).into(),
             body_read_timeout: Duration::from_secs(60).into(),
             max_connections: 4096,
@@ -667,6 +705,18 @@ mod tests {
             c.validate().unwrap_err().to_string(),
             "MAX_BUFFERED_BODIES must be at least MAX_REQUEST_BODY"
         );
+        let mut c = Config::new("/m");
+        c.max_buffered_bodies_per_client = Some(ByteSize::mib(1));
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "MAX_BUFFERED_BODIES_PER_CLIENT must be at least MAX_REQUEST_BODY"
+        );
+        c.max_buffered_bodies_per_client = Some(ByteSize::mib(64));
+        c.client_stall_timeout = Duration::ZERO.into();
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "CLIENT_STALL_TIMEOUT must be longer than 0s"
+        );
     }
 
     #[test]
@@ -729,6 +779,8 @@ mod tests {
         for c in [parsed, Config::new("/m")] {
             assert_eq!(c.max_request_body, ByteSize::mib(64));
             assert_eq!(c.max_buffered_bodies, ByteSize::mib(256));
+            assert_eq!(c.body_share(), ByteSize::mib(64), "MAX_REQUEST_BODY");
+            assert_eq!(*c.client_stall_timeout, Duration::from_secs(60));
             assert_eq!(*c.header_read_timeout, Duration::from_secs(30));
             assert_eq!(*c.body_read_timeout, Duration::from_secs(60));
             assert_eq!(c.max_connections, 4096);

@@ -12,6 +12,13 @@ use tracing_subscriber::EnvFilter;
 /// `EX_USAGE` from sysexits.h: the configuration is invalid.
 const EX_USAGE: u8 = 64;
 
+/// jemalloc, not glibc's malloc: glibc keeps the memory a burst of requests freed in its
+/// per-thread arenas (the runtime's, the blocking pool's and the pack threads'), so the
+/// resident size stays near its peak; jemalloc's background thread returns freed pages to the
+/// system after its decay time (10 s), also while the server idles.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// smart-git-proxy: serves Git repositories under MIRROR_DIR over smart HTTP, in-process.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -68,6 +75,10 @@ fn main() -> ExitCode {
     match config.log_format {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
+    // Without it, jemalloc purges freed pages only when it allocates again.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(error = %e, "jemalloc's background thread is off: idle memory is returned late");
     }
     let result = match cli.command {
         None => run(config),

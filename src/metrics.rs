@@ -81,7 +81,7 @@ fn describe() {
     );
     describe_counter!(
         "smart_git_proxy_webhook_syncs_total",
-        "Push webhooks and warm-up requests by outcome (sync, clone, hit, stale, failed, ignored, unauthorized, forwarded)"
+        "Push webhooks and warm-up requests by outcome (sync, clone, hit, stale, failed, ignored, duplicate, unauthorized, forwarded)"
     );
     describe_counter!(
         "smart_git_proxy_webhook_forwards_total",
@@ -139,6 +139,10 @@ fn describe() {
     describe_gauge!(
         "smart_git_proxy_pack_memory_reserved_bytes",
         "Delta-base cache memory taken from PACK_MEMORY_BUDGET"
+    );
+    describe_gauge!(
+        "smart_git_proxy_buffered_body_bytes",
+        "Request-body memory taken from MAX_BUFFERED_BODIES"
     );
     describe_gauge!(
         "smart_git_proxy_build_info",
@@ -259,6 +263,11 @@ pub fn pack_cache_eviction() {
 /// or `forwarded`.
 pub fn webhook_sync(outcome: &'static str) {
     metrics::counter!("smart_git_proxy_webhook_syncs_total", "outcome" => outcome).increment(1);
+}
+
+/// Request-body memory was taken from the budget (positive) or given back (negative).
+pub fn buffered_body_bytes(delta: f64) {
+    metrics::gauge!("smart_git_proxy_buffered_body_bytes").increment(delta);
 }
 
 /// A webhook was re-sent to `BALANCER_URL` (`ok` or `failed`).

@@ -33,6 +33,32 @@ impl<K: Hash + Eq, V: Clone> TtlMap<K, V> {
             .map(|(_, v)| v.clone())
     }
 
+    /// Remember `value` for `key` from now on, unless a value that has not expired is there:
+    /// whether it was remembered (false also when the map is full).
+    pub fn insert_new(&self, key: K, value: V) -> bool {
+        let now = Instant::now();
+        let mut entries = self.entries.lock();
+        if entries
+            .get(&key)
+            .is_some_and(|(at, _)| now.duration_since(*at) < self.ttl)
+        {
+            return false;
+        }
+        if entries.len() >= self.max {
+            entries.retain(|_, (at, _)| now.duration_since(*at) < self.ttl);
+        }
+        if entries.len() < self.max || entries.contains_key(&key) {
+            entries.insert(key, (now, value));
+            return true;
+        }
+        false
+    }
+
+    /// Forget `key`.
+    pub fn remove(&self, key: &K) {
+        self.entries.lock().remove(key);
+    }
+
     /// Remember `value` for `key` from now on.
     pub fn insert(&self, key: K, value: V) {
         let now = Instant::now();
@@ -63,5 +89,20 @@ mod tests {
         assert_eq!(map.get(&1), None, "expired");
         map.insert(3, "c");
         assert_eq!(map.get(&3), Some("c"), "expired entries made room");
+    }
+
+    #[test]
+    fn insert_new_keeps_what_is_there() {
+        let map = TtlMap::new(Duration::from_millis(50), 2);
+        assert!(map.insert_new(1, "a"));
+        assert!(!map.insert_new(1, "b"), "known");
+        assert_eq!(map.get(&1), Some("a"));
+        assert!(map.insert_new(2, "b"));
+        assert!(!map.insert_new(3, "c"), "full");
+        map.remove(&1);
+        assert!(map.insert_new(3, "c"), "room again");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(map.insert_new(3, "d"), "expired");
+        assert_eq!(map.get(&3), Some("d"));
     }
 }

@@ -26,7 +26,7 @@ pub struct Options {
 }
 
 /// Why talking to the upstream failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The upstream wants credentials we do not have, or rejected the ones we sent.
     #[error("the upstream requires authentication, or rejected the credentials")]
@@ -46,6 +46,9 @@ pub enum Error {
     /// The local repository could not be prepared or updated.
     #[error("local repository: {0}")]
     Local(String),
+    /// The local disk is full (or the quota spent) while writing what was fetched.
+    #[error("no space left on the disk: {0}")]
+    NoSpace(String),
     /// The work was stopped.
     #[error("interrupted")]
     Interrupted,
@@ -133,9 +136,33 @@ fn listing(remote_refs: Vec<RemoteRef>) -> Listing {
 }
 
 impl Error {
+    /// What a client may be told: the kind of failure, without the URLs, local paths and
+    /// messages of the cause chain (the log has those).
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Error::AuthRequired => "the upstream requires authentication",
+            Error::NotFound => "the upstream has no such repository",
+            Error::Unreachable(_) => "the upstream is unreachable",
+            Error::TimedOut(_) => "the upstream timed out",
+            Error::Failed(_) => "the upstream failed",
+            Error::Local(_) => "internal error (see the proxy's log)",
+            Error::NoSpace(_) => "no space left on the proxy's disk",
+            Error::Interrupted => "interrupted",
+        }
+    }
+
+    /// A local failure: [`Error::NoSpace`] when the disk is full, else [`Error::Local`].
+    pub(crate) fn local(e: &(dyn std::error::Error + 'static), message: String) -> Error {
+        if crate::is_no_space(e) {
+            Error::NoSpace(message)
+        } else {
+            Error::Local(message)
+        }
+    }
+
     /// A failed HTTP request, told apart as the client needs it: unreachable, timed out, or
     /// otherwise failed, with the whole cause chain (reqwest's own message names only the URL).
-    fn from_request(e: &reqwest::Error) -> Error {
+    pub(crate) fn from_request(e: &reqwest::Error) -> Error {
         let message = crate::error_chain(e);
         if e.is_timeout() {
             Error::TimedOut(message)
@@ -152,6 +179,8 @@ fn classify(e: gix::Error, auth_asked: &AtomicBool, interrupt: &AtomicBool) -> E
         Error::Interrupted
     } else if auth_asked.load(Ordering::Relaxed) {
         Error::AuthRequired
+    } else if crate::is_no_space(&e) {
+        Error::NoSpace(format!("{e:#}"))
     } else {
         // The whole cause chain: "Failed to consume the pack" alone hides a full disk.
         Error::Failed(format!("{e:#}"))

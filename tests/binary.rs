@@ -267,3 +267,97 @@ fn sigterm_closes_the_listener_while_answers_finish() {
     let end = String::from_utf8_lossy(&answer[answer.len() - 12..]).into_owned();
     assert!(end.ends_with("0000\r\n0\r\n\r\n"), "{end:?}");
 }
+
+/// `GET /healthz` on the binary at `addr`: answered only once the server serves, after its
+/// start-up clean-up.
+fn healthz(addr: &str) -> u16 {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    request(addr, "GET", "/healthz", &[], b"").status
+}
+
+/// The files named `.tmp*` in the mirror's pack and info directories.
+fn temporaries(repo_dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for sub in ["objects/pack", "objects/info"] {
+        if let Ok(entries) = std::fs::read_dir(repo_dir.join(sub)) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".tmp") {
+                    found.push(format!("{sub}/{name}"));
+                }
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Issue 19, defect 5: a server that starts while `smart-git-proxy maintain` works on a mirror
+/// leaves maintenance's temporary pack alone (maintenance holds the mirror's lock, as here);
+/// once nobody holds it, a start removes such files, which only a killed run leaves.
+#[test]
+fn a_server_started_during_maintenance_keeps_its_temporary_pack() {
+    let (mirror, repo_dir) = seeded_mirror("basic");
+    let pack = repo_dir.join("objects/pack/.tmp-maintenance-4242.pack");
+    let maintenance = smart_git_proxy::mirror::maintain::lock(&repo_dir).unwrap();
+    std::fs::write(&pack, vec![0u8; 1 << 20]).unwrap();
+    let env = [("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")];
+    let running = Running::start(mirror.path(), &env);
+    assert_eq!(healthz(&running.addr), 200);
+    assert!(pack.exists(), "the start removed maintenance's pack");
+    drop(running);
+    drop(maintenance);
+    let running = Running::start(mirror.path(), &env);
+    assert_eq!(healthz(&running.addr), 200);
+    assert_eq!(temporaries(&repo_dir), Vec::<String>::new());
+    assert_fsck(&repo_dir);
+}
+
+/// Issue 19: `maintain` killed with SIGKILL while it writes its pack leaves the temporary file
+/// behind (as large as the pack); the next `maintain` of the mirror removes it under the
+/// mirror's lock and succeeds.
+#[test]
+fn a_killed_maintain_leaves_temporaries_that_the_next_run_removes() {
+    let (mirror, repo_dir) = seeded_mirror("large");
+    let maintain = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"));
+        command
+            .env("MIRROR_DIR", mirror.path())
+            .env("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")
+            .args(["maintain", "--repo", "127.0.0.1:9/large"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        command
+    };
+    // The kill lands while a temporary exists; a run that ends first (a fast machine), or
+    // removes its temporary between the look and the kill, is tried again.
+    let mut left = Vec::new();
+    for _ in 0..10 {
+        let mut child = Killed(maintain().spawn().unwrap());
+        loop {
+            if !temporaries(&repo_dir).is_empty() {
+                child.0.kill().unwrap();
+                child.0.wait().unwrap();
+                left = temporaries(&repo_dir);
+                break;
+            }
+            if child.0.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if !left.is_empty() {
+            break;
+        }
+    }
+    assert!(!left.is_empty(), "no run was caught writing its pack");
+    eprintln!("left by the killed run: {left:?}");
+    let out = maintain().output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(temporaries(&repo_dir), Vec::<String>::new());
+    assert_fsck(&repo_dir);
+}

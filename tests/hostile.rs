@@ -613,7 +613,8 @@ fn slow_headers_time_out_and_extra_connections_are_shed() {
     });
 }
 
-/// #17: a full disk is reported as such to the client.
+/// #17: a full disk is reported as such to the client, in a few words (issue 19: no local
+/// path, no error chain; those are in the log).
 #[test]
 fn a_full_disk_is_reported_as_such() {
     let up = Upstream::start();
@@ -635,7 +636,16 @@ fn a_full_disk_is_reported_as_such() {
     let (_work, out) = fetch_into_new_repo(&server.url_for(&up.segment(), "o/large"), "main", &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("No space left on device"), "{stderr}");
+    let segment = up.segment();
+    assert!(
+        stderr.contains(&format!(
+            "remote: cannot mirror {segment}/o/large: no space left on the proxy's disk\n"
+        )) && stderr.contains("error: 507"),
+        "{stderr}"
+    );
+    for secret in [outer.path().to_str().unwrap(), "Caused by", "objects/pack"] {
+        assert!(!stderr.contains(secret), "{secret}: {stderr}");
+    }
     let server_dir = server.stop();
     assert_eq!(directories(server_dir.path()), Vec::<String>::new());
 }
@@ -753,4 +763,249 @@ fn concurrent_creations_share_one_failed_attempt() {
     // One attempt is a listing and a handshake; stragglers that arrived after it may try once
     // more.
     assert!(asked <= 4, "{asked} upstream requests");
+}
+
+/// A connection to `addr` from the loopback address `from` (all of 127.0.0.0/8 is this
+/// machine), with a receive buffer of `rcvbuf` bytes when given.
+fn connect_from(from: &str, addr: std::net::SocketAddr, rcvbuf: Option<usize>) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    if let Some(size) = rcvbuf {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let local: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    socket.into()
+}
+
+/// `/proc/net/tcp`'s `tx_queue` and `rx_queue` of the socket from `local` to `remote`, and
+/// its state (`01`: established); `None` once it is gone.
+fn tcp_queues(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<(u8, u64, u64)> {
+    let hex = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        std::net::SocketAddr::V6(_) => unreachable!("IPv4 loopback only"),
+    };
+    let (local, remote) = (hex(local), hex(remote));
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(1) != Some(&local.as_str()) || f.get(2) != Some(&remote.as_str()) {
+                return None;
+            }
+            let (tx, rx) = f[4].split_once(':')?;
+            Some((
+                u8::from_str_radix(f[3], 16).ok()?,
+                u64::from_str_radix(tx, 16).ok()?,
+                u64::from_str_radix(rx, 16).ok()?,
+            ))
+        })
+}
+
+/// Whether the server at `theirs` has read everything sent from `ours`, or closed its side:
+/// what it does with a body is then decided.
+fn server_took_all(ours: std::net::SocketAddr, theirs: std::net::SocketAddr) -> bool {
+    let sent = tcp_queues(ours, theirs).is_some_and(|(_, tx, _)| tx == 0);
+    match tcp_queues(theirs, ours) {
+        Some((1, _, unread)) => sent && unread == 0,
+        _ => true,
+    }
+}
+
+/// Clone `url` with protocol v2 and v0; both must succeed and pass fsck.
+fn clone_both_ways(url: &str) {
+    for version in PROTOCOLS {
+        let work = tempfile::tempdir().unwrap();
+        let mut a = proto(version).to_vec();
+        a.extend(["clone", "-q", "--bare", url, "c"].map(String::from));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let out = git_output(work.path(), &a, &[]);
+        assert!(
+            out.status.success(),
+            "v{version}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_fsck(&work.path().join("c"));
+    }
+}
+
+/// Issue 19, defect 4: one client holding five bodies open cannot take the body budget from
+/// the others, who still clone (v2 and v0). Gzip bodies are cut at an expansion ratio (once
+/// 300 KB of gzip filled MAX_BUFFERED_BODIES); plain ones at the client's share of the budget,
+/// counted per client address, also when a trusted proxy names it.
+#[test]
+fn held_bodies_leave_room_for_other_clients() {
+    let bomb = gzip_bomb(50 << 20);
+    let zeros = vec![b'0'; 3 << 20];
+    struct Round {
+        what: &'static str,
+        from: &'static str,
+        forwarded_for: Option<&'static str>,
+        gzip: bool,
+        /// What one client may hold (MAX_REQUEST_BODY, the default share).
+        share: u64,
+        adjust: fn(&mut smart_git_proxy::config::Config),
+    }
+    let rounds = [
+        Round {
+            what: "gzip, default limits",
+            from: "127.0.0.2",
+            forwarded_for: None,
+            gzip: true,
+            share: 64 << 20,
+            adjust: |_| {},
+        },
+        Round {
+            what: "plain, one client's share",
+            from: "127.0.0.2",
+            forwarded_for: None,
+            gzip: false,
+            share: 4 << 20,
+            adjust: |c| {
+                c.max_request_body = bytesize::ByteSize::mib(4);
+                c.max_buffered_bodies = bytesize::ByteSize::mib(16);
+            },
+        },
+        Round {
+            what: "plain, a client behind a trusted proxy",
+            from: "127.0.0.1",
+            forwarded_for: Some("203.0.113.7"),
+            gzip: false,
+            share: 4 << 20,
+            adjust: |c| {
+                c.max_request_body = bytesize::ByteSize::mib(4);
+                c.max_buffered_bodies = bytesize::ByteSize::mib(16);
+                c.trusted_proxies = "127.0.0.1".into();
+            },
+        },
+    ];
+    for round in rounds {
+        let server = Server::start_with(round.adjust);
+        server.serve_fixture("basic");
+        let (body, length, encoding) = if round.gzip {
+            // All but the gzip trailer: the body stays open.
+            (
+                &bomb[..bomb.len() - 8],
+                bomb.len(),
+                "Content-Encoding: gzip\r\n",
+            )
+        } else {
+            (&zeros[..], 4 << 20, "")
+        };
+        let xff = round
+            .forwarded_for
+            .map(|a| format!("X-Forwarded-For: {a}\r\n"))
+            .unwrap_or_default();
+        let head = format!(
+            "POST /{HOST}/basic/git-upload-pack HTTP/1.1\r\nHost: x\r\n{encoding}{xff}\
+             Content-Length: {length}\r\n\r\n"
+        );
+        // One after the other, each taken by the server before the next: what the server
+        // holds then depends on its limits, not on which body grew first.
+        let held: Vec<TcpStream> = (0..5)
+            .map(|_| {
+                let mut s = connect_from(round.from, server.addr, None);
+                let ours = s.local_addr().unwrap();
+                let _ = s.write_all(head.as_bytes());
+                let _ = s.write_all(body);
+                wait_until("the server took the held body", || {
+                    server_took_all(ours, server.addr)
+                });
+                s
+            })
+            .collect();
+        let held_bytes = server.state.buffered_body_bytes();
+        let share = bytesize::ByteSize::b(held_bytes);
+        eprintln!("{}: {share} of bodies held", round.what);
+        assert!(
+            held_bytes <= round.share,
+            "{}: {held_bytes} bytes held, more than one client's share",
+            round.what
+        );
+        clone_both_ways(&server.url("basic"));
+        drop(held);
+    }
+}
+
+/// Issue 19: a client that stops reading its answer is disconnected after
+/// CLIENT_STALL_TIMEOUT, which frees what it held (here the only connection slot); a client
+/// that reads slowly is not.
+#[test]
+fn a_client_that_stops_reading_is_disconnected() {
+    let server = Server::start_with(|c| {
+        c.client_stall_timeout = Duration::from_secs(1).into();
+        c.max_connections = 1;
+        c.pack_cache_max_size = bytesize::ByteSize::b(0);
+    });
+    server.serve_fixture("large");
+    let tip = git(&fixture("large"), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let body = pkt(&[
+        "command=fetch",
+        "0001",
+        "ofs-delta",
+        &format!("want {tip}"),
+        "done",
+        "0000",
+    ]);
+    let request_head = format!(
+        "POST /{HOST}/large/git-upload-pack HTTP/1.1\r\nHost: x\r\nGit-Protocol: version=2\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    // A small receive buffer: the pack (about 8 MiB) fills it and the server's send buffer
+    // long before its end.
+    let mut stalled = connect_from("127.0.0.1", server.addr, Some(16 << 10));
+    stalled.write_all(request_head.as_bytes()).unwrap();
+    stalled.write_all(&body).unwrap();
+    let started = Instant::now();
+    let addr = server.addr.to_string();
+    wait_until("the stalled client's connection slot free again", || {
+        send_raw(
+            &addr,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"",
+        ) == Some(200)
+    });
+    eprintln!("slot free {:?} after the request", started.elapsed());
+    // What the client got ends before the pack does: the connection was closed.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut got = Vec::new();
+    let ended = stalled.read_to_end(&mut got);
+    assert!(
+        ended.is_ok()
+            || ended
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{ended:?}"
+    );
+    assert!(got.len() < 8 << 20, "{} bytes", got.len());
+
+    // A reader that pauses between reads is served to the end. (Not much slower than this
+    // on loopback: the server's send buffer grows to several MiB there, and becomes writable
+    // again only once a third of it is free.)
+    let mut slow = connect_from("127.0.0.1", server.addr, None);
+    slow.write_all(request_head.as_bytes()).unwrap();
+    slow.write_all(&body).unwrap();
+    let (mut total, mut reads) = (0, 0);
+    let mut buf = vec![0; 64 << 10];
+    loop {
+        match slow.read(&mut buf).unwrap() {
+            0 => break,
+            n => total += n,
+        }
+        reads += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!("the paused reader read {total} bytes in {reads} reads");
+    assert!(total > 6 << 20, "only {total} bytes: cut off");
 }

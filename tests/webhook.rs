@@ -396,3 +396,126 @@ fn secrets_are_never_logged() {
         assert!(!logged.contains(secret), "{secret} in the log");
     }
 }
+
+/// A GitHub delivery with its id, signed.
+fn delivery(server: &Server, id: &str, body: &[u8]) -> Reply {
+    let sig = signature(SECRET, body);
+    request(
+        server.addr,
+        "POST",
+        "/webhooks/github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", id),
+            ("X-Hub-Signature-256", &sig),
+        ],
+        body,
+    )
+}
+
+/// The value of the counter line that starts with `series` in `/metrics` (0 when absent).
+fn counter(server: &Server, series: &str) -> u64 {
+    request(server.addr, "GET", "/metrics", &[], b"")
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 19: a delivery that comes again (GitHub's redelivery, or a replay of a captured one)
+/// within the window costs nothing: no sync, no upstream request; GitLab's likewise. A new id
+/// is a new delivery.
+#[test]
+fn replayed_deliveries_cost_nothing() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let server = proxy(&up, |_| {});
+    let url = server.url_for(&up.segment(), "o/basic");
+    clone_head(&url);
+    let mirror = mirror_dir(&server, &up, "o/basic");
+    let pushed = push_commit(&upstream_dir, "main");
+    let body = push_payload(&format!("http://{}/o/basic.git", up.segment()));
+    let r = delivery(&server, "d-1", &body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    // The refs move after the fetch, the sync's last upstream request.
+    wait_until("the delivery's sync", || head_of(&mirror) == pushed);
+    let asked = up.log().len();
+    for _ in 0..20 {
+        let r = delivery(&server, "d-1", &body);
+        assert_eq!(r.status, 202, "{}", r.text());
+        assert_eq!(r.text(), "ignored: delivery already received\n");
+    }
+    let gitlab = |id: &str| {
+        let body = serde_json::json!({
+            "project": { "git_http_url": format!("http://{}/o/basic.git", up.segment()) },
+        })
+        .to_string();
+        request(
+            server.addr,
+            "POST",
+            "/webhooks/gitlab",
+            &[
+                ("X-Gitlab-Event", "Push Hook"),
+                ("X-Gitlab-Token", SECRET),
+                ("X-Gitlab-Event-UUID", id),
+            ],
+            body.as_bytes(),
+        )
+        .text()
+    };
+    assert!(gitlab("g-1").starts_with("syncing"));
+    // Nothing moved upstream: its sync is one ref listing.
+    wait_until("the GitLab delivery's sync", || up.log().len() > asked);
+    let asked_after_gitlab = up.log().len();
+    assert!(asked_after_gitlab > asked);
+    for _ in 0..5 {
+        assert_eq!(gitlab("g-1"), "ignored: delivery already received\n");
+    }
+    assert_eq!(
+        up.log().len(),
+        asked_after_gitlab,
+        "the replays reached nobody"
+    );
+    // Only this test of the binary (whose tests share one metrics registry) sends replays.
+    assert_eq!(
+        counter(
+            &server,
+            "smart_git_proxy_webhook_syncs_total{outcome=\"duplicate\"}"
+        ),
+        25
+    );
+    // The same id from the other sender, and a new id, are new deliveries.
+    assert!(gitlab("d-1").starts_with("syncing"));
+    let r = delivery(&server, "d-2", &body);
+    assert!(r.text().starts_with("syncing"), "{}", r.text());
+}
+
+/// Issue 19: only a node that says it has no mirror makes a forwarded 404 a delivery; a 404 of
+/// a balancer that lacks the route is a failure, which the sender can redeliver (the delivery
+/// is not remembered as received).
+#[test]
+fn a_balancer_404_is_not_a_delivery() {
+    let up = Upstream::start();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&asked);
+    let balancer = Background::serve(axum::Router::new().fallback(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { (axum::http::StatusCode::NOT_FOUND, "no route\n") }
+    }));
+    let url = format!("http://{}", balancer.addr);
+    let a = proxy(&up, |c| c.balancer_url = Some(url));
+    let body = push_payload(&format!("http://{}/o/basic.git", up.segment()));
+    for _ in 0..2 {
+        let r = delivery(&a, "d-1", &body);
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(
+            r.text(),
+            "forwarding to BALANCER_URL failed: HTTP 404 Not Found\n"
+        );
+    }
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the redelivery was forwarded again"
+    );
+}

@@ -11,8 +11,7 @@
 
 use std::time::Instant;
 
-use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -34,6 +33,19 @@ const FORWARDED_HEADER: &str = "x-smart-git-proxy-forwarded";
 /// The largest webhook body read: GitHub caps its payloads at 25 MB (`MAX_REQUEST_BODY`
 /// applies when smaller).
 const MAX_WEBHOOK_BODY: u64 = 25 << 20;
+
+/// How long a delivery id (`X-GitHub-Delivery`, `X-Gitlab-Event-UUID`) is remembered: a
+/// delivery that comes again within it is acknowledged and ignored.
+pub(super) const DELIVERY_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Delivery ids remembered at most (32 bytes each); beyond it, new ones are not, until old
+/// ones expire.
+pub(super) const MAX_DELIVERIES: usize = 10_000;
+
+/// The answer a node gives a forwarded notice for a mirror it does not have (`404`), marked
+/// with [`FORWARDED_HEADER`] so that the forwarding node tells it from a `404` of a balancer
+/// or a node without this API.
+const NO_MIRROR: &str = "no-mirror";
 
 /// The routes of this module.
 pub(super) fn routes() -> Router<AppState> {
@@ -107,15 +119,15 @@ fn signed(secret: &Secret, signature: Option<&str>, body: &[u8]) -> bool {
     mac.verify_slice(&given).is_ok()
 }
 
-/// The webhook body, within its limit and the shared body budget (held until the returned
-/// permit drops).
+/// The webhook body, within its limits and the shared body budget (held until the returned
+/// charge drops).
 async fn read_body(
     state: &AppState,
-    body: Body,
-) -> Result<(bytes::Bytes, tokio::sync::OwnedSemaphorePermit), Response> {
+    incoming: body::Incoming,
+) -> Result<(bytes::Bytes, body::Charge), Response> {
     let limit = state.config.max_request_body.as_u64().min(MAX_WEBHOOK_BODY);
     body::read_limited(
-        body,
+        incoming,
         limit,
         &state.body_budget,
         *state.config.body_read_timeout,
@@ -123,13 +135,35 @@ async fn read_body(
     .await
     .map_err(|e| {
         let status = match e {
-            body::ReadError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            body::ReadError::TooLarge | body::ReadError::Expands => StatusCode::PAYLOAD_TOO_LARGE,
+            body::ReadError::Encoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             body::ReadError::Body(_) => StatusCode::BAD_REQUEST,
             body::ReadError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            body::ReadError::ClientShare => StatusCode::TOO_MANY_REQUESTS,
             body::ReadError::TimedOut => StatusCode::REQUEST_TIMEOUT,
         };
         answer(status, e.to_string())
     })
+}
+
+/// A task that failed to finish (it panicked): logged, and answered without its message.
+fn internal(e: tokio::task::JoinError) -> Response {
+    tracing::error!(error = %e, "webhook task failed");
+    answer(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal server error (see the proxy's log)",
+    )
+}
+
+/// The key under which a delivery is remembered: its sender and id, hashed (fixed size,
+/// whatever the header holds). `None` without an id.
+fn delivery_key(sender: &str, id: Option<&str>) -> Option<[u8; 32]> {
+    let id = id.map(str::trim).filter(|id| !id.is_empty())?;
+    let mut hash = Sha256::new();
+    hash.update(sender.as_bytes());
+    hash.update([0]);
+    hash.update(id.as_bytes());
+    Some(hash.finalize().into())
 }
 
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
@@ -180,35 +214,38 @@ fn github_notice(
 }
 
 /// `POST /webhooks/github`: a `push` event syncs the pushed repository's mirror.
-async fn github(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+async fn github(State(state): State<AppState>, req: Request) -> Response {
     let arrived = Instant::now();
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
     let Some(secret) = state.config.webhook_secret.clone() else {
         return answer(StatusCode::NOT_FOUND, "webhooks are off (WEBHOOK_SECRET)");
     };
-    let signature = header(&headers, "x-hub-signature-256").map(str::to_owned);
+    let signature = header(headers, "x-hub-signature-256").map(str::to_owned);
     // Without a signature nothing can be authentic: a stranger's body is not read.
     if signature_mac(signature.as_deref()).is_none() {
         tracing::info!("webhook refused: bad or missing X-Hub-Signature-256");
         return unauthorized("HMAC-SHA256");
     }
-    let (body, budget) = match read_body(&state, body).await {
+    let (body, budget) = match read_body(&state, state.incoming(&parts, body)).await {
         Ok(read) => read,
         Err(response) => return response,
     };
-    let event = header(&headers, "x-github-event").map(str::to_owned);
+    let event = header(headers, "x-github-event").map(str::to_owned);
     // Hashing and parsing up to 25 MiB is CPU work.
     let notice = tokio::task::spawn_blocking(move || {
         let _budget = budget;
         github_notice(&secret, signature.as_deref(), event.as_deref(), &body)
     })
     .await;
+    let delivery = delivery_key("github", header(headers, "x-github-delivery"));
     match notice {
-        Ok(Some(notice)) => act(state, notice, arrived).await,
+        Ok(Some(notice)) => act(state, notice, delivery, arrived).await,
         Ok(None) => {
             tracing::info!("webhook refused: bad or missing X-Hub-Signature-256");
             unauthorized("HMAC-SHA256")
         }
-        Err(e) => answer(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => internal(e),
     }
 }
 
@@ -236,36 +273,59 @@ fn gitlab_notice(event: Option<&str>, body: &[u8]) -> Notice {
 
 /// `POST /webhooks/gitlab`: a push or tag push syncs the project's mirror. GitLab sends the
 /// secret itself as `X-Gitlab-Token` (no signature), so it is checked before the body is read.
-async fn gitlab(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+async fn gitlab(State(state): State<AppState>, req: Request) -> Response {
     let arrived = Instant::now();
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
     let Some(secret) = state.config.webhook_secret.as_ref() else {
         return answer(StatusCode::NOT_FOUND, "webhooks are off (WEBHOOK_SECRET)");
     };
-    let token = header(&headers, "x-gitlab-token").unwrap_or_default();
+    let token = header(headers, "x-gitlab-token").unwrap_or_default();
     if !same(token.as_bytes(), secret) {
         tracing::info!("webhook refused: bad or missing X-Gitlab-Token");
         return unauthorized("X-Gitlab-Token");
     }
-    let (body, budget) = match read_body(&state, body).await {
+    let (body, budget) = match read_body(&state, state.incoming(&parts, body)).await {
         Ok(read) => read,
         Err(response) => return response,
     };
-    let event = header(&headers, "x-gitlab-event").map(str::to_owned);
+    let event = header(headers, "x-gitlab-event").map(str::to_owned);
     let notice = tokio::task::spawn_blocking(move || {
         let _budget = budget;
         gitlab_notice(event.as_deref(), &body)
     })
     .await;
+    let delivery = delivery_key("gitlab", header(headers, "x-gitlab-event-uuid"));
     match notice {
-        Ok(notice) => act(state, notice, arrived).await,
-        Err(e) => answer(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Ok(notice) => act(state, notice, delivery, arrived).await,
+        Err(e) => internal(e),
     }
 }
 
-/// Answer an authentic notice.
-async fn act(state: AppState, notice: Notice, arrived: Instant) -> Response {
+/// Answer an authentic notice, `delivery` naming it when its sender did.
+async fn act(
+    state: AppState,
+    notice: Notice,
+    delivery: Option<[u8; 32]>,
+    arrived: Instant,
+) -> Response {
     match notice {
-        Notice::Push(url) => pushed(state, &url, arrived).await,
+        Notice::Push(url) => {
+            // A delivery seen within the window (a redelivery, or a replay of a captured one)
+            // costs nothing; one that failed is forgotten, so that its redelivery is acted on.
+            if let Some(key) = delivery {
+                if !state.deliveries.insert_new(key, ()) && state.deliveries.get(&key).is_some() {
+                    tracing::info!("push ignored: a delivery already received");
+                    crate::metrics::webhook_sync("duplicate");
+                    return answer(StatusCode::ACCEPTED, "ignored: delivery already received");
+                }
+            }
+            let response = pushed(state.clone(), &url, arrived).await;
+            if let Some(key) = delivery.filter(|_| !response.status().is_success()) {
+                state.deliveries.remove(&key);
+            }
+            response
+        }
         Notice::Ping => answer(StatusCode::OK, "pong"),
         Notice::Other(event) => {
             crate::metrics::webhook_sync("ignored");
@@ -347,8 +407,17 @@ async fn forward(state: &AppState, balancer: &str, name: &str) -> Response {
         .timeout(timeout)
         .send()
         .await;
+    // A node without the mirror answers 404 and says so; any other 404 (a balancer without the
+    // route, a node without the admin API) did not deliver the notice.
+    let delivered = |r: &reqwest::Response| {
+        r.status().is_success()
+            || (r.status() == StatusCode::NOT_FOUND
+                && r.headers()
+                    .get(FORWARDED_HEADER)
+                    .is_some_and(|v| v == NO_MIRROR))
+    };
     match sent {
-        Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {
+        Ok(r) if delivered(&r) => {
             crate::metrics::webhook_forward("ok");
             crate::metrics::webhook_sync("forwarded");
             tracing::info!(repo = %name, status = r.status().as_u16(), "push forwarded");
@@ -364,11 +433,19 @@ async fn forward(state: &AppState, balancer: &str, name: &str) -> Response {
         }
         Err(e) => {
             crate::metrics::webhook_forward("failed");
+            let cause = if e.is_timeout() {
+                "timed out"
+            } else if e.is_connect() {
+                "unreachable"
+            } else {
+                "failed"
+            };
             let e = crate::error_chain(&e);
             tracing::warn!(repo = %name, error = %e, "forwarding a push failed");
+            // The balancer's address is the operator's business, not the sender's.
             answer(
                 StatusCode::BAD_GATEWAY,
-                format!("forwarding to BALANCER_URL failed: {e}"),
+                format!("forwarding to BALANCER_URL failed: {cause}"),
             )
         }
     }
@@ -428,10 +505,13 @@ async fn mirror_action(State(state): State<AppState>, uri: Uri, headers: HeaderM
         let lease = state.mirrors.lease(&request.dir);
         if !repo::exists(&request.dir) {
             crate::metrics::webhook_sync("ignored");
-            return answer(
+            let mut r = answer(
                 StatusCode::NOT_FOUND,
                 format!("no mirror of {}", request.name),
             );
+            r.headers_mut()
+                .insert(FORWARDED_HEADER, HeaderValue::from_static(NO_MIRROR));
+            return r;
         }
         let name = request.name.clone();
         sync_in_background(state, request, lease, arrived, "webhook");
@@ -460,12 +540,19 @@ async fn mirror_action(State(state): State<AppState>, uri: Uri, headers: HeaderM
             crate::metrics::webhook_sync("failed");
             let code = match &e {
                 mirror::Error::NotFound(_) => StatusCode::NOT_FOUND,
+                mirror::Error::Upstream {
+                    source: crate::upstream::Error::NoSpace(_),
+                    ..
+                } => StatusCode::INSUFFICIENT_STORAGE,
                 mirror::Error::AuthRequired(_) | mirror::Error::Upstream { .. } => {
                     StatusCode::BAD_GATEWAY
                 }
                 mirror::Error::Local { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             };
-            answer(code, e.to_string())
+            if code.is_server_error() {
+                tracing::warn!(repo = %request.name, error = %e, "warm-up failed");
+            }
+            answer(code, e.client_message())
         }
     }
 }

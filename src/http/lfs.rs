@@ -29,7 +29,7 @@ pub async fn forward(
     headers: &HeaderMap,
     authorization: Option<&str>,
     body: Body,
-) -> Result<Response, String> {
+) -> Result<Response, crate::upstream::Error> {
     let mut upstream_headers = reqwest::header::HeaderMap::new();
     for (name, value) in headers {
         if !HOP_BY_HOP.contains(name) && name != "keep-alive" {
@@ -47,7 +47,7 @@ pub async fn forward(
         .body(reqwest::Body::wrap_stream(body.into_data_stream()))
         .send()
         .await
-        .map_err(|e| format!("LFS request to the upstream failed: {e}"))?;
+        .map_err(|e| crate::upstream::Error::from_request(&e))?;
     let mut out = Response::builder().status(response.status());
     if let Some(h) = out.headers_mut() {
         for (name, value) in response.headers() {
@@ -58,31 +58,52 @@ pub async fn forward(
     }
     let stream = response.bytes_stream().map_err(std::io::Error::other);
     out.body(Body::from_stream(stream))
-        .map_err(|e| format!("LFS response: {e}"))
+        .map_err(|e| crate::upstream::Error::Failed(format!("LFS response: {e}")))
 }
 
 /// The largest batch request body inspected for [`is_download`].
 const MAX_BATCH_BODY: u64 = 1024 * 1024;
 
+/// A request body after [`is_download`].
+pub enum Checked {
+    /// Not read: it goes upstream as it came.
+    Untouched(Body),
+    /// Read (and decoded from gzip): it goes upstream as these bytes, without
+    /// `Content-Encoding`.
+    Decoded(bytes::Bytes),
+}
+
+impl Checked {
+    /// The body to forward.
+    pub fn into_body(self) -> Body {
+        match self {
+            Checked::Untouched(body) => body,
+            Checked::Decoded(bytes) => Body::from(bytes),
+        }
+    }
+}
+
 /// Whether a request only reads: a `GET`, or a batch request for the `download` operation.
-/// The body is read (it is small JSON) and handed back for forwarding.
+/// A batch body is read (it is small JSON) and handed back for forwarding.
 pub async fn is_download(
     method: &Method,
     lfs_path: &str,
-    body: Body,
-    budget: &std::sync::Arc<tokio::sync::Semaphore>,
+    incoming: super::body::Incoming,
+    budget: &std::sync::Arc<super::body::Budget>,
     timeout: std::time::Duration,
-) -> Result<(Body, bool), super::body::ReadError> {
+) -> Result<(Checked, bool), super::body::ReadError> {
     if method == Method::GET {
         // Object downloads, not the locks API (`/info/lfs/locks`).
-        return Ok((body, lfs_path.starts_with("/info/lfs/objects/")));
+        let download = lfs_path.starts_with("/info/lfs/objects/");
+        return Ok((Checked::Untouched(incoming.into_body()), download));
     }
     if method != Method::POST || lfs_path != "/info/lfs/objects/batch" {
-        return Ok((body, false));
+        return Ok((Checked::Untouched(incoming.into_body()), false));
     }
-    let (bytes, _budget) = super::body::read_limited(body, MAX_BATCH_BODY, budget, timeout).await?;
+    let (bytes, _charge) =
+        super::body::read_limited(incoming, MAX_BATCH_BODY, budget, timeout).await?;
     let download = batch_operation(&bytes).as_deref() == Some("download");
-    Ok((Body::from(bytes), download))
+    Ok((Checked::Decoded(bytes), download))
 }
 
 /// The top-level `operation` of a batch request, read as the upstream reads it: JSON, so

@@ -20,7 +20,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tokio::sync::Semaphore;
-use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::trace::TraceLayer;
 use tracing::{field, Instrument, Span};
 
@@ -44,12 +43,14 @@ pub struct AppState {
     mirrors: Arc<Mirrors>,
     lfs_client: reqwest::Client,
     pack_cache: Option<PackCache>,
-    /// Request-body memory, in [`body::budget_units`] (`MAX_BUFFERED_BODIES`).
-    body_budget: Arc<Semaphore>,
+    /// Request-body memory (`MAX_BUFFERED_BODIES`, `MAX_BUFFERED_BODIES_PER_CLIENT`).
+    body_budget: Arc<body::Budget>,
     /// Set once shutdown began: `/readyz` answers 503.
     draining: Arc<AtomicBool>,
-    /// Whose `X-Forwarded-For` names the client in the request log.
+    /// Whose `X-Forwarded-For` names the client in the request log and for the body budget.
     trusted_proxies: Arc<forwarded::TrustedProxies>,
+    /// Webhook deliveries acted on lately, by sender and id.
+    deliveries: Arc<crate::ttl::TtlMap<[u8; 32], ()>>,
 }
 
 impl AppState {
@@ -108,11 +109,15 @@ impl AppState {
         crate::pack::set_memory_budget(
             usize::try_from(config.pack_memory_budget.as_u64()).unwrap_or(usize::MAX),
         );
-        let body_budget = Arc::new(Semaphore::new(
-            body::budget_units(config.max_buffered_bodies.as_u64())
-                .min(Semaphore::MAX_PERMITS as u32) as usize,
-        ));
+        let body_budget = body::Budget::new(
+            config.max_buffered_bodies.as_u64(),
+            config.body_share().as_u64(),
+        );
         AppState {
+            deliveries: Arc::new(crate::ttl::TtlMap::new(
+                admin::DELIVERY_WINDOW,
+                admin::MAX_DELIVERIES,
+            )),
             trusted_proxies: Arc::new(config.trusted_proxies().unwrap_or_default()),
             draining: Arc::new(AtomicBool::new(false)),
             body_budget,
@@ -135,6 +140,22 @@ impl AppState {
     /// The mirror store, e.g. to remove temporaries at start.
     pub fn mirrors(&self) -> &Arc<Mirrors> {
         &self.mirrors
+    }
+
+    /// Request-body memory in use, of `MAX_BUFFERED_BODIES`.
+    pub fn buffered_body_bytes(&self) -> u64 {
+        self.body_budget.used()
+    }
+
+    /// The body of the request with `parts`, to be charged to its client: the connection's
+    /// address, or behind a trusted proxy the address it names.
+    fn incoming(&self, parts: &axum::http::request::Parts, body: Body) -> body::Incoming {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.0.ip());
+        let client = self.trusted_proxies.client(peer, &parts.headers);
+        body::Incoming::new(body, &parts.headers, client.into())
     }
 }
 
@@ -172,7 +193,6 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::routes())
         .route("/api/v1/mirrors", get(inventory::mirrors))
         .fallback(git)
-        .layer(RequestDecompressionLayer::new().gzip(true))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(move |req: &Request| {
@@ -215,10 +235,21 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Readiness: 200 when the server takes work and `MIRROR_DIR` is writable (a probe file is
-/// created and removed), 503 with the reason otherwise.
+/// created and removed) with room to spare (the pack cache's floor: 256 MiB free, or a tenth
+/// of a smaller filesystem), 503 with the reason otherwise.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     if state.draining.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+    }
+    let dir = state.config.mirror_dir.clone();
+    if let Ok(true) =
+        tokio::task::spawn_blocking(move || crate::pack::cache::low_on_space(&dir)).await
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "MIRROR_DIR is nearly full (under 256 MiB, or a tenth of its filesystem, free)\n"
+                .into(),
+        );
     }
     // One file per probe: overlapping probes (a kubelet's and a balancer's) must not remove
     // each other's.
@@ -247,7 +278,8 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
 ///
 /// HTTP/1 connections are served by hyper directly, not `axum::serve`, for the limits a
 /// hostile client must meet: `HEADER_READ_TIMEOUT` (which also closes idle keep-alive
-/// connections) and `MAX_CONNECTIONS`.
+/// connections), `CLIENT_STALL_TIMEOUT` (a connection that takes no byte of its answer that
+/// long is closed) and `MAX_CONNECTIONS`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -293,8 +325,12 @@ pub async fn serve(
                 req
             }),
         );
-        let connection =
-            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        // Progress resets the timer: a slow reader is served, a client that reads nothing is
+        // cut off, whatever it holds (a stream slot, the connection).
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(*config.client_stall_timeout));
+        let io = hyper_util::rt::TokioIo::new(Box::pin(stream));
+        let connection = graceful.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = connection.await {
@@ -335,6 +371,10 @@ enum Error {
     Method(Method),
     #[error("request body larger than {0}")]
     TooLarge(bytesize::ByteSize),
+    #[error("{0}")]
+    Expands(body::ReadError),
+    #[error("{0}")]
+    Encoding(body::ReadError),
     #[error("cannot read request body: {0}")]
     Body(String),
     #[error("malformed request: {0}")]
@@ -343,15 +383,23 @@ enum Error {
     Unavailable,
     #[error("server busy ({0}); retry later")]
     Busy(&'static str),
+    #[error("too many request bodies in memory from this client; retry later")]
+    ClientBusy,
     #[error("request body not received within BODY_READ_TIMEOUT")]
     BodyTimeout,
     #[error("upstream host '{host}' is not allowed; allowed: {allowed}")]
     HostNotAllowed { host: String, allowed: String },
     #[error("authentication required: the upstream did not accept the credentials for {0}")]
     AuthRequired(String),
-    #[error("{0}")]
-    BadGateway(String),
-    #[error("internal server error")]
+    /// The upstream failed (or the disk, while mirroring): the client is told `message`, in
+    /// a few words; the log gets `detail`, with the URLs, paths and cause chain.
+    #[error("{message}")]
+    BadGateway {
+        status: StatusCode,
+        message: String,
+        detail: String,
+    },
+    #[error("internal server error (see the proxy's log)")]
     Internal(String),
 }
 
@@ -360,7 +408,7 @@ impl Error {
     fn is_client_error(&self) -> bool {
         !matches!(
             self,
-            Error::Unavailable | Error::Busy(_) | Error::BadGateway(_) | Error::Internal(_)
+            Error::Unavailable | Error::Busy(_) | Error::BadGateway { .. } | Error::Internal(_)
         )
     }
 }
@@ -376,17 +424,17 @@ impl IntoResponse for Error {
             | Error::Malformed(_) => StatusCode::BAD_REQUEST,
             Error::ReceivePack | Error::DumbHttp => StatusCode::FORBIDDEN,
             Error::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::TooLarge(_) | Error::Expands(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Encoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Unavailable | Error::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::ClientBusy => StatusCode::TOO_MANY_REQUESTS,
             Error::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::HostNotAllowed { .. } => StatusCode::FORBIDDEN,
             Error::AuthRequired(_) => StatusCode::UNAUTHORIZED,
-            Error::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            Error::Internal(detail) => {
-                tracing::error!(error = %detail, "internal error");
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Error::BadGateway { status, .. } => *status,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
+        self.log();
         Span::current().record("outcome", field::display(status.as_u16()));
         crate::metrics::refusal(self.reason());
         // git shows a text/plain body of a failed request as `remote: <line>`.
@@ -396,7 +444,7 @@ impl IntoResponse for Error {
             format!("{self}\n"),
         )
             .into_response();
-        if let Error::Busy(_) = self {
+        if let Error::Busy(_) | Error::ClientBusy = self {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -422,15 +470,16 @@ impl Error {
             Error::ReceivePack => "push",
             Error::DumbHttp => "dumb-http",
             Error::Method(_) => "method",
-            Error::TooLarge(_) => "body-too-large",
+            Error::TooLarge(_) | Error::Expands(_) => "body-too-large",
+            Error::Encoding(_) => "body-encoding",
             Error::Body(_) => "body-unreadable",
             Error::Malformed(_) => "malformed",
             Error::Unavailable => "shutting-down",
-            Error::Busy(_) => "busy",
+            Error::Busy(_) | Error::ClientBusy => "busy",
             Error::BodyTimeout => "body-timeout",
             Error::HostNotAllowed { .. } => "host-not-allowed",
             Error::AuthRequired(_) => "auth-required",
-            Error::BadGateway(_) => "upstream",
+            Error::BadGateway { .. } => "upstream",
             Error::Internal(_) => "internal",
         }
     }
@@ -439,9 +488,33 @@ impl Error {
     fn from_read(e: body::ReadError, limit: bytesize::ByteSize) -> Self {
         match e {
             body::ReadError::TooLarge => Error::TooLarge(limit),
+            e @ body::ReadError::Expands => Error::Expands(e),
+            e @ body::ReadError::Encoding(_) => Error::Encoding(e),
             body::ReadError::Body(msg) => Error::Body(msg),
             body::ReadError::Busy => Error::Busy("request bodies use their whole memory budget"),
+            body::ReadError::ClientShare => Error::ClientBusy,
             body::ReadError::TimedOut => Error::BodyTimeout,
+        }
+    }
+
+    /// Log what the client is not told: the details of a 5xx.
+    fn log(&self) {
+        match self {
+            Error::BadGateway { detail, .. } => tracing::warn!(error = %detail, "upstream failed"),
+            Error::Internal(detail) => tracing::error!(error = %detail, "internal error"),
+            _ => {}
+        }
+    }
+
+    /// An upstream failure: `what` failed because of `source`.
+    fn upstream(what: String, source: &crate::upstream::Error) -> Self {
+        Error::BadGateway {
+            status: match source {
+                crate::upstream::Error::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+            message: format!("{what}: {}", source.cause()),
+            detail: format!("{what}: {source}"),
         }
     }
 }
@@ -451,7 +524,9 @@ impl From<mirror::Error> for Error {
         match e {
             mirror::Error::AuthRequired(name) => Error::AuthRequired(name),
             mirror::Error::NotFound(name) => Error::NotFound(name),
-            e @ mirror::Error::Upstream { .. } => Error::BadGateway(e.to_string()),
+            mirror::Error::Upstream { name, source } => {
+                Error::upstream(format!("cannot mirror {name}"), &source)
+            }
             e @ mirror::Error::Local { .. } => Error::Internal(e.to_string()),
         }
     }
@@ -606,7 +681,8 @@ async fn route(
             }
         }
         (&Method::POST, Service::UploadPack) => {
-            upload_pack(state.clone(), mirrored, version, body).await
+            let incoming = state.incoming(parts, body);
+            upload_pack(state.clone(), mirrored, version, incoming).await
         }
         (&Method::POST, Service::ReceivePack) => Err(Error::ReceivePack),
         (method, Service::Lfs(lfs_path)) => {
@@ -614,25 +690,31 @@ async fn route(
             let url = lfs::upstream_url(&mirrored.url, lfs_path, &parts.uri);
             // The client's own credentials go through as they are. The proxy's static token is
             // only lent for downloads: it must not let anonymous clients write upstream.
+            // Bodies go upstream as they came, gzip included, except a batch request read to
+            // decide on lending the token, which goes decoded.
+            let mut headers = std::borrow::Cow::Borrowed(&parts.headers);
             let (body, authorization) = match mirrored.client_authorization.as_deref() {
                 Some(client) => (body, Some(client.to_owned())),
                 None if matches!(mirrored.credentials, mirror::Credentials::Proxy(_)) => {
                     let (body, download) = lfs::is_download(
                         method,
                         lfs_path,
-                        body,
+                        state.incoming(parts, body),
                         &state.body_budget,
                         *state.config.body_read_timeout,
                     )
                     .await
                     .map_err(|e| Error::from_read(e, bytesize::ByteSize::mib(1)))?;
+                    if let lfs::Checked::Decoded(_) = body {
+                        headers.to_mut().remove(header::CONTENT_ENCODING);
+                    }
                     let token = match &mirrored.credentials {
                         mirror::Credentials::Proxy(token) if download => {
                             Some(token.expose().to_owned())
                         }
                         _ => None,
                     };
-                    (body, token)
+                    (body.into_body(), token)
                 }
                 None => (body, None),
             };
@@ -640,12 +722,12 @@ async fn route(
                 &state.lfs_client,
                 &url,
                 method.clone(),
-                &parts.headers,
+                &headers,
                 authorization.as_deref(),
                 body,
             )
             .await
-            .map_err(Error::BadGateway)?;
+            .map_err(|e| Error::upstream("LFS request to the upstream failed".into(), &e))?;
             span.record("outcome", field::display(response.status().as_u16()));
             Ok(response)
         }
@@ -723,7 +805,7 @@ async fn upload_pack(
     state: AppState,
     m: Mirrored,
     version: Version,
-    body: Body,
+    body: body::Incoming,
 ) -> Result<Response, Error> {
     let span = Span::current();
     let arrived = std::time::Instant::now();
@@ -933,6 +1015,7 @@ fn sync_with_progress(
                 snapshot
             }
             Err(e) => {
+                e.log();
                 let mut end = band(3, &format!("{e}\n"));
                 pktline::flush(&mut end);
                 let _ = send(end).await;
@@ -1050,12 +1133,13 @@ fn start_pack(
     let pack_cache = state.pack_cache.clone();
     let limits = Arc::new(upload_pack::Limits::default());
     let watchdog = watchdog(&state.config, Arc::clone(&interrupt), Arc::clone(&limits));
+    let stall = *state.config.client_stall_timeout;
     tokio::task::spawn_blocking(move || {
         let _entered = task_span.enter();
         let _watchdog = AbortOnDrop(watchdog);
         let Held { slots, _lease } = held;
         let _stream = slots.stream;
-        let out = ChannelWriter::new(tx, runtime, Arc::clone(&interrupt));
+        let out = ChannelWriter::new(tx, runtime, Arc::clone(&interrupt), stall);
         let repo = snapshot.repo();
         let db = crate::pack::db(&repo);
         let ctx = upload_pack::Context {

@@ -18,8 +18,8 @@
 //! - **Unreachable objects** (refs deleted or force-pushed upstream) are kept while the pack or
 //!   loose file that holds them is younger than the grace period, so that a client in the middle
 //!   of a negotiation still finds what it was shown; older ones are dropped.
-//! - **Swap.** The new pack is written to a temporary file (which start-up cleanup removes after
-//!   a crash), indexed by gix-pack into `pack-<hash>.pack`/`.idx`, and only then are the old
+//! - **Swap.** The new pack is written to a temporary file (which the next maintenance or sync
+//!   of the mirror, or a server's start while neither runs, removes after a crash), indexed by gix-pack into `pack-<hash>.pack`/`.idx`, and only then are the old
 //!   packs (those present when maintenance started) and the loose objects deleted. Before the
 //!   swap, the new pack gets its reachability bitmap (`pack-<hash>.bitmap`, written to a
 //!   temporary name and renamed, see [`crate::pack::bitmap`]): ref tips first (heads and
@@ -169,6 +169,8 @@ pub fn consolidate(
     interrupt: &AtomicBool,
 ) -> Result<Outcome, Error> {
     let _lock = lock(dir).map_err(io("taking the mirror's maintenance lock"))?;
+    // A maintenance or sync killed midway left its temporaries (as large as the new pack).
+    super::sync::remove_leftovers(dir);
     let old_packs = packs(dir).map_err(io("listing packs"))?;
     // Only these are deleted at the end: a loose object written meanwhile (an operator's git)
     // stays.

@@ -147,13 +147,13 @@ pub enum Error {
     /// There is no mirror and the upstream has no such repository.
     #[error("repository '{0}' not found upstream")]
     NotFound(String),
-    /// There is no mirror and the upstream failed.
-    #[error("cannot mirror {name}: {message}")]
+    /// There is no mirror and the upstream failed (or the disk, while fetching).
+    #[error("cannot mirror {name}: {source}")]
     Upstream {
         /// `host/path`
         name: String,
-        /// What went wrong upstream.
-        message: String,
+        /// What went wrong.
+        source: upstream::Error,
     },
     /// A local failure (disk, a task that panicked).
     #[error("mirror {name}: {message}")]
@@ -163,6 +163,18 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+}
+
+impl Error {
+    /// What a client is told: the repository and the kind of failure, without the cause
+    /// chain, which names local paths and URLs (the log has it).
+    pub fn client_message(&self) -> String {
+        match self {
+            Error::AuthRequired(_) | Error::NotFound(_) => self.to_string(),
+            Error::Upstream { name, source } => format!("cannot mirror {name}: {}", source.cause()),
+            Error::Local { .. } => "internal server error (see the proxy's log)".into(),
+        }
+    }
 }
 
 /// Maintenance of one mirror, as a sync schedules it or a caller runs it.
@@ -322,7 +334,7 @@ struct RepoState {
     last_busy: Option<Instant>,
     /// When the last creation attempt failed, and why: requests that waited for it get this
     /// error rather than each trying again in turn.
-    last_error: Option<(Instant, String)>,
+    last_error: Option<(Instant, upstream::Error)>,
 }
 
 /// One mirror: its sync state behind the lock that serialises its updates (and maintenance),
@@ -952,9 +964,9 @@ impl Mirrors {
             (Ok(()), Some(_)) => Ok(true),
             (Ok(()), None) => Ok(false),
             (Err(upstream::Error::AuthRequired), _) => Err(Error::AuthRequired(req.name.clone())),
-            (Err(e), _) => Err(Error::Upstream {
+            (Err(source), _) => Err(Error::Upstream {
                 name: req.name.clone(),
-                message: format!("cannot verify the credentials: {e}"),
+                source,
             }),
         }
     }
@@ -1170,7 +1182,7 @@ impl Mirrors {
                     if via_parent {
                         crate::metrics::parent_fetch("failed");
                     }
-                    state.last_error = Some((Instant::now(), e.to_string()));
+                    state.last_error = Some((Instant::now(), e.clone()));
                     repos.lock().remove(&owned_dir);
                     Err(e)
                 }
@@ -1182,7 +1194,7 @@ impl Mirrors {
             Err(upstream::Error::NotFound) => Err(Error::NotFound(req.name.clone())),
             Err(e) => Err(Error::Upstream {
                 name: req.name.clone(),
-                message: e.to_string(),
+                source: e,
             }),
         }
     }
@@ -1242,10 +1254,10 @@ impl Mirrors {
             return Err(e);
         }
         match &state.last_error {
-            Some((failed, message)) if !exists && *failed > arrived => {
+            Some((failed, source)) if !exists && *failed > arrived => {
                 return Err(Error::Upstream {
                     name: req.name.clone(),
-                    message: message.clone(),
+                    source: source.clone(),
                 });
             }
             _ => {}
@@ -1643,7 +1655,7 @@ fn remove_temporaries(root: &Path) -> std::io::Result<usize> {
     }
     let mut removed = temporaries.len();
     for mirror in &mirrors {
-        removed += sync::remove_leftovers(mirror);
+        removed += sync::remove_leftovers_unless_busy(mirror);
     }
     Ok(removed)
 }

@@ -7,7 +7,7 @@
 //! deleted refs are removed and `HEAD` follows the upstream's.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -41,8 +41,8 @@ pub(super) struct Outcome {
 }
 
 /// A local failure with its whole cause chain (gix prints it with `{:#}`).
-fn local(e: impl std::fmt::Display) -> upstream::Error {
-    upstream::Error::Local(format!("{e:#}"))
+fn local<E: std::error::Error + 'static>(e: E) -> upstream::Error {
+    upstream::Error::local(&e, format!("{e:#}"))
 }
 
 /// Make an empty bare repository at `tmp` (a new mirror's temporary directory), unless a ref
@@ -182,23 +182,18 @@ pub(super) fn refresh(
 /// A ref lock older than this is a crash's leftover: git and gix hold theirs for milliseconds.
 const STALE_LOCK: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Remove what a sync that died left in the mirror at `dir`: gix's temporary pack and index
-/// files (`objects/pack/.tmp*`, which only this process writes, under the mirror's sync lock)
-/// and ref locks older than [`STALE_LOCK`], which would make every later sync fail. Returns
-/// how many files were removed.
-pub(super) fn remove_leftovers(dir: &Path) -> usize {
-    let mut removed = 0;
-    let mut remove = |path: &Path| match std::fs::remove_file(path) {
-        Ok(()) => {
-            tracing::info!(path = %path.display(), "removed a leftover of an interrupted sync");
-            removed += 1;
-        }
-        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove a leftover"),
-    };
-    if let Ok(entries) = std::fs::read_dir(dir.join("objects/pack")) {
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(".tmp") {
-                remove(&entry.path());
+/// What a sync or maintenance that died left in the mirror at `dir`: temporary pack, index,
+/// bitmap and commit-graph files (`objects/pack/.tmp*`, `objects/info/.tmp*`, which both
+/// write only under the mirror's maintenance lock), and ref locks and record temporaries
+/// older than [`STALE_LOCK`] (a leftover ref lock would make every later sync fail).
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for temporaries in [dir.join("objects/pack"), dir.join("objects/info")] {
+        if let Ok(entries) = std::fs::read_dir(temporaries) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(".tmp") {
+                    found.push(entry.path());
+                }
             }
         }
     }
@@ -211,7 +206,7 @@ pub(super) fn remove_leftovers(dir: &Path) -> usize {
     };
     for lock in [dir.join("packed-refs.lock"), dir.join("HEAD.lock")] {
         if stale(&lock) {
-            remove(&lock);
+            found.push(lock);
         }
     }
     // A record's temporary, left by a crash between its write and its rename.
@@ -224,7 +219,7 @@ pub(super) fn remove_leftovers(dir: &Path) -> usize {
                 .starts_with(super::record::TMP_PREFIX)
                 && stale(&path)
             {
-                remove(&path);
+                found.push(path);
             }
         }
     }
@@ -242,13 +237,51 @@ pub(super) fn remove_leftovers(dir: &Path) -> usize {
                         && entry.file_name().to_string_lossy().ends_with(".lock")
                         && stale(&path) =>
                 {
-                    remove(&path)
+                    found.push(path)
                 }
                 _ => {}
             }
         }
     }
+    found
+}
+
+/// Remove the [`leftovers`] of the mirror at `dir`; the caller holds its maintenance lock.
+/// Returns how many files were removed.
+pub(super) fn remove_leftovers(dir: &Path) -> usize {
+    let mut removed = 0;
+    for path in leftovers(dir) {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed a leftover of an interrupted sync or maintenance");
+                removed += 1;
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a leftover")
+            }
+        }
+    }
     removed
+}
+
+/// Remove the [`leftovers`] of the mirror at `dir` under its maintenance lock, unless someone
+/// holds it: then they are the files of a maintenance (`smart-git-proxy maintain`) running
+/// now, which it removes itself when it ends, or its next run does.
+pub(super) fn remove_leftovers_unless_busy(dir: &Path) -> usize {
+    if leftovers(dir).is_empty() {
+        return 0;
+    }
+    match super::maintain::try_lock(dir) {
+        Ok(Some(_lock)) => remove_leftovers(dir),
+        Ok(None) => {
+            tracing::info!(mirror = %dir.display(), "leftovers kept: maintenance holds the mirror");
+            0
+        }
+        Err(e) => {
+            tracing::warn!(mirror = %dir.display(), error = %e, "leftovers kept: cannot take the maintenance lock");
+            0
+        }
+    }
 }
 
 /// Sync the existing mirror of `req`, whose snapshot (current, see [`refresh`]) is `snapshot`,

@@ -565,8 +565,9 @@ fn parse_stem(stem: &str) -> Option<Key> {
 }
 
 /// Whether the filesystem of `dir` has less than [`MIN_FREE_BYTES`] free for unprivileged
-/// users, or less than a tenth of its size when that is smaller.
-fn low_on_space(dir: &Path) -> bool {
+/// users, or less than a tenth of its size when that is smaller. `/readyz` uses the same
+/// floor for `MIRROR_DIR`.
+pub(crate) fn low_on_space(dir: &Path) -> bool {
     let Ok(stat) = rustix::fs::statvfs(dir) else {
         return false;
     };
