@@ -286,8 +286,9 @@ fn fetch_v2<W: Write>(
             "fetch: expected at least one want or want-ref line".into(),
         ));
     }
+    let bitmap = ctx.snapshot.bitmap();
     let mut neg =
-        Negotiator::new(ctx.repo, ctx.db, &wants, ctx.interrupt).with_bitmap(ctx.snapshot.bitmap());
+        Negotiator::new(ctx.repo, ctx.db, &wants, ctx.interrupt).with_bitmap(bitmap.as_ref());
     for (i, have) in args.haves.iter().enumerate() {
         pack::check_interrupt(ctx.interrupt, i + 1)?;
         neg.have(*have)?;
@@ -427,8 +428,9 @@ fn fetch_v0<W: Write>(
         out.write_all(&lines)?;
         return Ok(Outcome::Acks { common: 0 });
     }
-    let mut neg = Negotiator::new(ctx.repo, ctx.db, &req.wants, ctx.interrupt)
-        .with_bitmap(ctx.snapshot.bitmap());
+    let bitmap = ctx.snapshot.bitmap();
+    let mut neg =
+        Negotiator::new(ctx.repo, ctx.db, &req.wants, ctx.interrupt).with_bitmap(bitmap.as_ref());
     let (mut got_common, mut got_other, mut sent_ready) = (false, false, false);
     let mut last = None;
     // This follows git's get_common_commits() for one stateless round.
@@ -603,6 +605,7 @@ fn send_pack<W: Write>(
         .chain(&args.shallow.extra_haves)
         .copied()
         .collect();
+    let bitmap = ctx.snapshot.bitmap();
     let selection = pack::Selection {
         wants: &wants,
         common: &common,
@@ -610,7 +613,7 @@ fn send_pack<W: Write>(
         shallow: &args.shallow.grafts,
         filter: args.filter,
         thin: args.thin,
-        bitmap: ctx.snapshot.bitmap(),
+        bitmap: bitmap.as_ref(),
     };
     let opts = pack::WriteOptions {
         ofs_delta: args.ofs_delta,
