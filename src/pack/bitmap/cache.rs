@@ -227,6 +227,12 @@ mod tests {
     }
 
     #[test]
+    fn the_process_cache_holds_64_mib() {
+        assert_eq!(CACHE_BYTES, 64 << 20);
+        assert_eq!(Cache::global().lru.lock().capacity(), CACHE_BYTES);
+    }
+
+    #[test]
     fn keys_are_unique() {
         let (a, b) = (next_key(), next_key());
         assert_ne!(a, b);
