@@ -77,6 +77,11 @@ pub struct File {
     by_commit: Vec<(u32, u32)>,
     /// Set once loading failed, so that the failure is logged once, not per request.
     broken: AtomicBool,
+    /// Held while the reverse index and type bitmaps are decoded: requests that arrive
+    /// meanwhile wait for them rather than decode them too.
+    loading: parking_lot::Mutex<()>,
+    /// Whether anything was decoded into the cache (what the cache must forget).
+    decoded: AtomicBool,
 }
 
 impl std::fmt::Debug for File {
@@ -92,7 +97,9 @@ impl std::fmt::Debug for File {
 impl Drop for File {
     fn drop(&mut self) {
         // Nothing can ask for them any more: their bytes are better spent on other mirrors.
-        self.cache.forget(self.key);
+        if self.decoded.load(Ordering::Relaxed) {
+            self.cache.forget(self.key);
+        }
     }
 }
 
@@ -198,6 +205,8 @@ impl File {
             entries,
             by_commit,
             broken: AtomicBool::new(false),
+            loading: parking_lot::Mutex::new(()),
+            decoded: AtomicBool::new(false),
         })
     }
 
@@ -236,22 +245,30 @@ impl File {
 
     /// [`File::load`], with the reason it failed.
     pub fn try_load(self: &Arc<Self>) -> Result<Index, Error> {
-        let rev = match self.cache.get(&Key(self.key, Slot::Rev)) {
-            Some(Value::Rev(rev)) => rev,
-            _ => {
-                let rev = Arc::new(Rev::of(&self.idx));
-                self.cache
-                    .put(Key(self.key, Slot::Rev), Value::Rev(Arc::clone(&rev)));
-                rev
-            }
+        let cached = || match (
+            self.cache.get(&Key(self.key, Slot::Rev)),
+            self.cache.get(&Key(self.key, Slot::Types)),
+        ) {
+            (Some(Value::Rev(rev)), Some(Value::Types(types))) => Some((rev, types)),
+            _ => None,
         };
-        let types = match self.cache.get(&Key(self.key, Slot::Types)) {
-            Some(Value::Types(types)) => types,
-            _ => {
-                let types = Arc::new(self.decode_types(rev.len())?);
-                self.cache
-                    .put(Key(self.key, Slot::Types), Value::Types(Arc::clone(&types)));
-                types
+        let (rev, types) = match cached() {
+            Some(both) => both,
+            None => {
+                let _loading = self.loading.lock();
+                match cached() {
+                    Some(both) => both,
+                    None => {
+                        let rev = Arc::new(Rev::of(&self.idx));
+                        let types = Arc::new(self.decode_types(rev.len())?);
+                        self.decoded.store(true, Ordering::Relaxed);
+                        self.cache
+                            .put(Key(self.key, Slot::Rev), Value::Rev(Arc::clone(&rev)));
+                        self.cache
+                            .put(Key(self.key, Slot::Types), Value::Types(Arc::clone(&types)));
+                        (rev, types)
+                    }
+                }
             }
         };
         Ok(Index {
@@ -406,6 +423,7 @@ impl<'a> Decoder<'a> {
                 bits.xor(base);
             }
             let bits = Arc::new(bits);
+            file.decoded.store(true, Ordering::Relaxed);
             file.cache.put(
                 Key(file.key, Slot::Commit(at)),
                 Value::Commit(Arc::clone(&bits)),
