@@ -332,11 +332,25 @@ fn bench_pack(c: &mut Criterion) {
                 };
                 pack::plan(&pack::db(&repo), &sel, &interrupt).expect("plan")
             };
+        // `-cold`: nothing of the bitmap decoded yet (a mirror whose decoded bitmaps left the
+        // cache): the reverse index, the type bitmaps and the commit bitmaps are decoded.
+        let cold = || {
+            let cache = Arc::new(pack::bitmap::Cache::new(pack::bitmap::CACHE_BYTES));
+            Arc::new(pack::bitmap::File::open_in(&bitmap_path, cache).expect("bitmap"))
+        };
+        let load = |file: Arc<pack::bitmap::File>| Arc::new(file.try_load().expect("bitmap"));
         for (label, bitmap) in [("walk", None), ("bitmap", Some(&index))] {
             g.bench_function(format!("{name}/full-{label}"), |b| {
                 b.iter(|| plan(bitmap, black_box(&wants), &[]))
             });
         }
+        g.bench_function(format!("{name}/full-bitmap-cold"), |b| {
+            b.iter_batched(
+                cold,
+                |file| plan(Some(&load(file)), black_box(&wants), &[]),
+                BatchSize::PerIteration,
+            )
+        });
         if name != "basic" {
             let main = nth_first_parent(&repo, "refs/heads/main", 0);
             let base = nth_first_parent(&repo, "refs/heads/main", 50);
@@ -345,6 +359,13 @@ fn bench_pack(c: &mut Criterion) {
                     b.iter(|| plan(bitmap, black_box(&[main]), black_box(&[base])))
                 });
             }
+            g.bench_function(format!("{name}/incremental-50-bitmap-cold"), |b| {
+                b.iter_batched(
+                    cold,
+                    |file| plan(Some(&load(file)), black_box(&[main]), black_box(&[base])),
+                    BatchSize::PerIteration,
+                )
+            });
         }
     }
     g.finish();

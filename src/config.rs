@@ -176,6 +176,12 @@ pub struct Config {
     /// work takes up to 32 MiB of it; beyond it, work runs uncached: slower, never larger).
     #[arg(long, env = "PACK_MEMORY_BUDGET", default_value = "256MiB")]
     pub pack_memory_budget: ByteSize,
+
+    /// Memory for the mirrors' snapshots (their refs and prebuilt advertisements); beyond it,
+    /// those of the mirrors requested least recently are dropped and built again on their next
+    /// request
+    #[arg(long, env = "SNAPSHOT_MEMORY", default_value = "256MiB")]
+    pub snapshot_memory: ByteSize,
 }
 
 /// Whether `value` is a level or a `tracing` filter directive: a bare word that is no level
@@ -549,6 +555,7 @@ impl Config {
             pack_cache_max_size: ByteSize::gib(10),
             mirror_max_size: None,
             pack_memory_budget: ByteSize::mib(256),
+            snapshot_memory: ByteSize::mib(256),
             maintenance_pack_threshold: 16,
             maintenance_grace: Duration::from_secs(14 * 24 * 3600).into(),
             prewarm_refs: "HEAD".into(),
@@ -794,6 +801,7 @@ mod tests {
             assert_eq!(c.syncs_per_host(), 3, "MAX_CONCURRENT_SYNCS - 1");
             assert_eq!(c.maintenance_pack_threshold, 16);
             assert_eq!(*c.maintenance_grace, Duration::from_secs(14 * 24 * 3600));
+            assert_eq!(c.snapshot_memory, ByteSize::mib(256));
         }
         let mut c = Config::new("/m");
         c.max_concurrent_syncs = 1;

@@ -125,6 +125,14 @@ fn describe() {
     );
     describe_gauge!("smart_git_proxy_mirrors", "Mirrors on disk");
     describe_gauge!(
+        "smart_git_proxy_snapshots",
+        "Mirrors whose snapshot (refs, advertisement) is held in memory"
+    );
+    describe_gauge!(
+        "smart_git_proxy_snapshot_bytes",
+        "Estimated memory of the snapshots held, bounded by SNAPSHOT_MEMORY"
+    );
+    describe_gauge!(
         "smart_git_proxy_mirror_bytes",
         "Bytes of the mirrors on disk (the pack cache not included)"
     );
@@ -292,6 +300,12 @@ pub fn mirror_disk(mirrors: usize, bytes: u64, limit: Option<u64>) {
     if let Some(limit) = limit {
         metrics::gauge!("smart_git_proxy_mirror_max_bytes").set(limit as f64);
     }
+}
+
+/// The mirrors whose snapshot is held in memory, and its estimated bytes.
+pub fn snapshots(mirrors: usize, bytes: u64) {
+    metrics::gauge!("smart_git_proxy_snapshots").set(mirrors as f64);
+    metrics::gauge!("smart_git_proxy_snapshot_bytes").set(bytes as f64);
 }
 
 /// A mirror was evicted to stay under `MIRROR_MAX_SIZE`.

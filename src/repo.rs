@@ -304,19 +304,40 @@ pub struct Snapshot {
     refs: Refs,
     /// The v0 advertisement after its `# service=` preamble (and v1's version line).
     advert_v0: bytes::Bytes,
-    /// Every ref target and peeled target, for reachability checks of wants.
-    tips: gix::hashtable::HashSet<gix::ObjectId>,
+    /// Every ref target and peeled target, sorted, for reachability checks of wants.
+    tips: Box<[gix::ObjectId]>,
     /// What was on disk when the snapshot was built: see [`Snapshot::is_current`].
     packs: Vec<std::ffi::OsString>,
     /// The consolidated pack's first region, when it holds exactly what a clone of these refs
     /// needs ([`crate::pack::reuse`]).
     clone_region: Option<(crate::pack::reuse::Region, PathBuf)>,
-    /// The reachability bitmap found when the snapshot was built, and what it holds.
+    /// The reachability bitmap found when the snapshot was built, mapped; requests decode
+    /// what they need of it into the shared bitmap cache.
     bitmap_path: Option<PathBuf>,
-    bitmap: Option<Arc<crate::pack::bitmap::Index>>,
-    /// What the tips reach, from the bitmap, for reachability checks of wants; `None` inside
-    /// when the bitmap does not cover them.
-    reachable: std::sync::OnceLock<Option<Arc<crate::pack::bitmap::Reachable>>>,
+    bitmap: Option<Arc<crate::pack::bitmap::File>>,
+    /// Names what the tips reach in the bitmap cache ([`Snapshot::reachable`]).
+    reachable_key: u64,
+    /// Whether that was asked for.
+    reachable_asked: std::sync::atomic::AtomicBool,
+    /// [`Snapshot::heap_bytes`]
+    heap_bytes: usize,
+}
+
+/// What a snapshot holds besides its refs, advertisement and tips: the repository handle
+/// (measured: 17 KiB) and small fields.
+const SNAPSHOT_FIXED_BYTES: usize = 24 * 1024;
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        if let Some(file) = &self.bitmap {
+            if self
+                .reachable_asked
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                crate::pack::bitmap::Reachable::forget(file, self.reachable_key);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -333,37 +354,64 @@ impl Snapshot {
     pub fn open(dir: &Path, previous: Option<&Snapshot>) -> Result<Snapshot, Error> {
         let packs = pack_names(dir);
         let repo = open(dir)?;
-        let refs = list_refs_memo(
+        let mut refs = list_refs_memo(
             &repo,
             &previous.map(Snapshot::peel_memo).unwrap_or_default(),
         )?;
+        // Kept as long as the mirror is served: no room to grow.
+        refs.refs.shrink_to_fit();
         let mut advert = Vec::new();
         crate::protocol::advert::v0_refs(&mut advert, &refs);
-        let tips = refs
+        advert.shrink_to_fit();
+        let mut tips: Vec<gix::ObjectId> = refs
             .refs
             .iter()
             .flat_map(|r| [Some(r.target), r.peeled])
             .flatten()
             .collect();
+        tips.sort_unstable();
+        tips.dedup();
         let clone_region = crate::pack::reuse::read_layout(dir, &refs);
         let bitmap_path = bitmap_file(dir);
-        // Read now, off the request path (the snapshot is built on a blocking thread); the
-        // bitmap belongs to its pack, which a sync leaves alone, so one already read stays.
+        // Mapped now, off the request path (the snapshot is built on a blocking thread); the
+        // bitmap belongs to its pack, which a sync leaves alone, so one already mapped stays.
         let bitmap = match previous.filter(|p| p.bitmap_path == bitmap_path) {
             Some(p) => p.bitmap.clone(),
-            None => bitmap_path.as_deref().and_then(load_bitmap),
+            None => bitmap_path.as_deref().and_then(open_bitmap),
         };
+        // A heap block costs its size and about 16 bytes of the allocator's.
+        let block = |len: usize| len + 16;
+        let heap_bytes = SNAPSHOT_FIXED_BYTES
+            + refs.refs.capacity() * std::mem::size_of::<Ref>()
+            + refs
+                .refs
+                .iter()
+                .map(|r| {
+                    block(r.name.capacity())
+                        + r.symref_target.as_ref().map_or(0, |t| block(t.capacity()))
+                })
+                .sum::<usize>()
+            + block(advert.capacity())
+            + block(tips.len() * std::mem::size_of::<gix::ObjectId>());
         Ok(Snapshot {
             bitmap_path,
             bitmap,
-            reachable: Default::default(),
+            reachable_key: crate::pack::bitmap::Reachable::owner(),
+            reachable_asked: Default::default(),
+            heap_bytes,
             repo: repo.into_sync(),
             refs,
             advert_v0: advert.into(),
-            tips,
+            tips: tips.into_boxed_slice(),
             packs,
             clone_region,
         })
+    }
+
+    /// Roughly the memory it holds (its refs, advertisement, tips and repository handle; not
+    /// what the bitmap cache holds for it).
+    pub fn heap_bytes(&self) -> usize {
+        self.heap_bytes
     }
 
     /// Whether the repository on disk still has the refs and packs of this snapshot: someone
@@ -417,7 +465,7 @@ impl Snapshot {
 
     /// Whether `id` is the target of a ref or of a peeled tag.
     pub fn is_tip(&self, id: &gix::ObjectId) -> bool {
-        self.tips.contains(id)
+        self.tips.binary_search(id).is_ok()
     }
 
     /// Every ref target and peeled tag target.
@@ -425,32 +473,33 @@ impl Snapshot {
         self.tips.iter()
     }
 
-    /// The repository's reachability bitmap, read when the snapshot was built; `None` when there
-    /// is none or it cannot be read (then the planner walks, and the reason is logged once).
-    pub fn bitmap(&self) -> Option<&Arc<crate::pack::bitmap::Index>> {
-        self.bitmap.as_ref()
+    /// The repository's reachability bitmap, decoded for a request (from the shared bitmap
+    /// cache when another request decoded it recently); `None` when there is none or it cannot
+    /// be read (then the planner walks, and the reason is logged once).
+    pub fn bitmap(&self) -> Option<Arc<crate::pack::bitmap::Index>> {
+        self.bitmap.as_ref()?.load()
     }
 
-    /// Everything the tips reach, from the bitmap (computed on first use, once per snapshot);
-    /// `Ok(None)` when there is no bitmap or it does not cover the tips.
+    /// Everything the tips reach, from the bitmap (computed on first use, and kept in the
+    /// bitmap cache while it is used); `Ok(None)` when there is no bitmap or it does not cover
+    /// the tips.
     pub fn reachable(
         &self,
         db: &crate::pack::Db,
         interrupt: &std::sync::atomic::AtomicBool,
-    ) -> Result<Option<Arc<crate::pack::bitmap::Reachable>>, crate::pack::Error> {
-        if let Some(done) = self.reachable.get() {
-            return Ok(done.clone());
-        }
+    ) -> Result<Option<crate::pack::bitmap::Reachable>, crate::pack::Error> {
         let Some(index) = self.bitmap() else {
             return Ok(None);
         };
-        let tips: Vec<gix::ObjectId> = self.tips.iter().copied().collect();
-        let computed =
-            crate::pack::bitmap::Reachable::compute(db, index.clone(), &tips, interrupt)?
-                .map(Arc::new);
-        // Another request may have computed it meanwhile: the same answer.
-        let _ = self.reachable.set(computed.clone());
-        Ok(computed)
+        self.reachable_asked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        crate::pack::bitmap::Reachable::cached(
+            db,
+            index,
+            self.reachable_key,
+            || self.tips.to_vec(),
+            interrupt,
+        )
     }
 
     /// The region of the consolidated pack a clone of this snapshot can be sent verbatim from,
@@ -460,18 +509,24 @@ impl Snapshot {
     }
 }
 
-/// Read the bitmap at `path`; `None` (and a warning) when it cannot be used.
-pub(crate) fn load_bitmap(path: &Path) -> Option<Arc<crate::pack::bitmap::Index>> {
-    match crate::pack::bitmap::Index::open(path) {
-        Ok(index) => {
-            tracing::debug!(?index, "bitmap loaded");
-            Some(Arc::new(index))
+/// Map the bitmap at `path`; `None` (and a warning) when it cannot be used.
+fn open_bitmap(path: &Path) -> Option<Arc<crate::pack::bitmap::File>> {
+    match crate::pack::bitmap::File::open(path) {
+        Ok(file) => {
+            tracing::debug!(?file, "bitmap mapped");
+            Some(Arc::new(file))
         }
         Err(e) => {
             tracing::warn!(error = %e, "ignoring the reachability bitmap");
             None
         }
     }
+}
+
+/// Read the bitmap at `path` and decode it for use now; `None` (and a warning) when it cannot
+/// be used.
+pub(crate) fn load_bitmap(path: &Path) -> Option<Arc<crate::pack::bitmap::Index>> {
+    open_bitmap(path)?.load()
 }
 
 /// The first `.bitmap` in the repository at `dir` whose pack and index are there (git, too,

@@ -171,6 +171,63 @@ fn planner_answers_from_our_bitmaps_equal_git_rev_list() {
     planner_cases(&large, &index, true);
 }
 
+/// The bitmap of `dir` opened with a cache of its own, of `bytes`.
+fn open_with_cache(dir: &Path, bytes: usize) -> (Arc<bitmap::Cache>, Arc<bitmap::Index>) {
+    let cache = Arc::new(bitmap::Cache::new(bytes));
+    let file = bitmap::File::open_in(&bitmap_path(dir), Arc::clone(&cache)).unwrap();
+    let index = Arc::new(Arc::new(file).try_load().unwrap());
+    (cache, index)
+}
+
+#[test]
+fn answers_are_the_same_whatever_the_cache_keeps() {
+    let (_work, large) = maintained("large");
+    let objects = bitmap::Index::open(&bitmap_path(&large))
+        .unwrap()
+        .objects()
+        .len();
+    // Nothing kept; about two commit bitmaps kept (evicted in the middle of XOR chains); all
+    // kept.
+    for bytes in [1, objects / 4, 64 << 20] {
+        let (cache, index) = open_with_cache(&large, bytes);
+        planner_cases(&large, &index, true);
+        assert!(cache.bytes() <= bytes, "{} > {bytes}", cache.bytes());
+        if bytes == 1 {
+            assert!(cache.is_empty());
+        }
+    }
+    let (_work, basic) = maintained("basic");
+    let (_, index) = open_with_cache(&basic, 1);
+    planner_cases(&basic, &index, false);
+}
+
+#[test]
+fn a_bitmap_no_longer_used_leaves_the_cache() {
+    let (_work, dir) = maintained("large");
+    let (cache, index) = open_with_cache(&dir, 64 << 20);
+    let repo = repo::open(&dir).unwrap();
+    let db = pack::db(&repo);
+    let main = [id(&dir, "main")];
+    let sel = Selection {
+        wants: &main,
+        bitmap: Some(&index),
+        ..Default::default()
+    };
+    bitmap::plan(&db, &index, &sel, &AtomicBool::new(false))
+        .unwrap()
+        .expect("the bitmap answers");
+    // The pack order, the type bitmaps and at least main's bitmap.
+    assert!(cache.len() >= 3, "{cache:?}");
+    let cached = cache.bytes();
+    assert!(cached > index.objects().len() * 8, "{cache:?}");
+    // A second load of the same file takes what the first decoded.
+    let again = index.file().try_load().unwrap();
+    assert_eq!(cache.bytes(), cached);
+    drop(again);
+    drop(index);
+    assert!(cache.is_empty(), "{cache:?}");
+}
+
 #[test]
 fn bitmaps_git_wrote_are_read() {
     for name in ["basic", "large"] {

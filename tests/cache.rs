@@ -180,6 +180,11 @@ fn readers_that_stall_or_leave_do_not_hold_up_the_others() {
     // every reader instead, so that they share one generation.
     let body = v2_fetch(&[&main], &[]);
     let stalled = start_reading(&server, "large", &body);
+    // The answer's first bytes may precede its cache lookup: the stalled reader must own the
+    // generation before the leaving one comes, or the generation would end with the leaver.
+    wait_until("the stalled reader's generation started", || {
+        server.cache_stats().misses.load(Ordering::Relaxed) == 1
+    });
     let leaving = start_reading(&server, "large", &body);
     drop(leaving);
     // The stalled reader never reads again: a full answer must still reach this one.

@@ -343,6 +343,7 @@ async fn one_prewarm_per_mirror_at_a_time_and_the_newest_queued() {
         client: smart_git_proxy::upstream::ListingClient::new(&upstream, &[]).unwrap(),
         upstream,
         access_ttl: std::time::Duration::from_secs(1),
+        snapshot_memory: 1 << 30,
         via_parent: false,
     });
     let synced = |before: &Arc<_>, after: &Arc<_>| smart_git_proxy::mirror::Synced {

@@ -87,6 +87,7 @@ impl AppState {
             failure_ttl: *config.failure_cache_ttl,
             maintenance_packs: config.maintenance_pack_threshold,
             maintenance_grace: *config.maintenance_grace,
+            snapshot_memory: config.snapshot_memory.as_u64(),
             upstream: upstream_options(&config),
             client: listing_client,
             access_ttl: *config.auth_cache_ttl,

@@ -8,12 +8,14 @@
 //!
 //! Each mirror has a [`Snapshot`] — its refs, prebuilt advertisement and object store — built
 //! after every create or sync that changed it (and at start), and swapped atomically: requests
-//! read it through an `Arc` and never open the repository themselves.
+//! read it through an `Arc` and never open the repository themselves. The snapshots of idle
+//! mirrors are dropped beyond `SNAPSHOT_MEMORY` ([`snapshots`]) and built again on request.
 
 mod access;
 pub mod evict;
 pub mod maintain;
 pub mod record;
+pub mod snapshots;
 mod sync;
 
 use std::collections::HashMap;
@@ -312,6 +314,8 @@ pub struct Settings {
     pub maintenance_packs: usize,
     /// `MAINTENANCE_GRACE`
     pub maintenance_grace: Duration,
+    /// `SNAPSHOT_MEMORY`, in bytes.
+    pub snapshot_memory: u64,
     /// Upstream timeouts.
     pub upstream: upstream::Options,
     /// The HTTP client of ref listings.
@@ -349,6 +353,9 @@ struct Repo {
     record: parking_lot::Mutex<record::Held>,
     /// Its size on disk; `None` until measured, and after a sync or maintenance changed it.
     usage: parking_lot::Mutex<Option<evict::Usage>>,
+    /// When a request last took its snapshot ([`snapshots::Budget`]'s clock; 0: not since
+    /// start).
+    requested_ms: AtomicU64,
 }
 
 impl Repo {
@@ -575,6 +582,7 @@ pub struct Mirrors {
     maintenance: Arc<Semaphore>,
     leases: Arc<Leases>,
     sync_hook: std::sync::OnceLock<SyncHook>,
+    snapshots: Arc<snapshots::Budget>,
 }
 
 /// A mirror directory and a digest of the credentials its creation was tried with (`None`:
@@ -662,6 +670,7 @@ struct Plan {
 impl Mirrors {
     /// A store over `settings.root`. Call [`Mirrors::remove_temporaries`] once at start.
     pub fn new(settings: Settings) -> Self {
+        let snapshots = snapshots::Budget::new(settings.snapshot_memory, settings.stale_after);
         Mirrors {
             syncs: Arc::new(Semaphore::new(settings.max_syncs.max(1))),
             failures: Arc::new(TtlMap::new(settings.failure_ttl, MAX_FAILURES)),
@@ -673,6 +682,7 @@ impl Mirrors {
             maintenance: Arc::new(Semaphore::new(1)),
             leases: Default::default(),
             sync_hook: Default::default(),
+            snapshots: Arc::new(snapshots),
         }
     }
 
@@ -785,8 +795,10 @@ impl Mirrors {
         remove_temporaries(&self.settings.root)
     }
 
-    /// Build the snapshot of every mirror on disk, so that the first requests find them ready.
-    /// Returns how many were loaded; a mirror that cannot be read is logged and skipped.
+    /// Build the snapshots of the mirrors on disk, so that the first requests find them ready:
+    /// the most recently served first, until they take `SNAPSHOT_MEMORY` (the others are built
+    /// on their first request). Returns how many were loaded; a mirror that cannot be read is
+    /// logged and skipped.
     pub fn load_all(&self) -> usize {
         let dirs = match scan(&self.settings.root) {
             Ok((mirrors, _)) => mirrors,
@@ -795,17 +807,31 @@ impl Mirrors {
                 Vec::new()
             }
         };
+        let mut repos: Vec<(Option<u64>, PathBuf, Arc<Repo>)> = dirs
+            .into_iter()
+            .map(|dir| {
+                let repo = self.repo(&dir);
+                let served = repo.record.lock().record.last_serve_ms;
+                (served, dir, repo)
+            })
+            .collect();
+        repos.sort_by_key(|r| std::cmp::Reverse(r.0));
+        let mut bytes = self.snapshots.pass(&self.repos).bytes;
         let mut loaded = 0;
-        for dir in dirs {
-            let repo = self.repo(&dir);
+        for (_, dir, repo) in repos {
             if repo.snapshot().is_some() {
                 continue;
             }
             match Snapshot::open(&dir, None) {
                 Ok(snapshot) => {
+                    let size = snapshot.heap_bytes() as u64;
+                    if bytes + size > self.snapshots.limit() {
+                        break;
+                    }
                     // A request may have synced the mirror meanwhile: its snapshot is newer.
                     let mut current = repo.snapshot.write();
                     if current.is_none() {
+                        bytes += size;
                         *current = Some(Arc::new(snapshot));
                         loaded += 1;
                     }
@@ -815,7 +841,21 @@ impl Mirrors {
                 }
             }
         }
+        self.snapshots.pass(&self.repos);
         loaded
+    }
+
+    /// Whether the snapshot of the mirror at `dir` is held (built, and not dropped since).
+    pub fn holds_snapshot(&self, dir: &Path) -> bool {
+        let repo = self.repos.lock().get(dir).cloned();
+        repo.is_some_and(|r| r.snapshot().is_some())
+    }
+
+    /// Measure the snapshots held and drop those of idle mirrors beyond `SNAPSHOT_MEMORY` (see
+    /// [`snapshots`]); requests start such a pass at most once a second. A walk over every
+    /// mirror: call on a blocking thread.
+    pub fn trim_snapshots(&self) -> snapshots::Usage {
+        self.snapshots.pass(&self.repos)
     }
 
     /// Whether the mirror at `dir` was made with credentials.
@@ -851,6 +891,10 @@ impl Mirrors {
     /// operator placed after start). `None` when there is no mirror.
     pub async fn snapshot(&self, dir: &Path) -> Result<Option<Arc<Snapshot>>, Error> {
         let repo = self.repo(dir);
+        if self.snapshots.requested(&repo) {
+            let (budget, repos) = (Arc::clone(&self.snapshots), Arc::clone(&self.repos));
+            tokio::task::spawn_blocking(move || budget.pass(&repos));
+        }
         if let Some(snapshot) = repo.snapshot() {
             return Ok(Some(snapshot));
         }
@@ -1695,6 +1739,7 @@ mod tests {
             failure_ttl: timeout,
             maintenance_packs: 0,
             maintenance_grace: timeout,
+            snapshot_memory: 1 << 30,
             via_parent: false,
             upstream: crate::upstream::Options {
                 connect_timeout: timeout,

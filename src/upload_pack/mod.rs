@@ -306,8 +306,9 @@ fn resolve_v2(ctx: &Context<'_>, args: &v2::Fetch) -> Result<Step, Error> {
             "fetch: expected at least one want or want-ref line".into(),
         ));
     }
+    let bitmap = ctx.snapshot.bitmap();
     let mut neg =
-        Negotiator::new(ctx.repo, ctx.db, &wants, ctx.interrupt).with_bitmap(ctx.snapshot.bitmap());
+        Negotiator::new(ctx.repo, ctx.db, &wants, ctx.interrupt).with_bitmap(bitmap.as_ref());
     for (i, have) in args.haves.iter().enumerate() {
         pack::check_interrupt(ctx.interrupt, i + 1)?;
         neg.have(*have)?;
@@ -399,7 +400,8 @@ pub fn prefill_v2(ctx: &Context<'_>, args: &v2::Fetch) -> Result<Prefill, Error>
         pack::cache::Prefill::NoRoom => return Ok(Prefill::NoRoom),
         pack::cache::Prefill::Generate(generation) => generation,
     };
-    let selection = pack_args.selection(ctx, &wants, &common);
+    let bitmap = ctx.snapshot.bitmap();
+    let selection = pack_args.selection(&wants, &common, bitmap.as_ref());
     let reuse = pack_args.reusable(ctx, &wants, &common).cloned();
     let opts = pack_args.write_options(ctx);
     let objects = fill(ctx.db, &selection, reuse.as_ref(), opts, generation)?;
@@ -490,8 +492,9 @@ fn fetch_v0<W: Write>(
         out.write_all(&lines)?;
         return Ok(Outcome::Acks { common: 0 });
     }
-    let mut neg = Negotiator::new(ctx.repo, ctx.db, &req.wants, ctx.interrupt)
-        .with_bitmap(ctx.snapshot.bitmap());
+    let bitmap = ctx.snapshot.bitmap();
+    let mut neg =
+        Negotiator::new(ctx.repo, ctx.db, &req.wants, ctx.interrupt).with_bitmap(bitmap.as_ref());
     let (mut got_common, mut got_other, mut sent_ready) = (false, false, false);
     let mut last = None;
     // This follows git's get_common_commits() for one stateless round.
@@ -666,9 +669,9 @@ impl PackArgs {
 
     fn selection<'a>(
         &'a self,
-        ctx: &'a Context<'_>,
         wants: &'a [ObjectId],
         common: &'a [ObjectId],
+        bitmap: Option<&'a std::sync::Arc<pack::bitmap::Index>>,
     ) -> pack::Selection<'a> {
         pack::Selection {
             wants,
@@ -677,7 +680,7 @@ impl PackArgs {
             shallow: &self.shallow.grafts,
             filter: self.filter.as_ref(),
             thin: self.thin,
-            bitmap: ctx.snapshot.bitmap(),
+            bitmap,
         }
     }
 
@@ -742,7 +745,8 @@ fn send_pack<W: Write>(
     out: &mut Response<W>,
 ) -> Result<Outcome, Error> {
     let (wants, common) = args.ends();
-    let selection = args.selection(ctx, &wants, &common);
+    let bitmap = ctx.snapshot.bitmap();
+    let selection = args.selection(&wants, &common, bitmap.as_ref());
     let opts = args.write_options(ctx);
     let reuse = args.reusable(ctx, &wants, &common);
     if let Some((cache, mirror)) = ctx.cache {

@@ -2,20 +2,23 @@
 //! for some commits of one pack, the set of objects each reaches, one bit per object in pack
 //! order (by offset), EWAH-compressed; plus one bitmap per object type.
 //!
-//! [`write()`] makes them for the consolidated pack of maintenance; [`Index`] reads ours and
-//! git's (`git repack -a -d -b`). [`plan()`] answers `wants − haves` with them as bit
+//! [`write()`] makes them for the consolidated pack of maintenance; [`File`] maps ours and
+//! git's (`git repack -a -d -b`) and [`Index`] decodes what a request needs of them, through a
+//! [`Cache`] all mirrors share. [`plan()`] answers `wants − haves` with them as bit
 //! arithmetic, walking only the commits and trees newer than the nearest bitmapped commits
 //! (git's approach), and gives up — the caller then walks — when a want or have is not in the
 //! pack's history within [`MAX_WALK`] commits, or the request needs the walk anyway (a
 //! shallow boundary, a `tree:<depth>` filter, a wanted tree). Filters that decide by an
 //! object's kind and size are applied to the result.
 
+mod cache;
 mod ewah;
 mod read;
 mod write;
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use gix::hashtable::{HashMap, HashSet};
 use gix::objs::{FindHeader, Kind, TreeRefIter};
@@ -24,7 +27,8 @@ use gix_pack::data::entry::Location;
 use gix_pack::data::output::Count;
 use gix_pack::Find;
 
-pub use read::{Error as ReadError, Index};
+pub use cache::{Cache, CACHE_BYTES};
+pub use read::{Error as ReadError, File, Index};
 pub use write::{write, Error as WriteError, Outcome as WriteOutcome, MAX_COMMITS, SPREAD};
 
 use super::planner::{Plan, Selection, Stats, ThinBases};
@@ -117,17 +121,53 @@ impl Bits {
     pub fn count(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
     }
+
+    /// The heap bytes it takes.
+    fn bytes(&self) -> usize {
+        self.words.capacity() * std::mem::size_of::<u64>()
+    }
 }
 
 /// The objects of one pack in pack order, the numbering of bitmap bits.
 pub struct Objects {
-    idx: gix_pack::index::File,
+    idx: Arc<gix_pack::index::File>,
+    rev: Arc<Rev>,
+    /// Where the last entry ends: the start of the pack's trailer.
+    end: u64,
+}
+
+/// A pack's reverse index: its objects in pack order (by offset), which git stores in a
+/// `.rev` file and which is computed here.
+pub(crate) struct Rev {
     /// Index position (object id order) of each pack position.
     order: Vec<u32>,
     /// Pack position of each index position.
     position: Vec<u32>,
-    /// Where the last entry ends: the start of the pack's trailer.
-    end: u64,
+}
+
+impl Rev {
+    fn of(idx: &gix_pack::index::File) -> Rev {
+        let mut by_offset: Vec<(u64, u32)> = (0..idx.num_objects())
+            .map(|i| (idx.pack_offset_at_index(i), i))
+            .collect();
+        by_offset.sort_unstable();
+        let order: Vec<u32> = by_offset.into_iter().map(|(_, i)| i).collect();
+        let mut position = vec![0u32; order.len()];
+        for (pos, i) in order.iter().enumerate() {
+            // `pos` < the number of objects, which is a u32.
+            position[*i as usize] = pos as u32;
+        }
+        Rev { order, position }
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// The heap bytes it takes.
+    fn bytes(&self) -> usize {
+        (self.order.capacity() + self.position.capacity()) * std::mem::size_of::<u32>()
+    }
 }
 
 impl Objects {
@@ -139,51 +179,37 @@ impl Objects {
         let pack_len = std::fs::metadata(pack)
             .map_err(|e| format!("reading {}: {e}", pack.display()))?
             .len();
-        let n = idx.num_objects();
-        let mut order: Vec<u32> = (0..n).collect();
-        order.sort_unstable_by_key(|i| idx.pack_offset_at_index(*i));
-        let mut position = vec![0u32; n as usize];
-        for (pos, i) in order.iter().enumerate() {
-            // `pos` < n, which is a u32.
-            position[*i as usize] = pos as u32;
-        }
         Ok(Objects {
-            idx,
-            order,
-            position,
+            rev: Arc::new(Rev::of(&idx)),
+            idx: Arc::new(idx),
             end: pack_len.saturating_sub(gix::hash::Kind::Sha1.len_in_bytes() as u64),
         })
     }
 
     /// Objects in the pack.
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.rev.len()
     }
 
     /// Whether the pack is empty.
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.rev.order.is_empty()
     }
 
     /// The pack position of `id`, if the pack has it.
     pub fn position(&self, id: &gix::oid) -> Option<usize> {
         self.idx
             .lookup(id)
-            .map(|i| self.position[i as usize] as usize)
-    }
-
-    /// The pack position of the object at index position `i`.
-    fn position_of_index(&self, i: u32) -> Option<usize> {
-        self.position.get(i as usize).map(|p| *p as usize)
+            .map(|i| self.rev.position[i as usize] as usize)
     }
 
     /// The object at pack position `pos` (< [`Objects::len`]).
     pub fn id(&self, pos: usize) -> ObjectId {
-        self.idx.oid_at_index(self.order[pos]).to_owned()
+        self.idx.oid_at_index(self.rev.order[pos]).to_owned()
     }
 
     fn offset(&self, pos: usize) -> u64 {
-        self.idx.pack_offset_at_index(self.order[pos])
+        self.idx.pack_offset_at_index(self.rev.order[pos])
     }
 
     /// Where the object at `pos` lies in the pack with gix id `pack_id`.
@@ -209,6 +235,7 @@ impl Objects {
     /// The object whose entry starts at `offset`, if one does.
     pub(crate) fn id_at_offset(&self, offset: u64) -> Option<ObjectId> {
         let pos = self
+            .rev
             .order
             .binary_search_by_key(&offset, |i| self.idx.pack_offset_at_index(*i))
             .ok()?;
@@ -321,7 +348,7 @@ impl<'a> Reach<'a> {
                 if let Some(entry) = decoder.index().entry(&id) {
                     match decoder.get(entry) {
                         Ok(bits) => {
-                            self.bits.or(bits);
+                            self.bits.or(&bits);
                             continue;
                         }
                         Err(e) => {
@@ -414,7 +441,7 @@ impl<'a> Reach<'a> {
                     Kind::Commit => {
                         match index.entry(&id) {
                             Some(entry) => match decoder.get(entry) {
-                                Ok(bits) => self.bits.or(bits),
+                                Ok(bits) => self.bits.or(&bits),
                                 Err(e) => {
                                     tracing::warn!(bitmap = %index.path().display(), error = %e, "unreadable bitmap: walking instead");
                                     return Ok(false);
@@ -449,11 +476,10 @@ impl<'a> Reach<'a> {
 }
 
 /// Everything the refs of a snapshot reach, for the reachability checks of wants: computed
-/// once per snapshot from the bitmaps.
+/// from the bitmaps once, and kept in the bitmap's cache while it is used.
 pub struct Reachable {
-    index: std::sync::Arc<Index>,
-    bits: Bits,
-    ext: HashSet<ObjectId>,
+    index: Arc<Index>,
+    reached: Arc<cache::Reached>,
 }
 
 impl Reachable {
@@ -461,7 +487,7 @@ impl Reachable {
     /// commits.
     pub fn compute(
         db: &Db,
-        index: std::sync::Arc<Index>,
+        index: Arc<Index>,
         tips: &[ObjectId],
         interrupt: &AtomicBool,
     ) -> Result<Option<Reachable>, Error> {
@@ -470,15 +496,50 @@ impl Reachable {
         if !reach.add_all(db, &index, tips, true, &mut budget, interrupt)? {
             return Ok(None);
         }
-        let (bits, ext) = (reach.bits, reach.ext.into_keys().collect());
-        Ok(Some(Reachable { index, bits, ext }))
+        let reached = Arc::new(cache::Reached {
+            bits: reach.bits,
+            ext: reach.ext.into_keys().collect(),
+        });
+        Ok(Some(Reachable { index, reached }))
+    }
+
+    /// What the tips of `owner` (a snapshot, numbered by [`Reachable::owner`]) reach: from the
+    /// cache of `index`'s file, or computed with [`Reachable::compute`] and cached under it.
+    pub fn cached(
+        db: &Db,
+        index: Arc<Index>,
+        owner: u64,
+        tips: impl FnOnce() -> Vec<ObjectId>,
+        interrupt: &AtomicBool,
+    ) -> Result<Option<Reachable>, Error> {
+        let key = cache::Key(owner, cache::Slot::Reachable);
+        let file = Arc::clone(index.file());
+        let cache = file.cache();
+        if let Some(cache::Value::Reachable(reached)) = cache.get(&key) {
+            return Ok(reached.map(|reached| Reachable { index, reached }));
+        }
+        let computed = Reachable::compute(db, index, &tips(), interrupt)?;
+        let value = computed.as_ref().map(|r| Arc::clone(&r.reached));
+        cache.put(key, cache::Value::Reachable(value));
+        Ok(computed)
+    }
+
+    /// A number for [`Reachable::cached`] that no other owner has; its values are dropped
+    /// with [`Reachable::forget`].
+    pub fn owner() -> u64 {
+        cache::next_key()
+    }
+
+    /// Drop what `owner`'s tips reach from the cache of `file`.
+    pub fn forget(file: &File, owner: u64) {
+        file.cache().forget(owner);
     }
 
     /// Whether `id` is reachable from the tips.
     pub fn contains(&self, id: &ObjectId) -> bool {
         match self.index.objects().position(id) {
-            Some(pos) => self.bits.get(pos),
-            None => self.ext.contains(id),
+            Some(pos) => self.reached.bits.get(pos),
+            None => self.reached.ext.contains(id),
         }
     }
 }
