@@ -103,15 +103,13 @@ fn run(config: Config) -> anyhow::Result<()> {
         std::fs::create_dir_all(&config.mirror_dir)
             .with_context(|| format!("creating MIRROR_DIR {}", config.mirror_dir.display()))?;
         let _lock = smart_git_proxy::mirror::lock_root(&config.mirror_dir)?;
+        let shutdown = shutdown_signal()?;
         let addr = config.listen_socket_addr()?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
-        tracing::info!(
-            addr = %listener.local_addr()?,
-            mirror_dir = %config.mirror_dir.display(),
-            "listening"
-        );
+        let local_addr = listener.local_addr()?;
+        let mirror_dir = config.mirror_dir.clone();
         let limit = config.mirror_max_size;
         let state = AppState::new(config);
         let removed = state
@@ -124,6 +122,8 @@ fn run(config: Config) -> anyhow::Result<()> {
                 "removed unfinished mirrors and sync leftovers of a previous run"
             );
         }
+        // Connections queue on the bound socket meanwhile; "listening" means answered from now.
+        tracing::info!(addr = %local_addr, mirror_dir = %mirror_dir.display(), "listening");
         // Mirrors found on disk get their snapshots in the background; a request that comes
         // first builds its own. Eviction starts once they are known.
         let mirrors = std::sync::Arc::clone(state.mirrors());
@@ -155,7 +155,7 @@ fn run(config: Config) -> anyhow::Result<()> {
                 }
             });
         }
-        http::serve(listener, state, shutdown_signal())
+        http::serve(listener, state, shutdown)
             .await
             .context("serving")?;
         // The serves not written yet: the eviction order survives the restart.
@@ -219,26 +219,20 @@ fn mirrors(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+/// Resolves on the first SIGTERM or SIGINT. The handlers are installed before the listener is
+/// bound: from the moment a client can connect, a stop request drains instead of killing.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    tracing::info!("shutting down");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        tracing::info!("shutting down");
+    })
 }
 
 /// `maintain`: consolidate one mirror or all of them, one after the other.
