@@ -32,16 +32,16 @@ pub struct Config {
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: String,
     /// Largest accepted request body after gzip decoding, e.g. `64MiB`.
-    #[arg(long, env = "MAX_REQUEST_BODY", default_value = "64MiB")]
+    #[arg(long, env = "MAX_REQUEST_BODY", value_parser = parse_size, default_value = "64MiB")]
     pub max_request_body: ByteSize,
     /// Request-body bytes that all requests together may hold in memory (after gzip decoding)
     /// while they are read and parsed; a request that would exceed it gets 503.
-    #[arg(long, env = "MAX_BUFFERED_BODIES", default_value = "256MiB")]
+    #[arg(long, env = "MAX_BUFFERED_BODIES", value_parser = parse_size, default_value = "256MiB")]
     pub max_buffered_bodies: ByteSize,
     /// Of `MAX_BUFFERED_BODIES`, what the bodies of one client address (an IPv6 /64; behind
     /// `TRUSTED_PROXIES`, the address they name) may hold together; beyond it, 429. Defaults
     /// to `MAX_REQUEST_BODY`.
-    #[arg(long, env = "MAX_BUFFERED_BODIES_PER_CLIENT")]
+    #[arg(long, env = "MAX_BUFFERED_BODIES_PER_CLIENT", value_parser = parse_size)]
     pub max_buffered_bodies_per_client: Option<ByteSize>,
     /// How long a client may take to send a request's headers; also how long an idle
     /// keep-alive connection stays open.
@@ -151,7 +151,7 @@ pub struct Config {
     pub pack_compression_level: u32,
     /// Disk space for finished packs in the pack cache (`{MIRROR_DIR}/.pack-cache`), e.g.
     /// `10GiB`; least recently used packs are evicted beyond it. `0` turns the cache off.
-    #[arg(long, env = "PACK_CACHE_MAX_SIZE", default_value = "10GiB")]
+    #[arg(long, env = "PACK_CACHE_MAX_SIZE", value_parser = parse_size, default_value = "10GiB")]
     pub pack_cache_max_size: ByteSize,
     /// Disk space for mirrors and the pack cache together, as a size (`200GiB`) or a share of
     /// `MIRROR_DIR`'s filesystem (`80%`); beyond it the least recently used mirrors are deleted
@@ -174,13 +174,13 @@ pub struct Config {
     pub prewarm_refs: String,
     /// Memory that the delta-base caches of all pack generations share (each thread of pack
     /// work takes up to 32 MiB of it; beyond it, work runs uncached: slower, never larger).
-    #[arg(long, env = "PACK_MEMORY_BUDGET", default_value = "256MiB")]
+    #[arg(long, env = "PACK_MEMORY_BUDGET", value_parser = parse_size, default_value = "256MiB")]
     pub pack_memory_budget: ByteSize,
 
     /// Memory for the mirrors' snapshots (their refs and prebuilt advertisements); beyond it,
     /// those of the mirrors requested least recently are dropped and built again on their next
     /// request
-    #[arg(long, env = "SNAPSHOT_MEMORY", default_value = "256MiB")]
+    #[arg(long, env = "SNAPSHOT_MEMORY", value_parser = parse_size, default_value = "256MiB")]
     pub snapshot_memory: ByteSize,
 }
 
@@ -197,6 +197,32 @@ fn is_log_filter(value: &str) -> bool {
             None => LEVELS.contains(&directive.to_ascii_lowercase().as_str()),
         }
     })
+}
+
+/// A size setting without a usable value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// A number without a unit: `80` meant as `80%` or `80GiB` would be 80 bytes.
+    #[error("size unit needed, for example {0}MiB or {0}GiB ({0}B for bytes)")]
+    NoUnit(String),
+    /// Not a size at all.
+    #[error("not a size such as 64MiB or 10GiB: {0}")]
+    Invalid(String),
+}
+
+/// A size setting (`64MiB`, `10GiB`, `512KB`, `100B`). The unit is required, as
+/// `SYNC_STALE_AFTER` requires one: `MIRROR_MAX_SIZE=80`, meant as `80%`, once evicted a
+/// mirror while it was created. Zero needs none.
+pub fn parse_size(value: &str) -> Result<ByteSize, SizeError> {
+    let value = value.trim();
+    if value.ends_with(|c: char| c.is_ascii_digit() || c == '.') {
+        return match value.parse::<f64>() {
+            Ok(0.0) => Ok(ByteSize::b(0)),
+            Ok(_) => Err(SizeError::NoUnit(value.to_owned())),
+            Err(_) => Err(SizeError::Invalid(format!("'{value}'"))),
+        };
+    }
+    value.parse().map_err(SizeError::Invalid)
 }
 
 /// `value` without trailing slashes, if it is an `http://` or `https://` URL with a host.
@@ -723,6 +749,23 @@ mod tests {
         assert_eq!(
             c.validate().unwrap_err().to_string(),
             "CLIENT_STALL_TIMEOUT must be longer than 0s"
+        );
+    }
+
+    #[test]
+    fn sizes_need_a_unit() {
+        assert_eq!(parse_size("64MiB"), Ok(ByteSize::mib(64)));
+        assert_eq!(parse_size(" 10 GiB "), Ok(ByteSize::gib(10)));
+        assert_eq!(parse_size("100B"), Ok(ByteSize::b(100)));
+        assert_eq!(parse_size("0"), Ok(ByteSize::b(0)), "zero needs no unit");
+        assert_eq!(parse_size("80"), Err(SizeError::NoUnit("80".into())));
+        assert_eq!(parse_size("1.5"), Err(SizeError::NoUnit("1.5".into())));
+        assert!(matches!(parse_size("lots"), Err(SizeError::Invalid(_))));
+        let e = Config::try_parse_from(["x", "--snapshot-memory", "80"]).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("<SNAPSHOT_MEMORY>") && e.contains("size unit needed, for example 80MiB"),
+            "{e}"
         );
     }
 

@@ -95,6 +95,53 @@ fn bad_settings_exit_with_usage_error_naming_the_variable() {
     }
 }
 
+/// Issue 21, item 4: `MIRROR_MAX_SIZE=80`, meant as `80%`, was 80 bytes. Every size setting
+/// needs a unit, as `SYNC_STALE_AFTER` does; `0` needs none.
+#[test]
+fn a_size_without_a_unit_is_refused_naming_the_variable() {
+    let mirror = tempfile::tempdir().unwrap();
+    let sizes = [
+        "MAX_REQUEST_BODY",
+        "MAX_BUFFERED_BODIES",
+        "MAX_BUFFERED_BODIES_PER_CLIENT",
+        "PACK_CACHE_MAX_SIZE",
+        "MIRROR_MAX_SIZE",
+        "PACK_MEMORY_BUDGET",
+        "SNAPSHOT_MEMORY",
+    ];
+    // Every setting whose default is a size is in the list.
+    let help = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for option in help.split("[env: ").skip(1) {
+        let name: String = option
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+            .collect();
+        let default = option.split("[default: ").nth(1).unwrap_or("");
+        let default = &default[..default.find(']').unwrap_or(0)];
+        if default.ends_with("iB") {
+            assert!(sizes.contains(&name.as_str()), "{name} is a size");
+        }
+    }
+    for key in sizes {
+        let out = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+            .env("MIRROR_DIR", mirror.path())
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env(key, "80")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{key}=80: {stderr}");
+        assert!(
+            stderr.contains(&format!("<{key}>")) && stderr.contains("size unit needed"),
+            "{key}=80: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn a_second_server_on_the_same_mirror_dir_refuses_to_start() {
     let (mirror, _) = seeded_mirror("basic");
