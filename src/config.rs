@@ -225,6 +225,19 @@ pub fn parse_size(value: &str) -> Result<ByteSize, SizeError> {
     value.parse().map_err(SizeError::Invalid)
 }
 
+/// Whether the `STATIC_TOKEN_HOSTS` entry `entry` lends the token to `upstream`: the same host,
+/// reached over HTTPS, or over plain HTTP when the entry is written `http://host[:port]`.
+fn entry_lends_to(entry: &str, upstream: &crate::mirror::Upstream) -> bool {
+    match entry.strip_prefix("http://") {
+        Some(host) => host.eq_ignore_ascii_case(&upstream.segment),
+        None => {
+            let host = entry.strip_prefix("https://").unwrap_or(entry);
+            upstream.base_url.starts_with("https://")
+                && host.eq_ignore_ascii_case(&upstream.segment)
+        }
+    }
+}
+
 /// `value` without trailing slashes, if it is an `http://` or `https://` URL with a host.
 fn base_url(value: &str) -> Option<&str> {
     let value = value.trim().trim_end_matches('/');
@@ -288,6 +301,15 @@ pub enum AuthMode {
     Static,
     /// The client's own `Authorization` header, never stored.
     PassThrough,
+}
+
+impl std::fmt::Display for AuthMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.to_possible_value() {
+            Some(value) => f.write_str(value.get_name()),
+            None => write!(f, "{self:?}"),
+        }
+    }
 }
 
 /// A setting that cannot be used.
@@ -359,6 +381,14 @@ pub enum Error {
     /// `PREWARM_REFS` has an unusable entry.
     #[error(transparent)]
     PrewarmRefs(#[from] crate::prewarm::RefsError),
+    /// A setting that was given but does nothing with the others, named in the message.
+    #[error("{setting} does nothing {reason}")]
+    Ignored {
+        /// The setting, with its value when that helps.
+        setting: String,
+        /// Which other setting makes it useless, and what to do.
+        reason: String,
+    },
     /// `MIRROR_DIR` exists and is not a directory, or cannot be created.
     #[error("MIRROR_DIR '{path}': {reason}")]
     MirrorDir {
@@ -406,18 +436,16 @@ impl Config {
     /// Whether `STATIC_TOKEN` may be sent to `upstream`: its host is listed in
     /// `STATIC_TOKEN_HOSTS`, and it is reached over HTTPS or the entry opts into plain HTTP.
     pub fn lends_static_token_to(&self, upstream: &crate::mirror::Upstream) -> bool {
-        let https = upstream.base_url.starts_with("https://");
+        self.static_token_entries()
+            .any(|entry| entry_lends_to(entry, upstream))
+    }
+
+    /// The entries of `STATIC_TOKEN_HOSTS`.
+    fn static_token_entries(&self) -> impl Iterator<Item = &str> {
         self.static_token_hosts
             .split(',')
             .map(str::trim)
             .filter(|e| !e.is_empty())
-            .any(|entry| match entry.strip_prefix("http://") {
-                Some(host) => host.eq_ignore_ascii_case(&upstream.segment),
-                None => {
-                    let host = entry.strip_prefix("https://").unwrap_or(entry);
-                    https && host.eq_ignore_ascii_case(&upstream.segment)
-                }
-            })
     }
 
     /// `MAX_CONCURRENT_SYNCS_PER_HOST`, or its default.
@@ -542,6 +570,118 @@ impl Config {
             return Err(Error::BalancerWithoutToken);
         }
         Ok(())
+    }
+
+    /// Refuse settings that were given (`given(id)`: on the command line or in the
+    /// environment, `id` being the field's name) but do nothing with the others, so that an
+    /// operator does not believe them in effect. Call after [`Config::validate`].
+    pub fn check_ignored(&self, given: impl Fn(&str) -> bool) -> Result<(), Error> {
+        let ignored = |setting: &str, reason: String| {
+            Err(Error::Ignored {
+                setting: setting.to_owned(),
+                reason,
+            })
+        };
+        let mode = self.auth_mode;
+        if mode != AuthMode::Static {
+            for (id, key) in [
+                ("static_token", "STATIC_TOKEN"),
+                ("static_token_hosts", "STATIC_TOKEN_HOSTS"),
+            ] {
+                if given(id) {
+                    return ignored(
+                        key,
+                        format!(
+                            "with AUTH_MODE={mode}: the token is sent with AUTH_MODE=static \
+                             only; set that, or unset {key}"
+                        ),
+                    );
+                }
+            }
+        }
+        if mode != AuthMode::PassThrough && given("auth_cache_ttl") {
+            return ignored(
+                "AUTH_CACHE_TTL",
+                format!(
+                    "with AUTH_MODE={mode}: it times the checks of clients' credentials, which \
+                     AUTH_MODE=pass-through makes"
+                ),
+            );
+        }
+        if mode == AuthMode::Static {
+            self.check_static_token_hosts(given("static_token_hosts"))?;
+        }
+        if self.pack_cache_max_size.as_u64() == 0
+            && given("prewarm_refs")
+            && !self.prewarm_refs.trim().is_empty()
+        {
+            return ignored(
+                "PREWARM_REFS",
+                "with PACK_CACHE_MAX_SIZE=0: prewarming fills the pack cache, which is off".into(),
+            );
+        }
+        if self.balancer_url.is_some() && self.webhook_secret.is_none() {
+            return ignored(
+                "BALANCER_URL",
+                "without WEBHOOK_SECRET: only webhooks are forwarded to the balancer".into(),
+            );
+        }
+        if let Some(per_host) = self
+            .max_concurrent_syncs_per_host
+            .filter(|n| *n > self.max_concurrent_syncs)
+        {
+            return ignored(
+                &format!("MAX_CONCURRENT_SYNCS_PER_HOST={per_host}"),
+                format!(
+                    "beyond MAX_CONCURRENT_SYNCS={}, which bounds it",
+                    self.max_concurrent_syncs
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// With `AUTH_MODE=static`, every `STATIC_TOKEN_HOSTS` entry must lend the token to an
+    /// allowed upstream: a host missing from `ALLOWED_UPSTREAMS`, or a plain-HTTP upstream
+    /// named without `http://`, would leave the upstream without the token.
+    fn check_static_token_hosts(&self, given: bool) -> Result<(), Error> {
+        let upstreams = self.upstreams()?;
+        let source = if given { "" } else { " (the default)" };
+        let mut entries = self.static_token_entries().peekable();
+        if entries.peek().is_none() {
+            return Err(Error::Ignored {
+                setting: "AUTH_MODE=static".into(),
+                reason: "with an empty STATIC_TOKEN_HOSTS: the token goes to no upstream".into(),
+            });
+        }
+        for entry in entries {
+            if upstreams.iter().any(|u| entry_lends_to(entry, u)) {
+                continue;
+            }
+            let host = entry
+                .strip_prefix("https://")
+                .or_else(|| entry.strip_prefix("http://"))
+                .unwrap_or(entry);
+            let hint = match upstreams.get(host) {
+                Some(u) if u.base_url.starts_with("http://") => format!(
+                    "ALLOWED_UPSTREAMS fetches {host} over plain HTTP, and the token goes there \
+                     only if the entry is written http://{host}"
+                ),
+                _ => format!("{host} is not in ALLOWED_UPSTREAMS ({})", upstreams.names()),
+            };
+            return Err(Error::Ignored {
+                setting: format!("STATIC_TOKEN_HOSTS entry '{entry}'{source}"),
+                reason: format!("with AUTH_MODE=static: {hint}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Upload-pack requests generating packs at once: `MAX_CONCURRENT_PACKS`, or twice the
+    /// number of cores.
+    pub fn concurrent_packs(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        self.max_concurrent_packs.unwrap_or(cores * 2)
     }
 
     /// `PARENT_PROXY` without its trailing slash, when set and valid.

@@ -4,7 +4,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser};
 use smart_git_proxy::config::{Config, LogFormat};
 use smart_git_proxy::http::{self, AppState};
 use tracing_subscriber::EnvFilter;
@@ -47,18 +48,31 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        // Help and version go to stdout with status 0; a bad setting is a usage error, whose
-        // message names the variable (`<SYNC_STALE_AFTER>`) and the value.
+    // Help and version go to stdout with status 0; a bad setting is a usage error, whose
+    // message names the variable (`<SYNC_STALE_AFTER>`) and the value.
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|matches| Ok((Cli::from_arg_matches(&matches)?, matches)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(EX_USAGE);
         }
     };
+    // Given on the command line or in the environment, not empty: an empty variable in the
+    // env file is as good as a commented-out one.
+    let given = |id: &str| {
+        matches
+            .value_source(id)
+            .is_some_and(|source| source != ValueSource::DefaultValue)
+            && matches
+                .get_raw(id)
+                .is_some_and(|mut values| values.any(|v| !v.is_empty()))
+    };
     let config = cli.config;
-    if let Err(e) = config.validate() {
+    if let Err(e) = config.validate().and_then(|()| config.check_ignored(given)) {
         eprintln!("smart-git-proxy: {e}");
         return ExitCode::from(EX_USAGE);
     }
@@ -109,7 +123,7 @@ fn run(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         let local_addr = listener.local_addr()?;
-        let mirror_dir = config.mirror_dir.clone();
+        let effective = Effective::of(&config);
         let limit = config.mirror_max_size;
         let state = AppState::new(config);
         let removed = state
@@ -123,7 +137,24 @@ fn run(config: Config) -> anyhow::Result<()> {
             );
         }
         // Connections queue on the bound socket meanwhile; "listening" means answered from now.
-        tracing::info!(addr = %local_addr, mirror_dir = %mirror_dir.display(), "listening");
+        // The line gives the configuration in effect, secrets aside.
+        tracing::info!(
+            addr = %local_addr,
+            mirror_dir = %effective.mirror_dir,
+            upstreams = %effective.upstreams,
+            auth_mode = %effective.auth_mode,
+            static_token_to = %effective.static_token_to,
+            parent_proxy = %effective.parent_proxy,
+            admin_api = effective.admin_api,
+            webhooks = effective.webhooks,
+            mirror_max_size = %effective.mirror_max_size,
+            pack_cache_max_size = %effective.pack_cache_max_size,
+            max_connections = effective.max_connections,
+            max_concurrent_packs = effective.max_concurrent_packs,
+            max_concurrent_syncs = effective.max_concurrent_syncs,
+            sync_stale_after = %effective.sync_stale_after,
+            "listening"
+        );
         // Mirrors found on disk get their snapshots in the background; a request that comes
         // first builds its own. Eviction starts once they are known.
         let mirrors = std::sync::Arc::clone(state.mirrors());
@@ -165,6 +196,61 @@ fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(written, "mirror records written");
         Ok(())
     })
+}
+
+/// The configuration in effect, as the start-up line gives it: defaults resolved, no secret
+/// (only whether the admin API and the webhooks are on).
+struct Effective {
+    mirror_dir: String,
+    /// The allowed upstreams as fetched, `scheme://host[:port]`, comma-separated.
+    upstreams: String,
+    auth_mode: smart_git_proxy::config::AuthMode,
+    /// With `AUTH_MODE=static`, the upstreams the token goes to; else `none`.
+    static_token_to: String,
+    parent_proxy: String,
+    admin_api: bool,
+    webhooks: bool,
+    mirror_max_size: String,
+    pack_cache_max_size: String,
+    max_connections: usize,
+    max_concurrent_packs: usize,
+    max_concurrent_syncs: usize,
+    sync_stale_after: humantime::Duration,
+}
+
+impl Effective {
+    fn of(config: &Config) -> Self {
+        use smart_git_proxy::config::AuthMode;
+        let upstreams = config.upstreams().unwrap_or_default();
+        let static_token_to = match config.auth_mode {
+            AuthMode::Static => upstreams
+                .iter()
+                .filter(|u| config.lends_static_token_to(u))
+                .map(|u| u.segment.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            _ => "none".into(),
+        };
+        // Values without spaces, so that text logs stay `key=value` pairs.
+        let size = |s: String| s.replace(' ', "");
+        Effective {
+            mirror_dir: config.mirror_dir.display().to_string(),
+            upstreams: upstreams.base_urls().collect::<Vec<_>>().join(","),
+            auth_mode: config.auth_mode,
+            static_token_to,
+            parent_proxy: config.parent_proxy().unwrap_or("none").to_owned(),
+            admin_api: config.admin_token.is_some(),
+            webhooks: config.webhook_secret.is_some(),
+            mirror_max_size: config
+                .mirror_max_size
+                .map_or_else(|| "none".to_owned(), |l| size(l.to_string())),
+            pack_cache_max_size: size(config.pack_cache_max_size.to_string()),
+            max_connections: config.max_connections,
+            max_concurrent_packs: config.concurrent_packs(),
+            max_concurrent_syncs: config.max_concurrent_syncs,
+            sync_stale_after: config.sync_stale_after,
+        }
+    }
 }
 
 /// `mirrors`: the inventory as a table, from `MIRROR_DIR` alone.

@@ -408,3 +408,145 @@ fn a_killed_maintain_leaves_temporaries_that_the_next_run_removes() {
     assert_eq!(temporaries(&repo_dir), Vec::<String>::new());
     assert_fsck(&repo_dir);
 }
+
+/// The binary with `env` (and `args`), on an empty mirror directory, as a command.
+fn binary(
+    mirror_dir: &std::path::Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+        .env("MIRROR_DIR", mirror_dir)
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Issue 21, item 5: a setting that does nothing with the others is refused at start, with a
+/// message that names both; an empty one (a line of the env file left empty) is as unset.
+#[test]
+fn settings_that_do_nothing_are_refused_naming_both() {
+    let mirror = tempfile::tempdir().unwrap();
+    let local = ("ALLOWED_UPSTREAMS", "http://127.0.0.1:9");
+    // The settings, and what the refusal says.
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
+        (
+            &[("STATIC_TOKEN", "t0ken")],
+            &["STATIC_TOKEN does nothing with AUTH_MODE=none"],
+        ),
+        (
+            &[
+                ("STATIC_TOKEN_HOSTS", "github.com"),
+                ("AUTH_MODE", "pass-through"),
+            ],
+            &["STATIC_TOKEN_HOSTS does nothing with AUTH_MODE=pass-through"],
+        ),
+        (
+            &[("AUTH_CACHE_TTL", "5m")],
+            &[
+                "AUTH_CACHE_TTL does nothing with AUTH_MODE=none",
+                "AUTH_MODE=pass-through",
+            ],
+        ),
+        (
+            &[local, ("AUTH_MODE", "static"), ("STATIC_TOKEN", "t0ken")],
+            &[
+                "STATIC_TOKEN_HOSTS entry 'github.com' (the default) does nothing with \
+                 AUTH_MODE=static: github.com is not in ALLOWED_UPSTREAMS (127.0.0.1:9)",
+            ],
+        ),
+        (
+            &[
+                local,
+                ("AUTH_MODE", "static"),
+                ("STATIC_TOKEN", "t0ken"),
+                ("STATIC_TOKEN_HOSTS", "127.0.0.1:9"),
+            ],
+            &["only if the entry is written http://127.0.0.1:9"],
+        ),
+        (
+            &[("PREWARM_REFS", "HEAD"), ("PACK_CACHE_MAX_SIZE", "0")],
+            &["PREWARM_REFS does nothing with PACK_CACHE_MAX_SIZE=0"],
+        ),
+        (
+            &[("BALANCER_URL", "http://127.0.0.1:9"), ("ADMIN_TOKEN", "a")],
+            &["BALANCER_URL does nothing without WEBHOOK_SECRET"],
+        ),
+        (
+            &[("MAX_CONCURRENT_SYNCS_PER_HOST", "9")],
+            &["MAX_CONCURRENT_SYNCS_PER_HOST=9 does nothing beyond MAX_CONCURRENT_SYNCS=4"],
+        ),
+    ];
+    for (env, says) in cases {
+        let out = binary(mirror.path(), env, &["mirrors"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{env:?}: {stderr}");
+        for said in *says {
+            assert!(stderr.contains(said), "{env:?}: {stderr}");
+        }
+        assert!(!stderr.contains("t0ken"), "a secret printed: {stderr}");
+    }
+    // Accepted: the same settings where they act, and empty ones.
+    let accepted: &[&[(&str, &str)]] = &[
+        &[("STATIC_TOKEN", ""), ("STATIC_TOKEN_HOSTS", "")],
+        &[("AUTH_MODE", "pass-through"), ("AUTH_CACHE_TTL", "5m")],
+        &[
+            local,
+            ("AUTH_MODE", "static"),
+            ("STATIC_TOKEN", "t0ken"),
+            ("STATIC_TOKEN_HOSTS", "http://127.0.0.1:9"),
+        ],
+        &[("PREWARM_REFS", ""), ("PACK_CACHE_MAX_SIZE", "0")],
+    ];
+    for env in accepted {
+        let out = binary(mirror.path(), env, &["mirrors"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{env:?}: {stderr}");
+    }
+}
+
+/// Issue 21, item 5: the start-up line gives the configuration in effect, and no secret.
+#[test]
+fn the_listening_line_gives_the_configuration_in_effect() {
+    use std::io::{BufRead, BufReader};
+    let mirror = tempfile::tempdir().unwrap();
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+            .env("MIRROR_DIR", mirror.path())
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("ALLOWED_UPSTREAMS", "github.com, http://127.0.0.1:9")
+            .env("AUTH_MODE", "static")
+            .env("STATIC_TOKEN", "s3cret-static")
+            .env("ADMIN_TOKEN", "s3cret-admin")
+            .env("MIRROR_MAX_SIZE", "80%")
+            .env("MAX_CONCURRENT_PACKS", "3")
+            .env("LOG_FORMAT", "json")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = BufReader::new(child.0.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("\"listening\""))
+        .expect("a listening line");
+    drop(child);
+    assert!(!line.contains("s3cret"), "{line}");
+    let fields: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let fields = &fields["fields"];
+    assert_eq!(fields["mirror_dir"], mirror.path().display().to_string());
+    assert_eq!(fields["upstreams"], "https://github.com,http://127.0.0.1:9");
+    assert_eq!(fields["auth_mode"], "static");
+    assert_eq!(fields["static_token_to"], "github.com");
+    assert_eq!(fields["admin_api"], true);
+    assert_eq!(fields["webhooks"], false);
+    assert_eq!(fields["parent_proxy"], "none");
+    assert_eq!(fields["mirror_max_size"], "80%");
+    assert_eq!(fields["pack_cache_max_size"], "10.0GiB");
+    assert_eq!(fields["max_concurrent_packs"], 3);
+    assert_eq!(fields["max_connections"], 4096);
+    assert_eq!(fields["sync_stale_after"], "2s");
+}

@@ -77,6 +77,15 @@ impl std::str::FromStr for Limit {
     }
 }
 
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Limit::Bytes(b) => write!(f, "{}", bytesize::ByteSize::b(b)),
+            Limit::Share(share) => write!(f, "{share}%"),
+        }
+    }
+}
+
 impl Limit {
     /// The limit in bytes for the filesystem of `root`; `None` when a share cannot be resolved
     /// (the filesystem cannot be queried).
