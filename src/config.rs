@@ -11,177 +11,188 @@ use clap::{Parser, ValueEnum};
 use crate::http::forwarded::TrustedProxies;
 use crate::mirror::{Upstreams, UpstreamsError};
 
+// `--help` groups the settings under these headings; the ones everyone sets come first.
+const MAIN: &str = "Main settings";
+const SERVICES: &str = "Admin API, webhooks and fleets";
+const SYNCS: &str = "Mirrors and syncs";
+const PACKS: &str = "Packs and memory";
+const CLIENTS: &str = "Client limits and timeouts";
+
 /// smart-git-proxy: serves Git repositories under MIRROR_DIR over smart HTTP, in-process.
 #[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 pub struct Config {
-    /// Address to listen on, `host:port` or `:port` (all interfaces).
-    #[arg(long, env = "LISTEN_ADDR", default_value = ":8080")]
-    pub listen_addr: String,
-    /// Directory holding the bare repositories, as `{host}/{path}.git`.
-    #[arg(long, env = "MIRROR_DIR", default_value = "/var/tmp/smart-git-proxy")]
-    pub mirror_dir: PathBuf,
-    /// Log lines as `text` or `json` (one object per line, for log shippers).
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-    /// Log filter: `debug`, `info`, `warn`, `error`, or a tracing directive.
-    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
-    /// Comma-separated addresses and CIDR ranges of load balancers whose `X-Forwarded-For`
-    /// names the client in logs; empty: the header is ignored.
-    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
-    pub trusted_proxies: String,
-    /// Largest accepted request body after gzip decoding, e.g. `64MiB`.
-    #[arg(long, env = "MAX_REQUEST_BODY", value_parser = parse_size, default_value = "64MiB")]
-    pub max_request_body: ByteSize,
-    /// Request-body bytes that all requests together may hold in memory (after gzip decoding)
-    /// while they are read and parsed; a request that would exceed it gets 503.
-    #[arg(long, env = "MAX_BUFFERED_BODIES", value_parser = parse_size, default_value = "256MiB")]
-    pub max_buffered_bodies: ByteSize,
-    /// Of `MAX_BUFFERED_BODIES`, what the bodies of one client address (an IPv6 /64; behind
-    /// `TRUSTED_PROXIES`, the address they name) may hold together; beyond it, 429. Defaults
-    /// to `MAX_REQUEST_BODY`.
-    #[arg(long, env = "MAX_BUFFERED_BODIES_PER_CLIENT", value_parser = parse_size)]
-    pub max_buffered_bodies_per_client: Option<ByteSize>,
-    /// How long a client may take to send a request's headers; also how long an idle
-    /// keep-alive connection stays open.
-    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "30s")]
-    pub header_read_timeout: humantime::Duration,
-    /// How long a client may take to send a whole request body.
-    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "60s")]
-    pub body_read_timeout: humantime::Duration,
-    /// A client that takes none of its answer for this long (its connection accepts no byte)
-    /// is disconnected, and the work for it stops.
-    #[arg(long, env = "CLIENT_STALL_TIMEOUT", default_value = "60s")]
-    pub client_stall_timeout: humantime::Duration,
-    /// Open client connections; beyond it, new connections get 503 and are closed.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
-    pub max_connections: usize,
-    /// How long an upload-pack request may wait for a pack slot before it gets 503.
-    #[arg(long, env = "QUEUE_TIMEOUT", default_value = "60s")]
-    pub queue_timeout: humantime::Duration,
-    /// How long an upload-pack answer may compute (negotiation, shallow boundary, object
-    /// selection) before its pack starts streaming; then it ends with an error.
-    #[arg(long, env = "COMPUTE_TIMEOUT", default_value = "5m")]
-    pub compute_timeout: humantime::Duration,
-    /// On SIGTERM, how long requests in flight may take to finish before the process exits.
-    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "30s")]
-    pub shutdown_grace: humantime::Duration,
-    /// How long a whole upload-pack answer may take, streaming included.
-    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "1h")]
-    pub request_timeout: humantime::Duration,
-    /// Upload-pack requests generating packs at the same time; more wait their turn.
-    /// Defaults to twice the number of cores.
-    #[arg(long, env = "MAX_CONCURRENT_PACKS")]
-    pub max_concurrent_packs: Option<usize>,
-    /// Upload-pack answers streamed at once, packs read from the pack cache included: each holds
-    /// a thread while its client reads. More wait their turn.
-    #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = 256)]
-    pub max_concurrent_streams: usize,
-    /// Threads compressing one pack; defaults to all cores.
-    #[arg(long, env = "PACK_THREADS")]
-    pub pack_threads: Option<usize>,
     /// Comma-separated upstream hosts the proxy may mirror from; an entry may carry a scheme and
     /// port (`http://127.0.0.1:9001`), its URL segment is then `host:port`.
-    #[arg(long, env = "ALLOWED_UPSTREAMS", default_value = "github.com")]
+    #[arg(long, env = "ALLOWED_UPSTREAMS", default_value = "github.com", help_heading = MAIN)]
     pub allowed_upstreams: String,
-    /// Sync a mirror when its last successful sync is older than this (e.g. `2s`, `5m`).
-    #[arg(long, env = "SYNC_STALE_AFTER", default_value = "2s")]
-    pub sync_stale_after: humantime::Duration,
+    /// Directory holding the bare repositories, as `{host}/{path}.git`; created if missing.
+    /// Also an option of `maintain` and `mirrors`.
+    #[arg(long, env = "MIRROR_DIR", default_value = "/var/tmp/smart-git-proxy", global = true, help_heading = MAIN)]
+    pub mirror_dir: PathBuf,
+    /// Address to listen on, `host:port` or `:port` (all interfaces).
+    #[arg(long, env = "LISTEN_ADDR", default_value = ":8080", help_heading = MAIN)]
+    pub listen_addr: String,
     /// Where upstream credentials come from.
-    #[arg(long, env = "AUTH_MODE", value_enum, default_value_t = AuthMode::None)]
+    #[arg(long, env = "AUTH_MODE", value_enum, default_value_t = AuthMode::None, help_heading = MAIN)]
     pub auth_mode: AuthMode,
     /// The token sent upstream with `AUTH_MODE=static`.
-    #[arg(long, env = "STATIC_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "STATIC_TOKEN", hide_env_values = true, help_heading = MAIN)]
     pub static_token: Option<Secret>,
     /// Upstream hosts the static token is sent to, comma-separated (`host[:port]`). The token
     /// only travels over HTTPS unless an entry is written `http://host[:port]`.
-    #[arg(long, env = "STATIC_TOKEN_HOSTS", default_value = "github.com")]
+    #[arg(long, env = "STATIC_TOKEN_HOSTS", default_value = "github.com", help_heading = MAIN)]
     pub static_token_hosts: String,
+    /// Disk space for mirrors and the pack cache together, as a size (`200GiB`) or a share of
+    /// `MIRROR_DIR`'s filesystem (`80%`); beyond it the least recently used mirrors are deleted
+    /// (with their pack-cache entries) down to 90 % of it. Unset: no limit.
+    #[arg(long, env = "MIRROR_MAX_SIZE", help_heading = MAIN)]
+    pub mirror_max_size: Option<crate::mirror::evict::Limit>,
+    /// Log filter: `debug`, `info`, `warn`, `error`, or a tracing directive.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info", help_heading = MAIN)]
+    pub log_level: String,
+    /// Log lines as `text` or `json` (one object per line, for log shippers).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = MAIN)]
+    pub log_format: LogFormat,
+
     /// Bearer token for the admin API (`/api/v1/...`); the API is off while it is unset.
-    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true, help_heading = SERVICES)]
     pub admin_token: Option<Secret>,
     /// Secret of push webhooks (`POST /webhooks/github`, signed with HMAC-SHA256;
     /// `POST /webhooks/gitlab`, sent as `X-Gitlab-Token`); the endpoints are off while it is
     /// unset.
-    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true, help_heading = SERVICES)]
     pub webhook_secret: Option<Secret>,
+    /// Comma-separated addresses and CIDR ranges of load balancers whose `X-Forwarded-For`
+    /// names the client in logs; empty: the header is ignored.
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "", help_heading = SERVICES)]
+    pub trusted_proxies: String,
     /// Another smart-git-proxy (`http(s)://host:port`) to fetch every mirror from, as
     /// `{PARENT_PROXY}/{host}/{path}`, instead of the upstream itself: edge tiers share one
     /// regional fetch.
-    #[arg(long, env = "PARENT_PROXY")]
+    #[arg(long, env = "PARENT_PROXY", help_heading = SERVICES)]
     pub parent_proxy: Option<String>,
     /// The load balancer in front of a sharded fleet (`http(s)://host:port`): a webhook is
     /// re-sent there as a warm-up of its repository (with `ADMIN_TOKEN`), so that it reaches
     /// the node that holds the mirror.
-    #[arg(long, env = "BALANCER_URL")]
+    #[arg(long, env = "BALANCER_URL", help_heading = SERVICES)]
     pub balancer_url: Option<String>,
+
+    /// Sync a mirror when its last successful sync is older than this (e.g. `2s`, `5m`).
+    #[arg(long, env = "SYNC_STALE_AFTER", default_value = "2s", help_heading = SYNCS)]
+    pub sync_stale_after: humantime::Duration,
     /// Mirror creations and syncs running at the same time (different repositories).
-    #[arg(long, env = "MAX_CONCURRENT_SYNCS", default_value_t = 4)]
+    #[arg(long, env = "MAX_CONCURRENT_SYNCS", default_value_t = 4, help_heading = SYNCS)]
     pub max_concurrent_syncs: usize,
     /// Of those, how many may run against one upstream host, so that a hanging host cannot
     /// take every slot. Defaults to `MAX_CONCURRENT_SYNCS` − 1 (at least 1).
-    #[arg(long, env = "MAX_CONCURRENT_SYNCS_PER_HOST")]
+    #[arg(long, env = "MAX_CONCURRENT_SYNCS_PER_HOST", help_heading = SYNCS)]
     pub max_concurrent_syncs_per_host: Option<usize>,
     /// How long a request for an existing mirror waits for its sync to start (a free slot, or
     /// another request's sync to finish) before the mirror is served as it is (`stale`).
-    #[arg(long, env = "SYNC_WAIT", default_value = "5s")]
+    #[arg(long, env = "SYNC_WAIT", default_value = "5s", help_heading = SYNCS)]
     pub sync_wait: humantime::Duration,
     /// At most one want-miss sync (a client asking for an object the mirror lacks) per
     /// repository per this interval; later want-misses wait for it and share it.
-    #[arg(long, env = "WANT_MISS_SYNC_INTERVAL", default_value = "2s")]
+    #[arg(long, env = "WANT_MISS_SYNC_INTERVAL", default_value = "2s", help_heading = SYNCS)]
     pub want_miss_sync_interval: humantime::Duration,
     /// How long a failed mirror creation (an unknown repository, refused credentials, an
     /// upstream error) is remembered and answered without asking the upstream again.
-    #[arg(long, env = "FAILURE_CACHE_TTL", default_value = "30s")]
+    #[arg(long, env = "FAILURE_CACHE_TTL", default_value = "30s", help_heading = SYNCS)]
     pub failure_cache_ttl: humantime::Duration,
-    /// How long connecting to an upstream may take.
-    #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT", default_value = "10s")]
-    pub upstream_connect_timeout: humantime::Duration,
-    /// An upstream transfer that stalls (under 1 byte/s) this long is aborted.
-    #[arg(long, env = "UPSTREAM_STALL_TIMEOUT", default_value = "60s")]
-    pub upstream_stall_timeout: humantime::Duration,
     /// How long the upstream's acceptance or refusal of a client's credentials for a private
     /// mirror is remembered.
-    #[arg(long, env = "AUTH_CACHE_TTL", default_value = "60s")]
+    #[arg(long, env = "AUTH_CACHE_TTL", default_value = "60s", help_heading = SYNCS)]
     pub auth_cache_ttl: humantime::Duration,
-    /// zlib level (0–9) for objects a pack cannot copy from disk and compresses anew (for
-    /// example the full objects of a `--depth=1` pack). Lower is faster, higher is smaller.
-    #[arg(long, env = "PACK_COMPRESSION_LEVEL", default_value_t = DEFAULT_COMPRESSION_LEVEL)]
-    pub pack_compression_level: u32,
-    /// Disk space for finished packs in the pack cache (`{MIRROR_DIR}/.pack-cache`), e.g.
-    /// `10GiB`; least recently used packs are evicted beyond it. `0` turns the cache off.
-    #[arg(long, env = "PACK_CACHE_MAX_SIZE", value_parser = parse_size, default_value = "10GiB")]
-    pub pack_cache_max_size: ByteSize,
-    /// Disk space for mirrors and the pack cache together, as a size (`200GiB`) or a share of
-    /// `MIRROR_DIR`'s filesystem (`80%`); beyond it the least recently used mirrors are deleted
-    /// (with their pack-cache entries) down to 90 % of it. Unset: no limit.
-    #[arg(long, env = "MIRROR_MAX_SIZE")]
-    pub mirror_max_size: Option<crate::mirror::evict::Limit>,
+    /// How long connecting to an upstream may take.
+    #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT", default_value = "10s", help_heading = SYNCS)]
+    pub upstream_connect_timeout: humantime::Duration,
+    /// An upstream transfer that stalls (under 1 byte/s) this long is aborted.
+    #[arg(long, env = "UPSTREAM_STALL_TIMEOUT", default_value = "60s", help_heading = SYNCS)]
+    pub upstream_stall_timeout: humantime::Duration,
     /// Consolidate a mirror's packs into one (in the background, after a sync) once it has more
     /// than this many; `0` turns background maintenance off (`smart-git-proxy maintain` still
     /// runs it).
-    #[arg(long, env = "MAINTENANCE_PACK_THRESHOLD", default_value_t = 16)]
+    #[arg(long, env = "MAINTENANCE_PACK_THRESHOLD", default_value_t = 16, help_heading = SYNCS)]
     pub maintenance_pack_threshold: usize,
     /// Unreachable objects (refs deleted or force-pushed upstream) are kept by maintenance
     /// while the pack or file holding them is younger than this.
-    #[arg(long, env = "MAINTENANCE_GRACE", default_value = "14days")]
+    #[arg(long, env = "MAINTENANCE_GRACE", default_value = "14days", help_heading = SYNCS)]
     pub maintenance_grace: humantime::Duration,
+
+    /// Disk space for finished packs in the pack cache (`{MIRROR_DIR}/.pack-cache`), e.g.
+    /// `10GiB`; least recently used packs are evicted beyond it. `0` turns the cache off.
+    #[arg(long, env = "PACK_CACHE_MAX_SIZE", value_parser = parse_size, default_value = "10GiB", help_heading = PACKS)]
+    pub pack_cache_max_size: ByteSize,
     /// Refs whose moves by a sync prewarm the pack cache with the `--depth=1` fetch
     /// `actions/checkout` makes: comma-separated, `HEAD` for the branch `HEAD` points to, or
     /// globs of ref names (`release/*` is `refs/heads/release/*`; `refs/tags/v*`); empty: off.
-    #[arg(long, env = "PREWARM_REFS", default_value = "HEAD")]
+    #[arg(long, env = "PREWARM_REFS", default_value = "HEAD", help_heading = PACKS)]
     pub prewarm_refs: String,
+    /// Upload-pack requests generating packs at the same time; more wait their turn.
+    /// Defaults to twice the number of cores.
+    #[arg(long, env = "MAX_CONCURRENT_PACKS", help_heading = PACKS)]
+    pub max_concurrent_packs: Option<usize>,
+    /// Upload-pack answers streamed at once, packs read from the pack cache included: each holds
+    /// a thread while its client reads. More wait their turn.
+    #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = 256, help_heading = PACKS)]
+    pub max_concurrent_streams: usize,
+    /// Threads compressing one pack; defaults to all cores.
+    #[arg(long, env = "PACK_THREADS", help_heading = PACKS)]
+    pub pack_threads: Option<usize>,
+    /// zlib level (0–9) for objects a pack cannot copy from disk and compresses anew (for
+    /// example the full objects of a `--depth=1` pack). Lower is faster, higher is smaller.
+    #[arg(long, env = "PACK_COMPRESSION_LEVEL", default_value_t = DEFAULT_COMPRESSION_LEVEL, help_heading = PACKS)]
+    pub pack_compression_level: u32,
     /// Memory that the delta-base caches of all pack generations share (each thread of pack
     /// work takes up to 32 MiB of it; beyond it, work runs uncached: slower, never larger).
-    #[arg(long, env = "PACK_MEMORY_BUDGET", value_parser = parse_size, default_value = "256MiB")]
+    #[arg(long, env = "PACK_MEMORY_BUDGET", value_parser = parse_size, default_value = "256MiB", help_heading = PACKS)]
     pub pack_memory_budget: ByteSize,
-
     /// Memory for the mirrors' snapshots (their refs and prebuilt advertisements); beyond it,
     /// those of the mirrors requested least recently are dropped and built again on their next
     /// request
-    #[arg(long, env = "SNAPSHOT_MEMORY", value_parser = parse_size, default_value = "256MiB")]
+    #[arg(long, env = "SNAPSHOT_MEMORY", value_parser = parse_size, default_value = "256MiB", help_heading = PACKS)]
     pub snapshot_memory: ByteSize,
+
+    /// Open client connections; beyond it, new connections get 503 and are closed.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, help_heading = CLIENTS)]
+    pub max_connections: usize,
+    /// Largest accepted request body after gzip decoding, e.g. `64MiB`.
+    #[arg(long, env = "MAX_REQUEST_BODY", value_parser = parse_size, default_value = "64MiB", help_heading = CLIENTS)]
+    pub max_request_body: ByteSize,
+    /// Request-body bytes that all requests together may hold in memory (after gzip decoding)
+    /// while they are read and parsed; a request that would exceed it gets 503.
+    #[arg(long, env = "MAX_BUFFERED_BODIES", value_parser = parse_size, default_value = "256MiB", help_heading = CLIENTS)]
+    pub max_buffered_bodies: ByteSize,
+    /// Of `MAX_BUFFERED_BODIES`, what the bodies of one client address (an IPv6 /64; behind
+    /// `TRUSTED_PROXIES`, the address they name) may hold together; beyond it, 429. Defaults
+    /// to `MAX_REQUEST_BODY`.
+    #[arg(long, env = "MAX_BUFFERED_BODIES_PER_CLIENT", value_parser = parse_size, help_heading = CLIENTS)]
+    pub max_buffered_bodies_per_client: Option<ByteSize>,
+    /// How long a client may take to send a request's headers; also how long an idle
+    /// keep-alive connection stays open.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "30s", help_heading = CLIENTS)]
+    pub header_read_timeout: humantime::Duration,
+    /// How long a client may take to send a whole request body.
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "60s", help_heading = CLIENTS)]
+    pub body_read_timeout: humantime::Duration,
+    /// A client that takes none of its answer for this long (its connection accepts no byte)
+    /// is disconnected, and the work for it stops.
+    #[arg(long, env = "CLIENT_STALL_TIMEOUT", default_value = "60s", help_heading = CLIENTS)]
+    pub client_stall_timeout: humantime::Duration,
+    /// How long an upload-pack request may wait for a pack slot before it gets 503.
+    #[arg(long, env = "QUEUE_TIMEOUT", default_value = "60s", help_heading = CLIENTS)]
+    pub queue_timeout: humantime::Duration,
+    /// How long an upload-pack answer may compute (negotiation, shallow boundary, object
+    /// selection) before its pack starts streaming; then it ends with an error.
+    #[arg(long, env = "COMPUTE_TIMEOUT", default_value = "5m", help_heading = CLIENTS)]
+    pub compute_timeout: humantime::Duration,
+    /// How long a whole upload-pack answer may take, streaming included.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "1h", help_heading = CLIENTS)]
+    pub request_timeout: humantime::Duration,
+    /// On SIGTERM, how long requests in flight may take to finish before the process exits.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "30s", help_heading = CLIENTS)]
+    pub shutdown_grace: humantime::Duration,
 }
 
 /// Whether `value` is a level or a `tracing` filter directive: a bare word that is no level

@@ -10,7 +10,7 @@ use smart_git_proxy::config::{Config, LogFormat};
 use smart_git_proxy::http::{self, AppState};
 use tracing_subscriber::EnvFilter;
 
-/// `EX_USAGE` from sysexits.h: the configuration is invalid.
+/// `EX_USAGE` from sysexits.h: the command line or a setting cannot be used; nothing was done.
 const EX_USAGE: u8 = 64;
 
 /// jemalloc, not glibc's malloc: glibc keeps the memory a burst of requests freed in its
@@ -20,9 +20,13 @@ const EX_USAGE: u8 = 64;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// The exit statuses of the server and its commands, for `--help`.
+const EXIT_STATUS: &str = "Exit status: 0 on success; 64 when the command line or a setting \
+    cannot be used (nothing was done); 1 when the work failed.";
+
 /// smart-git-proxy: serves Git repositories under MIRROR_DIR over smart HTTP, in-process.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = EXIT_STATUS)]
 struct Cli {
     #[command(flatten)]
     config: Config,
@@ -34,9 +38,10 @@ struct Cli {
 enum Command {
     /// Consolidate mirrors' packs into one each, now, and exit (safe while a server runs on
     /// the same MIRROR_DIR).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["repo", "all"])))]
     Maintain {
         /// One mirror, `host/path`.
-        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        #[arg(long)]
         repo: Option<String>,
         /// Every mirror under MIRROR_DIR.
         #[arg(long)]
@@ -47,8 +52,15 @@ enum Command {
     Mirrors,
 }
 
+/// A command line or a setting that cannot be used: `error: …` on stderr, as clap prints its
+/// own, and status 64.
+fn usage_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EX_USAGE)
+}
+
 fn main() -> ExitCode {
-    // Help and version go to stdout with status 0; a bad setting is a usage error, whose
+    // Help and version go to stdout with status 0; a bad flag or value is a usage error, whose
     // message names the variable (`<SYNC_STALE_AFTER>`) and the value.
     let parsed = Cli::command()
         .try_get_matches()
@@ -73,15 +85,18 @@ fn main() -> ExitCode {
     };
     let config = cli.config;
     if let Err(e) = config.validate().and_then(|()| config.check_ignored(given)) {
-        eprintln!("smart-git-proxy: {e}");
-        return ExitCode::from(EX_USAGE);
+        return usage_error(e);
+    }
+    if cli.command.is_some() && !config.mirror_dir.is_dir() {
+        return usage_error(format_args!(
+            "MIRROR_DIR {} is not a directory (the server creates it; maintain and mirrors read \
+             it)",
+            config.mirror_dir.display()
+        ));
     }
     let filter = match EnvFilter::try_new(&config.log_level) {
         Ok(f) => f,
-        Err(e) => {
-            eprintln!("smart-git-proxy: LOG_LEVEL '{}': {e}", config.log_level);
-            return ExitCode::from(EX_USAGE);
-        }
+        Err(e) => return usage_error(format_args!("LOG_LEVEL '{}': {e}", config.log_level)),
     };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -95,14 +110,21 @@ fn main() -> ExitCode {
         tracing::warn!(error = %e, "jemalloc's background thread is off: idle memory is returned late");
     }
     let result = match cli.command {
-        None => run(config),
+        None => match run(config) {
+            Ok(()) => return ExitCode::SUCCESS,
+            // The server's stderr is its log: its last line says why it stopped.
+            Err(e) => {
+                tracing::error!("{e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
         Some(Command::Maintain { repo, .. }) => maintain(config, repo),
         Some(Command::Mirrors) => mirrors(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -298,8 +320,8 @@ fn mirrors(config: &Config) -> anyhow::Result<()> {
     }
     let total: u64 = list.iter().map(|m| m.bytes + m.pack_cache_bytes).sum();
     println!(
-        "{} mirrors, {} with their pack-cache entries",
-        list.len(),
+        "{}, {} with their pack-cache entries",
+        count(list.len(), "mirror"),
         size(total)
     );
     Ok(())
@@ -348,24 +370,33 @@ fn maintain(config: Config, repo: Option<String>) -> anyhow::Result<()> {
             let name = dir.strip_prefix(&root).unwrap_or(&dir).display().to_string();
             match mirrors.maintain(&dir).await {
                 Ok(o) => println!(
-                    "{name}: {} packs -> 1, {} objects (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}, {} bitmapped commits, {} commits in the commit-graph",
-                    o.packs_before,
-                    o.regions.iter().sum::<usize>(),
+                    "{name}: {} -> 1, {} (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}, {}, {} in the commit-graph",
+                    count(o.packs_before, "pack"),
+                    count(o.regions.iter().sum::<usize>(), "object"),
                     o.regions[0],
                     o.regions[1],
                     o.regions[2],
                     o.dropped,
                     bytesize::ByteSize::b(o.bytes),
-                    o.bitmap_commits,
-                    o.commit_graph.unwrap_or(0)
+                    count(o.bitmap_commits, "bitmapped commit"),
+                    count(o.commit_graph.unwrap_or(0), "commit")
                 ),
                 Err(e) => {
                     failed += 1;
-                    eprintln!("{name}: {e}");
+                    eprintln!("error: {name}: {e}");
                 }
             }
         }
-        anyhow::ensure!(failed == 0, "maintenance failed for {failed} mirror(s)");
+        anyhow::ensure!(
+            failed == 0,
+            "maintenance failed for {}",
+            count(failed, "mirror")
+        );
         Ok(())
     })
+}
+
+/// `1 mirror`, `2 mirrors`: `n` and `noun`, plural unless `n` is 1.
+fn count(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }

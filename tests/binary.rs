@@ -550,3 +550,94 @@ fn the_listening_line_gives_the_configuration_in_effect() {
     assert_eq!(fields["max_connections"], 4096);
     assert_eq!(fields["sync_stale_after"], "2s");
 }
+
+/// Issue 21, item 7: one convention for the commands — status 64 and `error: …` for what
+/// cannot be used, nothing done; `--mirror-dir` as for the server; counted nouns in the
+/// singular for one.
+#[test]
+fn the_commands_share_one_error_style_and_exit_codes() {
+    let (mirror, _) = seeded_mirror("basic");
+    let local = [("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")];
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = binary(elsewhere.path(), &local, &["maintain"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--repo") && stderr.contains("--all"),
+        "{stderr}"
+    );
+
+    // `--mirror-dir` after the command, as for the server; it wins over MIRROR_DIR.
+    let dir = mirror.path().to_str().unwrap();
+    let out = binary(elsewhere.path(), &local, &["mirrors", "--mirror-dir", dir]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("127.0.0.1:9/basic"), "{stdout}");
+    assert!(stdout.contains("\n1 mirror, "), "{stdout}");
+
+    let missing = elsewhere.path().join("nowhere");
+    let missing = missing.to_str().unwrap();
+    for args in [
+        vec!["mirrors", "--mirror-dir", missing],
+        vec!["maintain", "--all", "--mirror-dir", missing],
+    ] {
+        let out = binary(elsewhere.path(), &local, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: MIRROR_DIR ") && stderr.contains(missing),
+            "{args:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}: nothing printed as a list");
+    }
+
+    let out = binary(
+        mirror.path(),
+        &local,
+        &["maintain", "--repo", "127.0.0.1:9/missing"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("error: no mirror of 127.0.0.1:9/missing"),
+        "{stderr}"
+    );
+    let out = binary(
+        mirror.path(),
+        &local,
+        &["maintain", "--all", "--repo", "x/y"],
+    );
+    assert_eq!(out.status.code(), Some(64));
+}
+
+/// Issue 21, item 7: `--help` starts with the settings everyone sets.
+#[test]
+fn help_puts_the_main_settings_first() {
+    let out = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let first: Vec<String> = help
+        .split("[env: ")
+        .skip(1)
+        .take(4)
+        .map(|rest| {
+            rest.chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        first,
+        [
+            "ALLOWED_UPSTREAMS",
+            "MIRROR_DIR",
+            "LISTEN_ADDR",
+            "AUTH_MODE"
+        ],
+        "{help}"
+    );
+    assert!(help.contains("Main settings:"), "{help}");
+    assert!(help.contains("Exit status: 0"), "{help}");
+}
