@@ -25,6 +25,34 @@ fn the_binary_serves_a_clone() {
     drop(running);
 }
 
+/// The README's GitHub Actions example: `url.<proxy>.insteadOf` from the environment
+/// (`GIT_CONFIG_COUNT`), no configuration file, routes a clone of the upstream's URL through
+/// the proxy (here the upstream refuses connections: only the proxy's mirror can answer).
+#[test]
+fn insteadof_from_the_environment_routes_clones_through_the_proxy() {
+    let (mirror, repo_dir) = seeded_mirror("basic");
+    let running = Running::start(
+        mirror.path(),
+        &[("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let key = format!("url.http://{}/127.0.0.1:9/.insteadOf", running.addr);
+    let out = git_output(
+        work.path(),
+        &["clone", "-q", "http://127.0.0.1:9/basic", "c"],
+        &[
+            ("GIT_CONFIG_COUNT", "1"),
+            ("GIT_CONFIG_KEY_0", &key),
+            ("GIT_CONFIG_VALUE_0", "http://127.0.0.1:9/"),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        git(&work.path().join("c"), &["rev-parse", "HEAD"]),
+        git(&repo_dir, &["rev-parse", "main"])
+    );
+}
+
 #[test]
 fn an_invalid_configuration_exits_with_usage_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
