@@ -105,6 +105,11 @@ impl Upstreams {
         self.0.iter().map(|u| u.base_url.as_str())
     }
 
+    /// The allowed upstreams, in the order they were listed.
+    pub fn iter(&self) -> impl Iterator<Item = &Upstream> {
+        self.0.iter()
+    }
+
     /// The allowed segments, for messages.
     pub fn names(&self) -> String {
         self.0
