@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use smart_git_proxy::config::{Config, LogFormat};
+use smart_git_proxy::config::{Config, LogFormat, Resolved};
 use smart_git_proxy::http::{self, AppState};
 use tracing_subscriber::EnvFilter;
 
@@ -57,11 +57,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    let config = cli.config;
-    if let Err(e) = config.validate() {
-        eprintln!("smart-git-proxy: {e}");
-        return ExitCode::from(EX_USAGE);
-    }
+    let settings = match cli.config.resolve() {
+        Ok(settings) => settings,
+        Err(e) => {
+            let code = if e.is_usage() { EX_USAGE } else { 1 };
+            eprintln!("smart-git-proxy: {:#}", anyhow::Error::new(e));
+            return ExitCode::from(code);
+        }
+    };
+    let config = &settings.config;
     let filter = match EnvFilter::try_new(&config.log_level) {
         Ok(f) => f,
         Err(e) => {
@@ -81,9 +85,9 @@ fn main() -> ExitCode {
         tracing::warn!(error = %e, "jemalloc's background thread is off: idle memory is returned late");
     }
     let result = match cli.command {
-        None => run(config),
-        Some(Command::Maintain { repo, .. }) => maintain(config, repo),
-        Some(Command::Mirrors) => mirrors(&config),
+        None => run(settings),
+        Some(Command::Maintain { repo, .. }) => maintain(settings, repo),
+        Some(Command::Mirrors) => mirrors(&settings.config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,24 +98,25 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(settings: Resolved) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        let config = &settings.config;
         std::fs::create_dir_all(&config.mirror_dir)
             .with_context(|| format!("creating MIRROR_DIR {}", config.mirror_dir.display()))?;
         let _lock = smart_git_proxy::mirror::lock_root(&config.mirror_dir)?;
         let shutdown = shutdown_signal()?;
-        let addr = config.listen_socket_addr()?;
+        let addr = settings.listen_addr;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         let local_addr = listener.local_addr()?;
         let mirror_dir = config.mirror_dir.clone();
         let limit = config.mirror_max_size;
-        let state = AppState::new(config);
+        let state = AppState::new(settings);
         let removed = state
             .mirrors()
             .remove_temporaries()
@@ -236,14 +241,14 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 }
 
 /// `maintain`: consolidate one mirror or all of them, one after the other.
-fn maintain(config: Config, repo: Option<String>) -> anyhow::Result<()> {
+fn maintain(settings: Resolved, repo: Option<String>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let root = config.mirror_dir.clone();
-        let state = AppState::new(config);
+        let root = settings.config.mirror_dir.clone();
+        let state = AppState::new(settings);
         let mirrors = state.mirrors();
         let dirs = match repo {
             Some(name) => {

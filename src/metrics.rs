@@ -23,10 +23,6 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
                         .set(1.0);
                     // Present from the start, so that a rate over it is 0 rather than empty.
                     metrics::counter!("smart_git_proxy_mirror_evictions_total").absolute(0);
-                    for result in crate::prewarm::RESULTS {
-                        metrics::counter!("smart_git_proxy_prewarm_total", "result" => *result)
-                            .absolute(0);
-                    }
                     Some(h)
                 }
                 Err(e) => {
@@ -167,8 +163,6 @@ fn process_collector() -> &'static metrics_process::Collector {
 
 /// The text exposition of every metric.
 pub fn render() -> String {
-    metrics::gauge!("smart_git_proxy_pack_memory_reserved_bytes")
-        .set(crate::pack::memory_reserved() as f64);
     process_collector().collect();
     handle().map(|h| h.render()).unwrap_or_default()
 }
@@ -222,7 +216,7 @@ pub fn pack_cache_lookup(result: &'static str) {
     metrics::counter!("smart_git_proxy_pack_cache_lookups_total", "result" => result).increment(1);
 }
 
-/// `n` prewarms ended with `result` (one of [`crate::prewarm::RESULTS`]).
+/// `n` prewarms ended with `result` (a closed set: `prewarm::RESULTS`).
 pub fn prewarm(result: &'static str, n: u64) {
     metrics::counter!("smart_git_proxy_prewarm_total", "result" => result).increment(n);
 }

@@ -202,6 +202,10 @@ struct Job {
 impl Prewarmer {
     /// A prewarmer; give [`Prewarmer::synced`] to [`crate::mirror::Mirrors::on_sync`].
     pub fn new(settings: Settings) -> Prewarmer {
+        // Every result is exported from the start, so that a rate over one is 0, not empty.
+        for result in RESULTS {
+            crate::metrics::prewarm(result, 0);
+        }
         Prewarmer {
             inner: Arc::new(Inner {
                 settings,

@@ -5,6 +5,10 @@
 //! `git` process is started: credentials come from the caller as an `Authorization` header,
 //! never from credential helpers, and nothing is written to the repository's configuration.
 
+pub mod allowlist;
+
+pub use allowlist::{Upstream, Upstreams};
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

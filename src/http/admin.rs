@@ -349,7 +349,7 @@ async fn pushed(state: AppState, clone_url: &str, arrived: Instant) -> Response 
         tracing::info!(repo = %name, "push ignored: not a valid mirror name");
         return answer(StatusCode::ACCEPTED, "ignored: not a valid repository path");
     };
-    if let Some(balancer) = state.config.balancer_url() {
+    if let Some(balancer) = state.balancer_url.as_deref() {
         return forward(&state, balancer, &name).await;
     }
     // Held from the check to the end of the sync: an evicted mirror is not created anew.
@@ -400,7 +400,7 @@ async fn forward(state: &AppState, balancer: &str, name: &str) -> Response {
     let url = format!("{balancer}/api/v1/mirrors/{name}/sync");
     let timeout = *state.config.upstream_connect_timeout + *state.config.upstream_stall_timeout;
     let sent = state
-        .lfs_client
+        .http_client
         .post(&url)
         .bearer_auth(token.expose())
         .header(FORWARDED_HEADER, "webhook")
@@ -467,7 +467,7 @@ fn mirror_request(state: &AppState, name: &str) -> Result<mirror::Request, (Stat
             ),
         ));
     };
-    let source = fetch_source(&state.config, upstream);
+    let source = fetch_source(state.parent_proxy.as_deref(), upstream);
     Ok(mirror::Request {
         url: format!("{}/{path}.git", source.base_url),
         credentials: upstream_credentials(&state.config, &source, None),

@@ -23,12 +23,13 @@ use tokio::sync::Semaphore;
 use tower_http::trace::TraceLayer;
 use tracing::{field, Instrument, Span};
 
-use crate::config::{AuthMode, Config};
-use crate::mirror::{self, Freshness, Mirrors, Status, Upstream, Upstreams};
+use crate::config::{AuthMode, Config, Resolved};
+use crate::mirror::{self, Freshness, Mirrors, Status};
 use crate::pack::cache::PackCache;
 use crate::protocol::{pktline, v0, v2, ParseError};
 use crate::repo::{self, ResolveError, Service, Snapshot, Target};
 use crate::upload_pack::{self, Version};
+use crate::upstream::{Upstream, Upstreams};
 
 use body::{ChannelWriter, ResponseStream};
 
@@ -40,8 +41,13 @@ pub struct AppState {
     stream_slots: Arc<Semaphore>,
     compression: gix::zlib::Compression,
     upstreams: Arc<Upstreams>,
+    /// `PARENT_PROXY`: where mirrors are fetched from instead of their upstreams.
+    parent_proxy: Option<Arc<str>>,
+    /// `BALANCER_URL`: where webhooks are forwarded to.
+    balancer_url: Option<Arc<str>>,
     mirrors: Arc<Mirrors>,
-    lfs_client: reqwest::Client,
+    /// The client of LFS requests and forwarded webhooks.
+    http_client: reqwest::Client,
     pack_cache: Option<PackCache>,
     /// Request-body memory (`MAX_BUFFERED_BODIES`, `MAX_BUFFERED_BODIES_PER_CLIENT`).
     body_budget: Arc<body::Budget>,
@@ -54,29 +60,24 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State for serving with `config`, which must have passed [`Config::validate`].
-    pub fn new(config: Config) -> Self {
+    /// State for serving with `settings`.
+    pub fn new(settings: Resolved) -> Self {
         crate::metrics::handle();
+        let Resolved {
+            config,
+            upstreams,
+            trusted_proxies,
+            compression,
+            prewarm_refs,
+            parent_proxy,
+            balancer_url,
+            upstream,
+            http_client,
+            listing_client,
+            listen_addr: _,
+        } = settings;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let slots = config.max_concurrent_packs.unwrap_or(cores * 2);
-        let upstream_client = reqwest::Client::builder()
-            .connect_timeout(*config.upstream_connect_timeout)
-            .read_timeout(*config.upstream_stall_timeout)
-            .user_agent(crate::protocol::AGENT)
-            .build()
-            .unwrap_or_default();
-        // Ref listings follow redirects only within the allowed upstreams (and the parent).
-        let origins: Vec<String> = config
-            .upstreams()
-            .unwrap_or_default()
-            .base_urls()
-            .map(str::to_owned)
-            .chain(config.parent_proxy().map(|p| p.to_string()))
-            .collect();
-        // Fails only when the TLS backend cannot start, as every HTTP client would.
-        let listing_client =
-            crate::upstream::ListingClient::new(&upstream_options(&config), &origins)
-                .expect("the TLS backend initialises");
         let mirrors = Mirrors::new(mirror::Settings {
             root: config.mirror_dir.clone(),
             stale_after: *config.sync_stale_after,
@@ -88,16 +89,15 @@ impl AppState {
             maintenance_packs: config.maintenance_pack_threshold,
             maintenance_grace: *config.maintenance_grace,
             snapshot_memory: config.snapshot_memory.as_u64(),
-            upstream: upstream_options(&config),
+            upstream,
             client: listing_client,
             access_ttl: *config.auth_cache_ttl,
-            via_parent: config.parent_proxy().is_some(),
+            via_parent: parent_proxy.is_some(),
         });
         let pack_cache = open_pack_cache(&config);
         let pack_slots = Arc::new(Semaphore::new(slots));
-        let compression = config.compression().unwrap_or_default();
         let prewarmer = crate::prewarm::Prewarmer::new(crate::prewarm::Settings {
-            refs: config.prewarm_refs().unwrap_or_default(),
+            refs: prewarm_refs,
             cache: pack_cache.clone(),
             options: upload_pack::Options {
                 pack_threads: config.pack_threads,
@@ -119,14 +119,16 @@ impl AppState {
                 admin::DELIVERY_WINDOW,
                 admin::MAX_DELIVERIES,
             )),
-            trusted_proxies: Arc::new(config.trusted_proxies().unwrap_or_default()),
+            trusted_proxies: Arc::new(forwarded::TrustedProxies::new(trusted_proxies)),
             draining: Arc::new(AtomicBool::new(false)),
             body_budget,
             pack_cache,
             compression,
-            upstreams: Arc::new(config.upstreams().unwrap_or_default()),
+            upstreams: Arc::new(upstreams),
+            parent_proxy: parent_proxy.map(Arc::from),
+            balancer_url: balancer_url.map(Arc::from),
             mirrors: Arc::new(mirrors),
-            lfs_client: upstream_client,
+            http_client,
             config: Arc::new(config),
             pack_slots,
             stream_slots: Arc::new(Semaphore::new(streams)),
@@ -174,13 +176,6 @@ fn open_pack_cache(config: &Config) -> Option<PackCache> {
             tracing::error!(dir = %dir.display(), error = %e, "pack cache off: cannot open it");
             None
         }
-    }
-}
-
-fn upstream_options(config: &Config) -> crate::upstream::Options {
-    crate::upstream::Options {
-        connect_timeout: *config.upstream_connect_timeout,
-        stall_timeout: *config.upstream_stall_timeout,
     }
 }
 
@@ -534,9 +529,10 @@ impl From<mirror::Error> for Error {
 }
 
 /// Where the mirrors of `upstream` are fetched from: the upstream itself, or with
-/// `PARENT_PROXY` the parent proxy, which serves them under the same `{host}/{path}` names.
-fn fetch_source(config: &Config, upstream: &Upstream) -> Upstream {
-    match config.parent_proxy() {
+/// `PARENT_PROXY` (`parent`) the parent proxy, which serves them under the same
+/// `{host}/{path}` names.
+fn fetch_source(parent: Option<&str>, upstream: &Upstream) -> Upstream {
+    match parent {
         Some(parent) => Upstream {
             segment: upstream.segment.clone(),
             base_url: format!("{parent}/{}", upstream.segment),
@@ -613,7 +609,7 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let source = fetch_source(&state.config, upstream);
+    let source = fetch_source(state.parent_proxy.as_deref(), upstream);
     let credentials = upstream_credentials(&state.config, &source, client_authorization.as_deref());
     // A child proxy's want-miss or push-driven sync: check our upstream too (`ls-refs`).
     let revalidate = parts
@@ -720,7 +716,7 @@ async fn route(
                 None => (body, None),
             };
             let response = lfs::forward(
-                &state.lfs_client,
+                &state.http_client,
                 &url,
                 method.clone(),
                 &headers,

@@ -117,14 +117,14 @@ static BUDGET: MemoryBudget = MemoryBudget {
 /// The default of `PACK_MEMORY_BUDGET`.
 pub const DEFAULT_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
 
-/// Set the memory budget of all delta-base caches of the process.
+/// The gauge of the bytes reserved from [`BUDGET`], kept up to date by the reservations.
+const RESERVED_GAUGE: &str = "smart_git_proxy_pack_memory_reserved_bytes";
+
+/// Set the memory budget of all delta-base caches of the process, and publish its gauge.
 pub fn set_memory_budget(bytes: usize) {
     BUDGET.limit.store(bytes, Ordering::Relaxed);
-}
-
-/// Bytes of the memory budget reserved right now.
-pub fn memory_reserved() -> usize {
-    BUDGET.reserved.load(Ordering::Relaxed)
+    // Registered at once, so that it is exported before the first pack (adds nothing).
+    metrics::gauge!(RESERVED_GAUGE).increment(0.0);
 }
 
 impl MemoryBudget {
@@ -185,6 +185,7 @@ impl gix_pack::cache::DecodeEntry for BudgetedCache {
         if !self.tried {
             self.tried = true;
             self.reserved = BUDGET.reserve(DELTA_BASE_CACHE_BYTES);
+            metrics::gauge!(RESERVED_GAUGE).increment(self.reserved as f64);
             self.inner = (self.reserved > 0)
                 .then(|| gix_pack::cache::lru::MemoryCappedHashmap::new(self.reserved));
         }
@@ -206,6 +207,7 @@ impl gix_pack::cache::DecodeEntry for BudgetedCache {
 impl Drop for BudgetedCache {
     fn drop(&mut self) {
         BUDGET.release(self.reserved);
+        metrics::gauge!(RESERVED_GAUGE).decrement(self.reserved as f64);
     }
 }
 
