@@ -385,7 +385,7 @@ pub enum Error {
     },
     /// `PREWARM_REFS` has an unusable entry.
     #[error(transparent)]
-    PrewarmRefs(#[from] crate::prewarm::RefsError),
+    PrewarmRefs(#[from] crate::prewarm::Error),
     /// `MIRROR_DIR` exists and is not a directory, or cannot be created.
     #[error("MIRROR_DIR '{path}': {reason}")]
     MirrorDir {

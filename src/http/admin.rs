@@ -135,12 +135,12 @@ async fn read_body(
     .await
     .map_err(|e| {
         let status = match e {
-            body::ReadError::TooLarge | body::ReadError::Expands => StatusCode::PAYLOAD_TOO_LARGE,
-            body::ReadError::Encoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            body::ReadError::Body(_) => StatusCode::BAD_REQUEST,
-            body::ReadError::Busy => StatusCode::SERVICE_UNAVAILABLE,
-            body::ReadError::ClientShare => StatusCode::TOO_MANY_REQUESTS,
-            body::ReadError::TimedOut => StatusCode::REQUEST_TIMEOUT,
+            body::Error::TooLarge | body::Error::Expands => StatusCode::PAYLOAD_TOO_LARGE,
+            body::Error::Encoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            body::Error::Body(_) => StatusCode::BAD_REQUEST,
+            body::Error::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            body::Error::ClientShare => StatusCode::TOO_MANY_REQUESTS,
+            body::Error::TimedOut => StatusCode::REQUEST_TIMEOUT,
         };
         answer(status, e.to_string())
     })

@@ -91,7 +91,7 @@ pub async fn is_download(
     incoming: super::body::Incoming,
     budget: &std::sync::Arc<super::body::Budget>,
     timeout: std::time::Duration,
-) -> Result<(Checked, bool), super::body::ReadError> {
+) -> Result<(Checked, bool), super::body::Error> {
     if method == Method::GET {
         // Object downloads, not the locks API (`/info/lfs/locks`).
         let download = lfs_path.starts_with("/info/lfs/objects/");

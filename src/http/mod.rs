@@ -26,8 +26,8 @@ use tracing::{field, Instrument, Span};
 use crate::config::{AuthMode, Config, Resolved};
 use crate::mirror::{self, Freshness, Mirrors, Status};
 use crate::pack::cache::PackCache;
-use crate::protocol::{pktline, v0, v2, ParseError};
-use crate::repo::{self, ResolveError, Service, Snapshot, Target};
+use crate::protocol::{pktline, v0, v2};
+use crate::repo::{self, path, Service, Snapshot, Target};
 use crate::upload_pack::{self, Version};
 use crate::upstream::{Upstream, Upstreams};
 
@@ -354,7 +354,7 @@ server busy (too many connections); retry\n";
 #[derive(Debug, thiserror::Error)]
 enum Error {
     #[error(transparent)]
-    Resolve(#[from] ResolveError),
+    Resolve(#[from] path::Error),
     #[error("repository '{0}' not found")]
     NotFound(String),
     #[error("smart-git-proxy is a read-only mirror: push to the upstream repository directly")]
@@ -368,13 +368,13 @@ enum Error {
     #[error("request body larger than {0}")]
     TooLarge(bytesize::ByteSize),
     #[error("{0}")]
-    Expands(body::ReadError),
+    Expands(body::Error),
     #[error("{0}")]
-    Encoding(body::ReadError),
+    Encoding(body::Error),
     #[error("cannot read request body: {0}")]
     Body(String),
     #[error("malformed request: {0}")]
-    Malformed(ParseError),
+    Malformed(crate::protocol::Error),
     #[error("server is shutting down")]
     Unavailable,
     #[error("server busy ({0}); retry later")]
@@ -412,10 +412,10 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = match &self {
-            Error::Resolve(ResolveError::UnknownEndpoint(_)) | Error::NotFound(_) => {
+            Error::Resolve(path::Error::UnknownEndpoint(_)) | Error::NotFound(_) => {
                 StatusCode::NOT_FOUND
             }
-            Error::Resolve(ResolveError::InvalidPath { .. })
+            Error::Resolve(path::Error::InvalidPath { .. })
             | Error::Body(_)
             | Error::Malformed(_) => StatusCode::BAD_REQUEST,
             Error::ReceivePack | Error::DumbHttp => StatusCode::FORBIDDEN,
@@ -460,8 +460,8 @@ impl Error {
     /// The metrics label of the refusal.
     fn reason(&self) -> &'static str {
         match self {
-            Error::Resolve(ResolveError::UnknownEndpoint(_)) => "unknown-endpoint",
-            Error::Resolve(ResolveError::InvalidPath { .. }) => "invalid-path",
+            Error::Resolve(path::Error::UnknownEndpoint(_)) => "unknown-endpoint",
+            Error::Resolve(path::Error::InvalidPath { .. }) => "invalid-path",
             Error::NotFound(_) => "not-found",
             Error::ReceivePack => "push",
             Error::DumbHttp => "dumb-http",
@@ -481,15 +481,15 @@ impl Error {
     }
 
     /// The error for a body that could not be read under `limit`.
-    fn from_read(e: body::ReadError, limit: bytesize::ByteSize) -> Self {
+    fn from_read(e: body::Error, limit: bytesize::ByteSize) -> Self {
         match e {
-            body::ReadError::TooLarge => Error::TooLarge(limit),
-            e @ body::ReadError::Expands => Error::Expands(e),
-            e @ body::ReadError::Encoding(_) => Error::Encoding(e),
-            body::ReadError::Body(msg) => Error::Body(msg),
-            body::ReadError::Busy => Error::Busy("request bodies use their whole memory budget"),
-            body::ReadError::ClientShare => Error::ClientBusy,
-            body::ReadError::TimedOut => Error::BodyTimeout,
+            body::Error::TooLarge => Error::TooLarge(limit),
+            e @ body::Error::Expands => Error::Expands(e),
+            e @ body::Error::Encoding(_) => Error::Encoding(e),
+            body::Error::Body(msg) => Error::Body(msg),
+            body::Error::Busy => Error::Busy("request bodies use their whole memory budget"),
+            body::Error::ClientShare => Error::ClientBusy,
+            body::Error::TimedOut => Error::BodyTimeout,
         }
     }
 
@@ -1173,15 +1173,13 @@ fn start_pack(
                 crate::metrics::request(command, "client-gone");
                 tracing::info!(error = %e, "client went away")
             }
-            Err(upload_pack::Error::Pack(crate::pack::Error::Interrupted)) => {
+            Err(upload_pack::Error::Pack(e))
+                if matches!(e.root(), crate::pack::Error::Interrupted) =>
+            {
                 crate::metrics::request(command, "client-gone");
                 tracing::info!("client went away")
             }
-            Err(
-                e @ (upload_pack::Error::NotOurRef(_)
-                | upload_pack::Error::Protocol(_)
-                | upload_pack::Error::Pack(crate::pack::Error::Missing(_))),
-            ) => {
+            Err(e) if e.is_refusal() => {
                 crate::metrics::request(command, "refused");
                 task_span.record("outcome", field::display(&e));
                 tracing::info!(error = %e, "refused");
@@ -1189,7 +1187,7 @@ fn start_pack(
             Err(e) => {
                 crate::metrics::request(command, "error");
                 task_span.record("outcome", "error");
-                tracing::error!(error = %e, "upload-pack failed");
+                tracing::error!(error = %crate::error_chain(&e), "upload-pack failed");
             }
         }
     });

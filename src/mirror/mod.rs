@@ -156,7 +156,7 @@ impl Maintenance {
         let dir = self.dir.clone();
         match tokio::task::spawn_blocking(move || sync::refresh(&dir, previous)).await {
             Ok(Ok(snapshot)) => self.repo.set_snapshot(snapshot),
-            Ok(Err(e)) => return Err(local(e.to_string())),
+            Ok(Err(e)) => return Err(local(crate::error_chain(&e))),
             Err(e) => return Err(local(e.to_string())),
         }
         tracing::info!(
@@ -840,7 +840,7 @@ impl Mirrors {
             Err(crate::repo::Error::NotFound) => Ok(None),
             Err(e) => Err(Error::Local {
                 name: dir.display().to_string(),
-                message: e.to_string(),
+                message: crate::error_chain(&e),
             }),
         }
     }
@@ -852,7 +852,9 @@ impl Mirrors {
         let owned = dir.to_path_buf();
         match tokio::task::spawn_blocking(move || sync::refresh(&owned, previous)).await {
             Ok(Ok(snapshot)) => repo.set_snapshot(snapshot),
-            Ok(Err(e)) => tracing::warn!(dir = %dir.display(), error = %e, "cannot read mirror"),
+            Ok(Err(e)) => {
+                tracing::warn!(dir = %dir.display(), error = %crate::error_chain(&e), "cannot read mirror")
+            }
             Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot read mirror"),
         }
     }
@@ -1050,7 +1052,7 @@ impl Mirrors {
                         Some(snapshot) => Ok(snapshot),
                         None => Snapshot::open(&owned.dir, None)
                             .map(Arc::new)
-                            .map_err(|e| upstream::Error::Local(e.to_string())),
+                            .map_err(|e| upstream::Error::Local(crate::error_chain(&e))),
                     };
                     snapshot.and_then(|s| {
                         let listing = plan.listing;

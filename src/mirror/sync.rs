@@ -42,7 +42,7 @@ pub(super) struct Outcome {
 
 /// A local failure with its whole cause chain (gix prints it with `{:#}`).
 fn local<E: std::error::Error + 'static>(e: E) -> upstream::Error {
-    upstream::Error::local(&e, format!("{e:#}"))
+    upstream::Error::local(&e, crate::error_chain(&e))
 }
 
 /// Make an empty bare repository at `tmp` (a new mirror's temporary directory), unless a ref

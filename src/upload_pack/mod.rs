@@ -67,23 +67,37 @@ pub enum Error {
     #[error(transparent)]
     Pack(#[from] pack::Error),
     /// gix failed while negotiating.
-    #[error("{context}: {message}")]
+    #[error("{context}")]
     Git {
         /// What we were doing.
         context: &'static str,
-        /// gix's message.
-        message: String,
+        /// gix's error.
+        #[source]
+        source: pack::Source,
     },
+    /// A request built by the proxy itself (a prewarm's) did not parse.
+    #[error("building a request")]
+    Request(#[from] crate::protocol::Error),
     /// Writing the response failed: the client went away.
     #[error("writing response: {0}")]
     Io(#[from] io::Error),
 }
 
 impl Error {
-    pub(crate) fn git<E: std::fmt::Display>(context: &'static str) -> impl FnOnce(E) -> Error {
+    pub(crate) fn git<E: Into<pack::Source>>(context: &'static str) -> impl FnOnce(E) -> Error {
         move |e| Error::Git {
             context,
-            message: e.to_string(),
+            source: e.into(),
+        }
+    }
+
+    /// Whether the request asked for what it may not have (not our ref, a missing object) or
+    /// broke the protocol: the client's fault, not ours.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Error::NotOurRef(_) | Error::Protocol(_) => true,
+            Error::Pack(e) => matches!(e.root(), pack::Error::Missing(_)),
+            _ => false,
         }
     }
 
@@ -91,10 +105,11 @@ impl Error {
     /// faults (their details go to the log).
     pub fn client_message(&self) -> String {
         match self {
-            Error::NotOurRef(_) | Error::Protocol(_) | Error::Pack(pack::Error::Missing(_)) => {
-                self.to_string()
+            e if e.is_refusal() => self.to_string(),
+            Error::Pack(e) if matches!(e.root(), pack::Error::Interrupted) => {
+                "upload-pack: aborted".into()
             }
-            Error::Pack(pack::Error::Interrupted) | Error::Io(_) => "upload-pack: aborted".into(),
+            Error::Io(_) => "upload-pack: aborted".into(),
             _ => "upload-pack: internal server error (see the proxy's log)".into(),
         }
     }
@@ -912,8 +927,8 @@ fn send_reused<W: Write>(
     }
     let bytes = match pack::reuse::stream(region, file, &mut sb, ctx.interrupt) {
         Ok(bytes) => bytes,
-        Err(pack::reuse::StreamError::Client(e)) => return Err(Error::Io(e)),
-        Err(pack::reuse::StreamError::Pack(e)) => return Err(Error::Pack(e)),
+        Err(pack::reuse::Error::Client(e)) => return Err(Error::Io(e)),
+        Err(pack::reuse::Error::Pack(e)) => return Err(Error::Pack(e)),
     };
     if args.progress {
         sb.progress(&format!(
@@ -989,13 +1004,13 @@ fn fill(
     let started = std::time::Instant::now();
     let result = match reuse {
         Some((region, path)) => std::fs::File::open(path)
-            .map_err(|e| pack::Error::Write(format!("reusing {}: {e}", region.pack)))
+            .map_err(pack::Error::file(format!("reusing {}", region.pack)))
             .and_then(|file| {
                 match pack::reuse::stream(region, file, &mut generation, &interrupt) {
                     Ok(_) => Ok(region.objects as usize),
-                    Err(pack::reuse::StreamError::Pack(e)) => Err(e),
-                    Err(pack::reuse::StreamError::Client(e)) => {
-                        Err(pack::Error::Write(e.to_string()))
+                    Err(pack::reuse::Error::Pack(e)) => Err(e),
+                    Err(pack::reuse::Error::Client(e)) => {
+                        Err(pack::Error::file("pack cache: writing a pack")(e))
                     }
                 }
             }),
@@ -1007,15 +1022,16 @@ fn fill(
     match result {
         Ok(objects) => {
             let len = generation.finish().inspect_err(|e| {
-                tracing::warn!(error = %e, "pack cache: finishing failed");
+                tracing::warn!(error = %crate::error_chain(e), "pack cache: finishing failed");
             })?;
             tracing::debug!(objects, bytes = len, duration = ?started.elapsed(), "pack cached");
             Ok(objects)
         }
         Err(e) => {
-            tracing::debug!(error = %e, "shared pack generation failed");
-            generation.fail(e.clone());
-            Err(e)
+            tracing::debug!(error = %crate::error_chain(&e), "shared pack generation failed");
+            let e = std::sync::Arc::new(e);
+            generation.fail(std::sync::Arc::clone(&e));
+            Err(pack::Error::Shared(e))
         }
     }
 }
