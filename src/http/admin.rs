@@ -21,7 +21,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{body, fetch_source, upstream_credentials, AppState};
+use super::auth::{fetch_source, upstream_credentials};
+use super::{body, AppState};
 use crate::config::Secret;
 use crate::mirror::{self, Freshness, Status};
 use crate::repo;
