@@ -1,7 +1,7 @@
 //! The HTTP front: the router and the state every handler shares. Each job has its file:
 //! - [`serve`]: the accept loop (connection limits, drain on shutdown);
 //! - `git`: the Git endpoints (`info/refs`, `git-upload-pack`), which resolve the
-//!   repository, ensure its mirror and hand the request to [`upload_pack`](crate::upload_pack);
+//!   repository, ensure its mirror and hand the request to [`crate::upload_pack`];
 //! - `answer`: an upload-pack answer in flight (slots, time limits, its blocking thread);
 //! - `error`: errors before upload-pack runs, and their answers;
 //! - `auth`: which credentials travel upstream; `body`: request and response bodies;

@@ -97,8 +97,10 @@ impl Request {
         }
     }
 
-    /// The answer's start, when it may be sent before the mirror is synced: see
-    /// [`early_preamble_v2`] and [`early_preamble_v0`].
+    /// What precedes the pack data (v2's `packfile` line, v0's `NAK`), when it may be sent
+    /// before the mirror is synced to show progress meanwhile: for a fetch that needs no
+    /// acknowledgements and no shallow or wanted-refs section, and asked for progress. Serve
+    /// the request with [`Context::preamble_sent`] then.
     pub fn early_preamble(&self) -> Option<Vec<u8>> {
         match self {
             Request::V2(r) => match &r.command {
