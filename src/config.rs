@@ -1,5 +1,7 @@
-//! Settings, from command-line flags or the environment (the seed README's names), validated
-//! before anything binds or opens.
+//! Settings, in two stages: [`Config`] holds them as given, from command-line flags or the
+//! environment (the seed README's names); [`Config::resolve`] checks them and builds what the
+//! program uses ([`Resolved`]: the allowlist, trusted proxies, zlib level, HTTP clients), once,
+//! before anything binds or opens. Every error names its variable.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -7,9 +9,9 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
 
-use crate::http::forwarded::TrustedProxies;
-use crate::mirror::{Upstreams, UpstreamsError};
+use crate::upstream::allowlist::{self, Upstream, Upstreams};
 
 // `--help` groups the settings under these headings; the ones everyone sets come first.
 const MAIN: &str = "Main settings";
@@ -238,7 +240,7 @@ pub fn parse_size(value: &str) -> Result<ByteSize, SizeError> {
 
 /// Whether the `STATIC_TOKEN_HOSTS` entry `entry` lends the token to `upstream`: the same host,
 /// reached over HTTPS, or over plain HTTP when the entry is written `http://host[:port]`.
-fn entry_lends_to(entry: &str, upstream: &crate::mirror::Upstream) -> bool {
+fn entry_lends_to(entry: &str, upstream: &Upstream) -> bool {
     match entry.strip_prefix("http://") {
         Some(host) => host.eq_ignore_ascii_case(&upstream.segment),
         None => {
@@ -257,6 +259,54 @@ fn base_url(value: &str) -> Option<&str> {
         .or_else(|| value.strip_prefix("https://"))?;
     let valid = !rest.is_empty() && !rest.contains(['?', '#', ' ', '@']);
     valid.then_some(value)
+}
+
+/// `TRUSTED_PROXIES`: comma-separated addresses (`10.0.0.5`, `::1`) and ranges (`10.0.0.0/8`,
+/// whose host bits are dropped).
+pub(crate) fn parse_trusted_proxies(list: &str) -> Result<Vec<IpNet>, Error> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|entry| {
+            entry
+                .parse::<IpNet>()
+                .map(|net| net.trunc())
+                .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| Error::TrustedProxy {
+                    entry: entry.to_owned(),
+                })
+        })
+        .collect()
+}
+
+/// The settings as the program uses them, built once at start by [`Config::resolve`]: nothing
+/// is parsed again, and nothing falls back to a default when a value is bad.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The settings as given: durations, sizes and counts are used as they are.
+    pub config: Config,
+    /// `LISTEN_ADDR`, a name resolved to its first address.
+    pub listen_addr: SocketAddr,
+    /// `ALLOWED_UPSTREAMS`
+    pub upstreams: Upstreams,
+    /// `TRUSTED_PROXIES`
+    pub trusted_proxies: Vec<IpNet>,
+    /// `PACK_COMPRESSION_LEVEL`
+    pub compression: gix::zlib::Compression,
+    /// `PREWARM_REFS`
+    pub prewarm_refs: crate::prewarm::Refs,
+    /// `PARENT_PROXY`, without its trailing slash.
+    pub parent_proxy: Option<String>,
+    /// `BALANCER_URL`, without its trailing slash.
+    pub balancer_url: Option<String>,
+    /// `UPSTREAM_CONNECT_TIMEOUT` and `UPSTREAM_STALL_TIMEOUT`.
+    pub upstream: crate::upstream::Options,
+    /// The client of LFS requests and of webhooks forwarded to `BALANCER_URL`, with the
+    /// upstream timeouts.
+    pub http_client: reqwest::Client,
+    /// The client of ref listings, whose redirects stay within the allowed upstreams and the
+    /// parent proxy.
+    pub listing_client: crate::upstream::ListingClient,
 }
 
 /// See `PACK_COMPRESSION_LEVEL`; the README gives the measurements behind it.
@@ -334,7 +384,7 @@ pub enum Error {
     },
     /// `ALLOWED_UPSTREAMS` has an unusable entry.
     #[error(transparent)]
-    Upstreams(#[from] UpstreamsError),
+    Upstreams(#[from] allowlist::Error),
     /// `AUTH_MODE=static` without a token.
     #[error("AUTH_MODE=static needs STATIC_TOKEN")]
     MissingToken,
@@ -386,12 +436,15 @@ pub enum Error {
     /// `BALANCER_URL` without the token its forwarded requests carry.
     #[error("BALANCER_URL needs ADMIN_TOKEN (the nodes' shared admin token)")]
     BalancerWithoutToken,
-    /// `TRUSTED_PROXIES` has an unusable entry.
-    #[error(transparent)]
-    TrustedProxies(#[from] crate::http::forwarded::ParseError),
+    /// `TRUSTED_PROXIES` has an entry that is neither an address nor a CIDR range.
+    #[error("TRUSTED_PROXIES entry '{entry}' is not an IP address or a CIDR range (10.0.0.0/8)")]
+    TrustedProxy {
+        /// The entry.
+        entry: String,
+    },
     /// `PREWARM_REFS` has an unusable entry.
     #[error(transparent)]
-    PrewarmRefs(#[from] crate::prewarm::RefsError),
+    PrewarmRefs(#[from] crate::prewarm::Error),
     /// A setting that was given but does nothing with the others, named in the message.
     #[error("{setting} does nothing {reason}")]
     Ignored {
@@ -408,6 +461,16 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// An HTTP client cannot be built (its TLS backend does not start): not a usage error.
+    #[error("cannot set up the HTTP clients")]
+    HttpClient(#[source] reqwest::Error),
+}
+
+impl Error {
+    /// Whether a setting is at fault (exit 64, `EX_USAGE`), rather than the machine.
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, Error::HttpClient(_))
+    }
 }
 
 impl Config {
@@ -446,7 +509,7 @@ impl Config {
 
     /// Whether `STATIC_TOKEN` may be sent to `upstream`: its host is listed in
     /// `STATIC_TOKEN_HOSTS`, and it is reached over HTTPS or the entry opts into plain HTTP.
-    pub fn lends_static_token_to(&self, upstream: &crate::mirror::Upstream) -> bool {
+    pub fn lends_static_token_to(&self, upstream: &Upstream) -> bool {
         self.static_token_entries()
             .any(|entry| entry_lends_to(entry, upstream))
     }
@@ -478,8 +541,8 @@ impl Config {
     }
 
     /// The parsed `TRUSTED_PROXIES`.
-    pub fn trusted_proxies(&self) -> Result<TrustedProxies, Error> {
-        Ok(self.trusted_proxies.parse()?)
+    pub fn trusted_proxies(&self) -> Result<Vec<IpNet>, Error> {
+        parse_trusted_proxies(&self.trusted_proxies)
     }
 
     /// The parsed `PREWARM_REFS`.
@@ -695,6 +758,44 @@ impl Config {
         self.max_concurrent_packs.unwrap_or(cores * 2)
     }
 
+    /// Check every setting, then build what the program uses from them; call before binding.
+    pub fn resolve(self) -> Result<Resolved, Error> {
+        self.validate()?;
+        let upstream = crate::upstream::Options {
+            connect_timeout: *self.upstream_connect_timeout,
+            stall_timeout: *self.upstream_stall_timeout,
+        };
+        let upstreams = self.upstreams()?;
+        let parent_proxy = self.parent_proxy().map(str::to_owned);
+        // Ref listings follow redirects only within the allowed upstreams (and the parent).
+        let origins: Vec<String> = upstreams
+            .base_urls()
+            .map(str::to_owned)
+            .chain(parent_proxy.clone())
+            .collect();
+        let listing_client =
+            crate::upstream::ListingClient::new(&upstream, &origins).map_err(Error::HttpClient)?;
+        let http_client = reqwest::Client::builder()
+            .connect_timeout(upstream.connect_timeout)
+            .read_timeout(upstream.stall_timeout)
+            .user_agent(crate::protocol::AGENT)
+            .build()
+            .map_err(Error::HttpClient)?;
+        Ok(Resolved {
+            listen_addr: self.listen_socket_addr()?,
+            trusted_proxies: self.trusted_proxies()?,
+            compression: self.compression()?,
+            prewarm_refs: self.prewarm_refs()?,
+            balancer_url: self.balancer_url().map(str::to_owned),
+            parent_proxy,
+            upstreams,
+            upstream,
+            http_client,
+            listing_client,
+            config: self,
+        })
+    }
+
     /// `PARENT_PROXY` without its trailing slash, when set and valid.
     pub fn parent_proxy(&self) -> Option<&str> {
         self.parent_proxy.as_deref().and_then(base_url)
@@ -763,7 +864,7 @@ mod tests {
 
     #[test]
     fn the_static_token_goes_to_its_hosts_over_https_only() {
-        let upstreams = crate::mirror::Upstreams::parse(
+        let upstreams = Upstreams::parse(
             "github.com,gitlab.example.org,http://127.0.0.1:9001,http://10.0.0.1:80",
         )
         .unwrap();
@@ -814,6 +915,44 @@ mod tests {
         assert!(c.validate().is_ok());
         let c = Config::try_parse_from(["x", "--webhook-secret", "hook-s3cret"]).unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn resolving_builds_what_the_program_uses_once() {
+        let mut c = Config::new("/m");
+        c.allowed_upstreams = "github.com, http://127.0.0.1:9001".into();
+        c.parent_proxy = Some("http://regional:8080/".into());
+        c.trusted_proxies = "10.1.2.3/8".into();
+        c.pack_compression_level = 1;
+        let r = c.resolve().unwrap();
+        assert_eq!(r.upstreams.names(), "github.com, 127.0.0.1:9001");
+        assert_eq!(r.parent_proxy.as_deref(), Some("http://regional:8080"));
+        assert_eq!(r.balancer_url, None);
+        assert_eq!(
+            r.trusted_proxies,
+            vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(r.compression.level(), 1);
+        assert_eq!(r.listen_addr, "127.0.0.1:0".parse().unwrap());
+        // A bad value is an error naming its variable, never a default.
+        for (adjust, key) in [
+            (
+                (|c: &mut Config| c.pack_compression_level = 10) as fn(&mut Config),
+                "PACK_COMPRESSION_LEVEL",
+            ),
+            (
+                |c| c.allowed_upstreams = "ftp://x".into(),
+                "ALLOWED_UPSTREAMS",
+            ),
+            (|c| c.trusted_proxies = "lb".into(), "TRUSTED_PROXIES"),
+            (|c| c.prewarm_refs = "a b".into(), "PREWARM_REFS"),
+        ] {
+            let mut c = Config::new("/m");
+            adjust(&mut c);
+            let e = c.resolve().unwrap_err();
+            assert!(e.is_usage());
+            assert!(e.to_string().starts_with(key), "{e}");
+        }
     }
 
     #[test]
@@ -964,6 +1103,10 @@ mod tests {
             c.validate().unwrap_err().to_string(),
             "TRUSTED_PROXIES entry 'lb.internal' is not an IP address or a CIDR range (10.0.0.0/8)"
         );
+        for bad in ["10.0.0.0/33", "proxy.internal", "10.0.0.1:80", "*"] {
+            let e = parse_trusted_proxies(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("'{bad}'")), "{e}");
+        }
     }
 
     /// The defaults the README documents, as the command line gives them and as

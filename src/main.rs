@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::parser::ValueSource;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser};
-use smart_git_proxy::config::{Config, LogFormat};
+use smart_git_proxy::config::{Config, LogFormat, Resolved};
 use smart_git_proxy::http::{self, AppState};
 use tracing_subscriber::EnvFilter;
 
@@ -94,6 +94,15 @@ fn main() -> ExitCode {
             config.mirror_dir.display()
         ));
     }
+    let settings = match config.resolve() {
+        Ok(settings) => settings,
+        Err(e) if e.is_usage() => return usage_error(format_args!("{:#}", anyhow::Error::new(e))),
+        Err(e) => {
+            eprintln!("error: {:#}", anyhow::Error::new(e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = &settings.config;
     let filter = match EnvFilter::try_new(&config.log_level) {
         Ok(f) => f,
         Err(e) => return usage_error(format_args!("LOG_LEVEL '{}': {e}", config.log_level)),
@@ -110,7 +119,7 @@ fn main() -> ExitCode {
         tracing::warn!(error = %e, "jemalloc's background thread is off: idle memory is returned late");
     }
     let result = match cli.command {
-        None => match run(config) {
+        None => match run(settings) {
             Ok(()) => return ExitCode::SUCCESS,
             // The server's stderr is its log: its last line says why it stopped.
             Err(e) => {
@@ -118,8 +127,8 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        Some(Command::Maintain { repo, .. }) => maintain(config, repo),
-        Some(Command::Mirrors) => mirrors(&config),
+        Some(Command::Maintain { repo, .. }) => maintain(settings, repo),
+        Some(Command::Mirrors) => mirrors(&settings.config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -130,24 +139,25 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(settings: Resolved) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        let config = &settings.config;
         std::fs::create_dir_all(&config.mirror_dir)
             .with_context(|| format!("creating MIRROR_DIR {}", config.mirror_dir.display()))?;
         let _lock = smart_git_proxy::mirror::lock_root(&config.mirror_dir)?;
         let shutdown = shutdown_signal()?;
-        let addr = config.listen_socket_addr()?;
+        let addr = settings.listen_addr;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         let local_addr = listener.local_addr()?;
-        let effective = Effective::of(&config);
+        let effective = Effective::of(config);
         let limit = config.mirror_max_size;
-        let state = AppState::new(config);
+        let state = AppState::new(settings);
         let removed = state
             .mirrors()
             .remove_temporaries()
@@ -344,14 +354,14 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 }
 
 /// `maintain`: consolidate one mirror or all of them, one after the other.
-fn maintain(config: Config, repo: Option<String>) -> anyhow::Result<()> {
+fn maintain(settings: Resolved, repo: Option<String>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let root = config.mirror_dir.clone();
-        let state = AppState::new(config);
+        let root = settings.config.mirror_dir.clone();
+        let state = AppState::new(settings);
         let mirrors = state.mirrors();
         let dirs = match repo {
             Some(name) => {
