@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use smart_git_proxy::config::{Config, LogFormat};
 use smart_git_proxy::http::{self, AppState};
+use smart_git_proxy::mirror::maintain;
 use tracing_subscriber::EnvFilter;
 
 /// `EX_USAGE` from sysexits.h: the configuration is invalid.
@@ -235,7 +236,39 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-/// `maintain`: consolidate one mirror or all of them, one after the other.
+/// What a maintenance did, in one line.
+fn describe(o: &maintain::Outcome) -> String {
+    let graph = match o.commit_graph {
+        Some(n) => format!("{n} commits in the commit-graph"),
+        None => "no commit-graph".into(),
+    };
+    match o.work {
+        maintain::Work::Nothing => format!(
+            "{} pack(s), bitmap and commit-graph up to date: nothing to do",
+            o.packs_before
+        ),
+        maintain::Work::Graph => format!("{} pack(s) kept, {graph}", o.packs_before),
+        maintain::Work::Bitmap => format!(
+            "1 pack kept ({}), {} bitmapped commits, {graph}",
+            bytesize::ByteSize::b(o.bytes),
+            o.bitmap_commits
+        ),
+        maintain::Work::Consolidate => format!(
+            "{} packs -> 1, {} objects (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}, {} bitmapped commits, {graph}",
+            o.packs_before,
+            o.regions.iter().sum::<usize>(),
+            o.regions[0],
+            o.regions[1],
+            o.regions[2],
+            o.dropped,
+            bytesize::ByteSize::b(o.bytes),
+            o.bitmap_commits
+        ),
+    }
+}
+
+/// `maintain`: bring one mirror or all of them, one after the other, to one pack with a
+/// bitmap and commit-graph that cover their refs (consolidating only where needed).
 fn maintain(config: Config, repo: Option<String>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -259,20 +292,13 @@ fn maintain(config: Config, repo: Option<String>) -> anyhow::Result<()> {
         };
         let mut failed = 0;
         for dir in dirs {
-            let name = dir.strip_prefix(&root).unwrap_or(&dir).display().to_string();
+            let name = dir
+                .strip_prefix(&root)
+                .unwrap_or(&dir)
+                .display()
+                .to_string();
             match mirrors.maintain(&dir).await {
-                Ok(o) => println!(
-                    "{name}: {} packs -> 1, {} objects (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}, {} bitmapped commits, {} commits in the commit-graph",
-                    o.packs_before,
-                    o.regions.iter().sum::<usize>(),
-                    o.regions[0],
-                    o.regions[1],
-                    o.regions[2],
-                    o.dropped,
-                    bytesize::ByteSize::b(o.bytes),
-                    o.bitmap_commits,
-                    o.commit_graph.unwrap_or(0)
-                ),
+                Ok(o) => println!("{name}: {}", describe(&o)),
                 Err(e) => {
                     failed += 1;
                     eprintln!("{name}: {e}");
