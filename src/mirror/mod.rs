@@ -184,6 +184,8 @@ struct Maintenance {
     repo: Arc<Repo>,
     dir: PathBuf,
     slots: Arc<Semaphore>,
+    /// Eviction skips a mirror while its maintenance is pending, and is woken when it ends.
+    leases: Arc<Leases>,
     /// When it works and what it does; `packs` 0: never in the background.
     policy: maintain::Policy,
     grace: Duration,
@@ -199,10 +201,11 @@ impl Maintenance {
             return;
         }
         tokio::spawn(async move {
-            let repo = Arc::clone(&self.repo);
+            let (repo, leases) = (Arc::clone(&self.repo), Arc::clone(&self.leases));
             let (dir, policy) = (self.dir.clone(), self.policy);
+            let checked = dir.clone();
             let due = tokio::task::spawn_blocking(move || {
-                maintain::due(&dir, snapshot.refs(), policy, &AtomicBool::new(false))
+                maintain::due(&checked, snapshot.refs(), policy, &AtomicBool::new(false))
             })
             .await;
             let result = match due {
@@ -215,6 +218,9 @@ impl Maintenance {
                 tracing::warn!(error = %e, "maintenance failed; the mirror is unchanged");
             }
             repo.maintenance_pending.store(false, Ordering::Relaxed);
+            if leases.deferred.lock().remove(&dir) {
+                leases.wake.notify_one();
+            }
         });
     }
 
@@ -1286,6 +1292,7 @@ impl Mirrors {
             repo: Arc::clone(repo),
             dir: dir.to_path_buf(),
             slots: Arc::clone(&self.maintenance),
+            leases: Arc::clone(&self.leases),
             policy: maintain::Policy {
                 packs: self.settings.maintenance_packs,
                 bitmap_lag: self.settings.maintenance_bitmap_lag,
