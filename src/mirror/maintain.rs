@@ -319,6 +319,8 @@ fn refresh(
         packs_before: packs.len(),
         ..Outcome::default()
     };
+    // The graph first: the bitmap's walk then reads commits from it.
+    outcome.commit_graph = write_graph(dir, &db, refs, interrupt);
     if let (Work::Bitmap, [pack]) = (work, packs.as_slice()) {
         outcome.bitmap_commits = match pack::bitmap::write(&db, pack, &bitmap_tips(refs), interrupt)
         {
@@ -335,7 +337,6 @@ fn refresh(
             .map_err(io("reading the pack"))?
             .len();
     }
-    outcome.commit_graph = write_graph(dir, &db, refs, interrupt);
     Ok(outcome)
 }
 

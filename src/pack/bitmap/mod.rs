@@ -264,10 +264,30 @@ impl Objects {
     }
 }
 
+/// The pack position of every object of a pack, by id.
+pub(crate) type Positions = HashMap<ObjectId, u32>;
+
+impl Objects {
+    /// The pack position of every object (hashed: about 40 bytes an object).
+    pub(crate) fn positions(&self) -> Positions {
+        let mut out = Positions::default();
+        out.reserve(self.len());
+        for (i, pos) in self.rev.position.iter().enumerate() {
+            // `i` < the number of objects, a u32.
+            out.insert(self.idx.oid_at_index(i as u32).to_owned(), *pos);
+        }
+        out
+    }
+}
+
 /// A closed set of objects (everything reachable from what is in it): bits for the objects of
 /// the bitmapped pack, ids for the others.
 pub(crate) struct Reach<'a> {
     objects: &'a Objects,
+    /// The pack position of each object, when the caller built it: a hash lookup instead of
+    /// the index's binary search, for walks that look up every object of the pack (the bitmap
+    /// writer's).
+    positions: Option<&'a Positions>,
     bits: Bits,
     ext: HashMap<ObjectId, Kind>,
     /// Objects visited, for interrupt checks.
@@ -291,6 +311,7 @@ impl<'a> Reach<'a> {
     fn new(objects: &'a Objects) -> Self {
         Reach {
             objects,
+            positions: None,
             bits: Bits::with_len(objects.len()),
             ext: HashMap::default(),
             work: 0,
@@ -298,8 +319,15 @@ impl<'a> Reach<'a> {
         }
     }
 
+    fn position(&self, id: &ObjectId) -> Option<usize> {
+        match self.positions {
+            Some(positions) => positions.get(id).map(|p| *p as usize),
+            None => self.objects.position(id),
+        }
+    }
+
     fn contains(&self, id: &ObjectId) -> bool {
-        match self.objects.position(id) {
+        match self.position(id) {
             Some(pos) => self.bits.get(pos),
             None => self.ext.contains_key(id),
         }
@@ -307,7 +335,7 @@ impl<'a> Reach<'a> {
 
     /// Add `id`; whether it was new.
     fn insert(&mut self, id: ObjectId, kind: Kind) -> bool {
-        match self.objects.position(&id) {
+        match self.position(&id) {
             Some(pos) if self.bits.get(pos) => false,
             Some(pos) => {
                 self.bits.set(pos);

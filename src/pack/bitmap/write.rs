@@ -69,6 +69,9 @@ pub fn write(
     let objects = Objects::open(pack).map_err(Error::Pack)?;
     let n = u32::try_from(objects.len()).map_err(|_| Error::Pack("too many objects".into()))?;
     let mut types: [Bits; 4] = std::array::from_fn(|_| Bits::with_len(objects.len()));
+    // Every object of the pack is looked up, most of them many times (once per tree that
+    // lists it).
+    let positions = objects.positions();
     let mut commits = Commits::new(db, HashSet::default());
     let mut selected: HashMap<ObjectId, usize> = HashMap::default();
     let mut entries = Entries::default();
@@ -101,6 +104,7 @@ pub fn write(
         let room = MAX_COMMITS - selected.len();
         let spread = SPREAD.max(chain.len().div_ceil(room));
         let mut reach = Reach::new(&objects);
+        reach.positions = Some(&positions);
         reach.types = Some(std::mem::take(&mut types));
         if let Some(entry) = below {
             reach.bits = entries.bits(entry, objects.len()).map_err(Error::Pack)?;
