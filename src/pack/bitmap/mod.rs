@@ -295,6 +295,57 @@ pub(crate) struct Reach<'a> {
     /// When set, the type of every pack object added, by [`type_index`] (the bitmap writer
     /// learns the types of the pack's objects this way).
     types: Option<[Bits; 4]>,
+    /// When set, trees of the pack are read through it rather than the object database.
+    reader: Option<PackReader<'a>>,
+}
+
+/// Reads the objects of one pack by position, from the pack itself: no index lookup per
+/// object (the object database searches each pack's index for every read), for the bitmap
+/// writer, which reads every tree of the pack.
+pub(crate) struct PackReader<'a> {
+    pack: gix_pack::data::File,
+    objects: &'a Objects,
+    positions: &'a Positions,
+    inflate: gix::zlib::Inflate,
+    cache: Box<dyn gix_pack::cache::DecodeEntry>,
+}
+
+impl<'a> PackReader<'a> {
+    /// A reader of the pack at `path`, whose objects are `objects`.
+    pub(crate) fn open(
+        path: &Path,
+        objects: &'a Objects,
+        positions: &'a Positions,
+    ) -> Result<PackReader<'a>, String> {
+        Ok(PackReader {
+            pack: gix_pack::data::File::at(path, gix::hash::Kind::Sha1)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?,
+            objects,
+            positions,
+            inflate: gix::zlib::Inflate::default(),
+            cache: super::delta_base_cache(),
+        })
+    }
+
+    /// The object at pack position `pos`, decoded into `out`: its kind.
+    fn read(&mut self, pos: usize, out: &mut Vec<u8>) -> Result<Kind, String> {
+        let (pack, objects, positions) = (&self.pack, self.objects, self.positions);
+        let entry = pack
+            .entry(objects.offset(pos))
+            .map_err(|e| e.to_string())?;
+        let resolve = |id: &gix::oid, _: &mut Vec<u8>| {
+            Ok(match positions.get(id) {
+                Some(p) => Some(gix_pack::data::decode::entry::ResolvedBase::InPack(
+                    pack.entry(objects.offset(*p as usize))?,
+                )),
+                None => None,
+            })
+        };
+        let outcome = pack
+            .decode_entry(entry, out, &mut self.inflate, &resolve, &mut *self.cache)
+            .map_err(|e| e.to_string())?;
+        Ok(outcome.kind)
+    }
 }
 
 /// The index of `kind` among the type bitmaps, in git's order: commits, trees, blobs, tags.
@@ -312,6 +363,7 @@ impl<'a> Reach<'a> {
         Reach {
             objects,
             positions: None,
+            reader: None,
             bits: Bits::with_len(objects.len()),
             ext: HashMap::default(),
             work: 0,
@@ -418,8 +470,28 @@ impl<'a> Reach<'a> {
                 continue;
             }
             self.tick(interrupt)?;
-            let (data, _) = super::find_kind(db, buf, tree, Kind::Tree)?;
-            for entry in TreeRefIter::from_bytes(data.data, tree.kind()) {
+            let pos = self.position(&tree);
+            let data = match (self.reader.as_mut(), pos) {
+                (Some(reader), Some(pos)) => match reader.read(pos, buf) {
+                    Ok(Kind::Tree) => &buf[..],
+                    Ok(kind) => {
+                        return Err(Error::Read {
+                            context: "expected a tree at",
+                            id: tree,
+                            message: format!("found a {kind}"),
+                        })
+                    }
+                    Err(message) => {
+                        return Err(Error::Read {
+                            context: "reading tree",
+                            id: tree,
+                            message,
+                        })
+                    }
+                },
+                _ => super::find_kind(db, buf, tree, Kind::Tree)?.0.data,
+            };
+            for entry in TreeRefIter::from_bytes(data, tree.kind()) {
                 let entry = entry.map_err(|e| Error::Read {
                     context: "decoding tree",
                     id: tree,
