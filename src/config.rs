@@ -218,7 +218,7 @@ fn base_url(value: &str) -> Option<&str> {
 pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
 
 /// See `MAINTENANCE_BITMAP_LAG`; the README gives the measurements behind it.
-pub const DEFAULT_BITMAP_LAG: usize = 1_000;
+pub const DEFAULT_BITMAP_LAG: usize = 300;
 
 /// A setting that is never printed: its `Debug` form is `<redacted>`, so a logged or printed
 /// configuration does not carry the token.

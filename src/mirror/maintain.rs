@@ -36,7 +36,6 @@
 //! new bitmap and commit-graph for that pack, which stays as it is; consolidation comes when
 //! there are more packs than the policy allows, or when a stale bitmap spans several packs.
 
-use std::collections::HashMap as StdHashMap;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -408,7 +407,8 @@ fn consolidate_locked(
         interrupt,
     )?
     .counts;
-    let mut seen: HashSet<ObjectId> = first.iter().map(|c| c.id).collect();
+    // Each object's region, which also tells what is planned already.
+    let mut region_of: Regions = first.iter().map(|c| (c.id, 0)).collect();
     let mut second = pack::plan(
         &db,
         &pack::Selection {
@@ -421,13 +421,26 @@ fn consolidate_locked(
     )?
     .counts;
     // The walking planner leaves out what the clone tips' boundary reaches, not all they reach.
-    second.retain(|c| seen.insert(c.id));
-    let (third, dropped) = unreachable(dir, &old_loose, &db, &mut seen, grace)?;
+    second.retain(|c| match region_of.entry(c.id) {
+        gix::hashtable::hash_map::Entry::Vacant(v) => {
+            v.insert(1);
+            true
+        }
+        gix::hashtable::hash_map::Entry::Occupied(_) => false,
+    });
+    let (third, dropped) = unreachable(dir, &old_loose, &db, &mut region_of, grace)?;
     let regions = [first.len(), second.len(), third.len()];
 
     let pack_dir = dir.join("objects/pack");
     let tmp = pack_dir.join(format!(".tmp-maintenance-{}.pack", std::process::id()));
-    let written = write_regions(&db, [first, second, third], &tmp, thread_limit, interrupt);
+    let written = write_regions(
+        &db,
+        [first, second, third],
+        region_of,
+        &tmp,
+        thread_limit,
+        interrupt,
+    );
     let bytes = written.as_ref().map_or(0, |w| w.bytes);
     // Where the first region ends: at the entry that follows it, or the trailer.
     let end = written.as_ref().map_or(0, |w| {
@@ -438,6 +451,7 @@ fn consolidate_locked(
     let installed = written.and_then(|w| install(&tmp, &pack_dir, w));
     let _ = std::fs::remove_file(&tmp);
     let new_pack = installed?;
+    tracing::debug!(pack = %new_pack.display(), bytes, "pack written");
     let region = reuse::Region {
         pack: new_pack
             .file_name()
@@ -447,6 +461,11 @@ fn consolidate_locked(
         end,
         tips: reuse::tips_digest(&clone_tips),
     };
+    // A new repository handle for the new pack: the old one keeps the old packs mapped, with
+    // the pages copying touched resident (as large as the pack), which nothing reads now.
+    drop((db, repo, bitmap));
+    let repo = crate::repo::open(dir)?;
+    let db = pack::db(&repo);
     let bitmap_commits = match pack::bitmap::write(&db, &new_pack, &bitmap_tips(&refs), interrupt) {
         Ok(written) => {
             tracing::debug!(?written, "bitmap written");
@@ -486,13 +505,16 @@ fn consolidate_locked(
     })
 }
 
-/// The objects not in `seen` (of every pack and of `loose`), as counts for the third region,
-/// and how many were too old to keep; adds the kept ones to `seen`.
+/// The region of each object (0, 1, 2: see [`consolidate`]).
+type Regions = gix::hashtable::HashMap<ObjectId, u8>;
+
+/// The objects without a region yet (of every pack and of `loose`), as counts for the third
+/// region, and how many were too old to keep; the kept ones get region 2.
 fn unreachable(
     dir: &Path,
     loose: &[(PathBuf, ObjectId)],
     db: &Db,
-    seen: &mut HashSet<ObjectId>,
+    region_of: &mut Regions,
     grace: Duration,
 ) -> Result<(Vec<output::Count>, usize), Error> {
     let now = SystemTime::now();
@@ -501,33 +523,35 @@ fn unreachable(
             .and_then(|m| m.modified())
             .map_or(true, |t| now.duration_since(t).unwrap_or_default() < grace)
     };
-    let mut candidates: Vec<(ObjectId, bool)> = Vec::new();
+    let mut kept = Vec::new();
+    let mut dropped = 0;
+    let mut buf = Vec::new();
+    let mut consider = |id: ObjectId, keep: bool| -> Result<(), Error> {
+        if region_of.contains_key(&id) {
+            return Ok(());
+        }
+        if !keep {
+            dropped += 1;
+            return Ok(());
+        }
+        region_of.insert(id, 2);
+        let location = db
+            .location_by_oid(&id, &mut buf)
+            .map_err(|e| Error::Write(format!("locating {id}: {e}")))?;
+        kept.push(output::Count::from_data(id, location));
+        Ok(())
+    };
     for pack in packs(dir).map_err(io("listing packs"))? {
         let idx = pack.with_extension("idx");
         let keep = young(&pack);
         let index = gix_pack::index::File::at(&idx, gix::hash::Kind::Sha1)
             .map_err(|e| Error::Write(format!("reading {}: {e}", idx.display())))?;
-        candidates.extend(index.iter().map(|e| (e.oid, keep)));
+        for entry in index.iter() {
+            consider(entry.oid, keep)?;
+        }
     }
     for (path, id) in loose {
-        candidates.push((*id, young(path)));
-    }
-    let mut kept = Vec::new();
-    let mut dropped = 0;
-    let mut buf = Vec::new();
-    for (id, keep) in candidates {
-        if seen.contains(&id) {
-            continue;
-        }
-        if !keep {
-            dropped += 1;
-            continue;
-        }
-        seen.insert(id);
-        let location = db
-            .location_by_oid(&id, &mut buf)
-            .map_err(|e| Error::Write(format!("locating {id}: {e}")))?;
-        kept.push(output::Count::from_data(id, location));
+        consider(*id, young(path))?;
     }
     Ok((kept, dropped))
 }
@@ -572,6 +596,7 @@ fn loose_objects(dir: &Path) -> std::io::Result<Vec<(PathBuf, ObjectId)>> {
 fn write_regions(
     db: &Db,
     regions: [Vec<output::Count>; 3],
+    region_of: Regions,
     path: &Path,
     thread_limit: Option<usize>,
     interrupt: &AtomicBool,
@@ -579,11 +604,6 @@ fn write_regions(
     let total: usize = regions.iter().map(Vec::len).sum();
     let num_objects =
         u32::try_from(total).map_err(|_| Error::Write("too many objects for one pack".into()))?;
-    let region_of: StdHashMap<ObjectId, usize> = regions
-        .iter()
-        .enumerate()
-        .flat_map(|(r, counts)| counts.iter().map(move |c| (c.id, r)))
-        .collect();
     let mut chunks: Vec<Box<dyn Iterator<Item = gix::Result<Vec<output::Entry>>>>> = Vec::new();
     for counts in regions {
         let entries = output::entry::iter_from_counts(
@@ -602,7 +622,8 @@ fn write_regions(
     }
     // Entries of each region come with indices local to it; `written` maps ids to their index
     // in the whole pack, `starts` where each region began.
-    let mut written: StdHashMap<ObjectId, usize> = StdHashMap::with_capacity(total);
+    let mut written: gix::hashtable::HashMap<ObjectId, u32> = Default::default();
+    written.reserve(total);
     let mut starts: [Option<usize>; 3] = [None; 3];
     let mut buf = Vec::new();
     let db = db.clone();
@@ -625,9 +646,11 @@ fn write_regions(
                         };
                     }
                     EntryKind::DeltaOid { id } => match region_of.get(&id) {
-                        Some(r) if *r <= region => {
+                        Some(r) if usize::from(*r) <= region => {
                             if let Some(at) = written.get(&id) {
-                                entry.kind = EntryKind::DeltaRef { object_index: *at };
+                                entry.kind = EntryKind::DeltaRef {
+                                    object_index: *at as usize,
+                                };
                             }
                         }
                         _ => {
@@ -641,7 +664,8 @@ fn write_regions(
                     },
                     EntryKind::Base(_) => {}
                 }
-                written.insert(entry.id, index);
+                // At most u32::MAX objects (checked above).
+                written.insert(entry.id, index as u32);
             }
             Ok(chunk)
         });

@@ -330,9 +330,7 @@ impl<'a> PackReader<'a> {
     /// The object at pack position `pos`, decoded into `out`: its kind.
     fn read(&mut self, pos: usize, out: &mut Vec<u8>) -> Result<Kind, String> {
         let (pack, objects, positions) = (&self.pack, self.objects, self.positions);
-        let entry = pack
-            .entry(objects.offset(pos))
-            .map_err(|e| e.to_string())?;
+        let entry = pack.entry(objects.offset(pos)).map_err(|e| e.to_string())?;
         let resolve = |id: &gix::oid, _: &mut Vec<u8>| {
             Ok(match positions.get(id) {
                 Some(p) => Some(gix_pack::data::decode::entry::ResolvedBase::InPack(

@@ -72,7 +72,8 @@ pub fn write(
     // Every object of the pack is looked up, most of them many times (once per tree that
     // lists it).
     let positions = objects.positions();
-    let mut reader = Some(super::PackReader::open(pack, &objects, &positions).map_err(Error::Pack)?);
+    let mut reader =
+        Some(super::PackReader::open(pack, &objects, &positions).map_err(Error::Pack)?);
     let mut commits = Commits::new(db, HashSet::default());
     let mut selected: HashMap<ObjectId, usize> = HashMap::default();
     let mut entries = Entries::default();
