@@ -113,10 +113,15 @@ pub struct Config {
     #[arg(long, env = "UPSTREAM_STALL_TIMEOUT", default_value = "60s", help_heading = SYNCS)]
     pub upstream_stall_timeout: humantime::Duration,
     /// Consolidate a mirror's packs into one (in the background, after a sync) once it has more
-    /// than this many; `0` turns background maintenance off (`smart-git-proxy maintain` still
-    /// runs it).
+    /// than this many; `0` turns background maintenance off, also the bitmap of a new mirror and
+    /// its refreshes (`smart-git-proxy maintain` still runs it).
     #[arg(long, env = "MAINTENANCE_PACK_THRESHOLD", default_value_t = 16, help_heading = SYNCS)]
     pub maintenance_pack_threshold: usize,
+    /// Refresh a mirror's reachability bitmap and commit-graph (in the background, after a
+    /// sync) once its refs reach more than this many commits the bitmap does not cover:
+    /// requests walk those on top of it.
+    #[arg(long, env = "MAINTENANCE_BITMAP_LAG", default_value_t = DEFAULT_BITMAP_LAG, help_heading = SYNCS)]
+    pub maintenance_bitmap_lag: usize,
     /// Unreachable objects (refs deleted or force-pushed upstream) are kept by maintenance
     /// while the pack or file holding them is younger than this.
     #[arg(long, env = "MAINTENANCE_GRACE", default_value = "14days", help_heading = SYNCS)]
@@ -311,6 +316,9 @@ pub struct Resolved {
 
 /// See `PACK_COMPRESSION_LEVEL`; the README gives the measurements behind it.
 pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
+
+/// See `MAINTENANCE_BITMAP_LAG`; the README gives the measurements behind it.
+pub const DEFAULT_BITMAP_LAG: usize = 300;
 
 /// A setting that is never printed: its `Debug` form is `<redacted>`, so a logged or printed
 /// configuration does not carry the token.
@@ -835,6 +843,7 @@ impl Config {
             pack_memory_budget: ByteSize::mib(256),
             snapshot_memory: ByteSize::mib(256),
             maintenance_pack_threshold: 16,
+            maintenance_bitmap_lag: DEFAULT_BITMAP_LAG,
             maintenance_grace: Duration::from_secs(14 * 24 * 3600).into(),
             prewarm_refs: "HEAD".into(),
             allowed_upstreams: "github.com".into(),
@@ -1137,6 +1146,7 @@ mod tests {
             assert_eq!(*c.failure_cache_ttl, Duration::from_secs(30));
             assert_eq!(c.syncs_per_host(), 3, "MAX_CONCURRENT_SYNCS - 1");
             assert_eq!(c.maintenance_pack_threshold, 16);
+            assert_eq!(c.maintenance_bitmap_lag, DEFAULT_BITMAP_LAG);
             assert_eq!(*c.maintenance_grace, Duration::from_secs(14 * 24 * 3600));
             assert_eq!(c.snapshot_memory, ByteSize::mib(256));
         }

@@ -8,6 +8,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser};
 use smart_git_proxy::config::{Config, LogFormat, Resolved};
 use smart_git_proxy::http::{self, AppState};
+use smart_git_proxy::mirror::maintain;
 use tracing_subscriber::EnvFilter;
 
 /// `EX_USAGE` from sysexits.h: the command line or a setting cannot be used; nothing was done.
@@ -353,7 +354,39 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-/// `maintain`: consolidate one mirror or all of them, one after the other.
+/// What a maintenance did, in one line.
+fn describe(o: &maintain::Outcome) -> String {
+    let graph = match o.commit_graph {
+        Some(n) => format!("{} in the commit-graph", count(n, "commit")),
+        None => "no commit-graph".into(),
+    };
+    match o.work {
+        maintain::Work::Nothing => format!(
+            "{}, bitmap and commit-graph up to date: nothing to do",
+            count(o.packs_before, "pack")
+        ),
+        maintain::Work::Graph => format!("{} kept, {graph}", count(o.packs_before, "pack")),
+        maintain::Work::Bitmap => format!(
+            "1 pack kept ({}), {}, {graph}",
+            bytesize::ByteSize::b(o.bytes),
+            count(o.bitmap_commits, "bitmapped commit")
+        ),
+        maintain::Work::Consolidate => format!(
+            "{} -> 1, {} (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}, {}, {graph}",
+            count(o.packs_before, "pack"),
+            count(o.regions.iter().sum::<usize>(), "object"),
+            o.regions[0],
+            o.regions[1],
+            o.regions[2],
+            o.dropped,
+            bytesize::ByteSize::b(o.bytes),
+            count(o.bitmap_commits, "bitmapped commit")
+        ),
+    }
+}
+
+/// `maintain`: bring one mirror or all of them, one after the other, to one pack with a
+/// bitmap and commit-graph that cover their refs (consolidating only where needed).
 fn maintain(settings: Resolved, repo: Option<String>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -377,20 +410,13 @@ fn maintain(settings: Resolved, repo: Option<String>) -> anyhow::Result<()> {
         };
         let mut failed = 0;
         for dir in dirs {
-            let name = dir.strip_prefix(&root).unwrap_or(&dir).display().to_string();
+            let name = dir
+                .strip_prefix(&root)
+                .unwrap_or(&dir)
+                .display()
+                .to_string();
             match mirrors.maintain(&dir).await {
-                Ok(o) => println!(
-                    "{name}: {} -> 1, {} (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}, {}, {} in the commit-graph",
-                    count(o.packs_before, "pack"),
-                    count(o.regions.iter().sum::<usize>(), "object"),
-                    o.regions[0],
-                    o.regions[1],
-                    o.regions[2],
-                    o.dropped,
-                    bytesize::ByteSize::b(o.bytes),
-                    count(o.bitmap_commits, "bitmapped commit"),
-                    count(o.commit_graph.unwrap_or(0), "commit")
-                ),
+                Ok(o) => println!("{name}: {}", describe(&o)),
                 Err(e) => {
                     failed += 1;
                     eprintln!("error: {name}: {e}");

@@ -168,6 +168,8 @@ pub struct Snapshot {
     /// The reachability bitmap found when the snapshot was built, mapped; requests decode
     /// what they need of it into the shared bitmap cache.
     bitmap_path: Option<PathBuf>,
+    /// Which version of that file: maintenance replaces the bitmap of a pack it keeps.
+    bitmap_version: Option<FileVersion>,
     bitmap: Option<Arc<crate::pack::bitmap::File>>,
     /// Names what the tips reach in the bitmap cache ([`Snapshot::reachable`]).
     reachable_key: u64,
@@ -227,9 +229,12 @@ impl Snapshot {
         tips.dedup();
         let clone_region = crate::pack::reuse::read_layout(dir, &refs);
         let bitmap_path = bitmap_file(dir);
+        let bitmap_version = bitmap_path.as_deref().and_then(FileVersion::of);
         // Mapped now, off the request path (the snapshot is built on a blocking thread); the
         // bitmap belongs to its pack, which a sync leaves alone, so one already mapped stays.
-        let bitmap = match previous.filter(|p| p.bitmap_path == bitmap_path) {
+        let bitmap = match previous
+            .filter(|p| p.bitmap_path == bitmap_path && p.bitmap_version == bitmap_version)
+        {
             Some(p) => p.bitmap.clone(),
             None => bitmap_path.as_deref().and_then(open_bitmap),
         };
@@ -249,6 +254,7 @@ impl Snapshot {
             + block(tips.len() * std::mem::size_of::<gix::ObjectId>());
         Ok(Snapshot {
             bitmap_path,
+            bitmap_version,
             bitmap,
             reachable_key: crate::pack::bitmap::Reachable::owner(),
             reachable_asked: Default::default(),
@@ -268,11 +274,18 @@ impl Snapshot {
         self.heap_bytes
     }
 
-    /// Whether the repository on disk still has the refs and packs of this snapshot: someone
-    /// else (an operator's `git fetch`) may have changed it. Reads the refs (packed and loose)
-    /// and the names of the pack indexes; tags are not peeled again.
+    /// Whether the repository on disk still has the refs, packs and bitmap of this snapshot:
+    /// someone else (an operator's `git fetch`, maintenance) may have changed it. Reads the
+    /// refs (packed and loose), the names of the pack indexes and the bitmap's version; tags
+    /// are not peeled again.
     pub fn is_current(&self, dir: &Path) -> Result<bool, Error> {
         if pack_names(dir) != self.packs {
+            return Ok(false);
+        }
+        let bitmap = bitmap_file(dir);
+        if bitmap != self.bitmap_path
+            || bitmap.as_deref().and_then(FileVersion::of) != self.bitmap_version
+        {
             return Ok(false);
         }
         let repo = open(dir)?;
@@ -360,6 +373,28 @@ impl Snapshot {
     /// and the pack's path.
     pub fn clone_region(&self) -> Option<&(crate::pack::reuse::Region, PathBuf)> {
         self.clone_region.as_ref()
+    }
+}
+
+/// A file's identity and modification time: a file replaced by rename has another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileVersion {
+    dev: u64,
+    ino: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl FileVersion {
+    fn of(path: &Path) -> Option<FileVersion> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileVersion {
+            dev: m.dev(),
+            ino: m.ino(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+        })
     }
 }
 

@@ -96,6 +96,7 @@ impl AppState {
             want_miss_interval: *config.want_miss_sync_interval,
             failure_ttl: *config.failure_cache_ttl,
             maintenance_packs: config.maintenance_pack_threshold,
+            maintenance_bitmap_lag: config.maintenance_bitmap_lag,
             maintenance_grace: *config.maintenance_grace,
             snapshot_memory: config.snapshot_memory.as_u64(),
             upstream,

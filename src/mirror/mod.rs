@@ -103,26 +103,43 @@ struct Maintenance {
     repo: Arc<Repo>,
     dir: PathBuf,
     slots: Arc<Semaphore>,
-    threshold: usize,
+    /// Eviction skips a mirror while its maintenance is pending, and is woken when it ends.
+    leases: Arc<Leases>,
+    /// When it works and what it does; `packs` 0: never in the background.
+    policy: maintain::Policy,
     grace: Duration,
     threads: Option<usize>,
 }
 
 impl Maintenance {
-    /// In the background, when the mirror has more packs than the threshold and no maintenance
-    /// is queued for it already (many syncs in a row schedule one).
-    fn start_if_due(self) {
-        let due = self.threshold > 0
-            && maintain::packs(&self.dir).is_ok_and(|p| p.len() > self.threshold);
-        if !due || self.repo.maintenance_pending.swap(true, Ordering::Relaxed) {
+    /// In the background, when the mirror (as `snapshot` shows it after a create or sync)
+    /// needs it under the policy ([`maintain::due`]: a new mirror has no bitmap yet) and no
+    /// maintenance is queued for it already (many syncs in a row schedule one).
+    fn start_if_due(self, snapshot: Arc<Snapshot>) {
+        if self.policy.packs == 0 || self.repo.maintenance_pending.swap(true, Ordering::Relaxed) {
             return;
         }
         tokio::spawn(async move {
-            let repo = Arc::clone(&self.repo);
-            if let Err(e) = self.run().await {
+            let (repo, leases) = (Arc::clone(&self.repo), Arc::clone(&self.leases));
+            let (dir, policy) = (self.dir.clone(), self.policy);
+            let checked = dir.clone();
+            let due = tokio::task::spawn_blocking(move || {
+                maintain::due(&checked, snapshot.refs(), policy, &AtomicBool::new(false))
+            })
+            .await;
+            let result = match due {
+                Ok(Ok(maintain::Work::Nothing)) => Ok(()),
+                Ok(Ok(_)) => self.run().await.map(drop).map_err(|e| e.to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = result {
                 tracing::warn!(error = %e, "maintenance failed; the mirror is unchanged");
             }
             repo.maintenance_pending.store(false, Ordering::Relaxed);
+            if leases.deferred.lock().remove(&dir) {
+                leases.wake.notify_one();
+            }
         });
     }
 
@@ -137,12 +154,14 @@ impl Maintenance {
             .acquire()
             .await
             .map_err(|_| local("shutting down".into()))?;
-        let _state = self.repo.state.lock().await;
+        // Not under the mirror's state lock: requests that check its freshness go on being
+        // answered. The maintenance lock keeps syncs out (a sync that starts meanwhile waits
+        // for it).
         let started = Instant::now();
         let dir = self.dir.clone();
-        let (grace, threads) = (self.grace, self.threads);
+        let (grace, policy, threads) = (self.grace, self.policy, self.threads);
         let outcome = tokio::task::spawn_blocking(move || {
-            maintain::consolidate(&dir, grace, threads, &AtomicBool::new(false))
+            maintain::run(&dir, grace, policy, threads, &AtomicBool::new(false))
         })
         .await
         .map_err(|e| local(e.to_string()))?
@@ -150,7 +169,13 @@ impl Maintenance {
             crate::metrics::maintenance("failed");
             local(format!("maintenance: {e}"))
         })?;
+        if outcome.work == maintain::Work::Nothing {
+            return Ok(outcome);
+        }
         crate::metrics::maintenance("ok");
+        // Under the state lock, as a sync sets the snapshot: one built now from the disk is
+        // not replaced by an older one.
+        let _state = self.repo.state.lock().await;
         *self.repo.usage.lock() = None;
         let previous = self.repo.snapshot();
         let dir = self.dir.clone();
@@ -161,11 +186,13 @@ impl Maintenance {
         }
         tracing::info!(
             repo = %name,
+            work = ?outcome.work,
             packs_before = outcome.packs_before,
             objects = ?outcome.regions,
             dropped = outcome.dropped,
             bytes = outcome.bytes,
             bitmap_commits = outcome.bitmap_commits,
+            commit_graph = ?outcome.commit_graph,
             duration = ?started.elapsed(),
             "mirror maintained"
         );
@@ -229,8 +256,10 @@ pub struct Settings {
     pub want_miss_interval: Duration,
     /// `FAILURE_CACHE_TTL`
     pub failure_ttl: Duration,
-    /// `MAINTENANCE_PACK_THRESHOLD` (0: off).
+    /// `MAINTENANCE_PACK_THRESHOLD` (0: no background maintenance at all).
     pub maintenance_packs: usize,
+    /// `MAINTENANCE_BITMAP_LAG`
+    pub maintenance_bitmap_lag: usize,
     /// `MAINTENANCE_GRACE`
     pub maintenance_grace: Duration,
     /// `SNAPSHOT_MEMORY`, in bytes.
@@ -1105,8 +1134,8 @@ impl Mirrors {
                         duration = ?started.elapsed(),
                         "mirror updated"
                     );
-                    if outcome.pack_bytes > 0 {
-                        maintenance.start_if_due();
+                    if outcome.changed > 0 || status == Status::Clone {
+                        maintenance.start_if_due(Arc::clone(&outcome.snapshot));
                     }
                     Ok(status)
                 }
@@ -1164,11 +1193,13 @@ impl Mirrors {
         }
     }
 
-    /// Consolidate the packs of the mirror at `dir` now (see [`maintain`]), holding its lock
-    /// so that no sync runs meanwhile, and rebuild its snapshot.
+    /// Maintain the mirror at `dir` now (see [`maintain::run`]): one pack, and a bitmap and
+    /// commit-graph that cover its refs ([`maintain::Policy::COMPLETE`]), holding its
+    /// maintenance lock so that no sync runs meanwhile; then rebuild its snapshot.
     pub async fn maintain(&self, dir: &Path) -> Result<maintain::Outcome, Error> {
         let mut job = self.maintenance_job(&self.repo(dir), dir);
         job.threads = None;
+        job.policy = maintain::Policy::COMPLETE;
         job.run().await
     }
 
@@ -1182,7 +1213,11 @@ impl Mirrors {
             repo: Arc::clone(repo),
             dir: dir.to_path_buf(),
             slots: Arc::clone(&self.maintenance),
-            threshold: self.settings.maintenance_packs,
+            leases: Arc::clone(&self.leases),
+            policy: maintain::Policy {
+                packs: self.settings.maintenance_packs,
+                bitmap_lag: self.settings.maintenance_bitmap_lag,
+            },
             grace: self.settings.maintenance_grace,
             // In the background: one thread, leaving the cores to requests.
             threads: Some(1),
@@ -1640,6 +1675,7 @@ mod tests {
             want_miss_interval: timeout,
             failure_ttl: timeout,
             maintenance_packs: 0,
+            maintenance_bitmap_lag: 0,
             maintenance_grace: timeout,
             snapshot_memory: 1 << 30,
             via_parent: false,

@@ -97,6 +97,11 @@ pub fn db(repo: &gix::Repository) -> Db {
     db
 }
 
+/// A delta-base cache for one thread of pack work, within the memory budget (see [`db`]).
+pub(crate) fn delta_base_cache() -> Box<dyn gix_pack::cache::DecodeEntry> {
+    Box::new(BudgetedCache::new())
+}
+
 /// At most this much delta-base cache per thread of pack work.
 const DELTA_BASE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// A thread that can reserve less than this works without a cache.
