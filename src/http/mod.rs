@@ -10,6 +10,8 @@ pub mod forwarded;
 mod inventory;
 pub mod lfs;
 
+pub use admin::{github_notice, gitlab_notice, Notice};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
