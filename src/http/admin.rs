@@ -172,7 +172,8 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 }
 
 /// What an authentic notice asks for.
-enum Notice {
+#[derive(Debug, PartialEq, Eq)]
+pub enum Notice {
     /// A push to the repository at this URL.
     Push(String),
     /// GitHub's check that the hook is set up.
@@ -194,8 +195,9 @@ struct GithubRepository {
     clone_url: String,
 }
 
-/// The notice in a GitHub delivery, or `None` when its signature is not the body's.
-fn github_notice(
+/// The notice in a GitHub delivery (its `X-Hub-Signature-256` and `X-GitHub-Event` headers
+/// and its body), or `None` when its signature is not the body's under `secret`.
+pub fn github_notice(
     secret: &Secret,
     signature: Option<&str>,
     event: Option<&str>,
@@ -261,8 +263,9 @@ struct GitlabProject {
     git_http_url: String,
 }
 
-/// The notice in a GitLab delivery whose token was accepted.
-fn gitlab_notice(event: Option<&str>, body: &[u8]) -> Notice {
+/// The notice in a GitLab delivery whose token was accepted (its `X-Gitlab-Event` header and
+/// its body).
+pub fn gitlab_notice(event: Option<&str>, body: &[u8]) -> Notice {
     match event {
         Some("Push Hook" | "Tag Push Hook") => match serde_json::from_slice::<GitlabPush>(body) {
             Ok(push) => Notice::Push(push.project.git_http_url),

@@ -22,6 +22,8 @@ mod inventory;
 pub mod lfs;
 mod serve;
 
+pub use admin::{github_notice, gitlab_notice, Notice};
+
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
