@@ -42,6 +42,8 @@ pub struct AppState {
     upstreams: Arc<Upstreams>,
     mirrors: Arc<Mirrors>,
     lfs_client: reqwest::Client,
+    /// The Git LFS object cache, unless `LFS_CACHE_MAX_SIZE=0`.
+    lfs: Option<Arc<crate::lfs::Cache>>,
     pack_cache: Option<PackCache>,
     /// Request-body memory (`MAX_BUFFERED_BODIES`, `MAX_BUFFERED_BODIES_PER_CLIENT`).
     body_budget: Arc<body::Budget>,
@@ -127,6 +129,7 @@ impl AppState {
             upstreams: Arc::new(config.upstreams().unwrap_or_default()),
             mirrors: Arc::new(mirrors),
             lfs_client: upstream_client,
+            lfs: open_lfs_cache(&config),
             config: Arc::new(config),
             pack_slots,
             stream_slots: Arc::new(Semaphore::new(streams)),
@@ -172,6 +175,34 @@ fn open_pack_cache(config: &Config) -> Option<PackCache> {
         Ok(cache) => Some(cache),
         Err(e) => {
             tracing::error!(dir = %dir.display(), error = %e, "pack cache off: cannot open it");
+            None
+        }
+    }
+}
+
+/// The Git LFS object cache, unless `LFS_CACHE_MAX_SIZE=0`. A cache that cannot be opened is
+/// logged and left off: Git LFS is then passed through.
+fn open_lfs_cache(config: &Config) -> Option<Arc<crate::lfs::Cache>> {
+    let max = config.lfs_cache_max_size.as_u64();
+    if max == 0 {
+        return None;
+    }
+    let dir = config.lfs_cache_dir();
+    let settings = crate::lfs::Settings {
+        dir: dir.clone(),
+        max_size: max,
+        url_key: config
+            .lfs_url_key
+            .as_ref()
+            .map(|k| k.expose().as_bytes().to_vec()),
+        link_ttl: crate::lfs::LINK_TTL,
+        connect_timeout: *config.upstream_connect_timeout,
+        stall_timeout: *config.upstream_stall_timeout,
+    };
+    match crate::lfs::Cache::open(settings) {
+        Ok(cache) => Some(Arc::new(cache)),
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "Git LFS cache off: cannot open it");
             None
         }
     }
@@ -686,51 +717,9 @@ async fn route(
             upload_pack(state.clone(), mirrored, version, incoming).await
         }
         (&Method::POST, Service::ReceivePack) => Err(Error::ReceivePack),
-        (method, Service::Lfs(lfs_path)) => {
+        (_, Service::Lfs(lfs_path)) => {
             span.record("command", "lfs");
-            let url = lfs::upstream_url(&mirrored.url, lfs_path, &parts.uri);
-            // The client's own credentials go through as they are. The proxy's static token is
-            // only lent for downloads: it must not let anonymous clients write upstream.
-            // Bodies go upstream as they came, gzip included, except a batch request read to
-            // decide on lending the token, which goes decoded.
-            let mut headers = std::borrow::Cow::Borrowed(&parts.headers);
-            let (body, authorization) = match mirrored.client_authorization.as_deref() {
-                Some(client) => (body, Some(client.to_owned())),
-                None if matches!(mirrored.credentials, mirror::Credentials::Proxy(_)) => {
-                    let (body, download) = lfs::is_download(
-                        method,
-                        lfs_path,
-                        state.incoming(parts, body),
-                        &state.body_budget,
-                        *state.config.body_read_timeout,
-                    )
-                    .await
-                    .map_err(|e| Error::from_read(e, bytesize::ByteSize::mib(1)))?;
-                    if let lfs::Checked::Decoded(_) = body {
-                        headers.to_mut().remove(header::CONTENT_ENCODING);
-                    }
-                    let token = match &mirrored.credentials {
-                        mirror::Credentials::Proxy(token) if download => {
-                            Some(token.expose().to_owned())
-                        }
-                        _ => None,
-                    };
-                    (body.into_body(), token)
-                }
-                None => (body, None),
-            };
-            let response = lfs::forward(
-                &state.lfs_client,
-                &url,
-                method.clone(),
-                &headers,
-                authorization.as_deref(),
-                body,
-            )
-            .await
-            .map_err(|e| Error::upstream("LFS request to the upstream failed".into(), &e))?;
-            span.record("outcome", field::display(response.status().as_u16()));
-            Ok(response)
+            lfs::serve(state, parts, &mirrored, lfs_path, body).await
         }
         (method, _) => Err(Error::Method(method.clone())),
     }
