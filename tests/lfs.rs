@@ -10,9 +10,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::lfs::{Gate, Lfs};
+use common::lfs::{lfs_clone, lfs_repo, Gate, Lfs};
 use common::upstream::Upstream;
-use common::{git, git_output, request, wait_until, Reply, Server};
+use common::{request, wait_until, Reply, Server};
 use sha2::{Digest, Sha256};
 
 /// Deterministic, incompressible-looking content of `len` bytes.
@@ -26,83 +26,6 @@ fn content(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
-}
-
-/// Create upstream repository `name` (`o/a`) whose `files` are Git LFS pointers, their
-/// objects in `lfs` for that repository; their OIDs.
-fn lfs_repo(up: &Upstream, lfs: &Lfs, name: &str, files: &[(&str, &[u8])]) -> Vec<String> {
-    let work = tempfile::tempdir().unwrap();
-    let w = work.path().join("w");
-    git(work.path(), &["init", "-q", "-b", "main", "w"]);
-    std::fs::write(
-        w.join(".gitattributes"),
-        "*.bin filter=lfs diff=lfs merge=lfs -text\n",
-    )
-    .unwrap();
-    let mut oids = Vec::new();
-    for (file, bytes) in files {
-        let oid = lfs.add(&format!("/{name}"), bytes);
-        let pointer = format!(
-            "version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {}\n",
-            bytes.len()
-        );
-        std::fs::write(w.join(file), pointer).unwrap();
-        oids.push(oid);
-    }
-    std::fs::write(w.join("README"), format!("{name}\n")).unwrap();
-    git(&w, &["add", "-A"]);
-    git(&w, &["commit", "-q", "-m", "LFS objects"]);
-    let bare = up.repo_dir(name);
-    std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
-    git(
-        work.path(),
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            w.to_str().unwrap(),
-            bare.to_str().unwrap(),
-        ],
-    );
-    oids
-}
-
-/// `git clone` of upstream `name` through the proxy (`insteadOf`), with `git lfs` as the
-/// filter and `extra` configuration.
-fn lfs_clone(
-    proxy: SocketAddr,
-    up: &Upstream,
-    name: &str,
-    dest: &Path,
-    extra: &[(&str, &str)],
-) -> Output {
-    let rewrite = format!("url.http://{proxy}/{}/.insteadOf", up.segment());
-    let original = format!("http://{}/", up.addr);
-    let mut config: Vec<(&str, &str)> = vec![
-        ("filter.lfs.process", "git-lfs filter-process"),
-        ("filter.lfs.smudge", "git-lfs smudge -- %f"),
-        ("filter.lfs.clean", "git-lfs clean -- %f"),
-        ("filter.lfs.required", "true"),
-        (&rewrite, &original),
-    ];
-    config.extend_from_slice(extra);
-    let mut env = vec![("GIT_CONFIG_COUNT".to_owned(), config.len().to_string())];
-    for (i, (k, v)) in config.iter().enumerate() {
-        env.push((format!("GIT_CONFIG_KEY_{i}"), k.to_string()));
-        env.push((format!("GIT_CONFIG_VALUE_{i}"), v.to_string()));
-    }
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let url = format!("http://{}/{name}", up.addr);
-    git_output(
-        dest.parent().unwrap(),
-        &[
-            "clone",
-            "-q",
-            &url,
-            dest.file_name().unwrap().to_str().unwrap(),
-        ],
-        &env,
-    )
 }
 
 fn assert_cloned(out: &Output, dest: &Path, files: &[(&str, &[u8])]) {
@@ -250,7 +173,7 @@ fn a_second_and_a_concurrent_third_clone_cost_the_storage_nothing() {
     let work = tempfile::tempdir().unwrap();
     let first = work.path().join("first");
     assert_cloned(
-        &lfs_clone(server.addr, &up, "o/assets", &first, &[]),
+        &lfs_clone(&server.addr.to_string(), &up, "o/assets", &first, &[]),
         &first,
         &files,
     );
@@ -265,7 +188,7 @@ fn a_second_and_a_concurrent_third_clone_cost_the_storage_nothing() {
                 let up = &up;
                 let addr = server.addr;
                 scope.spawn(move || {
-                    let out = lfs_clone(addr, up, "o/assets", &dest, &[]);
+                    let out = lfs_clone(&addr.to_string(), up, "o/assets", &dest, &[]);
                     (dest, out)
                 })
             })
@@ -296,7 +219,7 @@ fn concurrent_cold_clones_share_one_download_per_object() {
                 let up = &up;
                 let addr = server.addr;
                 scope.spawn(move || {
-                    let out = lfs_clone(addr, up, "o/cold", &dest, &[]);
+                    let out = lfs_clone(&addr.to_string(), up, "o/cold", &dest, &[]);
                     (dest, out)
                 })
             })
@@ -390,7 +313,7 @@ fn hits_answer_ranges() {
     let work = tempfile::tempdir().unwrap();
     let dest = work.path().join("c");
     assert_cloned(
-        &lfs_clone(server.addr, &up, "o/range", &dest, &[]),
+        &lfs_clone(&server.addr.to_string(), &up, "o/range", &dest, &[]),
         &dest,
         &[("r.bin", &bytes)],
     );
@@ -410,7 +333,11 @@ fn a_batch_on_one_repository_never_yields_another_repositorys_object() {
     let server = proxy(&up, |_| {});
     let work = tempfile::tempdir().unwrap();
     let a = work.path().join("a");
-    assert_cloned(&lfs_clone(server.addr, &up, "o/a", &a, &[]), &a, &files);
+    assert_cloned(
+        &lfs_clone(&server.addr.to_string(), &up, "o/a", &a, &[]),
+        &a,
+        &files,
+    );
     assert_eq!(cached(&cache_dir(&server)), oids, "cached from o/a");
     // The batch on o/b keeps the upstream's refusal, cached copy or not.
     let reply = batch(server.addr, &up, "o/b", &[(&oids[0], secret.len())], None);
@@ -430,7 +357,7 @@ fn a_batch_on_one_repository_never_yields_another_repositorys_object() {
     assert_eq!(r.status, 403, "{}", r.text());
     // And a clone of o/b does not get it.
     let b = work.path().join("b");
-    let out = lfs_clone(server.addr, &up, "o/b", &b, &[]);
+    let out = lfs_clone(&server.addr.to_string(), &up, "o/b", &b, &[]);
     assert!(!out.status.success(), "the checkout of o/b must fail");
     let got = std::fs::read(b.join("secret.bin")).unwrap_or_default();
     assert!(got != secret, "o/b's clone holds o/a's object");
@@ -524,7 +451,7 @@ fn corrupted_bytes_are_never_cached() {
     let work = tempfile::tempdir().unwrap();
     let dest = work.path().join("c");
     assert_cloned(
-        &lfs_clone(server.addr, &up, "o/corrupt", &dest, &[]),
+        &lfs_clone(&server.addr.to_string(), &up, "o/corrupt", &dest, &[]),
         &dest,
         &files,
     );

@@ -7,7 +7,7 @@
 //! A client still reading a deleted object keeps reading it (the open file outlives its name).
 //! Recency lives in memory and starts from the files' modification times.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,11 +22,46 @@ pub struct Store {
     temporaries: AtomicU64,
 }
 
+/// The entries and their order of use: `order` maps each entry's last use to its OID, so that
+/// the least recently used comes first.
 #[derive(Default)]
 struct Index {
     entries: HashMap<Oid, Entry>,
+    order: BTreeMap<u64, Oid>,
     bytes: u64,
     clock: u64,
+}
+
+impl Index {
+    /// Mark `oid` used now; whether it is there.
+    fn touch(&mut self, oid: &Oid) -> bool {
+        self.clock += 1;
+        let clock = self.clock;
+        let Some(entry) = self.entries.get_mut(oid) else {
+            return false;
+        };
+        self.order.remove(&entry.used);
+        entry.used = clock;
+        self.order.insert(clock, *oid);
+        true
+    }
+
+    /// Add (or replace) `oid`, used now.
+    fn insert(&mut self, oid: Oid, size: u64) {
+        self.remove(&oid);
+        self.clock += 1;
+        let used = self.clock;
+        self.entries.insert(oid, Entry { size, used });
+        self.order.insert(used, oid);
+        self.bytes += size;
+    }
+
+    fn remove(&mut self, oid: &Oid) {
+        if let Some(entry) = self.entries.remove(oid) {
+            self.order.remove(&entry.used);
+            self.bytes -= entry.size;
+        }
+    }
 }
 
 struct Entry {
@@ -69,15 +104,7 @@ impl Store {
         found.sort_by_key(|(modified, ..)| *modified);
         let mut index = Index::default();
         for (_, oid, size) in found {
-            index.clock += 1;
-            index.bytes += size;
-            index.entries.insert(
-                oid,
-                Entry {
-                    size,
-                    used: index.clock,
-                },
-            );
+            index.insert(oid, size);
         }
         let store = Store {
             dir: dir.to_owned(),
@@ -92,11 +119,8 @@ impl Store {
 
     /// The stored object `oid`, opened, and its size; a use for the eviction order.
     pub fn open_object(&self, oid: &Oid) -> Option<(File, u64)> {
-        {
-            let mut index = self.index.lock();
-            index.clock += 1;
-            let clock = index.clock;
-            index.entries.get_mut(oid)?.used = clock;
+        if !self.index.lock().touch(oid) {
+            return None;
         }
         let path = object_path(&self.dir, oid);
         match File::open(&path) {
@@ -146,15 +170,7 @@ impl Store {
             std::fs::create_dir_all(parent)?;
         }
         std::fs::rename(temporary, &path)?;
-        {
-            let mut index = self.index.lock();
-            index.clock += 1;
-            let used = index.clock;
-            if let Some(old) = index.entries.insert(*oid, Entry { size, used }) {
-                index.bytes -= old.size;
-            }
-            index.bytes += size;
-        }
+        self.index.lock().insert(*oid, size);
         let evicted = self.trim(Some(oid));
         self.report();
         Ok(evicted)
@@ -165,24 +181,23 @@ impl Store {
         let mut victims = Vec::new();
         {
             let mut index = self.index.lock();
-            if index.bytes <= self.max {
-                return 0;
-            }
-            let mut order: Vec<(u64, Oid)> = index
-                .entries
-                .iter()
-                .filter(|(oid, _)| Some(*oid) != keep)
-                .map(|(oid, e)| (e.used, *oid))
-                .collect();
-            order.sort_unstable();
-            for (_, oid) in order {
-                if index.bytes <= self.max {
+            let mut kept = None;
+            while index.bytes > self.max {
+                let Some((_, oid)) = index.order.pop_first() else {
                     break;
+                };
+                if Some(&oid) == keep {
+                    // Put back below, once the others are gone.
+                    kept = index.entries.get(&oid).map(|e| (e.used, oid));
+                    continue;
                 }
                 if let Some(e) = index.entries.remove(&oid) {
                     index.bytes -= e.size;
                     victims.push(oid);
                 }
+            }
+            if let Some((used, oid)) = kept {
+                index.order.insert(used, oid);
             }
         }
         for oid in &victims {
@@ -195,10 +210,7 @@ impl Store {
     }
 
     fn forget(&self, oid: &Oid) {
-        let mut index = self.index.lock();
-        if let Some(e) = index.entries.remove(oid) {
-            index.bytes -= e.size;
-        }
+        self.index.lock().remove(oid);
     }
 
     /// Objects and bytes stored.

@@ -13,6 +13,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
+use super::upstream::Upstream;
+use super::{git, git_output};
+
 /// How storage serves downloads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {
@@ -223,4 +226,81 @@ async fn download(
             r
         }
     }
+}
+
+/// Create upstream repository `name` (`o/a`) whose `files` are Git LFS pointers, their
+/// objects in `lfs` for that repository; their OIDs.
+pub fn lfs_repo(up: &Upstream, lfs: &Lfs, name: &str, files: &[(&str, &[u8])]) -> Vec<String> {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path().join("w");
+    git(work.path(), &["init", "-q", "-b", "main", "w"]);
+    std::fs::write(
+        w.join(".gitattributes"),
+        "*.bin filter=lfs diff=lfs merge=lfs -text\n",
+    )
+    .unwrap();
+    let mut oids = Vec::new();
+    for (file, bytes) in files {
+        let oid = lfs.add(&format!("/{name}"), bytes);
+        let pointer = format!(
+            "version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {}\n",
+            bytes.len()
+        );
+        std::fs::write(w.join(file), pointer).unwrap();
+        oids.push(oid);
+    }
+    std::fs::write(w.join("README"), format!("{name}\n")).unwrap();
+    git(&w, &["add", "-A"]);
+    git(&w, &["commit", "-q", "-m", "LFS objects"]);
+    let bare = up.repo_dir(name);
+    std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
+    git(
+        work.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            w.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+    );
+    oids
+}
+
+/// `git clone` of upstream `name` through the proxy (`insteadOf`), with `git lfs` as the
+/// filter and `extra` configuration.
+pub fn lfs_clone(
+    proxy: &str,
+    up: &Upstream,
+    name: &str,
+    dest: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> std::process::Output {
+    let rewrite = format!("url.http://{proxy}/{}/.insteadOf", up.segment());
+    let original = format!("http://{}/", up.addr);
+    let mut config: Vec<(&str, &str)> = vec![
+        ("filter.lfs.process", "git-lfs filter-process"),
+        ("filter.lfs.smudge", "git-lfs smudge -- %f"),
+        ("filter.lfs.clean", "git-lfs clean -- %f"),
+        ("filter.lfs.required", "true"),
+        (&rewrite, &original),
+    ];
+    config.extend_from_slice(extra);
+    let mut env = vec![("GIT_CONFIG_COUNT".to_owned(), config.len().to_string())];
+    for (i, (k, v)) in config.iter().enumerate() {
+        env.push((format!("GIT_CONFIG_KEY_{i}"), k.to_string()));
+        env.push((format!("GIT_CONFIG_VALUE_{i}"), v.to_string()));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let url = format!("http://{}/{name}", up.addr);
+    git_output(
+        dest.parent().unwrap(),
+        &[
+            "clone",
+            "-q",
+            &url,
+            dest.file_name().unwrap().to_str().unwrap(),
+        ],
+        &env,
+    )
 }
