@@ -167,7 +167,9 @@ fn download(object: &Map<String, Value>, now: SystemTime) -> Option<(Oid, u64, A
                 Err(_) => now,
             })
         }
-        (None, Some(at)) => Some(humantime::parse_rfc3339_weak(at.as_str()?).unwrap_or(now)),
+        // A time humantime cannot read (an offset other than `Z`) leaves the proxy's own
+        // lifetime: a link that outlives the upstream's fails its download, it grants nothing.
+        (None, Some(at)) => humantime::parse_rfc3339_weak(at.as_str()?).ok(),
         (None, None) => None,
     };
     Some((
