@@ -342,11 +342,6 @@ impl Cache {
         let body = fetch::read(Arc::new(file), start, end, None);
         Ok(Some(answer(size, start, end, partial, Source::Hit, body)))
     }
-
-    /// Objects and bytes stored.
-    pub fn usage(&self) -> (usize, u64) {
-        self.store.usage()
-    }
 }
 
 fn answer(
