@@ -78,6 +78,8 @@ fn bad_settings_exit_with_usage_error_naming_the_variable() {
         ("SYNC_STALE_AFTER", "banana", "<SYNC_STALE_AFTER>"),
         ("LOG_LEVEL", "verbose", "LOG_LEVEL 'verbose'"),
         ("ALLOWED_UPSTREAMS", "", "ALLOWED_UPSTREAMS is empty"),
+        ("LFS_CACHE_MAX_SIZE", "lots", "<LFS_CACHE_MAX_SIZE>"),
+        ("LFS_URL_KEY", " ", "LFS_URL_KEY is empty"),
         (
             "MIRROR_DIR",
             file.path().to_str().unwrap(),
