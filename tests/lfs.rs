@@ -677,3 +677,32 @@ fn uploads_and_locks_pass_through() {
     );
     assert!(r.text().starts_with("lfs-echo GET"), "{}", r.text());
 }
+
+#[test]
+fn a_child_proxy_caches_the_parents_links() {
+    let up = Upstream::start();
+    let lfs = up.serve_lfs();
+    let bytes = content(15, 700_000);
+    let files: [(&str, &[u8]); 1] = [("chained.bin", &bytes)];
+    let oids = lfs_repo(&up, &lfs, "o/chain", &files);
+    let parent = proxy(&up, |_| {});
+    let parent_url = format!("http://{}/", parent.addr);
+    let children: Vec<Server> = (0..2)
+        .map(|_| {
+            let parent_url = parent_url.clone();
+            proxy(&up, move |c| c.parent_proxy = Some(parent_url))
+        })
+        .collect();
+    let work = tempfile::tempdir().unwrap();
+    for (i, child) in children.iter().enumerate() {
+        for round in 0..2 {
+            let dest = work.path().join(format!("child{i}-{round}"));
+            let out = lfs_clone(&child.addr.to_string(), &up, "o/chain", &dest, &[]);
+            assert_cloned(&out, &dest, &files);
+        }
+        assert_eq!(cached(&cache_dir(child)), oids, "child {i} keeps its copy");
+    }
+    // The parent fetched once from the storage, and each child once from the parent.
+    assert_eq!(cached(&cache_dir(&parent)), oids);
+    assert_eq!(lfs.downloads_of(&oids[0]), 1);
+}
