@@ -296,6 +296,10 @@ fn hits_answer_ranges() {
         Some("bytes 1000-1999/100000")
     );
     assert!(r.body == bytes[1000..2000]);
+    // The download goes on after that answer, to the end.
+    wait_until("the object is stored", || {
+        cached(&cache_dir(&server)) == oids
+    });
     let r = request(server.addr, "GET", &path, &[("Range", "bytes=99000-")], b"");
     assert_eq!(r.status, 206);
     assert_eq!(r.header("x-git-proxy-status").as_deref(), Some("hit"));

@@ -186,6 +186,7 @@ impl Downloads {
         progress.send_replace(Progress::Streaming(0));
         let (chunks, mut received) = tokio::sync::mpsc::channel::<Bytes>(16);
         let writer_progress = progress.clone();
+        let written_file = Arc::clone(&file);
         // Writing and hashing are blocking work: one blocking thread per download.
         let writer = tokio::task::spawn_blocking(move || {
             let mut hasher = Sha256::new();
@@ -241,10 +242,14 @@ impl Downloads {
             return Err(Failure::Corrupt);
         }
         let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || store.commit(&path, &oid, size))
-            .await
-            .map_err(|e| Failure::Local(std::io::Error::other(e)))?
-            .map_err(Failure::Local)
+        // On disk before it has a name in the store: after a power loss, an entry is whole.
+        tokio::task::spawn_blocking(move || {
+            written_file.sync_data()?;
+            store.commit(&path, &oid, size)
+        })
+        .await
+        .map_err(|e| Failure::Local(std::io::Error::other(e)))?
+        .map_err(Failure::Local)
     }
 }
 
