@@ -439,28 +439,34 @@ async fn read_limited(mut response: reqwest::Response, max: usize) -> Result<Byt
     Ok(body.freeze())
 }
 
-/// Redirects of upstream storage: at most 10, never from `https` to `http`, and never to a
-/// loopback, private or link-local address unless the storage itself lives on one (as in
-/// tests). Host names are judged as written, not as resolved.
+/// Redirects of upstream storage: see [`redirect_refusal`].
 fn redirect_policy() -> reqwest::redirect::Policy {
     reqwest::redirect::Policy::custom(|attempt| {
-        let first = attempt.previous().first().cloned();
-        let to = attempt.url();
-        if attempt.previous().len() > 10 {
-            return attempt.error("too many redirects");
+        match redirect_refusal(attempt.previous(), attempt.url()) {
+            Some(reason) => attempt.error(reason),
+            None => attempt.follow(),
         }
-        let downgrade = attempt
-            .previous()
-            .last()
-            .is_some_and(|from| from.scheme() == "https" && to.scheme() != "https");
-        if downgrade {
-            return attempt.error("redirect from https to http");
-        }
-        if is_internal(to) && !first.as_ref().is_some_and(is_internal) {
-            return attempt.error("redirect to an internal address");
-        }
-        attempt.follow()
     })
+}
+
+/// Why a redirect to `to` after the URLs `previous` (the first is the upstream's `href`) is
+/// not followed, if it is not: beyond 10 redirects, from `https` to `http`, or to a loopback,
+/// private or link-local address when the storage itself is not on one (as in tests). Host
+/// names are judged as written, not as resolved.
+fn redirect_refusal(previous: &[reqwest::Url], to: &reqwest::Url) -> Option<&'static str> {
+    if previous.len() > 10 {
+        return Some("too many redirects");
+    }
+    if previous
+        .last()
+        .is_some_and(|from| from.scheme() == "https" && to.scheme() != "https")
+    {
+        return Some("redirect from https to http");
+    }
+    if is_internal(to) && !previous.first().is_some_and(is_internal) {
+        return Some("redirect to an internal address");
+    }
+    None
 }
 
 fn is_internal(url: &reqwest::Url) -> bool {
@@ -519,6 +525,20 @@ mod tests {
         assert!(Oid::parse(&"A".repeat(64)).is_none());
         assert!(Oid::parse(&"a".repeat(63)).is_none());
         assert!(Oid::parse(&"g".repeat(64)).is_none());
+    }
+
+    #[test]
+    fn storage_redirects() {
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        let public = url("https://storage.example/o");
+        let refused = |previous: &[reqwest::Url], to: &str| redirect_refusal(previous, &url(to));
+        assert_eq!(refused(&[public.clone()], "https://cdn.example/o"), None);
+        assert!(refused(&[public.clone()], "http://cdn.example/o").is_some());
+        assert!(refused(&[public.clone()], "https://127.0.0.1/o").is_some());
+        assert!(refused(&[public.clone()], "https://10.0.0.1/o").is_some());
+        let local = url("http://127.0.0.1:9000/o");
+        assert_eq!(refused(&[local.clone()], "http://127.0.0.1:9001/o"), None);
+        assert!(refused(&vec![public; 11], "https://cdn.example/o").is_some());
     }
 
     #[test]
