@@ -286,7 +286,8 @@ const CHUNK: u64 = 1024 * 1024;
 
 /// Bytes `start..end` of `file` as a stream of chunks read on blocking threads, one at a time
 /// (the client's pace sets the reads'). With `progress`, the file is a download's: reads wait
-/// for the bytes to be published, and fail when the download does.
+/// for the bytes to be published, and fail when the download does. Without, the file must be
+/// this stream's alone (its cursor is used).
 pub fn read(
     file: Arc<File>,
     start: u64,
@@ -321,16 +322,32 @@ pub fn read(
             };
             let len = (available - pos).min(CHUNK) as usize;
             let reader = Arc::clone(&file);
-            let chunk = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0; len];
-                reader
-                    .read_exact_at(&mut buf, pos)
-                    .map(|()| Bytes::from(buf))
-            })
-            .await
-            .map_err(std::io::Error::other)??;
+            let shared = progress.is_some();
+            let chunk = tokio::task::spawn_blocking(move || read_chunk(&reader, pos, len, shared))
+                .await
+                .map_err(std::io::Error::other)??;
             let next = pos + chunk.len() as u64;
             Ok(Some((chunk, (file, next, progress))))
         },
     )
+}
+
+/// `len` bytes of `file` from `pos`. A download's file is read by several clients at once, by
+/// offset; a stored object's is opened per answer, and read through its cursor into
+/// uninitialised memory (no zeroing of every chunk, which the hits' rate notices).
+fn read_chunk(file: &File, pos: u64, len: usize, shared: bool) -> std::io::Result<Bytes> {
+    use std::io::{Read, Seek};
+    let mut buf = Vec::with_capacity(len);
+    if shared {
+        buf.resize(len, 0);
+        file.read_exact_at(&mut buf, pos)?;
+    } else {
+        let mut file = file;
+        file.seek(std::io::SeekFrom::Start(pos))?;
+        file.take(len as u64).read_to_end(&mut buf)?;
+        if buf.len() != len {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(Bytes::from(buf))
 }
