@@ -34,8 +34,9 @@ use gix::object::Kind;
 use smart_git_proxy::http::lfs::batch_operation;
 use smart_git_proxy::protocol::filter::{Error as FilterError, Filter};
 use smart_git_proxy::protocol::pktline::{Line, Reader, MAX_DATA_LEN};
-use smart_git_proxy::protocol::{v0, v2, Deepen, ParseError, INFINITE_DEPTH};
-use smart_git_proxy::repo::{resolve, ResolveError, Service};
+use smart_git_proxy::protocol::{v0, v2, Deepen, Error as ParseError, INFINITE_DEPTH};
+use smart_git_proxy::repo::path::Error as ResolveError;
+use smart_git_proxy::repo::{resolve, Service};
 
 #[test]
 fn pktline() {

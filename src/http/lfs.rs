@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 use tracing::{field, Span};
 
-use super::{AppState, Error, Mirrored};
+use super::error::Error;
+use super::git::Mirrored;
+use super::AppState;
 use crate::mirror;
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those the client
@@ -30,7 +32,7 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 /// Answer the LFS request `lfs_path` (from `/info/lfs` on) for `mirrored`.
-pub(super) async fn serve(
+pub(super) async fn proxy(
     state: &AppState,
     parts: &axum::http::request::Parts,
     mirrored: &Mirrored,
@@ -80,12 +82,12 @@ pub(super) async fn serve(
             // The answer is read as JSON: in the encoding reqwest reads.
             headers.to_mut().remove(header::ACCEPT_ENCODING);
             let request =
-                upstream_request(&state.lfs_client, &url, method, &headers, authorization)
+                upstream_request(&state.http_client, &url, method, &headers, authorization)
                     .body(bytes.clone());
             return batch(cache, mirrored, &base, request).await;
         }
     }
-    let request = upstream_request(&state.lfs_client, &url, method, &headers, authorization).body(
+    let request = upstream_request(&state.http_client, &url, method, &headers, authorization).body(
         reqwest::Body::wrap_stream(body.into_body().into_data_stream()),
     );
     let response = request
@@ -324,7 +326,7 @@ async fn is_download(
     incoming: super::body::Incoming,
     budget: &std::sync::Arc<super::body::Budget>,
     timeout: std::time::Duration,
-) -> Result<(Checked, bool), super::body::ReadError> {
+) -> Result<(Checked, bool), super::body::Error> {
     if method == Method::GET {
         // Object downloads, not the locks API (`/info/lfs/locks`).
         let download = lfs_path.starts_with("/info/lfs/objects/");

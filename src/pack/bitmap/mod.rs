@@ -395,7 +395,7 @@ impl<'a> Reach<'a> {
                 let entry = entry.map_err(|e| Error::Read {
                     context: "decoding tree",
                     id: tree,
-                    message: e.to_string(),
+                    source: e.into(),
                 })?;
                 // Submodule commits live in another repository.
                 if entry.mode.is_tree() {
@@ -624,7 +624,7 @@ pub fn plan(
             let Some((data, _)) = db.try_find(&next, &mut buf).map_err(|e| Error::Read {
                 context: "reading tag",
                 id: next,
-                message: e.to_string(),
+                source: e.into(),
             })?
             else {
                 break;
@@ -651,7 +651,7 @@ pub fn plan(
             .map_err(|e| Error::Read {
                 context: "locating object",
                 id: *id,
-                message: e.to_string(),
+                source: e.into(),
             })
     };
     plan.counts.reserve(send.count() + ext.len());
