@@ -131,6 +131,17 @@ pub struct Config {
     /// `10GiB`; least recently used packs are evicted beyond it. `0` turns the cache off.
     #[arg(long, env = "PACK_CACHE_MAX_SIZE", value_parser = parse_size, default_value = "10GiB", help_heading = PACKS)]
     pub pack_cache_max_size: ByteSize,
+    /// Where the Git LFS object cache keeps objects; default `{MIRROR_DIR}/.lfs-cache`.
+    #[arg(long, env = "LFS_CACHE_DIR", help_heading = PACKS)]
+    pub lfs_cache_dir: Option<PathBuf>,
+    /// Disk space for Git LFS objects, e.g. `50GiB`; least recently used objects are evicted
+    /// beyond it. `0` turns the cache off: Git LFS is then passed through.
+    #[arg(long, env = "LFS_CACHE_MAX_SIZE", value_parser = parse_size, default_value = "20GiB", help_heading = PACKS)]
+    pub lfs_cache_max_size: ByteSize,
+    /// Key of the proxy's Git LFS object links (HMAC-SHA256); nodes behind one balancer share
+    /// it. Unset: a random key per process (links die with it).
+    #[arg(long, env = "LFS_URL_KEY", hide_env_values = true, help_heading = PACKS)]
+    pub lfs_url_key: Option<Secret>,
     /// Refs whose moves by a sync prewarm the pack cache with the `--depth=1` fetch
     /// `actions/checkout` makes: comma-separated, `HEAD` for the branch `HEAD` points to, or
     /// globs of ref names (`release/*` is `refs/heads/release/*`; `refs/tags/v*`); empty: off.
@@ -515,6 +526,13 @@ impl Config {
         self.mirror_dir.join(".pack-cache")
     }
 
+    /// `LFS_CACHE_DIR`, or its default under `MIRROR_DIR`.
+    pub fn lfs_cache_dir(&self) -> PathBuf {
+        self.lfs_cache_dir
+            .clone()
+            .unwrap_or_else(|| self.mirror_dir.join(".lfs-cache"))
+    }
+
     /// Whether `STATIC_TOKEN` may be sent to `upstream`: its host is listed in
     /// `STATIC_TOKEN_HOSTS`, and it is reached over HTTPS or the entry opts into plain HTTP.
     pub fn lends_static_token_to(&self, upstream: &Upstream) -> bool {
@@ -640,6 +658,7 @@ impl Config {
         for (key, secret) in [
             ("ADMIN_TOKEN", &self.admin_token),
             ("WEBHOOK_SECRET", &self.webhook_secret),
+            ("LFS_URL_KEY", &self.lfs_url_key),
         ] {
             if secret
                 .as_ref()
@@ -839,6 +858,9 @@ impl Config {
             pack_threads: None,
             pack_compression_level: DEFAULT_COMPRESSION_LEVEL,
             pack_cache_max_size: ByteSize::gib(10),
+            lfs_cache_dir: None,
+            lfs_cache_max_size: ByteSize::gib(20),
+            lfs_url_key: None,
             mirror_max_size: None,
             pack_memory_budget: ByteSize::mib(256),
             snapshot_memory: ByteSize::mib(256),

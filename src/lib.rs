@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod http;
+pub mod lfs;
 pub mod metrics;
 pub mod mirror;
 pub mod pack;

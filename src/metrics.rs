@@ -19,6 +19,7 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             match installed {
                 Ok(h) => {
                     describe();
+                    crate::lfs::describe_metrics();
                     metrics::gauge!("smart_git_proxy_build_info", "version" => env!("CARGO_PKG_VERSION"))
                         .set(1.0);
                     // Present from the start, so that a rate over it is 0 rather than empty.

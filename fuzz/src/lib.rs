@@ -248,6 +248,25 @@ pub fn check_lfs(input: &[u8]) -> Outcome {
             ));
         }
     }
+    // The same bytes as an upstream's batch answer: the cache's rewrite never panics, writes
+    // JSON, and links exactly the objects it reports authorized.
+    let mut links = 0;
+    let rewritten = smart_git_proxy::lfs::batch::rewrite(
+        input,
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000),
+        std::time::Duration::from_secs(3600),
+        |_, _, _| {
+            links += 1;
+            "http://proxy/link".into()
+        },
+    );
+    if let Some((body, authorized)) = rewritten {
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .map_err(|e| format!("the rewrite wrote no JSON: {e}"))?;
+        if authorized.len() != links {
+            return Err(format!("{links} links for {} objects", authorized.len()));
+        }
+    }
     Ok(match op.as_deref() {
         None => "none",
         Some("download") => "download",

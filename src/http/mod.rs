@@ -61,6 +61,8 @@ pub struct AppState {
     /// The client of LFS requests and forwarded webhooks.
     http_client: reqwest::Client,
     pack_cache: Option<PackCache>,
+    /// The Git LFS object cache, unless `LFS_CACHE_MAX_SIZE=0`.
+    lfs: Option<Arc<crate::lfs::Cache>>,
     /// Request-body memory (`MAX_BUFFERED_BODIES`, `MAX_BUFFERED_BODIES_PER_CLIENT`).
     body_budget: Arc<body::Budget>,
     /// Set once shutdown began: `/readyz` answers 503.
@@ -141,6 +143,7 @@ impl AppState {
             balancer_url: balancer_url.map(Arc::from),
             mirrors: Arc::new(mirrors),
             http_client,
+            lfs: open_lfs_cache(&config),
             config: Arc::new(config),
             pack_slots,
             stream_slots: Arc::new(Semaphore::new(streams)),
@@ -186,6 +189,34 @@ fn open_pack_cache(config: &Config) -> Option<PackCache> {
         Ok(cache) => Some(cache),
         Err(e) => {
             tracing::error!(dir = %dir.display(), error = %e, "pack cache off: cannot open it");
+            None
+        }
+    }
+}
+
+/// The Git LFS object cache, unless `LFS_CACHE_MAX_SIZE=0`. A cache that cannot be opened is
+/// logged and left off: Git LFS is then passed through.
+fn open_lfs_cache(config: &Config) -> Option<Arc<crate::lfs::Cache>> {
+    let max = config.lfs_cache_max_size.as_u64();
+    if max == 0 {
+        return None;
+    }
+    let dir = config.lfs_cache_dir();
+    let settings = crate::lfs::Settings {
+        dir: dir.clone(),
+        max_size: max,
+        url_key: config
+            .lfs_url_key
+            .as_ref()
+            .map(|k| k.expose().as_bytes().to_vec()),
+        link_ttl: crate::lfs::LINK_TTL,
+        connect_timeout: *config.upstream_connect_timeout,
+        stall_timeout: *config.upstream_stall_timeout,
+    };
+    match crate::lfs::Cache::open(settings) {
+        Ok(cache) => Some(Arc::new(cache)),
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "Git LFS cache off: cannot open it");
             None
         }
     }

@@ -2,6 +2,7 @@
 //! a `git` client isolated from the machine's configuration.
 #![allow(dead_code)]
 
+pub mod lfs;
 pub mod upstream;
 
 use std::hash::{Hash, Hasher};
