@@ -110,6 +110,10 @@ pub struct Config {
     /// An upstream transfer that stalls (under 1 byte/s) this long is aborted.
     #[arg(long, env = "UPSTREAM_STALL_TIMEOUT", default_value = "60s", help_heading = SYNCS)]
     pub upstream_stall_timeout: humantime::Duration,
+    /// PEM file of CA certificates trusted for HTTPS upstreams besides the system's (which
+    /// SSL_CERT_FILE and SSL_CERT_DIR replace, as for git and curl): for a private CA.
+    #[arg(long, env = "UPSTREAM_CA_FILE", help_heading = SYNCS)]
+    pub upstream_ca_file: Option<PathBuf>,
     /// Consolidate a mirror's packs into one (in the background, after a sync) once it has more
     /// than this many; `0` turns background maintenance off (`smart-git-proxy maintain` still
     /// runs it).
@@ -400,6 +404,9 @@ pub enum Error {
         /// Which other setting makes it useless, and what to do.
         reason: String,
     },
+    /// `UPSTREAM_CA_FILE` cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
     /// `MIRROR_DIR` exists and is not a directory, or cannot be created.
     #[error("MIRROR_DIR '{path}': {reason}")]
     MirrorDir {
@@ -487,9 +494,19 @@ impl Config {
         Ok(crate::prewarm::Refs::parse(&self.prewarm_refs)?)
     }
 
+    /// The TLS settings of upstream connections: the system's roots and `UPSTREAM_CA_FILE`.
+    pub fn upstream_tls(&self) -> Result<crate::tls::ClientTls, Error> {
+        Ok(crate::tls::ClientTls::load(
+            self.upstream_ca_file.as_deref(),
+        )?)
+    }
+
     /// Check every setting; call before binding.
     pub fn validate(&self) -> Result<(), Error> {
         self.listen_socket_addr()?;
+        if self.upstream_ca_file.is_some() {
+            self.upstream_tls()?;
+        }
         self.trusted_proxies()?;
         self.prewarm_refs()?;
         if self.max_concurrent_packs == Some(0) {
@@ -752,6 +769,7 @@ impl Config {
             failure_cache_ttl: Duration::from_secs(30).into(),
             upstream_connect_timeout: Duration::from_secs(10).into(),
             upstream_stall_timeout: Duration::from_secs(60).into(),
+            upstream_ca_file: None,
             auth_cache_ttl: Duration::from_secs(60).into(),
         }
     }

@@ -13,6 +13,7 @@ pub mod pack;
 pub mod prewarm;
 pub mod protocol;
 pub mod repo;
+pub mod tls;
 pub mod ttl;
 pub mod upload_pack;
 pub mod upstream;

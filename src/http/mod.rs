@@ -59,7 +59,10 @@ impl AppState {
         crate::metrics::handle();
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let slots = config.max_concurrent_packs.unwrap_or(cores * 2);
-        let upstream_client = reqwest::Client::builder()
+        let upstream = upstream_options(&config);
+        let upstream_client = upstream
+            .tls
+            .client(reqwest::Client::builder())
             .connect_timeout(*config.upstream_connect_timeout)
             .read_timeout(*config.upstream_stall_timeout)
             .user_agent(crate::protocol::AGENT)
@@ -74,9 +77,8 @@ impl AppState {
             .chain(config.parent_proxy().map(|p| p.to_string()))
             .collect();
         // Fails only when the TLS backend cannot start, as every HTTP client would.
-        let listing_client =
-            crate::upstream::ListingClient::new(&upstream_options(&config), &origins)
-                .expect("the TLS backend initialises");
+        let listing_client = crate::upstream::ListingClient::new(&upstream, &origins)
+            .expect("the TLS backend initialises");
         let mirrors = Mirrors::new(mirror::Settings {
             root: config.mirror_dir.clone(),
             stale_after: *config.sync_stale_after,
@@ -88,7 +90,7 @@ impl AppState {
             maintenance_packs: config.maintenance_pack_threshold,
             maintenance_grace: *config.maintenance_grace,
             snapshot_memory: config.snapshot_memory.as_u64(),
-            upstream: upstream_options(&config),
+            upstream,
             client: listing_client,
             access_ttl: *config.auth_cache_ttl,
             via_parent: config.parent_proxy().is_some(),
@@ -181,6 +183,12 @@ fn upstream_options(config: &Config) -> crate::upstream::Options {
     crate::upstream::Options {
         connect_timeout: *config.upstream_connect_timeout,
         stall_timeout: *config.upstream_stall_timeout,
+        // Config::validate read UPSTREAM_CA_FILE: one deleted since leaves the system's roots,
+        // which refuse the private CA rather than trusting anything more.
+        tls: config.upstream_tls().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "upstream TLS: using the system's roots only");
+            crate::tls::ClientTls::system()
+        }),
     }
 }
 
