@@ -39,6 +39,10 @@ pub struct Config {
     /// The token sent upstream with `AUTH_MODE=static`.
     #[arg(long, env = "STATIC_TOKEN", hide_env_values = true, help_heading = MAIN)]
     pub static_token: Option<Secret>,
+    /// A file holding `STATIC_TOKEN` (systemd's `LoadCredential=`, a Kubernetes secret); a
+    /// trailing newline is ignored.
+    #[arg(long, env = "STATIC_TOKEN_FILE", help_heading = MAIN)]
+    pub static_token_file: Option<PathBuf>,
     /// Upstream hosts the static token is sent to, comma-separated (`host[:port]`). The token
     /// only travels over HTTPS unless an entry is written `http://host[:port]`.
     #[arg(long, env = "STATIC_TOKEN_HOSTS", default_value = "github.com", help_heading = MAIN)]
@@ -58,11 +62,17 @@ pub struct Config {
     /// Bearer token for the admin API (`/api/v1/...`); the API is off while it is unset.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true, help_heading = SERVICES)]
     pub admin_token: Option<Secret>,
+    /// A file holding `ADMIN_TOKEN`; a trailing newline is ignored.
+    #[arg(long, env = "ADMIN_TOKEN_FILE", help_heading = SERVICES)]
+    pub admin_token_file: Option<PathBuf>,
     /// Secret of push webhooks (`POST /webhooks/github`, signed with HMAC-SHA256;
     /// `POST /webhooks/gitlab`, sent as `X-Gitlab-Token`); the endpoints are off while it is
     /// unset.
     #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true, help_heading = SERVICES)]
     pub webhook_secret: Option<Secret>,
+    /// A file holding `WEBHOOK_SECRET`; a trailing newline is ignored.
+    #[arg(long, env = "WEBHOOK_SECRET_FILE", help_heading = SERVICES)]
+    pub webhook_secret_file: Option<PathBuf>,
     /// Comma-separated addresses and CIDR ranges of load balancers whose `X-Forwarded-For`
     /// names the client in logs; empty: the header is ignored.
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "", help_heading = SERVICES)]
@@ -404,6 +414,22 @@ pub enum Error {
         /// Which other setting makes it useless, and what to do.
         reason: String,
     },
+    /// A secret given both in its variable and in a file.
+    #[error("{key} and {key}_FILE are both set: keep one")]
+    SecretTwice {
+        /// The secret's variable.
+        key: &'static str,
+    },
+    /// A `*_FILE` secret that cannot be read.
+    #[error("{key}_FILE '{path}': {reason}")]
+    SecretFile {
+        /// The secret's variable.
+        key: &'static str,
+        /// The file.
+        path: String,
+        /// Why it cannot be read.
+        reason: String,
+    },
     /// `UPSTREAM_CA_FILE` cannot be used.
     #[error(transparent)]
     Tls(#[from] crate::tls::Error),
@@ -492,6 +518,38 @@ impl Config {
     /// The parsed `PREWARM_REFS`.
     pub fn prewarm_refs(&self) -> Result<crate::prewarm::Refs, Error> {
         Ok(crate::prewarm::Refs::parse(&self.prewarm_refs)?)
+    }
+
+    /// Read the secrets given as files (`STATIC_TOKEN_FILE`, `ADMIN_TOKEN_FILE`,
+    /// `WEBHOOK_SECRET_FILE`) into their settings; call before [`Config::validate`]. A secret
+    /// given both ways is refused, naming both.
+    pub fn read_secret_files(&mut self) -> Result<(), Error> {
+        for (key, file, secret) in [
+            (
+                "STATIC_TOKEN",
+                &self.static_token_file,
+                &mut self.static_token,
+            ),
+            ("ADMIN_TOKEN", &self.admin_token_file, &mut self.admin_token),
+            (
+                "WEBHOOK_SECRET",
+                &self.webhook_secret_file,
+                &mut self.webhook_secret,
+            ),
+        ] {
+            let Some(path) = file else { continue };
+            if secret.is_some() {
+                return Err(Error::SecretTwice { key });
+            }
+            let text = std::fs::read_to_string(path).map_err(|e| Error::SecretFile {
+                key,
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            // `echo token > file` and editors end the file with a newline; the secret has none.
+            *secret = Some(Secret(text.trim_end_matches(['\n', '\r']).to_owned()));
+        }
+        Ok(())
     }
 
     /// The TLS settings of upstream connections: the system's roots and `UPSTREAM_CA_FILE`.
@@ -614,6 +672,7 @@ impl Config {
         if mode != AuthMode::Static {
             for (id, key) in [
                 ("static_token", "STATIC_TOKEN"),
+                ("static_token_file", "STATIC_TOKEN_FILE"),
                 ("static_token_hosts", "STATIC_TOKEN_HOSTS"),
             ] {
                 if given(id) {
@@ -757,9 +816,12 @@ impl Config {
             sync_stale_after: Duration::from_secs(2).into(),
             auth_mode: AuthMode::None,
             static_token: None,
+            static_token_file: None,
             static_token_hosts: "github.com".into(),
             admin_token: None,
+            admin_token_file: None,
             webhook_secret: None,
+            webhook_secret_file: None,
             parent_proxy: None,
             balancer_url: None,
             max_concurrent_syncs: 4,
@@ -778,6 +840,25 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_from_files_lose_their_newline_and_are_not_in_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cr3t-from-file\r\n").unwrap();
+        let mut c = Config::new("/m");
+        c.static_token_file = Some(path.clone());
+        c.admin_token_file = Some(path.clone());
+        c.webhook_secret_file = Some(path);
+        c.read_secret_files().unwrap();
+        for secret in [&c.static_token, &c.admin_token, &c.webhook_secret] {
+            assert_eq!(
+                secret.as_ref().map(Secret::expose),
+                Some("s3cr3t-from-file")
+            );
+        }
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
 
     #[test]
     fn the_static_token_goes_to_its_hosts_over_https_only() {
