@@ -47,6 +47,20 @@ pub struct Config {
     /// only travels over HTTPS unless an entry is written `http://host[:port]`.
     #[arg(long, env = "STATIC_TOKEN_HOSTS", default_value = "github.com", help_heading = MAIN)]
     pub static_token_hosts: String,
+    /// A GitHub App's id (or client id): with `AUTH_MODE=static`, the App's installation tokens
+    /// are the static token, instead of `STATIC_TOKEN`, renewed before they expire.
+    #[arg(long, env = "GITHUB_APP_ID", help_heading = MAIN)]
+    pub github_app_id: Option<String>,
+    /// The GitHub App's private key (PEM), which signs its JWTs.
+    #[arg(long, env = "GITHUB_APP_PRIVATE_KEY_FILE", help_heading = MAIN)]
+    pub github_app_private_key_file: Option<PathBuf>,
+    /// The GitHub App's installation whose tokens are used.
+    #[arg(long, env = "GITHUB_APP_INSTALLATION_ID", help_heading = MAIN)]
+    pub github_app_installation_id: Option<u64>,
+    /// The API where the GitHub App's tokens are minted; a GitHub Enterprise Server's is
+    /// `https://HOST/api/v3`.
+    #[arg(long, env = "GITHUB_API_URL", default_value = "https://api.github.com", help_heading = MAIN)]
+    pub github_api_url: String,
     /// Disk space for mirrors and the pack cache together, as a size (`200GiB`) or a share of
     /// `MIRROR_DIR`'s filesystem (`80%`); beyond it the least recently used mirrors are deleted
     /// (with their pack-cache entries) down to 90 % of it. Unset: no limit.
@@ -350,8 +364,29 @@ pub enum Error {
     #[error(transparent)]
     Upstreams(#[from] UpstreamsError),
     /// `AUTH_MODE=static` without a token.
-    #[error("AUTH_MODE=static needs STATIC_TOKEN")]
+    #[error(
+        "AUTH_MODE=static needs STATIC_TOKEN (or STATIC_TOKEN_FILE), or a GitHub App \
+         (GITHUB_APP_ID, GITHUB_APP_PRIVATE_KEY_FILE, GITHUB_APP_INSTALLATION_ID)"
+    )]
     MissingToken,
+    /// A static token and a GitHub App, whose tokens would replace it.
+    #[error(
+        "{token} and GITHUB_APP_ID are both set: the GitHub App's installation tokens are the \
+         static token; keep one"
+    )]
+    TokenAndApp {
+        /// `STATIC_TOKEN` or `STATIC_TOKEN_FILE`.
+        token: &'static str,
+    },
+    /// Some of the GitHub App's settings, not all.
+    #[error("a GitHub App needs {missing} too")]
+    AppIncomplete {
+        /// The settings missing.
+        missing: String,
+    },
+    /// The GitHub App's key cannot be used.
+    #[error(transparent)]
+    App(#[from] crate::credentials::Error),
     /// The zlib level is out of range.
     #[error("PACK_COMPRESSION_LEVEL must be 0 to 9, not {0}")]
     CompressionLevel(u32),
@@ -552,6 +587,40 @@ impl Config {
         Ok(())
     }
 
+    /// The GitHub App's settings, when `GITHUB_APP_ID`, `GITHUB_APP_PRIVATE_KEY_FILE` and
+    /// `GITHUB_APP_INSTALLATION_ID` are set (its key read and checked).
+    pub fn github_app(&self) -> Result<Option<crate::credentials::AppSettings>, Error> {
+        let id = self.github_app_id.as_deref().filter(|id| !id.is_empty());
+        let key = self.github_app_private_key_file.as_deref();
+        let installation = self.github_app_installation_id;
+        let (Some(id), Some(key), Some(installation)) = (id, key, installation) else {
+            let missing: Vec<&str> = [
+                ("GITHUB_APP_ID", id.is_none()),
+                ("GITHUB_APP_PRIVATE_KEY_FILE", key.is_none()),
+                ("GITHUB_APP_INSTALLATION_ID", installation.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(name, missing)| missing.then_some(name))
+            .collect();
+            return match missing.len() {
+                3 => Ok(None),
+                _ => Err(Error::AppIncomplete {
+                    missing: missing.join(" and "),
+                }),
+            };
+        };
+        let api = base_url(&self.github_api_url).ok_or_else(|| Error::Url {
+            key: "GITHUB_API_URL",
+            value: self.github_api_url.clone(),
+        })?;
+        Ok(Some(crate::credentials::AppSettings::load(
+            id,
+            key,
+            installation,
+            api,
+        )?))
+    }
+
     /// The TLS settings of upstream connections: the system's roots and `UPSTREAM_CA_FILE`.
     pub fn upstream_tls(&self) -> Result<crate::tls::ClientTls, Error> {
         Ok(crate::tls::ClientTls::load(
@@ -595,12 +664,20 @@ impl Config {
                 reason: "not a directory".into(),
             });
         }
-        if self.auth_mode == AuthMode::Static
-            && self
-                .static_token
-                .as_ref()
-                .is_none_or(|t| t.expose().is_empty())
-        {
+        let app = self.github_app()?.is_some();
+        let token = self
+            .static_token
+            .as_ref()
+            .is_some_and(|t| !t.expose().is_empty());
+        if app && token {
+            return Err(Error::TokenAndApp {
+                token: match self.static_token_file {
+                    Some(_) => "STATIC_TOKEN_FILE",
+                    None => "STATIC_TOKEN",
+                },
+            });
+        }
+        if self.auth_mode == AuthMode::Static && !token && !app {
             return Err(Error::MissingToken);
         }
         for (key, value) in [
@@ -674,6 +751,10 @@ impl Config {
                 ("static_token", "STATIC_TOKEN"),
                 ("static_token_file", "STATIC_TOKEN_FILE"),
                 ("static_token_hosts", "STATIC_TOKEN_HOSTS"),
+                ("github_app_id", "GITHUB_APP_ID"),
+                ("github_app_private_key_file", "GITHUB_APP_PRIVATE_KEY_FILE"),
+                ("github_app_installation_id", "GITHUB_APP_INSTALLATION_ID"),
+                ("github_api_url", "GITHUB_API_URL"),
             ] {
                 if given(id) {
                     return ignored(
@@ -685,6 +766,12 @@ impl Config {
                     );
                 }
             }
+        }
+        if given("github_api_url") && self.github_app_id.is_none() {
+            return ignored(
+                "GITHUB_API_URL",
+                "without GITHUB_APP_ID: it is where a GitHub App's tokens are minted".into(),
+            );
         }
         if mode != AuthMode::PassThrough && given("auth_cache_ttl") {
             return ignored(
@@ -818,6 +905,10 @@ impl Config {
             static_token: None,
             static_token_file: None,
             static_token_hosts: "github.com".into(),
+            github_app_id: None,
+            github_app_private_key_file: None,
+            github_app_installation_id: None,
+            github_api_url: "https://api.github.com".into(),
             admin_token: None,
             admin_token_file: None,
             webhook_secret: None,
@@ -964,7 +1055,8 @@ mod tests {
         c.auth_mode = AuthMode::Static;
         assert_eq!(
             c.validate().unwrap_err().to_string(),
-            "AUTH_MODE=static needs STATIC_TOKEN"
+            "AUTH_MODE=static needs STATIC_TOKEN (or STATIC_TOKEN_FILE), or a GitHub App \
+             (GITHUB_APP_ID, GITHUB_APP_PRIVATE_KEY_FILE, GITHUB_APP_INSTALLATION_ID)"
         );
         let c = Config::try_parse_from([
             "x",

@@ -6,6 +6,7 @@
 #![deny(missing_docs, unsafe_code)]
 
 pub mod config;
+pub mod credentials;
 pub mod http;
 pub mod metrics;
 pub mod mirror;

@@ -65,7 +65,8 @@ pub const SERVED: &[&str] = &["clone", "sync", "hit", "stale"];
 pub const MIRROR_UPDATES: &[&str] = &["clone", "sync", "stale", "failed"];
 /// `result` of `smart_git_proxy_pack_cache_lookups_total`.
 pub const PACK_CACHE_LOOKUPS: &[&str] = &["hit", "shared", "miss", "bypass"];
-/// `result` of `smart_git_proxy_maintenance_total`.
+/// `result` of `smart_git_proxy_maintenance_total` and
+/// `smart_git_proxy_github_app_tokens_total`.
 pub const OK_FAILED: &[&str] = &["ok", "failed"];
 
 /// Every counter, with each value of its labels, and the gauges of events, at 0: a dashboard's
@@ -88,7 +89,7 @@ fn zero() {
                 .absolute(0);
         }
     }
-    let labelled: [(&'static str, &'static str, &[&'static str]); 7] = [
+    let labelled: [(&'static str, &'static str, &[&'static str]); 8] = [
         ("smart_git_proxy_refusals_total", "reason", REFUSAL_REASONS),
         ("smart_git_proxy_served_total", "status", SERVED),
         (
@@ -107,6 +108,11 @@ fn zero() {
             PACK_CACHE_LOOKUPS,
         ),
         ("smart_git_proxy_maintenance_total", "result", OK_FAILED),
+        (
+            "smart_git_proxy_github_app_tokens_total",
+            "result",
+            OK_FAILED,
+        ),
         (
             "smart_git_proxy_prewarm_total",
             "result",
@@ -178,6 +184,10 @@ fn describe() {
     describe_counter!(
         "smart_git_proxy_maintenance_total",
         "Mirror maintenance runs by result (ok, failed)"
+    );
+    describe_counter!(
+        "smart_git_proxy_github_app_tokens_total",
+        "GitHub App installation tokens minted, by result (ok, failed: the previous token is used while valid)"
     );
     describe_counter!(
         "smart_git_proxy_pack_cache_lookups_total",
@@ -284,6 +294,12 @@ fn process() {
 pub fn refusal(reason: &'static str) {
     debug_assert!(REFUSAL_REASONS.contains(&reason), "{reason}");
     metrics::counter!("smart_git_proxy_refusals_total", "reason" => reason).increment(1);
+}
+
+/// A GitHub App installation token was minted (`ok`) or could not be (`failed`).
+pub fn app_token(result: &'static str) {
+    debug_assert!(OK_FAILED.contains(&result), "{result}");
+    metrics::counter!("smart_git_proxy_github_app_tokens_total", "result" => result).increment(1);
 }
 
 /// A request's answer started after `elapsed`.

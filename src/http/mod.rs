@@ -42,6 +42,8 @@ pub struct AppState {
     upstreams: Arc<Upstreams>,
     mirrors: Arc<Mirrors>,
     lfs_client: reqwest::Client,
+    /// With a GitHub App, the static token's source.
+    app_tokens: Option<Arc<crate::credentials::AppTokens>>,
     pack_cache: Option<PackCache>,
     /// Request-body memory (`MAX_BUFFERED_BODIES`, `MAX_BUFFERED_BODIES_PER_CLIENT`).
     body_budget: Arc<body::Budget>,
@@ -128,6 +130,20 @@ impl AppState {
             compression,
             upstreams: Arc::new(config.upstreams().unwrap_or_default()),
             mirrors: Arc::new(mirrors),
+            app_tokens: config
+                .github_app()
+                .unwrap_or_else(|e| {
+                    // Config::validate read the key: one that became unreadable since leaves
+                    // the proxy without a token, which the upstream refuses.
+                    tracing::error!(error = %e, "GitHub App: no installation tokens");
+                    None
+                })
+                .map(|app| {
+                    Arc::new(crate::credentials::AppTokens::new(
+                        app,
+                        upstream_client.clone(),
+                    ))
+                }),
             lfs_client: upstream_client,
             config: Arc::new(config),
             pack_slots,
@@ -553,27 +569,32 @@ fn fetch_source(config: &Config, upstream: &Upstream) -> Upstream {
     }
 }
 
-/// What may reach `source` when fetching a mirror: nothing, the static token (only where it
-/// may go: judged on the URL it would travel to, a parent proxy's included), or the client's
-/// own credentials (pass-through, which a parent proxy passes on in turn).
-fn upstream_credentials(
-    config: &Config,
+/// What may reach `source` when fetching a mirror: nothing, the static token (`STATIC_TOKEN`
+/// or the GitHub App's; only where it may go: judged on the URL it would travel to, a parent
+/// proxy's included), or the client's own credentials (pass-through, which a parent proxy
+/// passes on in turn). Fails only when the GitHub App has no valid token.
+async fn upstream_credentials(
+    state: &AppState,
     source: &Upstream,
     client_authorization: Option<&str>,
-) -> mirror::Credentials {
-    match config.auth_mode {
+) -> Result<mirror::Credentials, crate::credentials::Error> {
+    let config = &state.config;
+    Ok(match config.auth_mode {
         AuthMode::None => mirror::Credentials::None,
-        AuthMode::Static => config
-            .static_token
-            .as_ref()
-            .filter(|_| config.lends_static_token_to(source))
-            .map_or(mirror::Credentials::None, |t| {
+        AuthMode::Static if !config.lends_static_token_to(source) => mirror::Credentials::None,
+        AuthMode::Static => {
+            let token = match &state.app_tokens {
+                Some(app) => Some(app.token().await?),
+                None => config.static_token.clone(),
+            };
+            token.map_or(mirror::Credentials::None, |t| {
                 mirror::Credentials::Proxy(auth::static_token_header(t.expose()).as_str().into())
-            }),
+            })
+        }
         AuthMode::PassThrough => {
             mirror::Credentials::Client(client_authorization.map(crate::config::Secret::from))
         }
-    }
+    })
 }
 
 /// A resolved request for a mirrored repository.
@@ -622,7 +643,13 @@ async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Er
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let source = fetch_source(&state.config, upstream);
-    let credentials = upstream_credentials(&state.config, &source, client_authorization.as_deref());
+    let credentials = upstream_credentials(&state, &source, client_authorization.as_deref())
+        .await
+        .map_err(|e| Error::BadGateway {
+            status: StatusCode::BAD_GATEWAY,
+            message: "the proxy has no upstream token (see its log)".into(),
+            detail: e.to_string(),
+        })?;
     // A child proxy's want-miss or push-driven sync: check our upstream too (`ls-refs`).
     let revalidate = parts
         .headers
