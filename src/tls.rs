@@ -73,11 +73,6 @@ impl ClientTls {
         }
     }
 
-    /// How many trust roots there are.
-    pub fn roots(&self) -> usize {
-        self.roots
-    }
-
     /// `builder` with these roots.
     pub fn client(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
         builder.tls_backend_preconfigured(rustls::ClientConfig::clone(&self.config))
