@@ -41,10 +41,28 @@ pub struct Config {
     /// The token sent upstream with `AUTH_MODE=static`.
     #[arg(long, env = "STATIC_TOKEN", hide_env_values = true, help_heading = MAIN)]
     pub static_token: Option<Secret>,
+    /// A file holding `STATIC_TOKEN` (systemd's `LoadCredential=`, a Kubernetes secret); a
+    /// trailing newline is ignored.
+    #[arg(long, env = "STATIC_TOKEN_FILE", help_heading = MAIN)]
+    pub static_token_file: Option<PathBuf>,
     /// Upstream hosts the static token is sent to, comma-separated (`host[:port]`). The token
     /// only travels over HTTPS unless an entry is written `http://host[:port]`.
     #[arg(long, env = "STATIC_TOKEN_HOSTS", default_value = "github.com", help_heading = MAIN)]
     pub static_token_hosts: String,
+    /// A GitHub App's id (or client id): with `AUTH_MODE=static`, the App's installation tokens
+    /// are the static token, instead of `STATIC_TOKEN`, renewed before they expire.
+    #[arg(long, env = "GITHUB_APP_ID", help_heading = MAIN)]
+    pub github_app_id: Option<String>,
+    /// The GitHub App's private key (PEM), which signs its JWTs.
+    #[arg(long, env = "GITHUB_APP_PRIVATE_KEY_FILE", help_heading = MAIN)]
+    pub github_app_private_key_file: Option<PathBuf>,
+    /// The GitHub App's installation whose tokens are used.
+    #[arg(long, env = "GITHUB_APP_INSTALLATION_ID", help_heading = MAIN)]
+    pub github_app_installation_id: Option<u64>,
+    /// The API where the GitHub App's tokens are minted; a GitHub Enterprise Server's is
+    /// `https://HOST/api/v3`.
+    #[arg(long, env = "GITHUB_API_URL", default_value = "https://api.github.com", help_heading = MAIN)]
+    pub github_api_url: String,
     /// Disk space for mirrors and the pack cache together, as a size (`200GiB`) or a share of
     /// `MIRROR_DIR`'s filesystem (`80%`); beyond it the least recently used mirrors are deleted
     /// (with their pack-cache entries) down to 90 % of it. Unset: no limit.
@@ -60,11 +78,17 @@ pub struct Config {
     /// Bearer token for the admin API (`/api/v1/...`); the API is off while it is unset.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true, help_heading = SERVICES)]
     pub admin_token: Option<Secret>,
+    /// A file holding `ADMIN_TOKEN`; a trailing newline is ignored.
+    #[arg(long, env = "ADMIN_TOKEN_FILE", help_heading = SERVICES)]
+    pub admin_token_file: Option<PathBuf>,
     /// Secret of push webhooks (`POST /webhooks/github`, signed with HMAC-SHA256;
     /// `POST /webhooks/gitlab`, sent as `X-Gitlab-Token`); the endpoints are off while it is
     /// unset.
     #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true, help_heading = SERVICES)]
     pub webhook_secret: Option<Secret>,
+    /// A file holding `WEBHOOK_SECRET`; a trailing newline is ignored.
+    #[arg(long, env = "WEBHOOK_SECRET_FILE", help_heading = SERVICES)]
+    pub webhook_secret_file: Option<PathBuf>,
     /// Comma-separated addresses and CIDR ranges of load balancers whose `X-Forwarded-For`
     /// names the client in logs; empty: the header is ignored.
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "", help_heading = SERVICES)]
@@ -112,6 +136,10 @@ pub struct Config {
     /// An upstream transfer that stalls (under 1 byte/s) this long is aborted.
     #[arg(long, env = "UPSTREAM_STALL_TIMEOUT", default_value = "60s", help_heading = SYNCS)]
     pub upstream_stall_timeout: humantime::Duration,
+    /// PEM file of CA certificates trusted for HTTPS upstreams besides the system's (which
+    /// SSL_CERT_FILE and SSL_CERT_DIR replace, as for git and curl): for a private CA.
+    #[arg(long, env = "UPSTREAM_CA_FILE", help_heading = SYNCS)]
+    pub upstream_ca_file: Option<PathBuf>,
     /// Consolidate a mirror's packs into one (in the background, after a sync) once it has more
     /// than this many; `0` turns background maintenance off, also the bitmap of a new mirror and
     /// its refreshes (`smart-git-proxy maintain` still runs it).
@@ -405,8 +433,29 @@ pub enum Error {
     #[error(transparent)]
     Upstreams(#[from] allowlist::Error),
     /// `AUTH_MODE=static` without a token.
-    #[error("AUTH_MODE=static needs STATIC_TOKEN")]
+    #[error(
+        "AUTH_MODE=static needs STATIC_TOKEN (or STATIC_TOKEN_FILE), or a GitHub App \
+         (GITHUB_APP_ID, GITHUB_APP_PRIVATE_KEY_FILE, GITHUB_APP_INSTALLATION_ID)"
+    )]
     MissingToken,
+    /// A static token and a GitHub App, whose tokens would replace it.
+    #[error(
+        "{token} and GITHUB_APP_ID are both set: the GitHub App's installation tokens are the \
+         static token; keep one"
+    )]
+    TokenAndApp {
+        /// `STATIC_TOKEN` or `STATIC_TOKEN_FILE`.
+        token: &'static str,
+    },
+    /// Some of the GitHub App's settings, not all.
+    #[error("a GitHub App needs {missing} too")]
+    AppIncomplete {
+        /// The settings missing.
+        missing: String,
+    },
+    /// The GitHub App's key cannot be used.
+    #[error(transparent)]
+    App(#[from] crate::credentials::Error),
     /// The zlib level is out of range.
     #[error("PACK_COMPRESSION_LEVEL must be 0 to 9, not {0}")]
     CompressionLevel(u32),
@@ -472,6 +521,25 @@ pub enum Error {
         /// Which other setting makes it useless, and what to do.
         reason: String,
     },
+    /// A secret given both in its variable and in a file.
+    #[error("{key} and {key}_FILE are both set: keep one")]
+    SecretTwice {
+        /// The secret's variable.
+        key: &'static str,
+    },
+    /// A `*_FILE` secret that cannot be read.
+    #[error("{key}_FILE '{path}': {reason}")]
+    SecretFile {
+        /// The secret's variable.
+        key: &'static str,
+        /// The file.
+        path: String,
+        /// Why it cannot be read.
+        reason: String,
+    },
+    /// `UPSTREAM_CA_FILE` cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
     /// `MIRROR_DIR` exists and is not a directory, or cannot be created.
     #[error("MIRROR_DIR '{path}': {reason}")]
     MirrorDir {
@@ -576,9 +644,85 @@ impl Config {
         Ok(crate::prewarm::Refs::parse(&self.prewarm_refs)?)
     }
 
+    /// Read the secrets given as files (`STATIC_TOKEN_FILE`, `ADMIN_TOKEN_FILE`,
+    /// `WEBHOOK_SECRET_FILE`) into their settings; call before [`Config::validate`]. A secret
+    /// given both ways is refused, naming both.
+    pub fn read_secret_files(&mut self) -> Result<(), Error> {
+        for (key, file, secret) in [
+            (
+                "STATIC_TOKEN",
+                &self.static_token_file,
+                &mut self.static_token,
+            ),
+            ("ADMIN_TOKEN", &self.admin_token_file, &mut self.admin_token),
+            (
+                "WEBHOOK_SECRET",
+                &self.webhook_secret_file,
+                &mut self.webhook_secret,
+            ),
+        ] {
+            let Some(path) = file else { continue };
+            if secret.is_some() {
+                return Err(Error::SecretTwice { key });
+            }
+            let text = std::fs::read_to_string(path).map_err(|e| Error::SecretFile {
+                key,
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            // `echo token > file` and editors end the file with a newline; the secret has none.
+            *secret = Some(Secret(text.trim_end_matches(['\n', '\r']).to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The GitHub App's settings, when `GITHUB_APP_ID`, `GITHUB_APP_PRIVATE_KEY_FILE` and
+    /// `GITHUB_APP_INSTALLATION_ID` are set (its key read and checked).
+    pub fn github_app(&self) -> Result<Option<crate::credentials::AppSettings>, Error> {
+        let id = self.github_app_id.as_deref().filter(|id| !id.is_empty());
+        let key = self.github_app_private_key_file.as_deref();
+        let installation = self.github_app_installation_id;
+        let (Some(id), Some(key), Some(installation)) = (id, key, installation) else {
+            let missing: Vec<&str> = [
+                ("GITHUB_APP_ID", id.is_none()),
+                ("GITHUB_APP_PRIVATE_KEY_FILE", key.is_none()),
+                ("GITHUB_APP_INSTALLATION_ID", installation.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(name, missing)| missing.then_some(name))
+            .collect();
+            return match missing.len() {
+                3 => Ok(None),
+                _ => Err(Error::AppIncomplete {
+                    missing: missing.join(" and "),
+                }),
+            };
+        };
+        let api = base_url(&self.github_api_url).ok_or_else(|| Error::Url {
+            key: "GITHUB_API_URL",
+            value: self.github_api_url.clone(),
+        })?;
+        Ok(Some(crate::credentials::AppSettings::load(
+            id,
+            key,
+            installation,
+            api,
+        )?))
+    }
+
+    /// The TLS settings of upstream connections: the system's roots and `UPSTREAM_CA_FILE`.
+    pub fn upstream_tls(&self) -> Result<crate::tls::ClientTls, Error> {
+        Ok(crate::tls::ClientTls::load(
+            self.upstream_ca_file.as_deref(),
+        )?)
+    }
+
     /// Check every setting; call before binding.
     pub fn validate(&self) -> Result<(), Error> {
         self.listen_socket_addr()?;
+        if self.upstream_ca_file.is_some() {
+            self.upstream_tls()?;
+        }
         self.trusted_proxies()?;
         self.prewarm_refs()?;
         if self.max_concurrent_packs == Some(0) {
@@ -609,12 +753,20 @@ impl Config {
                 reason: "not a directory".into(),
             });
         }
-        if self.auth_mode == AuthMode::Static
-            && self
-                .static_token
-                .as_ref()
-                .is_none_or(|t| t.expose().is_empty())
-        {
+        let app = self.github_app()?.is_some();
+        let token = self
+            .static_token
+            .as_ref()
+            .is_some_and(|t| !t.expose().is_empty());
+        if app && token {
+            return Err(Error::TokenAndApp {
+                token: match self.static_token_file {
+                    Some(_) => "STATIC_TOKEN_FILE",
+                    None => "STATIC_TOKEN",
+                },
+            });
+        }
+        if self.auth_mode == AuthMode::Static && !token && !app {
             return Err(Error::MissingToken);
         }
         for (key, value) in [
@@ -687,7 +839,12 @@ impl Config {
         if mode != AuthMode::Static {
             for (id, key) in [
                 ("static_token", "STATIC_TOKEN"),
+                ("static_token_file", "STATIC_TOKEN_FILE"),
                 ("static_token_hosts", "STATIC_TOKEN_HOSTS"),
+                ("github_app_id", "GITHUB_APP_ID"),
+                ("github_app_private_key_file", "GITHUB_APP_PRIVATE_KEY_FILE"),
+                ("github_app_installation_id", "GITHUB_APP_INSTALLATION_ID"),
+                ("github_api_url", "GITHUB_API_URL"),
             ] {
                 if given(id) {
                     return ignored(
@@ -699,6 +856,12 @@ impl Config {
                     );
                 }
             }
+        }
+        if given("github_api_url") && self.github_app_id.is_none() {
+            return ignored(
+                "GITHUB_API_URL",
+                "without GITHUB_APP_ID: it is where a GitHub App's tokens are minted".into(),
+            );
         }
         if mode != AuthMode::PassThrough && given("auth_cache_ttl") {
             return ignored(
@@ -791,6 +954,7 @@ impl Config {
         let upstream = crate::upstream::Options {
             connect_timeout: *self.upstream_connect_timeout,
             stall_timeout: *self.upstream_stall_timeout,
+            tls: self.upstream_tls()?,
         };
         let upstreams = self.upstreams()?;
         let parent_proxy = self.parent_proxy().map(str::to_owned);
@@ -802,7 +966,9 @@ impl Config {
             .collect();
         let listing_client =
             crate::upstream::ListingClient::new(&upstream, &origins).map_err(Error::HttpClient)?;
-        let http_client = reqwest::Client::builder()
+        let http_client = upstream
+            .tls
+            .client(reqwest::Client::builder())
             .connect_timeout(upstream.connect_timeout)
             .read_timeout(upstream.stall_timeout)
             .user_agent(crate::protocol::AGENT)
@@ -872,9 +1038,16 @@ impl Config {
             sync_stale_after: Duration::from_secs(2).into(),
             auth_mode: AuthMode::None,
             static_token: None,
+            static_token_file: None,
             static_token_hosts: "github.com".into(),
+            github_app_id: None,
+            github_app_private_key_file: None,
+            github_app_installation_id: None,
+            github_api_url: "https://api.github.com".into(),
             admin_token: None,
+            admin_token_file: None,
             webhook_secret: None,
+            webhook_secret_file: None,
             parent_proxy: None,
             balancer_url: None,
             max_concurrent_syncs: 4,
@@ -884,6 +1057,7 @@ impl Config {
             failure_cache_ttl: Duration::from_secs(30).into(),
             upstream_connect_timeout: Duration::from_secs(10).into(),
             upstream_stall_timeout: Duration::from_secs(60).into(),
+            upstream_ca_file: None,
             auth_cache_ttl: Duration::from_secs(60).into(),
         }
     }
@@ -892,6 +1066,25 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_from_files_lose_their_newline_and_are_not_in_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cr3t-from-file\r\n").unwrap();
+        let mut c = Config::new("/m");
+        c.static_token_file = Some(path.clone());
+        c.admin_token_file = Some(path.clone());
+        c.webhook_secret_file = Some(path);
+        c.read_secret_files().unwrap();
+        for secret in [&c.static_token, &c.admin_token, &c.webhook_secret] {
+            assert_eq!(
+                secret.as_ref().map(Secret::expose),
+                Some("s3cr3t-from-file")
+            );
+        }
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
 
     #[test]
     fn the_static_token_goes_to_its_hosts_over_https_only() {
@@ -1035,7 +1228,8 @@ mod tests {
         c.auth_mode = AuthMode::Static;
         assert_eq!(
             c.validate().unwrap_err().to_string(),
-            "AUTH_MODE=static needs STATIC_TOKEN"
+            "AUTH_MODE=static needs STATIC_TOKEN (or STATIC_TOKEN_FILE), or a GitHub App \
+             (GITHUB_APP_ID, GITHUB_APP_PRIVATE_KEY_FILE, GITHUB_APP_INSTALLATION_ID)"
         );
         let c = Config::try_parse_from([
             "x",

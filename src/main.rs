@@ -84,8 +84,12 @@ fn main() -> ExitCode {
                 .get_raw(id)
                 .is_some_and(|mut values| values.any(|v| !v.is_empty()))
     };
-    let config = cli.config;
-    if let Err(e) = config.validate().and_then(|()| config.check_ignored(given)) {
+    let mut config = cli.config;
+    if let Err(e) = config
+        .read_secret_files()
+        .and_then(|()| config.validate())
+        .and_then(|()| config.check_ignored(given))
+    {
         return usage_error(e);
     }
     if cli.command.is_some() && !config.mirror_dir.is_dir() {

@@ -24,6 +24,7 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
                         .set(1.0);
                     // Present from the start, so that a rate over it is 0 rather than empty.
                     metrics::counter!("smart_git_proxy_mirror_evictions_total").absolute(0);
+                    zero();
                     Some(h)
                 }
                 Err(e) => {
@@ -33,6 +34,101 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             }
         })
         .as_ref()
+}
+
+/// `command` of `smart_git_proxy_requests_total` and `smart_git_proxy_request_seconds`.
+pub const COMMANDS: &[&str] = &["info-refs", "ls-refs", "fetch", "upload-pack", "lfs"];
+/// `result` of `smart_git_proxy_requests_total`.
+pub const REQUEST_RESULTS: &[&str] = &["ok", "refused", "client-gone", "timeout", "error"];
+/// `reason` of `smart_git_proxy_refusals_total`: the connection limit's, and those of
+/// `http::Error`.
+pub const REFUSAL_REASONS: &[&str] = &[
+    "connections",
+    "unknown-endpoint",
+    "invalid-path",
+    "not-found",
+    "push",
+    "dumb-http",
+    "method",
+    "body-too-large",
+    "body-encoding",
+    "body-unreadable",
+    "malformed",
+    "shutting-down",
+    "busy",
+    "body-timeout",
+    "host-not-allowed",
+    "auth-required",
+    "upstream",
+    "internal",
+];
+/// `status` of `smart_git_proxy_served_total` (`X-Git-Proxy-Status`).
+pub const SERVED: &[&str] = &["clone", "sync", "hit", "stale"];
+/// `status` of `smart_git_proxy_mirror_updates_total` and `smart_git_proxy_parent_fetches_total`.
+pub const MIRROR_UPDATES: &[&str] = &["clone", "sync", "stale", "failed"];
+/// `result` of `smart_git_proxy_pack_cache_lookups_total`.
+pub const PACK_CACHE_LOOKUPS: &[&str] = &["hit", "shared", "miss", "bypass"];
+/// `result` of `smart_git_proxy_maintenance_total` and
+/// `smart_git_proxy_github_app_tokens_total`.
+pub const OK_FAILED: &[&str] = &["ok", "failed"];
+
+/// Every counter, with each value of its labels, and the gauges of events, at 0: a dashboard's
+/// rate over them is 0 from the start rather than "No data" until the first event.
+fn zero() {
+    use metrics::counter;
+    for name in [
+        "smart_git_proxy_pack_objects_total",
+        "smart_git_proxy_pack_bytes_total",
+        "smart_git_proxy_upstream_bytes_total",
+        "smart_git_proxy_pack_cache_served_bytes_total",
+        "smart_git_proxy_pack_cache_evictions_total",
+        "smart_git_proxy_mirror_evictions_total",
+    ] {
+        counter!(name).absolute(0);
+    }
+    for command in COMMANDS {
+        for result in REQUEST_RESULTS {
+            counter!("smart_git_proxy_requests_total", "command" => *command, "result" => *result)
+                .absolute(0);
+        }
+    }
+    let labelled: [(&'static str, &'static str, &[&'static str]); 8] = [
+        ("smart_git_proxy_refusals_total", "reason", REFUSAL_REASONS),
+        ("smart_git_proxy_served_total", "status", SERVED),
+        (
+            "smart_git_proxy_mirror_updates_total",
+            "status",
+            MIRROR_UPDATES,
+        ),
+        (
+            "smart_git_proxy_parent_fetches_total",
+            "status",
+            MIRROR_UPDATES,
+        ),
+        (
+            "smart_git_proxy_pack_cache_lookups_total",
+            "result",
+            PACK_CACHE_LOOKUPS,
+        ),
+        ("smart_git_proxy_maintenance_total", "result", OK_FAILED),
+        (
+            "smart_git_proxy_github_app_tokens_total",
+            "result",
+            OK_FAILED,
+        ),
+        (
+            "smart_git_proxy_prewarm_total",
+            "result",
+            crate::prewarm::RESULTS,
+        ),
+    ];
+    for (name, label, values) in labelled {
+        for value in values {
+            counter!(name, label => *value).absolute(0);
+        }
+    }
+    metrics::gauge!("smart_git_proxy_requests_in_flight").set(0.0);
+    metrics::gauge!("smart_git_proxy_buffered_body_bytes").set(0.0);
 }
 
 /// Bucket bounds of every `*_seconds` histogram: from a cached ref listing to a cold clone.
@@ -91,6 +187,10 @@ fn describe() {
     describe_counter!(
         "smart_git_proxy_maintenance_total",
         "Mirror maintenance runs by result (ok, failed)"
+    );
+    describe_counter!(
+        "smart_git_proxy_github_app_tokens_total",
+        "GitHub App installation tokens minted, by result (ok, failed: the previous token is used while valid)"
     );
     describe_counter!(
         "smart_git_proxy_pack_cache_lookups_total",
@@ -170,7 +270,14 @@ pub fn render() -> String {
 
 /// A request was refused before upload-pack ran (`reason`: a closed set, see the caller).
 pub fn refusal(reason: &'static str) {
+    debug_assert!(REFUSAL_REASONS.contains(&reason), "{reason}");
     metrics::counter!("smart_git_proxy_refusals_total", "reason" => reason).increment(1);
+}
+
+/// A GitHub App installation token was minted (`ok`) or could not be (`failed`).
+pub fn app_token(result: &'static str) {
+    debug_assert!(OK_FAILED.contains(&result), "{result}");
+    metrics::counter!("smart_git_proxy_github_app_tokens_total", "result" => result).increment(1);
 }
 
 /// A request's answer started after `elapsed`.
@@ -186,12 +293,14 @@ pub fn in_flight(delta: f64) {
 
 /// A maintenance run ended (`ok` or `failed`).
 pub fn maintenance(result: &'static str) {
+    debug_assert!(OK_FAILED.contains(&result), "{result}");
     metrics::counter!("smart_git_proxy_maintenance_total", "result" => result).increment(1);
 }
 
 /// A request finished: `command` is `info-refs`, `ls-refs`, `fetch`, `upload-pack` or `lfs`;
 /// `result` is `ok`, `refused`, `client-gone` or `error`.
 pub fn request(command: &'static str, result: &'static str) {
+    debug_assert!(COMMANDS.contains(&command) && REQUEST_RESULTS.contains(&result));
     metrics::counter!("smart_git_proxy_requests_total", "command" => command, "result" => result)
         .increment(1);
 }
@@ -205,6 +314,7 @@ pub fn pack(objects: usize, bytes: u64) {
 /// A mirror was created or synced (`clone`, `sync`), or a sync failed (`stale` when the old
 /// mirror was served, `failed` when there was none).
 pub fn mirror_update(status: &'static str, duration: Duration, bytes: u64) {
+    debug_assert!(MIRROR_UPDATES.contains(&status), "{status}");
     metrics::counter!("smart_git_proxy_mirror_updates_total", "status" => status).increment(1);
     metrics::histogram!("smart_git_proxy_mirror_update_seconds", "status" => status)
         .record(duration.as_secs_f64());
@@ -214,6 +324,7 @@ pub fn mirror_update(status: &'static str, duration: Duration, bytes: u64) {
 /// A pack-cache lookup: `hit`, `shared` (attached to a generation in flight), `miss` (started
 /// one) or `bypass`.
 pub fn pack_cache_lookup(result: &'static str) {
+    debug_assert!(PACK_CACHE_LOOKUPS.contains(&result), "{result}");
     metrics::counter!("smart_git_proxy_pack_cache_lookups_total", "result" => result).increment(1);
 }
 
@@ -257,11 +368,13 @@ pub fn webhook_forward(result: &'static str) {
 
 /// A mirror update fetched from `PARENT_PROXY` ended with `status`.
 pub fn parent_fetch(status: &'static str) {
+    debug_assert!(MIRROR_UPDATES.contains(&status), "{status}");
     metrics::counter!("smart_git_proxy_parent_fetches_total", "status" => status).increment(1);
 }
 
 /// An answer carried `X-Git-Proxy-Status: status`.
 pub fn served(status: &'static str) {
+    debug_assert!(SERVED.contains(&status), "{status}");
     metrics::counter!("smart_git_proxy_served_total", "status" => status).increment(1);
 }
 

@@ -27,6 +27,8 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// A transfer slower than 1 byte/s for this long is aborted.
     pub stall_timeout: Duration,
+    /// The trust roots of HTTPS upstreams.
+    pub tls: crate::tls::ClientTls,
 }
 
 /// Why talking to the upstream failed.
@@ -199,10 +201,10 @@ impl Error {
 }
 
 /// [`Error::PlainHttp`] when the request to `url` failed because the server answered a TLS
-/// handshake in plain HTTP: OpenSSL reads its `HTTP/1.1 400` as a record of an unknown
-/// version ("wrong version number").
+/// handshake in plain HTTP: rustls reads its `HTTP/1.1 400` as a record of an unknown type
+/// ("received corrupt message of type InvalidContentType").
 fn plain_http(url: &reqwest::Url, message: &str) -> Option<Error> {
-    if url.scheme() != "https" || !message.contains("wrong version number") {
+    if url.scheme() != "https" || !message.contains("corrupt message of type InvalidContentType") {
         return None;
     }
     let host = url.host_str()?;
@@ -367,9 +369,10 @@ fn transport_options(authorization: Option<&str>, opts: &Options) -> http::Optio
     // The reqwest backend takes its timeouts from the client builder only; its blocking client
     // applies `timeout` to every connect, read and write, which makes it a stall timeout.
     let (connect, stall) = (opts.connect_timeout, opts.stall_timeout);
+    let tls = opts.tls.clone();
     let backend = http::reqwest::Options {
         configure_client: Some(Box::new(move |builder| {
-            Ok(builder.connect_timeout(connect).timeout(stall))
+            Ok(tls.blocking_client(builder.connect_timeout(connect).timeout(stall)))
         })),
         configure_request: None,
     };
@@ -409,7 +412,9 @@ impl ListingClient {
             .iter()
             .filter_map(|a| reqwest::Url::parse(a).ok())
             .collect();
-        let client = reqwest::Client::builder()
+        let client = opts
+            .tls
+            .client(reqwest::Client::builder())
             .connect_timeout(opts.connect_timeout)
             .read_timeout(opts.stall_timeout)
             .user_agent(crate::protocol::AGENT)
@@ -607,6 +612,7 @@ mod tests {
         let opts = Options {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(1),
+            tls: crate::tls::ClientTls::system(),
         };
         let allowed = [
             "https://a.example".to_owned(),

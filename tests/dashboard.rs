@@ -44,8 +44,8 @@ fn metric_names(query: &str) -> BTreeSet<String> {
     names
 }
 
-#[test]
-fn every_metric_the_dashboard_queries_is_exported() {
+/// The shipped dashboard, and the metric names its queries read.
+fn dashboard() -> (serde_json::Value, BTreeSet<String>) {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/scripts/grafana-dashboard.json"
@@ -54,7 +54,51 @@ fn every_metric_the_dashboard_queries_is_exported() {
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut all = Vec::new();
     queries(&dashboard, &mut all);
-    let wanted: BTreeSet<String> = all.iter().flat_map(|q| metric_names(q)).collect();
+    let wanted = all.iter().flat_map(|q| metric_names(q)).collect();
+    (dashboard, wanted)
+}
+
+/// Issue 23, item 5: every counter the dashboard queries is in the first scrape, at 0, with
+/// every value of its labels (refusals by each reason), so that no panel shows "No data"
+/// before the first event.
+#[test]
+fn every_counter_the_dashboard_queries_is_exported_at_zero_from_the_start() {
+    let (_, wanted) = dashboard();
+    let counters: Vec<&String> = wanted.iter().filter(|n| n.ends_with("_total")).collect();
+    assert!(counters.len() >= 8, "{counters:?}");
+    let mirror = tempfile::tempdir().unwrap();
+    let running = Running::start(mirror.path(), &[]);
+    let scrape = request(running.addr.parse().unwrap(), "GET", "/metrics", &[], b"").text();
+    for name in counters {
+        let series: Vec<&str> = scrape
+            .lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(name.as_str()))
+            .collect();
+        assert!(!series.is_empty(), "{name} is not exported:\n{scrape}");
+        for line in series {
+            assert!(line.ends_with(" 0"), "{line}");
+        }
+    }
+    for reason in [
+        "push",
+        "host-not-allowed",
+        "auth-required",
+        "busy",
+        "upstream",
+        "connections",
+    ] {
+        assert!(
+            scrape.contains(&format!(
+                "smart_git_proxy_refusals_total{{reason=\"{reason}\"}} 0"
+            )),
+            "{reason}:\n{scrape}"
+        );
+    }
+}
+
+#[test]
+fn every_metric_the_dashboard_queries_is_exported() {
+    let (dashboard, wanted) = dashboard();
     assert!(wanted.len() > 15, "{wanted:?}");
     for panel in dashboard["panels"].as_array().unwrap() {
         if panel["type"] != "row" {

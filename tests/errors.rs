@@ -590,7 +590,8 @@ fn server_errors_are_short_for_the_client_and_whole_in_the_log() {
 }
 
 /// Issue 21, item 8: an `ALLOWED_UPSTREAMS` entry written `host:port` is fetched over HTTPS.
-/// Against a plain-HTTP server the TLS handshake fails with OpenSSL's "wrong version number";
+/// Against a plain-HTTP server the TLS handshake fails (rustls: "received corrupt message of
+/// type InvalidContentType");
 /// the client is told that the entry needs `http://`, and the log names the URL to write.
 #[test]
 fn a_plain_http_upstream_listed_without_a_scheme_is_pointed_out() {

@@ -89,6 +89,9 @@ fn the_systemd_unit_verifies() {
         "EnvironmentFile=-/etc/smart-git-proxy/env",
         "ProtectSystem=strict",
         "SystemCallFilter=@system-service",
+        // Issue 23: how a secret comes from a file only the service reads.
+        "#LoadCredential=static-token:",
+        "#Environment=STATIC_TOKEN_FILE=%d/static-token",
     ] {
         assert!(unit.contains(needed), "{needed}");
     }

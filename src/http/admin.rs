@@ -348,10 +348,17 @@ async fn pushed(state: AppState, clone_url: &str, arrived: Instant) -> Response 
         crate::metrics::webhook_sync("ignored");
         return answer(StatusCode::ACCEPTED, "ignored: not an allowed upstream");
     };
-    let Ok(request) = mirror_request(&state, &name) else {
-        crate::metrics::webhook_sync("ignored");
-        tracing::info!(repo = %name, "push ignored: not a valid mirror name");
-        return answer(StatusCode::ACCEPTED, "ignored: not a valid repository path");
+    let request = match mirror_request(&state, &name).await {
+        Ok(request) => request,
+        Err((StatusCode::BAD_GATEWAY, text)) => {
+            crate::metrics::webhook_sync("failed");
+            return answer(StatusCode::BAD_GATEWAY, text);
+        }
+        Err(_) => {
+            crate::metrics::webhook_sync("ignored");
+            tracing::info!(repo = %name, "push ignored: not a valid mirror name");
+            return answer(StatusCode::ACCEPTED, "ignored: not a valid repository path");
+        }
     };
     if let Some(balancer) = state.balancer_url.as_deref() {
         return forward(&state, balancer, &name).await;
@@ -458,7 +465,10 @@ async fn forward(state: &AppState, balancer: &str, name: &str) -> Response {
 /// The mirror request for `name` (`{host}/{path}`), with the proxy's own upstream
 /// credentials: a notice carries no client's, so in pass-through mode a private mirror is not
 /// synced this way (it is refused before any upstream request and stays as it is).
-fn mirror_request(state: &AppState, name: &str) -> Result<mirror::Request, (StatusCode, String)> {
+async fn mirror_request(
+    state: &AppState,
+    name: &str,
+) -> Result<mirror::Request, (StatusCode, String)> {
     let target = repo::resolve(&state.config.mirror_dir, &format!("/{name}/info/refs"))
         .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
     let (host, path) = target.name.split_once('/').unwrap_or((&target.name, ""));
@@ -474,7 +484,15 @@ fn mirror_request(state: &AppState, name: &str) -> Result<mirror::Request, (Stat
     let source = fetch_source(state.parent_proxy.as_deref(), upstream);
     Ok(mirror::Request {
         url: format!("{}/{path}.git", source.base_url),
-        credentials: upstream_credentials(&state.config, &source, None),
+        credentials: upstream_credentials(state, &source, None)
+            .await
+            .map_err(|e| {
+                tracing::warn!(repo = %target.name, error = %e, "no upstream token");
+                (
+                    StatusCode::BAD_GATEWAY,
+                    "the proxy has no upstream token (see its log)".to_owned(),
+                )
+            })?,
         name: target.name,
         dir: target.dir,
     })
@@ -501,7 +519,7 @@ async fn mirror_action(State(state): State<AppState>, uri: Uri, headers: HeaderM
     else {
         return answer(StatusCode::NOT_FOUND, "no such admin endpoint");
     };
-    let request = match mirror_request(&state, name) {
+    let request = match mirror_request(&state, name).await {
         Ok(request) => request,
         Err((status, text)) => return answer(status, text),
     };

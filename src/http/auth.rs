@@ -4,7 +4,8 @@
 
 use base64::Engine as _;
 
-use crate::config::{AuthMode, Config};
+use super::AppState;
+use crate::config::AuthMode;
 use crate::mirror;
 use crate::upstream::Upstream;
 
@@ -21,27 +22,32 @@ pub(super) fn fetch_source(parent: Option<&str>, upstream: &Upstream) -> Upstrea
     }
 }
 
-/// What may reach `source` when fetching a mirror: nothing, the static token (only where it
-/// may go: judged on the URL it would travel to, a parent proxy's included), or the client's
-/// own credentials (pass-through, which a parent proxy passes on in turn).
-pub(super) fn upstream_credentials(
-    config: &Config,
+/// What may reach `source` when fetching a mirror: nothing, the static token (`STATIC_TOKEN`
+/// or the GitHub App's; only where it may go: judged on the URL it would travel to, a parent
+/// proxy's included), or the client's own credentials (pass-through, which a parent proxy
+/// passes on in turn). Fails only when the GitHub App has no valid token.
+pub(super) async fn upstream_credentials(
+    state: &AppState,
     source: &Upstream,
     client_authorization: Option<&str>,
-) -> mirror::Credentials {
-    match config.auth_mode {
+) -> Result<mirror::Credentials, crate::credentials::Error> {
+    let config = &state.config;
+    Ok(match config.auth_mode {
         AuthMode::None => mirror::Credentials::None,
-        AuthMode::Static => config
-            .static_token
-            .as_ref()
-            .filter(|_| config.lends_static_token_to(source))
-            .map_or(mirror::Credentials::None, |t| {
+        AuthMode::Static if !config.lends_static_token_to(source) => mirror::Credentials::None,
+        AuthMode::Static => {
+            let token = match &state.app_tokens {
+                Some(app) => Some(app.token().await?),
+                None => config.static_token.clone(),
+            };
+            token.map_or(mirror::Credentials::None, |t| {
                 mirror::Credentials::Proxy(static_token_header(t.expose()).as_str().into())
-            }),
+            })
+        }
         AuthMode::PassThrough => {
             mirror::Credentials::Client(client_authorization.map(crate::config::Secret::from))
         }
-    }
+    })
 }
 
 /// The `Authorization` value for `STATIC_TOKEN`: basic auth with the token as password, which

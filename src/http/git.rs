@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, Method};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tracing::{field, Span};
 
@@ -55,7 +55,7 @@ impl Mirrored {
 /// theirs when they end.
 pub(super) async fn git(State(state): State<AppState>, req: Request) -> Result<Response, Error> {
     let (parts, body) = req.into_parts();
-    let mirrored = resolve(&state, &parts)?;
+    let mirrored = resolve(&state, &parts).await?;
     let version = Version::from_header(
         parts
             .headers
@@ -83,7 +83,7 @@ pub(super) async fn git(State(state): State<AppState>, req: Request) -> Result<R
 }
 
 /// The mirror, upstream and credentials of a request.
-fn resolve(state: &AppState, parts: &axum::http::request::Parts) -> Result<Mirrored, Error> {
+async fn resolve(state: &AppState, parts: &axum::http::request::Parts) -> Result<Mirrored, Error> {
     let target = repo::resolve(&state.config.mirror_dir, parts.uri.path())?;
     Span::current().record("repo", field::display(&target.name));
     let (host, path) = target.name.split_once('/').unwrap_or((&target.name, ""));
@@ -100,7 +100,13 @@ fn resolve(state: &AppState, parts: &axum::http::request::Parts) -> Result<Mirro
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let source = fetch_source(state.parent_proxy.as_deref(), upstream);
-    let credentials = upstream_credentials(&state.config, &source, client_authorization.as_deref());
+    let credentials = upstream_credentials(state, &source, client_authorization.as_deref())
+        .await
+        .map_err(|e| Error::BadGateway {
+            status: StatusCode::BAD_GATEWAY,
+            message: "the proxy has no upstream token (see its log)".into(),
+            detail: e.to_string(),
+        })?;
     // A child proxy's want-miss or push-driven sync: check our upstream too (`ls-refs`).
     let revalidate = parts
         .headers

@@ -60,6 +60,8 @@ pub struct AppState {
     mirrors: Arc<Mirrors>,
     /// The client of LFS requests and forwarded webhooks.
     http_client: reqwest::Client,
+    /// With a GitHub App, the static token's source.
+    app_tokens: Option<Arc<crate::credentials::AppTokens>>,
     pack_cache: Option<PackCache>,
     /// The Git LFS object cache, unless `LFS_CACHE_MAX_SIZE=0`.
     lfs: Option<Arc<crate::lfs::Cache>>,
@@ -142,6 +144,15 @@ impl AppState {
             parent_proxy: parent_proxy.map(Arc::from),
             balancer_url: balancer_url.map(Arc::from),
             mirrors: Arc::new(mirrors),
+            app_tokens: config
+                .github_app()
+                .unwrap_or_else(|e| {
+                    // Config::resolve read the key: one that became unreadable since leaves
+                    // the proxy without a token, which the upstream refuses.
+                    tracing::error!(error = %e, "GitHub App: no installation tokens");
+                    None
+                })
+                .map(|app| Arc::new(crate::credentials::AppTokens::new(app, http_client.clone()))),
             http_client,
             lfs: open_lfs_cache(&config),
             config: Arc::new(config),
