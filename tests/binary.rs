@@ -234,27 +234,98 @@ fn json_logs_are_json_and_each_request_is_a_line() {
             "c",
         ],
     );
-    // The adopted mirror is synced first; its upstream (the discard port) refuses.
+    // The adopted mirror is synced first; its upstream (the discard port) refuses. Then each
+    // request of the clone (v2: info/refs, ls-refs, fetch) logs one line, the pack's last.
     let mut sync_reason = None;
-    let answered = loop {
+    let mut answered = Vec::new();
+    loop {
         let v = next();
         if v["fields"]["message"] == "sync failed, serving the existing mirror" {
             sync_reason = Some(v["fields"]["reason"].clone());
         }
         if v["fields"]["message"] == "answered" {
-            break v;
+            plain_fields(&v);
+            answered.push(v);
+            if answered.last().unwrap()["fields"]["outcome"]
+                .as_str()
+                .is_some_and(|o| o.ends_with("/pack"))
+            {
+                break;
+            }
         }
-    };
+    }
     assert_eq!(sync_reason, Some(serde_json::json!("stale")));
-    drop(child);
-    assert_eq!(answered["fields"]["status"], 200, "{answered}");
-    let span = &answered["span"];
-    assert_eq!(span["client"], "127.0.0.1", "{answered}");
+    let [refs, listing, pack] = &answered[..] else {
+        panic!("one line per request: {answered:#?}");
+    };
+    for v in &answered {
+        assert_eq!(v["fields"]["status"], 200, "{v}");
+        assert!(v["fields"]["duration_ms"].is_u64(), "{v}");
+        let span = &v["span"];
+        assert_eq!(span["client"], "127.0.0.1", "{v}");
+        assert!(span["agent"].as_str().unwrap().starts_with("git/"), "{v}");
+        assert_eq!(span["repo"], "127.0.0.1:9/basic", "{v}");
+    }
+    assert_eq!(refs["fields"]["proxy_status"], "stale", "{refs}");
+    assert_eq!(refs["fields"]["outcome"], "stale/capabilities", "{refs}");
     assert!(
-        span["agent"].as_str().unwrap().starts_with("git/"),
-        "{answered}"
+        listing["fields"]["outcome"]
+            .as_str()
+            .is_some_and(|o| o.ends_with("/refs")),
+        "{listing}"
     );
-    assert_eq!(span["repo"], "127.0.0.1:9/basic", "{answered}");
+    assert!(listing["fields"]["refs"].as_u64() > Some(0), "{listing}");
+    assert!(pack["fields"]["objects"].as_u64() > Some(0), "{pack}");
+    assert!(pack["fields"]["bytes"].as_u64() > Some(0), "{pack}");
+
+    // A 502 is one line, with its cause; tower_http does not log it again.
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let reply = request(
+        addr,
+        "GET",
+        "/127.0.0.1:9/absent/info/refs?service=git-upload-pack",
+        &[],
+        b"",
+    );
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(request(addr, "GET", "/healthz", &[], b"").status, 200);
+    let mut lines_502 = Vec::new();
+    loop {
+        let v = next();
+        assert_ne!(v["target"], "tower_http::trace::on_failure", "{v}");
+        if v["fields"]["message"] == "answered" {
+            plain_fields(&v);
+            if v["span"]["path"] == "/healthz" {
+                break;
+            }
+            lines_502.push(v);
+        }
+    }
+    let [bad] = &lines_502[..] else {
+        panic!("a 502 is logged once: {lines_502:#?}");
+    };
+    assert_eq!(bad["fields"]["status"], 502, "{bad}");
+    assert_eq!(bad["level"], "WARN", "{bad}");
+    assert_eq!(bad["fields"]["outcome"], "upstream", "{bad}");
+    assert!(
+        bad["fields"]["cause"]
+            .as_str()
+            .is_some_and(|c| c.contains("127.0.0.1:9")),
+        "{bad}"
+    );
+    drop(child);
+}
+
+/// A request line's fields are plain values: numbers, or text without Rust debug output.
+fn plain_fields(line: &serde_json::Value) {
+    for (name, value) in line["fields"].as_object().unwrap() {
+        if let Some(text) = value.as_str() {
+            assert!(
+                !text.contains(" { ") && !text.starts_with('['),
+                "{name} is debug output: {line}"
+            );
+        }
+    }
 }
 
 /// SIGTERM lets an answer in flight finish: the pack arrives whole, then the process exits 0.

@@ -221,24 +221,130 @@ pub fn router(state: AppState) -> Router {
                         agent = agent,
                         repo = field::Empty,
                         command = field::Empty,
-                        outcome = field::Empty,
                     )
                 })
-                // One line per request when its answer starts; upload-pack answers log
-                // another when they end ("served", with objects and bytes). An error answer
-                // is logged and counted here, first.
+                // Streamed answers log their line when they end (`answer`); every other answer
+                // logs it here, errors included. 5xx are not logged again by tower_http.
                 .on_response(
-                    |res: &Response, latency: std::time::Duration, span: &Span| {
-                        if let Some(failure) = res.extensions().get::<error::Failure>() {
-                            failure.record(res.status(), span);
+                    |res: &Response, latency: std::time::Duration, _span: &Span| {
+                        if res.extensions().get::<Streamed>().is_some() {
+                            return;
                         }
-                        tracing::info!(
-                            status = res.status().as_u16(),
-                            latency_ms = latency.as_millis() as u64,
-                            "answered"
-                        )
+                        let proxy_status = res
+                            .headers()
+                            .get(git::PROXY_STATUS)
+                            .and_then(|v| v.to_str().ok());
+                        if let Some(failure) = res.extensions().get::<error::Failure>() {
+                            return failure.record(res.status().as_u16(), proxy_status, latency);
+                        }
+                        let mut line = Line::new(res.status().as_u16(), proxy_status, latency);
+                        if let Some(outcome) = res.extensions().get::<upload_pack::Outcome>() {
+                            line = line.outcome(outcome);
+                        }
+                        if let Some(Refused(cause)) = res.extensions().get::<Refused>() {
+                            line.outcome = Some("refused".into());
+                            line.cause = Some(cause.clone());
+                        }
+                        line.log();
                     },
-                ),
+                )
+                .on_failure(()),
         )
         .with_state(state)
+}
+
+/// Marks a response whose answer streams: its request line is logged when it ends.
+#[derive(Clone, Copy)]
+struct Streamed;
+
+/// Mark `response` as streamed ([`Streamed`]).
+fn streamed(mut response: Response) -> Response {
+    response.extensions_mut().insert(Streamed);
+    response
+}
+
+/// An answer that refused the request in the protocol (an `ERR` packet), with its cause.
+#[derive(Clone)]
+struct Refused(String);
+
+/// The one log line of a request (the span adds method, path, client, agent, repo).
+struct Line {
+    status: u16,
+    /// `X-Git-Proxy-Status`: clone, sync, hit or stale.
+    proxy_status: Option<String>,
+    /// What happened, e.g. `hit/refs`, `clone/pack`, `client-gone`, `upstream`.
+    outcome: Option<String>,
+    objects: Option<u64>,
+    bytes: Option<u64>,
+    refs: Option<u64>,
+    duration: std::time::Duration,
+    cause: Option<String>,
+    level: tracing::Level,
+}
+
+impl Line {
+    fn new(status: u16, proxy_status: Option<&str>, duration: std::time::Duration) -> Self {
+        Line {
+            status,
+            proxy_status: proxy_status.map(str::to_owned),
+            outcome: None,
+            objects: None,
+            bytes: None,
+            refs: None,
+            duration,
+            cause: None,
+            level: tracing::Level::INFO,
+        }
+    }
+
+    /// The line of an answer that produced `outcome`: `<proxy status>/<kind>` and its figures.
+    fn outcome(mut self, outcome: &upload_pack::Outcome) -> Self {
+        self.outcome = Some(match &self.proxy_status {
+            Some(status) => format!("{status}/{}", outcome.kind()),
+            None => outcome.kind().to_owned(),
+        });
+        match *outcome {
+            upload_pack::Outcome::Pack { objects, bytes } => {
+                self.objects = Some(objects as u64);
+                self.bytes = Some(bytes);
+            }
+            upload_pack::Outcome::Refs(refs) => self.refs = Some(refs as u64),
+            upload_pack::Outcome::Empty
+            | upload_pack::Outcome::Capabilities
+            | upload_pack::Outcome::Acks { .. } => {}
+        }
+        self
+    }
+
+    /// The line of a request that ended as `outcome` because of `cause`, at `level`.
+    fn failed(mut self, outcome: &str, cause: String, level: tracing::Level) -> Self {
+        self.outcome = Some(outcome.to_owned());
+        self.cause = Some(cause);
+        self.level = level;
+        self
+    }
+
+    fn log(&self) {
+        macro_rules! line {
+            ($level:expr) => {
+                tracing::event!(
+                    $level,
+                    status = self.status,
+                    proxy_status = self.proxy_status.as_deref(),
+                    outcome = self.outcome.as_deref(),
+                    objects = self.objects,
+                    bytes = self.bytes,
+                    refs = self.refs,
+                    duration_ms = self.duration.as_millis() as u64,
+                    cause = self.cause.as_deref(),
+                    "answered"
+                )
+            };
+        }
+        match self.level {
+            tracing::Level::ERROR => line!(tracing::Level::ERROR),
+            tracing::Level::WARN => line!(tracing::Level::WARN),
+            _ => line!(tracing::Level::INFO),
+        }
+    }
 }

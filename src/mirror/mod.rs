@@ -162,11 +162,14 @@ impl Maintenance {
         tracing::info!(
             repo = %name,
             packs_before = outcome.packs_before,
-            objects = ?outcome.regions,
+            objects = outcome.regions.iter().sum::<usize>(),
+            objects_head = outcome.regions[0],
+            objects_branches = outcome.regions[1],
+            objects_rest = outcome.regions[2],
             dropped = outcome.dropped,
             bytes = outcome.bytes,
             bitmap_commits = outcome.bitmap_commits,
-            duration = ?started.elapsed(),
+            duration_ms = started.elapsed().as_millis() as u64,
             "mirror maintained"
         );
         Ok(outcome)
