@@ -740,3 +740,97 @@ fn help_puts_the_main_settings_first() {
     assert!(help.contains("Main settings:"), "{help}");
     assert!(help.contains("Exit status: 0"), "{help}");
 }
+
+/// Issue 21, item 9: SIGTERM during a first clone. The listener is closed, so the client that
+/// waits for the mirror cannot come back for its pack: the creation is stopped, the client is
+/// told the server is shutting down, and the log says what the server waits for, not that the
+/// client went away.
+#[test]
+fn sigterm_stops_a_mirror_creation_no_client_can_use() {
+    use std::io::{BufRead, BufReader};
+    let up = upstream::Upstream::start();
+    up.add_fixture("o/r", "basic");
+    // Each upstream request waits: the creation is still listing when SIGTERM comes.
+    up.set_mode(upstream::Mode::Slow(std::time::Duration::from_secs(2)));
+    let segment = up.segment();
+    let mirror = tempfile::tempdir().unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+            .env("MIRROR_DIR", mirror.path())
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("ALLOWED_UPSTREAMS", up.allowed())
+            .env("LOG_FORMAT", "json")
+            .stderr(std::process::Stdio::from(log.reopen().unwrap()))
+            .spawn()
+            .unwrap(),
+    );
+    let lines = || -> Vec<serde_json::Value> {
+        BufReader::new(log.reopen().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    };
+    let mut addr = None;
+    wait_until("the server listens", || {
+        addr = lines()
+            .into_iter()
+            .find(|v| v["fields"]["message"] == "listening")
+            .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned));
+        addr.is_some()
+    });
+    let addr = addr.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let url = format!("http://{addr}/{segment}/o/r");
+    let clone = std::thread::spawn({
+        let dir = work.path().to_owned();
+        move || git_output(&dir, &["clone", &url, "c"], &[])
+    });
+    wait_until("the creation reaches the upstream", || !up.log().is_empty());
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let out = clone.join().unwrap();
+    assert!(!out.status.success(), "the clone cannot have a pack");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("server is shutting down"), "{stderr}");
+    let logged = lines();
+    let messages: Vec<&str> = logged
+        .iter()
+        .filter_map(|v| v["fields"]["message"].as_str())
+        .collect();
+    assert!(
+        messages.contains(&"shutting down: waiting for 1 request"),
+        "{messages:?}"
+    );
+    assert!(
+        messages.contains(&"shutting down: stopping mirror creations no request can use"),
+        "{messages:?}"
+    );
+    let answered: Vec<_> = logged
+        .iter()
+        .filter(|v| v["fields"]["message"] == "answered")
+        .collect();
+    let [line] = &answered[..] else {
+        panic!("{answered:#?}");
+    };
+    assert_eq!(line["fields"]["status"], 503, "{line}");
+    assert_eq!(line["fields"]["outcome"], "shutting-down", "{line}");
+    assert!(
+        !logged
+            .iter()
+            .any(|v| v["fields"]["outcome"] == "client-gone"),
+        "{logged:#?}"
+    );
+    // The creation left no mirror behind.
+    assert!(
+        !mirror.path().join(&segment).join("o/r.git").exists(),
+        "the creation was finished"
+    );
+}

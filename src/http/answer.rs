@@ -195,6 +195,7 @@ fn run(
     let watchdog = watchdog(&state.config, Arc::clone(&interrupt), Arc::clone(&limits));
     let stall = *state.config.client_stall_timeout;
     let started = std::time::Instant::now();
+    let cut_off = Arc::clone(&state.cut_off);
     tokio::task::spawn_blocking(move || {
         let _entered = span.enter();
         let _watchdog = AbortOnDrop(watchdog);
@@ -223,16 +224,24 @@ fn run(
             duration: line.duration + started.elapsed(),
             ..line
         };
-        record(request.command(), &result, timed_out, line);
+        let cut_off = cut_off.load(Ordering::Relaxed);
+        record(
+            request.command(),
+            &result,
+            timed_out || cut_off,
+            cut_off,
+            line,
+        );
     });
 }
 
 /// Log and count how an answer ended, in its request `line`; `timed_out`: a time limit
-/// stopped it.
+/// stopped it, `cut_off`: the server did, at the end of `SHUTDOWN_GRACE`.
 fn record(
     command: &'static str,
     result: &Result<upload_pack::Outcome, upload_pack::Error>,
     timed_out: bool,
+    cut_off: bool,
     line: Line,
 ) {
     use tracing::Level;
@@ -243,6 +252,14 @@ fn record(
                 crate::metrics::pack(*objects, *bytes);
             }
             line.outcome(outcome)
+        }
+        Err(_) if cut_off => {
+            crate::metrics::request(command, "cut-off");
+            line.failed(
+                "cut-off",
+                "the server shut down: SHUTDOWN_GRACE passed".into(),
+                Level::WARN,
+            )
         }
         Err(_) if timed_out => {
             crate::metrics::request(command, "timeout");

@@ -160,6 +160,11 @@ impl From<mirror::Error> for Error {
         match e {
             mirror::Error::AuthRequired(name) => Error::AuthRequired(name),
             mirror::Error::NotFound(name) => Error::NotFound(name),
+            // A creation stopped at shutdown.
+            mirror::Error::Upstream {
+                source: crate::upstream::Error::Interrupted,
+                ..
+            } => Error::Unavailable,
             mirror::Error::Upstream { name, source } => {
                 Error::upstream(format!("cannot mirror {name}"), &source)
             }

@@ -22,7 +22,7 @@ mod inventory;
 pub mod lfs;
 mod serve;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -63,6 +63,10 @@ pub struct AppState {
     body_budget: Arc<body::Budget>,
     /// Set once shutdown began: `/readyz` answers 503.
     draining: Arc<AtomicBool>,
+    /// Set once `SHUTDOWN_GRACE` passed: answers that end now were cut off by the server.
+    cut_off: Arc<AtomicBool>,
+    /// Requests whose answer has not ended, for the shutdown log.
+    requests: Arc<AtomicUsize>,
     /// Whose `X-Forwarded-For` names the client in the request log and for the body budget.
     trusted_proxies: Arc<forwarded::TrustedProxies>,
     /// Webhook deliveries acted on lately, by sender and id.
@@ -130,6 +134,8 @@ impl AppState {
             )),
             trusted_proxies: Arc::new(forwarded::TrustedProxies::new(trusted_proxies)),
             draining: Arc::new(AtomicBool::new(false)),
+            cut_off: Arc::new(AtomicBool::new(false)),
+            requests: Arc::new(AtomicUsize::new(0)),
             body_budget,
             pack_cache,
             compression,
@@ -191,6 +197,7 @@ fn open_pack_cache(config: &Config) -> Option<PackCache> {
 /// The application: Git smart HTTP on every path, plus `/healthz`.
 pub fn router(state: AppState) -> Router {
     let trusted = Arc::clone(&state.trusted_proxies);
+    let requests = Arc::clone(&state.requests);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(health::readyz))
@@ -198,6 +205,20 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::routes())
         .route("/api/v1/mirrors", get(inventory::mirrors))
         .fallback(git::git)
+        .layer(axum::middleware::from_fn(
+            move |req: Request, next: axum::middleware::Next| {
+                let counted = Counted::new(Arc::clone(&requests));
+                async move {
+                    let response = next.run(req).await;
+                    response.map(|body| {
+                        Body::new(CountedBody {
+                            body,
+                            _counted: counted,
+                        })
+                    })
+                }
+            },
+        ))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(move |req: &Request| {
@@ -346,5 +367,47 @@ impl Line {
             tracing::Level::WARN => line!(tracing::Level::WARN),
             _ => line!(tracing::Level::INFO),
         }
+    }
+}
+
+/// A request counted in [`AppState::requests`] until its answer ends or is dropped.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(requests: Arc<AtomicUsize>) -> Self {
+        requests.fetch_add(1, Ordering::Relaxed);
+        Counted(requests)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An answer's body that keeps its request counted while it streams.
+struct CountedBody {
+    body: Body,
+    _counted: Counted,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
