@@ -354,7 +354,6 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => {}
         }
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-        tracing::info!("shutting down");
     })
 }
 

@@ -237,27 +237,98 @@ fn json_logs_are_json_and_each_request_is_a_line() {
             "c",
         ],
     );
-    // The adopted mirror is synced first; its upstream (the discard port) refuses.
+    // The adopted mirror is synced first; its upstream (the discard port) refuses. Then each
+    // request of the clone (v2: info/refs, ls-refs, fetch) logs one line, the pack's last.
     let mut sync_reason = None;
-    let answered = loop {
+    let mut answered = Vec::new();
+    loop {
         let v = next();
         if v["fields"]["message"] == "sync failed, serving the existing mirror" {
             sync_reason = Some(v["fields"]["reason"].clone());
         }
         if v["fields"]["message"] == "answered" {
-            break v;
+            plain_fields(&v);
+            answered.push(v);
+            if answered.last().unwrap()["fields"]["outcome"]
+                .as_str()
+                .is_some_and(|o| o.ends_with("/pack"))
+            {
+                break;
+            }
         }
-    };
+    }
     assert_eq!(sync_reason, Some(serde_json::json!("stale")));
-    drop(child);
-    assert_eq!(answered["fields"]["status"], 200, "{answered}");
-    let span = &answered["span"];
-    assert_eq!(span["client"], "127.0.0.1", "{answered}");
+    let [refs, listing, pack] = &answered[..] else {
+        panic!("one line per request: {answered:#?}");
+    };
+    for v in &answered {
+        assert_eq!(v["fields"]["status"], 200, "{v}");
+        assert!(v["fields"]["duration_ms"].is_u64(), "{v}");
+        let span = &v["span"];
+        assert_eq!(span["client"], "127.0.0.1", "{v}");
+        assert!(span["agent"].as_str().unwrap().starts_with("git/"), "{v}");
+        assert_eq!(span["repo"], "127.0.0.1:9/basic", "{v}");
+    }
+    assert_eq!(refs["fields"]["proxy_status"], "stale", "{refs}");
+    assert_eq!(refs["fields"]["outcome"], "stale/capabilities", "{refs}");
     assert!(
-        span["agent"].as_str().unwrap().starts_with("git/"),
-        "{answered}"
+        listing["fields"]["outcome"]
+            .as_str()
+            .is_some_and(|o| o.ends_with("/refs")),
+        "{listing}"
     );
-    assert_eq!(span["repo"], "127.0.0.1:9/basic", "{answered}");
+    assert!(listing["fields"]["refs"].as_u64() > Some(0), "{listing}");
+    assert!(pack["fields"]["objects"].as_u64() > Some(0), "{pack}");
+    assert!(pack["fields"]["bytes"].as_u64() > Some(0), "{pack}");
+
+    // A 502 is one line, with its cause; tower_http does not log it again.
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let reply = request(
+        addr,
+        "GET",
+        "/127.0.0.1:9/absent/info/refs?service=git-upload-pack",
+        &[],
+        b"",
+    );
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(request(addr, "GET", "/healthz", &[], b"").status, 200);
+    let mut lines_502 = Vec::new();
+    loop {
+        let v = next();
+        assert_ne!(v["target"], "tower_http::trace::on_failure", "{v}");
+        if v["fields"]["message"] == "answered" {
+            plain_fields(&v);
+            if v["span"]["path"] == "/healthz" {
+                break;
+            }
+            lines_502.push(v);
+        }
+    }
+    let [bad] = &lines_502[..] else {
+        panic!("a 502 is logged once: {lines_502:#?}");
+    };
+    assert_eq!(bad["fields"]["status"], 502, "{bad}");
+    assert_eq!(bad["level"], "WARN", "{bad}");
+    assert_eq!(bad["fields"]["outcome"], "upstream", "{bad}");
+    assert!(
+        bad["fields"]["cause"]
+            .as_str()
+            .is_some_and(|c| c.contains("127.0.0.1:9")),
+        "{bad}"
+    );
+    drop(child);
+}
+
+/// A request line's fields are plain values: numbers, or text without Rust debug output.
+fn plain_fields(line: &serde_json::Value) {
+    for (name, value) in line["fields"].as_object().unwrap() {
+        if let Some(text) = value.as_str() {
+            assert!(
+                !text.contains(" { ") && !text.starts_with('['),
+                "{name} is debug output: {line}"
+            );
+        }
+    }
 }
 
 /// SIGTERM lets an answer in flight finish: the pack arrives whole, then the process exits 0.
@@ -671,4 +742,98 @@ fn help_puts_the_main_settings_first() {
     );
     assert!(help.contains("Main settings:"), "{help}");
     assert!(help.contains("Exit status: 0"), "{help}");
+}
+
+/// Issue 21, item 9: SIGTERM during a first clone. The listener is closed, so the client that
+/// waits for the mirror cannot come back for its pack: the creation is stopped, the client is
+/// told the server is shutting down, and the log says what the server waits for, not that the
+/// client went away.
+#[test]
+fn sigterm_stops_a_mirror_creation_no_client_can_use() {
+    use std::io::{BufRead, BufReader};
+    let up = upstream::Upstream::start();
+    up.add_fixture("o/r", "basic");
+    // Each upstream request waits: the creation is still listing when SIGTERM comes.
+    up.set_mode(upstream::Mode::Slow(std::time::Duration::from_secs(2)));
+    let segment = up.segment();
+    let mirror = tempfile::tempdir().unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+            .env("MIRROR_DIR", mirror.path())
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("ALLOWED_UPSTREAMS", up.allowed())
+            .env("LOG_FORMAT", "json")
+            .stderr(std::process::Stdio::from(log.reopen().unwrap()))
+            .spawn()
+            .unwrap(),
+    );
+    let lines = || -> Vec<serde_json::Value> {
+        BufReader::new(log.reopen().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    };
+    let mut addr = None;
+    wait_until("the server listens", || {
+        addr = lines()
+            .into_iter()
+            .find(|v| v["fields"]["message"] == "listening")
+            .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned));
+        addr.is_some()
+    });
+    let addr = addr.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let url = format!("http://{addr}/{segment}/o/r");
+    let clone = std::thread::spawn({
+        let dir = work.path().to_owned();
+        move || git_output(&dir, &["clone", &url, "c"], &[])
+    });
+    wait_until("the creation reaches the upstream", || !up.log().is_empty());
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let out = clone.join().unwrap();
+    assert!(!out.status.success(), "the clone cannot have a pack");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("server is shutting down"), "{stderr}");
+    let logged = lines();
+    let messages: Vec<&str> = logged
+        .iter()
+        .filter_map(|v| v["fields"]["message"].as_str())
+        .collect();
+    assert!(
+        messages.contains(&"shutting down: waiting for 1 request"),
+        "{messages:?}"
+    );
+    assert!(
+        messages.contains(&"shutting down: stopping mirror creations no request can use"),
+        "{messages:?}"
+    );
+    let answered: Vec<_> = logged
+        .iter()
+        .filter(|v| v["fields"]["message"] == "answered")
+        .collect();
+    let [line] = &answered[..] else {
+        panic!("{answered:#?}");
+    };
+    assert_eq!(line["fields"]["status"], 503, "{line}");
+    assert_eq!(line["fields"]["outcome"], "shutting-down", "{line}");
+    assert!(
+        !logged
+            .iter()
+            .any(|v| v["fields"]["outcome"] == "client-gone"),
+        "{logged:#?}"
+    );
+    // The creation left no mirror behind.
+    assert!(
+        !mirror.path().join(&segment).join("o/r.git").exists(),
+        "the creation was finished"
+    );
 }

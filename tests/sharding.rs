@@ -785,10 +785,10 @@ fn a_clone_whose_node_dies_fails_cleanly_and_its_retry_succeeds() {
         .log()
         .into_iter()
         .filter(|v| {
-            v["fields"]["message"] == "served"
+            v["fields"]["message"] == "answered"
                 && v["fields"]["outcome"]
                     .as_str()
-                    .is_some_and(|o| o.starts_with("Pack"))
+                    .is_some_and(|o| o.ends_with("/pack"))
         })
         .count();
     assert_eq!(served_packs, 0, "the node finished the pack: buffered?");

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
-use tracing::{field, Instrument, Span};
+use tracing::{Instrument, Span};
 
 use super::body::{ChannelWriter, ResponseStream};
 use super::error::Error;
 use super::git::{snapshot, Mirrored};
-use super::AppState;
+use super::{AppState, Line};
 use crate::config::Config;
 use crate::mirror::{Freshness, Status};
 use crate::pack;
@@ -50,6 +50,17 @@ pub(super) struct Job {
     pub(super) request: upload_pack::Request,
     /// The answer's preamble went out already (see [`upload_pack::Context::preamble_sent`]).
     pub(super) preamble_sent: bool,
+    /// How the mirror was ensured (`X-Git-Proxy-Status`).
+    pub(super) status: Status,
+    /// When the request arrived, for the duration in its log line.
+    pub(super) arrived: std::time::Instant,
+}
+
+impl Job {
+    /// The start of this request's log line, with `status`.
+    fn line(&self, status: u16) -> Line {
+        Line::new(status, Some(self.status.as_str()), self.arrived.elapsed())
+    }
 }
 
 /// Start answering `job` from `snapshot` with `slots`: the answer streams from the returned
@@ -69,20 +80,24 @@ pub(super) fn start(
 
 /// Answer a want-miss at once: its `preamble`, progress on band 2 while the mirror syncs, then
 /// the pack. A failed sync ends the answer with a band-3 message.
-pub(super) fn sync_then_pack(
-    state: AppState,
-    job: Job,
-    preamble: Vec<u8>,
-    arrived: std::time::Instant,
-    span: Span,
-) -> Body {
+pub(super) fn sync_then_pack(state: AppState, job: Job, preamble: Vec<u8>, span: Span) -> Body {
     let interrupt = Arc::new(AtomicBool::new(false));
     let (stream, tx) = ResponseStream::new(Arc::clone(&interrupt));
     let task = async move {
         let send = |bytes: Vec<u8>| tx.send(Ok(bytes.into()));
+        let gone = |job: &Job| {
+            job.line(200)
+                .failed(
+                    "client-gone",
+                    "the client closed the connection".into(),
+                    tracing::Level::INFO,
+                )
+                .log()
+        };
         if send(preamble).await.is_err() {
-            return;
+            return gone(&job);
         }
+        let arrived = job.arrived;
         let started = std::time::Instant::now();
         let name = job.mirrored.target.name.clone();
         let request = job.mirrored.request();
@@ -97,7 +112,7 @@ pub(super) fn sync_then_pack(
                 _ = ticks.tick() => {
                     let line = format!("mirroring {name}: fetching from upstream ({}s)\r", started.elapsed().as_secs());
                     if send(upload_pack::progress_packets(&line)).await.is_err() {
-                        return;
+                        return gone(&job);
                     }
                 }
             }
@@ -119,12 +134,16 @@ pub(super) fn sync_then_pack(
         let snapshot = match ready.await {
             Ok((line, snapshot)) => {
                 if send(upload_pack::progress_packets(&line)).await.is_err() {
-                    return;
+                    return gone(&job);
                 }
                 snapshot
             }
             Err(e) => {
-                e.failure().log();
+                // The answer's status went out as 200; the failure is told in band 3.
+                let failure = e.failure();
+                failure
+                    .line(200, Some(job.status.as_str()), arrived.elapsed())
+                    .log();
                 let _ = send(upload_pack::error_packets(&format!("{e}\n"))).await;
                 return;
             }
@@ -133,6 +152,9 @@ pub(super) fn sync_then_pack(
             Ok(slots) => run(&state, job, snapshot, slots, tx, interrupt, span),
             // The preamble went out: say why the pack does not follow.
             Err(e) => {
+                e.failure()
+                    .line(200, Some(job.status.as_str()), arrived.elapsed())
+                    .log();
                 let _ = send(upload_pack::error_packets(&format!("{e}\n"))).await;
             }
         }
@@ -155,10 +177,12 @@ fn run(
     interrupt: Arc<AtomicBool>,
     span: Span,
 ) {
+    let line = job.line(200);
     let Job {
         mirrored,
         request,
         preamble_sent,
+        ..
     } = job;
     state.mirrors.served(&mirrored.target.dir);
     let options = upload_pack::Options {
@@ -170,6 +194,8 @@ fn run(
     let limits = Arc::new(upload_pack::Limits::default());
     let watchdog = watchdog(&state.config, Arc::clone(&interrupt), Arc::clone(&limits));
     let stall = *state.config.client_stall_timeout;
+    let started = std::time::Instant::now();
+    let cut_off = Arc::clone(&state.cut_off);
     tokio::task::spawn_blocking(move || {
         let _entered = span.enter();
         let _watchdog = AbortOnDrop(watchdog);
@@ -194,50 +220,77 @@ fn run(
         };
         let result = upload_pack::serve(&ctx, &request, out);
         let timed_out = limits.timed_out.load(Ordering::Relaxed);
-        record(request.command(), &result, timed_out, &span);
+        let line = Line {
+            duration: line.duration + started.elapsed(),
+            ..line
+        };
+        let cut_off = cut_off.load(Ordering::Relaxed);
+        record(
+            request.command(),
+            &result,
+            timed_out || cut_off,
+            cut_off,
+            line,
+        );
     });
 }
 
-/// Log and count how an answer ended; `timed_out`: a time limit stopped it.
+/// Log and count how an answer ended, in its request `line`; `timed_out`: a time limit
+/// stopped it, `cut_off`: the server did, at the end of `SHUTDOWN_GRACE`.
 fn record(
     command: &'static str,
     result: &Result<upload_pack::Outcome, upload_pack::Error>,
     timed_out: bool,
-    span: &Span,
+    cut_off: bool,
+    line: Line,
 ) {
-    match result {
+    use tracing::Level;
+    let line = match result {
         Ok(outcome) => {
-            span.record("outcome", field::debug(outcome));
-            tracing::info!(?outcome, "served");
             crate::metrics::request(command, "ok");
             if let upload_pack::Outcome::Pack { objects, bytes } = outcome {
                 crate::metrics::pack(*objects, *bytes);
             }
+            line.outcome(outcome)
+        }
+        Err(_) if cut_off => {
+            crate::metrics::request(command, "cut-off");
+            line.failed(
+                "cut-off",
+                "the server shut down: SHUTDOWN_GRACE passed".into(),
+                Level::WARN,
+            )
         }
         Err(_) if timed_out => {
             crate::metrics::request(command, "timeout");
-            span.record("outcome", "timeout");
-            tracing::warn!("stopped: COMPUTE_TIMEOUT or REQUEST_TIMEOUT passed");
+            line.failed(
+                "timeout",
+                "COMPUTE_TIMEOUT or REQUEST_TIMEOUT passed".into(),
+                Level::WARN,
+            )
         }
         Err(upload_pack::Error::Io(e)) => {
             crate::metrics::request(command, "client-gone");
-            tracing::info!(error = %e, "client went away")
+            line.failed("client-gone", e.to_string(), Level::INFO)
         }
         Err(upload_pack::Error::Pack(e)) if matches!(e.root(), pack::Error::Interrupted) => {
             crate::metrics::request(command, "client-gone");
-            tracing::info!("client went away")
+            line.failed(
+                "client-gone",
+                "the client closed the connection".into(),
+                Level::INFO,
+            )
         }
         Err(e) if e.is_refusal() => {
             crate::metrics::request(command, "refused");
-            span.record("outcome", field::display(e));
-            tracing::info!(error = %e, "refused");
+            line.failed("refused", e.to_string(), Level::INFO)
         }
         Err(e) => {
             crate::metrics::request(command, "error");
-            span.record("outcome", "error");
-            tracing::error!(error = %crate::error_chain(e), "upload-pack failed");
+            line.failed("error", crate::error_chain(e), Level::ERROR)
         }
-    }
+    };
+    line.log();
 }
 
 /// Enforce an answer's time limits: once `COMPUTE_TIMEOUT` has passed before its pack

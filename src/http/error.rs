@@ -7,9 +7,8 @@
 
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use tracing::{field, Span};
 
-use super::body;
+use super::{body, Line};
 use crate::mirror;
 use crate::repo::path;
 
@@ -150,6 +149,7 @@ impl Error {
         };
         Failure {
             reason: self.reason(),
+            message: self.to_string(),
             log,
         }
     }
@@ -160,6 +160,11 @@ impl From<mirror::Error> for Error {
         match e {
             mirror::Error::AuthRequired(name) => Error::AuthRequired(name),
             mirror::Error::NotFound(name) => Error::NotFound(name),
+            // A creation stopped at shutdown.
+            mirror::Error::Upstream {
+                source: crate::upstream::Error::Interrupted,
+                ..
+            } => Error::Unavailable,
             mirror::Error::Upstream { name, source } => {
                 Error::upstream(format!("cannot mirror {name}"), &source)
             }
@@ -210,24 +215,38 @@ enum Log {
 pub(super) struct Failure {
     /// The refusal's metrics label.
     reason: &'static str,
+    /// What the client was told.
+    message: String,
     log: Option<Log>,
 }
 
 impl Failure {
-    /// Log what the client is not told: the details of a 5xx.
-    pub(super) fn log(&self) {
-        match &self.log {
-            Some(Log::Upstream(detail)) => tracing::warn!(error = %detail, "upstream failed"),
-            Some(Log::Internal(detail)) => tracing::error!(error = %detail, "internal error"),
-            None => {}
-        }
+    /// The request line of an answer with `status` that carried this failure: its outcome is
+    /// the refusal's label, its cause what the log needs (for a 5xx, more than the client was
+    /// told).
+    pub(super) fn line(
+        &self,
+        status: u16,
+        proxy_status: Option<&str>,
+        duration: std::time::Duration,
+    ) -> Line {
+        let (cause, level) = match &self.log {
+            Some(Log::Upstream(detail)) => (detail.clone(), tracing::Level::WARN),
+            Some(Log::Internal(detail)) => (detail.clone(), tracing::Level::ERROR),
+            None => (self.message.clone(), tracing::Level::INFO),
+        };
+        Line::new(status, proxy_status, duration).failed(self.reason, cause, level)
     }
 
-    /// Record an answer with `status` that carried this failure: log it, note the status as
-    /// the request's outcome in `span`, and count the refusal.
-    pub(super) fn record(&self, status: StatusCode, span: &Span) {
-        self.log();
-        span.record("outcome", field::display(status.as_u16()));
+    /// Record an answer with `status` that carried this failure: log its request line and
+    /// count the refusal.
+    pub(super) fn record(
+        &self,
+        status: u16,
+        proxy_status: Option<&str>,
+        duration: std::time::Duration,
+    ) {
+        self.line(status, proxy_status, duration).log();
         crate::metrics::refusal(self.reason);
     }
 }

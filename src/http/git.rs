@@ -17,7 +17,7 @@ use tracing::{field, Span};
 use super::answer::{self, Slots};
 use super::auth::{fetch_source, upstream_credentials};
 use super::error::Error;
-use super::{body, lfs, AppState};
+use super::{body, lfs, streamed, AppState, Refused};
 use crate::mirror::{self, Freshness, Status};
 use crate::protocol::pktline;
 use crate::repo::{self, Service, Snapshot, Target};
@@ -162,13 +162,15 @@ async fn route(
     }
 }
 
+/// The header that tells how a request was served ([`Status`]).
+pub(super) const PROXY_STATUS: &str = "x-git-proxy-status";
+
 /// `response` with `X-Git-Proxy-Status: status`, counted.
 pub(super) fn with_status(mut response: Response, status: Status) -> Response {
     crate::metrics::served(status.as_str());
-    response.headers_mut().insert(
-        "x-git-proxy-status",
-        HeaderValue::from_static(status.as_str()),
-    );
+    response
+        .headers_mut()
+        .insert(PROXY_STATUS, HeaderValue::from_static(status.as_str()));
     response
 }
 
@@ -181,7 +183,6 @@ async fn info_refs(state: &AppState, m: Mirrored, version: Version) -> Result<Re
     let snapshot = snapshot(state, &m).await?;
     state.mirrors.served(&m.target.dir);
     let (chunks, outcome) = upload_pack::advertise(&snapshot, version);
-    Span::current().record("outcome", field::debug(outcome));
     let body = Body::from_stream(futures_util::stream::iter(
         chunks.into_iter().map(Ok::<_, std::convert::Infallible>),
     ));
@@ -194,6 +195,7 @@ async fn info_refs(state: &AppState, m: Mirrored, version: Version) -> Result<Re
                 ),
                 (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
             ],
+            axum::Extension(outcome),
             body,
         )
             .into_response(),
@@ -233,15 +235,19 @@ async fn upload_pack(
     let request = match parsed {
         Ok(Some(request)) => request,
         Ok(None) => {
-            span.record("outcome", "empty");
-            return Ok(pack_response(Body::empty()));
+            let mut response = pack_response(Body::empty());
+            response
+                .extensions_mut()
+                .insert(upload_pack::Outcome::Empty);
+            return Ok(response);
         }
         Err(e) if e.is_malformed() => return Err(Error::Malformed(e)),
         Err(e) => {
-            span.record("outcome", field::display(&e));
             let mut out = Vec::new();
             pktline::err(&mut out, &e.to_string());
-            return Ok(pack_response(Body::from(out)));
+            let mut response = pack_response(Body::from(out));
+            response.extensions_mut().insert(Refused(e.to_string()));
+            return Ok(response);
         }
     };
     span.record("command", request.command());
@@ -270,9 +276,10 @@ async fn upload_pack(
     if let Some(args) = request.ls_refs() {
         state.mirrors.served(&m.target.dir);
         let (answer, outcome) = upload_pack::ls_refs(&snapshot, args);
-        span.record("outcome", field::debug(outcome));
         crate::metrics::request("ls-refs", "ok");
-        return Ok(with_status(pack_response(Body::from(answer)), status));
+        let mut response = pack_response(Body::from(answer));
+        response.extensions_mut().insert(outcome);
+        return Ok(with_status(response, status));
     }
     // A want-miss: the client knows objects the mirror does not have yet. Sync, then serve
     // what we have; the sync checks the client again afterwards, as it may have found the
@@ -290,9 +297,11 @@ async fn upload_pack(
                 mirrored: m,
                 request,
                 preamble_sent: true,
+                status: Status::Sync,
+                arrived,
             };
-            let stream = answer::sync_then_pack(state, job, preamble, arrived, span);
-            return Ok(with_status(pack_response(stream), Status::Sync));
+            let stream = answer::sync_then_pack(state, job, preamble, span);
+            return Ok(streamed(with_status(pack_response(stream), Status::Sync)));
         }
         status = state
             .mirrors
@@ -305,9 +314,11 @@ async fn upload_pack(
         mirrored: m,
         request,
         preamble_sent: false,
+        status,
+        arrived,
     };
     let stream = answer::start(&state, job, snapshot, slots, span);
-    Ok(with_status(pack_response(stream), status))
+    Ok(streamed(with_status(pack_response(stream), status)))
 }
 
 /// What `request` wants that the mirror lacks ([`upload_pack::Missing`]); its object lookups,

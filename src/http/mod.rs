@@ -24,7 +24,7 @@ mod serve;
 
 pub use admin::{github_notice, gitlab_notice, Notice};
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -69,6 +69,10 @@ pub struct AppState {
     body_budget: Arc<body::Budget>,
     /// Set once shutdown began: `/readyz` answers 503.
     draining: Arc<AtomicBool>,
+    /// Set once `SHUTDOWN_GRACE` passed: answers that end now were cut off by the server.
+    cut_off: Arc<AtomicBool>,
+    /// Requests whose answer has not ended, for the shutdown log.
+    requests: Arc<AtomicUsize>,
     /// Whose `X-Forwarded-For` names the client in the request log and for the body budget.
     trusted_proxies: Arc<forwarded::TrustedProxies>,
     /// Webhook deliveries acted on lately, by sender and id.
@@ -137,6 +141,8 @@ impl AppState {
             )),
             trusted_proxies: Arc::new(forwarded::TrustedProxies::new(trusted_proxies)),
             draining: Arc::new(AtomicBool::new(false)),
+            cut_off: Arc::new(AtomicBool::new(false)),
+            requests: Arc::new(AtomicUsize::new(0)),
             body_budget,
             pack_cache,
             compression,
@@ -236,6 +242,7 @@ fn open_lfs_cache(config: &Config) -> Option<Arc<crate::lfs::Cache>> {
 /// The application: Git smart HTTP on every path, plus `/healthz`.
 pub fn router(state: AppState) -> Router {
     let trusted = Arc::clone(&state.trusted_proxies);
+    let requests = Arc::clone(&state.requests);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(health::readyz))
@@ -243,6 +250,20 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::routes())
         .route("/api/v1/mirrors", get(inventory::mirrors))
         .fallback(git::git)
+        .layer(axum::middleware::from_fn(
+            move |req: Request, next: axum::middleware::Next| {
+                let counted = Counted::new(Arc::clone(&requests));
+                async move {
+                    let response = next.run(req).await;
+                    response.map(|body| {
+                        Body::new(CountedBody {
+                            body,
+                            _counted: counted,
+                        })
+                    })
+                }
+            },
+        ))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(move |req: &Request| {
@@ -266,24 +287,172 @@ pub fn router(state: AppState) -> Router {
                         agent = agent,
                         repo = field::Empty,
                         command = field::Empty,
-                        outcome = field::Empty,
                     )
                 })
-                // One line per request when its answer starts; upload-pack answers log
-                // another when they end ("served", with objects and bytes). An error answer
-                // is logged and counted here, first.
+                // Streamed answers log their line when they end (`answer`); every other answer
+                // logs it here, errors included. 5xx are not logged again by tower_http.
                 .on_response(
-                    |res: &Response, latency: std::time::Duration, span: &Span| {
-                        if let Some(failure) = res.extensions().get::<error::Failure>() {
-                            failure.record(res.status(), span);
+                    |res: &Response, latency: std::time::Duration, _span: &Span| {
+                        if res.extensions().get::<Streamed>().is_some() {
+                            return;
                         }
-                        tracing::info!(
-                            status = res.status().as_u16(),
-                            latency_ms = latency.as_millis() as u64,
-                            "answered"
-                        )
+                        let proxy_status = res
+                            .headers()
+                            .get(git::PROXY_STATUS)
+                            .and_then(|v| v.to_str().ok());
+                        if let Some(failure) = res.extensions().get::<error::Failure>() {
+                            return failure.record(res.status().as_u16(), proxy_status, latency);
+                        }
+                        let mut line = Line::new(res.status().as_u16(), proxy_status, latency);
+                        if let Some(outcome) = res.extensions().get::<upload_pack::Outcome>() {
+                            line = line.outcome(outcome);
+                        }
+                        if let Some(Refused(cause)) = res.extensions().get::<Refused>() {
+                            line.outcome = Some("refused".into());
+                            line.cause = Some(cause.clone());
+                        }
+                        line.log();
                     },
-                ),
+                )
+                .on_failure(()),
         )
         .with_state(state)
+}
+
+/// Marks a response whose answer streams: its request line is logged when it ends.
+#[derive(Clone, Copy)]
+struct Streamed;
+
+/// Mark `response` as streamed ([`Streamed`]).
+fn streamed(mut response: Response) -> Response {
+    response.extensions_mut().insert(Streamed);
+    response
+}
+
+/// An answer that refused the request in the protocol (an `ERR` packet), with its cause.
+#[derive(Clone)]
+struct Refused(String);
+
+/// The one log line of a request (the span adds method, path, client, agent, repo).
+struct Line {
+    status: u16,
+    /// `X-Git-Proxy-Status`: clone, sync, hit or stale.
+    proxy_status: Option<String>,
+    /// What happened, e.g. `hit/refs`, `clone/pack`, `client-gone`, `upstream`.
+    outcome: Option<String>,
+    objects: Option<u64>,
+    bytes: Option<u64>,
+    refs: Option<u64>,
+    duration: std::time::Duration,
+    cause: Option<String>,
+    level: tracing::Level,
+}
+
+impl Line {
+    fn new(status: u16, proxy_status: Option<&str>, duration: std::time::Duration) -> Self {
+        Line {
+            status,
+            proxy_status: proxy_status.map(str::to_owned),
+            outcome: None,
+            objects: None,
+            bytes: None,
+            refs: None,
+            duration,
+            cause: None,
+            level: tracing::Level::INFO,
+        }
+    }
+
+    /// The line of an answer that produced `outcome`: `<proxy status>/<kind>` and its figures.
+    fn outcome(mut self, outcome: &upload_pack::Outcome) -> Self {
+        self.outcome = Some(match &self.proxy_status {
+            Some(status) => format!("{status}/{}", outcome.kind()),
+            None => outcome.kind().to_owned(),
+        });
+        match *outcome {
+            upload_pack::Outcome::Pack { objects, bytes } => {
+                self.objects = Some(objects as u64);
+                self.bytes = Some(bytes);
+            }
+            upload_pack::Outcome::Refs(refs) => self.refs = Some(refs as u64),
+            upload_pack::Outcome::Empty
+            | upload_pack::Outcome::Capabilities
+            | upload_pack::Outcome::Acks { .. } => {}
+        }
+        self
+    }
+
+    /// The line of a request that ended as `outcome` because of `cause`, at `level`.
+    fn failed(mut self, outcome: &str, cause: String, level: tracing::Level) -> Self {
+        self.outcome = Some(outcome.to_owned());
+        self.cause = Some(cause);
+        self.level = level;
+        self
+    }
+
+    fn log(&self) {
+        macro_rules! line {
+            ($level:expr) => {
+                tracing::event!(
+                    $level,
+                    status = self.status,
+                    proxy_status = self.proxy_status.as_deref(),
+                    outcome = self.outcome.as_deref(),
+                    objects = self.objects,
+                    bytes = self.bytes,
+                    refs = self.refs,
+                    duration_ms = self.duration.as_millis() as u64,
+                    cause = self.cause.as_deref(),
+                    "answered"
+                )
+            };
+        }
+        match self.level {
+            tracing::Level::ERROR => line!(tracing::Level::ERROR),
+            tracing::Level::WARN => line!(tracing::Level::WARN),
+            _ => line!(tracing::Level::INFO),
+        }
+    }
+}
+
+/// A request counted in [`AppState::requests`] until its answer ends or is dropped.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(requests: Arc<AtomicUsize>) -> Self {
+        requests.fetch_add(1, Ordering::Relaxed);
+        Counted(requests)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An answer's body that keeps its request counted while it streams.
+struct CountedBody {
+    body: Body,
+    _counted: Counted,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }

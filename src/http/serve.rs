@@ -23,6 +23,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let config = Arc::clone(&state.config);
     let draining = Arc::clone(&state.draining);
+    let cut_off = Arc::clone(&state.cut_off);
+    let state_requests = Arc::clone(&state.requests);
+    let mirrors = Arc::clone(&state.mirrors);
     let app = router(state);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
@@ -76,11 +79,30 @@ pub async fn serve(
     }
     draining.store(true, Ordering::Relaxed);
     drop(listener);
+    let requests = state_requests.load(Ordering::Relaxed);
+    tracing::info!(
+        requests,
+        grace_s = config.shutdown_grace.as_secs(),
+        "shutting down: waiting for {requests} request{}",
+        if requests == 1 { "" } else { "s" }
+    );
+    // No client can come back for a mirror being created: the listener is closed.
+    let stopped = mirrors.stop_creations();
+    if stopped > 0 {
+        tracing::info!(
+            creations = stopped,
+            "shutting down: stopping mirror creations no request can use"
+        );
+    }
     if tokio::time::timeout(*config.shutdown_grace, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!("requests still running after SHUTDOWN_GRACE are cut off");
+        cut_off.store(true, Ordering::Relaxed);
+        tracing::warn!(
+            requests = state_requests.load(Ordering::Relaxed),
+            "requests still running after SHUTDOWN_GRACE are cut off"
+        );
     }
     Ok(())
 }

@@ -188,12 +188,15 @@ impl Maintenance {
             repo = %name,
             work = ?outcome.work,
             packs_before = outcome.packs_before,
-            objects = ?outcome.regions,
+            objects = outcome.regions.iter().sum::<usize>(),
+            objects_head = outcome.regions[0],
+            objects_branches = outcome.regions[1],
+            objects_rest = outcome.regions[2],
             dropped = outcome.dropped,
             bytes = outcome.bytes,
             bitmap_commits = outcome.bitmap_commits,
-            commit_graph = ?outcome.commit_graph,
-            duration = ?started.elapsed(),
+            commit_graph = outcome.commit_graph.unwrap_or(0),
+            duration_ms = started.elapsed().as_millis() as u64,
             "mirror maintained"
         );
         Ok(outcome)
@@ -531,6 +534,30 @@ pub struct Mirrors {
     leases: Arc<Leases>,
     sync_hook: std::sync::OnceLock<SyncHook>,
     snapshots: Arc<snapshots::Budget>,
+    creations: Arc<Creations>,
+}
+
+/// The interrupt flags of the mirror creations running, and whether creations are stopped
+/// (shutdown: the listener is closed, and the client that waits for a creation cannot come
+/// back for the pack).
+#[derive(Default)]
+struct Creations {
+    running: parking_lot::Mutex<Vec<Arc<AtomicBool>>>,
+    stopped: AtomicBool,
+}
+
+impl Creations {
+    /// The interrupt flag of a creation that starts now, set already once creations stopped.
+    fn start(&self) -> Arc<AtomicBool> {
+        let mut running = self.running.lock();
+        let flag = Arc::new(AtomicBool::new(self.stopped.load(Ordering::Relaxed)));
+        running.push(Arc::clone(&flag));
+        flag
+    }
+
+    fn end(&self, flag: &Arc<AtomicBool>) {
+        self.running.lock().retain(|f| !Arc::ptr_eq(f, flag));
+    }
 }
 
 /// A mirror directory and a digest of the credentials its creation was tried with (`None`:
@@ -631,7 +658,19 @@ impl Mirrors {
             leases: Default::default(),
             sync_hook: Default::default(),
             snapshots: Arc::new(snapshots),
+            creations: Default::default(),
         }
+    }
+
+    /// Stop the mirror creations running and those that start from now on (shutdown); returns
+    /// how many were running. Their requests fail with [`upstream::Error::Interrupted`].
+    pub fn stop_creations(&self) -> usize {
+        let running = self.creations.running.lock();
+        self.creations.stopped.store(true, Ordering::Relaxed);
+        for flag in running.iter() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        running.len()
     }
 
     /// Hold the mirror at `dir` (which need not exist yet) for a request: it is not evicted
@@ -1043,8 +1082,16 @@ impl Mirrors {
         let wake_eviction = Arc::clone(&self.leases.wake);
         let hook = self.sync_hook.get().cloned();
         let leases = Arc::clone(&self.leases);
+        let creations = Arc::clone(&self.creations);
         let update = tokio::spawn(async move {
             let _slots = slots;
+            // A creation can be stopped at shutdown ([`Mirrors::stop_creations`]); a sync
+            // serves clients waiting for it, or the next ones.
+            let interrupt = if exists {
+                Arc::new(AtomicBool::new(false))
+            } else {
+                creations.start()
+            };
             let started = Instant::now();
             let name = owned.name.clone();
             let current = repo.snapshot();
@@ -1054,10 +1101,12 @@ impl Mirrors {
                 &lister, &owned, exists, &tmp, revalidate, &failures, &access,
             )
             .await;
+            let stopped = Arc::clone(&interrupt);
             let result = match plan {
                 Err(e) => Err(e),
+                Ok(_) if stopped.load(Ordering::Relaxed) => Err(upstream::Error::Interrupted),
                 Ok(plan) => tokio::task::spawn_blocking(move || {
-                    let interrupt = AtomicBool::new(false);
+                    let interrupt = &*stopped;
                     let mut owned = owned;
                     if let Some(url) = &plan.listing.url {
                         owned.url = url.clone();
@@ -1070,12 +1119,12 @@ impl Mirrors {
                             authorization,
                             plan.private,
                             &opts,
-                            &interrupt,
+                            interrupt,
                         );
                     }
                     if plan.recreate {
                         tracing::info!(repo = %owned.name, "the upstream lists the repository anonymously now: mirroring it again without credentials");
-                        return sync::recreate(&owned, &tmp, &aside, &opts, &interrupt);
+                        return sync::recreate(&owned, &tmp, &aside, &opts, interrupt);
                     }
                     let snapshot = match current {
                         Some(snapshot) => Ok(snapshot),
@@ -1086,12 +1135,15 @@ impl Mirrors {
                     snapshot.and_then(|s| {
                         let listing = plan.listing;
                         let private = plan.private;
-                        sync::sync(&owned, s, listing, authorization, private, &opts, &interrupt)
+                        sync::sync(&owned, s, listing, authorization, private, &opts, interrupt)
                     })
                 })
                 .await
                 .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string()))),
             };
+            if !exists {
+                creations.end(&interrupt);
+            }
             match result {
                 Ok(outcome) => {
                     // When the listing was taken, not when the fetch ended: a want-miss that

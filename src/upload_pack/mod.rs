@@ -264,6 +264,8 @@ impl Error {
 pub enum Outcome {
     /// Nothing was asked (a probe, or a request without wants).
     Empty,
+    /// The protocol v2 capability advertisement.
+    Capabilities,
     /// A ref listing with this many refs.
     Refs(usize),
     /// A negotiation round without a pack.
@@ -278,6 +280,19 @@ pub enum Outcome {
         /// Pack bytes (without framing).
         bytes: u64,
     },
+}
+
+impl Outcome {
+    /// What the answer was, in a word, for the request log.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Empty => "empty",
+            Outcome::Capabilities => "capabilities",
+            Outcome::Refs(_) => "refs",
+            Outcome::Acks { .. } => "acks",
+            Outcome::Pack { .. } => "pack",
+        }
+    }
 }
 
 /// Settings that shape every pack.
@@ -334,7 +349,7 @@ pub fn advertise(snapshot: &repo::Snapshot, version: Version) -> (Vec<bytes::Byt
     match version {
         Version::V2 => {
             advert::v2(&mut out);
-            (vec![out.into()], Outcome::Empty)
+            (vec![out.into()], Outcome::Capabilities)
         }
         Version::V0 | Version::V1 => {
             advert::v0_preamble(&mut out, version == Version::V1);
