@@ -168,7 +168,9 @@ fn directories(root: &Path) -> Vec<String> {
     while let Some(dir) = pending.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let entry = entry.unwrap();
-            if entry.file_type().unwrap().is_dir() && entry.file_name() != ".pack-cache" {
+            // The proxy's own caches, not mirrors.
+            let cache = entry.file_name() == ".pack-cache" || entry.file_name() == ".lfs-cache";
+            if entry.file_type().unwrap().is_dir() && !cache {
                 out.push(entry.path().display().to_string());
                 pending.push(entry.path());
             }
