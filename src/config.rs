@@ -1,5 +1,7 @@
-//! Settings, from command-line flags or the environment (the seed README's names), validated
-//! before anything binds or opens.
+//! Settings, in two stages: [`Config`] holds them as given, from command-line flags or the
+//! environment (the seed README's names); [`Config::resolve`] checks them and builds what the
+//! program uses ([`Resolved`]: the allowlist, trusted proxies, zlib level, HTTP clients), once,
+//! before anything binds or opens. Every error names its variable.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -7,186 +9,197 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
 
-use crate::http::forwarded::TrustedProxies;
-use crate::mirror::{Upstreams, UpstreamsError};
+use crate::upstream::allowlist::{self, Upstream, Upstreams};
+
+// `--help` groups the settings under these headings; the ones everyone sets come first.
+const MAIN: &str = "Main settings";
+const SERVICES: &str = "Admin API, webhooks and fleets";
+const SYNCS: &str = "Mirrors and syncs";
+const PACKS: &str = "Packs and memory";
+const CLIENTS: &str = "Client limits and timeouts";
 
 /// smart-git-proxy: serves Git repositories under MIRROR_DIR over smart HTTP, in-process.
 #[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 pub struct Config {
-    /// Address to listen on, `host:port` or `:port` (all interfaces).
-    #[arg(long, env = "LISTEN_ADDR", default_value = ":8080")]
-    pub listen_addr: String,
-    /// Directory holding the bare repositories, as `{host}/{path}.git`.
-    #[arg(long, env = "MIRROR_DIR", default_value = "/var/tmp/smart-git-proxy")]
-    pub mirror_dir: PathBuf,
-    /// Log lines as `text` or `json` (one object per line, for log shippers).
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-    /// Log filter: `debug`, `info`, `warn`, `error`, or a tracing directive.
-    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
-    /// Comma-separated addresses and CIDR ranges of load balancers whose `X-Forwarded-For`
-    /// names the client in logs; empty: the header is ignored.
-    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
-    pub trusted_proxies: String,
-    /// Largest accepted request body after gzip decoding, e.g. `64MiB`.
-    #[arg(long, env = "MAX_REQUEST_BODY", default_value = "64MiB")]
-    pub max_request_body: ByteSize,
-    /// Request-body bytes that all requests together may hold in memory (after gzip decoding)
-    /// while they are read and parsed; a request that would exceed it gets 503.
-    #[arg(long, env = "MAX_BUFFERED_BODIES", default_value = "256MiB")]
-    pub max_buffered_bodies: ByteSize,
-    /// Of `MAX_BUFFERED_BODIES`, what the bodies of one client address (an IPv6 /64; behind
-    /// `TRUSTED_PROXIES`, the address they name) may hold together; beyond it, 429. Defaults
-    /// to `MAX_REQUEST_BODY`.
-    #[arg(long, env = "MAX_BUFFERED_BODIES_PER_CLIENT")]
-    pub max_buffered_bodies_per_client: Option<ByteSize>,
-    /// How long a client may take to send a request's headers; also how long an idle
-    /// keep-alive connection stays open.
-    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "30s")]
-    pub header_read_timeout: humantime::Duration,
-    /// How long a client may take to send a whole request body.
-    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "60s")]
-    pub body_read_timeout: humantime::Duration,
-    /// A client that takes none of its answer for this long (its connection accepts no byte)
-    /// is disconnected, and the work for it stops.
-    #[arg(long, env = "CLIENT_STALL_TIMEOUT", default_value = "60s")]
-    pub client_stall_timeout: humantime::Duration,
-    /// Open client connections; beyond it, new connections get 503 and are closed.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
-    pub max_connections: usize,
-    /// How long an upload-pack request may wait for a pack slot before it gets 503.
-    #[arg(long, env = "QUEUE_TIMEOUT", default_value = "60s")]
-    pub queue_timeout: humantime::Duration,
-    /// How long an upload-pack answer may compute (negotiation, shallow boundary, object
-    /// selection) before its pack starts streaming; then it ends with an error.
-    #[arg(long, env = "COMPUTE_TIMEOUT", default_value = "5m")]
-    pub compute_timeout: humantime::Duration,
-    /// On SIGTERM, how long requests in flight may take to finish before the process exits.
-    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "30s")]
-    pub shutdown_grace: humantime::Duration,
-    /// How long a whole upload-pack answer may take, streaming included.
-    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "1h")]
-    pub request_timeout: humantime::Duration,
-    /// Upload-pack requests generating packs at the same time; more wait their turn.
-    /// Defaults to twice the number of cores.
-    #[arg(long, env = "MAX_CONCURRENT_PACKS")]
-    pub max_concurrent_packs: Option<usize>,
-    /// Upload-pack answers streamed at once, packs read from the pack cache included: each holds
-    /// a thread while its client reads. More wait their turn.
-    #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = 256)]
-    pub max_concurrent_streams: usize,
-    /// Threads compressing one pack; defaults to all cores.
-    #[arg(long, env = "PACK_THREADS")]
-    pub pack_threads: Option<usize>,
     /// Comma-separated upstream hosts the proxy may mirror from; an entry may carry a scheme and
     /// port (`http://127.0.0.1:9001`), its URL segment is then `host:port`.
-    #[arg(long, env = "ALLOWED_UPSTREAMS", default_value = "github.com")]
+    #[arg(long, env = "ALLOWED_UPSTREAMS", default_value = "github.com", help_heading = MAIN)]
     pub allowed_upstreams: String,
-    /// Sync a mirror when its last successful sync is older than this (e.g. `2s`, `5m`).
-    #[arg(long, env = "SYNC_STALE_AFTER", default_value = "2s")]
-    pub sync_stale_after: humantime::Duration,
+    /// Directory holding the bare repositories, as `{host}/{path}.git`; created if missing.
+    /// Also an option of `maintain` and `mirrors`.
+    #[arg(long, env = "MIRROR_DIR", default_value = "/var/tmp/smart-git-proxy", global = true, help_heading = MAIN)]
+    pub mirror_dir: PathBuf,
+    /// Address to listen on, `host:port` or `:port` (all interfaces).
+    #[arg(long, env = "LISTEN_ADDR", default_value = ":8080", help_heading = MAIN)]
+    pub listen_addr: String,
     /// Where upstream credentials come from.
-    #[arg(long, env = "AUTH_MODE", value_enum, default_value_t = AuthMode::None)]
+    #[arg(long, env = "AUTH_MODE", value_enum, default_value_t = AuthMode::None, help_heading = MAIN)]
     pub auth_mode: AuthMode,
     /// The token sent upstream with `AUTH_MODE=static`.
-    #[arg(long, env = "STATIC_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "STATIC_TOKEN", hide_env_values = true, help_heading = MAIN)]
     pub static_token: Option<Secret>,
     /// Upstream hosts the static token is sent to, comma-separated (`host[:port]`). The token
     /// only travels over HTTPS unless an entry is written `http://host[:port]`.
-    #[arg(long, env = "STATIC_TOKEN_HOSTS", default_value = "github.com")]
+    #[arg(long, env = "STATIC_TOKEN_HOSTS", default_value = "github.com", help_heading = MAIN)]
     pub static_token_hosts: String,
+    /// Disk space for mirrors and the pack cache together, as a size (`200GiB`) or a share of
+    /// `MIRROR_DIR`'s filesystem (`80%`); beyond it the least recently used mirrors are deleted
+    /// (with their pack-cache entries) down to 90 % of it. Unset: no limit.
+    #[arg(long, env = "MIRROR_MAX_SIZE", help_heading = MAIN)]
+    pub mirror_max_size: Option<crate::mirror::evict::Limit>,
+    /// Log filter: `debug`, `info`, `warn`, `error`, or a tracing directive.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info", help_heading = MAIN)]
+    pub log_level: String,
+    /// Log lines as `text` or `json` (one object per line, for log shippers).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = MAIN)]
+    pub log_format: LogFormat,
+
     /// Bearer token for the admin API (`/api/v1/...`); the API is off while it is unset.
-    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true, help_heading = SERVICES)]
     pub admin_token: Option<Secret>,
     /// Secret of push webhooks (`POST /webhooks/github`, signed with HMAC-SHA256;
     /// `POST /webhooks/gitlab`, sent as `X-Gitlab-Token`); the endpoints are off while it is
     /// unset.
-    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true, help_heading = SERVICES)]
     pub webhook_secret: Option<Secret>,
+    /// Comma-separated addresses and CIDR ranges of load balancers whose `X-Forwarded-For`
+    /// names the client in logs; empty: the header is ignored.
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "", help_heading = SERVICES)]
+    pub trusted_proxies: String,
     /// Another smart-git-proxy (`http(s)://host:port`) to fetch every mirror from, as
     /// `{PARENT_PROXY}/{host}/{path}`, instead of the upstream itself: edge tiers share one
     /// regional fetch.
-    #[arg(long, env = "PARENT_PROXY")]
+    #[arg(long, env = "PARENT_PROXY", help_heading = SERVICES)]
     pub parent_proxy: Option<String>,
     /// The load balancer in front of a sharded fleet (`http(s)://host:port`): a webhook is
     /// re-sent there as a warm-up of its repository (with `ADMIN_TOKEN`), so that it reaches
     /// the node that holds the mirror.
-    #[arg(long, env = "BALANCER_URL")]
+    #[arg(long, env = "BALANCER_URL", help_heading = SERVICES)]
     pub balancer_url: Option<String>,
+
+    /// Sync a mirror when its last successful sync is older than this (e.g. `2s`, `5m`).
+    #[arg(long, env = "SYNC_STALE_AFTER", default_value = "2s", help_heading = SYNCS)]
+    pub sync_stale_after: humantime::Duration,
     /// Mirror creations and syncs running at the same time (different repositories).
-    #[arg(long, env = "MAX_CONCURRENT_SYNCS", default_value_t = 4)]
+    #[arg(long, env = "MAX_CONCURRENT_SYNCS", default_value_t = 4, help_heading = SYNCS)]
     pub max_concurrent_syncs: usize,
     /// Of those, how many may run against one upstream host, so that a hanging host cannot
     /// take every slot. Defaults to `MAX_CONCURRENT_SYNCS` − 1 (at least 1).
-    #[arg(long, env = "MAX_CONCURRENT_SYNCS_PER_HOST")]
+    #[arg(long, env = "MAX_CONCURRENT_SYNCS_PER_HOST", help_heading = SYNCS)]
     pub max_concurrent_syncs_per_host: Option<usize>,
     /// How long a request for an existing mirror waits for its sync to start (a free slot, or
     /// another request's sync to finish) before the mirror is served as it is (`stale`).
-    #[arg(long, env = "SYNC_WAIT", default_value = "5s")]
+    #[arg(long, env = "SYNC_WAIT", default_value = "5s", help_heading = SYNCS)]
     pub sync_wait: humantime::Duration,
     /// At most one want-miss sync (a client asking for an object the mirror lacks) per
     /// repository per this interval; later want-misses wait for it and share it.
-    #[arg(long, env = "WANT_MISS_SYNC_INTERVAL", default_value = "2s")]
+    #[arg(long, env = "WANT_MISS_SYNC_INTERVAL", default_value = "2s", help_heading = SYNCS)]
     pub want_miss_sync_interval: humantime::Duration,
     /// How long a failed mirror creation (an unknown repository, refused credentials, an
     /// upstream error) is remembered and answered without asking the upstream again.
-    #[arg(long, env = "FAILURE_CACHE_TTL", default_value = "30s")]
+    #[arg(long, env = "FAILURE_CACHE_TTL", default_value = "30s", help_heading = SYNCS)]
     pub failure_cache_ttl: humantime::Duration,
-    /// How long connecting to an upstream may take.
-    #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT", default_value = "10s")]
-    pub upstream_connect_timeout: humantime::Duration,
-    /// An upstream transfer that stalls (under 1 byte/s) this long is aborted.
-    #[arg(long, env = "UPSTREAM_STALL_TIMEOUT", default_value = "60s")]
-    pub upstream_stall_timeout: humantime::Duration,
     /// How long the upstream's acceptance or refusal of a client's credentials for a private
     /// mirror is remembered.
-    #[arg(long, env = "AUTH_CACHE_TTL", default_value = "60s")]
+    #[arg(long, env = "AUTH_CACHE_TTL", default_value = "60s", help_heading = SYNCS)]
     pub auth_cache_ttl: humantime::Duration,
-    /// zlib level (0–9) for objects a pack cannot copy from disk and compresses anew (for
-    /// example the full objects of a `--depth=1` pack). Lower is faster, higher is smaller.
-    #[arg(long, env = "PACK_COMPRESSION_LEVEL", default_value_t = DEFAULT_COMPRESSION_LEVEL)]
-    pub pack_compression_level: u32,
-    /// Disk space for finished packs in the pack cache (`{MIRROR_DIR}/.pack-cache`), e.g.
-    /// `10GiB`; least recently used packs are evicted beyond it. `0` turns the cache off.
-    #[arg(long, env = "PACK_CACHE_MAX_SIZE", default_value = "10GiB")]
-    pub pack_cache_max_size: ByteSize,
-    /// Disk space for mirrors and the pack cache together, as a size (`200GiB`) or a share of
-    /// `MIRROR_DIR`'s filesystem (`80%`); beyond it the least recently used mirrors are deleted
-    /// (with their pack-cache entries) down to 90 % of it. Unset: no limit.
-    #[arg(long, env = "MIRROR_MAX_SIZE")]
-    pub mirror_max_size: Option<crate::mirror::evict::Limit>,
+    /// How long connecting to an upstream may take.
+    #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT", default_value = "10s", help_heading = SYNCS)]
+    pub upstream_connect_timeout: humantime::Duration,
+    /// An upstream transfer that stalls (under 1 byte/s) this long is aborted.
+    #[arg(long, env = "UPSTREAM_STALL_TIMEOUT", default_value = "60s", help_heading = SYNCS)]
+    pub upstream_stall_timeout: humantime::Duration,
     /// Consolidate a mirror's packs into one (in the background, after a sync) once it has more
     /// than this many; `0` turns background maintenance off, also the bitmap of a new mirror and
     /// its refreshes (`smart-git-proxy maintain` still runs it).
-    #[arg(long, env = "MAINTENANCE_PACK_THRESHOLD", default_value_t = 16)]
+    #[arg(long, env = "MAINTENANCE_PACK_THRESHOLD", default_value_t = 16, help_heading = SYNCS)]
     pub maintenance_pack_threshold: usize,
     /// Refresh a mirror's reachability bitmap and commit-graph (in the background, after a
     /// sync) once its refs reach more than this many commits the bitmap does not cover:
     /// requests walk those on top of it.
-    #[arg(long, env = "MAINTENANCE_BITMAP_LAG", default_value_t = DEFAULT_BITMAP_LAG)]
+    #[arg(long, env = "MAINTENANCE_BITMAP_LAG", default_value_t = DEFAULT_BITMAP_LAG, help_heading = SYNCS)]
     pub maintenance_bitmap_lag: usize,
     /// Unreachable objects (refs deleted or force-pushed upstream) are kept by maintenance
     /// while the pack or file holding them is younger than this.
-    #[arg(long, env = "MAINTENANCE_GRACE", default_value = "14days")]
+    #[arg(long, env = "MAINTENANCE_GRACE", default_value = "14days", help_heading = SYNCS)]
     pub maintenance_grace: humantime::Duration,
+
+    /// Disk space for finished packs in the pack cache (`{MIRROR_DIR}/.pack-cache`), e.g.
+    /// `10GiB`; least recently used packs are evicted beyond it. `0` turns the cache off.
+    #[arg(long, env = "PACK_CACHE_MAX_SIZE", value_parser = parse_size, default_value = "10GiB", help_heading = PACKS)]
+    pub pack_cache_max_size: ByteSize,
     /// Refs whose moves by a sync prewarm the pack cache with the `--depth=1` fetch
     /// `actions/checkout` makes: comma-separated, `HEAD` for the branch `HEAD` points to, or
     /// globs of ref names (`release/*` is `refs/heads/release/*`; `refs/tags/v*`); empty: off.
-    #[arg(long, env = "PREWARM_REFS", default_value = "HEAD")]
+    #[arg(long, env = "PREWARM_REFS", default_value = "HEAD", help_heading = PACKS)]
     pub prewarm_refs: String,
+    /// Upload-pack requests generating packs at the same time; more wait their turn.
+    /// Defaults to twice the number of cores.
+    #[arg(long, env = "MAX_CONCURRENT_PACKS", help_heading = PACKS)]
+    pub max_concurrent_packs: Option<usize>,
+    /// Upload-pack answers streamed at once, packs read from the pack cache included: each holds
+    /// a thread while its client reads. More wait their turn.
+    #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = 256, help_heading = PACKS)]
+    pub max_concurrent_streams: usize,
+    /// Threads compressing one pack; defaults to all cores.
+    #[arg(long, env = "PACK_THREADS", help_heading = PACKS)]
+    pub pack_threads: Option<usize>,
+    /// zlib level (0–9) for objects a pack cannot copy from disk and compresses anew (for
+    /// example the full objects of a `--depth=1` pack). Lower is faster, higher is smaller.
+    #[arg(long, env = "PACK_COMPRESSION_LEVEL", default_value_t = DEFAULT_COMPRESSION_LEVEL, help_heading = PACKS)]
+    pub pack_compression_level: u32,
     /// Memory that the delta-base caches of all pack generations share (each thread of pack
     /// work takes up to 32 MiB of it; beyond it, work runs uncached: slower, never larger).
-    #[arg(long, env = "PACK_MEMORY_BUDGET", default_value = "256MiB")]
+    #[arg(long, env = "PACK_MEMORY_BUDGET", value_parser = parse_size, default_value = "256MiB", help_heading = PACKS)]
     pub pack_memory_budget: ByteSize,
-
     /// Memory for the mirrors' snapshots (their refs and prebuilt advertisements); beyond it,
     /// those of the mirrors requested least recently are dropped and built again on their next
     /// request
-    #[arg(long, env = "SNAPSHOT_MEMORY", default_value = "256MiB")]
+    #[arg(long, env = "SNAPSHOT_MEMORY", value_parser = parse_size, default_value = "256MiB", help_heading = PACKS)]
     pub snapshot_memory: ByteSize,
+
+    /// Open client connections; beyond it, new connections get 503 and are closed.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, help_heading = CLIENTS)]
+    pub max_connections: usize,
+    /// Largest accepted request body after gzip decoding, e.g. `64MiB`.
+    #[arg(long, env = "MAX_REQUEST_BODY", value_parser = parse_size, default_value = "64MiB", help_heading = CLIENTS)]
+    pub max_request_body: ByteSize,
+    /// Request-body bytes that all requests together may hold in memory (after gzip decoding)
+    /// while they are read and parsed; a request that would exceed it gets 503.
+    #[arg(long, env = "MAX_BUFFERED_BODIES", value_parser = parse_size, default_value = "256MiB", help_heading = CLIENTS)]
+    pub max_buffered_bodies: ByteSize,
+    /// Of `MAX_BUFFERED_BODIES`, what the bodies of one client address (an IPv6 /64; behind
+    /// `TRUSTED_PROXIES`, the address they name) may hold together; beyond it, 429. Defaults
+    /// to `MAX_REQUEST_BODY`.
+    #[arg(long, env = "MAX_BUFFERED_BODIES_PER_CLIENT", value_parser = parse_size, help_heading = CLIENTS)]
+    pub max_buffered_bodies_per_client: Option<ByteSize>,
+    /// How long a client may take to send a request's headers; also how long an idle
+    /// keep-alive connection stays open.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "30s", help_heading = CLIENTS)]
+    pub header_read_timeout: humantime::Duration,
+    /// How long a client may take to send a whole request body.
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "60s", help_heading = CLIENTS)]
+    pub body_read_timeout: humantime::Duration,
+    /// A client that takes none of its answer for this long (its connection accepts no byte)
+    /// is disconnected, and the work for it stops.
+    #[arg(long, env = "CLIENT_STALL_TIMEOUT", default_value = "60s", help_heading = CLIENTS)]
+    pub client_stall_timeout: humantime::Duration,
+    /// How long an upload-pack request may wait for a pack slot before it gets 503.
+    #[arg(long, env = "QUEUE_TIMEOUT", default_value = "60s", help_heading = CLIENTS)]
+    pub queue_timeout: humantime::Duration,
+    /// How long an upload-pack answer may compute (negotiation, shallow boundary, object
+    /// selection) before its pack starts streaming; then it ends with an error.
+    #[arg(long, env = "COMPUTE_TIMEOUT", default_value = "5m", help_heading = CLIENTS)]
+    pub compute_timeout: humantime::Duration,
+    /// How long a whole upload-pack answer may take, streaming included.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "1h", help_heading = CLIENTS)]
+    pub request_timeout: humantime::Duration,
+    /// On SIGTERM, how long requests in flight may take to finish before the process exits.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "30s", help_heading = CLIENTS)]
+    pub shutdown_grace: humantime::Duration,
 }
 
 /// Whether `value` is a level or a `tracing` filter directive: a bare word that is no level
@@ -204,6 +217,45 @@ fn is_log_filter(value: &str) -> bool {
     })
 }
 
+/// A size setting without a usable value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// A number without a unit: `80` meant as `80%` or `80GiB` would be 80 bytes.
+    #[error("size unit needed, for example {0}MiB or {0}GiB ({0}B for bytes)")]
+    NoUnit(String),
+    /// Not a size at all.
+    #[error("not a size such as 64MiB or 10GiB: {0}")]
+    Invalid(String),
+}
+
+/// A size setting (`64MiB`, `10GiB`, `512KB`, `100B`). The unit is required, as
+/// `SYNC_STALE_AFTER` requires one: `MIRROR_MAX_SIZE=80`, meant as `80%`, once evicted a
+/// mirror while it was created. Zero needs none.
+pub fn parse_size(value: &str) -> Result<ByteSize, SizeError> {
+    let value = value.trim();
+    if value.ends_with(|c: char| c.is_ascii_digit() || c == '.') {
+        return match value.parse::<f64>() {
+            Ok(0.0) => Ok(ByteSize::b(0)),
+            Ok(_) => Err(SizeError::NoUnit(value.to_owned())),
+            Err(_) => Err(SizeError::Invalid(format!("'{value}'"))),
+        };
+    }
+    value.parse().map_err(SizeError::Invalid)
+}
+
+/// Whether the `STATIC_TOKEN_HOSTS` entry `entry` lends the token to `upstream`: the same host,
+/// reached over HTTPS, or over plain HTTP when the entry is written `http://host[:port]`.
+fn entry_lends_to(entry: &str, upstream: &Upstream) -> bool {
+    match entry.strip_prefix("http://") {
+        Some(host) => host.eq_ignore_ascii_case(&upstream.segment),
+        None => {
+            let host = entry.strip_prefix("https://").unwrap_or(entry);
+            upstream.base_url.starts_with("https://")
+                && host.eq_ignore_ascii_case(&upstream.segment)
+        }
+    }
+}
+
 /// `value` without trailing slashes, if it is an `http://` or `https://` URL with a host.
 fn base_url(value: &str) -> Option<&str> {
     let value = value.trim().trim_end_matches('/');
@@ -212,6 +264,54 @@ fn base_url(value: &str) -> Option<&str> {
         .or_else(|| value.strip_prefix("https://"))?;
     let valid = !rest.is_empty() && !rest.contains(['?', '#', ' ', '@']);
     valid.then_some(value)
+}
+
+/// `TRUSTED_PROXIES`: comma-separated addresses (`10.0.0.5`, `::1`) and ranges (`10.0.0.0/8`,
+/// whose host bits are dropped).
+pub(crate) fn parse_trusted_proxies(list: &str) -> Result<Vec<IpNet>, Error> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|entry| {
+            entry
+                .parse::<IpNet>()
+                .map(|net| net.trunc())
+                .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| Error::TrustedProxy {
+                    entry: entry.to_owned(),
+                })
+        })
+        .collect()
+}
+
+/// The settings as the program uses them, built once at start by [`Config::resolve`]: nothing
+/// is parsed again, and nothing falls back to a default when a value is bad.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The settings as given: durations, sizes and counts are used as they are.
+    pub config: Config,
+    /// `LISTEN_ADDR`, a name resolved to its first address.
+    pub listen_addr: SocketAddr,
+    /// `ALLOWED_UPSTREAMS`
+    pub upstreams: Upstreams,
+    /// `TRUSTED_PROXIES`
+    pub trusted_proxies: Vec<IpNet>,
+    /// `PACK_COMPRESSION_LEVEL`
+    pub compression: gix::zlib::Compression,
+    /// `PREWARM_REFS`
+    pub prewarm_refs: crate::prewarm::Refs,
+    /// `PARENT_PROXY`, without its trailing slash.
+    pub parent_proxy: Option<String>,
+    /// `BALANCER_URL`, without its trailing slash.
+    pub balancer_url: Option<String>,
+    /// `UPSTREAM_CONNECT_TIMEOUT` and `UPSTREAM_STALL_TIMEOUT`.
+    pub upstream: crate::upstream::Options,
+    /// The client of LFS requests and of webhooks forwarded to `BALANCER_URL`, with the
+    /// upstream timeouts.
+    pub http_client: reqwest::Client,
+    /// The client of ref listings, whose redirects stay within the allowed upstreams and the
+    /// parent proxy.
+    pub listing_client: crate::upstream::ListingClient,
 }
 
 /// See `PACK_COMPRESSION_LEVEL`; the README gives the measurements behind it.
@@ -272,6 +372,15 @@ pub enum AuthMode {
     PassThrough,
 }
 
+impl std::fmt::Display for AuthMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.to_possible_value() {
+            Some(value) => f.write_str(value.get_name()),
+            None => write!(f, "{self:?}"),
+        }
+    }
+}
+
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -283,7 +392,7 @@ pub enum Error {
     },
     /// `ALLOWED_UPSTREAMS` has an unusable entry.
     #[error(transparent)]
-    Upstreams(#[from] UpstreamsError),
+    Upstreams(#[from] allowlist::Error),
     /// `AUTH_MODE=static` without a token.
     #[error("AUTH_MODE=static needs STATIC_TOKEN")]
     MissingToken,
@@ -335,12 +444,23 @@ pub enum Error {
     /// `BALANCER_URL` without the token its forwarded requests carry.
     #[error("BALANCER_URL needs ADMIN_TOKEN (the nodes' shared admin token)")]
     BalancerWithoutToken,
-    /// `TRUSTED_PROXIES` has an unusable entry.
-    #[error(transparent)]
-    TrustedProxies(#[from] crate::http::forwarded::ParseError),
+    /// `TRUSTED_PROXIES` has an entry that is neither an address nor a CIDR range.
+    #[error("TRUSTED_PROXIES entry '{entry}' is not an IP address or a CIDR range (10.0.0.0/8)")]
+    TrustedProxy {
+        /// The entry.
+        entry: String,
+    },
     /// `PREWARM_REFS` has an unusable entry.
     #[error(transparent)]
-    PrewarmRefs(#[from] crate::prewarm::RefsError),
+    PrewarmRefs(#[from] crate::prewarm::Error),
+    /// A setting that was given but does nothing with the others, named in the message.
+    #[error("{setting} does nothing {reason}")]
+    Ignored {
+        /// The setting, with its value when that helps.
+        setting: String,
+        /// Which other setting makes it useless, and what to do.
+        reason: String,
+    },
     /// `MIRROR_DIR` exists and is not a directory, or cannot be created.
     #[error("MIRROR_DIR '{path}': {reason}")]
     MirrorDir {
@@ -349,6 +469,16 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// An HTTP client cannot be built (its TLS backend does not start): not a usage error.
+    #[error("cannot set up the HTTP clients")]
+    HttpClient(#[source] reqwest::Error),
+}
+
+impl Error {
+    /// Whether a setting is at fault (exit 64, `EX_USAGE`), rather than the machine.
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, Error::HttpClient(_))
+    }
 }
 
 impl Config {
@@ -387,19 +517,17 @@ impl Config {
 
     /// Whether `STATIC_TOKEN` may be sent to `upstream`: its host is listed in
     /// `STATIC_TOKEN_HOSTS`, and it is reached over HTTPS or the entry opts into plain HTTP.
-    pub fn lends_static_token_to(&self, upstream: &crate::mirror::Upstream) -> bool {
-        let https = upstream.base_url.starts_with("https://");
+    pub fn lends_static_token_to(&self, upstream: &Upstream) -> bool {
+        self.static_token_entries()
+            .any(|entry| entry_lends_to(entry, upstream))
+    }
+
+    /// The entries of `STATIC_TOKEN_HOSTS`.
+    fn static_token_entries(&self) -> impl Iterator<Item = &str> {
         self.static_token_hosts
             .split(',')
             .map(str::trim)
             .filter(|e| !e.is_empty())
-            .any(|entry| match entry.strip_prefix("http://") {
-                Some(host) => host.eq_ignore_ascii_case(&upstream.segment),
-                None => {
-                    let host = entry.strip_prefix("https://").unwrap_or(entry);
-                    https && host.eq_ignore_ascii_case(&upstream.segment)
-                }
-            })
     }
 
     /// `MAX_CONCURRENT_SYNCS_PER_HOST`, or its default.
@@ -421,8 +549,8 @@ impl Config {
     }
 
     /// The parsed `TRUSTED_PROXIES`.
-    pub fn trusted_proxies(&self) -> Result<TrustedProxies, Error> {
-        Ok(self.trusted_proxies.parse()?)
+    pub fn trusted_proxies(&self) -> Result<Vec<IpNet>, Error> {
+        parse_trusted_proxies(&self.trusted_proxies)
     }
 
     /// The parsed `PREWARM_REFS`.
@@ -526,6 +654,156 @@ impl Config {
         Ok(())
     }
 
+    /// Refuse settings that were given (`given(id)`: on the command line or in the
+    /// environment, `id` being the field's name) but do nothing with the others, so that an
+    /// operator does not believe them in effect. Call after [`Config::validate`].
+    pub fn check_ignored(&self, given: impl Fn(&str) -> bool) -> Result<(), Error> {
+        let ignored = |setting: &str, reason: String| {
+            Err(Error::Ignored {
+                setting: setting.to_owned(),
+                reason,
+            })
+        };
+        let mode = self.auth_mode;
+        if mode != AuthMode::Static {
+            for (id, key) in [
+                ("static_token", "STATIC_TOKEN"),
+                ("static_token_hosts", "STATIC_TOKEN_HOSTS"),
+            ] {
+                if given(id) {
+                    return ignored(
+                        key,
+                        format!(
+                            "with AUTH_MODE={mode}: the token is sent with AUTH_MODE=static \
+                             only; set that, or unset {key}"
+                        ),
+                    );
+                }
+            }
+        }
+        if mode != AuthMode::PassThrough && given("auth_cache_ttl") {
+            return ignored(
+                "AUTH_CACHE_TTL",
+                format!(
+                    "with AUTH_MODE={mode}: it times the checks of clients' credentials, which \
+                     AUTH_MODE=pass-through makes"
+                ),
+            );
+        }
+        if mode == AuthMode::Static {
+            self.check_static_token_hosts(given("static_token_hosts"))?;
+        }
+        if self.pack_cache_max_size.as_u64() == 0
+            && given("prewarm_refs")
+            && !self.prewarm_refs.trim().is_empty()
+        {
+            return ignored(
+                "PREWARM_REFS",
+                "with PACK_CACHE_MAX_SIZE=0: prewarming fills the pack cache, which is off".into(),
+            );
+        }
+        if self.balancer_url.is_some() && self.webhook_secret.is_none() {
+            return ignored(
+                "BALANCER_URL",
+                "without WEBHOOK_SECRET: only webhooks are forwarded to the balancer".into(),
+            );
+        }
+        if let Some(per_host) = self
+            .max_concurrent_syncs_per_host
+            .filter(|n| *n > self.max_concurrent_syncs)
+        {
+            return ignored(
+                &format!("MAX_CONCURRENT_SYNCS_PER_HOST={per_host}"),
+                format!(
+                    "beyond MAX_CONCURRENT_SYNCS={}, which bounds it",
+                    self.max_concurrent_syncs
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// With `AUTH_MODE=static`, every `STATIC_TOKEN_HOSTS` entry must lend the token to an
+    /// allowed upstream: a host missing from `ALLOWED_UPSTREAMS`, or a plain-HTTP upstream
+    /// named without `http://`, would leave the upstream without the token.
+    fn check_static_token_hosts(&self, given: bool) -> Result<(), Error> {
+        let upstreams = self.upstreams()?;
+        let source = if given { "" } else { " (the default)" };
+        let mut entries = self.static_token_entries().peekable();
+        if entries.peek().is_none() {
+            return Err(Error::Ignored {
+                setting: "AUTH_MODE=static".into(),
+                reason: "with an empty STATIC_TOKEN_HOSTS: the token goes to no upstream".into(),
+            });
+        }
+        for entry in entries {
+            if upstreams.iter().any(|u| entry_lends_to(entry, u)) {
+                continue;
+            }
+            let host = entry
+                .strip_prefix("https://")
+                .or_else(|| entry.strip_prefix("http://"))
+                .unwrap_or(entry);
+            let hint = match upstreams.get(host) {
+                Some(u) if u.base_url.starts_with("http://") => format!(
+                    "ALLOWED_UPSTREAMS fetches {host} over plain HTTP, and the token goes there \
+                     only if the entry is written http://{host}"
+                ),
+                _ => format!("{host} is not in ALLOWED_UPSTREAMS ({})", upstreams.names()),
+            };
+            return Err(Error::Ignored {
+                setting: format!("STATIC_TOKEN_HOSTS entry '{entry}'{source}"),
+                reason: format!("with AUTH_MODE=static: {hint}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Upload-pack requests generating packs at once: `MAX_CONCURRENT_PACKS`, or twice the
+    /// number of cores.
+    pub fn concurrent_packs(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        self.max_concurrent_packs.unwrap_or(cores * 2)
+    }
+
+    /// Check every setting, then build what the program uses from them; call before binding.
+    pub fn resolve(self) -> Result<Resolved, Error> {
+        self.validate()?;
+        let upstream = crate::upstream::Options {
+            connect_timeout: *self.upstream_connect_timeout,
+            stall_timeout: *self.upstream_stall_timeout,
+        };
+        let upstreams = self.upstreams()?;
+        let parent_proxy = self.parent_proxy().map(str::to_owned);
+        // Ref listings follow redirects only within the allowed upstreams (and the parent).
+        let origins: Vec<String> = upstreams
+            .base_urls()
+            .map(str::to_owned)
+            .chain(parent_proxy.clone())
+            .collect();
+        let listing_client =
+            crate::upstream::ListingClient::new(&upstream, &origins).map_err(Error::HttpClient)?;
+        let http_client = reqwest::Client::builder()
+            .connect_timeout(upstream.connect_timeout)
+            .read_timeout(upstream.stall_timeout)
+            .user_agent(crate::protocol::AGENT)
+            .build()
+            .map_err(Error::HttpClient)?;
+        Ok(Resolved {
+            listen_addr: self.listen_socket_addr()?,
+            trusted_proxies: self.trusted_proxies()?,
+            compression: self.compression()?,
+            prewarm_refs: self.prewarm_refs()?,
+            balancer_url: self.balancer_url().map(str::to_owned),
+            parent_proxy,
+            upstreams,
+            upstream,
+            http_client,
+            listing_client,
+            config: self,
+        })
+    }
+
     /// `PARENT_PROXY` without its trailing slash, when set and valid.
     pub fn parent_proxy(&self) -> Option<&str> {
         self.parent_proxy.as_deref().and_then(base_url)
@@ -595,7 +873,7 @@ mod tests {
 
     #[test]
     fn the_static_token_goes_to_its_hosts_over_https_only() {
-        let upstreams = crate::mirror::Upstreams::parse(
+        let upstreams = Upstreams::parse(
             "github.com,gitlab.example.org,http://127.0.0.1:9001,http://10.0.0.1:80",
         )
         .unwrap();
@@ -646,6 +924,44 @@ mod tests {
         assert!(c.validate().is_ok());
         let c = Config::try_parse_from(["x", "--webhook-secret", "hook-s3cret"]).unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn resolving_builds_what_the_program_uses_once() {
+        let mut c = Config::new("/m");
+        c.allowed_upstreams = "github.com, http://127.0.0.1:9001".into();
+        c.parent_proxy = Some("http://regional:8080/".into());
+        c.trusted_proxies = "10.1.2.3/8".into();
+        c.pack_compression_level = 1;
+        let r = c.resolve().unwrap();
+        assert_eq!(r.upstreams.names(), "github.com, 127.0.0.1:9001");
+        assert_eq!(r.parent_proxy.as_deref(), Some("http://regional:8080"));
+        assert_eq!(r.balancer_url, None);
+        assert_eq!(
+            r.trusted_proxies,
+            vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(r.compression.level(), 1);
+        assert_eq!(r.listen_addr, "127.0.0.1:0".parse().unwrap());
+        // A bad value is an error naming its variable, never a default.
+        for (adjust, key) in [
+            (
+                (|c: &mut Config| c.pack_compression_level = 10) as fn(&mut Config),
+                "PACK_COMPRESSION_LEVEL",
+            ),
+            (
+                |c| c.allowed_upstreams = "ftp://x".into(),
+                "ALLOWED_UPSTREAMS",
+            ),
+            (|c| c.trusted_proxies = "lb".into(), "TRUSTED_PROXIES"),
+            (|c| c.prewarm_refs = "a b".into(), "PREWARM_REFS"),
+        ] {
+            let mut c = Config::new("/m");
+            adjust(&mut c);
+            let e = c.resolve().unwrap_err();
+            assert!(e.is_usage());
+            assert!(e.to_string().starts_with(key), "{e}");
+        }
     }
 
     #[test]
@@ -736,6 +1052,23 @@ mod tests {
     }
 
     #[test]
+    fn sizes_need_a_unit() {
+        assert_eq!(parse_size("64MiB"), Ok(ByteSize::mib(64)));
+        assert_eq!(parse_size(" 10 GiB "), Ok(ByteSize::gib(10)));
+        assert_eq!(parse_size("100B"), Ok(ByteSize::b(100)));
+        assert_eq!(parse_size("0"), Ok(ByteSize::b(0)), "zero needs no unit");
+        assert_eq!(parse_size("80"), Err(SizeError::NoUnit("80".into())));
+        assert_eq!(parse_size("1.5"), Err(SizeError::NoUnit("1.5".into())));
+        assert!(matches!(parse_size("lots"), Err(SizeError::Invalid(_))));
+        let e = Config::try_parse_from(["x", "--snapshot-memory", "80"]).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("<SNAPSHOT_MEMORY>") && e.contains("size unit needed, for example 80MiB"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn settings_that_would_silently_misbehave_are_refused() {
         let mut c = Config::new("/m");
         c.allowed_upstreams = " ".into();
@@ -779,6 +1112,10 @@ mod tests {
             c.validate().unwrap_err().to_string(),
             "TRUSTED_PROXIES entry 'lb.internal' is not an IP address or a CIDR range (10.0.0.0/8)"
         );
+        for bad in ["10.0.0.0/33", "proxy.internal", "10.0.0.1:80", "*"] {
+            let e = parse_trusted_proxies(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("'{bad}'")), "{e}");
+        }
     }
 
     /// The defaults the README documents, as the command line gives them and as

@@ -4,13 +4,14 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
-use smart_git_proxy::config::{Config, LogFormat};
+use clap::parser::ValueSource;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser};
+use smart_git_proxy::config::{Config, LogFormat, Resolved};
 use smart_git_proxy::http::{self, AppState};
 use smart_git_proxy::mirror::maintain;
 use tracing_subscriber::EnvFilter;
 
-/// `EX_USAGE` from sysexits.h: the configuration is invalid.
+/// `EX_USAGE` from sysexits.h: the command line or a setting cannot be used; nothing was done.
 const EX_USAGE: u8 = 64;
 
 /// jemalloc, not glibc's malloc: glibc keeps the memory a burst of requests freed in its
@@ -20,9 +21,13 @@ const EX_USAGE: u8 = 64;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// The exit statuses of the server and its commands, for `--help`.
+const EXIT_STATUS: &str = "Exit status: 0 on success; 64 when the command line or a setting \
+    cannot be used (nothing was done); 1 when the work failed.";
+
 /// smart-git-proxy: serves Git repositories under MIRROR_DIR over smart HTTP, in-process.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = EXIT_STATUS)]
 struct Cli {
     #[command(flatten)]
     config: Config,
@@ -34,9 +39,10 @@ struct Cli {
 enum Command {
     /// Consolidate mirrors' packs into one each, now, and exit (safe while a server runs on
     /// the same MIRROR_DIR).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["repo", "all"])))]
     Maintain {
         /// One mirror, `host/path`.
-        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        #[arg(long)]
         repo: Option<String>,
         /// Every mirror under MIRROR_DIR.
         #[arg(long)]
@@ -47,28 +53,60 @@ enum Command {
     Mirrors,
 }
 
+/// A command line or a setting that cannot be used: `error: …` on stderr, as clap prints its
+/// own, and status 64.
+fn usage_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EX_USAGE)
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        // Help and version go to stdout with status 0; a bad setting is a usage error, whose
-        // message names the variable (`<SYNC_STALE_AFTER>`) and the value.
+    // Help and version go to stdout with status 0; a bad flag or value is a usage error, whose
+    // message names the variable (`<SYNC_STALE_AFTER>`) and the value.
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|matches| Ok((Cli::from_arg_matches(&matches)?, matches)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(EX_USAGE);
         }
     };
+    // Given on the command line or in the environment, not empty: an empty variable in the
+    // env file is as good as a commented-out one.
+    let given = |id: &str| {
+        matches
+            .value_source(id)
+            .is_some_and(|source| source != ValueSource::DefaultValue)
+            && matches
+                .get_raw(id)
+                .is_some_and(|mut values| values.any(|v| !v.is_empty()))
+    };
     let config = cli.config;
-    if let Err(e) = config.validate() {
-        eprintln!("smart-git-proxy: {e}");
-        return ExitCode::from(EX_USAGE);
+    if let Err(e) = config.validate().and_then(|()| config.check_ignored(given)) {
+        return usage_error(e);
     }
+    if cli.command.is_some() && !config.mirror_dir.is_dir() {
+        return usage_error(format_args!(
+            "MIRROR_DIR {} is not a directory (the server creates it; maintain and mirrors read \
+             it)",
+            config.mirror_dir.display()
+        ));
+    }
+    let settings = match config.resolve() {
+        Ok(settings) => settings,
+        Err(e) if e.is_usage() => return usage_error(format_args!("{:#}", anyhow::Error::new(e))),
+        Err(e) => {
+            eprintln!("error: {:#}", anyhow::Error::new(e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = &settings.config;
     let filter = match EnvFilter::try_new(&config.log_level) {
         Ok(f) => f,
-        Err(e) => {
-            eprintln!("smart-git-proxy: LOG_LEVEL '{}': {e}", config.log_level);
-            return ExitCode::from(EX_USAGE);
-        }
+        Err(e) => return usage_error(format_args!("LOG_LEVEL '{}': {e}", config.log_level)),
     };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -82,37 +120,45 @@ fn main() -> ExitCode {
         tracing::warn!(error = %e, "jemalloc's background thread is off: idle memory is returned late");
     }
     let result = match cli.command {
-        None => run(config),
-        Some(Command::Maintain { repo, .. }) => maintain(config, repo),
-        Some(Command::Mirrors) => mirrors(&config),
+        None => match run(settings) {
+            Ok(()) => return ExitCode::SUCCESS,
+            // The server's stderr is its log: its last line says why it stopped.
+            Err(e) => {
+                tracing::error!("{e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Some(Command::Maintain { repo, .. }) => maintain(settings, repo),
+        Some(Command::Mirrors) => mirrors(&settings.config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(settings: Resolved) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        let config = &settings.config;
         std::fs::create_dir_all(&config.mirror_dir)
             .with_context(|| format!("creating MIRROR_DIR {}", config.mirror_dir.display()))?;
         let _lock = smart_git_proxy::mirror::lock_root(&config.mirror_dir)?;
         let shutdown = shutdown_signal()?;
-        let addr = config.listen_socket_addr()?;
+        let addr = settings.listen_addr;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         let local_addr = listener.local_addr()?;
-        let mirror_dir = config.mirror_dir.clone();
+        let effective = Effective::of(config);
         let limit = config.mirror_max_size;
-        let state = AppState::new(config);
+        let state = AppState::new(settings);
         let removed = state
             .mirrors()
             .remove_temporaries()
@@ -124,7 +170,24 @@ fn run(config: Config) -> anyhow::Result<()> {
             );
         }
         // Connections queue on the bound socket meanwhile; "listening" means answered from now.
-        tracing::info!(addr = %local_addr, mirror_dir = %mirror_dir.display(), "listening");
+        // The line gives the configuration in effect, secrets aside.
+        tracing::info!(
+            addr = %local_addr,
+            mirror_dir = %effective.mirror_dir,
+            upstreams = %effective.upstreams,
+            auth_mode = %effective.auth_mode,
+            static_token_to = %effective.static_token_to,
+            parent_proxy = %effective.parent_proxy,
+            admin_api = effective.admin_api,
+            webhooks = effective.webhooks,
+            mirror_max_size = %effective.mirror_max_size,
+            pack_cache_max_size = %effective.pack_cache_max_size,
+            max_connections = effective.max_connections,
+            max_concurrent_packs = effective.max_concurrent_packs,
+            max_concurrent_syncs = effective.max_concurrent_syncs,
+            sync_stale_after = %effective.sync_stale_after,
+            "listening"
+        );
         // Mirrors found on disk get their snapshots in the background; a request that comes
         // first builds its own. Eviction starts once they are known.
         let mirrors = std::sync::Arc::clone(state.mirrors());
@@ -166,6 +229,61 @@ fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(written, "mirror records written");
         Ok(())
     })
+}
+
+/// The configuration in effect, as the start-up line gives it: defaults resolved, no secret
+/// (only whether the admin API and the webhooks are on).
+struct Effective {
+    mirror_dir: String,
+    /// The allowed upstreams as fetched, `scheme://host[:port]`, comma-separated.
+    upstreams: String,
+    auth_mode: smart_git_proxy::config::AuthMode,
+    /// With `AUTH_MODE=static`, the upstreams the token goes to; else `none`.
+    static_token_to: String,
+    parent_proxy: String,
+    admin_api: bool,
+    webhooks: bool,
+    mirror_max_size: String,
+    pack_cache_max_size: String,
+    max_connections: usize,
+    max_concurrent_packs: usize,
+    max_concurrent_syncs: usize,
+    sync_stale_after: humantime::Duration,
+}
+
+impl Effective {
+    fn of(config: &Config) -> Self {
+        use smart_git_proxy::config::AuthMode;
+        let upstreams = config.upstreams().unwrap_or_default();
+        let static_token_to = match config.auth_mode {
+            AuthMode::Static => upstreams
+                .iter()
+                .filter(|u| config.lends_static_token_to(u))
+                .map(|u| u.segment.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            _ => "none".into(),
+        };
+        // Values without spaces, so that text logs stay `key=value` pairs.
+        let size = |s: String| s.replace(' ', "");
+        Effective {
+            mirror_dir: config.mirror_dir.display().to_string(),
+            upstreams: upstreams.base_urls().collect::<Vec<_>>().join(","),
+            auth_mode: config.auth_mode,
+            static_token_to,
+            parent_proxy: config.parent_proxy().unwrap_or("none").to_owned(),
+            admin_api: config.admin_token.is_some(),
+            webhooks: config.webhook_secret.is_some(),
+            mirror_max_size: config
+                .mirror_max_size
+                .map_or_else(|| "none".to_owned(), |l| size(l.to_string())),
+            pack_cache_max_size: size(config.pack_cache_max_size.to_string()),
+            max_connections: config.max_connections,
+            max_concurrent_packs: config.concurrent_packs(),
+            max_concurrent_syncs: config.max_concurrent_syncs,
+            sync_stale_after: config.sync_stale_after,
+        }
+    }
 }
 
 /// `mirrors`: the inventory as a table, from `MIRROR_DIR` alone.
@@ -213,8 +331,8 @@ fn mirrors(config: &Config) -> anyhow::Result<()> {
     }
     let total: u64 = list.iter().map(|m| m.bytes + m.pack_cache_bytes).sum();
     println!(
-        "{} mirrors, {} with their pack-cache entries",
-        list.len(),
+        "{}, {} with their pack-cache entries",
+        count(list.len(), "mirror"),
         size(total)
     );
     Ok(())
@@ -239,44 +357,44 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 /// What a maintenance did, in one line.
 fn describe(o: &maintain::Outcome) -> String {
     let graph = match o.commit_graph {
-        Some(n) => format!("{n} commits in the commit-graph"),
+        Some(n) => format!("{} in the commit-graph", count(n, "commit")),
         None => "no commit-graph".into(),
     };
     match o.work {
         maintain::Work::Nothing => format!(
-            "{} pack(s), bitmap and commit-graph up to date: nothing to do",
-            o.packs_before
+            "{}, bitmap and commit-graph up to date: nothing to do",
+            count(o.packs_before, "pack")
         ),
-        maintain::Work::Graph => format!("{} pack(s) kept, {graph}", o.packs_before),
+        maintain::Work::Graph => format!("{} kept, {graph}", count(o.packs_before, "pack")),
         maintain::Work::Bitmap => format!(
-            "1 pack kept ({}), {} bitmapped commits, {graph}",
+            "1 pack kept ({}), {}, {graph}",
             bytesize::ByteSize::b(o.bytes),
-            o.bitmap_commits
+            count(o.bitmap_commits, "bitmapped commit")
         ),
         maintain::Work::Consolidate => format!(
-            "{} packs -> 1, {} objects (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}, {} bitmapped commits, {graph}",
-            o.packs_before,
-            o.regions.iter().sum::<usize>(),
+            "{} -> 1, {} (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}, {}, {graph}",
+            count(o.packs_before, "pack"),
+            count(o.regions.iter().sum::<usize>(), "object"),
             o.regions[0],
             o.regions[1],
             o.regions[2],
             o.dropped,
             bytesize::ByteSize::b(o.bytes),
-            o.bitmap_commits
+            count(o.bitmap_commits, "bitmapped commit")
         ),
     }
 }
 
 /// `maintain`: bring one mirror or all of them, one after the other, to one pack with a
 /// bitmap and commit-graph that cover their refs (consolidating only where needed).
-fn maintain(config: Config, repo: Option<String>) -> anyhow::Result<()> {
+fn maintain(settings: Resolved, repo: Option<String>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let root = config.mirror_dir.clone();
-        let state = AppState::new(config);
+        let root = settings.config.mirror_dir.clone();
+        let state = AppState::new(settings);
         let mirrors = state.mirrors();
         let dirs = match repo {
             Some(name) => {
@@ -301,11 +419,20 @@ fn maintain(config: Config, repo: Option<String>) -> anyhow::Result<()> {
                 Ok(o) => println!("{name}: {}", describe(&o)),
                 Err(e) => {
                     failed += 1;
-                    eprintln!("{name}: {e}");
+                    eprintln!("error: {name}: {e}");
                 }
             }
         }
-        anyhow::ensure!(failed == 0, "maintenance failed for {failed} mirror(s)");
+        anyhow::ensure!(
+            failed == 0,
+            "maintenance failed for {}",
+            count(failed, "mirror")
+        );
         Ok(())
     })
+}
+
+/// `1 mirror`, `2 mirrors`: `n` and `noun`, plural unless `n` is 1.
+fn count(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }

@@ -5,6 +5,10 @@
 //! `git` process is started: credentials come from the caller as an `Authorization` header,
 //! never from credential helpers, and nothing is written to the repository's configuration.
 
+pub mod allowlist;
+
+pub use allowlist::{Upstream, Upstreams};
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,6 +41,20 @@ pub enum Error {
     /// The upstream could not be reached (name resolution, connection refused, TLS).
     #[error("the upstream is unreachable: {0}")]
     Unreachable(String),
+    /// An `https://` upstream answered in plain HTTP: an `ALLOWED_UPSTREAMS` entry without a
+    /// scheme (`host:port`) is fetched over HTTPS, and this server needs `http://`.
+    #[error(
+        "{origin} answers in plain HTTP, not HTTPS: write it as http://{host} in \
+         ALLOWED_UPSTREAMS (or PARENT_PROXY): {detail}"
+    )]
+    PlainHttp {
+        /// `https://host[:port]`, as it was tried.
+        origin: String,
+        /// `host[:port]`.
+        host: String,
+        /// The TLS error chain.
+        detail: String,
+    },
     /// The upstream did not answer in time.
     #[error("the upstream timed out: {0}")]
     TimedOut(String),
@@ -98,7 +116,7 @@ pub fn list(
                 ..Default::default()
             },
         )
-        .map_err(|e| classify(e, &auth_asked, &AtomicBool::new(false)))?;
+        .map_err(|e| classify(e, url, &auth_asked, &AtomicBool::new(false)))?;
     Ok(listing(map.remote_refs))
 }
 
@@ -143,6 +161,10 @@ impl Error {
             Error::AuthRequired => "the upstream requires authentication",
             Error::NotFound => "the upstream has no such repository",
             Error::Unreachable(_) => "the upstream is unreachable",
+            Error::PlainHttp { .. } => {
+                "the upstream answers in plain HTTP, not HTTPS: its ALLOWED_UPSTREAMS entry needs \
+                 http://"
+            }
             Error::TimedOut(_) => "the upstream timed out",
             Error::Failed(_) => "the upstream failed",
             Error::Local(_) => "internal error (see the proxy's log)",
@@ -164,7 +186,9 @@ impl Error {
     /// otherwise failed, with the whole cause chain (reqwest's own message names only the URL).
     pub(crate) fn from_request(e: &reqwest::Error) -> Error {
         let message = crate::error_chain(e);
-        if e.is_timeout() {
+        if let Some(plain) = e.url().and_then(|url| plain_http(url, &message)) {
+            plain
+        } else if e.is_timeout() {
             Error::TimedOut(message)
         } else if e.is_connect() {
             Error::Unreachable(message)
@@ -174,11 +198,35 @@ impl Error {
     }
 }
 
-fn classify(e: gix::Error, auth_asked: &AtomicBool, interrupt: &AtomicBool) -> Error {
+/// [`Error::PlainHttp`] when the request to `url` failed because the server answered a TLS
+/// handshake in plain HTTP: OpenSSL reads its `HTTP/1.1 400` as a record of an unknown
+/// version ("wrong version number").
+fn plain_http(url: &reqwest::Url, message: &str) -> Option<Error> {
+    if url.scheme() != "https" || !message.contains("wrong version number") {
+        return None;
+    }
+    let host = url.host_str()?;
+    let host = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    };
+    Some(Error::PlainHttp {
+        origin: format!("https://{host}"),
+        host,
+        detail: message.to_owned(),
+    })
+}
+
+fn classify(e: gix::Error, url: &str, auth_asked: &AtomicBool, interrupt: &AtomicBool) -> Error {
+    let plain = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|url| plain_http(&url, &format!("{e:#}")));
     if interrupt.load(Ordering::Relaxed) {
         Error::Interrupted
     } else if auth_asked.load(Ordering::Relaxed) {
         Error::AuthRequired
+    } else if let Some(plain) = plain {
+        plain
     } else if crate::is_no_space(&e) {
         Error::NoSpace(format!("{e:#}"))
     } else {
@@ -227,7 +275,7 @@ pub fn fetch(
                 ..Default::default()
             },
         )
-        .map_err(|e| classify(e, &auth_asked, interrupt))?;
+        .map_err(|e| classify(e, url, &auth_asked, interrupt))?;
     let remote_refs = prepared.ref_map().remote_refs.clone();
     let has_refs = remote_refs
         .iter()
@@ -241,7 +289,7 @@ pub fn fetch(
         prepared
             .with_write_packed_refs_only(true)
             .receive(gix::progress::Discard, interrupt)
-            .map_err(|e| classify(e, &auth_asked, interrupt))?;
+            .map_err(|e| classify(e, url, &auth_asked, interrupt))?;
         out.pack_bytes = pack_bytes(dir).saturating_sub(before);
     }
     Ok(out)
@@ -408,12 +456,14 @@ impl ListingClient {
 }
 
 /// Why the one-request listing did not work.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum LsRefsError {
     /// The upstream does not answer a bare v2 `ls-refs` POST (an old server, a dumb one): list
     /// with gix's handshake instead.
+    #[error("the upstream does not answer a bare ls-refs request: {0}")]
     Unsupported(String),
     /// A failure that the handshake would meet too.
+    #[error(transparent)]
     Failed(Error),
 }
 

@@ -25,6 +25,34 @@ fn the_binary_serves_a_clone() {
     drop(running);
 }
 
+/// The README's GitHub Actions example: `url.<proxy>.insteadOf` from the environment
+/// (`GIT_CONFIG_COUNT`), no configuration file, routes a clone of the upstream's URL through
+/// the proxy (here the upstream refuses connections: only the proxy's mirror can answer).
+#[test]
+fn insteadof_from_the_environment_routes_clones_through_the_proxy() {
+    let (mirror, repo_dir) = seeded_mirror("basic");
+    let running = Running::start(
+        mirror.path(),
+        &[("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let key = format!("url.http://{}/127.0.0.1:9/.insteadOf", running.addr);
+    let out = git_output(
+        work.path(),
+        &["clone", "-q", "http://127.0.0.1:9/basic", "c"],
+        &[
+            ("GIT_CONFIG_COUNT", "1"),
+            ("GIT_CONFIG_KEY_0", &key),
+            ("GIT_CONFIG_VALUE_0", "http://127.0.0.1:9/"),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        git(&work.path().join("c"), &["rev-parse", "HEAD"]),
+        git(&repo_dir, &["rev-parse", "main"])
+    );
+}
+
 #[test]
 fn an_invalid_configuration_exits_with_usage_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
@@ -92,6 +120,53 @@ fn bad_settings_exit_with_usage_error_naming_the_variable() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{key}={value}: {stderr}");
         assert!(stderr.contains(says), "{key}={value}: {stderr}");
+    }
+}
+
+/// Issue 21, item 4: `MIRROR_MAX_SIZE=80`, meant as `80%`, was 80 bytes. Every size setting
+/// needs a unit, as `SYNC_STALE_AFTER` does; `0` needs none.
+#[test]
+fn a_size_without_a_unit_is_refused_naming_the_variable() {
+    let mirror = tempfile::tempdir().unwrap();
+    let sizes = [
+        "MAX_REQUEST_BODY",
+        "MAX_BUFFERED_BODIES",
+        "MAX_BUFFERED_BODIES_PER_CLIENT",
+        "PACK_CACHE_MAX_SIZE",
+        "MIRROR_MAX_SIZE",
+        "PACK_MEMORY_BUDGET",
+        "SNAPSHOT_MEMORY",
+    ];
+    // Every setting whose default is a size is in the list.
+    let help = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for option in help.split("[env: ").skip(1) {
+        let name: String = option
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+            .collect();
+        let default = option.split("[default: ").nth(1).unwrap_or("");
+        let default = &default[..default.find(']').unwrap_or(0)];
+        if default.ends_with("iB") {
+            assert!(sizes.contains(&name.as_str()), "{name} is a size");
+        }
+    }
+    for key in sizes {
+        let out = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+            .env("MIRROR_DIR", mirror.path())
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env(key, "80")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{key}=80: {stderr}");
+        assert!(
+            stderr.contains(&format!("<{key}>")) && stderr.contains("size unit needed"),
+            "{key}=80: {stderr}"
+        );
     }
 }
 
@@ -360,4 +435,237 @@ fn a_killed_maintain_leaves_temporaries_that_the_next_run_removes() {
     );
     assert_eq!(temporaries(&repo_dir), Vec::<String>::new());
     assert_fsck(&repo_dir);
+}
+
+/// The binary with `env` (and `args`), on an empty mirror directory, as a command.
+fn binary(
+    mirror_dir: &std::path::Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+        .env("MIRROR_DIR", mirror_dir)
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Issue 21, item 5: a setting that does nothing with the others is refused at start, with a
+/// message that names both; an empty one (a line of the env file left empty) is as unset.
+#[test]
+fn settings_that_do_nothing_are_refused_naming_both() {
+    let mirror = tempfile::tempdir().unwrap();
+    let local = ("ALLOWED_UPSTREAMS", "http://127.0.0.1:9");
+    // The settings, and what the refusal says.
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
+        (
+            &[("STATIC_TOKEN", "t0ken")],
+            &["STATIC_TOKEN does nothing with AUTH_MODE=none"],
+        ),
+        (
+            &[
+                ("STATIC_TOKEN_HOSTS", "github.com"),
+                ("AUTH_MODE", "pass-through"),
+            ],
+            &["STATIC_TOKEN_HOSTS does nothing with AUTH_MODE=pass-through"],
+        ),
+        (
+            &[("AUTH_CACHE_TTL", "5m")],
+            &[
+                "AUTH_CACHE_TTL does nothing with AUTH_MODE=none",
+                "AUTH_MODE=pass-through",
+            ],
+        ),
+        (
+            &[local, ("AUTH_MODE", "static"), ("STATIC_TOKEN", "t0ken")],
+            &[
+                "STATIC_TOKEN_HOSTS entry 'github.com' (the default) does nothing with \
+                 AUTH_MODE=static: github.com is not in ALLOWED_UPSTREAMS (127.0.0.1:9)",
+            ],
+        ),
+        (
+            &[
+                local,
+                ("AUTH_MODE", "static"),
+                ("STATIC_TOKEN", "t0ken"),
+                ("STATIC_TOKEN_HOSTS", "127.0.0.1:9"),
+            ],
+            &["only if the entry is written http://127.0.0.1:9"],
+        ),
+        (
+            &[("PREWARM_REFS", "HEAD"), ("PACK_CACHE_MAX_SIZE", "0")],
+            &["PREWARM_REFS does nothing with PACK_CACHE_MAX_SIZE=0"],
+        ),
+        (
+            &[("BALANCER_URL", "http://127.0.0.1:9"), ("ADMIN_TOKEN", "a")],
+            &["BALANCER_URL does nothing without WEBHOOK_SECRET"],
+        ),
+        (
+            &[("MAX_CONCURRENT_SYNCS_PER_HOST", "9")],
+            &["MAX_CONCURRENT_SYNCS_PER_HOST=9 does nothing beyond MAX_CONCURRENT_SYNCS=4"],
+        ),
+    ];
+    for (env, says) in cases {
+        let out = binary(mirror.path(), env, &["mirrors"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{env:?}: {stderr}");
+        for said in *says {
+            assert!(stderr.contains(said), "{env:?}: {stderr}");
+        }
+        assert!(!stderr.contains("t0ken"), "a secret printed: {stderr}");
+    }
+    // Accepted: the same settings where they act, and empty ones.
+    let accepted: &[&[(&str, &str)]] = &[
+        &[("STATIC_TOKEN", ""), ("STATIC_TOKEN_HOSTS", "")],
+        &[("AUTH_MODE", "pass-through"), ("AUTH_CACHE_TTL", "5m")],
+        &[
+            local,
+            ("AUTH_MODE", "static"),
+            ("STATIC_TOKEN", "t0ken"),
+            ("STATIC_TOKEN_HOSTS", "http://127.0.0.1:9"),
+        ],
+        &[("PREWARM_REFS", ""), ("PACK_CACHE_MAX_SIZE", "0")],
+    ];
+    for env in accepted {
+        let out = binary(mirror.path(), env, &["mirrors"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{env:?}: {stderr}");
+    }
+}
+
+/// Issue 21, item 5: the start-up line gives the configuration in effect, and no secret.
+#[test]
+fn the_listening_line_gives_the_configuration_in_effect() {
+    use std::io::{BufRead, BufReader};
+    let mirror = tempfile::tempdir().unwrap();
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+            .env("MIRROR_DIR", mirror.path())
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("ALLOWED_UPSTREAMS", "github.com, http://127.0.0.1:9")
+            .env("AUTH_MODE", "static")
+            .env("STATIC_TOKEN", "s3cret-static")
+            .env("ADMIN_TOKEN", "s3cret-admin")
+            .env("MIRROR_MAX_SIZE", "80%")
+            .env("MAX_CONCURRENT_PACKS", "3")
+            .env("LOG_FORMAT", "json")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = BufReader::new(child.0.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("\"listening\""))
+        .expect("a listening line");
+    drop(child);
+    assert!(!line.contains("s3cret"), "{line}");
+    let fields: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let fields = &fields["fields"];
+    assert_eq!(fields["mirror_dir"], mirror.path().display().to_string());
+    assert_eq!(fields["upstreams"], "https://github.com,http://127.0.0.1:9");
+    assert_eq!(fields["auth_mode"], "static");
+    assert_eq!(fields["static_token_to"], "github.com");
+    assert_eq!(fields["admin_api"], true);
+    assert_eq!(fields["webhooks"], false);
+    assert_eq!(fields["parent_proxy"], "none");
+    assert_eq!(fields["mirror_max_size"], "80%");
+    assert_eq!(fields["pack_cache_max_size"], "10.0GiB");
+    assert_eq!(fields["max_concurrent_packs"], 3);
+    assert_eq!(fields["max_connections"], 4096);
+    assert_eq!(fields["sync_stale_after"], "2s");
+}
+
+/// Issue 21, item 7: one convention for the commands — status 64 and `error: …` for what
+/// cannot be used, nothing done; `--mirror-dir` as for the server; counted nouns in the
+/// singular for one.
+#[test]
+fn the_commands_share_one_error_style_and_exit_codes() {
+    let (mirror, _) = seeded_mirror("basic");
+    let local = [("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")];
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = binary(elsewhere.path(), &local, &["maintain"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--repo") && stderr.contains("--all"),
+        "{stderr}"
+    );
+
+    // `--mirror-dir` after the command, as for the server; it wins over MIRROR_DIR.
+    let dir = mirror.path().to_str().unwrap();
+    let out = binary(elsewhere.path(), &local, &["mirrors", "--mirror-dir", dir]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("127.0.0.1:9/basic"), "{stdout}");
+    assert!(stdout.contains("\n1 mirror, "), "{stdout}");
+
+    let missing = elsewhere.path().join("nowhere");
+    let missing = missing.to_str().unwrap();
+    for args in [
+        vec!["mirrors", "--mirror-dir", missing],
+        vec!["maintain", "--all", "--mirror-dir", missing],
+    ] {
+        let out = binary(elsewhere.path(), &local, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: MIRROR_DIR ") && stderr.contains(missing),
+            "{args:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}: nothing printed as a list");
+    }
+
+    let out = binary(
+        mirror.path(),
+        &local,
+        &["maintain", "--repo", "127.0.0.1:9/missing"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("error: no mirror of 127.0.0.1:9/missing"),
+        "{stderr}"
+    );
+    let out = binary(
+        mirror.path(),
+        &local,
+        &["maintain", "--all", "--repo", "x/y"],
+    );
+    assert_eq!(out.status.code(), Some(64));
+}
+
+/// Issue 21, item 7: `--help` starts with the settings everyone sets.
+#[test]
+fn help_puts_the_main_settings_first() {
+    let out = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let first: Vec<String> = help
+        .split("[env: ")
+        .skip(1)
+        .take(4)
+        .map(|rest| {
+            rest.chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        first,
+        [
+            "ALLOWED_UPSTREAMS",
+            "MIRROR_DIR",
+            "LISTEN_ADDR",
+            "AUTH_MODE"
+        ],
+        "{help}"
+    );
+    assert!(help.contains("Main settings:"), "{help}");
+    assert!(help.contains("Exit status: 0"), "{help}");
 }

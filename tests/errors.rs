@@ -588,3 +588,61 @@ fn server_errors_are_short_for_the_client_and_whole_in_the_log() {
         "{logged}"
     );
 }
+
+/// Issue 21, item 8: an `ALLOWED_UPSTREAMS` entry written `host:port` is fetched over HTTPS.
+/// Against a plain-HTTP server the TLS handshake fails with OpenSSL's "wrong version number";
+/// the client is told that the entry needs `http://`, and the log names the URL to write.
+#[test]
+fn a_plain_http_upstream_listed_without_a_scheme_is_pointed_out() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let up = upstream::Upstream::start();
+    up.add_fixture("o/r", "basic");
+    let segment = up.segment();
+    let mirror = tempfile::tempdir().unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+        .env("MIRROR_DIR", mirror.path())
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("ALLOWED_UPSTREAMS", &segment)
+        .stderr(Stdio::from(log.reopen().unwrap()))
+        .spawn()
+        .unwrap();
+    let _child = Killed(child);
+    let mut addr = None;
+    wait_until("the server listens", || {
+        addr = BufReader::new(log.reopen().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                let rest = l.split("addr=").nth(1)?;
+                rest.split_whitespace().next().map(str::to_owned)
+            });
+        addr.is_some()
+    });
+    let addr = addr.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let url = format!("http://{addr}/{segment}/o/r");
+    let out = git_output(work.path(), &["clone", &url, "c"], &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot mirror {segment}/o/r: the upstream answers in plain HTTP, not HTTPS: its \
+             ALLOWED_UPSTREAMS entry needs http://"
+        )),
+        "{stderr}"
+    );
+    let read = || std::fs::read_to_string(log.path()).unwrap();
+    wait_until("the failure is logged", || {
+        read().contains("upstream failed")
+    });
+    let logged = read();
+    assert!(
+        logged.contains(&format!(
+            "https://{segment} answers in plain HTTP, not HTTPS: write it as http://{segment} in \
+             ALLOWED_UPSTREAMS"
+        )),
+        "{logged}"
+    );
+}

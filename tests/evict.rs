@@ -117,7 +117,7 @@ fn the_least_recently_used_mirror_is_evicted_with_its_pack_cache_entries() {
     let mirror = tempfile::tempdir().unwrap();
     let dir = |name: &str| mirror.path().join(up.segment()).join(format!("{name}.git"));
     // Two mirrors fit, three do not; after one is gone the rest is under 90 % of the limit.
-    let limit = (one * 5 / 2).to_string();
+    let limit = format!("{}B", one * 5 / 2);
     let running = start(mirror.path(), &up, &[("MIRROR_MAX_SIZE", &limit)]);
     clone(&running, &up, "a");
     let a_packs = pack_cache_files(mirror.path());
@@ -189,7 +189,7 @@ fn the_access_order_survives_a_restart() {
 
     // Both no longer fit: the least recently used goes at start. By creation (or sync) order
     // it would be `a`; by use it is `b`.
-    let limit = (one * 2 - one / 10).to_string();
+    let limit = format!("{}B", one * 2 - one / 10);
     let running = start(mirror.path(), &up, &[("MIRROR_MAX_SIZE", &limit)]);
     wait_until("a mirror is evicted", || {
         !dir("a").exists() || !dir("b").exists()
@@ -280,7 +280,7 @@ fn a_mirror_being_served_is_not_evicted_from_under_its_client() {
     let running = start(
         mirror.path(),
         &up,
-        &[("MIRROR_MAX_SIZE", "1"), ("PACK_CACHE_MAX_SIZE", "0")],
+        &[("MIRROR_MAX_SIZE", "1B"), ("PACK_CACHE_MAX_SIZE", "0")],
     );
     let tip = git(&big, &["rev-parse", "main"]).trim().to_owned();
     let path = format!("/{}/big/git-upload-pack", up.segment());

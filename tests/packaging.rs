@@ -23,6 +23,39 @@ fn settings() -> Vec<String> {
     names
 }
 
+/// Each setting of `--help` with its default (empty when it has none), in `--help`'s order.
+fn help_defaults() -> Vec<(String, String)> {
+    let mut help = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"));
+    help.arg("--help");
+    // `--help` shows the values set in the environment: none here.
+    for name in settings() {
+        help.env_remove(name);
+    }
+    let help = String::from_utf8(help.output().unwrap().stdout).unwrap();
+    // An option is the text from its flag (`--listen-addr <LISTEN_ADDR>`) to the next one.
+    let options: Vec<&str> = help.split("\n      --").skip(1).collect();
+    let defaults: Vec<(String, String)> = options
+        .iter()
+        .filter_map(|option| {
+            let name: String = option
+                .split("[env: ")
+                .nth(1)?
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect();
+            let default = option
+                .split("[default: ")
+                .nth(1)
+                .and_then(|d| d.split(']').next())
+                .unwrap_or("");
+            // An empty default is shown as `""`.
+            Some((name, default.trim_matches('"').to_owned()))
+        })
+        .collect();
+    assert_eq!(defaults.len(), settings().len(), "{help}");
+    defaults
+}
+
 #[test]
 fn every_setting_is_documented_in_the_readme_and_the_env_file() {
     let root = env!("CARGO_MANIFEST_DIR");
@@ -112,4 +145,106 @@ fn the_debian_package_metadata_names_existing_files() {
         );
     }
     assert!(deb.contains("conf-files = [\"/etc/smart-git-proxy/env\"]"));
+    assert!(deb.contains("maintainer-scripts = \"debian/\""));
+    for script in ["postinst", "prerm", "postrm"] {
+        let path = std::path::Path::new(root).join("debian").join(script);
+        let mode = std::fs::metadata(&path).unwrap().permissions();
+        assert!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o111 != 0,
+            "{script} is executable"
+        );
+    }
+}
+
+/// What the `.deb`'s maintainer scripts ask of `systemctl` (a stand-in that logs its
+/// arguments) when dpkg runs `script` with `args`, on a machine running systemd or not.
+fn systemctl_calls(script: &str, args: &[&str], systemd: bool) -> (Vec<String>, String) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run-systemd-system");
+    if systemd {
+        std::fs::create_dir(&run_dir).unwrap();
+    }
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let log = dir.path().join("calls");
+    let fake = bin.join("systemctl");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\necho \"$*\" >> {}\n", log.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // As installed, but with systemd's run directory in the temporary directory.
+    let text = std::fs::read_to_string(format!("{root}/debian/{script}")).unwrap();
+    assert!(text.contains("/run/systemd/system"));
+    let copy = dir.path().join(script);
+    std::fs::write(
+        &copy,
+        text.replace("/run/systemd/system", run_dir.to_str().unwrap()),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("sh")
+        .arg(&copy)
+        .args(args)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{script} {args:?}: {out:?}");
+    let calls = std::fs::read_to_string(&log).unwrap_or_default();
+    (
+        calls.lines().map(str::to_owned).collect(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Issue 21, item 10: installing the package makes systemd read its unit and says what to do
+/// next; an upgrade restarts a running service; removing it stops the service and reloads.
+#[test]
+fn the_maintainer_scripts_reload_systemd() {
+    let (calls, said) = systemctl_calls("postinst", &["configure", ""], true);
+    assert_eq!(calls, ["daemon-reload"]);
+    assert!(
+        said.contains("/etc/smart-git-proxy/env") && said.contains("systemctl enable --now"),
+        "{said}"
+    );
+    let (calls, said) = systemctl_calls("postinst", &["configure", "0.1.0-1"], true);
+    assert_eq!(
+        calls,
+        ["daemon-reload", "try-restart smart-git-proxy.service"]
+    );
+    assert_eq!(said, "", "an upgrade says nothing");
+    let (calls, _) = systemctl_calls("postinst", &["configure", ""], false);
+    assert!(calls.is_empty(), "without systemd: {calls:?}");
+    let (calls, _) = systemctl_calls("prerm", &["remove"], true);
+    assert_eq!(calls, ["disable --now smart-git-proxy.service"]);
+    let (calls, _) = systemctl_calls("prerm", &["upgrade", "0.2.0-1"], true);
+    assert!(calls.is_empty(), "an upgrade keeps it running: {calls:?}");
+    for how in ["remove", "purge"] {
+        let (calls, _) = systemctl_calls("postrm", &[how], true);
+        assert_eq!(calls, ["daemon-reload"]);
+    }
+}
+
+/// Issue 21, item 10: the env file lists the settings in `--help`'s order, each commented out
+/// with the default `--help` gives (empty where it gives none).
+#[test]
+fn the_env_file_defaults_agree_with_help() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let env = std::fs::read_to_string(format!("{root}/scripts/env.example")).unwrap();
+    let listed: Vec<(String, String)> = env
+        .lines()
+        .filter_map(|l| {
+            let (name, value) = l.strip_prefix('#')?.split_once('=')?;
+            name.chars()
+                .all(|c| c.is_ascii_uppercase() || c == '_')
+                .then(|| (name.to_owned(), value.to_owned()))
+        })
+        .collect();
+    assert_eq!(listed, help_defaults());
 }

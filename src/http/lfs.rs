@@ -6,6 +6,12 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderName, Method, Uri};
 use axum::response::Response;
 use futures_util::TryStreamExt;
+use tracing::{field, Span};
+
+use super::error::Error;
+use super::git::Mirrored;
+use super::AppState;
+use crate::mirror;
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those the client
 /// library sets itself.
@@ -20,6 +26,59 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
 ];
+
+/// Pass the LFS request (`parts`, `body`; `lfs_path`: the path from `/info/lfs` on) for the
+/// repository `m` to its upstream, and its answer back.
+pub(super) async fn proxy(
+    state: &AppState,
+    parts: &axum::http::request::Parts,
+    m: &Mirrored,
+    lfs_path: &str,
+    body: Body,
+) -> Result<Response, Error> {
+    let method = &parts.method;
+    let url = upstream_url(&m.url, lfs_path, &parts.uri);
+    // The client's own credentials go through as they are. The proxy's static token is only
+    // lent for downloads: it must not let anonymous clients write upstream. Bodies go upstream
+    // as they came, gzip included, except a batch request read to decide on lending the
+    // token, which goes decoded.
+    let mut headers = std::borrow::Cow::Borrowed(&parts.headers);
+    let (body, authorization) = match m.client_authorization.as_deref() {
+        Some(client) => (body, Some(client.to_owned())),
+        None if matches!(m.credentials, mirror::Credentials::Proxy(_)) => {
+            let (body, download) = is_download(
+                method,
+                lfs_path,
+                state.incoming(parts, body),
+                &state.body_budget,
+                *state.config.body_read_timeout,
+            )
+            .await
+            .map_err(|e| Error::from_read(e, bytesize::ByteSize::mib(1)))?;
+            if let Checked::Decoded(_) = body {
+                headers.to_mut().remove(header::CONTENT_ENCODING);
+            }
+            let token = match &m.credentials {
+                mirror::Credentials::Proxy(token) if download => Some(token.expose().to_owned()),
+                _ => None,
+            };
+            (body.into_body(), token)
+        }
+        None => (body, None),
+    };
+    let response = forward(
+        &state.http_client,
+        &url,
+        method.clone(),
+        &headers,
+        authorization.as_deref(),
+        body,
+    )
+    .await
+    .map_err(|e| Error::upstream("LFS request to the upstream failed".into(), &e))?;
+    Span::current().record("outcome", field::display(response.status().as_u16()));
+    Ok(response)
+}
 
 /// Forward a request to `url` (the upstream's LFS URL, query included).
 pub async fn forward(
@@ -91,7 +150,7 @@ pub async fn is_download(
     incoming: super::body::Incoming,
     budget: &std::sync::Arc<super::body::Budget>,
     timeout: std::time::Duration,
-) -> Result<(Checked, bool), super::body::ReadError> {
+) -> Result<(Checked, bool), super::body::Error> {
     if method == Method::GET {
         // Object downloads, not the locks API (`/info/lfs/locks`).
         let download = lfs_path.starts_with("/info/lfs/objects/");

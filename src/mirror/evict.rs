@@ -44,15 +44,21 @@ pub enum Limit {
 
 /// A `MIRROR_MAX_SIZE` that is neither a size nor a percentage.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("'{0}' is neither a size (`200GiB`) nor a share of the filesystem above 0 % and at most 100 % (`80%`)")]
-pub struct LimitError(String);
+pub enum LimitError {
+    /// A number without a unit or `%`: `80` is not taken as 80 bytes.
+    #[error("size unit needed: '{0}' is neither a share of the filesystem (`{0}%`) nor a size (`{0}GiB`; `{0}B` for bytes)")]
+    NoUnit(String),
+    /// Anything else that is not a limit.
+    #[error("'{0}' is neither a size (`200GiB`) nor a share of the filesystem above 0 % and at most 100 % (`80%`)")]
+    Invalid(String),
+}
 
 impl std::str::FromStr for Limit {
     type Err = LimitError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let invalid = || LimitError(s.to_owned());
+        let invalid = || LimitError::Invalid(s.to_owned());
         match s.strip_suffix('%') {
             Some(share) => {
                 let share: f64 = share.trim().parse().map_err(|_| invalid())?;
@@ -62,10 +68,20 @@ impl std::str::FromStr for Limit {
                     Err(invalid())
                 }
             }
-            None => s
-                .parse::<bytesize::ByteSize>()
-                .map(|b| Limit::Bytes(b.as_u64()))
-                .map_err(|_| invalid()),
+            None => match crate::config::parse_size(s) {
+                Ok(b) => Ok(Limit::Bytes(b.as_u64())),
+                Err(crate::config::SizeError::NoUnit(_)) => Err(LimitError::NoUnit(s.to_owned())),
+                Err(crate::config::SizeError::Invalid(_)) => Err(invalid()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Limit::Bytes(b) => write!(f, "{}", bytesize::ByteSize::b(b)),
+            Limit::Share(share) => write!(f, "{share}%"),
         }
     }
 }
@@ -97,25 +113,17 @@ pub struct Usage {
 /// Measure the mirror at `dir` by walking it (symbolic links are not followed).
 pub fn usage(dir: &Path) -> Usage {
     let mut usage = Usage::default();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(d) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
+    for entry in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else {
             continue;
         };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else {
-                continue;
-            };
-            if meta.is_dir() {
-                pending.push(entry.path());
-            } else if meta.is_file() {
-                usage.bytes += meta.len();
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                if name.starts_with("pack-") && name.ends_with(".pack") {
-                    usage.packs += 1;
-                }
-            }
+        usage.bytes += meta.len();
+        let name = entry.file_name().to_string_lossy();
+        if name.starts_with("pack-") && name.ends_with(".pack") {
+            usage.packs += 1;
         }
     }
     usage
@@ -298,7 +306,8 @@ mod tests {
     #[test]
     fn limits_are_sizes_or_shares() {
         assert_eq!("200GiB".parse(), Ok(Limit::Bytes(200 << 30)));
-        assert_eq!("1000".parse(), Ok(Limit::Bytes(1000)));
+        assert_eq!("1000B".parse(), Ok(Limit::Bytes(1000)));
+        assert_eq!("80".parse::<Limit>(), Err(LimitError::NoUnit("80".into())));
         assert_eq!(" 80% ".parse(), Ok(Limit::Share(80.0)));
         for bad in ["0%", "101%", "x%", "lots", ""] {
             assert!(bad.parse::<Limit>().is_err(), "{bad}");

@@ -789,7 +789,7 @@ fn install(tmp: &Path, pack_dir: &Path, written: Written) -> Result<PathBuf, Err
         checksum,
         ..
     } = written;
-    index.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    index.sort_unstable_by_key(|e| e.id);
     let n = index.len();
     let mut idx = Vec::with_capacity(8 + 256 * 4 + n * (20 + 4 + 4) + 40);
     idx.extend_from_slice(b"\xfftOc");

@@ -480,14 +480,14 @@ impl<'a> Reach<'a> {
                         return Err(Error::Read {
                             context: "expected a tree at",
                             id: tree,
-                            message: format!("found a {kind}"),
+                            source: format!("found a {kind}").into(),
                         })
                     }
                     Err(message) => {
                         return Err(Error::Read {
                             context: "reading tree",
                             id: tree,
-                            message,
+                            source: message.into(),
                         })
                     }
                 },
@@ -497,7 +497,7 @@ impl<'a> Reach<'a> {
                 let entry = entry.map_err(|e| Error::Read {
                     context: "decoding tree",
                     id: tree,
-                    message: e.to_string(),
+                    source: e.into(),
                 })?;
                 // Submodule commits live in another repository.
                 if entry.mode.is_tree() {
@@ -726,7 +726,7 @@ pub fn plan(
             let Some((data, _)) = db.try_find(&next, &mut buf).map_err(|e| Error::Read {
                 context: "reading tag",
                 id: next,
-                message: e.to_string(),
+                source: e.into(),
             })?
             else {
                 break;
@@ -753,7 +753,7 @@ pub fn plan(
             .map_err(|e| Error::Read {
                 context: "locating object",
                 id: *id,
-                message: e.to_string(),
+                source: e.into(),
             })
     };
     plan.counts.reserve(send.count() + ext.len());
