@@ -592,6 +592,9 @@ fn loose_objects(dir: &Path) -> std::io::Result<Vec<(PathBuf, ObjectId)>> {
     Ok(out)
 }
 
+/// Objects per unit of copying work.
+const COPY_CHUNK: usize = 4096;
+
 /// Write the regions, in order, as one pack at `path`; what its index needs.
 fn write_regions(
     db: &Db,
@@ -614,6 +617,9 @@ fn write_regions(
                 thread_limit,
                 // Deltas against bases in other packs come out as ref-deltas, fixed up below.
                 allow_thin_pack: true,
+                // Each chunk that meets a delta whose base lies outside it lists and sorts the
+                // offsets of the base's whole pack: few, large chunks.
+                chunk_size: COPY_CHUNK,
                 ..Default::default()
             },
         )

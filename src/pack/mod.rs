@@ -97,9 +97,12 @@ pub fn db(repo: &gix::Repository) -> Db {
     db
 }
 
-/// A delta-base cache for one thread of pack work, within the memory budget (see [`db`]).
-pub(crate) fn delta_base_cache() -> Box<dyn gix_pack::cache::DecodeEntry> {
-    Box::new(BudgetedCache::new())
+/// A delta-base cache of at most `bytes` for one thread of pack work, within the memory budget
+/// (see [`db`]).
+pub(crate) fn delta_base_cache(bytes: usize) -> Box<dyn gix_pack::cache::DecodeEntry> {
+    let mut cache = BudgetedCache::new();
+    cache.limit = bytes.min(DELTA_BASE_CACHE_BYTES);
+    Box::new(cache)
 }
 
 /// At most this much delta-base cache per thread of pack work.
@@ -165,6 +168,8 @@ impl MemoryBudget {
 /// cache) take nothing.
 struct BudgetedCache {
     inner: Option<gix_pack::cache::lru::MemoryCappedHashmap>,
+    /// At most this much is reserved.
+    limit: usize,
     reserved: usize,
     tried: bool,
 }
@@ -173,6 +178,7 @@ impl BudgetedCache {
     fn new() -> Self {
         BudgetedCache {
             inner: None,
+            limit: DELTA_BASE_CACHE_BYTES,
             reserved: 0,
             tried: false,
         }
@@ -190,7 +196,7 @@ impl gix_pack::cache::DecodeEntry for BudgetedCache {
     ) {
         if !self.tried {
             self.tried = true;
-            self.reserved = BUDGET.reserve(DELTA_BASE_CACHE_BYTES);
+            self.reserved = BUDGET.reserve(self.limit);
             metrics::gauge!(RESERVED_GAUGE).increment(self.reserved as f64);
             self.inner = (self.reserved > 0)
                 .then(|| gix_pack::cache::lru::MemoryCappedHashmap::new(self.reserved));

@@ -299,6 +299,10 @@ pub(crate) struct Reach<'a> {
     reader: Option<PackReader<'a>>,
 }
 
+/// The delta-base cache of a [`PackReader`]: trees are read once each, in an order that meets
+/// most bases soon after their deltas.
+const READER_CACHE_BYTES: usize = 8 * 1024 * 1024;
+
 /// Reads the objects of one pack by position, from the pack itself: no index lookup per
 /// object (the object database searches each pack's index for every read), for the bitmap
 /// writer, which reads every tree of the pack.
@@ -323,7 +327,7 @@ impl<'a> PackReader<'a> {
             objects,
             positions,
             inflate: gix::zlib::Inflate::default(),
-            cache: super::delta_base_cache(),
+            cache: super::delta_base_cache(READER_CACHE_BYTES),
         })
     }
 
