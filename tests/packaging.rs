@@ -112,9 +112,9 @@ fn the_systemd_unit_verifies() {
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
 }
 
-/// `cargo deb` is not run here (it would need a release build and cargo-deb in CI): its
-/// metadata is checked instead — every asset but the built binary exists, and the unit and the
-/// env file are among them.
+/// The package's metadata, checked without cargo-deb (which CI does not install; the test
+/// below builds the package where it is): every asset but the built binary exists, and the
+/// unit and the env file are among them.
 #[test]
 fn the_debian_package_metadata_names_existing_files() {
     let root = env!("CARGO_MANIFEST_DIR");
