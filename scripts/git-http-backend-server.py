@@ -15,10 +15,17 @@ Optional, from the environment (scripts/soak's hostile shapes use them):
                                            server with per-ref read rights
   BACKEND_LOG=1                            one line per request on stdout: METHOD PATH STATUS
                                            auth|anonymous
+  BACKEND_LFS=DIR                          answer the Git LFS batch API (downloads) for the
+                                           objects in DIR (files named by OID), with links to
+                                           /_storage/{oid} on this server, as GitHub's answers
+                                           point to its storage host; GET /_storage/stats
+                                           gives the storage bytes and downloads served so far
+                                           (scripts/bench-lfs)
 """
 
 import base64
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -40,6 +47,8 @@ AUTH = rules("BACKEND_AUTH")
 HIDE = rules("BACKEND_HIDE")
 LOG = os.environ.get("BACKEND_LOG") == "1"
 LOG_LOCK = threading.Lock()
+LFS = os.environ.get("BACKEND_LFS")
+STORAGE = {"bytes": 0, "downloads": 0}
 
 
 def basic(user_password):
@@ -54,6 +63,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        if LFS and self.path.startswith("/_storage/"):
+            self.storage(self.path[len("/_storage/"):].partition("?")[0])
+            return
         self.run_backend(b"")
 
     def do_POST(self):
@@ -61,7 +73,62 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body = self.read_chunked()
         else:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if LFS and self.path.partition("?")[0].endswith("/info/lfs/objects/batch"):
+            self.lfs_batch(body)
+            return
         self.run_backend(body)
+
+    def lfs_batch(self, body):
+        request = json.loads(body)
+        port = self.server.server_address[1]
+        objects = []
+        for o in request.get("objects", []):
+            path = os.path.join(LFS, os.path.basename(o["oid"]))
+            if os.path.isfile(path):
+                objects.append({"oid": o["oid"], "size": o["size"], "actions": {"download": {
+                    "href": f"http://127.0.0.1:{port}/_storage/{o['oid']}?sig=bench",
+                    "header": {"X-Storage": "bench"}, "expires_in": 3600}}})
+            else:
+                objects.append({"oid": o["oid"], "size": o["size"],
+                                "error": {"code": 404, "message": "Object does not exist"}})
+        answer = json.dumps({"transfer": "basic", "objects": objects}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/vnd.git-lfs+json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def storage(self, oid):
+        if oid == "stats":
+            with LOG_LOCK:
+                answer = json.dumps(STORAGE).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(answer)
+            return
+        path = os.path.join(LFS, os.path.basename(oid))
+        if not os.path.isfile(path):
+            self.send_response(404)
+            self.end_headers()
+            return
+        size = os.path.getsize(path)
+        with LOG_LOCK:
+            STORAGE["downloads"] += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                try:
+                    self.wfile.write(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+                with LOG_LOCK:
+                    STORAGE["bytes"] += len(chunk)
 
     def read_chunked(self):
         parts = []

@@ -1,5 +1,7 @@
-//! Settings, from command-line flags or the environment (the seed README's names), validated
-//! before anything binds or opens.
+//! Settings, in two stages: [`Config`] holds them as given, from command-line flags or the
+//! environment (the seed README's names); [`Config::resolve`] checks them and builds what the
+//! program uses ([`Resolved`]: the allowlist, trusted proxies, zlib level, HTTP clients), once,
+//! before anything binds or opens. Every error names its variable.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -7,9 +9,9 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
 
-use crate::http::forwarded::TrustedProxies;
-use crate::mirror::{Upstreams, UpstreamsError};
+use crate::upstream::allowlist::{self, Upstream, Upstreams};
 
 // `--help` groups the settings under these headings; the ones everyone sets come first.
 const MAIN: &str = "Main settings";
@@ -139,10 +141,15 @@ pub struct Config {
     #[arg(long, env = "UPSTREAM_CA_FILE", help_heading = SYNCS)]
     pub upstream_ca_file: Option<PathBuf>,
     /// Consolidate a mirror's packs into one (in the background, after a sync) once it has more
-    /// than this many; `0` turns background maintenance off (`smart-git-proxy maintain` still
-    /// runs it).
+    /// than this many; `0` turns background maintenance off, also the bitmap of a new mirror and
+    /// its refreshes (`smart-git-proxy maintain` still runs it).
     #[arg(long, env = "MAINTENANCE_PACK_THRESHOLD", default_value_t = 16, help_heading = SYNCS)]
     pub maintenance_pack_threshold: usize,
+    /// Refresh a mirror's reachability bitmap and commit-graph (in the background, after a
+    /// sync) once its refs reach more than this many commits the bitmap does not cover:
+    /// requests walk those on top of it.
+    #[arg(long, env = "MAINTENANCE_BITMAP_LAG", default_value_t = DEFAULT_BITMAP_LAG, help_heading = SYNCS)]
+    pub maintenance_bitmap_lag: usize,
     /// Unreachable objects (refs deleted or force-pushed upstream) are kept by maintenance
     /// while the pack or file holding them is younger than this.
     #[arg(long, env = "MAINTENANCE_GRACE", default_value = "14days", help_heading = SYNCS)]
@@ -152,6 +159,17 @@ pub struct Config {
     /// `10GiB`; least recently used packs are evicted beyond it. `0` turns the cache off.
     #[arg(long, env = "PACK_CACHE_MAX_SIZE", value_parser = parse_size, default_value = "10GiB", help_heading = PACKS)]
     pub pack_cache_max_size: ByteSize,
+    /// Where the Git LFS object cache keeps objects; default `{MIRROR_DIR}/.lfs-cache`.
+    #[arg(long, env = "LFS_CACHE_DIR", help_heading = PACKS)]
+    pub lfs_cache_dir: Option<PathBuf>,
+    /// Disk space for Git LFS objects, e.g. `50GiB`; least recently used objects are evicted
+    /// beyond it. `0` turns the cache off: Git LFS is then passed through.
+    #[arg(long, env = "LFS_CACHE_MAX_SIZE", value_parser = parse_size, default_value = "20GiB", help_heading = PACKS)]
+    pub lfs_cache_max_size: ByteSize,
+    /// Key of the proxy's Git LFS object links (HMAC-SHA256); nodes behind one balancer share
+    /// it. Unset: a random key per process (links die with it).
+    #[arg(long, env = "LFS_URL_KEY", hide_env_values = true, help_heading = PACKS)]
+    pub lfs_url_key: Option<Secret>,
     /// Refs whose moves by a sync prewarm the pack cache with the `--depth=1` fetch
     /// `actions/checkout` makes: comma-separated, `HEAD` for the branch `HEAD` points to, or
     /// globs of ref names (`release/*` is `refs/heads/release/*`; `refs/tags/v*`); empty: off.
@@ -266,7 +284,7 @@ pub fn parse_size(value: &str) -> Result<ByteSize, SizeError> {
 
 /// Whether the `STATIC_TOKEN_HOSTS` entry `entry` lends the token to `upstream`: the same host,
 /// reached over HTTPS, or over plain HTTP when the entry is written `http://host[:port]`.
-fn entry_lends_to(entry: &str, upstream: &crate::mirror::Upstream) -> bool {
+fn entry_lends_to(entry: &str, upstream: &Upstream) -> bool {
     match entry.strip_prefix("http://") {
         Some(host) => host.eq_ignore_ascii_case(&upstream.segment),
         None => {
@@ -287,8 +305,59 @@ fn base_url(value: &str) -> Option<&str> {
     valid.then_some(value)
 }
 
+/// `TRUSTED_PROXIES`: comma-separated addresses (`10.0.0.5`, `::1`) and ranges (`10.0.0.0/8`,
+/// whose host bits are dropped).
+pub(crate) fn parse_trusted_proxies(list: &str) -> Result<Vec<IpNet>, Error> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|entry| {
+            entry
+                .parse::<IpNet>()
+                .map(|net| net.trunc())
+                .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| Error::TrustedProxy {
+                    entry: entry.to_owned(),
+                })
+        })
+        .collect()
+}
+
+/// The settings as the program uses them, built once at start by [`Config::resolve`]: nothing
+/// is parsed again, and nothing falls back to a default when a value is bad.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The settings as given: durations, sizes and counts are used as they are.
+    pub config: Config,
+    /// `LISTEN_ADDR`, a name resolved to its first address.
+    pub listen_addr: SocketAddr,
+    /// `ALLOWED_UPSTREAMS`
+    pub upstreams: Upstreams,
+    /// `TRUSTED_PROXIES`
+    pub trusted_proxies: Vec<IpNet>,
+    /// `PACK_COMPRESSION_LEVEL`
+    pub compression: gix::zlib::Compression,
+    /// `PREWARM_REFS`
+    pub prewarm_refs: crate::prewarm::Refs,
+    /// `PARENT_PROXY`, without its trailing slash.
+    pub parent_proxy: Option<String>,
+    /// `BALANCER_URL`, without its trailing slash.
+    pub balancer_url: Option<String>,
+    /// `UPSTREAM_CONNECT_TIMEOUT` and `UPSTREAM_STALL_TIMEOUT`.
+    pub upstream: crate::upstream::Options,
+    /// The client of LFS requests and of webhooks forwarded to `BALANCER_URL`, with the
+    /// upstream timeouts.
+    pub http_client: reqwest::Client,
+    /// The client of ref listings, whose redirects stay within the allowed upstreams and the
+    /// parent proxy.
+    pub listing_client: crate::upstream::ListingClient,
+}
+
 /// See `PACK_COMPRESSION_LEVEL`; the README gives the measurements behind it.
 pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
+
+/// See `MAINTENANCE_BITMAP_LAG`; the README gives the measurements behind it.
+pub const DEFAULT_BITMAP_LAG: usize = 300;
 
 /// A setting that is never printed: its `Debug` form is `<redacted>`, so a logged or printed
 /// configuration does not carry the token.
@@ -362,7 +431,7 @@ pub enum Error {
     },
     /// `ALLOWED_UPSTREAMS` has an unusable entry.
     #[error(transparent)]
-    Upstreams(#[from] UpstreamsError),
+    Upstreams(#[from] allowlist::Error),
     /// `AUTH_MODE=static` without a token.
     #[error(
         "AUTH_MODE=static needs STATIC_TOKEN (or STATIC_TOKEN_FILE), or a GitHub App \
@@ -435,12 +504,15 @@ pub enum Error {
     /// `BALANCER_URL` without the token its forwarded requests carry.
     #[error("BALANCER_URL needs ADMIN_TOKEN (the nodes' shared admin token)")]
     BalancerWithoutToken,
-    /// `TRUSTED_PROXIES` has an unusable entry.
-    #[error(transparent)]
-    TrustedProxies(#[from] crate::http::forwarded::ParseError),
+    /// `TRUSTED_PROXIES` has an entry that is neither an address nor a CIDR range.
+    #[error("TRUSTED_PROXIES entry '{entry}' is not an IP address or a CIDR range (10.0.0.0/8)")]
+    TrustedProxy {
+        /// The entry.
+        entry: String,
+    },
     /// `PREWARM_REFS` has an unusable entry.
     #[error(transparent)]
-    PrewarmRefs(#[from] crate::prewarm::RefsError),
+    PrewarmRefs(#[from] crate::prewarm::Error),
     /// A setting that was given but does nothing with the others, named in the message.
     #[error("{setting} does nothing {reason}")]
     Ignored {
@@ -476,6 +548,16 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// An HTTP client cannot be built (its TLS backend does not start): not a usage error.
+    #[error("cannot set up the HTTP clients")]
+    HttpClient(#[source] reqwest::Error),
+}
+
+impl Error {
+    /// Whether a setting is at fault (exit 64, `EX_USAGE`), rather than the machine.
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, Error::HttpClient(_))
+    }
 }
 
 impl Config {
@@ -512,9 +594,16 @@ impl Config {
         self.mirror_dir.join(".pack-cache")
     }
 
+    /// `LFS_CACHE_DIR`, or its default under `MIRROR_DIR`.
+    pub fn lfs_cache_dir(&self) -> PathBuf {
+        self.lfs_cache_dir
+            .clone()
+            .unwrap_or_else(|| self.mirror_dir.join(".lfs-cache"))
+    }
+
     /// Whether `STATIC_TOKEN` may be sent to `upstream`: its host is listed in
     /// `STATIC_TOKEN_HOSTS`, and it is reached over HTTPS or the entry opts into plain HTTP.
-    pub fn lends_static_token_to(&self, upstream: &crate::mirror::Upstream) -> bool {
+    pub fn lends_static_token_to(&self, upstream: &Upstream) -> bool {
         self.static_token_entries()
             .any(|entry| entry_lends_to(entry, upstream))
     }
@@ -546,8 +635,8 @@ impl Config {
     }
 
     /// The parsed `TRUSTED_PROXIES`.
-    pub fn trusted_proxies(&self) -> Result<TrustedProxies, Error> {
-        Ok(self.trusted_proxies.parse()?)
+    pub fn trusted_proxies(&self) -> Result<Vec<IpNet>, Error> {
+        parse_trusted_proxies(&self.trusted_proxies)
     }
 
     /// The parsed `PREWARM_REFS`.
@@ -721,6 +810,7 @@ impl Config {
         for (key, secret) in [
             ("ADMIN_TOKEN", &self.admin_token),
             ("WEBHOOK_SECRET", &self.webhook_secret),
+            ("LFS_URL_KEY", &self.lfs_url_key),
         ] {
             if secret
                 .as_ref()
@@ -858,6 +948,47 @@ impl Config {
         self.max_concurrent_packs.unwrap_or(cores * 2)
     }
 
+    /// Check every setting, then build what the program uses from them; call before binding.
+    pub fn resolve(self) -> Result<Resolved, Error> {
+        self.validate()?;
+        let upstream = crate::upstream::Options {
+            connect_timeout: *self.upstream_connect_timeout,
+            stall_timeout: *self.upstream_stall_timeout,
+            tls: self.upstream_tls()?,
+        };
+        let upstreams = self.upstreams()?;
+        let parent_proxy = self.parent_proxy().map(str::to_owned);
+        // Ref listings follow redirects only within the allowed upstreams (and the parent).
+        let origins: Vec<String> = upstreams
+            .base_urls()
+            .map(str::to_owned)
+            .chain(parent_proxy.clone())
+            .collect();
+        let listing_client =
+            crate::upstream::ListingClient::new(&upstream, &origins).map_err(Error::HttpClient)?;
+        let http_client = upstream
+            .tls
+            .client(reqwest::Client::builder())
+            .connect_timeout(upstream.connect_timeout)
+            .read_timeout(upstream.stall_timeout)
+            .user_agent(crate::protocol::AGENT)
+            .build()
+            .map_err(Error::HttpClient)?;
+        Ok(Resolved {
+            listen_addr: self.listen_socket_addr()?,
+            trusted_proxies: self.trusted_proxies()?,
+            compression: self.compression()?,
+            prewarm_refs: self.prewarm_refs()?,
+            balancer_url: self.balancer_url().map(str::to_owned),
+            parent_proxy,
+            upstreams,
+            upstream,
+            http_client,
+            listing_client,
+            config: self,
+        })
+    }
+
     /// `PARENT_PROXY` without its trailing slash, when set and valid.
     pub fn parent_proxy(&self) -> Option<&str> {
         self.parent_proxy.as_deref().and_then(base_url)
@@ -893,10 +1024,14 @@ impl Config {
             pack_threads: None,
             pack_compression_level: DEFAULT_COMPRESSION_LEVEL,
             pack_cache_max_size: ByteSize::gib(10),
+            lfs_cache_dir: None,
+            lfs_cache_max_size: ByteSize::gib(20),
+            lfs_url_key: None,
             mirror_max_size: None,
             pack_memory_budget: ByteSize::mib(256),
             snapshot_memory: ByteSize::mib(256),
             maintenance_pack_threshold: 16,
+            maintenance_bitmap_lag: DEFAULT_BITMAP_LAG,
             maintenance_grace: Duration::from_secs(14 * 24 * 3600).into(),
             prewarm_refs: "HEAD".into(),
             allowed_upstreams: "github.com".into(),
@@ -953,7 +1088,7 @@ mod tests {
 
     #[test]
     fn the_static_token_goes_to_its_hosts_over_https_only() {
-        let upstreams = crate::mirror::Upstreams::parse(
+        let upstreams = Upstreams::parse(
             "github.com,gitlab.example.org,http://127.0.0.1:9001,http://10.0.0.1:80",
         )
         .unwrap();
@@ -1004,6 +1139,44 @@ mod tests {
         assert!(c.validate().is_ok());
         let c = Config::try_parse_from(["x", "--webhook-secret", "hook-s3cret"]).unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn resolving_builds_what_the_program_uses_once() {
+        let mut c = Config::new("/m");
+        c.allowed_upstreams = "github.com, http://127.0.0.1:9001".into();
+        c.parent_proxy = Some("http://regional:8080/".into());
+        c.trusted_proxies = "10.1.2.3/8".into();
+        c.pack_compression_level = 1;
+        let r = c.resolve().unwrap();
+        assert_eq!(r.upstreams.names(), "github.com, 127.0.0.1:9001");
+        assert_eq!(r.parent_proxy.as_deref(), Some("http://regional:8080"));
+        assert_eq!(r.balancer_url, None);
+        assert_eq!(
+            r.trusted_proxies,
+            vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(r.compression.level(), 1);
+        assert_eq!(r.listen_addr, "127.0.0.1:0".parse().unwrap());
+        // A bad value is an error naming its variable, never a default.
+        for (adjust, key) in [
+            (
+                (|c: &mut Config| c.pack_compression_level = 10) as fn(&mut Config),
+                "PACK_COMPRESSION_LEVEL",
+            ),
+            (
+                |c| c.allowed_upstreams = "ftp://x".into(),
+                "ALLOWED_UPSTREAMS",
+            ),
+            (|c| c.trusted_proxies = "lb".into(), "TRUSTED_PROXIES"),
+            (|c| c.prewarm_refs = "a b".into(), "PREWARM_REFS"),
+        ] {
+            let mut c = Config::new("/m");
+            adjust(&mut c);
+            let e = c.resolve().unwrap_err();
+            assert!(e.is_usage());
+            assert!(e.to_string().starts_with(key), "{e}");
+        }
     }
 
     #[test]
@@ -1155,6 +1328,10 @@ mod tests {
             c.validate().unwrap_err().to_string(),
             "TRUSTED_PROXIES entry 'lb.internal' is not an IP address or a CIDR range (10.0.0.0/8)"
         );
+        for bad in ["10.0.0.0/33", "proxy.internal", "10.0.0.1:80", "*"] {
+            let e = parse_trusted_proxies(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("'{bad}'")), "{e}");
+        }
     }
 
     /// The defaults the README documents, as the command line gives them and as
@@ -1185,6 +1362,7 @@ mod tests {
             assert_eq!(*c.failure_cache_ttl, Duration::from_secs(30));
             assert_eq!(c.syncs_per_host(), 3, "MAX_CONCURRENT_SYNCS - 1");
             assert_eq!(c.maintenance_pack_threshold, 16);
+            assert_eq!(c.maintenance_bitmap_lag, DEFAULT_BITMAP_LAG);
             assert_eq!(*c.maintenance_grace, Duration::from_secs(14 * 24 * 3600));
             assert_eq!(c.snapshot_memory, ByteSize::mib(256));
         }

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod credentials;
 pub mod http;
+pub mod lfs;
 pub mod metrics;
 pub mod mirror;
 pub mod pack;

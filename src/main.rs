@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::parser::ValueSource;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser};
-use smart_git_proxy::config::{Config, LogFormat};
+use smart_git_proxy::config::{Config, LogFormat, Resolved};
 use smart_git_proxy::http::{self, AppState};
+use smart_git_proxy::mirror::maintain;
 use tracing_subscriber::EnvFilter;
 
 /// `EX_USAGE` from sysexits.h: the command line or a setting cannot be used; nothing was done.
@@ -98,6 +99,15 @@ fn main() -> ExitCode {
             config.mirror_dir.display()
         ));
     }
+    let settings = match config.resolve() {
+        Ok(settings) => settings,
+        Err(e) if e.is_usage() => return usage_error(format_args!("{:#}", anyhow::Error::new(e))),
+        Err(e) => {
+            eprintln!("error: {:#}", anyhow::Error::new(e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = &settings.config;
     let filter = match EnvFilter::try_new(&config.log_level) {
         Ok(f) => f,
         Err(e) => return usage_error(format_args!("LOG_LEVEL '{}': {e}", config.log_level)),
@@ -114,7 +124,7 @@ fn main() -> ExitCode {
         tracing::warn!(error = %e, "jemalloc's background thread is off: idle memory is returned late");
     }
     let result = match cli.command {
-        None => match run(config) {
+        None => match run(settings) {
             Ok(()) => return ExitCode::SUCCESS,
             // The server's stderr is its log: its last line says why it stopped.
             Err(e) => {
@@ -122,8 +132,8 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        Some(Command::Maintain { repo, .. }) => maintain(config, repo),
-        Some(Command::Mirrors) => mirrors(&config),
+        Some(Command::Maintain { repo, .. }) => maintain(settings, repo),
+        Some(Command::Mirrors) => mirrors(&settings.config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -134,24 +144,25 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(settings: Resolved) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        let config = &settings.config;
         std::fs::create_dir_all(&config.mirror_dir)
             .with_context(|| format!("creating MIRROR_DIR {}", config.mirror_dir.display()))?;
         let _lock = smart_git_proxy::mirror::lock_root(&config.mirror_dir)?;
         let shutdown = shutdown_signal()?;
-        let addr = config.listen_socket_addr()?;
+        let addr = settings.listen_addr;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         let local_addr = listener.local_addr()?;
-        let effective = Effective::of(&config);
+        let effective = Effective::of(config);
         let limit = config.mirror_max_size;
-        let state = AppState::new(config);
+        let state = AppState::new(settings);
         let removed = state
             .mirrors()
             .remove_temporaries()
@@ -347,15 +358,47 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-/// `maintain`: consolidate one mirror or all of them, one after the other.
-fn maintain(config: Config, repo: Option<String>) -> anyhow::Result<()> {
+/// What a maintenance did, in one line.
+fn describe(o: &maintain::Outcome) -> String {
+    let graph = match o.commit_graph {
+        Some(n) => format!("{} in the commit-graph", count(n, "commit")),
+        None => "no commit-graph".into(),
+    };
+    match o.work {
+        maintain::Work::Nothing => format!(
+            "{}, bitmap and commit-graph up to date: nothing to do",
+            count(o.packs_before, "pack")
+        ),
+        maintain::Work::Graph => format!("{} kept, {graph}", count(o.packs_before, "pack")),
+        maintain::Work::Bitmap => format!(
+            "1 pack kept ({}), {}, {graph}",
+            bytesize::ByteSize::b(o.bytes),
+            count(o.bitmap_commits, "bitmapped commit")
+        ),
+        maintain::Work::Consolidate => format!(
+            "{} -> 1, {} (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}, {}, {graph}",
+            count(o.packs_before, "pack"),
+            count(o.regions.iter().sum::<usize>(), "object"),
+            o.regions[0],
+            o.regions[1],
+            o.regions[2],
+            o.dropped,
+            bytesize::ByteSize::b(o.bytes),
+            count(o.bitmap_commits, "bitmapped commit")
+        ),
+    }
+}
+
+/// `maintain`: bring one mirror or all of them, one after the other, to one pack with a
+/// bitmap and commit-graph that cover their refs (consolidating only where needed).
+fn maintain(settings: Resolved, repo: Option<String>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let root = config.mirror_dir.clone();
-        let state = AppState::new(config);
+        let root = settings.config.mirror_dir.clone();
+        let state = AppState::new(settings);
         let mirrors = state.mirrors();
         let dirs = match repo {
             Some(name) => {
@@ -371,20 +414,13 @@ fn maintain(config: Config, repo: Option<String>) -> anyhow::Result<()> {
         };
         let mut failed = 0;
         for dir in dirs {
-            let name = dir.strip_prefix(&root).unwrap_or(&dir).display().to_string();
+            let name = dir
+                .strip_prefix(&root)
+                .unwrap_or(&dir)
+                .display()
+                .to_string();
             match mirrors.maintain(&dir).await {
-                Ok(o) => println!(
-                    "{name}: {} -> 1, {} (heads and tags {}, other refs {}, unreachable {}), {} dropped, {}, {}, {} in the commit-graph",
-                    count(o.packs_before, "pack"),
-                    count(o.regions.iter().sum::<usize>(), "object"),
-                    o.regions[0],
-                    o.regions[1],
-                    o.regions[2],
-                    o.dropped,
-                    bytesize::ByteSize::b(o.bytes),
-                    count(o.bitmap_commits, "bitmapped commit"),
-                    count(o.commit_graph.unwrap_or(0), "commit")
-                ),
+                Ok(o) => println!("{name}: {}", describe(&o)),
                 Err(e) => {
                     failed += 1;
                     eprintln!("error: {name}: {e}");

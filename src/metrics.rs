@@ -19,8 +19,11 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             match installed {
                 Ok(h) => {
                     describe();
+                    crate::lfs::describe_metrics();
                     metrics::gauge!("smart_git_proxy_build_info", "version" => env!("CARGO_PKG_VERSION"))
                         .set(1.0);
+                    // Present from the start, so that a rate over it is 0 rather than empty.
+                    metrics::counter!("smart_git_proxy_mirror_evictions_total").absolute(0);
                     zero();
                     Some(h)
                 }
@@ -250,44 +253,19 @@ fn describe() {
         "smart_git_proxy_build_info",
         "The running version (always 1)"
     );
-    describe_gauge!(
-        "process_resident_memory_bytes",
-        "Resident memory of the process"
-    );
-    describe_gauge!("process_open_fds", "Open file descriptors of the process");
-    describe_gauge!("process_threads", "Threads of the process");
+    process_collector().describe();
+}
+
+/// The `process_*` families (resident memory, open files, threads, CPU time).
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
 }
 
 /// The text exposition of every metric.
 pub fn render() -> String {
-    metrics::gauge!("smart_git_proxy_pack_memory_reserved_bytes")
-        .set(crate::pack::memory_reserved() as f64);
-    process();
+    process_collector().collect();
     handle().map(|h| h.render()).unwrap_or_default()
-}
-
-/// The process's own figures, from `/proc/self` (Linux).
-fn process() {
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        let kib = |key: &str| {
-            status.lines().find_map(|l| {
-                l.strip_prefix(key)?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<f64>()
-                    .ok()
-            })
-        };
-        if let Some(rss) = kib("VmRSS:") {
-            metrics::gauge!("process_resident_memory_bytes").set(rss * 1024.0);
-        }
-        if let Some(threads) = kib("Threads:") {
-            metrics::gauge!("process_threads").set(threads);
-        }
-    }
-    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        metrics::gauge!("process_open_fds").set(fds.count() as f64);
-    }
 }
 
 /// A request was refused before upload-pack ran (`reason`: a closed set, see the caller).
@@ -350,7 +328,7 @@ pub fn pack_cache_lookup(result: &'static str) {
     metrics::counter!("smart_git_proxy_pack_cache_lookups_total", "result" => result).increment(1);
 }
 
-/// `n` prewarms ended with `result` (one of [`crate::prewarm::RESULTS`]).
+/// `n` prewarms ended with `result` (a closed set: `prewarm::RESULTS`).
 pub fn prewarm(result: &'static str, n: u64) {
     metrics::counter!("smart_git_proxy_prewarm_total", "result" => result).increment(n);
 }

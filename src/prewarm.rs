@@ -75,18 +75,18 @@ pub struct Refs {
 /// A `PREWARM_REFS` entry that cannot name refs.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("PREWARM_REFS entry '{0}' is not a ref name glob (no spaces, control characters, '~', '^', ':' or '\\')")]
-pub struct RefsError(String);
+pub struct Error(String);
 
 impl Refs {
     /// Parse a comma-separated list: `HEAD` (the branch `HEAD` points to), or globs of ref
     /// names; a glob without `refs/` is a branch name (`release/*` is `refs/heads/release/*`).
     /// An empty list prewarms nothing.
-    pub fn parse(list: &str) -> Result<Refs, RefsError> {
+    pub fn parse(list: &str) -> Result<Refs, Error> {
         let mut refs = Refs::default();
         for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
             let forbidden = |c: char| c.is_control() || c.is_whitespace() || "~^:\\".contains(c);
             if entry.contains(forbidden) {
-                return Err(RefsError(entry.into()));
+                return Err(Error(entry.into()));
             }
             if entry == "HEAD" {
                 refs.head = true;
@@ -147,7 +147,7 @@ impl Refs {
 }
 
 /// The fetch of [`CHECKOUT_REQUEST`] for `commit`, parsed as a client's would be.
-pub fn checkout_request(commit: &ObjectId) -> Result<v2::Fetch, crate::protocol::ParseError> {
+pub fn checkout_request(commit: &ObjectId) -> Result<v2::Fetch, crate::protocol::Error> {
     let mut body = Vec::new();
     for line in CHECKOUT_REQUEST {
         match *line {
@@ -161,7 +161,7 @@ pub fn checkout_request(commit: &ObjectId) -> Result<v2::Fetch, crate::protocol:
             command: v2::Command::Fetch(fetch),
             ..
         }) => Ok(fetch),
-        _ => Err(crate::protocol::ParseError::Protocol(
+        _ => Err(crate::protocol::Error::Protocol(
             "the checkout request is not a fetch".into(),
         )),
     }
@@ -202,6 +202,10 @@ struct Job {
 impl Prewarmer {
     /// A prewarmer; give [`Prewarmer::synced`] to [`crate::mirror::Mirrors::on_sync`].
     pub fn new(settings: Settings) -> Prewarmer {
+        // Every result is exported from the start, so that a rate over one is 0, not empty.
+        for result in RESULTS {
+            crate::metrics::prewarm(result, 0);
+        }
         Prewarmer {
             inner: Arc::new(Inner {
                 settings,
@@ -268,7 +272,7 @@ async fn run(inner: Arc<Inner>, dir: PathBuf, mut job: Job) {
         match done {
             Ok(results) => results.into_iter().for_each(|r| count(r, 1)),
             Err(e) => {
-                tracing::warn!(error = %e, "prewarm stopped");
+                tracing::warn!(error = %crate::error_chain(&e), "prewarm stopped");
                 count("failed", commits);
             }
         }
@@ -307,7 +311,7 @@ fn prewarm(settings: &Settings, job: &Job) -> Vec<&'static str> {
     for commit in &job.commits {
         let started = std::time::Instant::now();
         let outcome = checkout_request(commit)
-            .map_err(|e| upload_pack::Error::Protocol(e.to_string()))
+            .map_err(upload_pack::Error::Request)
             .and_then(|fetch| upload_pack::prefill_v2(&ctx, &fetch));
         let result = match outcome {
             Ok(upload_pack::Prefill::Generated { objects }) => {
@@ -317,7 +321,7 @@ fn prewarm(settings: &Settings, job: &Job) -> Vec<&'static str> {
             Ok(upload_pack::Prefill::Present) => "cached",
             Ok(upload_pack::Prefill::NoRoom) => "no-room",
             Err(e) => {
-                tracing::warn!(repo = %job.name, %commit, error = %e, "prewarm failed");
+                tracing::warn!(repo = %job.name, %commit, error = %crate::error_chain(&e), "prewarm failed");
                 "failed"
             }
         };
@@ -357,7 +361,7 @@ mod tests {
         assert!(Refs::parse("").unwrap().is_empty());
         assert!(Refs::parse(" , ").unwrap().is_empty());
         for bad in ["a b", "main~1", "x:y", "a\\b", "a\u{7}"] {
-            assert_eq!(Refs::parse(bad), Err(RefsError(bad.into())), "{bad}");
+            assert_eq!(Refs::parse(bad), Err(Error(bad.into())), "{bad}");
         }
     }
 

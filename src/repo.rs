@@ -1,7 +1,11 @@
 //! The repository resolver: maps a request path to a bare repository under the mirror
-//! directory, opens it with gix, and lists its refs for the advertisements.
+//! directory ([`path`]), opens it with gix, and lists its refs for the advertisements.
 //!
 //! It knows nothing of HTTP beyond the path string, and nothing of upstreams.
+
+pub mod path;
+
+pub use path::{resolve, Service, Target};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,149 +16,6 @@ use gix::refs::TargetRef;
 use crate::protocol::advert::Refs;
 use crate::protocol::Ref;
 
-/// What a request path asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Service {
-    /// `GET …/info/refs?service=…`
-    InfoRefs,
-    /// `POST …/git-upload-pack`
-    UploadPack,
-    /// `POST …/git-receive-pack`, which this read-only server refuses.
-    ReceivePack,
-    /// `…/info/lfs/…`: Git LFS, passed through to the upstream. The field is the path from
-    /// `/info/lfs` on.
-    Lfs(String),
-}
-
-/// A request path resolved to a repository location and a service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// `{host}/{path}` without `.git`, as used in logs and messages.
-    pub name: String,
-    /// `{MIRROR_DIR}/{host}/{path}.git`
-    pub dir: PathBuf,
-    /// The endpoint below the repository.
-    pub service: Service,
-}
-
-/// Why a request path does not name a repository.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ResolveError {
-    /// The path does not end in a Git smart-HTTP endpoint.
-    #[error("not a Git smart-HTTP endpoint: {0}")]
-    UnknownEndpoint(String),
-    /// The repository part of the path is unsafe or malformed.
-    #[error("invalid repository path '{path}': {reason}")]
-    InvalidPath {
-        /// The offending path.
-        path: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
-}
-
-/// The longest repository path (`{host}/{path}`) accepted: each segment becomes a directory,
-/// so a client must not be able to make deep or long paths. GitLab nests groups 20 deep.
-const MAX_PATH_BYTES: usize = 1024;
-const MAX_SEGMENTS: usize = 24;
-/// A file name's limit on common file systems.
-const MAX_SEGMENT_BYTES: usize = 255;
-
-/// Resolve `uri_path` (the raw, still percent-encoded path of the request) against `root`.
-pub fn resolve(root: &Path, uri_path: &str) -> Result<Target, ResolveError> {
-    let lfs = uri_path
-        .find("/info/lfs")
-        .filter(|at| matches!(uri_path.as_bytes().get(at + 9), None | Some(b'/')))
-        .map(|at| (&uri_path[..at], Service::Lfs(uri_path[at..].to_owned())));
-    let (repo_part, service) = lfs
-        .or_else(|| {
-            [
-                ("/info/refs", Service::InfoRefs),
-                ("/git-upload-pack", Service::UploadPack),
-                ("/git-receive-pack", Service::ReceivePack),
-            ]
-            .into_iter()
-            .find_map(|(suffix, service)| uri_path.strip_suffix(suffix).map(|rest| (rest, service)))
-        })
-        .ok_or_else(|| ResolveError::UnknownEndpoint(uri_path.to_owned()))?;
-
-    let invalid = |reason| ResolveError::InvalidPath {
-        path: repo_part.to_owned(),
-        reason,
-    };
-    if let Service::Lfs(suffix) = &service {
-        // The suffix is appended to the upstream URL: it must not climb out of `info/lfs`.
-        let unsafe_suffix = suffix.contains(['%', '\\'])
-            || suffix.chars().any(char::is_control)
-            || suffix
-                .split('/')
-                .skip(1)
-                .any(|s| s.is_empty() || s == "." || s == "..");
-        if unsafe_suffix {
-            return Err(invalid("unsafe Git LFS path"));
-        }
-    }
-    let repo_part = repo_part.strip_prefix('/').unwrap_or(repo_part);
-    if repo_part.contains('%') {
-        return Err(invalid("percent-encoded characters are not allowed"));
-    }
-    if repo_part.contains('\\') {
-        return Err(invalid("backslashes are not allowed"));
-    }
-    if repo_part.chars().any(char::is_control) {
-        return Err(invalid("control characters are not allowed"));
-    }
-    if repo_part.len() > MAX_PATH_BYTES {
-        return Err(invalid("longer than 1024 bytes"));
-    }
-    let mut segments: Vec<&str> = repo_part.split('/').collect();
-    if segments.len() > MAX_SEGMENTS {
-        return Err(invalid("more than 24 segments"));
-    }
-    if segments.iter().any(|s| s.len() > MAX_SEGMENT_BYTES) {
-        return Err(invalid("a segment is longer than 255 bytes"));
-    }
-    if segments.len() < 2 {
-        return Err(invalid("expected {host}/{path}"));
-    }
-    if segments.iter().any(|s| s.is_empty()) {
-        return Err(invalid("empty path segment"));
-    }
-    if segments.iter().any(|s| *s == "." || *s == "..") {
-        return Err(invalid("'.' and '..' segments are not allowed"));
-    }
-    // Dot-prefixed names are our temporaries (and hidden files); a `.git` directory in the
-    // middle would nest a mirror inside another repository.
-    if segments.iter().any(|s| s.starts_with('.')) {
-        return Err(invalid("segments starting with '.' are not allowed"));
-    }
-    if segments[..segments.len() - 1]
-        .iter()
-        .any(|s| s.ends_with(".git"))
-    {
-        return Err(invalid("only the last segment may end in .git"));
-    }
-    let last = segments.pop().unwrap_or_default();
-    let last = last.strip_suffix(".git").unwrap_or(last);
-    if last.is_empty() || last == "." || last == ".." {
-        return Err(invalid("empty repository name"));
-    }
-    // Host names are case-insensitive: `GitHub.com` and `github.com` are one mirror.
-    let host = segments[0].to_ascii_lowercase();
-    segments[0] = &host;
-    let mut dir = root.to_path_buf();
-    for s in &segments {
-        dir.push(s);
-    }
-    dir.push(format!("{last}.git"));
-    segments.push(last);
-    Ok(Target {
-        name: segments.join("/"),
-        dir,
-        service,
-    })
-}
-
 /// Errors reading a repository.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -162,20 +23,23 @@ pub enum Error {
     #[error("repository not found")]
     NotFound,
     /// gix could not open or read the repository.
-    #[error("{context}: {message}")]
+    #[error("{context}")]
     Git {
         /// What we were doing.
         context: &'static str,
-        /// gix's message.
-        message: String,
+        /// gix's error.
+        #[source]
+        source: crate::pack::Source,
     },
 }
 
 impl Error {
-    pub(crate) fn git(context: &'static str) -> impl FnOnce(gix::Error) -> Error {
+    pub(crate) fn git<E: Into<crate::pack::Source>>(
+        context: &'static str,
+    ) -> impl FnOnce(E) -> Error {
         move |e| Error::Git {
             context,
-            message: e.to_string(),
+            source: e.into(),
         }
     }
 }
@@ -190,10 +54,8 @@ pub fn open(dir: &Path) -> Result<gix::Repository, Error> {
     if !exists(dir) {
         return Err(Error::NotFound);
     }
-    let mut repo = gix::open_opts(dir, gix::open::Options::isolated()).map_err(|e| Error::Git {
-        context: "opening repository",
-        message: e.to_string(),
-    })?;
+    let mut repo = gix::open_opts(dir, gix::open::Options::isolated())
+        .map_err(Error::git("opening repository"))?;
     repo.object_cache_size_if_unset(16 * 1024 * 1024);
     Ok(repo)
 }
@@ -243,10 +105,7 @@ fn list_refs_memo(repo: &gix::Repository, memo: &PeelMemo) -> Result<Refs, Error
     let iter = platform.all().map_err(Error::git("listing refs"))?;
     let mut refs = Vec::new();
     for r in iter {
-        let mut r = r.map_err(|e| Error::Git {
-            context: "reading a ref",
-            message: e.to_string(),
-        })?;
+        let mut r = r.map_err(Error::git("reading a ref"))?;
         let name: BString = r.name().as_bstr().to_owned();
         if name.len() > MAX_REF_NAME_LEN {
             // It would not fit a pkt-line together with its object id and capabilities.
@@ -278,21 +137,16 @@ fn list_refs_memo(repo: &gix::Repository, memo: &PeelMemo) -> Result<Refs, Error
 
 /// For an annotated tag, the object at the end of its tag chain.
 fn peel(repo: &gix::Repository, id: gix::ObjectId) -> Result<Option<gix::ObjectId>, Error> {
-    let header = repo.find_header(id).map_err(|e| Error::Git {
-        context: "reading a ref's object",
-        message: e.to_string(),
-    })?;
+    let header = repo
+        .find_header(id)
+        .map_err(Error::git("reading a ref's object"))?;
     if header.kind() != gix::object::Kind::Tag {
         return Ok(None);
     }
-    let object = repo.find_object(id).map_err(|e| Error::Git {
-        context: "reading a tag",
-        message: e.to_string(),
-    })?;
-    let peeled = object.peel_tags_to_end().map_err(|e| Error::Git {
-        context: "peeling a tag",
-        message: e.to_string(),
-    })?;
+    let object = repo.find_object(id).map_err(Error::git("reading a tag"))?;
+    let peeled = object
+        .peel_tags_to_end()
+        .map_err(Error::git("peeling a tag"))?;
     Ok(Some(peeled.id))
 }
 
@@ -314,6 +168,8 @@ pub struct Snapshot {
     /// The reachability bitmap found when the snapshot was built, mapped; requests decode
     /// what they need of it into the shared bitmap cache.
     bitmap_path: Option<PathBuf>,
+    /// Which version of that file: maintenance replaces the bitmap of a pack it keeps.
+    bitmap_version: Option<FileVersion>,
     bitmap: Option<Arc<crate::pack::bitmap::File>>,
     /// Names what the tips reach in the bitmap cache ([`Snapshot::reachable`]).
     reachable_key: u64,
@@ -373,9 +229,12 @@ impl Snapshot {
         tips.dedup();
         let clone_region = crate::pack::reuse::read_layout(dir, &refs);
         let bitmap_path = bitmap_file(dir);
+        let bitmap_version = bitmap_path.as_deref().and_then(FileVersion::of);
         // Mapped now, off the request path (the snapshot is built on a blocking thread); the
         // bitmap belongs to its pack, which a sync leaves alone, so one already mapped stays.
-        let bitmap = match previous.filter(|p| p.bitmap_path == bitmap_path) {
+        let bitmap = match previous
+            .filter(|p| p.bitmap_path == bitmap_path && p.bitmap_version == bitmap_version)
+        {
             Some(p) => p.bitmap.clone(),
             None => bitmap_path.as_deref().and_then(open_bitmap),
         };
@@ -395,6 +254,7 @@ impl Snapshot {
             + block(tips.len() * std::mem::size_of::<gix::ObjectId>());
         Ok(Snapshot {
             bitmap_path,
+            bitmap_version,
             bitmap,
             reachable_key: crate::pack::bitmap::Reachable::owner(),
             reachable_asked: Default::default(),
@@ -414,11 +274,18 @@ impl Snapshot {
         self.heap_bytes
     }
 
-    /// Whether the repository on disk still has the refs and packs of this snapshot: someone
-    /// else (an operator's `git fetch`) may have changed it. Reads the refs (packed and loose)
-    /// and the names of the pack indexes; tags are not peeled again.
+    /// Whether the repository on disk still has the refs, packs and bitmap of this snapshot:
+    /// someone else (an operator's `git fetch`, maintenance) may have changed it. Reads the
+    /// refs (packed and loose), the names of the pack indexes and the bitmap's version; tags
+    /// are not peeled again.
     pub fn is_current(&self, dir: &Path) -> Result<bool, Error> {
         if pack_names(dir) != self.packs {
+            return Ok(false);
+        }
+        let bitmap = bitmap_file(dir);
+        if bitmap != self.bitmap_path
+            || bitmap.as_deref().and_then(FileVersion::of) != self.bitmap_version
+        {
             return Ok(false);
         }
         let repo = open(dir)?;
@@ -509,6 +376,28 @@ impl Snapshot {
     }
 }
 
+/// A file's identity and modification time: a file replaced by rename has another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileVersion {
+    dev: u64,
+    ino: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl FileVersion {
+    fn of(path: &Path) -> Option<FileVersion> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileVersion {
+            dev: m.dev(),
+            ino: m.ino(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+        })
+    }
+}
+
 /// Map the bitmap at `path`; `None` (and a warning) when it cannot be used.
 fn open_bitmap(path: &Path) -> Option<Arc<crate::pack::bitmap::File>> {
     match crate::pack::bitmap::File::open(path) {
@@ -559,91 +448,4 @@ fn pack_names(dir: &Path) -> Vec<std::ffi::OsString> {
         .unwrap_or_default();
     names.sort();
     names
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ok(path: &str) -> Target {
-        resolve(Path::new("/m"), path).unwrap()
-    }
-
-    #[test]
-    fn maps_paths_to_mirror_directories() {
-        let t = ok("/github.com/o/r/info/refs");
-        assert_eq!(t.dir, Path::new("/m/github.com/o/r.git"));
-        assert_eq!(t.name, "github.com/o/r");
-        assert_eq!(t.service, Service::InfoRefs);
-        assert_eq!(
-            ok("/github.com/o/r.git/git-upload-pack").dir,
-            Path::new("/m/github.com/o/r.git")
-        );
-        assert_eq!(
-            ok("/gitlab.com/a/b/c/repo/git-receive-pack").service,
-            Service::ReceivePack
-        );
-        assert_eq!(
-            ok("/gitlab.com/a/b/c/repo.git/info/refs").dir,
-            Path::new("/m/gitlab.com/a/b/c/repo.git")
-        );
-        let spelled = ok("/GitHub.COM/o/r/info/refs");
-        assert_eq!(spelled.dir, Path::new("/m/github.com/o/r.git"));
-        assert_eq!(spelled.name, "github.com/o/r");
-        assert_eq!(ok("/LOCALHOST:9/o/r/info/refs").name, "localhost:9/o/r");
-        let lfs = ok("/github.com/o/r.git/info/lfs/objects/batch");
-        assert_eq!(lfs.service, Service::Lfs("/info/lfs/objects/batch".into()));
-        assert_eq!(lfs.name, "github.com/o/r");
-        assert!(resolve(Path::new("/m"), "/github.com/o/r/info/lfsx").is_err());
-    }
-
-    #[test]
-    fn rejects_unsafe_paths() {
-        for bad in [
-            "/github.com/../etc/info/refs",
-            "/github.com/o/../../x/info/refs",
-            "/github.com/./r/info/refs",
-            "/github.com//r/info/refs",
-            "/github.com/o/%2e%2e/info/refs",
-            "/github.com/o\\r/info/refs",
-            "/github.com/o/r\u{1}/info/refs",
-            "/github.com/info/refs",
-            "/github.com/o/.git/info/refs",
-            "/github.com/o/../info/refs",
-            "/github.com/o/r.git/objects/x/info/refs",
-            "/github.com/o/.smart-git-proxy-tmp-r.git-1-0/info/refs",
-            "/github.com/.hidden/r/info/refs",
-            "/github.com/o/r.git/info/lfs/../../../o2/r2.git/git-receive-pack",
-            "/github.com/o/r.git/info/lfs/%2e%2e/%2e%2e/api",
-            "/github.com/o/r.git/info/lfs//objects",
-        ] {
-            assert!(
-                matches!(
-                    resolve(Path::new("/m"), bad),
-                    Err(ResolveError::InvalidPath { .. })
-                ),
-                "{bad}"
-            );
-        }
-        assert!(matches!(
-            resolve(Path::new("/m"), "/github.com/o/r/objects/info/packs"),
-            Err(ResolveError::UnknownEndpoint(_))
-        ));
-    }
-
-    #[test]
-    fn bounds_path_depth_and_length() {
-        let resolve_repo = |repo: &str| resolve(Path::new("/m"), &format!("/{repo}/info/refs"));
-        let deep = |n: usize| format!("gitlab.com/{}r", "g/".repeat(n - 2));
-        assert!(
-            resolve_repo(&deep(24)).is_ok(),
-            "GitLab's 20 levels of groups fit"
-        );
-        assert!(resolve_repo(&deep(25)).is_err());
-        assert!(resolve_repo(&deep(1900)).is_err());
-        assert!(resolve_repo(&format!("github.com/o/{}", "r".repeat(255))).is_ok());
-        assert!(resolve_repo(&format!("github.com/o/{}", "r".repeat(256))).is_err());
-        let long = format!("github.com/{}/r", vec!["o".repeat(200); 6].join("/"));
-        assert!(resolve_repo(&long).is_err(), "over 1024 bytes");
-    }
 }

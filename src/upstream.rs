@@ -5,6 +5,10 @@
 //! `git` process is started: credentials come from the caller as an `Authorization` header,
 //! never from credential helpers, and nothing is written to the repository's configuration.
 
+pub mod allowlist;
+
+pub use allowlist::{Upstream, Upstreams};
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -457,12 +461,14 @@ impl ListingClient {
 }
 
 /// Why the one-request listing did not work.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum LsRefsError {
     /// The upstream does not answer a bare v2 `ls-refs` POST (an old server, a dumb one): list
     /// with gix's handshake instead.
+    #[error("the upstream does not answer a bare ls-refs request: {0}")]
     Unsupported(String),
     /// A failure that the handshake would meet too.
+    #[error(transparent)]
     Failed(Error),
 }
 

@@ -106,6 +106,8 @@ fn bad_settings_exit_with_usage_error_naming_the_variable() {
         ("SYNC_STALE_AFTER", "banana", "<SYNC_STALE_AFTER>"),
         ("LOG_LEVEL", "verbose", "LOG_LEVEL 'verbose'"),
         ("ALLOWED_UPSTREAMS", "", "ALLOWED_UPSTREAMS is empty"),
+        ("LFS_CACHE_MAX_SIZE", "lots", "<LFS_CACHE_MAX_SIZE>"),
+        ("LFS_URL_KEY", " ", "LFS_URL_KEY is empty"),
         (
             "MIRROR_DIR",
             file.path().to_str().unwrap(),
@@ -133,6 +135,7 @@ fn a_size_without_a_unit_is_refused_naming_the_variable() {
         "MAX_BUFFERED_BODIES",
         "MAX_BUFFERED_BODIES_PER_CLIENT",
         "PACK_CACHE_MAX_SIZE",
+        "LFS_CACHE_MAX_SIZE",
         "MIRROR_MAX_SIZE",
         "PACK_MEMORY_BUDGET",
         "SNAPSHOT_MEMORY",

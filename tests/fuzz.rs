@@ -1,10 +1,13 @@
-//! Fuzzing of everything that reads untrusted request bytes: pkt-line framing, the v0 and v2
-//! request parsers, filter specs, the request-path resolver and the Git LFS batch classifier.
+//! Fuzzing of everything that reads untrusted bytes: pkt-line framing, the v0 and v2 request
+//! parsers, filter specs, the request-path resolver, the Git LFS batch classifier, webhook
+//! bodies, and the bitmap and commit-graph files an operator may copy into a mirror.
 //!
-//! cargo-fuzz needs nightly and a sanitizer build of the whole dependency tree, which CI
-//! (stable, 2 cores) cannot afford, so this is a small mutation fuzzer on the stable
-//! toolchain instead. Each target starts from the seed corpus in `fuzz/corpus/<target>/`
-//! (recorded from real git clients by `scripts/fuzz-seeds`). Every iteration draws bytes from
+//! The coverage-guided campaigns run the same checks (`fuzz/src/lib.rs`) under cargo fuzz
+//! (`scripts/fuzz`), which needs nightly features and a sanitizer build of the whole
+//! dependency tree: too much for CI (2 cores). Here, on the stable toolchain, each target
+//! first replays its corpus in `fuzz/corpus/<target>/` (seeds recorded from real git clients
+//! by `scripts/fuzz-seeds`, and what the campaigns found, minimised), a regression test of
+//! every input, then runs a small mutation fuzzer for the time left. Every iteration draws bytes from
 //! a deterministic PRNG and hands them to `arbitrary::Unstructured`, which picks either a
 //! structured input (a `#[derive(Arbitrary)]` description of a request, encoded) or a stack of
 //! mutations of corpus entries. Without coverage instrumentation, the only feedback is the
@@ -14,28 +17,23 @@
 //! A panic, an input slower than `FUZZ_SLOW_MS` (default 1000) or a broken invariant is a
 //! crash: the input is saved to `target/fuzz-crashes/<target>/<hash>` and the test fails.
 //!
-//! Environment: `FUZZ_SECONDS` per target (default 3, to keep `cargo test` quick),
-//! `FUZZ_ITERATIONS` (optional; whichever limit comes first), `FUZZ_SEED` (decimal or `0x`
-//! hex; a fixed default). `FUZZ_REPLAY=DIR` runs only the files in `DIR/<target>/`, e.g.
-//! `FUZZ_REPLAY=target/fuzz-crashes` to rerun saved crashes. Long campaigns: `scripts/fuzz`.
+//! Environment: `FUZZ_SECONDS` per target after the corpus (default 2, to keep `cargo test`
+//! quick), `FUZZ_ITERATIONS` (optional; whichever limit comes first), `FUZZ_SEED` (decimal or
+//! `0x` hex; a fixed default). `FUZZ_REPLAY=DIR` runs only the files in `DIR/<target>/`, e.g.
+//! `FUZZ_REPLAY=target/fuzz-crashes` to rerun saved crashes (or `fuzz/artifacts`, where the
+//! campaigns of `scripts/fuzz` save theirs).
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::panic::{self, AssertUnwindSafe, PanicHookInfo};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
-use gix::object::Kind;
-use smart_git_proxy::http::lfs::batch_operation;
-use smart_git_proxy::protocol::filter::{Error as FilterError, Filter};
-use smart_git_proxy::protocol::pktline::{Line, Reader, MAX_DATA_LEN};
-use smart_git_proxy::protocol::{v0, v2, Deepen, ParseError, INFINITE_DEPTH};
-use smart_git_proxy::repo::{resolve, ResolveError, Service};
+use smart_git_proxy::protocol::INFINITE_DEPTH;
 
 #[test]
 fn pktline() {
@@ -67,284 +65,59 @@ fn lfs() {
     Fuzzer::new("lfs", JSON_WORDS, check_lfs, gen_lfs).run();
 }
 
+#[test]
+fn webhook() {
+    Fuzzer::new("webhook", JSON_WORDS, check_webhook, gen_json).run();
+}
+
+#[test]
+fn bitmap() {
+    Fuzzer::new("bitmap", FILE_WORDS, check_bitmap, gen_none).run();
+}
+
+#[test]
+fn commit_graph() {
+    Fuzzer::new("commit_graph", FILE_WORDS, check_commit_graph, gen_none).run();
+}
+
+/// The targets above, by corpus directory.
+const TARGETS: &[&str] = &[
+    "pktline",
+    "v0",
+    "v2",
+    "filter",
+    "resolve",
+    "lfs",
+    "webhook",
+    "bitmap",
+    "commit_graph",
+];
+
+/// Every corpus directory is replayed by a target above: a corpus added without one would
+/// silently go unchecked.
+#[test]
+fn every_corpus_is_replayed() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let mut dirs: Vec<String> = fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    let mut targets = TARGETS.to_vec();
+    targets.sort();
+    assert_eq!(dirs, targets, "the directories of {}", root.display());
+}
+
 // ---------------------------------------------------------------------------------------------
-// Targets. Each returns the input's outcome class (feedback for the pool) or the broken
-// invariant.
+// Targets: the checks live in fuzz/src/lib.rs, shared with the cargo fuzz targets.
 
-type Outcome = Result<String, String>;
+#[path = "../fuzz/src/lib.rs"]
+mod checks;
 
-/// Read pkt-lines to the end: every line must lie where its header says, inside the input,
-/// and the reader must stop (each packet is at least 4 bytes, so there are at most len/4).
-fn check_pktline(input: &[u8]) -> Outcome {
-    let mut reader = Reader::new(input);
-    let mut consumed = 0usize;
-    let mut class = String::new();
-    for _ in 0..=input.len() / 4 {
-        let line = match reader.read() {
-            Ok(None) => {
-                if consumed != input.len() || !reader.is_empty() {
-                    return Err(format!("ended after {consumed} of {} bytes", input.len()));
-                }
-                class.push('$');
-                return Ok(class);
-            }
-            Ok(Some(line)) => line,
-            Err(e) => {
-                class.push_str(&message_class(&e.to_string(), 3));
-                return Ok(class);
-            }
-        };
-        let header = input
-            .get(consumed..consumed + 4)
-            .ok_or_else(|| format!("a line past the end: {consumed} of {}", input.len()))?;
-        let declared = std::str::from_utf8(header)
-            .ok()
-            .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .and_then(|h| usize::from_str_radix(h, 16).ok())
-            .ok_or_else(|| format!("a line under the header {header:?}"))?;
-        match line {
-            Line::Data(d) => {
-                let at = (d.as_ptr() as usize).wrapping_sub(input.as_ptr() as usize);
-                if at != consumed + 4 || declared != d.len() + 4 || d.len() > MAX_DATA_LEN {
-                    return Err(format!(
-                        "data of {} bytes at {at}, header {declared} at {consumed}",
-                        d.len()
-                    ));
-                }
-                let text = line.text().ok_or("a data line without text")?;
-                if !d.starts_with(text) || d.len() - text.len() > 1 {
-                    return Err("text() is not the line less its newline".into());
-                }
-                consumed += d.len() + 4;
-                class.push(if d.len() > 40 { 'D' } else { 'd' });
-            }
-            special => {
-                if special.text().is_some() || declared > 2 {
-                    return Err(format!("{special:?} from header {header:?}"));
-                }
-                consumed += 4;
-                class.push(char::from(b'0' + declared as u8));
-            }
-        }
-        if consumed > input.len() {
-            return Err(format!("consumed {consumed} of {} bytes", input.len()));
-        }
-        class.truncate(12);
-    }
-    Err("the reader did not stop".into())
-}
-
-fn check_v0(input: &[u8]) -> Outcome {
-    match v0::parse(input) {
-        Ok(None) => Ok("none".into()),
-        Ok(Some(req)) => {
-            if req.wants.is_empty() {
-                return Err("a request without wants".into());
-            }
-            if req.deepen.relative != req.caps.deepen_relative {
-                return Err("deepen-relative differs from the capability".into());
-            }
-            check_deepen(&req.deepen)?;
-            Ok(format!(
-                "ok {}{}{} {:?} {:?} {} {}",
-                u8::from(req.done),
-                u8::from(req.wants_only),
-                bucket(req.haves.len()),
-                req.caps.multi_ack,
-                req.caps.sideband,
-                deepen_class(&req.deepen),
-                req.filter.as_ref().map(filter_class).unwrap_or_default(),
-            ))
-        }
-        Err(e) => Ok(parse_error_class(&e)),
-    }
-}
-
-fn check_v2(input: &[u8]) -> Outcome {
-    match v2::parse(input) {
-        Ok(None) => Ok("none".into()),
-        Ok(Some(req)) => match req.command {
-            v2::Command::LsRefs(ls) => {
-                if ls.prefixes.len() > v2::MAX_REF_PREFIXES {
-                    return Err(format!("{} ref prefixes kept", ls.prefixes.len()));
-                }
-                Ok(format!(
-                    "ls-refs {}{}{} {}",
-                    u8::from(ls.symrefs),
-                    u8::from(ls.peel),
-                    u8::from(ls.unborn),
-                    bucket(ls.prefixes.len())
-                ))
-            }
-            v2::Command::Fetch(f) => {
-                if f.seen_haves == f.haves.is_empty() {
-                    return Err("seen_haves disagrees with the haves".into());
-                }
-                check_deepen(&f.deepen)?;
-                Ok(format!(
-                    "fetch {}{}{} {} {}",
-                    u8::from(f.done),
-                    bucket(f.wants.len()),
-                    bucket(f.haves.len()),
-                    deepen_class(&f.deepen),
-                    f.filter.as_ref().map(filter_class).unwrap_or_default(),
-                ))
-            }
-        },
-        Err(e) => Ok(parse_error_class(&e)),
-    }
-}
-
-/// The checks `Deepen::parse_line` promises: a positive depth within git's "infinite", a
-/// positive timestamp, and never a depth together with since/not.
-fn check_deepen(d: &Deepen) -> Result<(), String> {
-    if d.depth.is_some_and(|n| n == 0 || n > INFINITE_DEPTH) || d.since.is_some_and(|t| t <= 0) {
-        return Err(format!("out-of-range deepen: {d:?}"));
-    }
-    if d.depth.is_some() && (d.since.is_some() || !d.not.is_empty()) {
-        return Err(format!("depth combined with since/not: {d:?}"));
-    }
-    Ok(())
-}
-
-/// Parse the spec; on success ask the parsed filter about objects of every kind at an
-/// arbitrary depth. Depths are tree depths, so they are drawn from `u32` (a walk never gets
-/// near `u64::MAX`).
-fn check_filter(input: &[u8]) -> Outcome {
-    let spec = String::from_utf8_lossy(input);
-    let filter = match Filter::parse(&spec) {
-        Ok(f) => f,
-        Err(FilterError::Invalid(_)) => return Ok("invalid".into()),
-        Err(FilterError::Unsupported(_)) => return Ok("unsupported".into()),
-    };
-    let mut u = Unstructured::new(input);
-    let depth = u64::from(u32::arbitrary(&mut u).unwrap_or_default());
-    let size = u64::arbitrary(&mut u).unwrap_or_default();
-    for kind in [Kind::Commit, Kind::Tree, Kind::Blob, Kind::Tag] {
-        filter.includes(kind, depth, &mut || size);
-    }
-    filter.descends(depth);
-    filter.depends_on_depth();
-    Ok(filter_class(&filter))
-}
-
-const MIRROR_ROOT: &str = "/srv/git-mirrors";
-
-/// An accepted path must stay inside the mirror root: no `.`/`..` segment in the directory
-/// below it or in the name.
-fn check_resolve(input: &[u8]) -> Outcome {
-    let root = Path::new(MIRROR_ROOT);
-    let path = String::from_utf8_lossy(input);
-    let target = match resolve(root, &path) {
-        Ok(t) => t,
-        Err(ResolveError::UnknownEndpoint(_)) => return Ok("unknown endpoint".into()),
-        Err(ResolveError::InvalidPath { reason, .. }) => return Ok(reason.into()),
-    };
-    let dir = target.dir.as_os_str().as_bytes();
-    let below = dir
-        .strip_prefix(MIRROR_ROOT.as_bytes())
-        .filter(|_| target.dir.starts_with(root))
-        .ok_or_else(|| format!("{:?} is outside the root", target.dir))?;
-    if below
-        .split(|b| *b == b'/')
-        .skip(1)
-        .any(|s| s == b"." || s == b"..")
-        || below.is_empty()
-    {
-        return Err(format!("{:?} climbs out of the root", target.dir));
-    }
-    if !below.starts_with(b"/") {
-        return Err(format!("{:?} is a sibling of the root", target.dir));
-    }
-    if target.name.split('/').any(|s| s == "..") {
-        return Err(format!("name {:?} has a '..' segment", target.name));
-    }
-    let service = match target.service {
-        Service::InfoRefs => "refs",
-        Service::UploadPack => "upload",
-        Service::ReceivePack => "receive",
-        Service::Lfs(_) => "lfs",
-    };
-    Ok(format!(
-        "{service} {}",
-        bucket(target.name.matches('/').count())
-    ))
-}
-
-/// A body classified as a download must be one to the upstream's JSON parser too.
-fn check_lfs(input: &[u8]) -> Outcome {
-    let op = batch_operation(input);
-    if op.as_deref() == Some("download") {
-        let value: serde_json::Value =
-            serde_json::from_slice(input).map_err(|e| format!("download but not JSON: {e}"))?;
-        if value.get("operation").and_then(|o| o.as_str()) != Some("download") || !value.is_object()
-        {
-            return Err(format!(
-                "download but not an object with that operation: {value}"
-            ));
-        }
-    }
-    Ok(match op.as_deref() {
-        None => "none",
-        Some("download") => "download",
-        Some("upload") => "upload",
-        Some("") => "empty",
-        Some(_) => "other",
-    }
-    .into())
-}
-
-fn parse_error_class(e: &ParseError) -> String {
-    format!(
-        "{} {}",
-        u8::from(e.is_malformed()),
-        message_class(&e.to_string(), 3)
-    )
-}
-
-/// The first words of an error message, up to where it echoes the input (a word with a quote,
-/// a digit or anything but plain ASCII), so that echoed bytes do not make new classes.
-fn message_class(message: &str, words: usize) -> String {
-    let plain = |w: &&str| {
-        w.bytes()
-            .all(|b| b.is_ascii_graphic() && !b.is_ascii_digit() && !b"'\"[]".contains(&b))
-    };
-    let words: Vec<&str> = message.split(' ').take(words).take_while(plain).collect();
-    words.join(" ")
-}
-
-fn filter_class(f: &Filter) -> String {
-    match f {
-        Filter::BlobNone => "n".into(),
-        Filter::BlobLimit(n) => format!("l{}", bucket(*n as usize)),
-        Filter::TreeDepth(n) => format!("t{}", bucket(*n as usize)),
-        Filter::ObjectType(k) => format!("o{k}"),
-        Filter::Combine(subs) => {
-            let mut s = String::from("c(");
-            for sub in subs.iter().take(4) {
-                s.push_str(&filter_class(sub));
-            }
-            s.push(')');
-            s
-        }
-    }
-}
-
-fn deepen_class(d: &Deepen) -> String {
-    format!(
-        "s{}d{}t{}n{}r{}",
-        bucket(d.shallows.len()),
-        d.depth.map_or(0, |n| bucket(n as usize)),
-        u8::from(d.since.is_some()),
-        bucket(d.not.len()),
-        u8::from(d.relative)
-    )
-}
-
-/// 0, 1, 2, or 3 for "more", so that counts do not make every input a new class.
-fn bucket(n: usize) -> usize {
-    n.min(3)
-}
+use checks::{
+    check_bitmap, check_commit_graph, check_filter, check_lfs, check_pktline, check_resolve,
+    check_v0, check_v2, check_webhook, message_class, Outcome,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Structured inputs.
@@ -979,7 +752,25 @@ const JSON_KEYS: &[&str] = &[
     "Operation",
     "operation ",
     "",
+    "repository",
+    "clone_url",
+    "project",
+    "git_http_url",
+    "https://github.com/owner/repo.git",
+    "http://127.0.0.1:9001/g/sub/basic.git",
+    "https://gitlab.example.org/group/../project",
 ];
+
+/// Any JSON value, with the keys of LFS batches and webhook payloads.
+fn gen_json(u: &mut Unstructured, out: &mut Vec<u8>) -> arbitrary::Result<()> {
+    Json::arbitrary(u)?.encode(out, 0);
+    Ok(())
+}
+
+/// No structured form: the targets that read files mutate their seeds only.
+fn gen_none(_: &mut Unstructured, _: &mut Vec<u8>) -> arbitrary::Result<()> {
+    Err(arbitrary::Error::NotEnoughData)
+}
 
 fn gen_lfs(u: &mut Unstructured, out: &mut Vec<u8>) -> arbitrary::Result<()> {
     let batch = Batch::arbitrary(u)?;
@@ -1220,6 +1011,26 @@ const JSON_WORDS: &[&[u8]] = &[
     b"\"operation\":\"upload\"",
 ];
 
+/// Signatures and chunk names of the bitmap and commit-graph formats, and edge values.
+const FILE_WORDS: &[&[u8]] = &[
+    b"BITM",
+    b"\0\x01\0\x01",
+    b"CGPH",
+    b"OIDF",
+    b"OIDL",
+    b"CDAT",
+    b"EDGE",
+    b"GDA2",
+    b"GDO2",
+    b"BIDX",
+    b"BDAT",
+    b"\0\0\0\0",
+    b"\xff\xff\xff\xff",
+    b"\x70\0\0\0",
+    b"\x80\0\0\0",
+    b"\0\0\0\x01",
+];
+
 // ---------------------------------------------------------------------------------------------
 // The engine.
 
@@ -1256,7 +1067,7 @@ impl Fuzzer {
         // FUZZ_REPLAY=DIR runs the files in DIR/<target>/ (e.g. target/fuzz-crashes) and no more.
         let replay = std::env::var_os("FUZZ_REPLAY").map(PathBuf::from);
         let replay_only = replay.is_some();
-        let seconds: f64 = env_parse("FUZZ_SECONDS").unwrap_or(3.0);
+        let seconds: f64 = env_parse("FUZZ_SECONDS").unwrap_or(2.0);
         let mut limit = Duration::from_secs_f64(seconds.max(0.0));
         let mut iterations: u64 = env_parse("FUZZ_ITERATIONS").unwrap_or(u64::MAX);
         let slow = Duration::from_millis(env_parse("FUZZ_SLOW_MS").unwrap_or(1000));
@@ -1289,8 +1100,9 @@ impl Fuzzer {
         let quiet = QuietPanics::install();
         let start = Instant::now();
 
-        // The seeds first, as they are, then new inputs until a limit is reached.
-        while execs < iterations && start.elapsed() < limit {
+        // The corpus first, as it is and all of it (the regression test), then new inputs
+        // until a limit is reached.
+        while (execs as usize) < corpus_len || (execs < iterations && start.elapsed() < limit) {
             input.clear();
             if (execs as usize) < corpus_len {
                 input.extend_from_slice(&pool[execs as usize]);

@@ -413,3 +413,259 @@ fn maintenance_writes_a_commit_graph_git_verifies() {
     );
     assert_eq!(with_graph, without);
 }
+
+/// The mirror's bitmap file, if it has one.
+fn bitmap_of(dir: &Path) -> Option<std::path::PathBuf> {
+    smart_git_proxy::repo::bitmap_file(dir)
+}
+
+/// Whether maintenance gave the mirror at `dir` a bitmap and a commit-graph.
+fn has_bitmap_and_graph(dir: &Path) -> bool {
+    bitmap_of(dir).is_some() && dir.join("objects/info/commit-graph").is_file()
+}
+
+/// Name and inode of each pack of the mirror at `dir`.
+fn pack_files(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    maintain::packs(dir)
+        .unwrap()
+        .into_iter()
+        .map(|p| {
+            let ino = std::fs::metadata(&p).unwrap().ino();
+            (p, ino)
+        })
+        .collect()
+}
+
+/// `git rev-list --test-bitmap` of `rev`: git checks the bitmap against its own walk.
+fn assert_git_accepts_bitmap(dir: &Path, rev: &str) {
+    let out = git_output(dir, &["rev-list", "--test-bitmap", rev], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    git(dir, &["commit-graph", "verify"]);
+}
+
+/// A clone of `url` into a new directory, checked with `git fsck --strict`; its refs.
+fn checked_clone(url: &str) -> String {
+    let work = tempfile::tempdir().unwrap();
+    let out = git_output(work.path(), &["clone", "-q", "--mirror", url, "c"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = work.path().join("c");
+    assert_fsck(&c);
+    refs(&c)
+}
+
+/// The mirror a first clone creates gets its bitmap and commit-graph in the background,
+/// without `smart-git-proxy maintain`; its pack (the one the creation fetched) stays.
+#[test]
+fn a_new_mirror_gets_its_bitmap_and_commit_graph() {
+    use common::upstream::Upstream;
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/large", "large");
+    let allowed = up.allowed();
+    let server = Server::start_with(move |c| c.allowed_upstreams = allowed);
+    let url = server.url_for(&up.segment(), "o/large");
+    let mirror = server.mirror.path().join(up.segment()).join("o/large.git");
+    assert_eq!(checked_clone(&url), refs(&upstream_dir));
+    wait_until("the bitmap and commit-graph after creation", || {
+        has_bitmap_and_graph(&mirror)
+    });
+    let packs = maintain::packs(&mirror).unwrap();
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    assert_eq!(
+        bitmap_of(&mirror).unwrap(),
+        packs[0].with_extension("bitmap")
+    );
+    assert_git_accepts_bitmap(&mirror, "main");
+    assert_fsck(&mirror);
+    // Served from it.
+    assert_eq!(checked_clone(&url), refs(&upstream_dir));
+}
+
+/// `MAINTENANCE_PACK_THRESHOLD=0` turns background maintenance off, that after creation too.
+#[test]
+fn no_maintenance_after_creation_with_threshold_zero() {
+    use common::upstream::Upstream;
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let allowed = up.allowed();
+    let server = Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.maintenance_pack_threshold = 0;
+    });
+    let url = server.url_for(&up.segment(), "o/basic");
+    let mirror = server.mirror.path().join(up.segment()).join("o/basic.git");
+    assert_eq!(checked_clone(&url), refs(&upstream_dir));
+    // Time for a maintenance that should not come (it would take milliseconds here).
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(bitmap_of(&mirror).is_none());
+    assert!(!mirror.join("objects/info/commit-graph").exists());
+    assert!(!mirror.join("objects/info/commit-graphs").exists());
+}
+
+/// Clones that run while the maintenance after creation writes the bitmap and graph get
+/// complete, correct repositories, and so do those after it.
+#[test]
+fn clones_during_the_maintenance_after_creation_succeed() {
+    use common::upstream::Upstream;
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/large", "large");
+    let allowed = up.allowed();
+    let server = Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.pack_cache_max_size = bytesize::ByteSize::b(0);
+    });
+    let url = server.url_for(&up.segment(), "o/large");
+    let mirror = server.mirror.path().join(up.segment()).join("o/large.git");
+    let expected = refs(&upstream_dir);
+    // Together: one creates the mirror, the others wait for it, and all are served while the
+    // maintenance the creation scheduled runs.
+    let clones: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, mirror) = (url.clone(), mirror.clone());
+            std::thread::spawn(move || {
+                let work = tempfile::tempdir().unwrap();
+                git(work.path(), &["clone", "-q", "--mirror", &url, "c"]);
+                let after = has_bitmap_and_graph(&mirror);
+                let c = work.path().join("c");
+                assert_fsck(&c);
+                (refs(&c), after)
+            })
+        })
+        .collect();
+    let mut spanned = 0;
+    for clone in clones {
+        let (refs, after) = clone.join().unwrap();
+        assert_eq!(refs, expected);
+        spanned += usize::from(after);
+    }
+    // Those that ended after the bitmap and graph were in place began before the mirror
+    // existed: they were in flight throughout the maintenance.
+    eprintln!("{spanned} of 4 clones were in flight throughout the maintenance");
+    wait_until("the bitmap and commit-graph after creation", || {
+        has_bitmap_and_graph(&mirror)
+    });
+    assert_eq!(checked_clone(&url), expected);
+    assert_fsck(&mirror);
+}
+
+/// A mirror with one pack whose bitmap and commit-graph are missing gets new ones, and its
+/// pack stays the very same file; one that has them needs nothing.
+#[test]
+fn a_bitmap_refresh_does_not_rewrite_the_pack() {
+    use common::upstream::Upstream;
+    use maintain::{Policy, Work};
+    let up = Upstream::start();
+    up.add_fixture("o/large", "large");
+    let allowed = up.allowed();
+    let server = Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.maintenance_pack_threshold = 0;
+    });
+    let url = server.url_for(&up.segment(), "o/large");
+    let mirror = server.mirror.path().join(up.segment()).join("o/large.git");
+    checked_clone(&url);
+    let before = pack_files(&mirror);
+    assert_eq!(before.len(), 1);
+    assert!(bitmap_of(&mirror).is_none());
+    let policy = Policy {
+        packs: 16,
+        bitmap_lag: 1000,
+    };
+    let run = || {
+        maintain::run(
+            &mirror,
+            Duration::from_secs(3600),
+            policy,
+            None,
+            &AtomicBool::new(false),
+        )
+        .expect("maintenance")
+    };
+    let outcome = run();
+    assert_eq!(outcome.work, Work::Bitmap, "{outcome:?}");
+    assert!(outcome.bitmap_commits > 0, "{outcome:?}");
+    assert!(outcome.commit_graph.is_some_and(|n| n > 0), "{outcome:?}");
+    assert_eq!(pack_files(&mirror), before, "the pack is the same file");
+    assert!(has_bitmap_and_graph(&mirror));
+    assert_git_accepts_bitmap(&mirror, "main");
+    assert_fsck(&mirror);
+    assert_eq!(run().work, Work::Nothing);
+
+    // Without its commit-graph: only that is written again.
+    std::fs::remove_file(mirror.join("objects/info/commit-graph")).unwrap();
+    let bitmap = std::fs::read(bitmap_of(&mirror).unwrap()).unwrap();
+    let outcome = run();
+    assert_eq!(outcome.work, Work::Graph, "{outcome:?}");
+    assert_eq!(pack_files(&mirror), before);
+    assert_eq!(std::fs::read(bitmap_of(&mirror).unwrap()).unwrap(), bitmap);
+    git(&mirror, &["commit-graph", "verify"]);
+
+    // The server serves from the new bitmap (its snapshot picks up the replaced file).
+    checked_clone(&url);
+}
+
+/// Syncs that bring more commits than `MAINTENANCE_BITMAP_LAG` past the bitmap schedule a
+/// refresh (a consolidation, since each sync adds a pack) long before the pack threshold; the
+/// bitmap then covers the new commits.
+#[test]
+fn commits_past_the_bitmap_lag_refresh_the_bitmap() {
+    use common::upstream::Upstream;
+    use maintain::{Policy, Work};
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("o/basic", "basic");
+    let allowed = up.allowed();
+    let server = Server::start_with(move |c| {
+        c.allowed_upstreams = allowed;
+        c.sync_stale_after = Duration::ZERO.into();
+        c.maintenance_bitmap_lag = 2;
+    });
+    let url = server.url_for(&up.segment(), "o/basic");
+    let mirror = server.mirror.path().join(up.segment()).join("o/basic.git");
+    checked_clone(&url);
+    wait_until("the bitmap after creation", || {
+        has_bitmap_and_graph(&mirror)
+    });
+    let first = bitmap_of(&mirror).unwrap();
+    // Within the lag: nothing to do.
+    let sync = || {
+        let (_c, out) = fetch_into_new_repo(&url, "main", &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let policy = Policy {
+        packs: 16,
+        bitmap_lag: 2,
+    };
+    let due = || {
+        let repo = smart_git_proxy::repo::open(&mirror).unwrap();
+        let refs = smart_git_proxy::repo::list_refs(&repo).unwrap();
+        maintain::due(&mirror, &refs, policy, &AtomicBool::new(false)).unwrap()
+    };
+    push_commit(&upstream_dir, "main");
+    push_commit(&upstream_dir, "main");
+    sync();
+    assert_eq!(maintain::packs(&mirror).unwrap().len(), 2);
+    assert_eq!(due(), Work::Nothing, "2 commits past the bitmap");
+    // A third passes the lag: consolidated, with a bitmap for the new pack.
+    let tip = push_commit(&upstream_dir, "main");
+    sync();
+    wait_until("the refresh past the lag", || {
+        maintain::packs(&mirror).unwrap().len() == 1
+            && bitmap_of(&mirror).is_some_and(|b| b != first)
+            && due() == Work::Nothing
+    });
+    assert_git_accepts_bitmap(&mirror, &tip);
+    assert_fsck(&mirror);
+    assert_eq!(checked_clone(&url), refs(&upstream_dir));
+}

@@ -369,9 +369,11 @@ fn leftover_temporaries_are_removed_at_start_and_seeded_mirrors_adopted() {
             "basic.git",
         ],
     );
-    let state = smart_git_proxy::http::AppState::new(smart_git_proxy::config::Config::new(
-        mirror_root.path(),
-    ));
+    let state = smart_git_proxy::http::AppState::new(
+        smart_git_proxy::config::Config::new(mirror_root.path())
+            .resolve()
+            .unwrap(),
+    );
     assert_eq!(state.mirrors().remove_temporaries().unwrap(), 1);
     assert!(!host.join(".smart-git-proxy-tmp-basic.git-1-0").exists());
     drop(state);
@@ -851,9 +853,11 @@ fn leftovers_of_an_interrupted_sync_are_removed_at_start_and_before_each_sync() 
     std::fs::create_dir_all(deep.join("objects/pack")).unwrap();
     plant(&deep.join("objects/pack/.tmpXyZ"), false);
     plant(&tmp_pack, false);
-    let state = smart_git_proxy::http::AppState::new(smart_git_proxy::config::Config::new(
-        mirror_dir.path(),
-    ));
+    let state = smart_git_proxy::http::AppState::new(
+        smart_git_proxy::config::Config::new(mirror_dir.path())
+            .resolve()
+            .unwrap(),
+    );
     assert_eq!(state.mirrors().remove_temporaries().unwrap(), 2);
     assert!(!tmp_pack.exists() && !deep.join("objects/pack/.tmpXyZ").exists());
 }

@@ -340,6 +340,7 @@ async fn one_prewarm_per_mirror_at_a_time_and_the_newest_queued() {
         want_miss_interval: std::time::Duration::from_secs(1),
         failure_ttl: std::time::Duration::from_secs(1),
         maintenance_packs: 0,
+        maintenance_bitmap_lag: 0,
         maintenance_grace: std::time::Duration::from_secs(1),
         client: smart_git_proxy::upstream::ListingClient::new(&upstream, &[]).unwrap(),
         upstream,

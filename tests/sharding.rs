@@ -4,7 +4,7 @@
 //! one node; when that node dies its repositories move to the others (and only those), and
 //! come back when it returns; a clone cut off by the death fails cleanly and its retry
 //! succeeds. And the nodes' logs name the client behind nginx, trusting `X-Forwarded-For`
-//! only from `TRUSTED_PROXIES`.
+//! only from `TRUSTED_PROXIES`. Git LFS object links reach the node that issued them.
 
 mod common;
 
@@ -937,4 +937,43 @@ fn the_readme_quotes_the_shipped_configurations() {
             }
         }
     }
+}
+
+#[test]
+fn git_lfs_links_reach_the_node_that_issued_them() {
+    let cluster = Cluster::start(&[("LFS_URL_KEY", "one key for the fleet")]);
+    let lfs = cluster.upstream.serve_lfs();
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let files: [(&str, &[u8]); 1] = [("a.bin", &bytes)];
+    let oids = common::lfs::lfs_repo(&cluster.upstream, &lfs, "o/lfs", &files);
+    let work = tempfile::tempdir().unwrap();
+    let since = cluster.front.served().len();
+    for dest in ["first", "second"] {
+        let dest = work.path().join(dest);
+        let out = common::lfs::lfs_clone(
+            &cluster.front.addr.to_string(),
+            &cluster.upstream,
+            "o/lfs",
+            &dest,
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(std::fs::read(dest.join("a.bin")).unwrap() == bytes);
+    }
+    let served = cluster.front.served();
+    let links = served[since..]
+        .iter()
+        .filter(|(uri, _, status)| uri.contains("/info/lfs/cache/") && *status == 200)
+        .count();
+    assert_eq!(
+        links, 2,
+        "each clone read the object from a proxy link, through nginx"
+    );
+    // Batches, links and the Git requests of the repository all went to one node.
+    cluster.routes(&["o/lfs".to_owned()], since);
+    assert_eq!(lfs.downloads_of(&oids[0]), 1);
 }

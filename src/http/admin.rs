@@ -21,7 +21,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{body, fetch_source, upstream_credentials, AppState};
+use super::auth::{fetch_source, upstream_credentials};
+use super::{body, AppState};
 use crate::config::Secret;
 use crate::mirror::{self, Freshness, Status};
 use crate::repo;
@@ -135,12 +136,12 @@ async fn read_body(
     .await
     .map_err(|e| {
         let status = match e {
-            body::ReadError::TooLarge | body::ReadError::Expands => StatusCode::PAYLOAD_TOO_LARGE,
-            body::ReadError::Encoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            body::ReadError::Body(_) => StatusCode::BAD_REQUEST,
-            body::ReadError::Busy => StatusCode::SERVICE_UNAVAILABLE,
-            body::ReadError::ClientShare => StatusCode::TOO_MANY_REQUESTS,
-            body::ReadError::TimedOut => StatusCode::REQUEST_TIMEOUT,
+            body::Error::TooLarge | body::Error::Expands => StatusCode::PAYLOAD_TOO_LARGE,
+            body::Error::Encoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            body::Error::Body(_) => StatusCode::BAD_REQUEST,
+            body::Error::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            body::Error::ClientShare => StatusCode::TOO_MANY_REQUESTS,
+            body::Error::TimedOut => StatusCode::REQUEST_TIMEOUT,
         };
         answer(status, e.to_string())
     })
@@ -171,7 +172,8 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 }
 
 /// What an authentic notice asks for.
-enum Notice {
+#[derive(Debug, PartialEq, Eq)]
+pub enum Notice {
     /// A push to the repository at this URL.
     Push(String),
     /// GitHub's check that the hook is set up.
@@ -193,8 +195,9 @@ struct GithubRepository {
     clone_url: String,
 }
 
-/// The notice in a GitHub delivery, or `None` when its signature is not the body's.
-fn github_notice(
+/// The notice in a GitHub delivery (its `X-Hub-Signature-256` and `X-GitHub-Event` headers
+/// and its body), or `None` when its signature is not the body's under `secret`.
+pub fn github_notice(
     secret: &Secret,
     signature: Option<&str>,
     event: Option<&str>,
@@ -260,8 +263,9 @@ struct GitlabProject {
     git_http_url: String,
 }
 
-/// The notice in a GitLab delivery whose token was accepted.
-fn gitlab_notice(event: Option<&str>, body: &[u8]) -> Notice {
+/// The notice in a GitLab delivery whose token was accepted (its `X-Gitlab-Event` header and
+/// its body).
+pub fn gitlab_notice(event: Option<&str>, body: &[u8]) -> Notice {
     match event {
         Some("Push Hook" | "Tag Push Hook") => match serde_json::from_slice::<GitlabPush>(body) {
             Ok(push) => Notice::Push(push.project.git_http_url),
@@ -356,7 +360,7 @@ async fn pushed(state: AppState, clone_url: &str, arrived: Instant) -> Response 
             return answer(StatusCode::ACCEPTED, "ignored: not a valid repository path");
         }
     };
-    if let Some(balancer) = state.config.balancer_url() {
+    if let Some(balancer) = state.balancer_url.as_deref() {
         return forward(&state, balancer, &name).await;
     }
     // Held from the check to the end of the sync: an evicted mirror is not created anew.
@@ -407,7 +411,7 @@ async fn forward(state: &AppState, balancer: &str, name: &str) -> Response {
     let url = format!("{balancer}/api/v1/mirrors/{name}/sync");
     let timeout = *state.config.upstream_connect_timeout + *state.config.upstream_stall_timeout;
     let sent = state
-        .lfs_client
+        .http_client
         .post(&url)
         .bearer_auth(token.expose())
         .header(FORWARDED_HEADER, "webhook")
@@ -477,7 +481,7 @@ async fn mirror_request(
             ),
         ));
     };
-    let source = fetch_source(&state.config, upstream);
+    let source = fetch_source(state.parent_proxy.as_deref(), upstream);
     Ok(mirror::Request {
         url: format!("{}/{path}.git", source.base_url),
         credentials: upstream_credentials(state, &source, None)

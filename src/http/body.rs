@@ -30,7 +30,7 @@ const GZIP_MAX_RATIO: u64 = 32;
 
 /// Why a request body could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum ReadError {
+pub enum Error {
     /// Over the limit (after decompression).
     #[error("request body too large")]
     TooLarge,
@@ -109,10 +109,10 @@ impl Budget {
     }
 
     /// An empty charge for `client`, to grow as its body arrives.
-    fn charge(self: &Arc<Self>, client: ClientKey) -> Result<Charge, ReadError> {
+    fn charge(self: &Arc<Self>, client: ClientKey) -> Result<Charge, Error> {
         let permit = Arc::clone(&self.units)
             .try_acquire_many_owned(0)
-            .map_err(|_| ReadError::Busy)?;
+            .map_err(|_| Error::Busy)?;
         Ok(Charge {
             budget: Arc::clone(self),
             client,
@@ -132,7 +132,7 @@ impl Charge {
     /// Make the charge `units` in all, failing at once (rather than waiting, since waiting
     /// requests would each hold part of the budget) when the client's share or the budget is
     /// spent.
-    fn grow_to(&mut self, units: u32) -> Result<(), ReadError> {
+    fn grow_to(&mut self, units: u32) -> Result<(), Error> {
         let more = units.saturating_sub(self.permit.num_permits() as u32);
         if more == 0 {
             return Ok(());
@@ -143,13 +143,13 @@ impl Charge {
             if *mine == 0 {
                 held.remove(&self.client);
             }
-            return Err(ReadError::ClientShare);
+            return Err(Error::ClientShare);
         }
         let Ok(extra) = Arc::clone(&self.budget.units).try_acquire_many_owned(more) else {
             if *mine == 0 {
                 held.remove(&self.client);
             }
-            return Err(ReadError::Busy);
+            return Err(Error::Busy);
         };
         *mine += more;
         self.permit.merge(extra);
@@ -235,17 +235,17 @@ struct Collect {
     /// Decoded bytes the expansion ratio allows so far; `u64::MAX` for a body not encoded.
     allowed: u64,
     /// Why the last write was refused.
-    refused: Option<ReadError>,
+    refused: Option<Error>,
 }
 
 impl Collect {
-    fn push(&mut self, data: &[u8]) -> Result<(), ReadError> {
+    fn push(&mut self, data: &[u8]) -> Result<(), Error> {
         let needed = self.out.len() as u64 + data.len() as u64;
         if needed > self.limit {
-            return Err(ReadError::TooLarge);
+            return Err(Error::TooLarge);
         }
         if needed > self.allowed {
-            return Err(ReadError::Expands);
+            return Err(Error::Expands);
         }
         if needed > self.out.capacity() as u64 {
             // Grow as Vec would (doubling), within the limit, paying for it first.
@@ -283,8 +283,8 @@ pub async fn read_limited(
     limit: u64,
     budget: &Arc<Budget>,
     timeout: std::time::Duration,
-) -> Result<(Bytes, Charge), ReadError> {
-    let encoding = incoming.encoding.map_err(ReadError::Encoding)?;
+) -> Result<(Bytes, Charge), Error> {
+    let encoding = incoming.encoding.map_err(Error::Encoding)?;
     let charge = budget.charge(incoming.client)?;
     let collect = Collect {
         out: Vec::new(),
@@ -304,7 +304,7 @@ pub async fn read_limited(
         };
         let mut received: u64 = 0;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| ReadError::Body(crate::error_chain(&e)))?;
+            let frame = frame.map_err(|e| Error::Body(crate::error_chain(&e)))?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
@@ -315,7 +315,7 @@ pub async fn read_limited(
     };
     tokio::time::timeout(timeout, read)
         .await
-        .map_err(|_| ReadError::TimedOut)?
+        .map_err(|_| Error::TimedOut)?
 }
 
 /// Where received bytes go: straight into the body, or through a gzip decoder first.
@@ -326,7 +326,7 @@ enum Sink {
 
 impl Sink {
     /// Take `data`, `received` bytes having arrived in all.
-    fn write(&mut self, data: &[u8], received: u64) -> Result<(), ReadError> {
+    fn write(&mut self, data: &[u8], received: u64) -> Result<(), Error> {
         match self {
             Sink::Plain(collect) => collect.push(data),
             Sink::Gzip(decoder) => {
@@ -339,7 +339,7 @@ impl Sink {
         }
     }
 
-    fn finish(self) -> Result<(Bytes, Charge), ReadError> {
+    fn finish(self) -> Result<(Bytes, Charge), Error> {
         let collect = match self {
             Sink::Plain(collect) => collect,
             Sink::Gzip(mut decoder) => {
@@ -348,7 +348,7 @@ impl Sink {
                     .map_err(|e| gzip_error(decoder.get_mut(), e))?;
                 decoder
                     .finish()
-                    .map_err(|e| ReadError::Body(format!("invalid gzip: {e}")))?
+                    .map_err(|e| Error::Body(format!("invalid gzip: {e}")))?
             }
         };
         Ok((collect.out.into(), collect.charge))
@@ -356,11 +356,11 @@ impl Sink {
 }
 
 /// The error of a failed decoder write: the body's own refusal, or invalid gzip.
-fn gzip_error(collect: &mut Collect, e: io::Error) -> ReadError {
+fn gzip_error(collect: &mut Collect, e: io::Error) -> Error {
     collect
         .refused
         .take()
-        .unwrap_or_else(|| ReadError::Body(format!("invalid gzip: {e}")))
+        .unwrap_or_else(|| Error::Body(format!("invalid gzip: {e}")))
 }
 
 type Chunk = Result<Bytes, io::Error>;
@@ -487,7 +487,7 @@ mod tests {
         e.finish().unwrap()
     }
 
-    async fn read(budget: &Arc<Budget>, body: Incoming) -> Result<(Bytes, Charge), ReadError> {
+    async fn read(budget: &Arc<Budget>, body: Incoming) -> Result<(Bytes, Charge), Error> {
         read_limited(body, 64 << 20, budget, std::time::Duration::from_secs(5)).await
     }
 
@@ -512,13 +512,13 @@ mod tests {
             .await
             .err()
             .unwrap();
-        assert!(matches!(e, ReadError::Expands), "{e}");
+        assert!(matches!(e, Error::Expands), "{e}");
         for bad in ["br", "gzip, gzip", "deflate"] {
             let e = read(&budget, incoming(b"x".to_vec(), Some(bad), "10.0.0.1"))
                 .await
                 .err()
                 .unwrap();
-            assert!(matches!(e, ReadError::Encoding(_)), "{bad}: {e}");
+            assert!(matches!(e, Error::Encoding(_)), "{bad}: {e}");
         }
         let e = read(
             &budget,
@@ -527,7 +527,7 @@ mod tests {
         .await
         .err()
         .unwrap();
-        assert!(matches!(e, ReadError::Body(_)), "{e}");
+        assert!(matches!(e, Error::Body(_)), "{e}");
         let (plain, _) = read(
             &budget,
             incoming(text.clone(), Some("identity"), "10.0.0.1"),
@@ -548,7 +548,7 @@ mod tests {
             .await
             .err()
             .unwrap();
-        assert!(matches!(e, ReadError::ClientShare), "{e}");
+        assert!(matches!(e, Error::ClientShare), "{e}");
         let (_, other) = read(&budget, incoming(vec![b'0'; 1 << 20], None, "10.0.0.2"))
             .await
             .unwrap();

@@ -113,25 +113,17 @@ pub struct Usage {
 /// Measure the mirror at `dir` by walking it (symbolic links are not followed).
 pub fn usage(dir: &Path) -> Usage {
     let mut usage = Usage::default();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(d) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
+    for entry in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else {
             continue;
         };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else {
-                continue;
-            };
-            if meta.is_dir() {
-                pending.push(entry.path());
-            } else if meta.is_file() {
-                usage.bytes += meta.len();
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                if name.starts_with("pack-") && name.ends_with(".pack") {
-                    usage.packs += 1;
-                }
-            }
+        usage.bytes += meta.len();
+        let name = entry.file_name().to_string_lossy();
+        if name.starts_with("pack-") && name.ends_with(".pack") {
+            usage.packs += 1;
         }
     }
     usage

@@ -19,7 +19,9 @@
 //!   loose file that holds them is younger than the grace period, so that a client in the middle
 //!   of a negotiation still finds what it was shown; older ones are dropped.
 //! - **Swap.** The new pack is written to a temporary file (which the next maintenance or sync
-//!   of the mirror, or a server's start while neither runs, removes after a crash), indexed by gix-pack into `pack-<hash>.pack`/`.idx`, and only then are the old
+//!   of the mirror, or a server's start while neither runs, removes after a crash), installed
+//!   as `pack-<hash>.pack` with an index written from what the writer recorded (ids, offsets,
+//!   CRCs: nothing is read back or hashed again), and only then are the old
 //!   packs (those present when maintenance started) and the loose objects deleted. Before the
 //!   swap, the new pack gets its reachability bitmap (`pack-<hash>.bitmap`, written to a
 //!   temporary name and renamed, see [`crate::pack::bitmap`]): ref tips first (heads and
@@ -28,23 +30,30 @@
 //!   pack. Packs with a `.keep` file are left alone.
 //! - **Commit-graph.** Last, the commit-graph of everything the refs reach is rewritten
 //!   ([`crate::pack::graph`]), so that walks read parents and times from a table.
+//!
+//! [`run`] does only what a mirror needs ([`due`]): a mirror with one pack whose bitmap is
+//! missing or stale (a mirror just created, whose pack is the one its first fetch wrote) gets a
+//! new bitmap and commit-graph for that pack, which stays as it is; consolidation comes when
+//! there are more packs than the policy allows, or when a stale bitmap spans several packs.
 
-use std::collections::HashMap as StdHashMap;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, SystemTime};
 
 use gix::hashtable::HashSet;
 use gix::ObjectId;
-use gix_pack::data::output::{self, bytes::FromEntriesIter, entry::Kind as EntryKind};
+use gix_pack::data::output::{self, entry::Kind as EntryKind};
 use gix_pack::Find;
 
 use crate::pack::{self, reuse, Db};
+use crate::protocol::advert::Refs;
 
-/// What a consolidation did.
+/// What a maintenance did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Outcome {
+    /// What it found to do.
+    pub work: Work,
     /// Packs before.
     pub packs_before: usize,
     /// Objects in the new pack, by region: ref-reachable from heads and tags, from other refs
@@ -160,8 +169,197 @@ pub fn packs(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// When background maintenance works on a mirror, and what it does then (see [`due`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Consolidate once the mirror has more packs than this (`MAINTENANCE_PACK_THRESHOLD`).
+    pub packs: usize,
+    /// Refresh the bitmap and the commit-graph once the refs reach more than this many
+    /// commits outside the bitmap's pack (`MAINTENANCE_BITMAP_LAG`): requests walk those on
+    /// top of the bitmap, a cost that grows with every sync.
+    pub bitmap_lag: usize,
+}
+
+impl Policy {
+    /// What `smart-git-proxy maintain` asks for: one pack, and a bitmap and commit-graph that
+    /// cover every commit the refs reach.
+    pub const COMPLETE: Policy = Policy {
+        packs: 1,
+        bitmap_lag: 0,
+    };
+}
+
+/// What a mirror needs of maintenance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Work {
+    /// Nothing: few packs, a bitmap that covers the refs and a commit-graph.
+    #[default]
+    Nothing,
+    /// A commit-graph only (there is none; the bitmap is fresh).
+    Graph,
+    /// A new bitmap and commit-graph for the mirror's only pack, which stays as it is.
+    Bitmap,
+    /// All packs and loose objects into one, with its bitmap and commit-graph.
+    Consolidate,
+}
+
+/// What the mirror at `dir` with `refs` needs under `policy`: consolidation when it has more
+/// packs than [`Policy::packs`], or when its bitmap is missing or stale (see
+/// [`uncovered_commits`]) and it has several packs or loose objects; else a new bitmap (and
+/// commit-graph) for its one pack when that is stale, or a commit-graph when it has none.
+pub fn due(dir: &Path, refs: &Refs, policy: Policy, interrupt: &AtomicBool) -> Result<Work, Error> {
+    let packs = packs(dir).map_err(io("listing packs"))?;
+    let loose = has_loose_objects(dir).map_err(io("listing loose objects"))?;
+    if packs.len() > policy.packs.max(1) {
+        return Ok(Work::Consolidate);
+    }
+    if packs.is_empty() && !loose {
+        return Ok(Work::Nothing);
+    }
+    let stale = match crate::repo::bitmap_file(dir) {
+        None => true,
+        Some(bitmap) => {
+            let repo = crate::repo::open(dir)?;
+            let db = pack::db(&repo);
+            let idx = bitmap.with_extension("idx");
+            let idx = gix_pack::index::File::at(&idx, gix::hash::Kind::Sha1)
+                .map_err(|e| Error::Write(format!("reading {}: {e}", idx.display())))?;
+            uncovered_commits(&db, &idx, refs, policy.bitmap_lag, interrupt)? > policy.bitmap_lag
+        }
+    };
+    Ok(match (stale, packs.len() == 1 && !loose) {
+        (true, true) => Work::Bitmap,
+        (true, false) => Work::Consolidate,
+        (false, _) if !has_commit_graph(dir) => Work::Graph,
+        (false, _) => Work::Nothing,
+    })
+}
+
+/// The commits that `refs` reach outside the pack whose index is `idx` (the bitmapped pack,
+/// closed under reachability), counted up to `limit + 1`. Requests walk these on top of the
+/// bitmap; the walk here visits only them.
+pub fn uncovered_commits(
+    db: &Db,
+    idx: &gix_pack::index::File,
+    refs: &Refs,
+    limit: usize,
+    interrupt: &AtomicBool,
+) -> Result<usize, Error> {
+    let mut commits = pack::walk::Commits::new(db, HashSet::default());
+    let mut stack = Vec::new();
+    for r in &refs.refs {
+        let tip = r.peeled.unwrap_or(r.target);
+        if idx.lookup(tip).is_none() {
+            // A tree or blob (no history), else a commit to walk.
+            if let Some(commit) = commits.peel_to_commit(tip)? {
+                stack.push(commit);
+            }
+        }
+    }
+    let mut seen: HashSet<ObjectId> = HashSet::default();
+    while let Some(id) = stack.pop() {
+        if seen.len() > limit {
+            break;
+        }
+        if idx.lookup(id).is_some() || !seen.insert(id) {
+            continue;
+        }
+        pack::check_interrupt(interrupt, seen.len())?;
+        stack.extend(commits.get(id)?.parents.iter().copied());
+    }
+    Ok(seen.len())
+}
+
+/// Whether the objects directory of the mirror at `dir` has a commit-graph (ours, or git's
+/// single file or split chain).
+fn has_commit_graph(dir: &Path) -> bool {
+    let info = dir.join("objects/info");
+    pack::graph::path(&dir.join("objects")).is_file()
+        || info.join("commit-graphs/commit-graph-chain").is_file()
+}
+
+/// Bring the mirror at `dir` up to `policy` ([`due`] decides, under the mirror's maintenance
+/// lock): consolidate it, or refresh its bitmap and commit-graph without touching its pack,
+/// or nothing. The caller keeps syncs of this mirror out meanwhile.
+pub fn run(
+    dir: &Path,
+    grace: Duration,
+    policy: Policy,
+    thread_limit: Option<usize>,
+    interrupt: &AtomicBool,
+) -> Result<Outcome, Error> {
+    let _lock = lock(dir).map_err(io("taking the mirror's maintenance lock"))?;
+    super::sync::remove_leftovers(dir);
+    let repo = crate::repo::open(dir)?;
+    let refs = crate::repo::list_refs(&repo)?;
+    match due(dir, &refs, policy, interrupt)? {
+        Work::Consolidate => consolidate_locked(dir, grace, thread_limit, interrupt),
+        work @ (Work::Bitmap | Work::Graph) => refresh(dir, &repo, &refs, work, interrupt),
+        Work::Nothing => Ok(Outcome {
+            packs_before: packs(dir).map_err(io("listing packs"))?.len(),
+            ..Outcome::default()
+        }),
+    }
+}
+
+/// Write the bitmap of the mirror's only pack (for [`Work::Bitmap`]) and the commit-graph,
+/// leaving the pack as it is.
+fn refresh(
+    dir: &Path,
+    repo: &gix::Repository,
+    refs: &Refs,
+    work: Work,
+    interrupt: &AtomicBool,
+) -> Result<Outcome, Error> {
+    let db = pack::db(repo);
+    let packs = packs(dir).map_err(io("listing packs"))?;
+    let mut outcome = Outcome {
+        work,
+        packs_before: packs.len(),
+        ..Outcome::default()
+    };
+    // The graph first: the bitmap's walk then reads commits from it.
+    outcome.commit_graph = write_graph(dir, &db, refs, interrupt);
+    if let (Work::Bitmap, [pack]) = (work, packs.as_slice()) {
+        outcome.bitmap_commits = match pack::bitmap::write(&db, pack, &bitmap_tips(refs), interrupt)
+        {
+            Ok(written) => {
+                tracing::debug!(?written, "bitmap written");
+                written.commits
+            }
+            Err(e) => {
+                tracing::warn!(pack = %pack.display(), error = %e, "no reachability bitmap written");
+                0
+            }
+        };
+        outcome.bytes = std::fs::metadata(pack)
+            .map_err(io("reading the pack"))?
+            .len();
+    }
+    Ok(outcome)
+}
+
+/// The tips a bitmap is written for, in order of preference: what a clone wants (heads and
+/// tags), then the other refs.
+fn bitmap_tips(refs: &Refs) -> Vec<ObjectId> {
+    let (clone, other): (Vec<_>, Vec<_>) =
+        refs.refs.iter().partition(|r| reuse::is_clone_ref(&r.name));
+    clone.iter().chain(&other).map(|r| r.target).collect()
+}
+
+/// Write the commit-graph of everything `refs` reach; `None` when none was written (the
+/// walks then read the objects).
+fn write_graph(dir: &Path, db: &Db, refs: &Refs, interrupt: &AtomicBool) -> Option<usize> {
+    let tips: Vec<ObjectId> = refs.refs.iter().map(|r| r.target).collect();
+    pack::graph::write(&dir.join("objects"), db, &tips, interrupt).unwrap_or_else(|e| {
+        tracing::warn!(mirror = %dir.display(), "no commit-graph: {e}");
+        None
+    })
+}
+
 /// Consolidate the packs and loose objects of the mirror at `dir` into one pack (see the
-/// module documentation). The caller keeps syncs of this mirror out meanwhile.
+/// module documentation), whatever [`due`] says. The caller keeps syncs of this mirror out
+/// meanwhile.
 pub fn consolidate(
     dir: &Path,
     grace: Duration,
@@ -171,6 +369,16 @@ pub fn consolidate(
     let _lock = lock(dir).map_err(io("taking the mirror's maintenance lock"))?;
     // A maintenance or sync killed midway left its temporaries (as large as the new pack).
     super::sync::remove_leftovers(dir);
+    consolidate_locked(dir, grace, thread_limit, interrupt)
+}
+
+/// [`consolidate`], under the maintenance lock.
+fn consolidate_locked(
+    dir: &Path,
+    grace: Duration,
+    thread_limit: Option<usize>,
+    interrupt: &AtomicBool,
+) -> Result<Outcome, Error> {
     let old_packs = packs(dir).map_err(io("listing packs"))?;
     // Only these are deleted at the end: a loose object written meanwhile (an operator's git)
     // stays.
@@ -199,7 +407,8 @@ pub fn consolidate(
         interrupt,
     )?
     .counts;
-    let mut seen: HashSet<ObjectId> = first.iter().map(|c| c.id).collect();
+    // Each object's region, which also tells what is planned already.
+    let mut region_of: Regions = first.iter().map(|c| (c.id, 0)).collect();
     let mut second = pack::plan(
         &db,
         &pack::Selection {
@@ -212,27 +421,52 @@ pub fn consolidate(
     )?
     .counts;
     // The walking planner leaves out what the clone tips' boundary reaches, not all they reach.
-    second.retain(|c| seen.insert(c.id));
-    let (third, dropped) = unreachable(dir, &old_loose, &db, &mut seen, grace)?;
+    second.retain(|c| match region_of.entry(c.id) {
+        gix::hashtable::hash_map::Entry::Vacant(v) => {
+            v.insert(1);
+            true
+        }
+        gix::hashtable::hash_map::Entry::Occupied(_) => false,
+    });
+    let (third, dropped) = unreachable(dir, &old_loose, &db, &mut region_of, grace)?;
     let regions = [first.len(), second.len(), third.len()];
 
     let pack_dir = dir.join("objects/pack");
     let tmp = pack_dir.join(format!(".tmp-maintenance-{}.pack", std::process::id()));
-    let written = write_regions(&db, [first, second, third], &tmp, thread_limit, interrupt);
-    let indexed = written.and_then(|()| index(&tmp, &pack_dir, interrupt));
+    let written = write_regions(
+        &db,
+        [first, second, third],
+        region_of,
+        &tmp,
+        thread_limit,
+        interrupt,
+    );
+    let bytes = written.as_ref().map_or(0, |w| w.bytes);
+    // Where the first region ends: at the entry that follows it, or the trailer.
+    let end = written.as_ref().map_or(0, |w| {
+        w.index
+            .get(regions[0])
+            .map_or(bytes.saturating_sub(20), |e| e.offset)
+    });
+    let installed = written.and_then(|w| install(&tmp, &pack_dir, w));
     let _ = std::fs::remove_file(&tmp);
-    let (new_pack, bytes) = indexed?;
+    let new_pack = installed?;
+    tracing::debug!(pack = %new_pack.display(), bytes, "pack written");
     let region = reuse::Region {
         pack: new_pack
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         objects: u32::try_from(regions[0]).unwrap_or(u32::MAX),
-        end: region_end(&new_pack, regions[0], bytes)?,
+        end,
         tips: reuse::tips_digest(&clone_tips),
     };
-    let bitmap_tips: Vec<ObjectId> = clone_tips.iter().chain(&other_tips).copied().collect();
-    let bitmap_commits = match pack::bitmap::write(&db, &new_pack, &bitmap_tips, interrupt) {
+    // A new repository handle for the new pack: the old one keeps the old packs mapped, with
+    // the pages copying touched resident (as large as the pack), which nothing reads now.
+    drop((db, repo, bitmap));
+    let repo = crate::repo::open(dir)?;
+    let db = pack::db(&repo);
+    let bitmap_commits = match pack::bitmap::write(&db, &new_pack, &bitmap_tips(&refs), interrupt) {
         Ok(written) => {
             tracing::debug!(?written, "bitmap written");
             written.commits
@@ -259,13 +493,9 @@ pub fn consolidate(
     }
     reuse::write_layout(dir, &region).map_err(io("writing the pack layout"))?;
     // The packs are in place; a graph that cannot be written leaves walks on the objects.
-    let tips: Vec<ObjectId> = refs.refs.iter().map(|r| r.target).collect();
-    let commit_graph = pack::graph::write(&dir.join("objects"), &db, &tips, interrupt)
-        .unwrap_or_else(|e| {
-            tracing::warn!(mirror = %dir.display(), "no commit-graph: {e}");
-            None
-        });
+    let commit_graph = write_graph(dir, &db, &refs, interrupt);
     Ok(Outcome {
+        work: Work::Consolidate,
         packs_before: old_packs.len(),
         regions,
         dropped,
@@ -275,13 +505,16 @@ pub fn consolidate(
     })
 }
 
-/// The objects not in `seen` (of every pack and of `loose`), as counts for the third region,
-/// and how many were too old to keep; adds the kept ones to `seen`.
+/// The region of each object (0, 1, 2: see [`consolidate`]).
+type Regions = gix::hashtable::HashMap<ObjectId, u8>;
+
+/// The objects without a region yet (of every pack and of `loose`), as counts for the third
+/// region, and how many were too old to keep; the kept ones get region 2.
 fn unreachable(
     dir: &Path,
     loose: &[(PathBuf, ObjectId)],
     db: &Db,
-    seen: &mut HashSet<ObjectId>,
+    region_of: &mut Regions,
     grace: Duration,
 ) -> Result<(Vec<output::Count>, usize), Error> {
     let now = SystemTime::now();
@@ -290,35 +523,53 @@ fn unreachable(
             .and_then(|m| m.modified())
             .map_or(true, |t| now.duration_since(t).unwrap_or_default() < grace)
     };
-    let mut candidates: Vec<(ObjectId, bool)> = Vec::new();
+    let mut kept = Vec::new();
+    let mut dropped = 0;
+    let mut buf = Vec::new();
+    let mut consider = |id: ObjectId, keep: bool| -> Result<(), Error> {
+        if region_of.contains_key(&id) {
+            return Ok(());
+        }
+        if !keep {
+            dropped += 1;
+            return Ok(());
+        }
+        region_of.insert(id, 2);
+        let location = db
+            .location_by_oid(&id, &mut buf)
+            .map_err(|e| Error::Write(format!("locating {id}: {e}")))?;
+        kept.push(output::Count::from_data(id, location));
+        Ok(())
+    };
     for pack in packs(dir).map_err(io("listing packs"))? {
         let idx = pack.with_extension("idx");
         let keep = young(&pack);
         let index = gix_pack::index::File::at(&idx, gix::hash::Kind::Sha1)
             .map_err(|e| Error::Write(format!("reading {}: {e}", idx.display())))?;
-        candidates.extend(index.iter().map(|e| (e.oid, keep)));
+        for entry in index.iter() {
+            consider(entry.oid, keep)?;
+        }
     }
     for (path, id) in loose {
-        candidates.push((*id, young(path)));
-    }
-    let mut kept = Vec::new();
-    let mut dropped = 0;
-    let mut buf = Vec::new();
-    for (id, keep) in candidates {
-        if seen.contains(&id) {
-            continue;
-        }
-        if !keep {
-            dropped += 1;
-            continue;
-        }
-        seen.insert(id);
-        let location = db
-            .location_by_oid(&id, &mut buf)
-            .map_err(|e| Error::Write(format!("locating {id}: {e}")))?;
-        kept.push(output::Count::from_data(id, location));
+        consider(*id, young(path))?;
     }
     Ok((kept, dropped))
+}
+
+/// Whether the mirror at `dir` has a loose object.
+fn has_loose_objects(dir: &Path) -> std::io::Result<bool> {
+    for fanout in std::fs::read_dir(dir.join("objects"))? {
+        let fanout = fanout?;
+        let name = fanout.file_name();
+        let name = name.to_string_lossy();
+        if name.len() == 2
+            && name.bytes().all(|b| b.is_ascii_hexdigit())
+            && std::fs::read_dir(fanout.path())?.next().is_some()
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Loose object files with their ids.
@@ -341,22 +592,18 @@ fn loose_objects(dir: &Path) -> std::io::Result<Vec<(PathBuf, ObjectId)>> {
     Ok(out)
 }
 
-/// Write the regions, in order, as one pack at `path`.
+/// Write the regions, in order, as one pack at `path`; what its index needs.
 fn write_regions(
     db: &Db,
     regions: [Vec<output::Count>; 3],
+    region_of: Regions,
     path: &Path,
     thread_limit: Option<usize>,
     interrupt: &AtomicBool,
-) -> Result<(), Error> {
+) -> Result<Written, Error> {
     let total: usize = regions.iter().map(Vec::len).sum();
     let num_objects =
         u32::try_from(total).map_err(|_| Error::Write("too many objects for one pack".into()))?;
-    let region_of: StdHashMap<ObjectId, usize> = regions
-        .iter()
-        .enumerate()
-        .flat_map(|(r, counts)| counts.iter().map(move |c| (c.id, r)))
-        .collect();
     let mut chunks: Vec<Box<dyn Iterator<Item = gix::Result<Vec<output::Entry>>>>> = Vec::new();
     for counts in regions {
         let entries = output::entry::iter_from_counts(
@@ -375,7 +622,8 @@ fn write_regions(
     }
     // Entries of each region come with indices local to it; `written` maps ids to their index
     // in the whole pack, `starts` where each region began.
-    let mut written: StdHashMap<ObjectId, usize> = StdHashMap::with_capacity(total);
+    let mut written: gix::hashtable::HashMap<ObjectId, u32> = Default::default();
+    written.reserve(total);
     let mut starts: [Option<usize>; 3] = [None; 3];
     let mut buf = Vec::new();
     let db = db.clone();
@@ -398,9 +646,11 @@ fn write_regions(
                         };
                     }
                     EntryKind::DeltaOid { id } => match region_of.get(&id) {
-                        Some(r) if *r <= region => {
+                        Some(r) if usize::from(*r) <= region => {
                             if let Some(at) = written.get(&id) {
-                                entry.kind = EntryKind::DeltaRef { object_index: *at };
+                                entry.kind = EntryKind::DeltaRef {
+                                    object_index: *at as usize,
+                                };
                             }
                         }
                         _ => {
@@ -414,66 +664,180 @@ fn write_regions(
                     },
                     EntryKind::Base(_) => {}
                 }
-                written.insert(entry.id, index);
+                // At most u32::MAX objects (checked above).
+                written.insert(entry.id, index as u32);
             }
             Ok(chunk)
         });
     let file = std::fs::File::create(path).map_err(io("creating the new pack"))?;
-    let mut out = BufWriter::new(file);
-    let mut writer = FromEntriesIter::new(
-        entries,
-        &mut out,
-        num_objects,
-        gix_pack::data::Version::V2,
-        gix::hash::Kind::Sha1,
-    );
-    for step in writer.by_ref() {
-        step.map_err(|e| Error::Write(e.to_string()))?;
+    let mut out = Hashed {
+        inner: BufWriter::new(file),
+        hasher: gix::hash::hasher(gix::hash::Kind::Sha1),
+    };
+    let mut header = Vec::with_capacity(12);
+    header.extend_from_slice(b"PACK");
+    header.extend_from_slice(&2u32.to_be_bytes());
+    header.extend_from_slice(&num_objects.to_be_bytes());
+    out.write_all(&header).map_err(io("writing the new pack"))?;
+    let mut offset = header.len() as u64;
+    let mut index: Vec<Indexed> = Vec::with_capacity(total);
+    for chunk in entries {
+        let chunk: Vec<output::Entry> =
+            chunk.map_err(|e: gix::Error| Error::Write(e.to_string()))?;
+        for entry in chunk {
+            if entry.is_invalid() {
+                return Err(Error::Write(format!(
+                    "object {} cannot be written",
+                    entry.id
+                )));
+            }
+            let entry_header = entry.to_entry_header(gix_pack::data::Version::V2, |base| {
+                offset - index[base].offset
+            });
+            header.clear();
+            entry_header
+                .write_to(entry.decompressed_size as u64, &mut header)
+                .map_err(io("writing the new pack"))?;
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&header);
+            crc.update(&entry.compressed_data);
+            out.write_all(&header).map_err(io("writing the new pack"))?;
+            out.write_all(&entry.compressed_data)
+                .map_err(io("writing the new pack"))?;
+            index.push(Indexed {
+                id: entry.id,
+                offset,
+                crc: crc.finalize(),
+            });
+            offset += (header.len() + entry.compressed_data.len()) as u64;
+        }
     }
-    drop(writer);
-    out.flush().map_err(io("writing the new pack"))?;
-    out.get_ref()
+    if index.len() != total {
+        return Err(Error::Write(format!(
+            "{} objects written of {total}",
+            index.len()
+        )));
+    }
+    let checksum = out
+        .hasher
+        .try_finalize()
+        .map_err(|e| Error::Write(format!("hashing the new pack: {e}")))?;
+    let mut file = out.inner;
+    file.write_all(checksum.as_bytes())
+        .map_err(io("writing the new pack"))?;
+    file.flush().map_err(io("writing the new pack"))?;
+    file.get_ref()
         .sync_all()
         .map_err(io("writing the new pack"))?;
-    Ok(())
+    Ok(Written {
+        index,
+        checksum,
+        bytes: offset + checksum.as_bytes().len() as u64,
+    })
 }
 
-/// Index the pack at `tmp` into `pack_dir` (as `pack-<hash>.pack` and `.idx`): its path and
-/// size.
-fn index(tmp: &Path, pack_dir: &Path, interrupt: &AtomicBool) -> Result<(PathBuf, u64), Error> {
-    let file = std::fs::File::open(tmp).map_err(io("reading the new pack"))?;
-    let outcome = gix_pack::Bundle::write_to_directory(
-        &mut BufReader::new(file),
-        Some(pack_dir),
-        &mut gix::progress::Discard,
-        interrupt,
-        None::<Db>,
-        gix::hash::Kind::Sha1,
-        gix_pack::bundle::write::Options::default(),
-    )
-    .map_err(|e| Error::Write(format!("indexing the new pack: {e}")))?;
-    // Protection against a concurrent gc, which nothing here runs.
-    if let Some(keep) = outcome.keep_path {
-        std::fs::remove_file(keep).map_err(io("removing the new pack's .keep"))?;
+/// A writer that hashes what goes through it (the pack's trailing checksum).
+struct Hashed<W> {
+    inner: W,
+    hasher: gix::hash::Hasher,
+}
+
+impl<W: Write> Write for Hashed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
-    let data = outcome
-        .data_path
-        .ok_or_else(|| Error::Write("indexing gave no pack path".into()))?;
-    let bytes = std::fs::metadata(&data)
-        .map_err(io("reading the new pack"))?
-        .len();
-    Ok((data, bytes))
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
-/// Where the first `objects` entries (in pack order) of the pack at `path` end.
-fn region_end(path: &Path, objects: usize, pack_bytes: u64) -> Result<u64, Error> {
-    let idx = path.with_extension("idx");
-    let index = gix_pack::index::File::at(&idx, gix::hash::Kind::Sha1)
-        .map_err(|e| Error::Write(format!("reading {}: {e}", idx.display())))?;
-    let mut offsets: Vec<u64> = index.iter().map(|e| e.pack_offset).collect();
-    offsets.sort_unstable();
-    Ok(offsets
-        .get(objects)
-        .copied()
-        .unwrap_or(pack_bytes.saturating_sub(20)))
+/// An entry of the new pack, as its index lists it.
+struct Indexed {
+    id: ObjectId,
+    offset: u64,
+    /// CRC-32 of the entry's bytes in the pack (header and data).
+    crc: u32,
 }
+
+/// The new pack as [`write_regions`] wrote it.
+struct Written {
+    /// Its entries, in pack order.
+    index: Vec<Indexed>,
+    /// The pack's checksum, which names it.
+    checksum: ObjectId,
+    /// Its size.
+    bytes: u64,
+}
+
+/// Install the pack written to `tmp` in `pack_dir` as `pack-<checksum>.pack`, with the
+/// version 2 index (`gitformat-pack`) of its entries written from what the writer recorded:
+/// the ids, offsets and CRCs are known, so nothing is read back, inflated or hashed again (as
+/// git's `pack-objects` writes its index). The index is renamed into place last: readers find
+/// packs by their index. Returns the pack's path.
+fn install(tmp: &Path, pack_dir: &Path, written: Written) -> Result<PathBuf, Error> {
+    let Written {
+        mut index,
+        checksum,
+        ..
+    } = written;
+    index.sort_unstable_by_key(|e| e.id);
+    let n = index.len();
+    let mut idx = Vec::with_capacity(8 + 256 * 4 + n * (20 + 4 + 4) + 40);
+    idx.extend_from_slice(b"\xfftOc");
+    idx.extend_from_slice(&2u32.to_be_bytes());
+    let mut count = 0usize;
+    for byte in 0..=255u8 {
+        count += index[count..]
+            .iter()
+            .take_while(|e| e.id.as_bytes()[0] == byte)
+            .count();
+        // At most u32::MAX objects: the pack header says how many in 32 bits.
+        idx.extend_from_slice(&(count as u32).to_be_bytes());
+    }
+    for e in &index {
+        idx.extend_from_slice(e.id.as_bytes());
+    }
+    for e in &index {
+        idx.extend_from_slice(&e.crc.to_be_bytes());
+    }
+    let mut large = Vec::new();
+    for e in &index {
+        let small = match u32::try_from(e.offset) {
+            Ok(o) if o & LARGE_OFFSET == 0 => o,
+            _ => {
+                large.extend_from_slice(&e.offset.to_be_bytes());
+                LARGE_OFFSET | (large.len() / 8 - 1) as u32
+            }
+        };
+        idx.extend_from_slice(&small.to_be_bytes());
+    }
+    idx.extend_from_slice(&large);
+    idx.extend_from_slice(checksum.as_bytes());
+    let mut hasher = gix::hash::hasher(gix::hash::Kind::Sha1);
+    hasher.update(&idx);
+    let trailer = hasher
+        .try_finalize()
+        .map_err(|e| Error::Write(format!("hashing the new index: {e}")))?;
+    idx.extend_from_slice(trailer.as_bytes());
+
+    let tmp_idx = tmp.with_extension("idx");
+    let written = std::fs::File::create(&tmp_idx).and_then(|mut f| {
+        f.write_all(&idx)?;
+        f.sync_all()
+    });
+    let pack = pack_dir.join(format!("pack-{}.pack", checksum.to_hex()));
+    let installed = written
+        .and_then(|()| std::fs::rename(tmp, &pack))
+        .and_then(|()| std::fs::rename(&tmp_idx, pack.with_extension("idx")));
+    if let Err(e) = installed {
+        let _ = std::fs::remove_file(&tmp_idx);
+        return Err(io("installing the new pack")(e));
+    }
+    Ok(pack)
+}
+
+/// In an index's offset table: the offset is in the table of large offsets, at this index.
+const LARGE_OFFSET: u32 = 0x8000_0000;

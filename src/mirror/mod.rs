@@ -34,92 +34,6 @@ use crate::upstream;
 /// Prefix of the temporary directories mirrors are created in.
 const TMP_PREFIX: &str = ".smart-git-proxy-tmp-";
 
-/// One allowed upstream host: its URL segment and the base URL to fetch from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
-    /// The first path segment of proxy URLs, `host` or `host:port`.
-    pub segment: String,
-    /// `scheme://host[:port]`
-    pub base_url: String,
-}
-
-/// The `ALLOWED_UPSTREAMS` list.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Upstreams(Vec<Upstream>);
-
-/// An `ALLOWED_UPSTREAMS` entry that cannot be used.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("ALLOWED_UPSTREAMS entry '{0}' is not `host`, `host:port` or `http(s)://host[:port]`")]
-pub struct UpstreamsError(String);
-
-impl Upstreams {
-    /// Parse a comma-separated list; entries without a scheme use `https`.
-    pub fn parse(list: &str) -> Result<Self, UpstreamsError> {
-        let mut out = Vec::new();
-        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let (scheme, rest) = match entry.split_once("://") {
-                Some((s @ ("http" | "https"), rest)) => (s, rest),
-                Some(_) => return Err(UpstreamsError(entry.into())),
-                None => ("https", entry),
-            };
-            let host = rest.trim_end_matches('/');
-            let valid = !host.is_empty()
-                && host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
-            if !valid {
-                return Err(UpstreamsError(entry.into()));
-            }
-            out.push(Upstream {
-                segment: host.to_ascii_lowercase(),
-                base_url: format!("{scheme}://{host}"),
-            });
-        }
-        Ok(Upstreams(out))
-    }
-
-    /// The upstream whose segment is `segment`.
-    pub fn get(&self, segment: &str) -> Option<&Upstream> {
-        self.0
-            .iter()
-            .find(|u| u.segment.eq_ignore_ascii_case(segment))
-    }
-
-    /// The mirror name (`{segment}/{path}`) of a repository URL as a push notice gives it
-    /// (`https://github.com/o/r.git` → `github.com/o/r`), if its scheme and host are allowed.
-    /// The name still has to pass the path rules ([`crate::repo::resolve`]).
-    pub fn mirror_name(&self, clone_url: &str) -> Option<String> {
-        self.0.iter().find_map(|u| {
-            let n = u.base_url.len();
-            let (prefix, rest) = (clone_url.get(..n)?, clone_url.get(n..)?);
-            let path = rest.strip_prefix('/')?;
-            let path = path.trim_end_matches('/');
-            let path = path.strip_suffix(".git").unwrap_or(path);
-            (prefix.eq_ignore_ascii_case(&u.base_url) && !path.is_empty())
-                .then(|| format!("{}/{path}", u.segment))
-        })
-    }
-
-    /// The base URLs (`scheme://host[:port]`) of the allowed upstreams.
-    pub fn base_urls(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(|u| u.base_url.as_str())
-    }
-
-    /// The allowed upstreams, in the order they were listed.
-    pub fn iter(&self) -> impl Iterator<Item = &Upstream> {
-        self.0.iter()
-    }
-
-    /// The allowed segments, for messages.
-    pub fn names(&self) -> String {
-        self.0
-            .iter()
-            .map(|u| u.segment.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
-
 /// How a request was served, as told in `X-Git-Proxy-Status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -189,26 +103,43 @@ struct Maintenance {
     repo: Arc<Repo>,
     dir: PathBuf,
     slots: Arc<Semaphore>,
-    threshold: usize,
+    /// Eviction skips a mirror while its maintenance is pending, and is woken when it ends.
+    leases: Arc<Leases>,
+    /// When it works and what it does; `packs` 0: never in the background.
+    policy: maintain::Policy,
     grace: Duration,
     threads: Option<usize>,
 }
 
 impl Maintenance {
-    /// In the background, when the mirror has more packs than the threshold and no maintenance
-    /// is queued for it already (many syncs in a row schedule one).
-    fn start_if_due(self) {
-        let due = self.threshold > 0
-            && maintain::packs(&self.dir).is_ok_and(|p| p.len() > self.threshold);
-        if !due || self.repo.maintenance_pending.swap(true, Ordering::Relaxed) {
+    /// In the background, when the mirror (as `snapshot` shows it after a create or sync)
+    /// needs it under the policy ([`maintain::due`]: a new mirror has no bitmap yet) and no
+    /// maintenance is queued for it already (many syncs in a row schedule one).
+    fn start_if_due(self, snapshot: Arc<Snapshot>) {
+        if self.policy.packs == 0 || self.repo.maintenance_pending.swap(true, Ordering::Relaxed) {
             return;
         }
         tokio::spawn(async move {
-            let repo = Arc::clone(&self.repo);
-            if let Err(e) = self.run().await {
+            let (repo, leases) = (Arc::clone(&self.repo), Arc::clone(&self.leases));
+            let (dir, policy) = (self.dir.clone(), self.policy);
+            let checked = dir.clone();
+            let due = tokio::task::spawn_blocking(move || {
+                maintain::due(&checked, snapshot.refs(), policy, &AtomicBool::new(false))
+            })
+            .await;
+            let result = match due {
+                Ok(Ok(maintain::Work::Nothing)) => Ok(()),
+                Ok(Ok(_)) => self.run().await.map(drop).map_err(|e| e.to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = result {
                 tracing::warn!(error = %e, "maintenance failed; the mirror is unchanged");
             }
             repo.maintenance_pending.store(false, Ordering::Relaxed);
+            if leases.deferred.lock().remove(&dir) {
+                leases.wake.notify_one();
+            }
         });
     }
 
@@ -223,12 +154,14 @@ impl Maintenance {
             .acquire()
             .await
             .map_err(|_| local("shutting down".into()))?;
-        let _state = self.repo.state.lock().await;
+        // Not under the mirror's state lock: requests that check its freshness go on being
+        // answered. The maintenance lock keeps syncs out (a sync that starts meanwhile waits
+        // for it).
         let started = Instant::now();
         let dir = self.dir.clone();
-        let (grace, threads) = (self.grace, self.threads);
+        let (grace, policy, threads) = (self.grace, self.policy, self.threads);
         let outcome = tokio::task::spawn_blocking(move || {
-            maintain::consolidate(&dir, grace, threads, &AtomicBool::new(false))
+            maintain::run(&dir, grace, policy, threads, &AtomicBool::new(false))
         })
         .await
         .map_err(|e| local(e.to_string()))?
@@ -236,22 +169,30 @@ impl Maintenance {
             crate::metrics::maintenance("failed");
             local(format!("maintenance: {e}"))
         })?;
+        if outcome.work == maintain::Work::Nothing {
+            return Ok(outcome);
+        }
         crate::metrics::maintenance("ok");
+        // Under the state lock, as a sync sets the snapshot: one built now from the disk is
+        // not replaced by an older one.
+        let _state = self.repo.state.lock().await;
         *self.repo.usage.lock() = None;
         let previous = self.repo.snapshot();
         let dir = self.dir.clone();
         match tokio::task::spawn_blocking(move || sync::refresh(&dir, previous)).await {
             Ok(Ok(snapshot)) => self.repo.set_snapshot(snapshot),
-            Ok(Err(e)) => return Err(local(e.to_string())),
+            Ok(Err(e)) => return Err(local(crate::error_chain(&e))),
             Err(e) => return Err(local(e.to_string())),
         }
         tracing::info!(
             repo = %name,
+            work = ?outcome.work,
             packs_before = outcome.packs_before,
             objects = ?outcome.regions,
             dropped = outcome.dropped,
             bytes = outcome.bytes,
             bitmap_commits = outcome.bitmap_commits,
+            commit_graph = ?outcome.commit_graph,
             duration = ?started.elapsed(),
             "mirror maintained"
         );
@@ -315,8 +256,10 @@ pub struct Settings {
     pub want_miss_interval: Duration,
     /// `FAILURE_CACHE_TTL`
     pub failure_ttl: Duration,
-    /// `MAINTENANCE_PACK_THRESHOLD` (0: off).
+    /// `MAINTENANCE_PACK_THRESHOLD` (0: no background maintenance at all).
     pub maintenance_packs: usize,
+    /// `MAINTENANCE_BITMAP_LAG`
+    pub maintenance_bitmap_lag: usize,
     /// `MAINTENANCE_GRACE`
     pub maintenance_grace: Duration,
     /// `SNAPSHOT_MEMORY`, in bytes.
@@ -926,7 +869,7 @@ impl Mirrors {
             Err(crate::repo::Error::NotFound) => Ok(None),
             Err(e) => Err(Error::Local {
                 name: dir.display().to_string(),
-                message: e.to_string(),
+                message: crate::error_chain(&e),
             }),
         }
     }
@@ -938,7 +881,9 @@ impl Mirrors {
         let owned = dir.to_path_buf();
         match tokio::task::spawn_blocking(move || sync::refresh(&owned, previous)).await {
             Ok(Ok(snapshot)) => repo.set_snapshot(snapshot),
-            Ok(Err(e)) => tracing::warn!(dir = %dir.display(), error = %e, "cannot read mirror"),
+            Ok(Err(e)) => {
+                tracing::warn!(dir = %dir.display(), error = %crate::error_chain(&e), "cannot read mirror")
+            }
             Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot read mirror"),
         }
     }
@@ -1136,7 +1081,7 @@ impl Mirrors {
                         Some(snapshot) => Ok(snapshot),
                         None => Snapshot::open(&owned.dir, None)
                             .map(Arc::new)
-                            .map_err(|e| upstream::Error::Local(e.to_string())),
+                            .map_err(|e| upstream::Error::Local(crate::error_chain(&e))),
                     };
                     snapshot.and_then(|s| {
                         let listing = plan.listing;
@@ -1189,8 +1134,8 @@ impl Mirrors {
                         duration = ?started.elapsed(),
                         "mirror updated"
                     );
-                    if outcome.pack_bytes > 0 {
-                        maintenance.start_if_due();
+                    if outcome.changed > 0 || status == Status::Clone {
+                        maintenance.start_if_due(Arc::clone(&outcome.snapshot));
                     }
                     Ok(status)
                 }
@@ -1248,11 +1193,13 @@ impl Mirrors {
         }
     }
 
-    /// Consolidate the packs of the mirror at `dir` now (see [`maintain`]), holding its lock
-    /// so that no sync runs meanwhile, and rebuild its snapshot.
+    /// Maintain the mirror at `dir` now (see [`maintain::run`]): one pack, and a bitmap and
+    /// commit-graph that cover its refs ([`maintain::Policy::COMPLETE`]), holding its
+    /// maintenance lock so that no sync runs meanwhile; then rebuild its snapshot.
     pub async fn maintain(&self, dir: &Path) -> Result<maintain::Outcome, Error> {
         let mut job = self.maintenance_job(&self.repo(dir), dir);
         job.threads = None;
+        job.policy = maintain::Policy::COMPLETE;
         job.run().await
     }
 
@@ -1266,7 +1213,11 @@ impl Mirrors {
             repo: Arc::clone(repo),
             dir: dir.to_path_buf(),
             slots: Arc::clone(&self.maintenance),
-            threshold: self.settings.maintenance_packs,
+            leases: Arc::clone(&self.leases),
+            policy: maintain::Policy {
+                packs: self.settings.maintenance_packs,
+                bitmap_lag: self.settings.maintenance_bitmap_lag,
+            },
             grace: self.settings.maintenance_grace,
             // In the background: one thread, leaving the cores to requests.
             threads: Some(1),
@@ -1713,25 +1664,6 @@ fn remove_temporaries(root: &Path) -> std::io::Result<usize> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_allowed_upstreams() {
-        let u = Upstreams::parse("github.com, http://127.0.0.1:9001,https://GitLab.example.org/")
-            .unwrap();
-        assert_eq!(u.get("github.com").unwrap().base_url, "https://github.com");
-        assert_eq!(
-            u.get("127.0.0.1:9001").unwrap().base_url,
-            "http://127.0.0.1:9001"
-        );
-        assert_eq!(
-            u.get("gitlab.example.org").unwrap().base_url,
-            "https://GitLab.example.org"
-        );
-        assert!(u.get("evil.com").is_none());
-        assert_eq!(u.names(), "github.com, 127.0.0.1:9001, gitlab.example.org");
-        assert!(Upstreams::parse("ftp://x").is_err());
-        assert!(Upstreams::parse("a/b").is_err());
-    }
-
     pub(super) fn store(root: &Path) -> Mirrors {
         let timeout = Duration::from_secs(1);
         Mirrors::new(Settings {
@@ -1743,6 +1675,7 @@ mod tests {
             want_miss_interval: timeout,
             failure_ttl: timeout,
             maintenance_packs: 0,
+            maintenance_bitmap_lag: 0,
             maintenance_grace: timeout,
             snapshot_memory: 1 << 30,
             via_parent: false,
@@ -1812,35 +1745,6 @@ mod tests {
         );
         let on_disk = inventory_on_disk(root.path(), &root.path().join(".pack-cache")).unwrap();
         assert_eq!(on_disk[0].last_serve, None);
-    }
-
-    #[test]
-    fn push_notices_name_mirrors_of_allowed_upstreams_only() {
-        let u = Upstreams::parse("github.com, http://127.0.0.1:9001").unwrap();
-        let name = |url| u.mirror_name(url);
-        assert_eq!(
-            name("https://github.com/o/r.git").as_deref(),
-            Some("github.com/o/r")
-        );
-        assert_eq!(
-            name("https://GitHub.com/g/sub/r").as_deref(),
-            Some("github.com/g/sub/r")
-        );
-        assert_eq!(
-            name("http://127.0.0.1:9001/o/r.git").as_deref(),
-            Some("127.0.0.1:9001/o/r")
-        );
-        for other in [
-            "http://github.com/o/r.git",
-            "https://github.com.evil.org/o/r.git",
-            "https://github.com",
-            "https://github.com/",
-            "http://127.0.0.1:9002/o/r.git",
-            "git@github.com:o/r.git",
-            "",
-        ] {
-            assert_eq!(name(other), None, "{other}");
-        }
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub(super) struct Outcome {
 
 /// A local failure with its whole cause chain (gix prints it with `{:#}`).
 fn local<E: std::error::Error + 'static>(e: E) -> upstream::Error {
-    upstream::Error::local(&e, format!("{e:#}"))
+    upstream::Error::local(&e, crate::error_chain(&e))
 }
 
 /// Make an empty bare repository at `tmp` (a new mirror's temporary directory), unless a ref
@@ -223,24 +223,15 @@ fn leftovers(dir: &Path) -> Vec<PathBuf> {
             }
         }
     }
-    let mut pending = vec![dir.join("refs")];
-    while let Some(d) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => pending.push(path),
-                Ok(t)
-                    if t.is_file()
-                        && entry.file_name().to_string_lossy().ends_with(".lock")
-                        && stale(&path) =>
-                {
-                    found.push(path)
-                }
-                _ => {}
-            }
+    for entry in walkdir::WalkDir::new(dir.join("refs"))
+        .into_iter()
+        .flatten()
+    {
+        if entry.file_type().is_file()
+            && entry.file_name().to_string_lossy().ends_with(".lock")
+            && stale(entry.path())
+        {
+            found.push(entry.into_path());
         }
     }
     found

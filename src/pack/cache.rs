@@ -579,7 +579,7 @@ pub(crate) fn low_on_space(dir: &Path) -> bool {
 enum State {
     Running { written: u64 },
     Done { len: u64 },
-    Failed(Error),
+    Failed(Arc<Error>),
 }
 
 /// A generation in flight, as its readers see it.
@@ -639,9 +639,9 @@ impl Generation {
             self.file.sync_all()
         });
         if let Err(e) = written {
-            let error = Error::Write(format!("pack cache: {e}"));
-            self.fail_with(error.clone());
-            return Err(error);
+            let error = Arc::new(Error::file("pack cache: writing a pack")(e));
+            self.fail_with(Arc::clone(&error));
+            return Err(Error::Shared(error));
         }
         let len = self.written;
         self.done = true;
@@ -657,11 +657,11 @@ impl Generation {
     }
 
     /// The generation failed with `error`: every reader gets it.
-    pub fn fail(mut self, error: Error) {
+    pub fn fail(mut self, error: Arc<Error>) {
         self.fail_with(error);
     }
 
-    fn fail_with(&mut self, error: Error) {
+    fn fail_with(&mut self, error: Arc<Error>) {
         self.done = true;
         // Out of the index first, so that no new request attaches to a failed generation.
         self.cache.abort(self.key, &self.shared);
@@ -694,7 +694,7 @@ impl Drop for Generation {
     fn drop(&mut self) {
         if !self.done {
             // Neither finished nor failed explicitly (a panic): readers must not wait forever.
-            self.fail_with(Error::Write("pack generation stopped".into()));
+            self.fail_with(Arc::new(Error::Stopped));
         }
     }
 }
@@ -748,7 +748,7 @@ impl Reader {
                     self.len = Some(len);
                     return Ok(len);
                 }
-                State::Failed(e) => return Err(e.clone()),
+                State::Failed(e) => return Err(Error::Shared(Arc::clone(e))),
                 State::Running { written } if *written >= want => return Ok(*written),
                 State::Running { .. } => {
                     if interrupt.load(Ordering::Relaxed) {
@@ -768,12 +768,10 @@ impl Reader {
         self.file
             .seek(SeekFrom::Start(0))
             .and_then(|_| self.file.read_exact(&mut header))
-            .map_err(|e| Error::Write(format!("pack cache: {e}")))?;
-        self.file
-            .seek(SeekFrom::Start(self.offset))
-            .map_err(|e| Error::Write(format!("pack cache: {e}")))?;
+            .and_then(|()| self.file.seek(SeekFrom::Start(self.offset)))
+            .map_err(Error::file("pack cache: reading a pack"))?;
         if &header[..4] != b"PACK" {
-            return Err(Error::Write("pack cache: not a pack".into()));
+            return Err(Error::NotAPack);
         }
         Ok(u32::from_be_bytes([
             header[8], header[9], header[10], header[11],
@@ -790,7 +788,7 @@ impl Reader {
         }
         self.file
             .read_exact(&mut buf[..n])
-            .map_err(|e| Error::Write(format!("pack cache: {e}")))?;
+            .map_err(Error::file("pack cache: reading a pack"))?;
         self.offset += n as u64;
         self.cache
             .stats
@@ -983,13 +981,13 @@ mod tests {
         let Lookup::Shared(mut other) = cache.lookup(key(2)) else {
             panic!("expected to attach");
         };
-        generation.fail(Error::Missing(ObjectId::null(gix::hash::Kind::Sha1)));
+        generation.fail(Arc::new(Error::Missing(ObjectId::null(
+            gix::hash::Kind::Sha1,
+        ))));
         let interrupt = AtomicBool::new(false);
-        assert!(matches!(reader.start(&interrupt), Err(Error::Missing(_))));
-        assert!(matches!(
-            other.read(&mut [0; 8], &interrupt),
-            Err(Error::Missing(_))
-        ));
+        let missing = |e: Error| matches!(e.root(), Error::Missing(_));
+        assert!(reader.start(&interrupt).is_err_and(missing));
+        assert!(other.read(&mut [0; 8], &interrupt).is_err_and(missing));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         assert_eq!(cache.entries(), 0);
     }

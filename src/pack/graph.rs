@@ -222,14 +222,15 @@ pub fn write(
     }
     let mut hasher = gix::hash::hasher(gix::hash::Kind::Sha1);
     hasher.update(&out);
-    let checksum = hasher
-        .try_finalize()
-        .map_err(|e| Error::Write(format!("hashing the commit-graph: {e}")))?;
+    let checksum = hasher.try_finalize().map_err(|e| Error::Hash {
+        what: "the commit-graph",
+        source: e.into(),
+    })?;
     out.extend_from_slice(checksum.as_bytes());
 
-    let io = |e: std::io::Error| Error::Write(format!("writing the commit-graph: {e}"));
+    let io = || Error::file("writing the commit-graph");
     let info = objects_dir.join("info");
-    std::fs::create_dir_all(&info).map_err(io)?;
+    std::fs::create_dir_all(&info).map_err(io())?;
     let tmp = info.join(format!(".tmp-commit-graph-{}", std::process::id()));
     let written = std::fs::File::create(&tmp)
         .and_then(|mut file| file.write_all(&out).and_then(|()| file.sync_all()))
@@ -237,16 +238,16 @@ pub fn write(
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written.map_err(io)?;
+    written.map_err(io())?;
     Ok(Some(ids.len()))
 }
 
 fn remove(path: &Path) -> Result<(), Error> {
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Write(format!(
-            "removing the commit-graph {}: {e}",
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::file(format!(
+            "removing the commit-graph {}",
             path.display()
-        ))),
+        ))(e)),
         _ => Ok(()),
     }
 }

@@ -20,6 +20,7 @@ pub use planner::{plan, Plan, Selection, Stats, ThinBases};
 pub use writer::{write, WriteOptions, WriteStats};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use gix::ObjectId;
 
@@ -49,7 +50,7 @@ pub(crate) fn find<'b>(
         .map_err(|e| Error::Read {
             context,
             id,
-            message: e.to_string(),
+            source: e.into(),
         })?
         .ok_or(Error::Missing(id))
 }
@@ -62,18 +63,18 @@ pub(crate) fn find_kind<'b>(
     kind: gix::object::Kind,
 ) -> Result<(gix::objs::Data<'b>, Option<gix_pack::data::entry::Location>), Error> {
     use gix::object::Kind;
-    let (reading, expected) = match kind {
-        Kind::Commit => ("reading commit", "expected a commit at"),
-        Kind::Tree => ("reading tree", "expected a tree at"),
-        Kind::Blob => ("reading blob", "expected a blob at"),
-        Kind::Tag => ("reading tag", "expected a tag at"),
+    let reading = match kind {
+        Kind::Commit => "reading commit",
+        Kind::Tree => "reading tree",
+        Kind::Blob => "reading blob",
+        Kind::Tag => "reading tag",
     };
     let (data, location) = find(db, buf, id, reading)?;
     if data.kind != kind {
-        return Err(Error::Read {
-            context: expected,
+        return Err(Error::Kind {
             id,
-            message: format!("found a {}", data.kind),
+            expected: kind,
+            found: data.kind,
         });
     }
     Ok((data, location))
@@ -94,6 +95,11 @@ pub fn db(repo: &gix::Repository) -> Db {
     // thread's handle has its own cache; together they stay within the memory budget.
     db.set_pack_cache(|| Box::new(BudgetedCache::new()));
     db
+}
+
+/// A delta-base cache for one thread of pack work, within the memory budget (see [`db`]).
+pub(crate) fn delta_base_cache() -> Box<dyn gix_pack::cache::DecodeEntry> {
+    Box::new(BudgetedCache::new())
 }
 
 /// At most this much delta-base cache per thread of pack work.
@@ -117,14 +123,14 @@ static BUDGET: MemoryBudget = MemoryBudget {
 /// The default of `PACK_MEMORY_BUDGET`.
 pub const DEFAULT_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
 
-/// Set the memory budget of all delta-base caches of the process.
+/// The gauge of the bytes reserved from [`BUDGET`], kept up to date by the reservations.
+const RESERVED_GAUGE: &str = "smart_git_proxy_pack_memory_reserved_bytes";
+
+/// Set the memory budget of all delta-base caches of the process, and publish its gauge.
 pub fn set_memory_budget(bytes: usize) {
     BUDGET.limit.store(bytes, Ordering::Relaxed);
-}
-
-/// Bytes of the memory budget reserved right now.
-pub fn memory_reserved() -> usize {
-    BUDGET.reserved.load(Ordering::Relaxed)
+    // Registered at once, so that it is exported before the first pack (adds nothing).
+    metrics::gauge!(RESERVED_GAUGE).increment(0.0);
 }
 
 impl MemoryBudget {
@@ -185,6 +191,7 @@ impl gix_pack::cache::DecodeEntry for BudgetedCache {
         if !self.tried {
             self.tried = true;
             self.reserved = BUDGET.reserve(DELTA_BASE_CACHE_BYTES);
+            metrics::gauge!(RESERVED_GAUGE).increment(self.reserved as f64);
             self.inner = (self.reserved > 0)
                 .then(|| gix_pack::cache::lru::MemoryCappedHashmap::new(self.reserved));
         }
@@ -206,6 +213,7 @@ impl gix_pack::cache::DecodeEntry for BudgetedCache {
 impl Drop for BudgetedCache {
     fn drop(&mut self) {
         BUDGET.release(self.reserved);
+        metrics::gauge!(RESERVED_GAUGE).decrement(self.reserved as f64);
     }
 }
 
@@ -315,7 +323,7 @@ fn tag_target(tag: ObjectId, data: &[u8]) -> Result<ObjectId, Error> {
         .map_err(|e| Error::Read {
             context: "decoding tag",
             id: tag,
-            message: e.to_string(),
+            source: e.into(),
         })
 }
 
@@ -334,29 +342,87 @@ fn peel(
     }
 }
 
+/// A cause as gix reports it.
+pub type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Errors of pack planning and writing.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An object the pack must contain is not in the repository.
     #[error("object {0} is missing from the repository")]
     Missing(ObjectId),
     /// An object could not be read or decoded.
-    #[error("{context} {id}: {message}")]
+    #[error("{context} {id}")]
     Read {
         /// What we were doing.
         context: &'static str,
         /// The object.
         id: ObjectId,
-        /// The underlying message.
-        message: String,
+        /// gix's error.
+        #[source]
+        source: Source,
     },
-    /// The commit walk failed.
-    #[error("walking commits: {0}")]
-    Walk(String),
-    /// Writing the pack failed (in gix-pack, or because the client went away).
-    #[error("writing pack: {0}")]
-    Write(String),
+    /// An object is not of the kind expected where it was found (a corrupt repository).
+    #[error("expected a {expected} at {id}, found a {found}")]
+    Kind {
+        /// The object.
+        id: ObjectId,
+        /// What it should be.
+        expected: gix::object::Kind,
+        /// What it is.
+        found: gix::object::Kind,
+    },
+    /// gix-pack could not produce or write an entry.
+    #[error("writing pack")]
+    Write(#[source] Source),
+    /// More objects than a pack header can count.
+    #[error("too many objects for one pack")]
+    TooManyObjects,
+    /// A file could not be read or written: a reused pack, a pack-cache file, the
+    /// commit-graph.
+    #[error("{what}")]
+    File {
+        /// The file and what was done with it.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Hashing a pack or a commit-graph failed.
+    #[error("hashing {what}")]
+    Hash {
+        /// What was hashed.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: Source,
+    },
+    /// A pack-cache file that is no pack.
+    #[error("pack cache: not a pack")]
+    NotAPack,
+    /// A shared pack generation ended before its pack did (its thread panicked).
+    #[error("pack generation stopped")]
+    Stopped,
+    /// A shared pack generation failed: each of its readers gets the one error.
+    #[error(transparent)]
+    Shared(Arc<Error>),
     /// The client went away and the work was stopped.
     #[error("interrupted")]
     Interrupted,
+}
+
+impl Error {
+    /// The error itself, or the one a shared generation failed with: what to classify.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Shared(e) => e.root(),
+            e => e,
+        }
+    }
+
+    /// A file error: `what` failed (`"reading x"`) because of `source`.
+    pub(crate) fn file(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::File { what, source }
+    }
 }

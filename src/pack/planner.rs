@@ -307,7 +307,7 @@ impl Planner<'_> {
         move |e| Error::Read {
             context,
             id,
-            message: e.to_string(),
+            source: e.into(),
         }
     }
 
@@ -489,7 +489,7 @@ impl Planner<'_> {
                         let entry = entry.map_err(|e| Error::Read {
                             context: "decoding tree",
                             id: tree,
-                            message: e.to_string(),
+                            source: e.into(),
                         })?;
                         // Submodule commits live in another repository.
                         if !entry.mode.is_commit() {

@@ -92,12 +92,14 @@ pub fn read_layout(dir: &Path, refs: &Refs) -> Option<(Region, PathBuf)> {
 }
 
 /// Why a reused region could not be sent.
-#[derive(Debug)]
-pub enum StreamError {
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
     /// Reading the pack failed (or the flag to stop was set).
+    #[error(transparent)]
     Pack(super::Error),
     /// Writing to the client failed.
-    Client(std::io::Error),
+    #[error("writing the pack")]
+    Client(#[source] std::io::Error),
 }
 
 /// Stream `region` of the pack `file` (opened by the caller, so that a pack maintenance just
@@ -108,10 +110,9 @@ pub fn stream(
     mut file: std::fs::File,
     mut out: impl Write,
     interrupt: &AtomicBool,
-) -> Result<u64, StreamError> {
-    let pack_err = |e: std::io::Error| {
-        StreamError::Pack(super::Error::Write(format!("reusing {}: {e}", region.pack)))
-    };
+) -> Result<u64, Error> {
+    let pack_err =
+        |e: std::io::Error| Error::Pack(super::Error::file(format!("reusing {}", region.pack))(e));
     let mut header = [0u8; 12];
     file.read_exact(&mut header).map_err(pack_err)?;
     if &header[..4] != b"PACK" || header[4..8] != 2u32.to_be_bytes() {
@@ -120,12 +121,12 @@ pub fn stream(
     header[8..12].copy_from_slice(&region.objects.to_be_bytes());
     let mut hasher = gix::hash::hasher(gix::hash::Kind::Sha1);
     hasher.update(&header);
-    out.write_all(&header).map_err(StreamError::Client)?;
+    out.write_all(&header).map_err(Error::Client)?;
     let mut left = region.end.saturating_sub(12);
     let mut buf = vec![0u8; 256 * 1024];
     while left > 0 {
         if interrupt.load(Ordering::Relaxed) {
-            return Err(StreamError::Pack(super::Error::Interrupted));
+            return Err(Error::Pack(super::Error::Interrupted));
         }
         let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         let n = file.read(&mut buf[..want]).map_err(pack_err)?;
@@ -133,13 +134,15 @@ pub fn stream(
             return Err(pack_err(std::io::ErrorKind::UnexpectedEof.into()));
         }
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(StreamError::Client)?;
+        out.write_all(&buf[..n]).map_err(Error::Client)?;
         left -= n as u64;
     }
-    let trailer = hasher
-        .try_finalize()
-        .map_err(|e| StreamError::Pack(super::Error::Write(e.to_string())))?;
-    out.write_all(trailer.as_bytes())
-        .map_err(StreamError::Client)?;
+    let trailer = hasher.try_finalize().map_err(|e| {
+        Error::Pack(super::Error::Hash {
+            what: "a reused pack",
+            source: e.into(),
+        })
+    })?;
+    out.write_all(trailer.as_bytes()).map_err(Error::Client)?;
     Ok(region.end + 20)
 }

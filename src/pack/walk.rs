@@ -122,7 +122,7 @@ impl<'a> Commits<'a> {
             let position = parent.map_err(|e| Error::Read {
                 context: "reading the commit-graph at",
                 id,
-                message: e.to_string(),
+                source: e.into(),
             })?;
             parents.push(graph.id_at(position).to_owned());
         }
@@ -144,7 +144,7 @@ impl<'a> Commits<'a> {
             .map_err(|e| Error::Read {
                 context: "locating commit",
                 id,
-                message: e.to_string(),
+                source: e.into(),
             })?;
         Ok(location.map(|location| Commit {
             parents,
@@ -166,7 +166,7 @@ impl<'a> Commits<'a> {
             let token = token.map_err(|e| Error::Read {
                 context: "decoding commit",
                 id,
-                message: e.to_string(),
+                source: e.into(),
             })?;
             match token {
                 Token::Tree { id } => commit.tree = id,

@@ -52,8 +52,7 @@ pub fn write(
     opts: WriteOptions,
     interrupt: &AtomicBool,
 ) -> Result<WriteStats, Error> {
-    let num_objects = u32::try_from(plan.counts.len())
-        .map_err(|_| Error::Write("too many objects for one pack".into()))?;
+    let num_objects = u32::try_from(plan.counts.len()).map_err(|_| Error::TooManyObjects)?;
     let entries: Box<dyn Iterator<Item = gix::Result<Vec<output::Entry>>>> = match plan.thin_bases {
         Some(bases) => Box::new(ThinEntries::new(
             db.clone(),
@@ -116,7 +115,7 @@ pub fn write(
                 tracing::debug!(error = %e, "pack writing interrupted");
                 return Err(Error::Interrupted);
             }
-            Err(e) => return Err(Error::Write(e.to_string())),
+            Err(e) => return Err(Error::Write(e.into())),
         }
     }
     drop(writer);

@@ -36,7 +36,7 @@ pub struct Ref {
 
 /// Why a request body could not be understood.
 #[derive(Debug, thiserror::Error)]
-pub enum ParseError {
+pub enum Error {
     /// The body is not a valid pkt-line stream.
     #[error(transparent)]
     Framing(#[from] pktline::Error),
@@ -49,13 +49,16 @@ pub enum ParseError {
     /// A well-formed line that makes no sense at this point of the protocol.
     #[error("{0}")]
     Protocol(String),
+    /// A `filter` line with a filter spec we cannot use.
+    #[error(transparent)]
+    Filter(#[from] filter::Error),
 }
 
-impl ParseError {
+impl Error {
     /// Whether the fault is in the framing or syntax of the body (an HTTP 400) rather than a
     /// protocol violation git reports through an `ERR` packet.
     pub fn is_malformed(&self) -> bool {
-        matches!(self, ParseError::Framing(_) | ParseError::InvalidOid { .. })
+        matches!(self, Error::Framing(_) | Error::InvalidOid { .. })
     }
 }
 
@@ -91,7 +94,7 @@ impl Deepen {
     }
 
     /// Take `line` if it is one of the shallow lines; `Ok(false)` if it is not.
-    pub(crate) fn parse_line(&mut self, line: &[u8]) -> Result<bool, ParseError> {
+    pub(crate) fn parse_line(&mut self, line: &[u8]) -> Result<bool, Error> {
         if let Some(rest) = line.strip_prefix(b"shallow ") {
             self.shallows.push(parse_oid(rest, line)?.0);
         } else if let Some(rest) = line.strip_prefix(b"deepen ") {
@@ -99,16 +102,14 @@ impl Deepen {
                 .ok()
                 .and_then(|s| s.parse::<u32>().ok())
                 .filter(|d| *d > 0)
-                .ok_or_else(|| ParseError::Protocol(format!("Invalid deepen: {}", lossy(line))))?;
+                .ok_or_else(|| Error::Protocol(format!("Invalid deepen: {}", lossy(line))))?;
             self.depth = Some(depth.min(INFINITE_DEPTH));
         } else if let Some(rest) = line.strip_prefix(b"deepen-since ") {
             let since = std::str::from_utf8(rest)
                 .ok()
                 .and_then(|s| s.parse::<i64>().ok())
                 .filter(|t| *t > 0)
-                .ok_or_else(|| {
-                    ParseError::Protocol(format!("Invalid deepen-since: {}", lossy(line)))
-                })?;
+                .ok_or_else(|| Error::Protocol(format!("Invalid deepen-since: {}", lossy(line))))?;
             self.since = Some(since);
         } else if let Some(rest) = line.strip_prefix(b"deepen-not ") {
             self.not.push(rest.into());
@@ -118,7 +119,7 @@ impl Deepen {
             return Ok(false);
         }
         if self.depth.is_some() && (self.since.is_some() || !self.not.is_empty()) {
-            return Err(ParseError::Protocol(
+            return Err(Error::Protocol(
                 "--depth and --shallow-since (or --shallow-exclude) cannot be used together".into(),
             ));
         }
@@ -127,15 +128,12 @@ impl Deepen {
 }
 
 /// Parse `<hex-oid>` at the start of `rest` (optionally followed by a space and more text).
-pub(crate) fn parse_oid<'a>(
-    rest: &'a [u8],
-    line: &[u8],
-) -> Result<(ObjectId, &'a [u8]), ParseError> {
+pub(crate) fn parse_oid<'a>(rest: &'a [u8], line: &[u8]) -> Result<(ObjectId, &'a [u8]), Error> {
     let (hex, tail) = match rest.iter().position(|b| *b == b' ') {
         Some(pos) => (&rest[..pos], &rest[pos + 1..]),
         None => (rest, &rest[rest.len()..]),
     };
-    let invalid = || ParseError::InvalidOid {
+    let invalid = || Error::InvalidOid {
         line: String::from_utf8_lossy(line).into_owned(),
     };
     if hex.len() != 40 {

@@ -5,7 +5,7 @@ use gix::ObjectId;
 
 use super::filter::Filter;
 use super::pktline::{Line, Reader};
-use super::{lossy, parse_oid, Deepen, ParseError};
+use super::{lossy, parse_oid, Deepen, Error};
 
 /// How the client wants acknowledgements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,7 +78,7 @@ pub struct Request {
 
 /// Parse a request body. `Ok(None)` means the body holds no wants (git's probe request is a
 /// lone flush), to which upload-pack answers nothing.
-pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
+pub fn parse(body: &[u8]) -> Result<Option<Request>, Error> {
     let mut reader = Reader::new(body);
     let mut req = Request::default();
     // Want section, up to the first flush.
@@ -88,7 +88,7 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
             Some(Line::Flush) => break,
             Some(Line::Data(d)) => d,
             Some(other) => {
-                return Err(ParseError::Protocol(format!(
+                return Err(Error::Protocol(format!(
                     "unexpected packet {other:?} in want list"
                 )))
             }
@@ -104,16 +104,15 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
             // `deepen-relative` is a capability in v0, not a line.
         } else if let Some(spec) = text.strip_prefix(b"filter ") {
             if !req.caps.filter {
-                return Err(ParseError::Protocol(
+                return Err(Error::Protocol(
                     "git upload-pack: filtering capability not negotiated".into(),
                 ));
             }
             let spec = std::str::from_utf8(spec)
-                .map_err(|_| ParseError::Protocol("invalid filter-spec".into()))?;
-            req.filter =
-                Some(Filter::parse(spec).map_err(|e| ParseError::Protocol(e.to_string()))?);
+                .map_err(|_| Error::Protocol("invalid filter-spec".into()))?;
+            req.filter = Some(Filter::parse(spec)?);
         } else {
-            return Err(ParseError::Protocol(format!(
+            return Err(Error::Protocol(format!(
                 "protocol error: expected want list, got '{}'",
                 lossy(text)
             )));
@@ -136,14 +135,14 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
                     req.done = true;
                     break;
                 } else {
-                    return Err(ParseError::Protocol(format!(
+                    return Err(Error::Protocol(format!(
                         "git upload-pack: expected SHA1 list, got '{}'",
                         lossy(text)
                     )));
                 }
             }
             Some(other) => {
-                return Err(ParseError::Protocol(format!(
+                return Err(Error::Protocol(format!(
                     "unexpected packet {other:?} in have list"
                 )))
             }

@@ -6,7 +6,7 @@ use gix::ObjectId;
 
 use super::filter::Filter;
 use super::pktline::{Line, Reader};
-use super::{lossy, parse_oid, Deepen, ParseError};
+use super::{lossy, parse_oid, Deepen, Error};
 
 /// git ignores `ref-prefix` filtering when a client sends more prefixes than this (`TOO_MANY_PREFIXES`
 /// in ls-refs.c); so do we.
@@ -71,7 +71,7 @@ pub struct Request {
 }
 
 /// Parse a v2 request body. `Ok(None)` for a body that is a lone flush (end of session).
-pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
+pub fn parse(body: &[u8]) -> Result<Option<Request>, Error> {
     let mut reader = Reader::new(body);
     let first = match reader.read()? {
         None | Some(Line::Flush) => return Ok(None),
@@ -80,7 +80,7 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
     let command_name = first
         .text()
         .and_then(|t| t.strip_prefix(b"command="))
-        .ok_or_else(|| ParseError::Protocol(format!("expected command=<name>, got {first:?}")))?
+        .ok_or_else(|| Error::Protocol(format!("expected command=<name>, got {first:?}")))?
         .to_vec();
     // Capability lines up to the delimiter (or a flush when there are no arguments).
     let mut agent = None;
@@ -93,14 +93,12 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
             }
             Some(Line::Flush) => break,
             None => {
-                return Err(ParseError::Protocol(
+                return Err(Error::Protocol(
                     "request ended before its flush packet".into(),
                 ))
             }
             Some(Line::ResponseEnd) => {
-                return Err(ParseError::Protocol(
-                    "unexpected response-end packet".into(),
-                ))
+                return Err(Error::Protocol("unexpected response-end packet".into()))
             }
             Some(line @ Line::Data(_)) => {
                 let text = line.text().unwrap_or_default();
@@ -108,7 +106,7 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
                     agent = Some(lossy(value));
                 } else if let Some(value) = text.strip_prefix(b"object-format=") {
                     if value != b"sha1" {
-                        return Err(ParseError::Protocol(format!(
+                        return Err(Error::Protocol(format!(
                             "unsupported object format '{}'",
                             lossy(value)
                         )));
@@ -123,14 +121,10 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
         loop {
             match reader.read()? {
                 Some(Line::Flush) => break,
-                None => {
-                    return Err(ParseError::Protocol(
-                        "expected flush after arguments".into(),
-                    ))
-                }
+                None => return Err(Error::Protocol("expected flush after arguments".into())),
                 Some(line @ Line::Data(_)) => args.push(line.text().unwrap_or_default()),
                 Some(other) => {
-                    return Err(ParseError::Protocol(format!(
+                    return Err(Error::Protocol(format!(
                         "unexpected packet {other:?} in arguments"
                     )))
                 }
@@ -141,7 +135,7 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
         b"ls-refs" => Command::LsRefs(parse_ls_refs(&args)?),
         b"fetch" => Command::Fetch(parse_fetch(&args)?),
         other => {
-            return Err(ParseError::Protocol(format!(
+            return Err(Error::Protocol(format!(
                 "invalid command '{}'",
                 lossy(other)
             )))
@@ -150,7 +144,7 @@ pub fn parse(body: &[u8]) -> Result<Option<Request>, ParseError> {
     Ok(Some(Request { command, agent }))
 }
 
-fn parse_ls_refs(args: &[&[u8]]) -> Result<LsRefs, ParseError> {
+fn parse_ls_refs(args: &[&[u8]]) -> Result<LsRefs, Error> {
     let mut out = LsRefs::default();
     for arg in args {
         match *arg {
@@ -160,7 +154,7 @@ fn parse_ls_refs(args: &[&[u8]]) -> Result<LsRefs, ParseError> {
             other => match other.strip_prefix(b"ref-prefix ") {
                 Some(prefix) => out.prefixes.push(prefix.into()),
                 None => {
-                    return Err(ParseError::Protocol(format!(
+                    return Err(Error::Protocol(format!(
                         "unexpected line: '{}'",
                         lossy(other)
                     )))
@@ -174,7 +168,7 @@ fn parse_ls_refs(args: &[&[u8]]) -> Result<LsRefs, ParseError> {
     Ok(out)
 }
 
-fn parse_fetch(args: &[&[u8]]) -> Result<Fetch, ParseError> {
+fn parse_fetch(args: &[&[u8]]) -> Result<Fetch, Error> {
     let mut out = Fetch::default();
     for arg in args {
         match *arg {
@@ -193,17 +187,16 @@ fn parse_fetch(args: &[&[u8]]) -> Result<Fetch, ParseError> {
                     out.want_refs.push(name.into());
                 } else if let Some(spec) = other.strip_prefix(b"filter ") {
                     if out.filter.is_some() {
-                        return Err(ParseError::Protocol(
+                        return Err(Error::Protocol(
                             "multiple filter-specs cannot be combined".into(),
                         ));
                     }
                     let spec = std::str::from_utf8(spec)
-                        .map_err(|_| ParseError::Protocol("invalid filter-spec".into()))?;
-                    out.filter =
-                        Some(Filter::parse(spec).map_err(|e| ParseError::Protocol(e.to_string()))?);
+                        .map_err(|_| Error::Protocol("invalid filter-spec".into()))?;
+                    out.filter = Some(Filter::parse(spec)?);
                 } else if out.deepen.parse_line(other)? {
                 } else {
-                    return Err(ParseError::Protocol(format!(
+                    return Err(Error::Protocol(format!(
                         "unexpected line: '{}'",
                         lossy(other)
                     )));

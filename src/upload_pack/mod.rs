@@ -4,6 +4,11 @@
 //! It works on an open repository and an `io::Write`; it does not know about HTTP. Errors the
 //! client must see are written into the response (`ERR` packets before the pack, band 3
 //! inside it) and also returned so the caller can log them.
+//!
+//! A request that wants what the mirror lacks (a want-miss) is reported as data
+//! ([`Request::wants`], [`Missing`]): the caller syncs the mirror, then serves it. A caller
+//! that answers before the sync frames its progress with [`progress_packets`] and
+//! [`error_packets`].
 
 mod negotiate;
 mod shallow;
@@ -16,7 +21,7 @@ use gix::ObjectId;
 
 pub use negotiate::{Have, Negotiator};
 pub use shallow::Shallow;
-pub use sideband::Sideband;
+pub use sideband::{error_packets, progress_packets, Sideband};
 
 use crate::pack;
 use crate::protocol::advert::{self, Refs};
@@ -51,6 +56,145 @@ impl Version {
     }
 }
 
+/// A parsed upload-pack request, of either protocol.
+#[derive(Debug)]
+pub enum Request {
+    /// A v0 or v1 request (wants, haves, capabilities).
+    V0(v0::Request),
+    /// A v2 command (`ls-refs` or `fetch`).
+    V2(v2::Request),
+}
+
+impl Request {
+    /// Parse a request body sent with `version`; `None` when it holds no request (a flush
+    /// only: git's probe before a large body).
+    pub fn parse(version: Version, body: &[u8]) -> Result<Option<Request>, crate::protocol::Error> {
+        match version {
+            Version::V2 => v2::parse(body).map(|r| r.map(Request::V2)),
+            Version::V0 | Version::V1 => v0::parse(body).map(|r| r.map(Request::V0)),
+        }
+    }
+
+    /// The command, for logs and metrics: `upload-pack` (v0/v1), `ls-refs` or `fetch`.
+    pub fn command(&self) -> &'static str {
+        match self {
+            Request::V0(_) => "upload-pack",
+            Request::V2(r) => match r.command {
+                v2::Command::LsRefs(_) => "ls-refs",
+                v2::Command::Fetch(_) => "fetch",
+            },
+        }
+    }
+
+    /// The arguments of a v2 `ls-refs`, which is answered from the snapshot alone.
+    pub fn ls_refs(&self) -> Option<&v2::LsRefs> {
+        match self {
+            Request::V2(v2::Request {
+                command: v2::Command::LsRefs(args),
+                ..
+            }) => Some(args),
+            _ => None,
+        }
+    }
+
+    /// What precedes the pack data (v2's `packfile` line, v0's `NAK`), when it may be sent
+    /// before the mirror is synced to show progress meanwhile: for a fetch that needs no
+    /// acknowledgements and no shallow or wanted-refs section, and asked for progress. Serve
+    /// the request with [`Context::preamble_sent`] then.
+    pub fn early_preamble(&self) -> Option<Vec<u8>> {
+        match self {
+            Request::V2(r) => match &r.command {
+                v2::Command::Fetch(f) => early_preamble_v2(f),
+                v2::Command::LsRefs(_) => None,
+            },
+            Request::V0(r) => early_preamble_v0(r),
+        }
+    }
+
+    /// What the request wants, checked against `snapshot` as far as that needs no object
+    /// lookup: the first step of finding a want-miss.
+    pub fn wants(&self, snapshot: &repo::Snapshot) -> Wants {
+        let (wants, want_refs): (&[ObjectId], &[gix::bstr::BString]) = match self {
+            Request::V0(r) => (&r.wants, &[]),
+            Request::V2(r) => match &r.command {
+                v2::Command::Fetch(f) => (&f.wants, &f.want_refs),
+                v2::Command::LsRefs(_) => (&[], &[]),
+            },
+        };
+        let missing_refs: Vec<_> = want_refs
+            .iter()
+            .filter(|name| snapshot.find_ref(name).is_none())
+            .cloned()
+            .collect();
+        // One missing ref is a want-miss already: its objects need no lookup.
+        let beyond_tips = if missing_refs.is_empty() {
+            wants
+                .iter()
+                .filter(|w| !snapshot.is_tip(w))
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Wants {
+            missing_refs,
+            beyond_tips,
+        }
+    }
+}
+
+/// A request's wants against a snapshot (see [`Request::wants`]), before the object lookups
+/// that [`Wants::missing`] makes.
+#[derive(Debug)]
+pub struct Wants {
+    missing_refs: Vec<gix::bstr::BString>,
+    /// Wants that are not ref tips: whether the mirror has them takes a lookup each.
+    beyond_tips: Vec<ObjectId>,
+}
+
+impl Wants {
+    /// Whether [`Wants::missing`] reads the object store, so that the caller runs it on a
+    /// blocking thread.
+    pub fn needs_lookup(&self) -> bool {
+        !self.beyond_tips.is_empty()
+    }
+
+    /// What the mirror lacks of what the request wants.
+    pub fn missing(self, snapshot: &repo::Snapshot) -> Missing {
+        let objects = if self.beyond_tips.is_empty() {
+            Vec::new()
+        } else {
+            let repo = snapshot.repo();
+            self.beyond_tips
+                .into_iter()
+                .filter(|w| !repo.has_object(w))
+                .collect()
+        };
+        Missing {
+            refs: self.missing_refs,
+            objects,
+        }
+    }
+}
+
+/// A want-miss: what a request wants that the mirror does not have (yet: a push after its
+/// last sync, or a SHA given out of band). Reported, not acted on: the caller syncs the mirror
+/// and serves the request afterwards.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Missing {
+    /// Wanted refs (v2 `want-ref`) the mirror does not have.
+    pub refs: Vec<gix::bstr::BString>,
+    /// Wanted objects the mirror does not have; not looked for when a ref is missing.
+    pub objects: Vec<ObjectId>,
+}
+
+impl Missing {
+    /// Whether the mirror has everything the request wants.
+    pub fn is_empty(&self) -> bool {
+        self.refs.is_empty() && self.objects.is_empty()
+    }
+}
+
 /// Errors of the upload-pack service.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -67,23 +211,37 @@ pub enum Error {
     #[error(transparent)]
     Pack(#[from] pack::Error),
     /// gix failed while negotiating.
-    #[error("{context}: {message}")]
+    #[error("{context}")]
     Git {
         /// What we were doing.
         context: &'static str,
-        /// gix's message.
-        message: String,
+        /// gix's error.
+        #[source]
+        source: pack::Source,
     },
+    /// A request built by the proxy itself (a prewarm's) did not parse.
+    #[error("building a request")]
+    Request(#[from] crate::protocol::Error),
     /// Writing the response failed: the client went away.
     #[error("writing response: {0}")]
     Io(#[from] io::Error),
 }
 
 impl Error {
-    pub(crate) fn git<E: std::fmt::Display>(context: &'static str) -> impl FnOnce(E) -> Error {
+    pub(crate) fn git<E: Into<pack::Source>>(context: &'static str) -> impl FnOnce(E) -> Error {
         move |e| Error::Git {
             context,
-            message: e.to_string(),
+            source: e.into(),
+        }
+    }
+
+    /// Whether the request asked for what it may not have (not our ref, a missing object) or
+    /// broke the protocol: the client's fault, not ours.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Error::NotOurRef(_) | Error::Protocol(_) => true,
+            Error::Pack(e) => matches!(e.root(), pack::Error::Missing(_)),
+            _ => false,
         }
     }
 
@@ -91,10 +249,11 @@ impl Error {
     /// faults (their details go to the log).
     pub fn client_message(&self) -> String {
         match self {
-            Error::NotOurRef(_) | Error::Protocol(_) | Error::Pack(pack::Error::Missing(_)) => {
-                self.to_string()
+            e if e.is_refusal() => self.to_string(),
+            Error::Pack(e) if matches!(e.root(), pack::Error::Interrupted) => {
+                "upload-pack: aborted".into()
             }
-            Error::Pack(pack::Error::Interrupted) | Error::Io(_) => "upload-pack: aborted".into(),
+            Error::Io(_) => "upload-pack: aborted".into(),
             _ => "upload-pack: internal server error (see the proxy's log)".into(),
         }
     }
@@ -195,8 +354,16 @@ pub fn ls_refs(snapshot: &repo::Snapshot, args: &v2::LsRefs) -> (Vec<u8>, Outcom
     (out, Outcome::Refs(snapshot.refs().refs.len()))
 }
 
+/// Serve `request`, writing the answer to `out`.
+pub fn serve(ctx: &Context<'_>, request: &Request, out: impl Write) -> Result<Outcome, Error> {
+    match request {
+        Request::V0(req) => serve_v0(ctx, req, out),
+        Request::V2(req) => serve_v2(ctx, req, out),
+    }
+}
+
 /// Serve one v2 command, writing the answer to `out`.
-pub fn serve_v2(ctx: &Context<'_>, req: &v2::Request, out: impl Write) -> Result<Outcome, Error> {
+fn serve_v2(ctx: &Context<'_>, req: &v2::Request, out: impl Write) -> Result<Outcome, Error> {
     respond(out, ctx, |out| match &req.command {
         v2::Command::LsRefs(args) => {
             let (buf, outcome) = ls_refs(ctx.snapshot, args);
@@ -436,7 +603,7 @@ fn include_tag_candidates(include_tag: bool, refs: &Refs) -> Vec<(ObjectId, Obje
 /// band 2, before the objects are there (a mirror syncing). `None` for any other fetch, and
 /// when the client asked for no progress. Serve the request with
 /// [`Context::preamble_sent`] then.
-pub fn early_preamble_v2(f: &v2::Fetch) -> Option<Vec<u8>> {
+fn early_preamble_v2(f: &v2::Fetch) -> Option<Vec<u8>> {
     let eligible = (f.done || !f.seen_haves)
         && !f.no_progress
         && !f.deepen.is_active()
@@ -450,7 +617,7 @@ pub fn early_preamble_v2(f: &v2::Fetch) -> Option<Vec<u8>> {
 
 /// Like [`early_preamble_v2`] for v0/v1: a final round without haves or shallow lines on a
 /// sideband starts with `NAK`, then the pack.
-pub fn early_preamble_v0(r: &v0::Request) -> Option<Vec<u8>> {
+fn early_preamble_v0(r: &v0::Request) -> Option<Vec<u8>> {
     let eligible = r.done
         && r.haves.is_empty()
         && !r.caps.no_progress
@@ -464,7 +631,7 @@ pub fn early_preamble_v0(r: &v0::Request) -> Option<Vec<u8>> {
 }
 
 /// Serve one stateless v0/v1 request, writing the answer to `out`.
-pub fn serve_v0(ctx: &Context<'_>, req: &v0::Request, out: impl Write) -> Result<Outcome, Error> {
+fn serve_v0(ctx: &Context<'_>, req: &v0::Request, out: impl Write) -> Result<Outcome, Error> {
     respond(out, ctx, |out| fetch_v0(ctx, req, out))
 }
 
@@ -912,8 +1079,8 @@ fn send_reused<W: Write>(
     }
     let bytes = match pack::reuse::stream(region, file, &mut sb, ctx.interrupt) {
         Ok(bytes) => bytes,
-        Err(pack::reuse::StreamError::Client(e)) => return Err(Error::Io(e)),
-        Err(pack::reuse::StreamError::Pack(e)) => return Err(Error::Pack(e)),
+        Err(pack::reuse::Error::Client(e)) => return Err(Error::Io(e)),
+        Err(pack::reuse::Error::Pack(e)) => return Err(Error::Pack(e)),
     };
     if args.progress {
         sb.progress(&format!(
@@ -989,13 +1156,13 @@ fn fill(
     let started = std::time::Instant::now();
     let result = match reuse {
         Some((region, path)) => std::fs::File::open(path)
-            .map_err(|e| pack::Error::Write(format!("reusing {}: {e}", region.pack)))
+            .map_err(pack::Error::file(format!("reusing {}", region.pack)))
             .and_then(|file| {
                 match pack::reuse::stream(region, file, &mut generation, &interrupt) {
                     Ok(_) => Ok(region.objects as usize),
-                    Err(pack::reuse::StreamError::Pack(e)) => Err(e),
-                    Err(pack::reuse::StreamError::Client(e)) => {
-                        Err(pack::Error::Write(e.to_string()))
+                    Err(pack::reuse::Error::Pack(e)) => Err(e),
+                    Err(pack::reuse::Error::Client(e)) => {
+                        Err(pack::Error::file("pack cache: writing a pack")(e))
                     }
                 }
             }),
@@ -1007,15 +1174,16 @@ fn fill(
     match result {
         Ok(objects) => {
             let len = generation.finish().inspect_err(|e| {
-                tracing::warn!(error = %e, "pack cache: finishing failed");
+                tracing::warn!(error = %crate::error_chain(e), "pack cache: finishing failed");
             })?;
             tracing::debug!(objects, bytes = len, duration = ?started.elapsed(), "pack cached");
             Ok(objects)
         }
         Err(e) => {
-            tracing::debug!(error = %e, "shared pack generation failed");
-            generation.fail(e.clone());
-            Err(e)
+            tracing::debug!(error = %crate::error_chain(&e), "shared pack generation failed");
+            let e = std::sync::Arc::new(e);
+            generation.fail(std::sync::Arc::clone(&e));
+            Err(pack::Error::Shared(e))
         }
     }
 }

@@ -17,6 +17,33 @@ pub struct Sideband<W: Write> {
     packet: Vec<u8>,
 }
 
+/// `message` on `band`, in packets small enough for any sideband (`side-band` as well as
+/// `side-band-64k`).
+fn band_packets(out: &mut Vec<u8>, band: u8, message: &str) {
+    for chunk in message
+        .as_bytes()
+        .chunks(crate::protocol::SMALL_BAND_PAYLOAD)
+    {
+        pktline::band(out, band, chunk);
+    }
+}
+
+/// A progress message on band 2, for a caller that sent the answer's preamble (see
+/// [`crate::upload_pack::Request::early_preamble`]) and reports progress before the pack.
+pub fn progress_packets(message: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    band_packets(&mut out, 2, message);
+    out
+}
+
+/// An error on band 3 and the flush that ends the answer: why no pack follows the preamble.
+pub fn error_packets(message: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    band_packets(&mut out, 3, message);
+    pktline::flush(&mut out);
+    out
+}
+
 impl<W: Write> Sideband<W> {
     /// Frame into packets of `payload` bytes, or pass through with `None`.
     pub fn new(inner: W, payload: Option<usize>) -> Self {
@@ -40,12 +67,7 @@ impl<W: Write> Sideband<W> {
         }
         self.emit_data()?;
         self.packet.clear();
-        for chunk in message
-            .as_bytes()
-            .chunks(crate::protocol::SMALL_BAND_PAYLOAD)
-        {
-            pktline::band(&mut self.packet, band, chunk);
-        }
+        band_packets(&mut self.packet, band, message);
         self.inner.write_all(&self.packet)
     }
 

@@ -2,6 +2,7 @@
 //! a `git` client isolated from the machine's configuration.
 #![allow(dead_code)]
 
+pub mod lfs;
 pub mod upstream;
 
 use std::hash::{Hash, Hasher};
@@ -284,7 +285,7 @@ impl Server {
         let mut config = Config::new(mirror.path());
         config.allowed_upstreams = format!("http://{HOST}");
         adjust(&mut config);
-        let state = AppState::new(config);
+        let state = AppState::new(config.resolve().expect("a valid configuration"));
         let serving = state.clone();
         // The proxy's own server loop, with its connection limits and timeouts.
         let background = Background::start(move |listener, shutdown| async move {

@@ -66,6 +66,8 @@ struct Shared {
     /// (`uploadpack.hideRefs`), `user:password`).
     hidden: Arc<Mutex<HashMap<String, (String, String)>>>,
     lfs_status: Arc<AtomicUsize>,
+    /// The batch API and its storage, once [`Upstream::serve_lfs`] started them.
+    lfs: Arc<std::sync::OnceLock<Arc<super::lfs::Lfs>>>,
 }
 
 /// The running upstream; stops when dropped.
@@ -86,6 +88,7 @@ impl Upstream {
             auth: Default::default(),
             hidden: Default::default(),
             lfs_status: Arc::new(AtomicUsize::new(200)),
+            lfs: Default::default(),
         };
         let app = axum::Router::new()
             .fallback(handle)
@@ -150,6 +153,16 @@ impl Upstream {
     /// Stop requiring credentials anywhere.
     pub fn open_to_all(&self) {
         self.shared.auth.lock().unwrap().clear();
+    }
+
+    /// Answer the Git LFS batch API (instead of echoing LFS requests), with objects on a
+    /// storage server of their own.
+    pub fn serve_lfs(&self) -> Arc<super::lfs::Lfs> {
+        Arc::clone(
+            self.shared
+                .lfs
+                .get_or_init(|| Arc::new(super::lfs::Lfs::start())),
+        )
     }
 
     pub fn set_lfs_status(&self, status: usize) {
@@ -266,6 +279,13 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     }
     if let Mode::SlowAfterAuth(delay) = mode {
         tokio::time::sleep(delay).await;
+    }
+    if let Some(lfs) = shared
+        .lfs
+        .get()
+        .filter(|_| path.ends_with("/info/lfs/objects/batch"))
+    {
+        return lfs.batch(&path, &body);
     }
     if path.contains("/info/lfs/") {
         let status = StatusCode::from_u16(shared.lfs_status.load(Ordering::Relaxed) as u16)

@@ -264,10 +264,30 @@ impl Objects {
     }
 }
 
+/// The pack position of every object of a pack, by id.
+pub(crate) type Positions = HashMap<ObjectId, u32>;
+
+impl Objects {
+    /// The pack position of every object (hashed: about 40 bytes an object).
+    pub(crate) fn positions(&self) -> Positions {
+        let mut out = Positions::default();
+        out.reserve(self.len());
+        for (i, pos) in self.rev.position.iter().enumerate() {
+            // `i` < the number of objects, a u32.
+            out.insert(self.idx.oid_at_index(i as u32).to_owned(), *pos);
+        }
+        out
+    }
+}
+
 /// A closed set of objects (everything reachable from what is in it): bits for the objects of
 /// the bitmapped pack, ids for the others.
 pub(crate) struct Reach<'a> {
     objects: &'a Objects,
+    /// The pack position of each object, when the caller built it: a hash lookup instead of
+    /// the index's binary search, for walks that look up every object of the pack (the bitmap
+    /// writer's).
+    positions: Option<&'a Positions>,
     bits: Bits,
     ext: HashMap<ObjectId, Kind>,
     /// Objects visited, for interrupt checks.
@@ -275,6 +295,55 @@ pub(crate) struct Reach<'a> {
     /// When set, the type of every pack object added, by [`type_index`] (the bitmap writer
     /// learns the types of the pack's objects this way).
     types: Option<[Bits; 4]>,
+    /// When set, trees of the pack are read through it rather than the object database.
+    reader: Option<PackReader<'a>>,
+}
+
+/// Reads the objects of one pack by position, from the pack itself: no index lookup per
+/// object (the object database searches each pack's index for every read), for the bitmap
+/// writer, which reads every tree of the pack.
+pub(crate) struct PackReader<'a> {
+    pack: gix_pack::data::File,
+    objects: &'a Objects,
+    positions: &'a Positions,
+    inflate: gix::zlib::Inflate,
+    cache: Box<dyn gix_pack::cache::DecodeEntry>,
+}
+
+impl<'a> PackReader<'a> {
+    /// A reader of the pack at `path`, whose objects are `objects`.
+    pub(crate) fn open(
+        path: &Path,
+        objects: &'a Objects,
+        positions: &'a Positions,
+    ) -> Result<PackReader<'a>, String> {
+        Ok(PackReader {
+            pack: gix_pack::data::File::at(path, gix::hash::Kind::Sha1)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?,
+            objects,
+            positions,
+            inflate: gix::zlib::Inflate::default(),
+            cache: super::delta_base_cache(),
+        })
+    }
+
+    /// The object at pack position `pos`, decoded into `out`: its kind.
+    fn read(&mut self, pos: usize, out: &mut Vec<u8>) -> Result<Kind, String> {
+        let (pack, objects, positions) = (&self.pack, self.objects, self.positions);
+        let entry = pack.entry(objects.offset(pos)).map_err(|e| e.to_string())?;
+        let resolve = |id: &gix::oid, _: &mut Vec<u8>| {
+            Ok(match positions.get(id) {
+                Some(p) => Some(gix_pack::data::decode::entry::ResolvedBase::InPack(
+                    pack.entry(objects.offset(*p as usize))?,
+                )),
+                None => None,
+            })
+        };
+        let outcome = pack
+            .decode_entry(entry, out, &mut self.inflate, &resolve, &mut *self.cache)
+            .map_err(|e| e.to_string())?;
+        Ok(outcome.kind)
+    }
 }
 
 /// The index of `kind` among the type bitmaps, in git's order: commits, trees, blobs, tags.
@@ -291,6 +360,8 @@ impl<'a> Reach<'a> {
     fn new(objects: &'a Objects) -> Self {
         Reach {
             objects,
+            positions: None,
+            reader: None,
             bits: Bits::with_len(objects.len()),
             ext: HashMap::default(),
             work: 0,
@@ -298,8 +369,15 @@ impl<'a> Reach<'a> {
         }
     }
 
+    fn position(&self, id: &ObjectId) -> Option<usize> {
+        match self.positions {
+            Some(positions) => positions.get(id).map(|p| *p as usize),
+            None => self.objects.position(id),
+        }
+    }
+
     fn contains(&self, id: &ObjectId) -> bool {
-        match self.objects.position(id) {
+        match self.position(id) {
             Some(pos) => self.bits.get(pos),
             None => self.ext.contains_key(id),
         }
@@ -307,7 +385,7 @@ impl<'a> Reach<'a> {
 
     /// Add `id`; whether it was new.
     fn insert(&mut self, id: ObjectId, kind: Kind) -> bool {
-        match self.objects.position(&id) {
+        match self.position(&id) {
             Some(pos) if self.bits.get(pos) => false,
             Some(pos) => {
                 self.bits.set(pos);
@@ -390,12 +468,32 @@ impl<'a> Reach<'a> {
                 continue;
             }
             self.tick(interrupt)?;
-            let (data, _) = super::find_kind(db, buf, tree, Kind::Tree)?;
-            for entry in TreeRefIter::from_bytes(data.data, tree.kind()) {
+            let pos = self.position(&tree);
+            let data = match (self.reader.as_mut(), pos) {
+                (Some(reader), Some(pos)) => match reader.read(pos, buf) {
+                    Ok(Kind::Tree) => &buf[..],
+                    Ok(kind) => {
+                        return Err(Error::Read {
+                            context: "expected a tree at",
+                            id: tree,
+                            source: format!("found a {kind}").into(),
+                        })
+                    }
+                    Err(message) => {
+                        return Err(Error::Read {
+                            context: "reading tree",
+                            id: tree,
+                            source: message.into(),
+                        })
+                    }
+                },
+                _ => super::find_kind(db, buf, tree, Kind::Tree)?.0.data,
+            };
+            for entry in TreeRefIter::from_bytes(data, tree.kind()) {
                 let entry = entry.map_err(|e| Error::Read {
                     context: "decoding tree",
                     id: tree,
-                    message: e.to_string(),
+                    source: e.into(),
                 })?;
                 // Submodule commits live in another repository.
                 if entry.mode.is_tree() {
@@ -624,7 +722,7 @@ pub fn plan(
             let Some((data, _)) = db.try_find(&next, &mut buf).map_err(|e| Error::Read {
                 context: "reading tag",
                 id: next,
-                message: e.to_string(),
+                source: e.into(),
             })?
             else {
                 break;
@@ -651,7 +749,7 @@ pub fn plan(
             .map_err(|e| Error::Read {
                 context: "locating object",
                 id: *id,
-                message: e.to_string(),
+                source: e.into(),
             })
     };
     plan.counts.reserve(send.count() + ext.len());

@@ -69,6 +69,11 @@ pub fn write(
     let objects = Objects::open(pack).map_err(Error::Pack)?;
     let n = u32::try_from(objects.len()).map_err(|_| Error::Pack("too many objects".into()))?;
     let mut types: [Bits; 4] = std::array::from_fn(|_| Bits::with_len(objects.len()));
+    // Every object of the pack is looked up, most of them many times (once per tree that
+    // lists it).
+    let positions = objects.positions();
+    let mut reader =
+        Some(super::PackReader::open(pack, &objects, &positions).map_err(Error::Pack)?);
     let mut commits = Commits::new(db, HashSet::default());
     let mut selected: HashMap<ObjectId, usize> = HashMap::default();
     let mut entries = Entries::default();
@@ -101,6 +106,8 @@ pub fn write(
         let room = MAX_COMMITS - selected.len();
         let spread = SPREAD.max(chain.len().div_ceil(room));
         let mut reach = Reach::new(&objects);
+        reach.positions = Some(&positions);
+        reach.reader = reader.take();
         reach.types = Some(std::mem::take(&mut types));
         if let Some(entry) = below {
             reach.bits = entries.bits(entry, objects.len()).map_err(Error::Pack)?;
@@ -131,6 +138,7 @@ pub fn write(
             selected.insert(*id, entries.push(position, &reach.bits, n));
         }
         types = reach.types.take().unwrap_or_default();
+        reader = reach.reader.take();
     }
 
     let mut out = Vec::new();
