@@ -60,9 +60,7 @@ impl ClientTls {
     }
 
     fn with_roots(roots: rustls::RootCertStore) -> Self {
-        // ring is the only provider compiled in; installed as the process default, it is also
-        // what any client built without these settings uses.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_provider();
         let count = roots.len();
         let config = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
@@ -85,6 +83,14 @@ impl ClientTls {
     ) -> reqwest::blocking::ClientBuilder {
         builder.tls_backend_preconfigured(rustls::ClientConfig::clone(&self.config))
     }
+}
+
+/// Make ring the process's rustls provider, if none is yet. Every client this crate builds
+/// does; a program that uses gix's HTTP transport (or reqwest) itself, without a
+/// [`ClientTls`], must call it first: reqwest is built without a provider of its own (its
+/// default, aws-lc, needs cmake) and panics without one.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// The system's trusted certificates (`SSL_CERT_FILE`/`SSL_CERT_DIR` when set). Unreadable

@@ -112,9 +112,9 @@ fn the_systemd_unit_verifies() {
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
 }
 
-/// `cargo deb` is not run here (it would need a release build and cargo-deb in CI): its
-/// metadata is checked instead — every asset but the built binary exists, and the unit and the
-/// env file are among them.
+/// The package's metadata, checked without cargo-deb (which CI does not install; the test
+/// below builds the package where it is): every asset but the built binary exists, and the
+/// unit and the env file are among them.
 #[test]
 fn the_debian_package_metadata_names_existing_files() {
     let root = env!("CARGO_MANIFEST_DIR");
@@ -250,4 +250,67 @@ fn the_env_file_defaults_agree_with_help() {
         })
         .collect();
     assert_eq!(listed, help_defaults());
+}
+
+/// Issue 23, item 6: `cargo deb` builds the package (when cargo-deb is installed; it builds the
+/// release binary first if needed), which holds the binary, the unit and the env file, and
+/// whose `Depends` names no OpenSSL: TLS is rustls.
+#[test]
+fn the_debian_package_builds_without_an_openssl_dependency() {
+    let installed = Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !installed {
+        eprintln!("skipped: cargo-deb is not installed (cargo install cargo-deb)");
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = Command::new("cargo")
+        .current_dir(root)
+        .args(["deb", "--output"])
+        .arg(out_dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("a .deb");
+    let field = |name: &str| {
+        let out = Command::new("dpkg-deb")
+            .arg("--field")
+            .arg(&deb)
+            .arg(name)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let depends = field("Depends");
+    assert!(depends.contains("libc6"), "{depends}");
+    assert!(!depends.contains("libssl"), "{depends}");
+    let contents = Command::new("dpkg-deb")
+        .arg("--contents")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let contents = String::from_utf8_lossy(&contents.stdout);
+    for file in [
+        "./usr/bin/smart-git-proxy",
+        "./lib/systemd/system/smart-git-proxy.service",
+        "./etc/smart-git-proxy/env",
+        "./usr/share/doc/smart-git-proxy/README.md",
+    ] {
+        assert!(
+            contents.contains(file),
+            "{file} not in the package:\n{contents}"
+        );
+    }
 }
