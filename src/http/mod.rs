@@ -97,6 +97,7 @@ impl AppState {
             listen_addr: _,
         } = settings;
         let slots = config.concurrent_packs();
+        let lfs = open_lfs_cache(&config, upstream.tls.clone());
         let mirrors = Mirrors::new(mirror::Settings {
             root: config.mirror_dir.clone(),
             stale_after: *config.sync_stale_after,
@@ -160,7 +161,7 @@ impl AppState {
                 })
                 .map(|app| Arc::new(crate::credentials::AppTokens::new(app, http_client.clone()))),
             http_client,
-            lfs: open_lfs_cache(&config),
+            lfs,
             config: Arc::new(config),
             pack_slots,
             stream_slots: Arc::new(Semaphore::new(streams)),
@@ -213,7 +214,7 @@ fn open_pack_cache(config: &Config) -> Option<PackCache> {
 
 /// The Git LFS object cache, unless `LFS_CACHE_MAX_SIZE=0`. A cache that cannot be opened is
 /// logged and left off: Git LFS is then passed through.
-fn open_lfs_cache(config: &Config) -> Option<Arc<crate::lfs::Cache>> {
+fn open_lfs_cache(config: &Config, tls: crate::tls::ClientTls) -> Option<Arc<crate::lfs::Cache>> {
     let max = config.lfs_cache_max_size.as_u64();
     if max == 0 {
         return None;
@@ -229,6 +230,7 @@ fn open_lfs_cache(config: &Config) -> Option<Arc<crate::lfs::Cache>> {
         link_ttl: crate::lfs::LINK_TTL,
         connect_timeout: *config.upstream_connect_timeout,
         stall_timeout: *config.upstream_stall_timeout,
+        tls,
     };
     match crate::lfs::Cache::open(settings) {
         Ok(cache) => Some(Arc::new(cache)),

@@ -75,6 +75,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Upstream storage: the longest wait for a byte.
     pub stall_timeout: Duration,
+    /// Upstream storage: the trust roots (`UPSTREAM_CA_FILE` included).
+    pub tls: crate::tls::ClientTls,
 }
 
 /// The most upstream actions remembered at once (about 100 batches of 100 objects in flight
@@ -178,7 +180,9 @@ impl Cache {
     /// Open the cache: the store (removing temporaries), and the client for upstream storage.
     pub fn open(settings: Settings) -> Result<Cache, Error> {
         let store = Arc::new(store::Store::open(&settings.dir, settings.max_size)?);
-        let client = reqwest::Client::builder()
+        let client = settings
+            .tls
+            .client(reqwest::Client::builder())
             .connect_timeout(settings.connect_timeout)
             .read_timeout(settings.stall_timeout)
             .redirect(redirect_policy())
