@@ -397,15 +397,9 @@ pub struct Info {
 }
 
 impl Info {
-    fn new(
-        repo: String,
-        dir: &Path,
-        usage: evict::Usage,
-        rec: &record::Record,
-        pack_cache_bytes: u64,
-    ) -> Info {
+    fn new(repo: String, usage: evict::Usage, rec: &record::Record, pack_cache_bytes: u64) -> Info {
         // RFC 3339 ends with year 9999 (the formatter fails beyond it): a damaged record's
-        // time, or a marker's, is then unknown.
+        // time is then unknown.
         let time = |ms: u64| {
             use std::fmt::Write;
             let mut text = String::new();
@@ -417,12 +411,9 @@ impl Info {
             .ok()
             .map(|()| text)
         };
-        // An adopted mirror, or one synced before records existed: its sync marker.
-        let last_sync_ms = rec.last_sync_ms.or_else(|| {
-            sync::last_synced(dir)
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_millis() as u64)
-        });
+        // A mirror whose record knows only its last successful sync: one migrated from an
+        // older release's marker.
+        let last_sync_ms = rec.last_sync_ms.or(rec.last_success_ms);
         Info {
             repo,
             bytes: usage.bytes,
@@ -430,7 +421,7 @@ impl Info {
             last_sync: last_sync_ms.and_then(time),
             last_sync_outcome: rec.last_sync_outcome,
             last_serve: rec.last_serve_ms.and_then(time),
-            private: Mirrors::is_private(dir),
+            private: rec.private,
             pack_cache_bytes,
         }
     }
@@ -450,13 +441,7 @@ pub fn inventory_on_disk(root: &Path, pack_cache_dir: &Path) -> std::io::Result<
                 .get(&crate::pack::cache::MirrorId::of(&name))
                 .copied()
                 .unwrap_or(0);
-            Info::new(
-                name,
-                &dir,
-                evict::usage(&dir),
-                &record::Record::read(&dir),
-                cache,
-            )
+            Info::new(name, evict::usage(&dir), &record::Record::read(&dir), cache)
         })
         .collect();
     out.sort_by(|a, b| a.repo.cmp(&b.repo));
@@ -722,7 +707,7 @@ impl Mirrors {
                 .copied()
                 .unwrap_or(0);
             let rec = repo.record.lock().record.clone();
-            page.push(Info::new(name, &dir, repo.usage(&dir), &rec, cache));
+            page.push(Info::new(name, repo.usage(&dir), &rec, cache));
         }
         (page, more)
     }
@@ -802,9 +787,18 @@ impl Mirrors {
         self.snapshots.pass(&self.repos)
     }
 
-    /// Whether the mirror at `dir` was made with credentials.
-    pub fn is_private(dir: &Path) -> bool {
-        dir.join(sync::PRIVATE_MARKER).is_file()
+    /// Whether the mirror at `dir` exists and was made or synced with credentials, as its
+    /// record says (read from disk for a mirror the store does not hold: one placed since
+    /// start).
+    fn is_private(&self, dir: &Path) -> bool {
+        if !crate::repo::exists(dir) {
+            return false;
+        }
+        let held = self.repos.lock().get(dir).cloned();
+        match held {
+            Some(repo) => repo.record.lock().record.private,
+            None => record::Record::read(dir).private,
+        }
     }
 
     /// The mirror's state, loading its last sync time from disk the first time.
@@ -813,8 +807,10 @@ impl Mirrors {
             return Arc::clone(repo);
         }
         // Read from disk without the store's lock, which every request takes.
-        let last_sync = sync::last_synced(dir)
-            .and_then(|t| t.elapsed().ok())
+        let record = record::Record::read(dir);
+        let last_sync = record
+            .last_success_ms
+            .and_then(|ms| record::time_of(ms).elapsed().ok())
             .and_then(|ago| Instant::now().checked_sub(ago));
         let repo = Arc::new(Repo {
             state: Arc::new(tokio::sync::Mutex::new(RepoState {
@@ -822,7 +818,7 @@ impl Mirrors {
                 ..Default::default()
             })),
             record: parking_lot::Mutex::new(record::Held {
-                record: record::Record::read(dir),
+                record,
                 ..Default::default()
             }),
             ..Default::default()
@@ -923,7 +919,7 @@ impl Mirrors {
         let Credentials::Client(credentials) = &req.credentials else {
             return Ok(true);
         };
-        if !Mirrors::is_private(&req.dir) {
+        if !self.is_private(&req.dir) {
             return Ok(true);
         }
         let check = {
@@ -1045,11 +1041,14 @@ impl Mirrors {
             let current = repo.snapshot();
             let before = current.clone().filter(|_| exists);
             let from_client = matches!(owned.credentials, Credentials::Client(_));
-            let plan = plan(
-                &lister, &owned, exists, &tmp, revalidate, &failures, &access,
-            )
-            .await;
+            let planner = Planner {
+                lister: &lister,
+                failures: &failures,
+                access: &access,
+            };
+            let plan = planner.plan(&owned, &repo, exists, &tmp, revalidate).await;
             let stopped = Arc::clone(&interrupt);
+            let held = Arc::clone(&repo);
             let result = match plan {
                 Err(e) => Err(e),
                 Ok(_) if stopped.load(Ordering::Relaxed) => Err(upstream::Error::Interrupted),
@@ -1059,20 +1058,22 @@ impl Mirrors {
                     if let Some(url) = &plan.listing.url {
                         owned.url = url.clone();
                     }
-                    let authorization = plan.authorization.as_ref().map(Secret::expose);
+                    let held = &held.record;
                     if !exists {
+                        let authorization = plan.authorization.as_ref().map(Secret::expose);
                         return sync::create(
                             &owned,
                             &tmp,
                             authorization,
                             plan.private,
+                            held,
                             &opts,
                             interrupt,
                         );
                     }
                     if plan.recreate {
                         tracing::info!(repo = %owned.name, "the upstream lists the repository anonymously now: mirroring it again without credentials");
-                        return sync::recreate(&owned, &tmp, &aside, &opts, interrupt);
+                        return sync::recreate(&owned, &tmp, &aside, held, &opts, interrupt);
                     }
                     let snapshot = match current {
                         Some(snapshot) => Ok(snapshot),
@@ -1080,11 +1081,8 @@ impl Mirrors {
                             .map(Arc::new)
                             .map_err(|e| upstream::Error::Local(crate::error_chain(&e))),
                     };
-                    snapshot.and_then(|s| {
-                        let listing = plan.listing;
-                        let private = plan.private;
-                        sync::sync(&owned, s, listing, authorization, private, &opts, interrupt)
-                    })
+                    snapshot
+                        .and_then(|s| sync::sync(&owned, s, plan, held, &opts, interrupt))
                 })
                 .await
                 .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string()))),
@@ -1415,102 +1413,113 @@ impl Lister {
     }
 }
 
-/// Decide how the update of `req` fetches (see [`Credentials`]): from which listing, with
-/// which credentials, and whether the mirror is private afterwards. `tmp` is where a new
-/// mirror is made. Anonymous refusals and the verdicts on a client's credentials are noted on
-/// the way.
-async fn plan(
-    lister: &Lister,
-    req: &Request,
-    exists: bool,
-    tmp: &Path,
-    revalidate: bool,
-    failures: &TtlMap<FailureKey, Failure>,
-    access: &access::AccessCache,
-) -> Result<Plan, upstream::Error> {
-    let local = if exists { req.dir.as_path() } else { tmp };
-    let list = |authorization| lister.list(&req.url, local, !exists, authorization, revalidate);
-    let was_private = exists && Mirrors::is_private(&req.dir);
-    let client = match &req.credentials {
-        Credentials::None => {
-            return Ok(Plan {
-                listing: list(None).await?,
-                authorization: None,
-                private: false,
-                recreate: was_private,
-            })
-        }
-        Credentials::Proxy(token) => {
-            let listing = list(Some(token)).await?;
-            // Privacy is the upstream's, not the request's: whether it also answers without
-            // the token.
-            let private = upstream::ls_refs(&lister.client, &req.url, None, false, &lister.opts)
-                .await
-                .is_err();
-            return Ok(Plan {
-                listing,
-                authorization: Some(token.clone()),
-                private,
-                recreate: false,
-            });
-        }
-        Credentials::Client(client) => client,
-    };
-    let anonymous_key = failure_key(&req.dir, None);
-    let refused_before =
-        !exists && matches!(failures.get(&anonymous_key), Some(Failure::AuthRequired));
-    let anonymously = if refused_before {
-        Err(upstream::Error::AuthRequired)
-    } else {
-        list(None).await
-    };
-    match anonymously {
-        Ok(listing) => {
-            return Ok(Plan {
-                listing,
-                authorization: None,
-                private: false,
-                recreate: was_private,
-            })
-        }
-        Err(upstream::Error::AuthRequired) => {}
-        Err(e) => {
-            if let (false, upstream::Error::NotFound) = (exists, &e) {
-                failures.insert(anonymous_key, Failure::NotFound);
+/// What deciding how an update fetches consults, and notes on the way.
+struct Planner<'a> {
+    lister: &'a Lister,
+    /// Anonymous refusals and unknown repositories.
+    failures: &'a TtlMap<FailureKey, Failure>,
+    /// The verdicts on a client's credentials.
+    access: &'a access::AccessCache,
+}
+
+impl Planner<'_> {
+    /// Decide how the update of `req` fetches (see [`Credentials`]): from which listing, with
+    /// which credentials, and whether the mirror is private afterwards. `repo` is the mirror's
+    /// state (it existed: `exists`), `tmp` where a new mirror is made.
+    async fn plan(
+        &self,
+        req: &Request,
+        repo: &Arc<Repo>,
+        exists: bool,
+        tmp: &Path,
+        revalidate: bool,
+    ) -> Result<Plan, upstream::Error> {
+        let (lister, failures, access) = (self.lister, self.failures, self.access);
+        let local = if exists { req.dir.as_path() } else { tmp };
+        let list = |authorization| lister.list(&req.url, local, !exists, authorization, revalidate);
+        let was_private = exists && repo.record.lock().record.private;
+        let client = match &req.credentials {
+            Credentials::None => {
+                return Ok(Plan {
+                    listing: list(None).await?,
+                    authorization: None,
+                    private: false,
+                    recreate: was_private,
+                })
             }
-            return Err(e);
-        }
-    }
-    // The upstream refuses anonymous access: the mirror is private from now on, before
-    // anything else happens to it.
-    access.record(&req.dir, None, false);
-    if !exists {
-        failures.insert(anonymous_key, Failure::AuthRequired);
-    } else if !was_private {
-        let dir = req.dir.clone();
-        tokio::task::spawn_blocking(move || sync::set_private(&dir, true))
-            .await
-            .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string())))?;
-        tracing::info!(repo = %req.name, "the upstream refuses anonymous access: the mirror is private");
-    }
-    let Some(credentials) = client else {
-        return Err(upstream::Error::AuthRequired);
-    };
-    match list(Some(credentials)).await {
-        Ok(listing) => {
-            access.record(&req.dir, Some(credentials.expose()), true);
-            Ok(Plan {
-                listing,
-                authorization: Some(credentials.clone()),
-                private: true,
-                recreate: false,
-            })
-        }
-        Err(upstream::Error::AuthRequired | upstream::Error::NotFound) if exists => {
-            access.record(&req.dir, Some(credentials.expose()), false);
+            Credentials::Proxy(token) => {
+                let listing = list(Some(token)).await?;
+                // Privacy is the upstream's, not the request's: whether it also answers without
+                // the token.
+                let private =
+                    upstream::ls_refs(&lister.client, &req.url, None, false, &lister.opts)
+                        .await
+                        .is_err();
+                return Ok(Plan {
+                    listing,
+                    authorization: Some(token.clone()),
+                    private,
+                    recreate: false,
+                });
+            }
+            Credentials::Client(client) => client,
+        };
+        let anonymous_key = failure_key(&req.dir, None);
+        let refused_before =
+            !exists && matches!(failures.get(&anonymous_key), Some(Failure::AuthRequired));
+        let anonymously = if refused_before {
             Err(upstream::Error::AuthRequired)
+        } else {
+            list(None).await
+        };
+        match anonymously {
+            Ok(listing) => {
+                return Ok(Plan {
+                    listing,
+                    authorization: None,
+                    private: false,
+                    recreate: was_private,
+                })
+            }
+            Err(upstream::Error::AuthRequired) => {}
+            Err(e) => {
+                if let (false, upstream::Error::NotFound) = (exists, &e) {
+                    failures.insert(anonymous_key, Failure::NotFound);
+                }
+                return Err(e);
+            }
         }
-        Err(e) => Err(e),
+        // The upstream refuses anonymous access: the mirror is private from now on, before
+        // anything else happens to it.
+        access.record(&req.dir, None, false);
+        if !exists {
+            failures.insert(anonymous_key, Failure::AuthRequired);
+        } else if !was_private {
+            let (repo, dir) = (Arc::clone(repo), req.dir.clone());
+            tokio::task::spawn_blocking(move || sync::set_private(&repo.record, &dir, true))
+                .await
+                .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string())))?;
+            tracing::info!(repo = %req.name, "the upstream refuses anonymous access: the mirror is private");
+        }
+        let Some(credentials) = client else {
+            return Err(upstream::Error::AuthRequired);
+        };
+        match list(Some(credentials)).await {
+            Ok(listing) => {
+                access.record(&req.dir, Some(credentials.expose()), true);
+                Ok(Plan {
+                    listing,
+                    authorization: Some(credentials.clone()),
+                    private: true,
+                    recreate: false,
+                })
+            }
+            Err(upstream::Error::AuthRequired | upstream::Error::NotFound) if exists => {
+                access.record(&req.dir, Some(credentials.expose()), false);
+                Err(upstream::Error::AuthRequired)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -1626,8 +1635,23 @@ fn remove_temporaries(root: &Path) -> std::io::Result<usize> {
         std::fs::remove_dir_all(tmp)?;
     }
     let mut removed = temporaries.len();
+    let mut migrated = 0;
     for mirror in &mirrors {
         removed += sync::remove_leftovers_unless_busy(mirror);
+        match record::migrate(mirror) {
+            Ok(true) => migrated += 1,
+            Ok(false) => {}
+            // Its markers stay, and are read with the record until a start migrates them.
+            Err(e) => {
+                tracing::warn!(mirror = %mirror.display(), error = %e, "cannot move the mirror's markers into its record")
+            }
+        }
+    }
+    if migrated > 0 {
+        tracing::info!(
+            migrated,
+            "moved the sync and privacy markers of an older release into the mirrors' records"
+        );
     }
     Ok(removed)
 }
