@@ -91,7 +91,7 @@ impl Record {
         if private || synced.is_ok() {
             record.private = private;
         }
-        if let Some(ms) = synced.ok().and_then(|t| ms_of(t)) {
+        if let Some(ms) = synced.ok().and_then(ms_of) {
             record.last_success_ms = Some(ms);
         }
         record
