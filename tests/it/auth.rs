@@ -26,16 +26,14 @@ fn basic(user_password: &str) -> String {
 }
 
 fn proxy(up: &Upstream, mode: AuthMode, token: Option<&str>) -> Server {
-    let allowed = up.allowed();
     let token = token.map(smart_git_proxy::config::Secret::from);
     // The test upstream is plain http on loopback: opt it in for the static token.
     let token_hosts = format!("http://{}", up.segment());
-    Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
+    Server::in_front_of(up, move |c| {
         c.static_token_hosts = token_hosts;
         c.auth_mode = mode;
         c.static_token = token;
-        c.sync_stale_after = Duration::from_secs(3600).into();
+        c.sync_stale_after = HOUR.into();
         c.auth_cache_ttl = Duration::from_millis(1).into();
     })
 }
@@ -279,9 +277,7 @@ fn the_static_token_is_lent_to_git_lfs_downloads_only() {
 
 /// A pass-through proxy that syncs on every `info/refs`.
 fn proxy_syncing_always(up: &Upstream) -> Server {
-    let allowed = up.allowed();
-    Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
+    Server::in_front_of(up, move |c| {
         c.auth_mode = AuthMode::PassThrough;
         c.sync_stale_after = Duration::ZERO.into();
         c.auth_cache_ttl = Duration::from_millis(1).into();
@@ -380,9 +376,7 @@ fn pass_through(
     up: &Upstream,
     adjust: impl FnOnce(&mut smart_git_proxy::config::Config),
 ) -> Server {
-    let allowed = up.allowed();
-    Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
+    Server::in_front_of(up, move |c| {
         c.auth_mode = AuthMode::PassThrough;
         adjust(c);
     })
@@ -901,10 +895,8 @@ fn a_refused_static_token_serves_the_mirror_stale_and_backs_off() {
     let up = Upstream::start();
     up.add_fixture("private/repo", "basic");
     up.require_auth("/private", "x-access-token:tok3n");
-    let allowed = up.allowed();
     let token_hosts = format!("http://{}", up.segment());
-    let server = Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
+    let server = Server::in_front_of(&up, move |c| {
         c.static_token_hosts = token_hosts;
         c.auth_mode = AuthMode::Static;
         c.static_token = Some("tok3n".into());

@@ -837,3 +837,50 @@ fn sigterm_stops_a_mirror_creation_no_client_can_use() {
         "the creation was finished"
     );
 }
+
+/// A `User-Agent` is the client's text: in the text log it is quoted, so that it cannot add
+/// fields (`outcome=...`) or end the line's fields early.
+#[test]
+fn user_agents_cannot_forge_log_fields() {
+    use std::io::{BufRead, BufReader};
+    let mirror = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+        .env("MIRROR_DIR", mirror.path())
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")
+        .env("LOG_FORMAT", "text")
+        .env("LOG_LEVEL", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let addr = lines
+        .by_ref()
+        .find_map(|l| {
+            l.split("addr=")
+                .nth(1)
+                .and_then(|a| a.split_whitespace().next())
+                .map(str::to_owned)
+        })
+        .expect("the server logs its address");
+    let forged = r#"evil" repo="victim/repo" outcome=ok x="#;
+    let r = request(
+        addr.parse().unwrap(),
+        "GET",
+        "/healthz",
+        &[("User-Agent", forged)],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    let answered = lines
+        .find(|l| l.contains("answered"))
+        .expect("the request is logged");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        answered.contains(r#"agent="evil\" repo=\"victim/repo\" outcome=ok x=""#),
+        "{answered}"
+    );
+}

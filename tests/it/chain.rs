@@ -13,10 +13,8 @@ use smart_git_proxy::config::AuthMode;
 
 /// A proxy in front of `up`, or in front of `parent` when given.
 fn proxy(up: &Upstream, parent: Option<&Server>, mode: AuthMode, stale_after: Duration) -> Server {
-    let allowed = up.allowed();
     let parent = parent.map(|p| format!("http://{}/", p.addr));
-    Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
+    Server::in_front_of(up, move |c| {
         c.parent_proxy = parent;
         c.auth_mode = mode;
         c.sync_stale_after = stale_after.into();
@@ -32,15 +30,6 @@ fn upstream_fetches(up: &Upstream) -> usize {
         .filter(|l| String::from_utf8_lossy(&l.body).contains("want "))
         .count()
 }
-
-fn clone_ok(url: &str) -> tempfile::TempDir {
-    let work = tempfile::tempdir().unwrap();
-    git(work.path(), &["clone", "-q", "--mirror", url, "c"]);
-    assert_fsck(&work.path().join("c"));
-    work
-}
-
-const HOUR: Duration = Duration::from_secs(3600);
 
 #[test]
 fn cold_clones_through_two_edges_fetch_from_the_upstream_once() {
@@ -142,8 +131,8 @@ fn a_private_repository_through_the_chain_needs_credentials_at_the_edge() {
     let with_creds =
         edge.url_for(&up.segment(), "private/repo")
             .replacen("http://", "http://alice:secret@", 1);
-    let work = clone_ok(&with_creds);
-    assert_eq!(refs(&work.path().join("c")), refs(&upstream_dir));
+    let (_work, clone) = clone_checked(&with_creds);
+    assert_eq!(refs(&clone), refs(&upstream_dir));
 
     // Both tiers now hold a private mirror, served only with accepted credentials.
     let right = basic("alice:secret");
@@ -181,7 +170,7 @@ fn a_want_miss_at_the_edge_reaches_the_upstream_through_the_parent() {
     let regional = proxy(&up, None, AuthMode::None, HOUR);
     let edge = proxy(&up, Some(&regional), AuthMode::None, HOUR);
     let url = edge.url_for(&up.segment(), "o/basic");
-    clone_ok(&url);
+    clone_checked(&url);
     // Pushed after both tiers synced, with SYNC_STALE_AFTER an hour away at both.
     let sha = push_commit(&upstream_dir, "main");
     for v in PROTOCOLS {
@@ -210,11 +199,11 @@ fn stale_mirrors_are_served_across_the_chain() {
         Duration::from_millis(1),
     );
     let url = edge.url_for(&up.segment(), "o/basic");
-    clone_ok(&url);
+    clone_checked(&url);
     // The upstream fails: the parent serves its mirror as it is, so the edge's sync succeeds.
     up.set_mode(Mode::Fail);
-    let work = clone_ok(&url);
-    assert_eq!(refs(&work.path().join("c")), refs(&upstream_dir));
+    let (_work, clone) = clone_checked(&url);
+    assert_eq!(refs(&clone), refs(&upstream_dir));
     // The parent is gone too: the edge serves its own mirror, marked stale.
     drop(regional);
     let r = info_refs(&edge, &up, "o/basic", None);
@@ -222,8 +211,8 @@ fn stale_mirrors_are_served_across_the_chain() {
         (r.status, r.header("x-git-proxy-status").as_deref()),
         (200, Some("stale"))
     );
-    let work = clone_ok(&url);
-    assert_eq!(refs(&work.path().join("c")), refs(&upstream_dir));
+    let (_work, clone) = clone_checked(&url);
+    assert_eq!(refs(&clone), refs(&upstream_dir));
 }
 
 #[test]
@@ -233,10 +222,8 @@ fn an_edge_lends_its_static_token_to_the_parent_only_where_it_may_go() {
     up.require_auth("/private", "x-access-token:t0k");
     let regional = proxy(&up, None, AuthMode::PassThrough, HOUR);
     let edge_with = |hosts: String| {
-        let allowed = up.allowed();
         let parent = format!("http://{}", regional.addr);
-        Server::start_with(move |c| {
-            c.allowed_upstreams = allowed;
+        Server::in_front_of(&up, move |c| {
             c.parent_proxy = Some(parent);
             c.auth_mode = AuthMode::Static;
             c.static_token = Some("t0k".into());
@@ -248,8 +235,8 @@ fn an_edge_lends_its_static_token_to_the_parent_only_where_it_may_go() {
     let r = info_refs(&edge, &up, "private/repo", None);
     assert_eq!(r.status, 401, "{}", r.text());
     let edge = edge_with(format!("http://{}", up.segment()));
-    let work = clone_ok(&edge.url_for(&up.segment(), "private/repo"));
-    assert_eq!(refs(&work.path().join("c")), refs(&upstream_dir));
+    let (_work, clone) = clone_checked(&edge.url_for(&up.segment(), "private/repo"));
+    assert_eq!(refs(&clone), refs(&upstream_dir));
     // The parent got the token passed through, and keeps its mirror private.
     let r = info_refs(&regional, &up, "private/repo", None);
     assert_eq!(r.status, 401, "{}", r.text());
@@ -267,11 +254,11 @@ fn pushes_reach_the_edge_after_sync_stale_after_at_both_tiers() {
         Duration::from_millis(1),
     );
     let url = edge.url_for(&up.segment(), "o/basic");
-    clone_ok(&url);
+    clone_checked(&url);
     // The edge lists the parent's refs with `ls-refs` alone, which syncs the parent.
     push_commit(&upstream_dir, "main");
-    let work = clone_ok(&url);
-    assert_eq!(refs(&work.path().join("c")), refs(&upstream_dir));
+    let (_work, clone) = clone_checked(&url);
+    assert_eq!(refs(&clone), refs(&upstream_dir));
 }
 
 #[test]
@@ -280,14 +267,12 @@ fn a_warm_up_at_the_edge_makes_the_parent_check_its_upstream() {
     let upstream_dir = up.add_fixture("o/basic", "basic");
     let regional = proxy(&up, None, AuthMode::None, HOUR);
     let parent = format!("http://{}", regional.addr);
-    let allowed = up.allowed();
-    let edge = Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
+    let edge = Server::in_front_of(&up, move |c| {
         c.parent_proxy = Some(parent);
         c.sync_stale_after = HOUR.into();
         c.admin_token = Some("t0ken".into());
     });
-    clone_ok(&edge.url_for(&up.segment(), "o/basic"));
+    clone_checked(&edge.url_for(&up.segment(), "o/basic"));
     let pushed = push_commit(&upstream_dir, "main");
     let r = request(
         edge.addr,

@@ -6,7 +6,6 @@ use crate::common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::upstream::Upstream;
 use common::*;
 
 /// Every query of the dashboard: panel targets and template variables.
@@ -110,16 +109,13 @@ fn every_metric_the_dashboard_queries_is_exported() {
         }
     }
 
-    let up = Upstream::start();
-    up.add_fixture("acme/widgets", "basic");
-    let mirror = tempfile::tempdir().unwrap();
-    let allowed = up.allowed();
-    let running = Running::start(
-        mirror.path(),
-        &[("ALLOWED_UPSTREAMS", &allowed), ("MIRROR_MAX_SIZE", "80%")],
-    );
+    let s = Scenario::new()
+        .fixture("acme/widgets", "basic")
+        .proxy_env("MIRROR_MAX_SIZE", "80%")
+        .start_binary();
+    let (running, up) = (&s.running, &s.up);
     let work = tempfile::tempdir().unwrap();
-    let url = format!("http://{}/{}/acme/widgets", running.addr, up.segment());
+    let url = s.url("acme/widgets");
     git(work.path(), &["clone", "-q", &url, "c"]);
     assert_fsck(&work.path().join("c/.git"));
     // A refusal (a push), so that refusals have a reason to show.

@@ -415,9 +415,7 @@ fn walk_path_fetches_get_thin_packs_against_the_clients_versions() {
     let up = upstream::Upstream::start();
     let upstream_dir = up.add_fixture("o/large", "large");
     git(&upstream_dir, &["repack", "-a", "-d", "-f", "-q"]);
-    let allowed = up.allowed();
-    let server = Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
+    let server = Server::in_front_of(&up, move |c| {
         c.sync_stale_after = std::time::Duration::from_secs(3600).into();
         c.pack_cache_max_size = bytesize::ByteSize::b(0);
         c.maintenance_pack_threshold = 0;

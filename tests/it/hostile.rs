@@ -15,15 +15,15 @@ use std::time::{Duration, Instant};
 
 use common::upstream::{Mode, Upstream};
 use common::*;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 /// A proxy in front of `up`, adjusted by `adjust`. The upstream timeouts stay at their
 /// generous defaults: the test upstream sends nothing until `git http-backend` has finished,
 /// which on a loaded machine can take seconds.
 fn proxy(up: &Upstream, adjust: impl FnOnce(&mut smart_git_proxy::config::Config)) -> Server {
-    let allowed = up.allowed();
-    Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
-        c.sync_stale_after = Duration::from_secs(3600).into();
+    Server::in_front_of(up, move |c| {
+        c.sync_stale_after = HOUR.into();
         adjust(c);
     })
 }
@@ -666,14 +666,14 @@ fn basic(user_password: &str) -> String {
 /// The anonymous client passed the check before (the mirror was public) and is refused after.
 #[test]
 fn an_early_answer_is_checked_again_after_the_sync() {
-    let up = Upstream::start();
-    let upstream_dir = up.add_fixture("acme/repo", "basic");
-    let allowed = up.allowed();
-    let server = Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
-        c.auth_mode = smart_git_proxy::config::AuthMode::PassThrough;
-        c.sync_stale_after = Duration::ZERO.into();
-    });
+    let Proxied { server, up } = Scenario::new()
+        .fixture("acme/repo", "basic")
+        .config(|c| {
+            c.auth_mode = smart_git_proxy::config::AuthMode::PassThrough;
+            c.sync_stale_after = Duration::ZERO.into();
+        })
+        .start();
+    let upstream_dir = up.repo_dir("acme/repo");
     let segment = up.segment();
     let info_refs = format!("/{segment}/acme/repo/info/refs?service=git-upload-pack");
     let created = request(server.addr, "GET", &info_refs, &[], b"");
@@ -1010,4 +1010,84 @@ fn a_client_that_stops_reading_is_disconnected() {
     }
     eprintln!("the paused reader read {total} bytes in {reads} reads");
     assert!(total > 6 << 20, "only {total} bytes: cut off");
+}
+
+/// Signed but hostile webhook payloads (nesting deeper than any parser's stack, a huge string,
+/// the wrong types, a clone URL that climbs out of the mirror directory), and admin queries with
+/// hostile values: each is answered with a status, the server keeps serving, nothing panics.
+#[test]
+fn hostile_payloads_and_queries_are_answered() {
+    let panics = library_panics();
+    let server = Server::start_with(|c| {
+        c.webhook_secret = Some("s".into());
+        c.admin_token = Some("t".into());
+    });
+    let sign = |body: &[u8]| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"s").unwrap();
+        mac.update(body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let deep = format!(
+        "{{\"repository\":{}{}}}",
+        "[".repeat(200_000),
+        "]".repeat(200_000)
+    );
+    let long = format!(
+        "{{\"repository\":{{\"clone_url\":\"http://127.0.0.1:9/{}\"}}}}",
+        "a".repeat(1 << 20)
+    );
+    let payloads: [(&str, Vec<u8>, u16); 5] = [
+        ("deep", deep.into_bytes(), 400),
+        ("long", long.into_bytes(), 202),
+        ("types", br#"{"repository":{"clone_url":7}}"#.to_vec(), 400),
+        (
+            "climbs",
+            br#"{"repository":{"clone_url":"http://127.0.0.1:9/o/../../etc.git"}}"#.to_vec(),
+            202,
+        ),
+        ("not json", b"\xff\xfe{".to_vec(), 400),
+    ];
+    for (what, body, status) in payloads {
+        let sig = sign(&body);
+        let r = request(
+            server.addr,
+            "POST",
+            "/webhooks/github",
+            &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &sig)],
+            &body,
+        );
+        assert_eq!(r.status, status, "{what}: {}", r.text());
+    }
+    let bearer = [("Authorization", "Bearer t")];
+    let cursor = format!("/api/v1/mirrors?cursor={}", "z".repeat(16 << 10));
+    for (path, status) in [
+        ("/api/v1/mirrors?limit=-1", 400),
+        ("/api/v1/mirrors?limit=99999999999999999999999", 400),
+        ("/api/v1/mirrors?limit=0", 200),
+        ("/api/v1/mirrors?limit=1&limit=2", 400),
+        ("/api/v1/mirrors?cursor=%ff%fe", 200),
+        (cursor.as_str(), 200),
+    ] {
+        let r = request(server.addr, "GET", path, &bearer, b"");
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+    }
+    for path in [
+        "/api/v1/mirrors/127.0.0.1:9/o/%2e%2e/x/sync",
+        "/api/v1/mirrors/127.0.0.1:9/../../x/sync",
+        "/api/v1/mirrors//sync",
+        "/api/v1/mirrors/sync",
+    ] {
+        let r = request(server.addr, "POST", path, &bearer, b"");
+        assert!(
+            [400, 404].contains(&r.status),
+            "{path}: {} {}",
+            r.status,
+            r.text()
+        );
+    }
+    assert_eq!(
+        request(server.addr, "GET", "/healthz", &[], b"").status,
+        200
+    );
+    assert_eq!(library_panics(), panics, "a panic");
 }

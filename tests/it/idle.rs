@@ -8,21 +8,20 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use common::upstream::Upstream;
 use common::*;
 use smart_git_proxy::repo::Snapshot;
 
 #[test]
 fn a_mirror_whose_snapshot_was_dropped_is_built_again_and_served() {
-    let up = Upstream::start();
-    let upstream_a = up.add_fixture("o/a", "basic");
-    up.add_fixture("o/b", "basic");
-    let allowed = up.allowed();
-    let server = Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
-        c.sync_stale_after = Duration::from_secs(1).into();
-        c.snapshot_memory = ByteSize::b(1);
-    });
+    let Proxied { server, up } = Scenario::new()
+        .fixture("o/a", "basic")
+        .fixture("o/b", "basic")
+        .config(|c| {
+            c.sync_stale_after = Duration::from_secs(1).into();
+            c.snapshot_memory = ByteSize::b(1);
+        })
+        .start();
+    let upstream_a = up.repo_dir("o/a");
     let (url_a, url_b) = (
         server.url_for(&up.segment(), "o/a"),
         server.url_for(&up.segment(), "o/b"),

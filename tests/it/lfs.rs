@@ -41,14 +41,6 @@ fn assert_cloned(out: &Output, dest: &Path, files: &[(&str, &[u8])]) {
     common::assert_fsck(&dest.join(".git"));
 }
 
-fn proxy(up: &Upstream, adjust: impl FnOnce(&mut smart_git_proxy::config::Config)) -> Server {
-    let allowed = up.allowed();
-    Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
-        adjust(c);
-    })
-}
-
 /// A `download` batch request for `objects` (OID, size) on upstream repository `name`.
 fn batch(
     proxy: SocketAddr,
@@ -169,7 +161,7 @@ fn a_second_and_a_concurrent_third_clone_cost_the_storage_nothing() {
     let b = content(2, 1 << 20);
     let files: [(&str, &[u8]); 2] = [("a.bin", &a), ("b.bin", &b)];
     let oids = lfs_repo(&up, &lfs, "o/assets", &files);
-    let server = proxy(&up, |_| {});
+    let server = Server::in_front_of(&up, |_| {});
     let work = tempfile::tempdir().unwrap();
     let first = work.path().join("first");
     assert_cloned(
@@ -210,7 +202,7 @@ fn concurrent_cold_clones_share_one_download_per_object() {
     let b = content(4, 512 << 10);
     let files: [(&str, &[u8]); 2] = [("a.bin", &a), ("b.bin", &b)];
     lfs_repo(&up, &lfs, "o/cold", &files);
-    let server = proxy(&up, |_| {});
+    let server = Server::in_front_of(&up, |_| {});
     let work = tempfile::tempdir().unwrap();
     std::thread::scope(|scope| {
         let clones: Vec<_> = (0..3)
@@ -240,7 +232,7 @@ fn a_download_streams_to_every_waiting_client_and_survives_one_leaving() {
     let lfs = up.serve_lfs();
     let bytes = content(5, 4 << 20);
     let oids = lfs_repo(&up, &lfs, "o/shared", &[("big.bin", &bytes)]);
-    let server = proxy(&up, |_| {});
+    let server = Server::in_front_of(&up, |_| {});
     let reply = batch(
         server.addr,
         &up,
@@ -270,7 +262,7 @@ fn hits_answer_ranges() {
     let lfs = up.serve_lfs();
     let bytes = content(6, 100_000);
     let oids = lfs_repo(&up, &lfs, "o/range", &[("r.bin", &bytes)]);
-    let server = proxy(&up, |_| {});
+    let server = Server::in_front_of(&up, |_| {});
     let path = link(
         &batch(
             server.addr,
@@ -334,7 +326,7 @@ fn a_batch_on_one_repository_never_yields_another_repositorys_object() {
     // o/b's tree points to the same object, which its LFS server does not have for it.
     let other = Lfs::start();
     lfs_repo(&up, &other, "o/b", &files);
-    let server = proxy(&up, |_| {});
+    let server = Server::in_front_of(&up, |_| {});
     let work = tempfile::tempdir().unwrap();
     let a = work.path().join("a");
     assert_cloned(
@@ -375,7 +367,7 @@ fn anonymous_batches_on_a_private_repository_stay_401() {
     let bytes = content(8, 50_000);
     let oids = lfs_repo(&up, &lfs, "private/r", &[("p.bin", &bytes)]);
     up.require_auth("/private", "user:pw");
-    let server = proxy(&up, |_| {});
+    let server = Server::in_front_of(&up, |_| {});
     let anonymous = batch(
         server.addr,
         &up,
@@ -422,7 +414,7 @@ fn corrupted_bytes_are_never_cached() {
     let bytes = content(9, 300_000);
     let files: [(&str, &[u8]); 1] = [("c.bin", &bytes)];
     let oids = lfs_repo(&up, &lfs, "o/corrupt", &files);
-    let server = proxy(&up, |_| {});
+    let server = Server::in_front_of(&up, |_| {});
     lfs.corrupt_next(1);
     let path = link(
         &batch(
@@ -471,7 +463,7 @@ fn expired_and_tampered_links_are_refused() {
     let lfs = up.serve_lfs();
     let bytes = content(10, 10_000);
     let oids = lfs_repo(&up, &lfs, "o/links", &[("l.bin", &bytes)]);
-    let server = proxy(&up, |c| c.lfs_url_key = Some("test key".into()));
+    let server = Server::in_front_of(&up, |c| c.lfs_url_key = Some("test key".into()));
     let batch_link = || {
         link(
             &batch(
@@ -547,7 +539,7 @@ fn stalled_storage_times_out_with_a_clear_error() {
     let lfs = up.serve_lfs();
     let bytes = content(11, 10_000);
     let oids = lfs_repo(&up, &lfs, "o/stall", &[("s.bin", &bytes)]);
-    let server = proxy(&up, |c| {
+    let server = Server::in_front_of(&up, |c| {
         c.upstream_stall_timeout = std::time::Duration::from_secs(1).into()
     });
     let path = link(
@@ -578,7 +570,7 @@ fn eviction_under_the_bound_while_an_object_is_read() {
     let a = content(12, 2 << 20);
     let b = content(13, 2 << 20);
     let oids = lfs_repo(&up, &lfs, "o/evict", &[("a.bin", &a), ("b.bin", &b)]);
-    let server = proxy(&up, |c| c.lfs_cache_max_size = bytesize::ByteSize::mib(3));
+    let server = Server::in_front_of(&up, |c| c.lfs_cache_max_size = bytesize::ByteSize::mib(3));
     let reply = batch(
         server.addr,
         &up,
@@ -664,7 +656,7 @@ fn uploads_and_locks_pass_through() {
     let up = Upstream::start();
     let lfs = up.serve_lfs();
     lfs_repo(&up, &lfs, "o/up", &[("u.bin", b"upload")]);
-    let server = proxy(&up, |_| {});
+    let server = Server::in_front_of(&up, |_| {});
     let upload = br#"{"operation":"upload","objects":[]}"#;
     let r = request(
         server.addr,
@@ -689,12 +681,12 @@ fn a_child_proxy_caches_the_parents_links() {
     let bytes = content(15, 700_000);
     let files: [(&str, &[u8]); 1] = [("chained.bin", &bytes)];
     let oids = lfs_repo(&up, &lfs, "o/chain", &files);
-    let parent = proxy(&up, |_| {});
+    let parent = Server::in_front_of(&up, |_| {});
     let parent_url = format!("http://{}/", parent.addr);
     let children: Vec<Server> = (0..2)
         .map(|_| {
             let parent_url = parent_url.clone();
-            proxy(&up, move |c| c.parent_proxy = Some(parent_url))
+            Server::in_front_of(&up, move |c| c.parent_proxy = Some(parent_url))
         })
         .collect();
     let work = tempfile::tempdir().unwrap();

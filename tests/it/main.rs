@@ -26,7 +26,6 @@ mod partial;
 mod planner;
 mod prewarm;
 mod quickstart;
-mod review;
 mod secrets;
 mod shallow;
 mod sharding;

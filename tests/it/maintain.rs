@@ -1,6 +1,7 @@
 //! In-process maintenance: packs consolidated into one, with the layout the module promises,
 //! nothing reachable lost, unreachable objects kept within the grace period, and clones served
-//! while it runs.
+//! while it runs; its lock follows a mirror moved away. Commit-graphs git writes are read, and
+//! a corrupt one never makes a request panic nor serves a broken repository.
 
 use crate::common;
 
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use smart_git_proxy::mirror::maintain;
+use smart_git_proxy::pack::graph;
 
 /// A writable copy of fixture `name` at `dest` with `extra` more packs: each a commit fetched
 /// from a scratch clone, as syncs add them.
@@ -183,17 +185,16 @@ fn clones_during_maintenance_succeed() {
 /// the mirror stays served throughout and ends with few packs.
 #[test]
 fn syncs_schedule_maintenance_in_the_background() {
-    use common::upstream::Upstream;
-    let up = Upstream::start();
-    let upstream_dir = up.add_fixture("o/basic", "basic");
-    let allowed = up.allowed();
-    let server = Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
-        c.sync_stale_after = Duration::ZERO.into();
-        c.maintenance_pack_threshold = 3;
-    });
-    let url = server.url_for(&up.segment(), "o/basic");
-    let mirror = server.mirror.path().join(up.segment()).join("o/basic.git");
+    let s = Scenario::new()
+        .fixture("o/basic", "basic")
+        .config(|c| {
+            c.sync_stale_after = Duration::ZERO.into();
+            c.maintenance_pack_threshold = 3;
+        })
+        .start();
+    let upstream_dir = s.upstream_dir("o/basic");
+    let url = s.url("o/basic");
+    let mirror = s.mirror_dir("o/basic");
     let work = tempfile::tempdir().unwrap();
     let src = format!("file://{}", upstream_dir.display());
     git(work.path(), &["clone", "-q", &src, "w"]);
@@ -466,13 +467,10 @@ fn checked_clone(url: &str) -> String {
 /// without `smart-git-proxy maintain`; its pack (the one the creation fetched) stays.
 #[test]
 fn a_new_mirror_gets_its_bitmap_and_commit_graph() {
-    use common::upstream::Upstream;
-    let up = Upstream::start();
-    let upstream_dir = up.add_fixture("o/large", "large");
-    let allowed = up.allowed();
-    let server = Server::start_with(move |c| c.allowed_upstreams = allowed);
-    let url = server.url_for(&up.segment(), "o/large");
-    let mirror = server.mirror.path().join(up.segment()).join("o/large.git");
+    let s = Scenario::new().fixture("o/large", "large").start();
+    let upstream_dir = s.upstream_dir("o/large");
+    let url = s.url("o/large");
+    let mirror = s.mirror_dir("o/large");
     assert_eq!(checked_clone(&url), refs(&upstream_dir));
     wait_until("the bitmap and commit-graph after creation", || {
         has_bitmap_and_graph(&mirror)
@@ -492,16 +490,13 @@ fn a_new_mirror_gets_its_bitmap_and_commit_graph() {
 /// `MAINTENANCE_PACK_THRESHOLD=0` turns background maintenance off, that after creation too.
 #[test]
 fn no_maintenance_after_creation_with_threshold_zero() {
-    use common::upstream::Upstream;
-    let up = Upstream::start();
-    let upstream_dir = up.add_fixture("o/basic", "basic");
-    let allowed = up.allowed();
-    let server = Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
-        c.maintenance_pack_threshold = 0;
-    });
-    let url = server.url_for(&up.segment(), "o/basic");
-    let mirror = server.mirror.path().join(up.segment()).join("o/basic.git");
+    let s = Scenario::new()
+        .fixture("o/basic", "basic")
+        .config(|c| c.maintenance_pack_threshold = 0)
+        .start();
+    let upstream_dir = s.upstream_dir("o/basic");
+    let url = s.url("o/basic");
+    let mirror = s.mirror_dir("o/basic");
     assert_eq!(checked_clone(&url), refs(&upstream_dir));
     // Time for a maintenance that should not come (it would take milliseconds here).
     std::thread::sleep(Duration::from_secs(2));
@@ -514,16 +509,13 @@ fn no_maintenance_after_creation_with_threshold_zero() {
 /// complete, correct repositories, and so do those after it.
 #[test]
 fn clones_during_the_maintenance_after_creation_succeed() {
-    use common::upstream::Upstream;
-    let up = Upstream::start();
-    let upstream_dir = up.add_fixture("o/large", "large");
-    let allowed = up.allowed();
-    let server = Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
-        c.pack_cache_max_size = bytesize::ByteSize::b(0);
-    });
-    let url = server.url_for(&up.segment(), "o/large");
-    let mirror = server.mirror.path().join(up.segment()).join("o/large.git");
+    let s = Scenario::new()
+        .fixture("o/large", "large")
+        .config(|c| c.pack_cache_max_size = bytesize::ByteSize::b(0))
+        .start();
+    let upstream_dir = s.upstream_dir("o/large");
+    let url = s.url("o/large");
+    let mirror = s.mirror_dir("o/large");
     let expected = refs(&upstream_dir);
     // Together: one creates the mirror, the others wait for it, and all are served while the
     // maintenance the creation scheduled runs.
@@ -560,17 +552,13 @@ fn clones_during_the_maintenance_after_creation_succeed() {
 /// pack stays the very same file; one that has them needs nothing.
 #[test]
 fn a_bitmap_refresh_does_not_rewrite_the_pack() {
-    use common::upstream::Upstream;
     use maintain::{Policy, Work};
-    let up = Upstream::start();
-    up.add_fixture("o/large", "large");
-    let allowed = up.allowed();
-    let server = Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
-        c.maintenance_pack_threshold = 0;
-    });
-    let url = server.url_for(&up.segment(), "o/large");
-    let mirror = server.mirror.path().join(up.segment()).join("o/large.git");
+    let s = Scenario::new()
+        .fixture("o/large", "large")
+        .config(|c| c.maintenance_pack_threshold = 0)
+        .start();
+    let url = s.url("o/large");
+    let mirror = s.mirror_dir("o/large");
     checked_clone(&url);
     let before = pack_files(&mirror);
     assert_eq!(before.len(), 1);
@@ -617,18 +605,17 @@ fn a_bitmap_refresh_does_not_rewrite_the_pack() {
 /// bitmap then covers the new commits.
 #[test]
 fn commits_past_the_bitmap_lag_refresh_the_bitmap() {
-    use common::upstream::Upstream;
     use maintain::{Policy, Work};
-    let up = Upstream::start();
-    let upstream_dir = up.add_fixture("o/basic", "basic");
-    let allowed = up.allowed();
-    let server = Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
-        c.sync_stale_after = Duration::ZERO.into();
-        c.maintenance_bitmap_lag = 2;
-    });
-    let url = server.url_for(&up.segment(), "o/basic");
-    let mirror = server.mirror.path().join(up.segment()).join("o/basic.git");
+    let s = Scenario::new()
+        .fixture("o/basic", "basic")
+        .config(|c| {
+            c.sync_stale_after = Duration::ZERO.into();
+            c.maintenance_bitmap_lag = 2;
+        })
+        .start();
+    let upstream_dir = s.upstream_dir("o/basic");
+    let url = s.url("o/basic");
+    let mirror = s.mirror_dir("o/basic");
     checked_clone(&url);
     wait_until("the bitmap after creation", || {
         has_bitmap_and_graph(&mirror)
@@ -668,4 +655,248 @@ fn commits_past_the_bitmap_lag_refresh_the_bitmap() {
     assert_git_accepts_bitmap(&mirror, &tip);
     assert_fsck(&mirror);
     assert_eq!(checked_clone(&url), refs(&upstream_dir));
+}
+
+// Commit-graphs: the ones git writes are read; a corrupt one is never trusted.
+
+/// The chunks of a commit-graph file: id and byte range.
+fn chunks(graph: &[u8]) -> Vec<([u8; 4], std::ops::Range<usize>)> {
+    let n = usize::from(graph[6]);
+    let entry = |i: usize| {
+        let at = 8 + i * 12;
+        let id: [u8; 4] = graph[at..at + 4].try_into().unwrap();
+        let offset = u64::from_be_bytes(graph[at + 4..at + 12].try_into().unwrap());
+        (id, usize::try_from(offset).unwrap())
+    };
+    (0..n)
+        .map(|i| {
+            let (id, start) = entry(i);
+            (id, start..entry(i + 1).1)
+        })
+        .collect()
+}
+
+fn chunk(graph: &[u8], id: &[u8; 4]) -> std::ops::Range<usize> {
+    chunks(graph)
+        .into_iter()
+        .find(|(i, _)| i == id)
+        .map(|(_, r)| r)
+        .unwrap_or_else(|| panic!("chunk {}", String::from_utf8_lossy(id)))
+}
+
+/// Each commit's `CDAT` entry (tree, parent 1, parent 2, generation and time) rewritten by
+/// `edit(position, entry)`.
+fn edit_cdat(graph: &mut [u8], mut edit: impl FnMut(u32, &mut [u8])) {
+    let cdat = chunk(graph, b"CDAT");
+    for (i, entry) in graph[cdat].chunks_exact_mut(36).enumerate() {
+        edit(u32::try_from(i).unwrap(), entry);
+    }
+}
+
+/// A way to damage a commit-graph's bytes.
+type Corruption = Box<dyn Fn(&mut Vec<u8>)>;
+
+/// Ways to damage a commit-graph, each named.
+fn corruptions() -> Vec<(&'static str, Corruption)> {
+    vec![
+        ("empty", Box::new(|g: &mut Vec<u8>| g.clear())),
+        (
+            "truncated to half",
+            Box::new(|g: &mut Vec<u8>| g.truncate(g.len() / 2)),
+        ),
+        (
+            "truncated in the chunk table",
+            Box::new(|g: &mut Vec<u8>| g.truncate(20)),
+        ),
+        (
+            "fanout not monotonic",
+            Box::new(|g: &mut Vec<u8>| {
+                let fan = chunk(g, b"OIDF");
+                g[fan.start..fan.start + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+            }),
+        ),
+        (
+            "fanout counts more commits than listed",
+            Box::new(|g: &mut Vec<u8>| {
+                let fan = chunk(g, b"OIDF");
+                let end = fan.end;
+                g[end - 4..end].copy_from_slice(&0x00ff_ffffu32.to_be_bytes());
+            }),
+        ),
+        (
+            "parents out of range",
+            Box::new(|g: &mut Vec<u8>| {
+                edit_cdat(g, |_, e| {
+                    e[20..24].copy_from_slice(&0x6fff_fff0u32.to_be_bytes())
+                })
+            }),
+        ),
+        (
+            "every commit its own parent",
+            Box::new(|g: &mut Vec<u8>| {
+                edit_cdat(g, |i, e| e[20..24].copy_from_slice(&i.to_be_bytes()))
+            }),
+        ),
+        (
+            "every commit a root",
+            Box::new(|g: &mut Vec<u8>| {
+                edit_cdat(g, |_, e| {
+                    e[20..24].copy_from_slice(&0x7000_0000u32.to_be_bytes());
+                    e[24..28].copy_from_slice(&0x7000_0000u32.to_be_bytes());
+                })
+            }),
+        ),
+        (
+            "second parent in a missing extra-edge list",
+            Box::new(|g: &mut Vec<u8>| {
+                edit_cdat(g, |_, e| {
+                    e[24..28].copy_from_slice(&0x8000_0005u32.to_be_bytes())
+                })
+            }),
+        ),
+        (
+            "trees that do not exist",
+            Box::new(|g: &mut Vec<u8>| edit_cdat(g, |_, e| e[..20].fill(0xab))),
+        ),
+        (
+            "times and generations garbage",
+            Box::new(|g: &mut Vec<u8>| edit_cdat(g, |_, e| e[28..36].fill(0xff))),
+        ),
+        (
+            "ids not sorted",
+            Box::new(|g: &mut Vec<u8>| {
+                let oidl = chunk(g, b"OIDL");
+                g[oidl].reverse();
+            }),
+        ),
+    ]
+}
+
+/// Clone, shallow clone and deepen, and fetch with a common history from `url` (protocol
+/// v2): each either succeeds with a repository `git fsck --strict` accepts, or fails.
+fn exercise(url: &str, what: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut check = |step: &str, dir: &Path, out: std::process::Output| {
+        if out.status.success() {
+            let fsck = git_output(dir, &["fsck", "--strict", "--no-progress"], &[]);
+            if !fsck.status.success() {
+                failures.push(format!(
+                    "{what}: {step}: served a broken repository: {}",
+                    String::from_utf8_lossy(&fsck.stderr).trim()
+                ));
+            }
+        } else {
+            failures.push(format!(
+                "{what}: {step}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        out.status.success()
+    };
+    let v2 = ["-c", "protocol.version=2"];
+    let work = tempfile::tempdir().unwrap();
+    let out = git_output(
+        work.path(),
+        &args(&["clone", "--mirror", url, "m"], &[]),
+        &[],
+    );
+    check("clone --mirror", &work.path().join("m"), out);
+    let out = git_output(
+        work.path(),
+        &[v2[0], v2[1], "clone", "--bare", "--depth=2", url, "s"],
+        &[],
+    );
+    let s = work.path().join("s");
+    if check("clone --depth=2", &s, out) {
+        let out = git_output(&s, &[v2[0], v2[1], "fetch", "--deepen=30", "origin"], &[]);
+        check("fetch --deepen=30", &s, out);
+        // Negotiation over the history the shallow clone has.
+        let out = git_output(&s, &[v2[0], v2[1], "fetch", "--unshallow", "origin"], &[]);
+        check("fetch --unshallow", &s, out);
+    }
+    failures
+}
+
+/// Whether walks in the repository at `dir` read its commit-graph.
+fn graph_is_used(dir: &Path) -> bool {
+    let repo = gix::open(dir).unwrap();
+    graph::open(&smart_git_proxy::pack::db(&repo)).is_some()
+}
+
+#[test]
+fn graphs_git_writes_verify() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("r.git");
+    build_fixture("basic", &dir);
+    git(&dir, &["commit-graph", "write", "--reachable"]);
+    assert!(graph_is_used(&dir));
+    // A split chain, as `git maintenance` or `fetch.writeCommitGraph` leave it.
+    let _ = std::fs::remove_file(dir.join("objects/info/commit-graph"));
+    git(&dir, &["commit-graph", "write", "--reachable", "--split"]);
+    assert!(dir
+        .join("objects/info/commit-graphs/commit-graph-chain")
+        .is_file());
+    assert!(graph_is_used(&dir));
+}
+
+#[test]
+fn a_corrupt_commit_graph_never_panics_and_never_serves_a_broken_repository() {
+    let panics = library_panics();
+    let mut failures = Vec::new();
+    for (what, corrupt) in corruptions() {
+        let server = Server::start_with(|c| c.pack_cache_max_size = bytesize::ByteSize::b(0));
+        let dir = server.repo_dir("graph");
+        std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+        build_fixture("basic", &dir);
+        let outcome = maintain_now(&dir);
+        assert!(outcome.commit_graph.is_some_and(|n| n > 0), "{outcome:?}");
+        assert!(graph_is_used(&dir), "our own graph verifies");
+        let path = dir.join("objects/info/commit-graph");
+        let mut graph = std::fs::read(&path).unwrap();
+        corrupt(&mut graph);
+        std::fs::write(&path, &graph).unwrap();
+
+        failures.extend(exercise(&server.url("graph"), what));
+        assert_eq!(library_panics(), panics, "{what}: a panic");
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// A maintenance lock taken while eviction held it and moved the mirror away is a lock on the
+/// file of the removed mirror: the waiter must lock the file the path names now, or it would
+/// run beside a sync of a mirror created anew at the same path.
+#[test]
+fn a_lock_taken_after_the_mirror_moved_is_the_new_mirrors() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("r.git");
+    std::fs::create_dir_all(&dir).unwrap();
+    let held = maintain::lock(&dir).unwrap();
+    let waiter = {
+        let dir = dir.clone();
+        std::thread::spawn(move || maintain::lock(&dir).unwrap())
+    };
+    // The waiter is blocked on the lock file: /proc/locks lists it with "->" and its inode.
+    let inode = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(dir.join("smart-git-proxy-maintenance.lock"))
+            .unwrap()
+            .ino()
+    };
+    wait_until("the waiter to block on the lock", || {
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("->") && l.contains(&format!(":{inode} ")))
+    });
+    // Evicted: moved aside and deleted; then created anew at the same path.
+    let aside = root.path().join(".evicted-r");
+    std::fs::rename(&dir, &aside).unwrap();
+    std::fs::remove_dir_all(&aside).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    drop(held);
+    let _lock = waiter.join().unwrap();
+    assert!(
+        maintain::try_lock(&dir).unwrap().is_none(),
+        "the waiter holds the lock of the mirror at the path"
+    );
 }

@@ -13,9 +13,7 @@ use common::*;
 /// stay at their generous defaults: the test upstream sends nothing until `git http-backend`
 /// has finished, which on a loaded machine can take seconds.
 fn proxy(up: &Upstream, stale_after: Duration) -> Server {
-    let allowed = up.allowed();
-    Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
+    Server::in_front_of(up, move |c| {
         c.sync_stale_after = stale_after.into();
     })
 }
@@ -298,9 +296,7 @@ fn upstream_failures_serve_stale_mirrors_and_explain_cold_ones() {
 
     // A stalled upstream is given up on after the stall timeout: a short one, on a proxy that
     // only ever meets the stalled upstream.
-    let allowed = up.allowed();
-    let impatient = Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
+    let impatient = Server::in_front_of(&up, move |c| {
         c.upstream_stall_timeout = Duration::from_secs(1).into();
     });
     up.set_mode(Mode::Stall);
@@ -466,10 +462,8 @@ fn git_lfs_requests_pass_through_to_the_upstream() {
 fn a_mirror_that_keeps_gaining_packs_stays_servable() {
     let up = Upstream::start();
     let upstream_dir = up.add_fixture("o/basic", "basic");
-    let allowed = up.allowed();
     // Maintenance off, as an operator may choose: the packs pile up.
-    let server = Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
+    let server = Server::in_front_of(&up, move |c| {
         c.sync_stale_after = Duration::from_millis(1).into();
         c.maintenance_pack_threshold = 0;
     });

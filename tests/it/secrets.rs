@@ -185,3 +185,39 @@ fn secrets_from_files_work_and_are_never_printed() {
         );
     }
 }
+
+/// An empty `ADMIN_TOKEN` or `WEBHOOK_SECRET` (as `ADMIN_TOKEN=` in an environment file
+/// leaves it) would turn the admin API or the webhooks on with the empty string as their
+/// secret, which any request without credentials presents: the server refuses to start.
+#[test]
+fn empty_secrets_are_refused_at_start() {
+    let mirror = tempfile::tempdir().unwrap();
+    for key in ["ADMIN_TOKEN", "WEBHOOK_SECRET"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+            .env("MIRROR_DIR", mirror.path())
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("ALLOWED_UPSTREAMS", "http://127.0.0.1:9")
+            .env(key, "")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A server that starts would serve until killed.
+        let mut exited = None;
+        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_until("the server to refuse to start", || {
+                exited = child.try_wait().unwrap();
+                exited.is_some()
+            })
+        }));
+        if waited.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{key}: the server started with an empty secret");
+        }
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(exited.is_some_and(|s| !s.success()), "{key}: {stderr}");
+        assert!(stderr.contains(&format!("{key} is empty")), "{stderr}");
+    }
+}

@@ -5,8 +5,6 @@
 
 use crate::common;
 
-use std::time::Duration;
-
 use common::upstream::Upstream;
 use common::*;
 use hmac::{Hmac, Mac};
@@ -17,10 +15,8 @@ const ADMIN: &str = "admin-t0ken";
 
 /// A proxy in front of `up` that syncs only when told (`SYNC_STALE_AFTER` is an hour).
 fn proxy(up: &Upstream, adjust: impl FnOnce(&mut smart_git_proxy::config::Config)) -> Server {
-    let allowed = up.allowed();
-    Server::start_with(move |c| {
-        c.allowed_upstreams = allowed;
-        c.sync_stale_after = Duration::from_secs(3600).into();
+    Server::in_front_of(up, move |c| {
+        c.sync_stale_after = HOUR.into();
         c.webhook_secret = Some(SECRET.into());
         c.admin_token = Some(ADMIN.into());
         adjust(c);
@@ -518,4 +514,32 @@ fn a_balancer_404_is_not_a_delivery() {
         2,
         "the redelivery was forwarded again"
     );
+}
+
+/// A GitHub delivery without a well-formed `X-Hub-Signature-256` cannot be authentic: it is
+/// refused before its body is read (here, a body over the limit is not even looked at).
+#[test]
+fn unsigned_github_deliveries_are_refused_before_their_body_is_read() {
+    let server = Server::start_with(|c| {
+        c.webhook_secret = Some("s".into());
+        c.max_request_body = bytesize::ByteSize::kib(1);
+        c.max_buffered_bodies = bytesize::ByteSize::kib(64);
+    });
+    let big = vec![b' '; 4096];
+    for signature in [None, Some("sha1=00"), Some("sha256=zz"), Some("sha256=")] {
+        let mut headers = vec![("X-GitHub-Event", "push")];
+        headers.extend(signature.map(|s| ("X-Hub-Signature-256", s)));
+        let r = request(server.addr, "POST", "/webhooks/github", &headers, &big);
+        assert_eq!(r.status, 401, "{signature:?}: {}", r.text());
+    }
+    // A well-formed signature gets the body read (and refused as too large).
+    let sig = format!("sha256={}", "0".repeat(64));
+    let r = request(
+        server.addr,
+        "POST",
+        "/webhooks/github",
+        &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &sig)],
+        &big,
+    );
+    assert_eq!(r.status, 413, "{}", r.text());
 }

@@ -3,14 +3,18 @@
 #![allow(dead_code)]
 
 pub mod lfs;
+pub mod scenario;
 pub mod upstream;
+
+pub use scenario::{clone_checked, Proxied, Scenario, HOUR};
 
 use std::hash::{Hash, Hasher};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Once, OnceLock};
 
 use smart_git_proxy::config::Config;
 use smart_git_proxy::http::{self, AppState};
@@ -701,4 +705,29 @@ pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         assert!(std::time::Instant::now() < deadline, "timed out: {what}");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// How many panics this process has seen outside the tests' own code: in the library or a
+/// dependency, such as in a server a test runs in-process. Counted by a hook installed on the
+/// first call, so call it before starting what is to be watched, and compare.
+///
+/// Every test of the binary shares the process: a failing assertion of another test (whose
+/// location is under `tests/`) is not counted; a panic of the library while serving another
+/// test is, and is a defect either way.
+pub fn library_panics() -> usize {
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info
+                .location()
+                .is_some_and(|l| !l.file().starts_with("tests/"))
+            {
+                PANICS.fetch_add(1, Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+    });
+    PANICS.load(Ordering::SeqCst)
 }
