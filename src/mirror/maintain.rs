@@ -33,8 +33,8 @@
 //! - **Commit-graph.** Last, the commit-graph of everything the refs reach is rewritten
 //!   ([`crate::pack::graph`]), so that walks that decide reachability only (negotiating haves,
 //!   `deepen`, checking wants) read parents and times from a table instead of inflating
-//!   commits. A plan that walks gains nothing from it: it needs each commit's packed size,
-//!   which gix learns by inflating the entry.
+//!   commits. A plan that walks (shallow requests, no bitmap) gains nothing from it: it needs
+//!   each commit's packed size, which gix learns by inflating the entry.
 //!
 //! [`run`] does only what a mirror needs ([`due`]): a mirror with one pack whose bitmap is
 //! missing or stale (a mirror just created, whose pack is the one its first fetch wrote) gets a
