@@ -3,7 +3,7 @@
 //! or the generation fails), eviction keeps the cache under its size, and a full disk bypasses
 //! it.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -3,7 +3,7 @@
 //! so that job is a cache hit. The upstream is `git http-backend`; the proxy is the binary, so
 //! that its `/metrics` are its own.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

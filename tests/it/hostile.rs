@@ -3,7 +3,7 @@
 //! crash leftovers (#13) and protocol edges (#14, #15) have theirs in `auth.rs`, `mirror.rs`,
 //! `errors.rs` and unit tests.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

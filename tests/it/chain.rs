@@ -2,7 +2,7 @@
 //! from the upstream (`git http-backend`). One upstream fetch serves every edge; credentials
 //! and privacy pass through the chain; want-miss and stale-serving work across it.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

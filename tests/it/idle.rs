@@ -2,7 +2,7 @@
 //! requested least recently are dropped, and such a mirror is served again, from a snapshot
 //! built anew, on its next request. Start-up builds only the snapshots that fit.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

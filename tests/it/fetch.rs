@@ -1,7 +1,7 @@
 //! Fetches into existing clones through the server: incremental updates, multi-round
 //! negotiation, single branches and tags. Protocol v2 and v0.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

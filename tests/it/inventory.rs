@@ -1,7 +1,7 @@
 //! The mirror inventory: `GET /api/v1/mirrors` (off without `ADMIN_TOKEN`, 401 without it,
 //! paginated JSON) and `smart-git-proxy mirrors` beside a running server.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! with its pack-cache entries, and comes back on the next request; a mirror being served is
 //! kept until its client is done; the order survives a restart.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};

@@ -1,7 +1,7 @@
 //! Hostile input found in review: a corrupt commit-graph in a mirror never makes a request
 //! panic, and what is served from it is still a correct repository or a clean failure.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,6 +1,6 @@
 //! The object planner against `git rev-list --objects` on the same fixtures.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! `WEBHOOK_SECRET_FILE`), for systemd's `LoadCredential=` and Kubernetes secrets; a secret is
 //! never printed.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

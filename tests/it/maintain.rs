@@ -2,7 +2,7 @@
 //! nothing reachable lost, unreachable objects kept within the grace period, and clones served
 //! while it runs.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;

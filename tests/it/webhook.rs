@@ -3,7 +3,7 @@
 //! `ADMIN_TOKEN`, and with `BALANCER_URL` a webhook is forwarded to the node holding the
 //! mirror. The upstream is `git http-backend`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! `scripts/grafana-dashboard.json` cannot drift from the code: every metric it queries is in a
 //! live `/metrics` scrape (with its `# HELP`) after a clone.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

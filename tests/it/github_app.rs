@@ -3,7 +3,7 @@
 //! seconds; the test upstream accepts only the latest token. A private clone works, and a fetch
 //! after the first token expired works with a second one.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -6,7 +6,7 @@
 //! succeeds. And the nodes' logs name the client behind nginx, trusting `X-Forwarded-For`
 //! only from `TRUSTED_PROXIES`. Git LFS object links reach the node that issued them.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;

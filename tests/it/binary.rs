@@ -1,6 +1,6 @@
 //! The real binary, started as the README says, serves a clone.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

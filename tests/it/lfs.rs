@@ -3,7 +3,7 @@
 //! the Git host and object storage on another server, behind signed URLs, that counts its
 //! downloads.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -2,7 +2,7 @@
 //! to a private mirror) and static (the proxy's token). The upstream is `git http-backend`
 //! behind Basic auth.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -10,7 +10,7 @@
 //! (`golang-github-go-git-go-git-dev`, driven by `interop/go-git/main.go`). Both drivers are
 //! built offline once per test run and kept under `target/tmp/interop/`.
 
-mod common;
+use crate::common;
 
 use std::hash::{Hash, Hasher};
 use std::num::NonZeroU32;

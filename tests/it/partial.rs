@@ -2,7 +2,7 @@
 //! repository with `uploadpack.allowFilter`: the same objects arrive, lazy fetches by object id
 //! work, and every result passes `git fsck --strict`. Protocol v2 and v0.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -4,7 +4,7 @@
 //! the bitmap are covered by a walk on top; and clones, fetches and want checks of a maintained
 //! mirror are served from them.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! same repository, the same commands): the shallow boundary, the refs and the objects must be
 //! the same, and every result must pass `git fsck --strict`. Protocol v2 and v0.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -3,7 +3,7 @@
 //! CA is unknown, and cloned from once `UPSTREAM_CA_FILE` or `SSL_CERT_FILE` names the CA. The
 //! binary links no OpenSSL.
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

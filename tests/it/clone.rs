@@ -1,6 +1,6 @@
 //! Clones and ref listings through the server with the real `git` client, protocol v2 and v0.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
@@ -175,8 +175,11 @@ fn clone_single_branch_and_tags() {
 #[test]
 fn a_test_process_leaves_nothing_in_the_temp_dir() {
     let tmp = tempfile::tempdir().unwrap();
+    // The harness names a test by its path below the crate: `clone::ls_remote_…`.
+    let (_, suite) = module_path!().split_once("::").unwrap();
+    let test = format!("{suite}::ls_remote_matches_the_repository");
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["ls_remote_matches_the_repository", "--exact", "--quiet"])
+        .args([test.as_str(), "--exact", "--quiet"])
         .env("TMPDIR", tmp.path())
         .output()
         .unwrap();

@@ -1,7 +1,7 @@
 //! Bad input and refusals: every one gets a clear HTTP status or an `ERR` packet, never a
 //! panic, and the server keeps serving.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -1,7 +1,7 @@
 //! The README's "Quick test without internet" block, extracted from the README and run with
 //! `bash` as a newcomer pastes it: twice, as the second paste must work too (issue 21, item 1).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

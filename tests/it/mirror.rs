@@ -1,7 +1,7 @@
 //! Mirroring from a real upstream (`git http-backend` behind a test server): creation, hits,
 //! syncs, want-miss, pruning, HEAD changes, singleflight, failures. Protocol v2 and v0.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;
