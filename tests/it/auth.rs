@@ -11,6 +11,13 @@ use common::upstream::Upstream;
 use common::*;
 use smart_git_proxy::config::AuthMode;
 
+/// Whether the mirror at `dir` is private, as its record says.
+fn private_on_disk(dir: &std::path::Path) -> bool {
+    let record = std::fs::read(dir.join("smart-git-proxy-state")).unwrap_or_default();
+    serde_json::from_slice::<serde_json::Value>(&record)
+        .is_ok_and(|record| record["private"] == serde_json::json!(true))
+}
+
 fn basic(user_password: &str) -> String {
     format!(
         "Basic {}",
@@ -288,22 +295,22 @@ fn credentials_never_make_a_public_mirror_private() {
     // The upstream ignores credentials on public repositories, as GitHub does.
     let server = proxy_syncing_always(&up);
     let bogus = basic("mallory:whatever");
-    let marker = server
+    let mirror = server
         .mirror
         .path()
         .join(up.segment())
-        .join("public/repo.git/smart-git-proxy-private");
+        .join("public/repo.git");
     // Syncs with credentials: the creation, then a sync.
     for expected in ["clone", "sync"] {
         let (get, _) = both_endpoints(&server, &up, "public/repo", Some(&bogus));
         assert_eq!(get.header("x-git-proxy-status").as_deref(), Some(expected));
-        assert!(!marker.exists(), "after the {expected}");
+        assert!(!private_on_disk(&mirror), "after the {expected}");
     }
     // A failed sync with credentials.
     up.set_mode(common::upstream::Mode::Fail);
     let (get, _) = both_endpoints(&server, &up, "public/repo", Some(&bogus));
     assert_eq!(get.header("x-git-proxy-status").as_deref(), Some("stale"));
-    assert!(!marker.exists(), "after a failed sync");
+    assert!(!private_on_disk(&mirror), "after a failed sync");
     up.set_mode(common::upstream::Mode::Normal);
     // Anonymous clients are still served.
     let (get, post) = both_endpoints(&server, &up, "public/repo", None);
@@ -319,12 +326,12 @@ fn a_mirror_is_private_while_its_upstream_refuses_anonymous_access() {
     let right = basic("alice:secret");
     let (get, _) = both_endpoints(&server, &up, "private/repo", Some(&right));
     assert_eq!(get.status, 200);
-    let marker = server
+    let mirror = server
         .mirror
         .path()
         .join(up.segment())
-        .join("private/repo.git/smart-git-proxy-private");
-    assert!(marker.exists());
+        .join("private/repo.git");
+    assert!(private_on_disk(&mirror));
     let (get, _) = both_endpoints(&server, &up, "private/repo", None);
     assert_eq!(get.status, 401);
     // The upstream opens the repository: the next anonymous request finds it public, once the
@@ -333,7 +340,7 @@ fn a_mirror_is_private_while_its_upstream_refuses_anonymous_access() {
     std::thread::sleep(Duration::from_millis(10));
     let (get, post) = both_endpoints(&server, &up, "private/repo", None);
     assert_eq!((get.status, post.status), (200, 200), "{}", get.text());
-    assert!(!marker.exists());
+    assert!(!private_on_disk(&mirror));
 }
 
 #[test]

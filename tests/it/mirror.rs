@@ -861,3 +861,104 @@ fn leftovers_of_an_interrupted_sync_are_removed_at_start_and_before_each_sync() 
     assert_eq!(state.mirrors().remove_temporaries().unwrap(), 2);
     assert!(!tmp_pack.exists() && !deep.join("objects/pack/.tmpXyZ").exists());
 }
+
+/// A mirror directory as a release that kept privacy and the last successful sync in marker
+/// files beside the mirror's record writes it (`src/mirror/sync.rs` and `record.rs` at
+/// `ed6a061`): `smart-git-proxy-private`, whose existence makes the mirror private, and
+/// `smart-git-proxy-synced`, whose modification time is the end of the last successful sync.
+/// The server folds them into the record at start: the mirrors are served as they were (fresh,
+/// one of them private), without a sync, and the markers are gone.
+#[test]
+fn the_markers_of_an_older_release_are_migrated_into_the_record_at_start() {
+    use base64::Engine as _;
+    let up = Upstream::start();
+    up.add_fixture("public/repo", "basic");
+    let private_upstream = up.add_fixture("private/repo", "basic");
+    up.require_auth("/private", "alice:secret");
+    let root = tempfile::tempdir().unwrap();
+    let mirror = |name: &str| root.path().join(up.segment()).join(format!("{name}.git"));
+    let synced_at = std::time::SystemTime::now() - Duration::from_secs(60);
+    let synced_ms = synced_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for name in ["public/repo", "private/repo"] {
+        let dir = mirror(name);
+        std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+        let upstream_dir = up.repo_dir(name);
+        git(
+            root.path(),
+            &[
+                "clone",
+                "-q",
+                "--mirror",
+                upstream_dir.to_str().unwrap(),
+                dir.to_str().unwrap(),
+            ],
+        );
+        // The record as that release writes it: its last sync and serve, nothing else.
+        std::fs::write(
+            dir.join("smart-git-proxy-state"),
+            format!(r#"{{"last_sync_ms":{synced_ms},"last_sync_outcome":"ok","last_serve_ms":{synced_ms}}}"#),
+        )
+        .unwrap();
+        let synced = std::fs::File::create(dir.join("smart-git-proxy-synced")).unwrap();
+        synced.set_modified(synced_at).unwrap();
+    }
+    std::fs::write(
+        mirror("private/repo").join("smart-git-proxy-private"),
+        b"the upstream lists refs only with credentials\n",
+    )
+    .unwrap();
+
+    let running = Running::start(
+        root.path(),
+        &[
+            ("ALLOWED_UPSTREAMS", &up.allowed()),
+            ("AUTH_MODE", "pass-through"),
+            ("SYNC_STALE_AFTER", "1h"),
+        ],
+    );
+    let addr: std::net::SocketAddr = running.addr.parse().unwrap();
+    for name in ["public/repo", "private/repo"] {
+        for marker in ["smart-git-proxy-synced", "smart-git-proxy-private"] {
+            assert!(!mirror(name).join(marker).exists(), "{name}: {marker}");
+        }
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(mirror(name).join("smart-git-proxy-state")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(record["last_success_ms"], synced_ms, "{name}: {record}");
+        assert_eq!(record["last_serve_ms"], synced_ms, "{name}: {record}");
+        let private = record["private"] == serde_json::json!(true);
+        assert_eq!(private, name.starts_with("private"), "{name}: {record}");
+    }
+
+    let info_refs = |name: &str, authorization: Option<&str>| {
+        let mut headers = vec![("Git-Protocol", "version=2")];
+        headers.extend(authorization.map(|a| ("Authorization", a)));
+        let path = format!("/{}/{name}/info/refs?service=git-upload-pack", up.segment());
+        let reply = request(addr, "GET", &path, &headers, b"");
+        (reply.status, reply.header("x-git-proxy-status"))
+    };
+    let alice = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:secret")
+    );
+    assert_eq!(info_refs("public/repo", None), (200, Some("hit".into())));
+    assert_eq!(info_refs("private/repo", None).0, 401, "still private");
+    assert_eq!(
+        info_refs("private/repo", Some(&alice)),
+        (200, Some("hit".into()))
+    );
+    let work = tempfile::tempdir().unwrap();
+    let private_url = format!("http://alice:secret@{addr}/{}/private/repo", up.segment());
+    git(work.path(), &["clone", "-q", "--mirror", &private_url, "c"]);
+    assert_fsck(&work.path().join("c"));
+    assert_eq!(refs(&work.path().join("c")), refs(&private_upstream));
+    assert_eq!(
+        upstream_fetches(&up),
+        0,
+        "served as they were: no upstream clone or fetch"
+    );
+}
