@@ -1,26 +1,68 @@
 //! What an operator installs: the systemd unit (checked by `systemd-analyze verify` where it is
-//! installed) and the env file, which, like the README's table, names every setting.
+//! installed) and the env file, which, like `docs/configuration.md`, names every setting.
 
 use std::process::Command;
 
-/// The settings the binary reads from the environment, from `--help`.
-fn settings() -> Vec<String> {
+/// The name of an environment variable at the start of `text` (what follows `[env: ` in
+/// `--help`).
+fn env_name(text: &str) -> String {
+    text.chars()
+        .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+        .collect()
+}
+
+/// The settings `--help` lists (their environment variables), under the heading it gives
+/// them (`Main settings:` and the like), in its order.
+fn help_groups() -> Vec<(String, Vec<String>)> {
     let out = Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
         .arg("--help")
         .output()
         .unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
-    let names: Vec<String> = help
-        .split("[env: ")
-        .skip(1)
-        .map(|rest| {
-            rest.chars()
-                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
-                .collect()
-        })
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for line in help.lines() {
+        // Headings start in the first column; options and their help are indented.
+        if let Some(heading) = line.strip_suffix(':').filter(|_| !line.starts_with(' ')) {
+            groups.push((heading.to_owned(), Vec::new()));
+        }
+        if let Some((_, rest)) = line.split_once("[env: ") {
+            let (_, names) = groups.last_mut().expect("a heading above every option");
+            names.push(env_name(rest));
+        }
+    }
+    groups.retain(|(_, names)| !names.is_empty());
+    groups
+}
+
+/// The settings the binary reads from the environment, from `--help`.
+fn settings() -> Vec<String> {
+    let names: Vec<String> = help_groups()
+        .into_iter()
+        .flat_map(|(_, names)| names)
         .collect();
     assert!(names.len() > 30, "{names:?}");
     names
+}
+
+/// The settings `docs/configuration.md` documents (the first cell of a table row,
+/// `` | `NAME` | ``), under its `## ` headings, in its order.
+fn documented_groups() -> Vec<(String, Vec<String>)> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let doc = std::fs::read_to_string(format!("{root}/docs/configuration.md")).unwrap();
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for line in doc.lines() {
+        if let Some(heading) = line.strip_prefix("## ") {
+            groups.push((heading.to_owned(), Vec::new()));
+        } else if let Some(cell) = line.strip_prefix("| `") {
+            let name = env_name(cell);
+            if !name.is_empty() && cell[name.len()..].starts_with("` |") {
+                let (_, names) = groups.last_mut().expect("a heading above every table");
+                names.push(name);
+            }
+        }
+    }
+    groups.retain(|(_, names)| !names.is_empty());
+    groups
 }
 
 /// Each setting of `--help` with its default (empty when it has none), in `--help`'s order.
@@ -37,12 +79,7 @@ fn help_defaults() -> Vec<(String, String)> {
     let defaults: Vec<(String, String)> = options
         .iter()
         .filter_map(|option| {
-            let name: String = option
-                .split("[env: ")
-                .nth(1)?
-                .chars()
-                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
-                .collect();
+            let name = env_name(option.split("[env: ").nth(1)?);
             let default = option
                 .split("[default: ")
                 .nth(1)
@@ -57,20 +94,43 @@ fn help_defaults() -> Vec<(String, String)> {
 }
 
 #[test]
-fn every_setting_is_documented_in_the_readme_and_the_env_file() {
+fn every_setting_is_in_the_env_file() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
     let env = std::fs::read_to_string(format!("{root}/scripts/env.example")).unwrap();
     for name in settings() {
-        assert!(
-            readme.contains(&format!("| `{name}` |")),
-            "README table lacks {name}"
-        );
         assert!(
             env.contains(&format!("\n#{name}=")),
             "env.example lacks {name}"
         );
     }
+}
+
+/// Issue 20, item 6: the configuration reference and `--help` name the same settings, and the
+/// reference groups them under `--help`'s headings, in its order.
+#[test]
+fn the_configuration_reference_documents_every_setting_under_its_help_heading() {
+    let help = help_groups();
+    let documented = documented_groups();
+    let listed = |groups: &[(String, Vec<String>)]| -> Vec<String> {
+        groups.iter().flat_map(|(_, names)| names.clone()).collect()
+    };
+    let (help_names, documented_names) = (listed(&help), listed(&documented));
+    for name in &help_names {
+        assert!(
+            documented_names.contains(name),
+            "docs/configuration.md lacks {name}"
+        );
+    }
+    for name in &documented_names {
+        assert!(
+            help_names.contains(name),
+            "docs/configuration.md documents {name}, which --help does not list"
+        );
+    }
+    assert_eq!(
+        documented, help,
+        "docs/configuration.md's headings and order are --help's"
+    );
 }
 
 #[test]

@@ -469,7 +469,7 @@ fn repositories_are_sharded_move_when_their_node_dies_and_return_when_it_is_back
     sharding(Balancer::Nginx);
 }
 
-/// The same with the README's HAProxy equivalent.
+/// The same with the HAProxy equivalent of `docs/scaling.md`.
 #[test]
 fn haproxy_shards_the_same_way() {
     sharding(Balancer::Haproxy);
@@ -908,31 +908,32 @@ fn request_bodies_stream_through_to_the_node() {
     assert!(answer.contains("BODY_READ_TIMEOUT"), "{answer}");
 }
 
-/// The README's excerpts are the shipped files' lines, so that they cannot drift apart.
+/// The excerpts in `docs/scaling.md` are the shipped files' lines, so that they cannot drift
+/// apart.
 #[test]
-fn the_readme_quotes_the_shipped_configurations() {
+fn the_scaling_doc_quotes_the_shipped_configurations() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let doc = std::fs::read_to_string(root.join("docs/scaling.md")).unwrap();
     for (fence, file) in [
         ("```nginx", "nginx-sharded.conf"),
         ("```haproxy", "haproxy-sharded.cfg"),
     ] {
         let shipped = std::fs::read_to_string(root.join("scripts").join(file)).unwrap();
         let shipped: BTreeSet<&str> = shipped.lines().map(str::trim).collect();
-        let excerpt = readme
+        let excerpt = doc
             .split(fence)
             .nth(1)
-            .unwrap_or_else(|| panic!("the README quotes {file}"))
+            .unwrap_or_else(|| panic!("docs/scaling.md quotes {file}"))
             .split("```")
             .next()
             .unwrap();
         for line in excerpt.lines() {
-            // A trailing comment in the README explains; the directive must be the file's.
+            // A trailing comment in the doc explains; the directive must be the file's.
             let line = line.split("  #").next().unwrap().trim();
             if !line.is_empty() {
                 assert!(
                     shipped.iter().any(|l| l.starts_with(line)),
-                    "README line not in {file}: {line}"
+                    "docs/scaling.md line not in {file}: {line}"
                 );
             }
         }
