@@ -657,13 +657,13 @@ mod tests {
             upstream: crate::upstream::Options {
                 connect_timeout: timeout,
                 stall_timeout: timeout,
-                tls: crate::tls::ClientTls::system(),
+                tls: crate::upstream::tls::ClientTls::system(),
             },
             client: upstream::ListingClient::new(
                 &crate::upstream::Options {
                     connect_timeout: timeout,
                     stall_timeout: timeout,
-                    tls: crate::tls::ClientTls::system(),
+                    tls: crate::upstream::tls::ClientTls::system(),
                 },
                 &[],
             )
