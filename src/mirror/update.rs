@@ -159,6 +159,8 @@ impl Mirrors {
                 Err(_) => return Ok(Next::Done(Status::Stale)),
             },
         };
+        // Again under the lock: the creation this request waited for made it.
+        let exists = crate::repo::exists(&req.dir);
         let view = policy::View {
             exists,
             current: self
