@@ -861,3 +861,82 @@ fn leftovers_of_an_interrupted_sync_are_removed_at_start_and_before_each_sync() 
     assert_eq!(state.mirrors().remove_temporaries().unwrap(), 2);
     assert!(!tmp_pack.exists() && !deep.join("objects/pack/.tmpXyZ").exists());
 }
+
+/// Issue 21 (3): the first clone of a repository whose upstream is slow shows progress while
+/// the proxy creates the mirror. The refs come from the upstream's listing; the fetch is
+/// answered at once, and `remote: mirroring …` lines arrive while the upstream still sends the
+/// pack. Protocol v2 and v0, with `--progress` (side-band); two clones at once share the
+/// creation, and both see its progress.
+#[test]
+fn a_first_clone_shows_progress_while_the_mirror_is_created() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("slow/basic", "basic");
+    // The pack of `basic` comes in 1 KiB chunks, 150 ms apart: seconds, well beyond the time
+    // the proxy waits for a creation before it answers from the upstream's listing.
+    up.throttle("/slow/", 1024, Duration::from_millis(150));
+    let allowed = up.allowed();
+    for v in PROTOCOLS {
+        // A proxy of its own per protocol: each clone is a first clone.
+        let allowed = allowed.clone();
+        let server = Server::start_with(move |c| c.allowed_upstreams = allowed);
+        let url = server.url_for(&up.segment(), "slow/basic");
+        let (started_before, sent_before) = up.throttled();
+        let work = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let mut clones: Vec<_> = work
+            .iter()
+            .map(|w| clone_with_progress(w.path(), &url, v))
+            .collect();
+        // Both show progress before the upstream has sent the pack.
+        let seen: Vec<Vec<u8>> = clones.iter_mut().map(until_progress).collect();
+        assert_eq!(
+            up.throttled().1,
+            sent_before,
+            "v{v}: the progress came after the upstream had sent the pack: {}",
+            String::from_utf8_lossy(&seen.concat())
+        );
+        for ((clone, seen), work) in clones.into_iter().zip(seen).zip(&work) {
+            let (stderr, ok) = finish(clone, seen);
+            assert!(ok, "v{v}: {stderr}");
+            assert!(
+                stderr.contains("objects, ") && stderr.contains(" MiB"),
+                "v{v}: the progress counts what arrived: {stderr}"
+            );
+            assert!(stderr.contains("slow/basic: done in"), "v{v}: {stderr}");
+            let clone = work.path().join("c");
+            assert_fsck(&clone);
+            assert_eq!(refs(&clone), refs(&upstream_dir), "v{v}");
+        }
+        assert_eq!(
+            up.throttled().0,
+            started_before + 1,
+            "v{v}: one creation, one pack from the upstream"
+        );
+    }
+}
+
+/// Issue 21 (3): a client that asked for no side-band waits for the creation as before, and
+/// receives a plain pack.
+#[test]
+fn a_first_clone_without_side_band_waits_for_the_mirror() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("slow/basic", "basic");
+    up.throttle("/slow/", 1024, Duration::from_millis(20));
+    let server = proxy(&up, Duration::from_secs(3600));
+    let head = git(&upstream_dir, &["rev-parse", "main"]);
+    let want = format!("want {} multi_ack_detailed ofs-delta", head.trim());
+    let body = pkt(&[&want, "0000", "done"]);
+    let reply = request(
+        server.addr,
+        "POST",
+        &format!("/{}/slow/basic/git-upload-pack", up.segment()),
+        &[("Content-Type", "application/x-git-upload-pack-request")],
+        &body,
+    );
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply.body.starts_with(b"0008NAK\nPACK"),
+        "{}",
+        String::from_utf8_lossy(&reply.body[..reply.body.len().min(64)])
+    );
+    assert_eq!(up.throttled().1, 1, "the creation's pack was sent in full");
+}

@@ -12,6 +12,7 @@
 //! mirrors are dropped beyond `SNAPSHOT_MEMORY` ([`snapshots`]) and built again on request.
 
 mod access;
+mod creation;
 pub mod evict;
 pub mod maintain;
 pub mod record;
@@ -307,6 +308,8 @@ struct Repo {
     /// When a request last took its snapshot ([`snapshots::Budget`]'s clock; 0: not since
     /// start).
     requested_ms: AtomicU64,
+    /// How far the fetch of its current (or last) update got.
+    fetch_progress: Arc<upstream::Progress>,
 }
 
 impl Repo {
@@ -535,6 +538,9 @@ pub struct Mirrors {
     sync_hook: std::sync::OnceLock<SyncHook>,
     snapshots: Arc<snapshots::Budget>,
     creations: Arc<Creations>,
+    /// The listings of mirrors not created yet, by mirror and credentials
+    /// ([`Mirrors::preview`]).
+    previews: TtlMap<FailureKey, Arc<upstream::Listing>>,
 }
 
 /// The interrupt flags of the mirror creations running, and whether creations are stopped
@@ -646,6 +652,7 @@ impl Mirrors {
     /// A store over `settings.root`. Call [`Mirrors::remove_temporaries`] once at start.
     pub fn new(settings: Settings) -> Self {
         let snapshots = snapshots::Budget::new(settings.snapshot_memory, settings.stale_after);
+        let previews = creation::preview_ttl(settings.access_ttl);
         Mirrors {
             syncs: Arc::new(Semaphore::new(settings.max_syncs.max(1))),
             failures: Arc::new(TtlMap::new(settings.failure_ttl, MAX_FAILURES)),
@@ -659,6 +666,7 @@ impl Mirrors {
             sync_hook: Default::default(),
             snapshots: Arc::new(snapshots),
             creations: Default::default(),
+            previews: TtlMap::new(previews, creation::MAX_PREVIEWS),
         }
     }
 
@@ -1083,8 +1091,11 @@ impl Mirrors {
         let hook = self.sync_hook.get().cloned();
         let leases = Arc::clone(&self.leases);
         let creations = Arc::clone(&self.creations);
+        let fetch_progress = Arc::clone(&repo.fetch_progress);
         let update = tokio::spawn(async move {
             let _slots = slots;
+            fetch_progress.reset();
+            let _log = (!exists).then(|| creation::log(&owned.name, &fetch_progress));
             // A creation can be stopped at shutdown ([`Mirrors::stop_creations`]); a sync
             // serves clients waiting for it, or the next ones.
             let interrupt = if exists {
@@ -1107,6 +1118,7 @@ impl Mirrors {
                 Ok(_) if stopped.load(Ordering::Relaxed) => Err(upstream::Error::Interrupted),
                 Ok(plan) => tokio::task::spawn_blocking(move || {
                     let interrupt = &*stopped;
+                    let progress = &fetch_progress;
                     let mut owned = owned;
                     if let Some(url) = &plan.listing.url {
                         owned.url = url.clone();
@@ -1119,12 +1131,13 @@ impl Mirrors {
                             authorization,
                             plan.private,
                             &opts,
+                            progress,
                             interrupt,
                         );
                     }
                     if plan.recreate {
                         tracing::info!(repo = %owned.name, "the upstream lists the repository anonymously now: mirroring it again without credentials");
-                        return sync::recreate(&owned, &tmp, &aside, &opts, interrupt);
+                        return sync::recreate(&owned, &tmp, &aside, &opts, progress, interrupt);
                     }
                     let snapshot = match current {
                         Some(snapshot) => Ok(snapshot),
@@ -1135,7 +1148,16 @@ impl Mirrors {
                     snapshot.and_then(|s| {
                         let listing = plan.listing;
                         let private = plan.private;
-                        sync::sync(&owned, s, listing, authorization, private, &opts, interrupt)
+                        sync::sync(
+                            &owned,
+                            s,
+                            listing,
+                            authorization,
+                            private,
+                            &opts,
+                            progress,
+                            interrupt,
+                        )
                     })
                 })
                 .await

@@ -64,13 +64,15 @@ pub(super) fn init(tmp: &Path) -> Result<(), upstream::Error> {
 }
 
 /// Fetch everything of `req`'s upstream into the temporary directory `tmp` with
-/// `authorization`, marked `private` or not. `tmp` is removed if that fails.
+/// `authorization`, marked `private` or not, counting into `progress`. `tmp` is removed if
+/// that fails.
 fn build(
     req: &Request,
     tmp: &Path,
     authorization: Option<&str>,
     private: bool,
     opts: &upstream::Options,
+    progress: &Arc<upstream::Progress>,
     interrupt: &AtomicBool,
 ) -> Result<upstream::Fetched, upstream::Error> {
     let result = (|| {
@@ -81,6 +83,7 @@ fn build(
             &upstream::Refs::All,
             authorization,
             opts,
+            progress,
             interrupt,
         )?;
         apply(tmp, &fetched.listing, &HashMap::new(), None)?;
@@ -111,16 +114,17 @@ fn created(
 }
 
 /// Create the mirror of `req` in the temporary directory `tmp`, fetching with
-/// `authorization`, then rename it into place.
+/// `authorization` and counting into `progress`, then rename it into place.
 pub(super) fn create(
     req: &Request,
     tmp: &Path,
     authorization: Option<&str>,
     private: bool,
     opts: &upstream::Options,
+    progress: &Arc<upstream::Progress>,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
-    let fetched = build(req, tmp, authorization, private, opts, interrupt)?;
+    let fetched = build(req, tmp, authorization, private, opts, progress, interrupt)?;
     // The mirror's parent directories are made only now, for a mirror that exists.
     let install = || {
         if let Some(parent) = req.dir.parent() {
@@ -144,9 +148,10 @@ pub(super) fn recreate(
     tmp: &Path,
     aside: &Path,
     opts: &upstream::Options,
+    progress: &Arc<upstream::Progress>,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
-    let fetched = build(req, tmp, None, false, opts, interrupt)?;
+    let fetched = build(req, tmp, None, false, opts, progress, interrupt)?;
     let swapped = (|| {
         let _maintenance = super::maintain::lock(&req.dir).map_err(local)?;
         std::fs::rename(&req.dir, aside).map_err(local)?;
@@ -277,8 +282,9 @@ pub(super) fn remove_leftovers_unless_busy(dir: &Path) -> usize {
 
 /// Sync the existing mirror of `req`, whose snapshot (current, see [`refresh`]) is `snapshot`,
 /// to `listing` (the upstream's refs as `authorization` shows them), fetching with
-/// `authorization`; `private` tells whether the upstream refused to list them without
-/// credentials.
+/// `authorization` and counting into `progress`; `private` tells whether the upstream refused
+/// to list them without credentials.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn sync(
     req: &Request,
     snapshot: Arc<Snapshot>,
@@ -286,6 +292,7 @@ pub(super) fn sync(
     authorization: Option<&str>,
     private: bool,
     opts: &upstream::Options,
+    progress: &Arc<upstream::Progress>,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
     let dir = &req.dir;
@@ -312,6 +319,7 @@ pub(super) fn sync(
             &upstream::Refs::Only(changed.clone()),
             authorization,
             opts,
+            progress,
             interrupt,
         )?
         .pack_bytes;

@@ -1,0 +1,117 @@
+//! A mirror that does not exist yet: the upstream's listing its first requests are answered
+//! from while it is created ([`Mirrors::preview`]), and the log of a creation's progress.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{plan, Error, Failure, Mirrors, Request};
+use crate::upstream;
+
+/// How long a preview is reused for requests with the same credentials (at most
+/// `AUTH_CACHE_TTL`): the requests of one clone (the ref listing, then the fetch) ask once.
+const PREVIEW_TTL: Duration = Duration::from_secs(30);
+
+/// Previews remembered at most (see [`crate::ttl::TtlMap`]).
+pub(super) const MAX_PREVIEWS: usize = 10_000;
+
+/// How often a creation's progress is logged.
+const LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long previews are kept, under `access_ttl` (`AUTH_CACHE_TTL`).
+pub(super) fn preview_ttl(access_ttl: Duration) -> Duration {
+    PREVIEW_TTL.min(access_ttl)
+}
+
+impl Mirrors {
+    /// The upstream's refs for the mirror of `req`, which does not exist yet, as its client
+    /// may see them: listed as a creation lists them, with the same access rules (anonymously
+    /// first; the client's credentials only after the upstream refused that, see
+    /// [`super::Credentials`]), remembering refusals as a failed creation does. A client the
+    /// upstream refuses gets the error a creation would give it; one it accepts may be shown
+    /// these refs, and progress, while the mirror is created.
+    pub async fn preview(&self, req: &Request) -> Result<Arc<upstream::Listing>, Error> {
+        let key = req.failure_key();
+        if let Some(e) = self.remembered_failure(req, &key) {
+            return Err(e);
+        }
+        if let Some(listing) = self.previews.get(&key) {
+            return Ok(listing);
+        }
+        let tmp = self.tmp_dir(&req.dir);
+        let planned = plan(
+            &self.lister(),
+            req,
+            false,
+            &tmp,
+            false,
+            &self.failures,
+            &self.access,
+        )
+        .await;
+        // A listing made with gix's handshake needed a repository there.
+        if tmp.exists() {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(tmp)).await;
+        }
+        match planned {
+            Ok(plan) => {
+                let listing = Arc::new(plan.listing);
+                self.previews.insert(key, Arc::clone(&listing));
+                Ok(listing)
+            }
+            Err(upstream::Error::AuthRequired) => {
+                self.failures.insert(key, Failure::AuthRequired);
+                Err(Error::AuthRequired(req.name.clone()))
+            }
+            Err(upstream::Error::NotFound) => {
+                self.failures.insert(key, Failure::NotFound);
+                Err(Error::NotFound(req.name.clone()))
+            }
+            Err(source) => Err(Error::Upstream {
+                name: req.name.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Whether the client of `req` has a [`Mirrors::preview`] of the mirror (its clone is under
+    /// way).
+    pub fn previewed(&self, req: &Request) -> bool {
+        self.previews.get(&req.failure_key()).is_some()
+    }
+
+    /// How far the fetch of the current (or last) update of the mirror at `dir` got.
+    pub fn fetch_progress(&self, dir: &std::path::Path) -> Arc<upstream::Progress> {
+        Arc::clone(&self.repo(dir).fetch_progress)
+    }
+}
+
+/// Logs a creation's progress until dropped.
+pub(super) struct Log(tokio::task::AbortHandle);
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Log that the mirror `name` is being created, then what its fetch received every
+/// [`LOG_INTERVAL`], until the returned [`Log`] is dropped.
+pub(super) fn log(name: &str, progress: &Arc<upstream::Progress>) -> Log {
+    tracing::info!(repo = %name, "creating the mirror");
+    let (name, progress) = (name.to_owned(), Arc::clone(progress));
+    let started = Instant::now();
+    let task = tokio::spawn(async move {
+        let first = tokio::time::Instant::now() + LOG_INTERVAL;
+        let mut ticks = tokio::time::interval_at(first, LOG_INTERVAL);
+        loop {
+            ticks.tick().await;
+            tracing::info!(
+                repo = %name,
+                received = %progress.received().describe(),
+                seconds = started.elapsed().as_secs(),
+                "creating the mirror"
+            );
+        }
+    });
+    Log(task.abort_handle())
+}
