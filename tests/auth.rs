@@ -960,10 +960,7 @@ fn a_private_first_clone_shows_progress_to_accepted_credentials_only() {
         1,
     );
     let head = git(&upstream_dir, &["rev-parse", "main"]);
-    let fetch = format!(
-        "0014command=fetch\n0001000dthin-pack\n0032want {}\n0009done\n0000",
-        head.trim()
-    );
+    let fetch = v2_fetch(&format!("want {}", head.trim()));
     let wrong = basic("alice:guess");
     let work = tempfile::tempdir().unwrap();
     let mut clone = clone_with_progress(work.path(), &with_creds, "2");
@@ -983,7 +980,7 @@ fn a_private_first_clone_shows_progress_to_accepted_credentials_only() {
                 "POST",
                 &format!("/{}/private/repo/git-upload-pack", up.segment()),
                 &headers,
-                fetch.as_bytes(),
+                &fetch,
             );
             assert_challenged(&post, "fetch during the creation");
             // The creation's own requests carry alice's credentials.
