@@ -940,3 +940,40 @@ fn a_first_clone_without_side_band_waits_for_the_mirror() {
     );
     assert_eq!(up.throttled().1, 1, "the creation's pack was sent in full");
 }
+
+/// Issue 21 (3): first clones that cannot be shown progress before the pack (`--depth`: the
+/// shallow list comes first) or that filter objects still work while the mirror is created
+/// from a slow upstream: they are answered from the new mirror.
+#[test]
+fn a_shallow_or_partial_first_clone_works_while_the_mirror_is_created() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("slow/basic", "basic");
+    // Slower than the proxy waits before it answers from the upstream's listing.
+    up.throttle("/slow/", 4096, Duration::from_millis(250));
+    let allowed = up.allowed();
+    for v in PROTOCOLS {
+        for how in ["--depth=1", "--filter=blob:none"] {
+            let allowed = allowed.clone();
+            let server = Server::start_with(move |c| c.allowed_upstreams = allowed);
+            let url = server.url_for(&up.segment(), "slow/basic");
+            let work = tempfile::tempdir().unwrap();
+            let out = git_output(
+                work.path(),
+                &args(
+                    &["clone", "--progress", "--bare", how, &url, "c"],
+                    &proto(v),
+                ),
+                &[],
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "v{v} {how}: {stderr}");
+            let clone = work.path().join("c");
+            assert_eq!(
+                git(&clone, &["rev-parse", "main"]),
+                git(&upstream_dir, &["rev-parse", "main"]),
+                "v{v} {how}"
+            );
+            assert_fsck(&clone);
+        }
+    }
+}

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{plan, Error, Failure, Mirrors, Request};
+use super::{failure_key, plan, Error, Failure, FailureKey, Mirrors, Request};
 use crate::upstream;
 
-/// How long a preview is reused for requests with the same credentials (at most
-/// `AUTH_CACHE_TTL`): the requests of one clone (the ref listing, then the fetch) ask once.
+/// How long a preview is reused for requests with the same credentials, or by every client of
+/// a public repository (at most `AUTH_CACHE_TTL`): the requests of one clone (the ref listing,
+/// then the fetch), and of concurrent clones, ask the upstream once.
 const PREVIEW_TTL: Duration = Duration::from_secs(30);
 
 /// Previews remembered at most (see [`crate::ttl::TtlMap`]).
@@ -34,9 +35,35 @@ impl Mirrors {
         if let Some(e) = self.remembered_failure(req, &key) {
             return Err(e);
         }
-        if let Some(listing) = self.previews.get(&key) {
+        // A public repository's listing, as anonymous clients see it, is every client's.
+        let public = failure_key(&req.dir, None);
+        if let Some(listing) = self.previews.get(&public).and_then(|c| c.get().cloned()) {
             return Ok(listing);
         }
+        // Concurrent requests with the same credentials share one listing.
+        let cell = match self.previews.get(&key) {
+            Some(cell) => cell,
+            None => {
+                let cell = Arc::new(tokio::sync::OnceCell::new());
+                if self.previews.insert_new(key.clone(), Arc::clone(&cell)) {
+                    cell
+                } else {
+                    self.previews.get(&key).unwrap_or(cell)
+                }
+            }
+        };
+        let listing = cell
+            .get_or_try_init(|| self.preview_listing(req, key))
+            .await?;
+        Ok(Arc::clone(listing))
+    }
+
+    /// List the upstream's refs for [`Mirrors::preview`].
+    async fn preview_listing(
+        &self,
+        req: &Request,
+        key: FailureKey,
+    ) -> Result<Arc<upstream::Listing>, Error> {
         let tmp = self.tmp_dir(&req.dir);
         let planned = plan(
             &self.lister(),
@@ -55,7 +82,11 @@ impl Mirrors {
         match planned {
             Ok(plan) => {
                 let listing = Arc::new(plan.listing);
-                self.previews.insert(key, Arc::clone(&listing));
+                if !plan.private {
+                    let cell = tokio::sync::OnceCell::new_with(Some(Arc::clone(&listing)));
+                    self.previews
+                        .insert(failure_key(&req.dir, None), Arc::new(cell));
+                }
                 Ok(listing)
             }
             Err(upstream::Error::AuthRequired) => {
@@ -76,7 +107,12 @@ impl Mirrors {
     /// Whether the client of `req` has a [`Mirrors::preview`] of the mirror (its clone is under
     /// way).
     pub fn previewed(&self, req: &Request) -> bool {
-        self.previews.get(&req.failure_key()).is_some()
+        let listed = |key: &FailureKey| {
+            self.previews
+                .get(key)
+                .is_some_and(|cell| cell.initialized())
+        };
+        listed(&failure_key(&req.dir, None)) || listed(&req.failure_key())
     }
 
     /// How far the fetch of the current (or last) update of the mirror at `dir` got.

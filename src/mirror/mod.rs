@@ -540,7 +540,7 @@ pub struct Mirrors {
     creations: Arc<Creations>,
     /// The listings of mirrors not created yet, by mirror and credentials
     /// ([`Mirrors::preview`]).
-    previews: TtlMap<FailureKey, Arc<upstream::Listing>>,
+    previews: TtlMap<FailureKey, Arc<tokio::sync::OnceCell<Arc<upstream::Listing>>>>,
 }
 
 /// The interrupt flags of the mirror creations running, and whether creations are stopped
