@@ -1008,3 +1008,40 @@ fn a_private_first_clone_shows_progress_to_accepted_credentials_only() {
     assert_fsck(&clone);
     assert_eq!(refs(&clone), refs(&upstream_dir));
 }
+
+/// Issue 21 (3): while the mirror of a public repository is created, clients with made-up
+/// credentials are answered from the one listing the first clone caused: none of them
+/// reaches the upstream.
+#[test]
+fn made_up_credentials_during_a_public_first_clone_reach_no_upstream() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("public/repo", "basic");
+    up.throttle("/public/", 1024, Duration::from_millis(150));
+    let server = proxy(&up, AuthMode::PassThrough, None);
+    let work = tempfile::tempdir().unwrap();
+    let url = server.url_for(&up.segment(), "public/repo");
+    let mut clone = clone_with_progress(work.path(), &url, "2");
+    let seen = until_progress(&mut clone);
+    let asked = up.log().len();
+    for i in 0..5 {
+        let made_up = basic(&format!("user{i}:guess"));
+        let (get, ls_refs) = both_endpoints(&server, &up, "public/repo", Some(&made_up));
+        assert_eq!(
+            (get.status, ls_refs.status),
+            (200, 200),
+            "{}",
+            ls_refs.text()
+        );
+        assert!(ls_refs.text().contains("refs/heads/main"));
+    }
+    assert_eq!(
+        up.log().len(),
+        asked,
+        "made-up credentials reached the upstream"
+    );
+    assert_eq!(up.throttled().1, 0, "the mirror was still being created");
+    let (stderr, ok) = finish(clone, seen);
+    assert!(ok, "{stderr}");
+    assert_fsck(&work.path().join("c"));
+    assert_eq!(refs(&work.path().join("c")), refs(&upstream_dir));
+}

@@ -7,21 +7,20 @@ use std::time::{Duration, Instant};
 use super::{failure_key, plan, Error, Failure, FailureKey, Mirrors, Request};
 use crate::upstream;
 
-/// How long a preview is reused for requests with the same credentials, or by every client of
-/// a public repository (at most `AUTH_CACHE_TTL`): the requests of one clone (the ref listing,
-/// then the fetch), and of concurrent clones, ask the upstream once.
-const PREVIEW_TTL: Duration = Duration::from_secs(30);
+/// How long a preview is reused by every client of a public repository, or by requests with
+/// the same credentials (at most `AUTH_CACHE_TTL` then: it is a verdict on them too): the
+/// requests of one clone (the ref listing, then the fetch), and of concurrent clones, ask the
+/// upstream once.
+pub(super) const PREVIEW_TTL: Duration = Duration::from_secs(30);
+
+/// A preview being made or made: when, and the listing.
+pub(super) type Preview = Arc<tokio::sync::OnceCell<(Instant, Arc<upstream::Listing>)>>;
 
 /// Previews remembered at most (see [`crate::ttl::TtlMap`]).
 pub(super) const MAX_PREVIEWS: usize = 10_000;
 
 /// How often a creation's progress is logged.
 const LOG_INTERVAL: Duration = Duration::from_secs(5);
-
-/// How long previews are kept, under `access_ttl` (`AUTH_CACHE_TTL`).
-pub(super) fn preview_ttl(access_ttl: Duration) -> Duration {
-    PREVIEW_TTL.min(access_ttl)
-}
 
 impl Mirrors {
     /// The upstream's refs for the mirror of `req`, which does not exist yet, as its client
@@ -35,12 +34,15 @@ impl Mirrors {
         if let Some(e) = self.remembered_failure(req, &key) {
             return Err(e);
         }
-        // A public repository's listing, as anonymous clients see it, is every client's.
-        let public = failure_key(&req.dir, None);
-        if let Some(listing) = self.previews.get(&public).and_then(|c| c.get().cloned()) {
+        if let Some(listing) = self.made_preview(req) {
             return Ok(listing);
         }
         // Concurrent requests with the same credentials share one listing.
+        let made = self.previews.get(&key).filter(|cell| cell.initialized());
+        if made.is_some() {
+            // Made longer than AUTH_CACHE_TTL ago: made again.
+            self.previews.remove(&key);
+        }
         let cell = match self.previews.get(&key) {
             Some(cell) => cell,
             None => {
@@ -52,10 +54,26 @@ impl Mirrors {
                 }
             }
         };
-        let listing = cell
+        let (_, listing) = cell
             .get_or_try_init(|| self.preview_listing(req, key))
             .await?;
         Ok(Arc::clone(listing))
+    }
+
+    /// A preview made for every client (the repository is public) or for the credentials of
+    /// `req` less than `AUTH_CACHE_TTL` ago.
+    fn made_preview(&self, req: &Request) -> Option<Arc<upstream::Listing>> {
+        let made = |key: &FailureKey| {
+            let cell = self.previews.get(key)?;
+            cell.get().map(|(at, listing)| (*at, Arc::clone(listing)))
+        };
+        let public = failure_key(&req.dir, None);
+        if let Some((_, listing)) = made(&public) {
+            return Some(listing);
+        }
+        made(&req.failure_key())
+            .filter(|(at, _)| at.elapsed() < self.settings.access_ttl)
+            .map(|(_, listing)| listing)
     }
 
     /// List the upstream's refs for [`Mirrors::preview`].
@@ -63,7 +81,8 @@ impl Mirrors {
         &self,
         req: &Request,
         key: FailureKey,
-    ) -> Result<Arc<upstream::Listing>, Error> {
+    ) -> Result<(Instant, Arc<upstream::Listing>), Error> {
+        let started = Instant::now();
         let tmp = self.tmp_dir(&req.dir);
         let planned = plan(
             &self.lister(),
@@ -83,11 +102,11 @@ impl Mirrors {
             Ok(plan) => {
                 let listing = Arc::new(plan.listing);
                 if !plan.private {
-                    let cell = tokio::sync::OnceCell::new_with(Some(Arc::clone(&listing)));
-                    self.previews
-                        .insert(failure_key(&req.dir, None), Arc::new(cell));
+                    let made = Some((started, Arc::clone(&listing)));
+                    let cell = Arc::new(tokio::sync::OnceCell::new_with(made));
+                    self.previews.insert(failure_key(&req.dir, None), cell);
                 }
-                Ok(listing)
+                Ok((started, listing))
             }
             Err(upstream::Error::AuthRequired) => {
                 self.failures.insert(key, Failure::AuthRequired);
@@ -107,12 +126,7 @@ impl Mirrors {
     /// Whether the client of `req` has a [`Mirrors::preview`] of the mirror (its clone is under
     /// way).
     pub fn previewed(&self, req: &Request) -> bool {
-        let listed = |key: &FailureKey| {
-            self.previews
-                .get(key)
-                .is_some_and(|cell| cell.initialized())
-        };
-        listed(&failure_key(&req.dir, None)) || listed(&req.failure_key())
+        self.made_preview(req).is_some()
     }
 
     /// How far the fetch of the current (or last) update of the mirror at `dir` got.

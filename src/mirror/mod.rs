@@ -540,7 +540,7 @@ pub struct Mirrors {
     creations: Arc<Creations>,
     /// The listings of mirrors not created yet, by mirror and credentials
     /// ([`Mirrors::preview`]).
-    previews: TtlMap<FailureKey, Arc<tokio::sync::OnceCell<Arc<upstream::Listing>>>>,
+    previews: TtlMap<FailureKey, creation::Preview>,
 }
 
 /// The interrupt flags of the mirror creations running, and whether creations are stopped
@@ -652,7 +652,6 @@ impl Mirrors {
     /// A store over `settings.root`. Call [`Mirrors::remove_temporaries`] once at start.
     pub fn new(settings: Settings) -> Self {
         let snapshots = snapshots::Budget::new(settings.snapshot_memory, settings.stale_after);
-        let previews = creation::preview_ttl(settings.access_ttl);
         Mirrors {
             syncs: Arc::new(Semaphore::new(settings.max_syncs.max(1))),
             failures: Arc::new(TtlMap::new(settings.failure_ttl, MAX_FAILURES)),
@@ -666,7 +665,7 @@ impl Mirrors {
             sync_hook: Default::default(),
             snapshots: Arc::new(snapshots),
             creations: Default::default(),
-            previews: TtlMap::new(previews, creation::MAX_PREVIEWS),
+            previews: TtlMap::new(creation::PREVIEW_TTL, creation::MAX_PREVIEWS),
         }
     }
 
