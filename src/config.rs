@@ -353,10 +353,10 @@ pub struct Resolved {
     pub listing_client: crate::upstream::ListingClient,
 }
 
-/// See `PACK_COMPRESSION_LEVEL`; the README gives the measurements behind it.
+/// See `PACK_COMPRESSION_LEVEL`; `docs/performance.md` gives the measurements behind it.
 pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
 
-/// See `MAINTENANCE_BITMAP_LAG`; the README gives the measurements behind it.
+/// See `MAINTENANCE_BITMAP_LAG`; `docs/performance.md` gives the measurements behind it.
 pub const DEFAULT_BITMAP_LAG: usize = 300;
 
 /// A setting that is never printed: its `Debug` form is `<redacted>`, so a logged or printed
@@ -1334,7 +1334,7 @@ mod tests {
         }
     }
 
-    /// The defaults the README documents, as the command line gives them and as
+    /// The defaults `docs/configuration.md` documents, as the command line gives them and as
     /// `Config::new` does.
     #[test]
     fn limits_have_the_documented_defaults() {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{failure_key, plan, Error, Failure, FailureKey, Mirrors, Request};
+use super::{failure_error, failure_key, Error, Failure, FailureKey, Mirrors, Planner, Request};
 use crate::upstream;
 
 /// How long a preview is reused by every client of a public repository, or by requests with
@@ -31,8 +31,8 @@ impl Mirrors {
     /// these refs, and progress, while the mirror is created.
     pub async fn preview(&self, req: &Request) -> Result<Arc<upstream::Listing>, Error> {
         let key = req.failure_key();
-        if let Some(e) = self.remembered_failure(req, &key) {
-            return Err(e);
+        if let Some(failure) = self.remembered_failure(req, &key) {
+            return Err(failure_error(req, failure));
         }
         if let Some(listing) = self.made_preview(req) {
             return Ok(listing);
@@ -84,16 +84,13 @@ impl Mirrors {
     ) -> Result<(Instant, Arc<upstream::Listing>), Error> {
         let started = Instant::now();
         let tmp = self.tmp_dir(&req.dir);
-        let planned = plan(
-            &self.lister(),
-            req,
-            false,
-            &tmp,
-            false,
-            &self.failures,
-            &self.access,
-        )
-        .await;
+        let planner = Planner {
+            lister: &self.lister(),
+            failures: &self.failures,
+            access: &self.access,
+        };
+        // The mirror's state is not touched: it does not exist, so it is not private yet.
+        let planned = planner.plan(req, &Arc::default(), false, &tmp, false).await;
         // A listing made with gix's handshake needed a repository there.
         if tmp.exists() {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(tmp)).await;

@@ -15,6 +15,7 @@ mod access;
 mod creation;
 pub mod evict;
 pub mod maintain;
+mod policy;
 pub mod record;
 pub mod snapshots;
 mod sync;
@@ -31,34 +32,11 @@ use crate::config::Secret;
 use crate::repo::Snapshot;
 use crate::ttl::TtlMap;
 use crate::upstream;
+use policy::{Failure, Settled};
+pub use policy::{Freshness, Status};
 
 /// Prefix of the temporary directories mirrors are created in.
 const TMP_PREFIX: &str = ".smart-git-proxy-tmp-";
-
-/// How a request was served, as told in `X-Git-Proxy-Status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    /// The mirror was created for this request.
-    Clone,
-    /// The mirror was synced for this request.
-    Sync,
-    /// The mirror was fresh enough.
-    Hit,
-    /// The sync failed; the existing mirror was served.
-    Stale,
-}
-
-impl Status {
-    /// The header value.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Status::Clone => "clone",
-            Status::Sync => "sync",
-            Status::Hit => "hit",
-            Status::Stale => "stale",
-        }
-    }
-}
 
 /// Why a mirror cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -210,37 +188,16 @@ type SyncSlots = (
     tokio::sync::OwnedSemaphorePermit,
 );
 
-/// What `ensure` does next.
-enum Step {
+/// How [`Mirrors::update`] goes on after [`Mirrors::start_update`].
+enum Next {
+    /// The request is answered with this status, without an update.
     Done(Status),
+    /// Look the mirror up again.
     Retry,
+    /// Wait until then, and ask again.
     WaitUntil(Instant),
+    /// Update the mirror, holding its lock and the sync slots.
     Update(tokio::sync::OwnedMutexGuard<RepoState>, SyncSlots),
-}
-
-/// When a sync is due.
-#[derive(Debug, Clone, Copy)]
-pub enum Freshness {
-    /// When the last successful sync is older than `SYNC_STALE_AFTER`.
-    IfStale,
-    /// Unless a sync finished after this instant (a want-miss: the client saw newer refs).
-    SyncedAfter(Instant),
-    /// Unless a sync started after this instant: the upstream said it changed (a push
-    /// webhook) or an operator asks for it (warm-up). `reason` is logged with the sync.
-    Pushed {
-        /// When the notice arrived: notices that arrive during one sync share the next.
-        since: Instant,
-        /// Why, for the log (`webhook`, `warm-up`).
-        reason: &'static str,
-    },
-}
-
-impl Freshness {
-    /// Whether this asks for newer data than `SYNC_STALE_AFTER` would: a parent proxy is then
-    /// asked to check its own upstream too (`Cache-Control: no-cache`).
-    fn revalidates(self) -> bool {
-        !matches!(self, Freshness::IfStale)
-    }
 }
 
 /// Settings of the store.
@@ -443,15 +400,9 @@ pub struct Info {
 }
 
 impl Info {
-    fn new(
-        repo: String,
-        dir: &Path,
-        usage: evict::Usage,
-        rec: &record::Record,
-        pack_cache_bytes: u64,
-    ) -> Info {
+    fn new(repo: String, usage: evict::Usage, rec: &record::Record, pack_cache_bytes: u64) -> Info {
         // RFC 3339 ends with year 9999 (the formatter fails beyond it): a damaged record's
-        // time, or a marker's, is then unknown.
+        // time is then unknown.
         let time = |ms: u64| {
             use std::fmt::Write;
             let mut text = String::new();
@@ -463,12 +414,9 @@ impl Info {
             .ok()
             .map(|()| text)
         };
-        // An adopted mirror, or one synced before records existed: its sync marker.
-        let last_sync_ms = rec.last_sync_ms.or_else(|| {
-            sync::last_synced(dir)
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_millis() as u64)
-        });
+        // A mirror whose record knows only its last successful sync: one migrated from an
+        // older release's marker.
+        let last_sync_ms = rec.last_sync_ms.or(rec.last_success_ms);
         Info {
             repo,
             bytes: usage.bytes,
@@ -476,7 +424,7 @@ impl Info {
             last_sync: last_sync_ms.and_then(time),
             last_sync_outcome: rec.last_sync_outcome,
             last_serve: rec.last_serve_ms.and_then(time),
-            private: Mirrors::is_private(dir),
+            private: rec.private,
             pack_cache_bytes,
         }
     }
@@ -496,13 +444,7 @@ pub fn inventory_on_disk(root: &Path, pack_cache_dir: &Path) -> std::io::Result<
                 .get(&crate::pack::cache::MirrorId::of(&name))
                 .copied()
                 .unwrap_or(0);
-            Info::new(
-                name,
-                &dir,
-                evict::usage(&dir),
-                &record::Record::read(&dir),
-                cache,
-            )
+            Info::new(name, evict::usage(&dir), &record::Record::read(&dir), cache)
         })
         .collect();
     out.sort_by(|a, b| a.repo.cmp(&b.repo));
@@ -570,12 +512,12 @@ impl Creations {
 /// anonymously).
 type FailureKey = (PathBuf, Option<u64>);
 
-/// Why a creation failed, as remembered: only answers of the upstream that another request
-/// would get again, not transient failures.
-#[derive(Debug, Clone, Copy)]
-enum Failure {
-    AuthRequired,
-    NotFound,
+/// The error of a request answered with a remembered failure.
+fn failure_error(req: &Request, failure: Failure) -> Error {
+    match failure {
+        Failure::AuthRequired => Error::AuthRequired(req.name.clone()),
+        Failure::NotFound => Error::NotFound(req.name.clone()),
+    }
 }
 
 /// Failed creations remembered at most (see [`TtlMap`]).
@@ -772,7 +714,7 @@ impl Mirrors {
                 .copied()
                 .unwrap_or(0);
             let rec = repo.record.lock().record.clone();
-            page.push(Info::new(name, &dir, repo.usage(&dir), &rec, cache));
+            page.push(Info::new(name, repo.usage(&dir), &rec, cache));
         }
         (page, more)
     }
@@ -852,9 +794,18 @@ impl Mirrors {
         self.snapshots.pass(&self.repos)
     }
 
-    /// Whether the mirror at `dir` was made with credentials.
-    pub fn is_private(dir: &Path) -> bool {
-        dir.join(sync::PRIVATE_MARKER).is_file()
+    /// Whether the mirror at `dir` exists and was made or synced with credentials, as its
+    /// record says (read from disk for a mirror the store does not hold: one placed since
+    /// start).
+    fn is_private(&self, dir: &Path) -> bool {
+        if !crate::repo::exists(dir) {
+            return false;
+        }
+        let held = self.repos.lock().get(dir).cloned();
+        match held {
+            Some(repo) => repo.record.lock().record.private,
+            None => record::Record::read(dir).private,
+        }
     }
 
     /// The mirror's state, loading its last sync time from disk the first time.
@@ -863,8 +814,10 @@ impl Mirrors {
             return Arc::clone(repo);
         }
         // Read from disk without the store's lock, which every request takes.
-        let last_sync = sync::last_synced(dir)
-            .and_then(|t| t.elapsed().ok())
+        let record = record::Record::read(dir);
+        let last_sync = record
+            .last_success_ms
+            .and_then(|ms| record::time_of(ms).elapsed().ok())
             .and_then(|ago| Instant::now().checked_sub(ago));
         let repo = Arc::new(Repo {
             state: Arc::new(tokio::sync::Mutex::new(RepoState {
@@ -872,7 +825,7 @@ impl Mirrors {
                 ..Default::default()
             })),
             record: parking_lot::Mutex::new(record::Held {
-                record: record::Record::read(dir),
+                record,
                 ..Default::default()
             }),
             ..Default::default()
@@ -973,7 +926,7 @@ impl Mirrors {
         let Credentials::Client(credentials) = &req.credentials else {
             return Ok(true);
         };
-        if !Mirrors::is_private(&req.dir) {
+        if !self.is_private(&req.dir) {
             return Ok(true);
         }
         let check = {
@@ -1037,22 +990,22 @@ impl Mirrors {
         // remove the repository between `repo()` and its lock, or this update would run on a
         // state the store no longer holds, beside another request's.
         let _lease = self.lease(&req.dir);
-        let started = Instant::now();
+        let ask = policy::Ask {
+            freshness,
+            arrived: Instant::now(),
+        };
         let key = req.failure_key();
         let repo = loop {
             // Before `repo()`: a remembered failure leaves no trace in the store.
-            if let Some(e) = self.remembered_failure(req, &key) {
-                return Err(e);
+            if let Some(failure) = self.remembered_failure(req, &key) {
+                return Err(failure_error(req, failure));
             }
             let repo = self.repo(&req.dir);
-            match self
-                .start_update(req, &key, freshness, &repo, started)
-                .await?
-            {
-                Step::Done(status) => return Ok(status),
-                Step::Retry => {}
-                Step::WaitUntil(t) => tokio::time::sleep_until(t.into()).await,
-                Step::Update(state, slots) => break (repo, state, slots),
+            match self.start_update(req, &key, &ask, &repo).await? {
+                Next::Done(status) => return Ok(status),
+                Next::Retry => {}
+                Next::WaitUntil(t) => tokio::time::sleep_until(t.into()).await,
+                Next::Update(state, slots) => break (repo, state, slots),
             }
         };
         let (repo, mut state, slots) = repo;
@@ -1061,16 +1014,7 @@ impl Mirrors {
             name: req.name.clone(),
             message,
         };
-        if let Freshness::SyncedAfter(_) = freshness {
-            state.last_want_miss = Some(Instant::now());
-        }
-        // Why this update runs, for the log.
-        let reason = match freshness {
-            _ if !exists => "new mirror",
-            Freshness::IfStale => "stale",
-            Freshness::SyncedAfter(_) => "want-miss",
-            Freshness::Pushed { reason, .. } => reason,
-        };
+        let reason = freshness.reason(exists);
         let revalidate = freshness.revalidates();
         let via_parent = self.settings.via_parent;
         let owned = req.clone();
@@ -1107,11 +1051,14 @@ impl Mirrors {
             let current = repo.snapshot();
             let before = current.clone().filter(|_| exists);
             let from_client = matches!(owned.credentials, Credentials::Client(_));
-            let plan = plan(
-                &lister, &owned, exists, &tmp, revalidate, &failures, &access,
-            )
-            .await;
+            let planner = Planner {
+                lister: &lister,
+                failures: &failures,
+                access: &access,
+            };
+            let plan = planner.plan(&owned, &repo, exists, &tmp, revalidate).await;
             let stopped = Arc::clone(&interrupt);
+            let held = Arc::clone(&repo);
             let result = match plan {
                 Err(e) => Err(e),
                 Ok(_) if stopped.load(Ordering::Relaxed) => Err(upstream::Error::Interrupted),
@@ -1122,13 +1069,15 @@ impl Mirrors {
                     if let Some(url) = &plan.listing.url {
                         owned.url = url.clone();
                     }
-                    let authorization = plan.authorization.as_ref().map(Secret::expose);
+                    let held = &held.record;
                     if !exists {
+                        let authorization = plan.authorization.as_ref().map(Secret::expose);
                         return sync::create(
                             &owned,
                             &tmp,
                             authorization,
                             plan.private,
+                            held,
                             &opts,
                             progress,
                             interrupt,
@@ -1136,7 +1085,9 @@ impl Mirrors {
                     }
                     if plan.recreate {
                         tracing::info!(repo = %owned.name, "the upstream lists the repository anonymously now: mirroring it again without credentials");
-                        return sync::recreate(&owned, &tmp, &aside, &opts, progress, interrupt);
+                        return sync::recreate(
+                            &owned, &tmp, &aside, held, &opts, progress, interrupt,
+                        );
                     }
                     let snapshot = match current {
                         Some(snapshot) => Ok(snapshot),
@@ -1144,20 +1095,8 @@ impl Mirrors {
                             .map(Arc::new)
                             .map_err(|e| upstream::Error::Local(crate::error_chain(&e))),
                     };
-                    snapshot.and_then(|s| {
-                        let listing = plan.listing;
-                        let private = plan.private;
-                        sync::sync(
-                            &owned,
-                            s,
-                            listing,
-                            authorization,
-                            private,
-                            &opts,
-                            progress,
-                            interrupt,
-                        )
-                    })
+                    snapshot
+                        .and_then(|s| sync::sync(&owned, s, plan, held, &opts, progress, interrupt))
                 })
                 .await
                 .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string()))),
@@ -1212,47 +1151,37 @@ impl Mirrors {
                     }
                     Ok(status)
                 }
-                Err(e @ (upstream::Error::AuthRequired | upstream::Error::NotFound)) if !exists => {
-                    // Remembered, and forgotten as a mirror: an unknown repository or refused
-                    // credentials cost one upstream request per FAILURE_CACHE_TTL, and no
-                    // memory beyond the cache.
-                    let failure = match e {
-                        upstream::Error::AuthRequired => Failure::AuthRequired,
-                        _ => Failure::NotFound,
-                    };
-                    failures.insert(key, failure);
-                    repos.lock().remove(&owned_dir);
-                    crate::metrics::mirror_update("failed", started.elapsed(), 0);
-                    if via_parent {
-                        crate::metrics::parent_fetch("failed");
+                Err(e) => match policy::settle(exists, from_client, &e) {
+                    Settled::Remember(failure) => {
+                        failures.insert(key, failure);
+                        repos.lock().remove(&owned_dir);
+                        crate::metrics::mirror_update("failed", started.elapsed(), 0);
+                        if via_parent {
+                            crate::metrics::parent_fetch("failed");
+                        }
+                        Err(e)
                     }
-                    Err(e)
-                }
-                // The upstream refuses this client, or anonymous access to a mirror that is
-                // private from now on: its clients are checked before any sync, so refusals do
-                // not reach the upstream again.
-                Err(upstream::Error::AuthRequired) if from_client => {
-                    Err(upstream::Error::AuthRequired)
-                }
-                Err(e) if exists => {
-                    state.last_failure = Some(started);
-                    record_sync(&repo, &owned_dir, Err(e.to_string())).await;
-                    crate::metrics::mirror_update("stale", started.elapsed(), 0);
-                    if via_parent {
-                        crate::metrics::parent_fetch("stale");
+                    Settled::Refused => Err(e),
+                    Settled::Stale => {
+                        state.last_failure = Some(started);
+                        record_sync(&repo, &owned_dir, Err(e.to_string())).await;
+                        crate::metrics::mirror_update("stale", started.elapsed(), 0);
+                        if via_parent {
+                            crate::metrics::parent_fetch("stale");
+                        }
+                        tracing::warn!(repo = %name, reason, error = %e, "sync failed, serving the existing mirror");
+                        Ok(Status::Stale)
                     }
-                    tracing::warn!(repo = %name, reason, error = %e, "sync failed, serving the existing mirror");
-                    Ok(Status::Stale)
-                }
-                Err(e) => {
-                    crate::metrics::mirror_update("failed", started.elapsed(), 0);
-                    if via_parent {
-                        crate::metrics::parent_fetch("failed");
+                    Settled::Failed => {
+                        crate::metrics::mirror_update("failed", started.elapsed(), 0);
+                        if via_parent {
+                            crate::metrics::parent_fetch("failed");
+                        }
+                        state.last_error = Some((Instant::now(), e.clone()));
+                        repos.lock().remove(&owned_dir);
+                        Err(e)
                     }
-                    state.last_error = Some((Instant::now(), e.clone()));
-                    repos.lock().remove(&owned_dir);
-                    Err(e)
-                }
+                },
             }
         });
         match update.await.map_err(|e| local(e.to_string()))? {
@@ -1297,119 +1226,104 @@ impl Mirrors {
         }
     }
 
-    /// Decide what `ensure` does next, under the repository's lock: nothing (fresh, or served
-    /// as it is), wait (want-miss backoff), or update, holding the lock and the sync slots.
+    /// Take the mirror's lock, gather what the store knows of it, ask [`policy::next_step`]
+    /// what the request does, and carry that out up to the update itself: re-read the mirror,
+    /// take the sync slots, or say how the request is answered.
     async fn start_update(
         &self,
         req: &Request,
         key: &FailureKey,
-        freshness: Freshness,
+        ask: &policy::Ask,
         repo: &Arc<Repo>,
-        arrived: Instant,
-    ) -> Result<Step, Error> {
+    ) -> Result<Next, Error> {
         let exists = crate::repo::exists(&req.dir);
-        // A request that only needs some fresh mirror does not wait long for a sync to start:
-        // it is served the mirror as it is.
-        let patient = !(exists && matches!(freshness, Freshness::IfStale));
-        let wait_until = arrived + self.settings.sync_wait;
+        let timing = self.timing();
         let lock = Arc::clone(&repo.state).lock_owned();
-        let mut state = if patient {
-            lock.await
-        } else {
-            match tokio::time::timeout_at(wait_until.into(), lock).await {
+        let mut state = match policy::patience(exists, ask, &timing) {
+            None => lock.await,
+            Some(until) => match tokio::time::timeout_at(until.into(), lock).await {
                 Ok(state) => state,
-                Err(_) => return Ok(Step::Done(Status::Stale)),
-            }
+                Err(_) => return Ok(Next::Done(Status::Stale)),
+            },
         };
-        // The creation this request waited for may just have failed: remembered, or forgotten
-        // (the store dropped this entry; another request may have made a new one).
-        if let Some(e) = self.remembered_failure(req, key) {
-            return Err(e);
-        }
-        match &state.last_error {
-            Some((failed, source)) if !exists && *failed > arrived => {
-                return Err(Error::Upstream {
-                    name: req.name.clone(),
-                    source: source.clone(),
-                });
-            }
-            _ => {}
-        }
-        let current = self
-            .repos
-            .lock()
-            .get(&req.dir)
-            .is_some_and(|r| Arc::ptr_eq(r, repo));
-        if !current {
-            return Ok(Step::Retry);
-        }
-        let now = Instant::now();
-        if exists {
-            let fresh = match freshness {
-                Freshness::IfStale => state
-                    .last_sync
-                    .is_some_and(|t| now.duration_since(t) < self.settings.stale_after),
-                Freshness::SyncedAfter(since) | Freshness::Pushed { since, .. } => {
-                    state.last_sync.is_some_and(|t| t > since)
-                }
-            };
-            if fresh {
-                return Ok(Step::Done(Status::Hit));
-            }
-            // A sync check: first pick up what others changed on disk, so that a mirror whose
-            // upstream fails is still served as it is now.
+        let view = policy::View {
+            exists,
+            current: self
+                .repos
+                .lock()
+                .get(&req.dir)
+                .is_some_and(|r| Arc::ptr_eq(r, repo)),
+            // The creation this request waited for may just have failed: remembered, or
+            // forgotten (the store dropped this entry; another request may have made a new
+            // one).
+            remembered: self.remembered_failure(req, key),
+            last_sync: state.last_sync,
+            last_failure: state.last_failure,
+            last_want_miss: state.last_want_miss,
+            last_busy: state.last_busy,
+            last_error: state.last_error.as_ref().map(|(t, _)| *t),
+        };
+        let step = policy::next_step(Instant::now(), &view, ask, &timing);
+        if step.rereads(&view) {
             self.refresh(repo, &req.dir).await;
-            let recently = |t: Option<Instant>, d: Duration| t.is_some_and(|t| now < t + d);
-            let backing_off = recently(state.last_failure, self.settings.stale_after)
-                || recently(state.last_busy, self.settings.sync_wait);
-            // A want-miss shares a failed attempt that started after it arrived, as it shares a
-            // successful one: waiting requests do not each retry a failing upstream.
-            let failed_since = |since: Instant| state.last_failure.is_some_and(|t| t > since);
-            match freshness {
-                Freshness::IfStale if backing_off => return Ok(Step::Done(Status::Stale)),
-                Freshness::SyncedAfter(since) | Freshness::Pushed { since, .. }
-                    if failed_since(since) =>
-                {
-                    return Ok(Step::Done(Status::Stale))
-                }
-                Freshness::SyncedAfter(_)
-                    if recently(state.last_want_miss, self.settings.want_miss_interval) =>
-                {
-                    // Back off: one want-miss sync per interval; the requests waiting now share
-                    // the next one.
-                    let next = state
-                        .last_want_miss
-                        .map_or(now, |t| t + self.settings.want_miss_interval);
-                    return Ok(Step::WaitUntil(next));
-                }
-                _ => {}
-            }
         }
+        let (slots_until, want_miss) = match step {
+            policy::Step::Remembered(failure) => return Err(failure_error(req, failure)),
+            policy::Step::CreationFailed => {
+                // The step is only taken with a last error: otherwise, look again.
+                return match &state.last_error {
+                    Some((_, source)) => Err(Error::Upstream {
+                        name: req.name.clone(),
+                        source: source.clone(),
+                    }),
+                    None => Ok(Next::Retry),
+                };
+            }
+            policy::Step::Retry => return Ok(Next::Retry),
+            policy::Step::Hit => return Ok(Next::Done(Status::Hit)),
+            policy::Step::Stale => return Ok(Next::Done(Status::Stale)),
+            policy::Step::WaitUntil(t) => return Ok(Next::WaitUntil(t)),
+            policy::Step::Update {
+                slots_until,
+                want_miss,
+            } => (slots_until, want_miss),
+        };
         let slots = self.sync_slots(req);
-        let slots = if patient {
-            slots.await
-        } else {
-            match tokio::time::timeout_at(wait_until.into(), slots).await {
+        let slots = match slots_until {
+            None => slots.await,
+            Some(until) => match tokio::time::timeout_at(until.into(), slots).await {
                 Ok(slots) => slots,
                 Err(_) => {
                     state.last_busy = Some(Instant::now());
                     tracing::info!(repo = %req.name, "no sync slot within SYNC_WAIT: serving the mirror as it is");
-                    return Ok(Step::Done(Status::Stale));
+                    return Ok(Next::Done(Status::Stale));
                 }
-            }
+            },
         };
         let slots = slots.map_err(|_| Error::Local {
             name: req.name.clone(),
             message: "shutting down".into(),
         })?;
-        Ok(Step::Update(state, slots))
+        if want_miss {
+            state.last_want_miss = Some(Instant::now());
+        }
+        Ok(Next::Update(state, slots))
+    }
+
+    /// The settings of [`policy::next_step`].
+    fn timing(&self) -> policy::Timing {
+        policy::Timing {
+            stale_after: self.settings.stale_after,
+            sync_wait: self.settings.sync_wait,
+            want_miss_interval: self.settings.want_miss_interval,
+        }
     }
 
     /// The remembered failure to create the mirror with these credentials, if it does not
     /// exist (an operator may have placed it since). A repository the upstream does not have
     /// for anonymous requests is not looked for with a client's credentials either: they are
     /// tried only after a refusal (401).
-    fn remembered_failure(&self, req: &Request, key: &FailureKey) -> Option<Error> {
+    fn remembered_failure(&self, req: &Request, key: &FailureKey) -> Option<Failure> {
         let anonymously = || match &req.credentials {
             Credentials::Client(Some(_)) => self
                 .failures
@@ -1421,10 +1335,7 @@ impl Mirrors {
         if crate::repo::exists(&req.dir) {
             return None;
         }
-        Some(match failure {
-            Failure::AuthRequired => Error::AuthRequired(req.name.clone()),
-            Failure::NotFound => Error::NotFound(req.name.clone()),
-        })
+        Some(failure)
     }
 
     /// A slot of the mirror's upstream host, then a global one: requests for a host whose
@@ -1516,102 +1427,113 @@ impl Lister {
     }
 }
 
-/// Decide how the update of `req` fetches (see [`Credentials`]): from which listing, with
-/// which credentials, and whether the mirror is private afterwards. `tmp` is where a new
-/// mirror is made. Anonymous refusals and the verdicts on a client's credentials are noted on
-/// the way.
-async fn plan(
-    lister: &Lister,
-    req: &Request,
-    exists: bool,
-    tmp: &Path,
-    revalidate: bool,
-    failures: &TtlMap<FailureKey, Failure>,
-    access: &access::AccessCache,
-) -> Result<Plan, upstream::Error> {
-    let local = if exists { req.dir.as_path() } else { tmp };
-    let list = |authorization| lister.list(&req.url, local, !exists, authorization, revalidate);
-    let was_private = exists && Mirrors::is_private(&req.dir);
-    let client = match &req.credentials {
-        Credentials::None => {
-            return Ok(Plan {
-                listing: list(None).await?,
-                authorization: None,
-                private: false,
-                recreate: was_private,
-            })
-        }
-        Credentials::Proxy(token) => {
-            let listing = list(Some(token)).await?;
-            // Privacy is the upstream's, not the request's: whether it also answers without
-            // the token.
-            let private = upstream::ls_refs(&lister.client, &req.url, None, false, &lister.opts)
-                .await
-                .is_err();
-            return Ok(Plan {
-                listing,
-                authorization: Some(token.clone()),
-                private,
-                recreate: false,
-            });
-        }
-        Credentials::Client(client) => client,
-    };
-    let anonymous_key = failure_key(&req.dir, None);
-    let refused_before =
-        !exists && matches!(failures.get(&anonymous_key), Some(Failure::AuthRequired));
-    let anonymously = if refused_before {
-        Err(upstream::Error::AuthRequired)
-    } else {
-        list(None).await
-    };
-    match anonymously {
-        Ok(listing) => {
-            return Ok(Plan {
-                listing,
-                authorization: None,
-                private: false,
-                recreate: was_private,
-            })
-        }
-        Err(upstream::Error::AuthRequired) => {}
-        Err(e) => {
-            if let (false, upstream::Error::NotFound) = (exists, &e) {
-                failures.insert(anonymous_key, Failure::NotFound);
+/// What deciding how an update fetches consults, and notes on the way.
+struct Planner<'a> {
+    lister: &'a Lister,
+    /// Anonymous refusals and unknown repositories.
+    failures: &'a TtlMap<FailureKey, Failure>,
+    /// The verdicts on a client's credentials.
+    access: &'a access::AccessCache,
+}
+
+impl Planner<'_> {
+    /// Decide how the update of `req` fetches (see [`Credentials`]): from which listing, with
+    /// which credentials, and whether the mirror is private afterwards. `repo` is the mirror's
+    /// state (it existed: `exists`), `tmp` where a new mirror is made.
+    async fn plan(
+        &self,
+        req: &Request,
+        repo: &Arc<Repo>,
+        exists: bool,
+        tmp: &Path,
+        revalidate: bool,
+    ) -> Result<Plan, upstream::Error> {
+        let (lister, failures, access) = (self.lister, self.failures, self.access);
+        let local = if exists { req.dir.as_path() } else { tmp };
+        let list = |authorization| lister.list(&req.url, local, !exists, authorization, revalidate);
+        let was_private = exists && repo.record.lock().record.private;
+        let client = match &req.credentials {
+            Credentials::None => {
+                return Ok(Plan {
+                    listing: list(None).await?,
+                    authorization: None,
+                    private: false,
+                    recreate: was_private,
+                })
             }
-            return Err(e);
-        }
-    }
-    // The upstream refuses anonymous access: the mirror is private from now on, before
-    // anything else happens to it.
-    access.record(&req.dir, None, false);
-    if !exists {
-        failures.insert(anonymous_key, Failure::AuthRequired);
-    } else if !was_private {
-        let dir = req.dir.clone();
-        tokio::task::spawn_blocking(move || sync::set_private(&dir, true))
-            .await
-            .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string())))?;
-        tracing::info!(repo = %req.name, "the upstream refuses anonymous access: the mirror is private");
-    }
-    let Some(credentials) = client else {
-        return Err(upstream::Error::AuthRequired);
-    };
-    match list(Some(credentials)).await {
-        Ok(listing) => {
-            access.record(&req.dir, Some(credentials.expose()), true);
-            Ok(Plan {
-                listing,
-                authorization: Some(credentials.clone()),
-                private: true,
-                recreate: false,
-            })
-        }
-        Err(upstream::Error::AuthRequired | upstream::Error::NotFound) if exists => {
-            access.record(&req.dir, Some(credentials.expose()), false);
+            Credentials::Proxy(token) => {
+                let listing = list(Some(token)).await?;
+                // Privacy is the upstream's, not the request's: whether it also answers without
+                // the token.
+                let private =
+                    upstream::ls_refs(&lister.client, &req.url, None, false, &lister.opts)
+                        .await
+                        .is_err();
+                return Ok(Plan {
+                    listing,
+                    authorization: Some(token.clone()),
+                    private,
+                    recreate: false,
+                });
+            }
+            Credentials::Client(client) => client,
+        };
+        let anonymous_key = failure_key(&req.dir, None);
+        let refused_before =
+            !exists && matches!(failures.get(&anonymous_key), Some(Failure::AuthRequired));
+        let anonymously = if refused_before {
             Err(upstream::Error::AuthRequired)
+        } else {
+            list(None).await
+        };
+        match anonymously {
+            Ok(listing) => {
+                return Ok(Plan {
+                    listing,
+                    authorization: None,
+                    private: false,
+                    recreate: was_private,
+                })
+            }
+            Err(upstream::Error::AuthRequired) => {}
+            Err(e) => {
+                if let (false, upstream::Error::NotFound) = (exists, &e) {
+                    failures.insert(anonymous_key, Failure::NotFound);
+                }
+                return Err(e);
+            }
         }
-        Err(e) => Err(e),
+        // The upstream refuses anonymous access: the mirror is private from now on, before
+        // anything else happens to it.
+        access.record(&req.dir, None, false);
+        if !exists {
+            failures.insert(anonymous_key, Failure::AuthRequired);
+        } else if !was_private {
+            let (repo, dir) = (Arc::clone(repo), req.dir.clone());
+            tokio::task::spawn_blocking(move || sync::set_private(&repo.record, &dir, true))
+                .await
+                .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string())))?;
+            tracing::info!(repo = %req.name, "the upstream refuses anonymous access: the mirror is private");
+        }
+        let Some(credentials) = client else {
+            return Err(upstream::Error::AuthRequired);
+        };
+        match list(Some(credentials)).await {
+            Ok(listing) => {
+                access.record(&req.dir, Some(credentials.expose()), true);
+                Ok(Plan {
+                    listing,
+                    authorization: Some(credentials.clone()),
+                    private: true,
+                    recreate: false,
+                })
+            }
+            Err(upstream::Error::AuthRequired | upstream::Error::NotFound) if exists => {
+                access.record(&req.dir, Some(credentials.expose()), false);
+                Err(upstream::Error::AuthRequired)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -1727,8 +1649,23 @@ fn remove_temporaries(root: &Path) -> std::io::Result<usize> {
         std::fs::remove_dir_all(tmp)?;
     }
     let mut removed = temporaries.len();
+    let mut migrated = 0;
     for mirror in &mirrors {
         removed += sync::remove_leftovers_unless_busy(mirror);
+        match record::migrate(mirror) {
+            Ok(true) => migrated += 1,
+            Ok(false) => {}
+            // Its markers stay, and are read with the record until a start migrates them.
+            Err(e) => {
+                tracing::warn!(mirror = %mirror.display(), error = %e, "cannot move the mirror's markers into its record")
+            }
+        }
+    }
+    if migrated > 0 {
+        tracing::info!(
+            migrated,
+            "moved the sync and privacy markers of an older release into the mirrors' records"
+        );
     }
     Ok(removed)
 }
