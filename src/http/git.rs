@@ -4,7 +4,9 @@
 //! A request is resolved to its mirror and upstream, the mirror is ensured through the mirror
 //! store (created, synced, or its client authorized), and the answer comes from
 //! [`upload_pack`]: a ref listing at once, a pack through [`super::answer`]. A want-miss —
-//! `upload_pack` reports wants the mirror lacks — syncs the mirror first.
+//! `upload_pack` reports wants the mirror lacks — syncs the mirror first. A mirror whose
+//! creation takes long is answered from the upstream's listing meanwhile, and its fetch shows
+//! the creation's progress ([`first_request`]).
 
 use std::sync::Arc;
 

@@ -951,7 +951,10 @@ fn a_private_first_clone_shows_progress_to_accepted_credentials_only() {
     let up = Upstream::start();
     let upstream_dir = up.add_fixture("private/repo", "basic");
     up.require_auth("/private", "alice:secret");
-    up.throttle("/private/", 1024, Duration::from_millis(150));
+    // The pack comes in 1 KiB chunks 300 ms apart (over 20 s): each request of this client
+    // waits for the creation up to 2 s (AUTH_CACHE_TTL here is too short to reuse its listing),
+    // and so does each refused one below.
+    up.throttle("/private/", 1024, Duration::from_millis(300));
     let server = proxy(&up, AuthMode::PassThrough, None);
     let with_creds = server.url_for(&up.segment(), "private/repo").replacen(
         "http://",

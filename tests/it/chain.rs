@@ -296,7 +296,7 @@ fn a_warm_up_at_the_edge_makes_the_parent_check_its_upstream() {
 fn a_first_clone_through_a_chain_shows_progress() {
     let up = Upstream::start();
     let upstream_dir = up.add_fixture("slow/basic", "basic");
-    up.throttle("/slow/", 1024, Duration::from_millis(150));
+    up.throttle("/slow/", 1024, Duration::from_millis(250));
     let regional = proxy(&up, None, AuthMode::None, HOUR);
     let edge = proxy(&up, Some(&regional), AuthMode::None, HOUR);
     let work = tempfile::tempdir().unwrap();
