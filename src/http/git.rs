@@ -284,6 +284,13 @@ async fn upload_pack(
             response.extensions_mut().insert(outcome);
             return Ok(with_status(response, Status::Clone));
         }
+        if let Some(acks) = request.nothing_in_common() {
+            let mut response = pack_response(Body::from(acks));
+            response
+                .extensions_mut()
+                .insert(upload_pack::Outcome::Acks { common: 0 });
+            return Ok(with_status(response, Status::Clone));
+        }
         if let Some((preamble, resolved)) = request.early_answer(&listing.advertised()) {
             let job = answer::Job {
                 mirrored: m,

@@ -120,8 +120,18 @@ impl Request {
         if let Some(preamble) = self.early_preamble() {
             return Some((preamble, None));
         }
-        let Request::V2(r) = self else {
-            return None;
+        let r = match self {
+            Request::V2(r) => r,
+            // The final round of a negotiation: nothing the client has can be in common with
+            // a mirror that did not exist when its rounds were answered (`NAK`).
+            Request::V0(r) => {
+                let forgotten = v0::Request {
+                    haves: Vec::new(),
+                    ..r.clone()
+                };
+                let preamble = early_preamble_v0(&forgotten)?;
+                return Some((preamble, Some(Request::V0(forgotten))));
+            }
         };
         let v2::Command::Fetch(f) = &r.command else {
             return None;
@@ -148,8 +158,34 @@ impl Request {
         Some((preamble, Some(request)))
     }
 
-    /// Whether [`Request::early_answer`] may find an early answer.
+    /// The answer to a negotiation round (`have`s without `done`) for a mirror being created:
+    /// nothing the client has can be in common with a mirror that does not exist yet, so the
+    /// client goes on to its final round, which [`Request::early_answer`] answers. `None` for
+    /// any other request, and for a v0 round that needs the shallow list first.
+    pub fn nothing_in_common(&self) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        match self {
+            Request::V2(v2::Request {
+                command: v2::Command::Fetch(f),
+                ..
+            }) if f.seen_haves && !f.done => {
+                pktline::text(&mut out, "acknowledgments");
+                pktline::text(&mut out, "NAK");
+                pktline::flush(&mut out);
+            }
+            Request::V0(r) if !r.done && !r.haves.is_empty() && !r.deepen.is_active() => {
+                pktline::text(&mut out, "NAK");
+            }
+            _ => return None,
+        }
+        Some(out)
+    }
+
+    /// Whether [`Request::early_answer`] or [`Request::nothing_in_common`] may answer.
     pub fn may_answer_early(&self) -> bool {
+        if self.nothing_in_common().is_some() {
+            return true;
+        }
         match self {
             Request::V2(v2::Request {
                 command: v2::Command::Fetch(f),
@@ -159,7 +195,12 @@ impl Request {
                 ..f.clone()
             })
             .is_some(),
-            _ => self.early_preamble().is_some(),
+            Request::V0(r) => early_preamble_v0(&v0::Request {
+                haves: Vec::new(),
+                ..r.clone()
+            })
+            .is_some(),
+            _ => false,
         }
     }
 

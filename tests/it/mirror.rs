@@ -1072,3 +1072,49 @@ fn the_markers_of_an_older_release_are_migrated_into_the_record_at_start() {
         "served as they were: no upstream clone or fetch"
     );
 }
+
+/// Issue 21 (3): a `git fetch` into a repository that has most of the history, from a proxy
+/// that has no mirror yet (a new proxy, an evicted mirror), shows the creation's progress too:
+/// its negotiation rounds are answered at once (nothing is in common with a mirror that does
+/// not exist yet), and its final round as a first clone's fetch.
+#[test]
+fn a_fetch_with_haves_shows_progress_while_the_mirror_is_created() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("slow/basic", "basic");
+    up.throttle("/slow/", 1024, Duration::from_millis(150));
+    let allowed = up.allowed();
+    for v in PROTOCOLS {
+        // The client has the history up to main; the upstream gains commits after it.
+        let work = tempfile::tempdir().unwrap();
+        let src = format!("file://{}", upstream_dir.display());
+        git(work.path(), &["clone", "-q", "--bare", &src, "c"]);
+        let new_head = push_commits(&upstream_dir, "main", 2);
+        let allowed = allowed.clone();
+        let server = Server::start_with(move |c| c.allowed_upstreams = allowed);
+        let url = server.url_for(&up.segment(), "slow/basic");
+        let sent_before = up.throttled().1;
+        let mut fetch = std::process::Command::new("git")
+            .current_dir(work.path().join("c"))
+            .args(args(
+                &["fetch", "--progress", &url, "+refs/heads/*:refs/heads/*"],
+                &proto(v),
+            ))
+            .envs(git_env())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let seen = until_progress(&mut fetch);
+        assert_eq!(
+            up.throttled().1,
+            sent_before,
+            "v{v}: the upstream was still sending the pack"
+        );
+        let (stderr, ok) = finish(fetch, seen);
+        assert!(ok, "v{v}: {stderr}");
+        let clone = work.path().join("c");
+        assert_eq!(git(&clone, &["rev-parse", "main"]).trim(), new_head, "v{v}");
+        assert_fsck(&clone);
+    }
+}
