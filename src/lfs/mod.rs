@@ -76,7 +76,7 @@ pub struct Settings {
     /// Upstream storage: the longest wait for a byte.
     pub stall_timeout: Duration,
     /// Upstream storage: the trust roots (`UPSTREAM_CA_FILE` included).
-    pub tls: crate::tls::ClientTls,
+    pub tls: crate::upstream::tls::ClientTls,
 }
 
 /// The most upstream actions remembered at once (about 100 batches of 100 objects in flight

@@ -4,7 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{failure_error, failure_key, Error, Failure, FailureKey, Mirrors, Planner, Request};
+use super::failures::{failure_error, failure_key, FailureKey};
+use super::plan::Planner;
+use super::policy::Failure;
+use super::{Error, Mirrors, Request};
 use crate::upstream;
 
 /// How long a preview is reused by every client of a public repository, or by requests with

@@ -16,8 +16,9 @@ use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
 use gix::refs::Target;
 use gix::ObjectId;
 
+use super::plan::Plan;
 use super::record::{self, Held, Record};
-use super::{Plan, Request, Status};
+use super::{Request, Status};
 use crate::config::Secret;
 use crate::repo::Snapshot;
 use crate::upstream::{self, Listing};

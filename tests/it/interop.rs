@@ -461,7 +461,7 @@ struct Matrix {
 
 fn matrix() -> Matrix {
     // gix is a client in this process: its reqwest needs the rustls provider the proxy uses.
-    smart_git_proxy::tls::install_provider();
+    smart_git_proxy::upstream::tls::install_provider();
     let up = Upstream::start();
     let upstream_dir = up.add_fixture("o/basic", "basic");
     let mirror = tempfile::tempdir().unwrap();

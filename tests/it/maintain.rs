@@ -328,8 +328,17 @@ fn a_clone_after_outside_maintenance_falls_back_to_planning() {
     std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
     many_packs("basic", &dir, 1);
     consolidate(&dir, Duration::from_secs(3600));
-    // Synced just now, as far as the server knows: no sync check, no snapshot refresh.
-    std::fs::write(dir.join("smart-git-proxy-synced"), "").unwrap();
+    // Synced just now, as far as the server knows (the mirror's record): no sync check, no
+    // snapshot refresh.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    std::fs::write(
+        dir.join("smart-git-proxy-state"),
+        format!(r#"{{"last_success_ms":{now_ms}}}"#),
+    )
+    .unwrap();
     let url = server.url("moved");
     let clone = || {
         let work = tempfile::tempdir().unwrap();

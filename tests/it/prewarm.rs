@@ -329,7 +329,7 @@ async fn one_prewarm_per_mirror_at_a_time_and_the_newest_queued() {
     let upstream = smart_git_proxy::upstream::Options {
         connect_timeout: std::time::Duration::from_secs(1),
         stall_timeout: std::time::Duration::from_secs(1),
-        tls: smart_git_proxy::tls::ClientTls::system(),
+        tls: smart_git_proxy::upstream::tls::ClientTls::system(),
     };
     let mirrors = smart_git_proxy::mirror::Mirrors::new(smart_git_proxy::mirror::Settings {
         root: root.path().to_path_buf(),

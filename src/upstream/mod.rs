@@ -6,7 +6,9 @@
 //! never from credential helpers, and nothing is written to the repository's configuration.
 
 pub mod allowlist;
+pub mod credentials;
 pub mod progress;
+pub mod tls;
 
 pub use allowlist::{Upstream, Upstreams};
 pub use progress::Progress;
@@ -30,7 +32,7 @@ pub struct Options {
     /// A transfer slower than 1 byte/s for this long is aborted.
     pub stall_timeout: Duration,
     /// The trust roots of HTTPS upstreams.
-    pub tls: crate::tls::ClientTls,
+    pub tls: crate::upstream::tls::ClientTls,
 }
 
 /// Why talking to the upstream failed.
@@ -669,7 +671,7 @@ mod tests {
         let opts = Options {
             connect_timeout: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(1),
-            tls: crate::tls::ClientTls::system(),
+            tls: crate::upstream::tls::ClientTls::system(),
         };
         let allowed = [
             "https://a.example".to_owned(),
