@@ -62,7 +62,7 @@ pub fn open(dir: &Path) -> Result<gix::Repository, Error> {
 
 /// Refs with longer names are not advertised: every pkt-line must stay under 65,516 bytes,
 /// and the first v0 line carries the capabilities and, in `ls-refs`, the symref target too.
-const MAX_REF_NAME_LEN: usize = 16 * 1024;
+pub(crate) const MAX_REF_NAME_LEN: usize = 16 * 1024;
 
 /// Peeled targets already known, by tag id: tags never change, so a snapshot rebuilt after a
 /// sync peels only the tags that are new.

@@ -14,7 +14,7 @@ use std::time::Instant;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{any, post};
 use axum::Router;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
@@ -48,12 +48,30 @@ pub(super) const MAX_DELIVERIES: usize = 10_000;
 /// or a node without this API.
 const NO_MIRROR: &str = "no-mirror";
 
+/// The answer to every `/api/v1/…` request while `ADMIN_TOKEN` is unset: `404`, saying how to
+/// turn the API on.
+pub(super) fn off() -> Response {
+    answer(
+        StatusCode::NOT_FOUND,
+        "the admin API is off: set ADMIN_TOKEN (or ADMIN_TOKEN_FILE) to turn it on",
+    )
+}
+
 /// The routes of this module.
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/webhooks/github", post(github))
         .route("/webhooks/gitlab", post(gitlab))
         .route("/api/v1/mirrors/{*rest}", post(mirror_action))
+        .route("/api/v1/{*rest}", any(unknown))
+}
+
+/// Any other `/api/v1/…` path: `404`, saying whether the API is off.
+async fn unknown(State(state): State<AppState>) -> Response {
+    match state.config.admin_token {
+        None => off(),
+        Some(_) => answer(StatusCode::NOT_FOUND, "no such admin endpoint"),
+    }
 }
 
 /// A short plain-text answer.
@@ -505,7 +523,7 @@ async fn mirror_request(
 async fn mirror_action(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
     let arrived = Instant::now();
     let Some(token) = state.config.admin_token.as_ref() else {
-        return answer(StatusCode::NOT_FOUND, "the admin API is off (ADMIN_TOKEN)");
+        return off();
     };
     if !bearer(&headers, token) {
         tracing::info!("admin request refused: bad or missing bearer token");

@@ -78,9 +78,24 @@ pub(super) fn start(
     Body::from_stream(stream)
 }
 
-/// Answer a want-miss at once: its `preamble`, progress on band 2 while the mirror syncs, then
-/// the pack. A failed sync ends the answer with a band-3 message.
-pub(super) fn sync_then_pack(state: AppState, job: Job, preamble: Vec<u8>, span: Span) -> Body {
+/// What an early answer waits for before its pack.
+pub(super) enum Wait {
+    /// A want-miss sync.
+    Sync,
+    /// The creation of the mirror (its first clone), under way in this task; then a
+    /// want-miss sync if the upstream moved since the client's listing.
+    Creation(tokio::task::JoinHandle<Result<Status, crate::mirror::Error>>),
+}
+
+/// Answer at once: the `preamble`, progress on band 2 while the mirror is synced or created
+/// (`wait`), then the pack. A failure ends the answer with a band-3 message.
+pub(super) fn wait_then_pack(
+    state: AppState,
+    job: Job,
+    preamble: Vec<u8>,
+    wait: Wait,
+    span: Span,
+) -> Body {
     let interrupt = Arc::new(AtomicBool::new(false));
     let (stream, tx) = ResponseStream::new(Arc::clone(&interrupt));
     let task = async move {
@@ -101,18 +116,52 @@ pub(super) fn sync_then_pack(state: AppState, job: Job, preamble: Vec<u8>, span:
         let started = std::time::Instant::now();
         let name = job.mirrored.target.name.clone();
         let request = job.mirrored.request();
-        let sync = state
-            .mirrors
-            .ensure(&request, Freshness::SyncedAfter(arrived));
-        tokio::pin!(sync);
-        let mut ticks = tokio::time::interval(PROGRESS_INTERVAL);
-        let result = loop {
-            tokio::select! {
-                result = &mut sync => break result,
-                _ = ticks.tick() => {
-                    let line = format!("mirroring {name}: fetching from upstream ({}s)\r", started.elapsed().as_secs());
-                    if send(upload_pack::progress_packets(&line)).await.is_err() {
-                        return gone(&job);
+        let progress = state.mirrors.fetch_progress(&job.mirrored.target.dir);
+        let progress_line = || {
+            format!(
+                "mirroring {name}: fetching from upstream, {} ({}s)\r",
+                progress.received().describe(),
+                started.elapsed().as_secs()
+            )
+        };
+        let result = {
+            let want_miss_sync = async {
+                state
+                    .mirrors
+                    .ensure(&request, Freshness::SyncedAfter(arrived))
+                    .await
+                    .map_err(Error::from)
+            };
+            let updated = async {
+                match wait {
+                    Wait::Sync => want_miss_sync.await,
+                    Wait::Creation(creation) => {
+                        creation
+                            .await
+                            .map_err(|e| Error::Internal(e.to_string()))??;
+                        // The client's wants come from the upstream's listing: the mirror has
+                        // them, unless the upstream moved since.
+                        let created = snapshot(&state, &job.mirrored).await?;
+                        if super::git::want_miss(&created, &job.request)
+                            .await?
+                            .is_empty()
+                        {
+                            Ok(Status::Clone)
+                        } else {
+                            want_miss_sync.await.map(|_| Status::Clone)
+                        }
+                    }
+                }
+            };
+            tokio::pin!(updated);
+            let mut ticks = tokio::time::interval(PROGRESS_INTERVAL);
+            loop {
+                tokio::select! {
+                    result = &mut updated => break result,
+                    _ = ticks.tick() => {
+                        if send(upload_pack::progress_packets(&progress_line())).await.is_err() {
+                            return gone(&job);
+                        }
                     }
                 }
             }

@@ -4,7 +4,9 @@
 //! A request is resolved to its mirror and upstream, the mirror is ensured through the mirror
 //! store (created, synced, or its client authorized), and the answer comes from
 //! [`upload_pack`]: a ref listing at once, a pack through [`super::answer`]. A want-miss —
-//! `upload_pack` reports wants the mirror lacks — syncs the mirror first.
+//! `upload_pack` reports wants the mirror lacks — syncs the mirror first. A mirror whose
+//! creation takes long is answered from the upstream's listing meanwhile, and its fetch shows
+//! the creation's progress ([`first_request`]).
 
 use std::sync::Arc;
 
@@ -12,7 +14,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use tracing::{field, Span};
+use tracing::{field, Instrument, Span};
 
 use super::answer::{self, Slots};
 use super::auth::{fetch_source, upstream_credentials};
@@ -176,13 +178,27 @@ pub(super) fn with_status(mut response: Response, status: Status) -> Response {
 
 async fn info_refs(state: &AppState, m: Mirrored, version: Version) -> Result<Response, Error> {
     Span::current().record("command", "info/refs");
-    let status = state
-        .mirrors
-        .ensure(&m.request(), Freshness::IfStale)
-        .await?;
-    let snapshot = snapshot(state, &m).await?;
-    state.mirrors.served(&m.target.dir);
-    let (chunks, outcome) = upload_pack::advertise(&snapshot, version);
+    let (chunks, outcome, status) = match first_request(state, &m).await? {
+        Some(First::Creating(listing, _)) => {
+            let (answer, outcome) = upload_pack::advertise_refs(&listing.advertised(), version);
+            (vec![answer.into()], outcome, Status::Clone)
+        }
+        created => {
+            let status = match created {
+                Some(First::Created(status)) => status,
+                _ => {
+                    state
+                        .mirrors
+                        .ensure(&m.request(), Freshness::IfStale)
+                        .await?
+                }
+            };
+            let snapshot = snapshot(state, &m).await?;
+            state.mirrors.served(&m.target.dir);
+            let (chunks, outcome) = upload_pack::advertise(&snapshot, version);
+            (chunks, outcome, status)
+        }
+    };
     let body = Body::from_stream(futures_util::stream::iter(
         chunks.into_iter().map(Ok::<_, std::convert::Infallible>),
     ));
@@ -251,10 +267,49 @@ async fn upload_pack(
         }
     };
     span.record("command", request.command());
-    // The mirror is ensured (or, existing, its client authorized) before anything else this
-    // request can trigger: a client refused on a private mirror costs no sync and no want-miss,
-    // and learns nothing from its wants, whatever the protocol.
-    let mut status = if request.ls_refs().is_some() {
+    // A mirror not created yet: a listing, or a fetch that can be shown progress, does not
+    // wait for the creation (see `first_request`). A child proxy's listing that asks for the
+    // upstream's latest refs (`revalidate`) waits.
+    let early = (request.ls_refs().is_some() && !m.revalidate) || request.may_answer_early();
+    let first = if early {
+        first_request(&state, &m).await?
+    } else {
+        None
+    };
+    let mut status = if let Some(First::Creating(listing, creation)) = first {
+        if let Some(args) = request.ls_refs() {
+            let (answer, outcome) = upload_pack::ls_refs_of(&listing.advertised(), args);
+            crate::metrics::request("ls-refs", "ok");
+            let mut response = pack_response(Body::from(answer));
+            response.extensions_mut().insert(outcome);
+            return Ok(with_status(response, Status::Clone));
+        }
+        if let Some(acks) = request.nothing_in_common() {
+            let mut response = pack_response(Body::from(acks));
+            response
+                .extensions_mut()
+                .insert(upload_pack::Outcome::Acks { common: 0 });
+            return Ok(with_status(response, Status::Clone));
+        }
+        if let Some((preamble, resolved)) = request.early_answer(&listing.advertised()) {
+            let job = answer::Job {
+                mirrored: m,
+                request: resolved.unwrap_or(request),
+                preamble_sent: true,
+                status: Status::Clone,
+                arrived,
+            };
+            let wait = answer::Wait::Creation(creation);
+            let stream = answer::wait_then_pack(state, job, preamble, wait, span);
+            return Ok(streamed(with_status(pack_response(stream), Status::Clone)));
+        }
+        state
+            .mirrors
+            .ensure(&m.request(), Freshness::IfStale)
+            .await?
+    } else if let Some(First::Created(status)) = first {
+        status
+    } else if request.ls_refs().is_some() {
         // A listing is checked for freshness as info/refs is: a child proxy (PARENT_PROXY)
         // lists refs with this request alone.
         let freshness = if m.revalidate {
@@ -300,7 +355,7 @@ async fn upload_pack(
                 status: Status::Sync,
                 arrived,
             };
-            let stream = answer::sync_then_pack(state, job, preamble, span);
+            let stream = answer::wait_then_pack(state, job, preamble, answer::Wait::Sync, span);
             return Ok(streamed(with_status(pack_response(stream), Status::Sync)));
         }
         status = state
@@ -323,7 +378,7 @@ async fn upload_pack(
 
 /// What `request` wants that the mirror lacks ([`upload_pack::Missing`]); its object lookups,
 /// when there are any, run on a blocking thread.
-async fn want_miss(
+pub(super) async fn want_miss(
     snapshot: &Arc<Snapshot>,
     request: &upload_pack::Request,
 ) -> Result<upload_pack::Missing, Error> {
@@ -350,4 +405,62 @@ fn pack_response(body: Body) -> Response {
         body,
     )
         .into_response()
+}
+
+/// How long a request for a mirror that does not exist yet waits for its creation before it
+/// is answered from the upstream's listing instead: a quick creation is served as any other
+/// mirror, a slow one is not a silent wait (the fetch that follows shows its progress).
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A request's view of a mirror that did not exist when it arrived.
+enum First {
+    /// The mirror was created (or another request's creation ended) within [`PATIENCE`].
+    Created(Status),
+    /// It is still being created: the upstream's refs as the client may see them
+    /// ([`mirror::Mirrors::preview`]), and the creation.
+    Creating(
+        Arc<crate::upstream::Listing>,
+        tokio::task::JoinHandle<Result<Status, mirror::Error>>,
+    ),
+}
+
+/// For a mirror that does not exist: start creating it (or join the creation under way), and
+/// wait up to [`PATIENCE`] for it, unless this client has been answered from the upstream's
+/// listing already (its clone is under way). `None` when the mirror exists.
+///
+/// The client is checked as a creation checks it before it is answered from the listing: a
+/// client the upstream refuses gets the same refusal, and triggers no work it could not
+/// trigger before (the creation is the one its request always started).
+async fn first_request(state: &AppState, m: &Mirrored) -> Result<Option<First>, Error> {
+    if repo::exists(&m.target.dir) {
+        return Ok(None);
+    }
+    let request = m.request();
+    let previewed = state.mirrors.previewed(&request);
+    let mirrors = Arc::clone(&state.mirrors);
+    let creating = request.clone();
+    let mut creation = tokio::spawn(
+        async move {
+            let result = mirrors.ensure(&creating, Freshness::IfStale).await;
+            if let Err(e) = &result {
+                tracing::info!(error = %e, "mirror creation failed");
+            }
+            result
+        }
+        .in_current_span(),
+    );
+    if !previewed {
+        if let Ok(joined) = tokio::time::timeout(PATIENCE, &mut creation).await {
+            let status = joined.map_err(|e| Error::Internal(e.to_string()))??;
+            return Ok(Some(First::Created(status)));
+        }
+    }
+    match state.mirrors.preview(&request).await {
+        Ok(listing) => Ok(Some(First::Creating(listing, creation))),
+        Err(e) => {
+            // Refused: its wait for the creation ends here (a creation it started goes on).
+            creation.abort();
+            Err(e.into())
+        }
+    }
 }

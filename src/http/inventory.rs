@@ -1,6 +1,6 @@
 //! `GET /api/v1/mirrors`: the mirror inventory, as JSON, for operators and their tools.
 //!
-//! Off (404) unless `ADMIN_TOKEN` is set; then it needs `Authorization: Bearer <token>` (401
+//! Off (404, saying how to turn it on) unless `ADMIN_TOKEN` is set; then it needs `Authorization: Bearer <token>` (401
 //! otherwise), compared in constant time. One page holds up to `limit` mirrors (default
 //! [`DEFAULT_LIMIT`], at most [`MAX_LIMIT`]) in name order; `next_cursor`, when present, is
 //! passed as `cursor` for the next page. Privacy is a flag: who has access is never kept.
@@ -49,7 +49,7 @@ pub(super) async fn mirrors(
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Some(token) = &state.config.admin_token else {
-        return text(StatusCode::NOT_FOUND, "not found\n");
+        return super::admin::off();
     };
     if !super::admin::bearer(&headers, token) {
         let mut response = text(

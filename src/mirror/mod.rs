@@ -15,7 +15,8 @@
 //! - `policy`: when a request syncs, waits, backs off or is served the mirror as it is (pure);
 //! - `update`: carrying that out, one update at a time per mirror, shared by the requests
 //!   that wait for it; `plan`: which listing and credentials an update uses; `sync`: the
-//!   creation or sync on disk;
+//!   creation or sync on disk; `creation`: what a mirror not created yet is answered from
+//!   (the upstream's listing) and how its creation's progress is logged;
 //! - [`record`]: what is remembered of a mirror on disk (privacy, syncs, serves);
 //! - `failures`: the creations the upstream refused, remembered; `access`: the upstream's
 //!   verdicts on clients' credentials for private mirrors;
@@ -25,6 +26,7 @@
 //! - `root`: the mirror directory's lock, and its clean-up at start.
 
 mod access;
+mod creation;
 pub mod evict;
 mod failures;
 mod inventory;
@@ -168,6 +170,8 @@ struct Repo {
     /// When a request last took its snapshot ([`snapshots::Budget`]'s clock; 0: not since
     /// start).
     requested_ms: AtomicU64,
+    /// How far the fetch of its current (or last) update got.
+    fetch_progress: Arc<upstream::Progress>,
 }
 
 impl Repo {
@@ -252,6 +256,9 @@ pub struct Mirrors {
     sync_hook: std::sync::OnceLock<SyncHook>,
     snapshots: Arc<snapshots::Budget>,
     creations: Arc<Creations>,
+    /// The listings of mirrors not created yet, by mirror and credentials
+    /// ([`Mirrors::preview`]).
+    previews: TtlMap<FailureKey, creation::Preview>,
 }
 
 /// Which credentials reach the upstream for a mirror, and who is served.
@@ -305,6 +312,7 @@ impl Mirrors {
             sync_hook: Default::default(),
             snapshots: Arc::new(snapshots),
             creations: Default::default(),
+            previews: TtlMap::new(creation::PREVIEW_TTL, creation::MAX_PREVIEWS),
         }
     }
 

@@ -61,7 +61,9 @@ pub(super) fn init(tmp: &Path) -> Result<(), upstream::Error> {
 
 /// Fetch everything of `req`'s upstream into the temporary directory `tmp` with
 /// `authorization`, and give it the record held in `held` (what is kept of a mirror it
-/// replaces), marked `private` or not and synced now. `tmp` is removed if that fails.
+/// replaces), marked `private` or not and synced now, counting what arrives into `progress`.
+/// `tmp` is removed if that fails.
+#[allow(clippy::too_many_arguments)]
 fn build(
     req: &Request,
     tmp: &Path,
@@ -69,6 +71,7 @@ fn build(
     private: bool,
     held: &parking_lot::Mutex<Held>,
     opts: &upstream::Options,
+    progress: &Arc<upstream::Progress>,
     interrupt: &AtomicBool,
 ) -> Result<(upstream::Fetched, Record), upstream::Error> {
     let result = (|| {
@@ -79,6 +82,7 @@ fn build(
             &upstream::Refs::All,
             authorization,
             opts,
+            progress,
             interrupt,
         )?;
         apply(tmp, &fetched.listing, &HashMap::new(), None)?;
@@ -126,7 +130,9 @@ fn created(
 }
 
 /// Create the mirror of `req` in the temporary directory `tmp`, fetching with
-/// `authorization`, then rename it into place; `held` is the record the store holds for it.
+/// `authorization` and counting into `progress`, then rename it into place; `held` is the
+/// record the store holds for it.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn create(
     req: &Request,
     tmp: &Path,
@@ -134,9 +140,19 @@ pub(super) fn create(
     private: bool,
     held: &parking_lot::Mutex<Held>,
     opts: &upstream::Options,
+    progress: &Arc<upstream::Progress>,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
-    let (fetched, record) = build(req, tmp, authorization, private, held, opts, interrupt)?;
+    let (fetched, record) = build(
+        req,
+        tmp,
+        authorization,
+        private,
+        held,
+        opts,
+        progress,
+        interrupt,
+    )?;
     // The mirror's parent directories are made only now, for a mirror that exists.
     let installed = (|| {
         if let Some(parent) = req.dir.parent() {
@@ -164,9 +180,10 @@ pub(super) fn recreate(
     aside: &Path,
     held: &parking_lot::Mutex<Held>,
     opts: &upstream::Options,
+    progress: &Arc<upstream::Progress>,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
-    let (fetched, record) = build(req, tmp, None, false, held, opts, interrupt)?;
+    let (fetched, record) = build(req, tmp, None, false, held, opts, progress, interrupt)?;
     let swapped = (|| {
         let _maintenance = super::maintain::lock(&req.dir).map_err(local)?;
         install(held, &record, || {
@@ -299,14 +316,15 @@ pub(super) fn remove_leftovers_unless_busy(dir: &Path) -> usize {
 
 /// Sync the existing mirror of `req`, whose snapshot (current, see [`refresh`]) is `snapshot`,
 /// as `plan` says: to its listing (the upstream's refs as its credentials show them), fetching
-/// with those credentials, private or not. `held` is the record the store holds for the
-/// mirror.
+/// with those credentials, private or not, counting what arrives into `progress`. `held` is
+/// the record the store holds for the mirror.
 pub(super) fn sync(
     req: &Request,
     snapshot: Arc<Snapshot>,
     plan: Plan,
     held: &parking_lot::Mutex<Held>,
     opts: &upstream::Options,
+    progress: &Arc<upstream::Progress>,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
     let Plan {
@@ -340,6 +358,7 @@ pub(super) fn sync(
             &upstream::Refs::Only(changed.clone()),
             authorization,
             opts,
+            progress,
             interrupt,
         )?
         .pack_bytes;

@@ -264,7 +264,7 @@ impl Mirrors {
 
     /// A temporary directory for a new mirror, directly under the root: nothing is created at
     /// the mirror's place until the mirror is complete.
-    fn tmp_dir(&self, dir: &Path) -> PathBuf {
+    pub(super) fn tmp_dir(&self, dir: &Path) -> PathBuf {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let name = dir
             .file_name()
@@ -323,7 +323,11 @@ impl Job {
         let started = Instant::now();
         let current = self.repo.snapshot();
         let before = current.clone().filter(|_| self.exists);
+        self.repo.fetch_progress.reset();
+        let log =
+            (!self.exists).then(|| super::creation::log(&self.req.name, &self.repo.fetch_progress));
         let result = self.fetch(current, &interrupt).await;
+        drop(log);
         if !self.exists {
             self.creations.end(&interrupt);
         }
@@ -362,6 +366,7 @@ impl Job {
         let interrupt = Arc::clone(interrupt);
         tokio::task::spawn_blocking(move || {
             let interrupt = &*interrupt;
+            let progress = &repo.fetch_progress;
             if let Some(url) = &plan.listing.url {
                 req.url = url.clone();
             }
@@ -375,12 +380,13 @@ impl Job {
                     plan.private,
                     held,
                     &opts,
+                    progress,
                     interrupt,
                 );
             }
             if plan.recreate {
                 tracing::info!(repo = %req.name, "the upstream lists the repository anonymously now: mirroring it again without credentials");
-                return sync::recreate(&req, &tmp, &aside, held, &opts, interrupt);
+                return sync::recreate(&req, &tmp, &aside, held, &opts, progress, interrupt);
             }
             let snapshot = match current {
                 Some(snapshot) => Ok(snapshot),
@@ -388,7 +394,7 @@ impl Job {
                     .map(Arc::new)
                     .map_err(|e| upstream::Error::Local(crate::error_chain(&e))),
             };
-            snapshot.and_then(|s| sync::sync(&req, s, plan, held, &opts, interrupt))
+            snapshot.and_then(|s| sync::sync(&req, s, plan, held, &opts, progress, interrupt))
         })
         .await
         .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string())))

@@ -111,6 +111,99 @@ impl Request {
         }
     }
 
+    /// [`Request::early_preamble`] for a mirror being created, whose refs are `refs` (the
+    /// upstream's listing): a v2 fetch's `want-ref`s (git's clone sends them) are resolved from
+    /// `refs`, their `wanted-refs` section goes out in the preamble, and the returned request,
+    /// which wants their objects instead, is the one to serve. `None` when the request cannot
+    /// be answered early, or names a ref that `refs` lacks.
+    pub fn early_answer(&self, refs: &Refs) -> Option<(Vec<u8>, Option<Request>)> {
+        if let Some(preamble) = self.early_preamble() {
+            return Some((preamble, None));
+        }
+        let r = match self {
+            Request::V2(r) => r,
+            // The final round of a negotiation: nothing the client has can be in common with
+            // a mirror that did not exist when its rounds were answered (`NAK`).
+            Request::V0(r) => {
+                let forgotten = v0::Request {
+                    haves: Vec::new(),
+                    ..r.clone()
+                };
+                let preamble = early_preamble_v0(&forgotten)?;
+                return Some((preamble, Some(Request::V0(forgotten))));
+            }
+        };
+        let v2::Command::Fetch(f) = &r.command else {
+            return None;
+        };
+        let resolved = v2::Fetch {
+            want_refs: Vec::new(),
+            ..f.clone()
+        };
+        early_preamble_v2(&resolved)?;
+        let mut resolved = resolved;
+        let mut preamble = Vec::new();
+        pktline::text(&mut preamble, "wanted-refs");
+        for name in &f.want_refs {
+            let found = refs.refs.iter().find(|r| r.name == *name)?;
+            pktline::text(&mut preamble, &format!("{} {name}", found.target));
+            resolved.wants.push(found.target);
+        }
+        pktline::delim(&mut preamble);
+        pktline::text(&mut preamble, "packfile");
+        let request = Request::V2(v2::Request {
+            command: v2::Command::Fetch(resolved),
+            agent: r.agent.clone(),
+        });
+        Some((preamble, Some(request)))
+    }
+
+    /// The answer to a negotiation round (`have`s without `done`) for a mirror being created:
+    /// nothing the client has can be in common with a mirror that does not exist yet, so the
+    /// client goes on to its final round, which [`Request::early_answer`] answers. `None` for
+    /// any other request, and for a v0 round that needs the shallow list first.
+    pub fn nothing_in_common(&self) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        match self {
+            Request::V2(v2::Request {
+                command: v2::Command::Fetch(f),
+                ..
+            }) if f.seen_haves && !f.done => {
+                pktline::text(&mut out, "acknowledgments");
+                pktline::text(&mut out, "NAK");
+                pktline::flush(&mut out);
+            }
+            Request::V0(r) if !r.done && !r.haves.is_empty() && !r.deepen.is_active() => {
+                pktline::text(&mut out, "NAK");
+            }
+            _ => return None,
+        }
+        Some(out)
+    }
+
+    /// Whether [`Request::early_answer`] or [`Request::nothing_in_common`] may answer.
+    pub fn may_answer_early(&self) -> bool {
+        if self.nothing_in_common().is_some() {
+            return true;
+        }
+        match self {
+            Request::V2(v2::Request {
+                command: v2::Command::Fetch(f),
+                ..
+            }) => early_preamble_v2(&v2::Fetch {
+                want_refs: Vec::new(),
+                ..f.clone()
+            })
+            .is_some(),
+            Request::V0(r) => early_preamble_v0(&v0::Request {
+                haves: Vec::new(),
+                ..r.clone()
+            })
+            .is_some(),
+            _ => false,
+        }
+    }
+
     /// What the request wants, checked against `snapshot` as far as that needs no object
     /// lookup: the first step of finding a want-miss.
     pub fn wants(&self, snapshot: &repo::Snapshot) -> Wants {
@@ -361,12 +454,33 @@ pub fn advertise(snapshot: &repo::Snapshot, version: Version) -> (Vec<bytes::Byt
     }
 }
 
+/// The `info/refs` answer for `version` from `refs` alone, without a repository: for a
+/// mirror being created, from the upstream's listing.
+pub fn advertise_refs(refs: &Refs, version: Version) -> (Vec<u8>, Outcome) {
+    let mut out = Vec::new();
+    match version {
+        Version::V2 => {
+            advert::v2(&mut out);
+            (out, Outcome::Capabilities)
+        }
+        Version::V0 | Version::V1 => {
+            advert::v0(&mut out, refs, version == Version::V1);
+            (out, Outcome::Refs(refs.refs.len()))
+        }
+    }
+}
+
 /// The answer to a v2 `ls-refs` command: cheap enough (a binary search and the matching refs)
 /// to run without a blocking thread.
 pub fn ls_refs(snapshot: &repo::Snapshot, args: &v2::LsRefs) -> (Vec<u8>, Outcome) {
+    ls_refs_of(snapshot.refs(), args)
+}
+
+/// [`ls_refs`] from `refs` alone (see [`advertise_refs`]).
+pub fn ls_refs_of(refs: &Refs, args: &v2::LsRefs) -> (Vec<u8>, Outcome) {
     let mut out = Vec::with_capacity(64 * 1024);
-    advert::ls_refs(&mut out, snapshot.refs(), args);
-    (out, Outcome::Refs(snapshot.refs().refs.len()))
+    advert::ls_refs(&mut out, refs, args);
+    (out, Outcome::Refs(refs.refs.len()))
 }
 
 /// Serve `request`, writing the answer to `out`.

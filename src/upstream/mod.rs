@@ -7,9 +7,11 @@
 
 pub mod allowlist;
 pub mod credentials;
+pub mod progress;
 pub mod tls;
 
 pub use allowlist::{Upstream, Upstreams};
+pub use progress::Progress;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,9 +85,46 @@ pub struct Listing {
     pub refs: Vec<(BString, ObjectId)>,
     /// The branch the upstream's `HEAD` points to, if it said.
     pub head: Option<BString>,
+    /// For the annotated tags among `refs`, the object each finally points to, as far as the
+    /// upstream said.
+    pub peeled: std::collections::HashMap<BString, ObjectId>,
     /// The repository URL the listing was redirected to (within the allowed upstreams, see
     /// [`ListingClient`]), which fetches use: they follow no redirect themselves.
     pub url: Option<String>,
+}
+
+impl Listing {
+    /// The refs as a mirror made from this listing would advertise them: `HEAD` first (or
+    /// unborn), then every ref sorted by name, annotated tags peeled as far as the upstream
+    /// said.
+    pub fn advertised(&self) -> crate::protocol::advert::Refs {
+        use crate::protocol::Ref;
+        let mut out = crate::protocol::advert::Refs::default();
+        let mut refs: Vec<Ref> = self
+            .refs
+            .iter()
+            .filter(|(name, _)| name.len() <= crate::repo::MAX_REF_NAME_LEN)
+            .map(|(name, id)| Ref {
+                name: name.clone(),
+                target: *id,
+                peeled: self.peeled.get(name).copied(),
+                symref_target: None,
+            })
+            .collect();
+        refs.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(head) = &self.head {
+            match refs.binary_search_by(|r| r.name.cmp(head)) {
+                Ok(i) => out.refs.push(Ref {
+                    name: "HEAD".into(),
+                    symref_target: Some(head.clone()),
+                    ..refs[i].clone()
+                }),
+                Err(_) => out.unborn_head = Some(head.clone()),
+            }
+        }
+        out.refs.extend(refs);
+        out
+    }
 }
 
 /// Which refs a fetch updates.
@@ -131,12 +170,15 @@ fn listing(remote_refs: Vec<RemoteRef>) -> Listing {
             RemoteRef::Direct {
                 full_ref_name,
                 object,
-            }
-            | RemoteRef::Peeled {
-                full_ref_name,
-                tag: object,
-                ..
             } => (full_ref_name, Some(object), None),
+            RemoteRef::Peeled {
+                full_ref_name,
+                tag,
+                object,
+            } => {
+                out.peeled.insert(full_ref_name.clone(), object);
+                (full_ref_name, Some(tag), None)
+            }
             RemoteRef::Symbolic {
                 full_ref_name,
                 target,
@@ -248,13 +290,15 @@ pub struct Fetched {
     pub pack_bytes: u64,
 }
 
-/// Fetch `refs` from `url` into the bare repository at `dir` and update them.
+/// Fetch `refs` from `url` into the bare repository at `dir` and update them, counting what
+/// arrives into `progress`.
 pub fn fetch(
     dir: &Path,
     url: &str,
     refs: &Refs,
     authorization: Option<&str>,
     opts: &Options,
+    progress: &Arc<Progress>,
     interrupt: &AtomicBool,
 ) -> Result<Fetched, Error> {
     let repo = open(dir)?;
@@ -292,7 +336,7 @@ pub fn fetch(
         let before = pack_bytes(dir);
         prepared
             .with_write_packed_refs_only(true)
-            .receive(gix::progress::Discard, interrupt)
+            .receive(progress.node(), interrupt)
             .map_err(|e| classify(e, url, &auth_asked, interrupt))?;
         out.pack_bytes = pack_bytes(dir).saturating_sub(before);
     }
@@ -496,6 +540,7 @@ pub async fn ls_refs(
     pktline::text(&mut body, "object-format=sha1");
     pktline::delim(&mut body);
     pktline::text(&mut body, "symrefs");
+    pktline::text(&mut body, "peel");
     pktline::text(&mut body, "unborn");
     pktline::flush(&mut body);
     let failed = |e: reqwest::Error| LsRefsError::Failed(Error::from_request(&e));
@@ -566,7 +611,8 @@ pub async fn ls_refs(
     Ok(listing)
 }
 
-/// Read an `ls-refs` answer: `<oid> <name>[ symref-target:<ref>]` lines (and `unborn HEAD`).
+/// Read an `ls-refs` answer: `<oid> <name>[ symref-target:<ref>][ peeled:<oid>]` lines (and
+/// `unborn HEAD`).
 fn parse_ls_refs(answer: &[u8]) -> Result<Listing, LsRefsError> {
     use crate::protocol::pktline::{Line, Reader};
     use gix::bstr::ByteSlice;
@@ -588,7 +634,15 @@ fn parse_ls_refs(answer: &[u8]) -> Result<Listing, LsRefsError> {
         let (Some(oid), Some(name)) = (fields.next(), fields.next()) else {
             return Err(unsupported("not an ls-refs answer"));
         };
-        let symref = fields.find_map(|f| f.strip_prefix(b"symref-target:"));
+        let (mut symref, mut peeled) = (None, None);
+        for field in fields {
+            if let Some(target) = field.strip_prefix(b"symref-target:") {
+                symref = Some(target);
+            } else if let Some(id) = field.strip_prefix(b"peeled:") {
+                peeled =
+                    Some(ObjectId::from_hex(id).map_err(|_| unsupported("not an ls-refs answer"))?);
+            }
+        }
         if name == b"HEAD" {
             out.head = symref.map(BString::from);
             continue;
@@ -599,6 +653,9 @@ fn parse_ls_refs(answer: &[u8]) -> Result<Listing, LsRefsError> {
         if gix::refs::FullName::try_from(BString::from(name)).is_err() {
             tracing::warn!(name = %name.to_str_lossy(), "skipping an invalid ref name from the upstream");
             continue;
+        }
+        if let Some(peeled) = peeled {
+            out.peeled.insert(name.into(), peeled);
         }
         out.refs.push((name.into(), id));
     }
@@ -676,13 +733,20 @@ mod tests {
             &format!("{a} HEAD symref-target:refs/heads/main"),
         );
         pktline::text(&mut answer, &format!("{a} refs/heads/main"));
-        pktline::text(&mut answer, &format!("{} refs/tags/v1", "b".repeat(40)));
+        pktline::text(
+            &mut answer,
+            &format!("{} refs/tags/v1 peeled:{a}", "b".repeat(40)),
+        );
         pktline::text(&mut answer, &format!("{a} refs/heads/no..way"));
         pktline::flush(&mut answer);
         let listing = parse_ls_refs(&answer).unwrap();
         assert_eq!(listing.head, Some("refs/heads/main".into()));
         assert_eq!(listing.refs.len(), 2);
         assert_eq!(listing.refs[1].0, "refs/tags/v1");
+        assert_eq!(
+            listing.peeled.get(&BString::from("refs/tags/v1")),
+            Some(&ObjectId::from_hex(a.as_bytes()).unwrap())
+        );
 
         let mut unborn = Vec::new();
         pktline::text(&mut unborn, "unborn HEAD symref-target:refs/heads/trunk");

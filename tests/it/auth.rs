@@ -941,3 +941,109 @@ fn a_warm_up_of_a_private_mirror_costs_no_upstream_request_in_pass_through_mode(
     }
     assert_eq!(up.log().len(), asked, "a warm-up reached the upstream");
 }
+
+/// Issue 21 (3): the first clone of a private repository from a slow upstream shows the
+/// creation's progress to the client whose credentials the upstream accepts. Meanwhile
+/// clients without credentials, or with wrong ones, are refused as before, before anything
+/// else is sent: an anonymous one at no upstream request, a wrong credential at one check.
+#[test]
+fn a_private_first_clone_shows_progress_to_accepted_credentials_only() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("private/repo", "basic");
+    up.require_auth("/private", "alice:secret");
+    // The pack comes in 1 KiB chunks 300 ms apart (over 20 s): each request of this client
+    // waits for the creation up to 2 s (AUTH_CACHE_TTL here is too short to reuse its listing),
+    // and so does each refused one below.
+    up.throttle("/private/", 1024, Duration::from_millis(300));
+    let server = proxy(&up, AuthMode::PassThrough, None);
+    let with_creds = server.url_for(&up.segment(), "private/repo").replacen(
+        "http://",
+        "http://alice:secret@",
+        1,
+    );
+    let head = git(&upstream_dir, &["rev-parse", "main"]);
+    let fetch = v2_fetch(&format!("want {}", head.trim()));
+    let wrong = basic("alice:guess");
+    let work = tempfile::tempdir().unwrap();
+    let mut clone = clone_with_progress(work.path(), &with_creds, "2");
+    let seen = until_progress(&mut clone);
+    assert_eq!(up.throttled().1, 0, "the mirror is still being created");
+    let upstream_requests = {
+        let mut counts = Vec::new();
+        for authorization in [None, Some(wrong.as_str())] {
+            let before = up.log().len();
+            let (get, ls_refs) = both_endpoints(&server, &up, "private/repo", authorization);
+            assert_challenged(&get, "GET during the creation");
+            assert_challenged(&ls_refs, "ls-refs during the creation");
+            let mut headers = vec![("Git-Protocol", "version=2")];
+            headers.extend(authorization.map(|a| ("Authorization", a)));
+            let post = request(
+                server.addr,
+                "POST",
+                &format!("/{}/private/repo/git-upload-pack", up.segment()),
+                &headers,
+                &fetch,
+            );
+            assert_challenged(&post, "fetch during the creation");
+            // The creation's own requests carry alice's credentials.
+            let alice = basic("alice:secret");
+            let others = up.log()[before..]
+                .iter()
+                .filter(|l| {
+                    l.headers.get("authorization").and_then(|v| v.to_str().ok())
+                        != Some(alice.as_str())
+                })
+                .count();
+            counts.push(others);
+        }
+        counts
+    };
+    let (stderr, ok) = finish(clone, seen);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("private/repo: done in"), "{stderr}");
+    assert_eq!(
+        upstream_requests,
+        [0, 1],
+        "anonymous: refused as remembered; a wrong credential: one check, remembered"
+    );
+    let clone = work.path().join("c");
+    assert_fsck(&clone);
+    assert_eq!(refs(&clone), refs(&upstream_dir));
+}
+
+/// Issue 21 (3): while the mirror of a public repository is created, clients with made-up
+/// credentials are answered from the one listing the first clone caused: none of them
+/// reaches the upstream.
+#[test]
+fn made_up_credentials_during_a_public_first_clone_reach_no_upstream() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("public/repo", "basic");
+    up.throttle("/public/", 1024, Duration::from_millis(150));
+    let server = proxy(&up, AuthMode::PassThrough, None);
+    let work = tempfile::tempdir().unwrap();
+    let url = server.url_for(&up.segment(), "public/repo");
+    let mut clone = clone_with_progress(work.path(), &url, "2");
+    let seen = until_progress(&mut clone);
+    let asked = up.log().len();
+    for i in 0..5 {
+        let made_up = basic(&format!("user{i}:guess"));
+        let (get, ls_refs) = both_endpoints(&server, &up, "public/repo", Some(&made_up));
+        assert_eq!(
+            (get.status, ls_refs.status),
+            (200, 200),
+            "{}",
+            ls_refs.text()
+        );
+        assert!(ls_refs.text().contains("refs/heads/main"));
+    }
+    assert_eq!(
+        up.log().len(),
+        asked,
+        "made-up credentials reached the upstream"
+    );
+    assert_eq!(up.throttled().1, 0, "the mirror was still being created");
+    let (stderr, ok) = finish(clone, seen);
+    assert!(ok, "{stderr}");
+    assert_fsck(&work.path().join("c"));
+    assert_eq!(refs(&work.path().join("c")), refs(&upstream_dir));
+}

@@ -884,3 +884,58 @@ fn user_agents_cannot_forge_log_fields() {
         "{answered}"
     );
 }
+
+/// Issue 21 (3): a mirror's creation is logged when it starts, and then what it received every
+/// few seconds, at INFO.
+#[test]
+fn a_creation_logs_its_start_and_its_progress() {
+    use std::io::{BufRead, BufReader};
+    let up = upstream::Upstream::start();
+    up.add_fixture("slow/r", "basic");
+    // Over 10 s of pack: at least one progress line, 5 s apart.
+    up.throttle("/slow/", 1024, std::time::Duration::from_millis(150));
+    let mirror = tempfile::tempdir().unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let _child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+            .env("MIRROR_DIR", mirror.path())
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("ALLOWED_UPSTREAMS", up.allowed())
+            .env("LOG_FORMAT", "json")
+            .stderr(std::process::Stdio::from(log.reopen().unwrap()))
+            .spawn()
+            .unwrap(),
+    );
+    let lines = || -> Vec<serde_json::Value> {
+        BufReader::new(log.reopen().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    };
+    let mut addr = None;
+    wait_until("the server listens", || {
+        addr = lines()
+            .into_iter()
+            .find(|v| v["fields"]["message"] == "listening")
+            .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned));
+        addr.is_some()
+    });
+    let work = tempfile::tempdir().unwrap();
+    let url = format!("http://{}/{}/slow/r", addr.unwrap(), up.segment());
+    git(work.path(), &["clone", "-q", "--bare", &url, "c"]);
+    let creating: Vec<serde_json::Value> = lines()
+        .into_iter()
+        .filter(|v| v["fields"]["message"] == "creating the mirror")
+        .collect();
+    assert!(
+        creating.len() >= 2,
+        "a start and a progress line: {creating:?}"
+    );
+    assert_eq!(creating[0]["level"], "INFO");
+    assert!(creating[0]["fields"]["received"].is_null(), "{creating:?}");
+    let received = creating[1]["fields"]["received"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(received.contains("objects, "), "{creating:?}");
+}

@@ -289,3 +289,29 @@ fn a_warm_up_at_the_edge_makes_the_parent_check_its_upstream() {
         "SYNC_STALE_AFTER is an hour away at both tiers"
     );
 }
+
+/// Issue 21 (3): a first clone through an edge whose parent creates the mirror from a slow
+/// upstream shows progress, and the upstream is fetched from once.
+#[test]
+fn a_first_clone_through_a_chain_shows_progress() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("slow/basic", "basic");
+    up.throttle("/slow/", 1024, Duration::from_millis(250));
+    let regional = proxy(&up, None, AuthMode::None, HOUR);
+    let edge = proxy(&up, Some(&regional), AuthMode::None, HOUR);
+    let work = tempfile::tempdir().unwrap();
+    let mut clone =
+        clone_with_progress(work.path(), &edge.url_for(&up.segment(), "slow/basic"), "2");
+    let seen = until_progress(&mut clone);
+    assert_eq!(
+        up.throttled().1,
+        0,
+        "the upstream is still sending the pack"
+    );
+    let (stderr, ok) = finish(clone, seen);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("slow/basic: done in"), "{stderr}");
+    assert_fsck(&work.path().join("c"));
+    assert_eq!(refs(&work.path().join("c")), refs(&upstream_dir));
+    assert_eq!(upstream_fetches(&up), 1);
+}

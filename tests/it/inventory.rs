@@ -26,8 +26,22 @@ fn the_admin_api_is_off_without_a_token() {
     );
     let addr = running.addr.parse().unwrap();
     let bearer = format!("Bearer {TOKEN}");
-    assert_eq!(get(addr, "/api/v1/mirrors", None).status, 404);
-    assert_eq!(get(addr, "/api/v1/mirrors", Some(&bearer)).status, 404);
+    let off = "the admin API is off: set ADMIN_TOKEN (or ADMIN_TOKEN_FILE) to turn it on\n";
+    for (method, path) in [
+        ("GET", "/api/v1/mirrors"),
+        ("POST", "/api/v1/mirrors/127.0.0.1:9/o/r/sync"),
+        ("GET", "/api/v1/anything"),
+    ] {
+        for auth in [None, Some(bearer.as_str())] {
+            let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", *a)).collect();
+            let reply = request(addr, method, path, &headers, b"");
+            assert_eq!(
+                (reply.status, reply.text()),
+                (404, off.to_owned()),
+                "{method} {path}"
+            );
+        }
+    }
 }
 
 #[test]

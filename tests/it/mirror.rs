@@ -856,6 +856,122 @@ fn leftovers_of_an_interrupted_sync_are_removed_at_start_and_before_each_sync() 
     assert!(!tmp_pack.exists() && !deep.join("objects/pack/.tmpXyZ").exists());
 }
 
+/// Issue 21 (3): the first clone of a repository whose upstream is slow shows progress while
+/// the proxy creates the mirror. The refs come from the upstream's listing; the fetch is
+/// answered at once, and `remote: mirroring …` lines arrive while the upstream still sends the
+/// pack. Protocol v2 and v0, with `--progress` (side-band); two clones at once share the
+/// creation, and both see its progress.
+#[test]
+fn a_first_clone_shows_progress_while_the_mirror_is_created() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("slow/basic", "basic");
+    // The pack of `basic` comes in 1 KiB chunks, 150 ms apart: seconds, well beyond the time
+    // the proxy waits for a creation before it answers from the upstream's listing.
+    up.throttle("/slow/", 1024, Duration::from_millis(150));
+    let allowed = up.allowed();
+    for v in PROTOCOLS {
+        // A proxy of its own per protocol: each clone is a first clone.
+        let allowed = allowed.clone();
+        let server = Server::start_with(move |c| c.allowed_upstreams = allowed);
+        let url = server.url_for(&up.segment(), "slow/basic");
+        let (started_before, sent_before) = up.throttled();
+        let work = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let mut clones: Vec<_> = work
+            .iter()
+            .map(|w| clone_with_progress(w.path(), &url, v))
+            .collect();
+        // Both show progress before the upstream has sent the pack.
+        let seen: Vec<Vec<u8>> = clones.iter_mut().map(until_progress).collect();
+        assert_eq!(
+            up.throttled().1,
+            sent_before,
+            "v{v}: the progress came after the upstream had sent the pack: {}",
+            String::from_utf8_lossy(&seen.concat())
+        );
+        for ((clone, seen), work) in clones.into_iter().zip(seen).zip(&work) {
+            let (stderr, ok) = finish(clone, seen);
+            assert!(ok, "v{v}: {stderr}");
+            assert!(
+                stderr.contains("objects, ") && stderr.contains(" MiB"),
+                "v{v}: the progress counts what arrived: {stderr}"
+            );
+            assert!(stderr.contains("slow/basic: done in"), "v{v}: {stderr}");
+            let clone = work.path().join("c");
+            assert_fsck(&clone);
+            assert_eq!(refs(&clone), refs(&upstream_dir), "v{v}");
+        }
+        assert_eq!(
+            up.throttled().0,
+            started_before + 1,
+            "v{v}: one creation, one pack from the upstream"
+        );
+    }
+}
+
+/// Issue 21 (3): a client that asked for no side-band waits for the creation as before, and
+/// receives a plain pack.
+#[test]
+fn a_first_clone_without_side_band_waits_for_the_mirror() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("slow/basic", "basic");
+    up.throttle("/slow/", 1024, Duration::from_millis(20));
+    let server = proxy(&up, Duration::from_secs(3600));
+    let head = git(&upstream_dir, &["rev-parse", "main"]);
+    let want = format!("want {} multi_ack_detailed ofs-delta", head.trim());
+    let body = pkt(&[&want, "0000", "done"]);
+    let reply = request(
+        server.addr,
+        "POST",
+        &format!("/{}/slow/basic/git-upload-pack", up.segment()),
+        &[("Content-Type", "application/x-git-upload-pack-request")],
+        &body,
+    );
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply.body.starts_with(b"0008NAK\nPACK"),
+        "{}",
+        String::from_utf8_lossy(&reply.body[..reply.body.len().min(64)])
+    );
+    assert_eq!(up.throttled().1, 1, "the creation's pack was sent in full");
+}
+
+/// Issue 21 (3): first clones that cannot be shown progress before the pack (`--depth`: the
+/// shallow list comes first) or that filter objects still work while the mirror is created
+/// from a slow upstream: they are answered from the new mirror.
+#[test]
+fn a_shallow_or_partial_first_clone_works_while_the_mirror_is_created() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("slow/basic", "basic");
+    // Slower than the proxy waits before it answers from the upstream's listing.
+    up.throttle("/slow/", 4096, Duration::from_millis(250));
+    let allowed = up.allowed();
+    for v in PROTOCOLS {
+        for how in ["--depth=1", "--filter=blob:none"] {
+            let allowed = allowed.clone();
+            let server = Server::start_with(move |c| c.allowed_upstreams = allowed);
+            let url = server.url_for(&up.segment(), "slow/basic");
+            let work = tempfile::tempdir().unwrap();
+            let out = git_output(
+                work.path(),
+                &args(
+                    &["clone", "--progress", "--bare", how, &url, "c"],
+                    &proto(v),
+                ),
+                &[],
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "v{v} {how}: {stderr}");
+            let clone = work.path().join("c");
+            assert_eq!(
+                git(&clone, &["rev-parse", "main"]),
+                git(&upstream_dir, &["rev-parse", "main"]),
+                "v{v} {how}"
+            );
+            assert_fsck(&clone);
+        }
+    }
+}
+
 /// A mirror directory as a release that kept privacy and the last successful sync in marker
 /// files beside the mirror's record writes it (`src/mirror/sync.rs` and `record.rs` at
 /// `ed6a061`): `smart-git-proxy-private`, whose existence makes the mirror private, and
@@ -955,4 +1071,50 @@ fn the_markers_of_an_older_release_are_migrated_into_the_record_at_start() {
         0,
         "served as they were: no upstream clone or fetch"
     );
+}
+
+/// Issue 21 (3): a `git fetch` into a repository that has most of the history, from a proxy
+/// that has no mirror yet (a new proxy, an evicted mirror), shows the creation's progress too:
+/// its negotiation rounds are answered at once (nothing is in common with a mirror that does
+/// not exist yet), and its final round as a first clone's fetch.
+#[test]
+fn a_fetch_with_haves_shows_progress_while_the_mirror_is_created() {
+    let up = Upstream::start();
+    let upstream_dir = up.add_fixture("slow/basic", "basic");
+    up.throttle("/slow/", 1024, Duration::from_millis(150));
+    let allowed = up.allowed();
+    for v in PROTOCOLS {
+        // The client has the history up to main; the upstream gains commits after it.
+        let work = tempfile::tempdir().unwrap();
+        let src = format!("file://{}", upstream_dir.display());
+        git(work.path(), &["clone", "-q", "--bare", &src, "c"]);
+        let new_head = push_commits(&upstream_dir, "main", 2);
+        let allowed = allowed.clone();
+        let server = Server::start_with(move |c| c.allowed_upstreams = allowed);
+        let url = server.url_for(&up.segment(), "slow/basic");
+        let sent_before = up.throttled().1;
+        let mut fetch = std::process::Command::new("git")
+            .current_dir(work.path().join("c"))
+            .args(args(
+                &["fetch", "--progress", &url, "+refs/heads/*:refs/heads/*"],
+                &proto(v),
+            ))
+            .envs(git_env())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let seen = until_progress(&mut fetch);
+        assert_eq!(
+            up.throttled().1,
+            sent_before,
+            "v{v}: the upstream was still sending the pack"
+        );
+        let (stderr, ok) = finish(fetch, seen);
+        assert!(ok, "v{v}: {stderr}");
+        let clone = work.path().join("c");
+        assert_eq!(git(&clone, &["rev-parse", "main"]).trim(), new_head, "v{v}");
+        assert_fsck(&clone);
+    }
 }

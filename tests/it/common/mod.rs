@@ -12,7 +12,7 @@ use std::hash::{Hash, Hasher};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};
 
@@ -705,6 +705,42 @@ pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         assert!(std::time::Instant::now() < deadline, "timed out: {what}");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// `git clone --progress --mirror {url} c` in `dir` with protocol `v`, its stderr piped.
+pub fn clone_with_progress(dir: &Path, url: &str, v: &str) -> Child {
+    Command::new("git")
+        .current_dir(dir)
+        .args(args(
+            &["clone", "--progress", "--mirror", url, "c"],
+            &proto(v),
+        ))
+        .envs(git_env())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Read what `child` prints as it arrives, up to its first `remote: mirroring` line.
+pub fn until_progress(child: &mut Child) -> Vec<u8> {
+    let stderr = child.stderr.as_mut().expect("stderr piped");
+    let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+    while !String::from_utf8_lossy(&seen).contains("remote: mirroring") {
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(n > 0, "no progress: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    seen
+}
+
+/// The rest of what `child` prints after `seen`, and whether it succeeded.
+pub fn finish(mut child: Child, mut seen: Vec<u8>) -> (String, bool) {
+    let stderr = child.stderr.as_mut().expect("stderr piped");
+    stderr.read_to_end(&mut seen).unwrap();
+    let ok = child.wait().unwrap().success();
+    (String::from_utf8_lossy(&seen).into_owned(), ok)
 }
 
 /// How many panics this process has seen outside the tests' own code: in the library or a

@@ -1,7 +1,7 @@
 //! A real upstream for the tests: `git http-backend` (CGI) behind a small HTTP server on
 //! 127.0.0.1, with a request log, optional Basic auth per repository, refs hidden from
-//! anonymous requests, and switches to make it fail, stall, slow, redirect, or cut a response
-//! short.
+//! anonymous requests, and switches to make it fail, stall, slow, redirect, throttle, or cut a
+//! response short.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -68,6 +68,11 @@ struct Shared {
     lfs_status: Arc<AtomicUsize>,
     /// The batch API and its storage, once [`Upstream::serve_lfs`] started them.
     lfs: Arc<std::sync::OnceLock<Arc<super::lfs::Lfs>>>,
+    /// Repository path prefix -> (bytes per chunk, pause after each chunk) of upload-pack
+    /// answers.
+    throttle: Arc<Mutex<HashMap<String, (usize, std::time::Duration)>>>,
+    /// Throttled answers that started, and that were sent completely.
+    throttled: Arc<(AtomicUsize, AtomicUsize)>,
 }
 
 /// The running upstream; stops when dropped.
@@ -89,6 +94,8 @@ impl Upstream {
             hidden: Default::default(),
             lfs_status: Arc::new(AtomicUsize::new(200)),
             lfs: Default::default(),
+            throttle: Default::default(),
+            throttled: Default::default(),
         };
         let app = axum::Router::new()
             .fallback(handle)
@@ -148,6 +155,23 @@ impl Upstream {
             .lock()
             .unwrap()
             .insert(prefix.into(), (refs.into(), user_password.into()));
+    }
+
+    /// Send the upload-pack answers of repositories under `/prefix` (packs; ref listings go
+    /// unthrottled) in chunks of `chunk` bytes with a pause of `pause` after each but the
+    /// last: a slow upstream, whose state [`Upstream::throttled`] tells.
+    pub fn throttle(&self, prefix: &str, chunk: usize, pause: std::time::Duration) {
+        self.shared
+            .throttle
+            .lock()
+            .unwrap()
+            .insert(prefix.into(), (chunk, pause));
+    }
+
+    /// How many throttled answers started, and how many were sent completely.
+    pub fn throttled(&self) -> (usize, usize) {
+        let (started, sent) = &*self.shared.throttled;
+        (started.load(Ordering::SeqCst), sent.load(Ordering::SeqCst))
     }
 
     /// Stop requiring credentials anywhere.
@@ -330,6 +354,8 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         headers.remove("git-protocol");
     }
     let method = parts.method.to_string();
+    // Only packs are throttled: ref listings are not.
+    let listing = body.windows(15).any(|w| w == b"command=ls-refs");
     let output = tokio::task::spawn_blocking(move || {
         cgi(&root, &method, &path, &query, &headers, &body, &config)
     })
@@ -356,10 +382,53 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         *r.headers_mut() = hdrs;
         return r;
     }
-    let mut r = Response::new(Body::from(body));
+    let throttle = shared
+        .throttle
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(prefix, _)| parts.uri.path().starts_with(prefix.as_str()))
+        .map(|(_, t)| *t)
+        .filter(|(chunk, _)| {
+            body.len() > *chunk && parts.uri.path().ends_with("git-upload-pack") && !listing
+        });
+    let mut r = match throttle {
+        Some((chunk, pause)) => Response::new(throttled(body, chunk, pause, shared.throttled)),
+        None => Response::new(Body::from(body)),
+    };
     *r.status_mut() = status;
     *r.headers_mut() = hdrs;
     r
+}
+
+/// `body` in chunks of `chunk` bytes with `pause` after each but the last, counted in
+/// `counts` (started, sent completely).
+fn throttled(
+    body: Vec<u8>,
+    chunk: usize,
+    pause: std::time::Duration,
+    counts: Arc<(AtomicUsize, AtomicUsize)>,
+) -> Body {
+    counts.0.fetch_add(1, Ordering::SeqCst);
+    let chunks: Vec<bytes::Bytes> = body
+        .chunks(chunk)
+        .map(bytes::Bytes::copy_from_slice)
+        .collect();
+    let last = chunks.len() - 1;
+    let chunks = futures_util::stream::iter(chunks.into_iter().enumerate());
+    let stream = futures_util::StreamExt::then(chunks, move |(i, data)| {
+        let counts = Arc::clone(&counts);
+        async move {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            if i == last {
+                counts.1.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok::<_, std::io::Error>(data)
+        }
+    });
+    Body::from_stream(stream)
 }
 
 fn cgi(
