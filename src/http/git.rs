@@ -455,12 +455,22 @@ async fn first_request(state: &AppState, m: &Mirrored) -> Result<Option<First>, 
             return Ok(Some(First::Created(status)));
         }
     }
-    match state.mirrors.preview(&request).await {
-        Ok(listing) => Ok(Some(First::Creating(listing, creation))),
-        Err(e) => {
-            // Refused: its wait for the creation ends here (a creation it started goes on).
-            creation.abort();
-            Err(e.into())
+    // The creation may end while the upstream is listed for the preview: then its outcome
+    // answers (a failure, or shutdown, is not hidden behind a listing).
+    let preview = state.mirrors.preview(&request);
+    tokio::pin!(preview);
+    tokio::select! {
+        listing = &mut preview => match listing {
+            Ok(listing) => Ok(Some(First::Creating(listing, creation))),
+            Err(e) => {
+                // Refused: its wait for the creation ends here (a creation it started goes on).
+                creation.abort();
+                Err(e.into())
+            }
+        },
+        joined = &mut creation => {
+            let status = joined.map_err(|e| Error::Internal(e.to_string()))??;
+            Ok(Some(First::Created(status)))
         }
     }
 }
