@@ -163,7 +163,7 @@ struct Repo {
     snapshot: parking_lot::RwLock<Option<Arc<Snapshot>>>,
     /// A background maintenance is queued or running.
     maintenance_pending: AtomicBool,
-    /// Its last sync and serve, as on disk (or newer).
+    /// Its record (privacy, last sync and serve), as on disk (or newer).
     record: parking_lot::Mutex<record::Held>,
     /// Its size on disk; `None` until measured, and after a sync or maintenance changed it.
     usage: parking_lot::Mutex<Option<evict::Usage>>,
@@ -469,7 +469,7 @@ impl Mirrors {
         }
     }
 
-    /// The mirror's state, loading its last sync time from disk the first time.
+    /// The mirror's state, loading its record from disk the first time.
     fn repo(&self, dir: &Path) -> Arc<Repo> {
         if let Some(repo) = self.repos.lock().get(dir) {
             return Arc::clone(repo);

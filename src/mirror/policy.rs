@@ -107,7 +107,8 @@ pub(super) struct Timing {
 /// What the store knows of a mirror when a request holds its lock.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct View {
-    /// The mirror was on disk when the request came to its lock.
+    /// The mirror is on disk, as seen once the request holds its lock (a creation it waited
+    /// for has made it).
     pub exists: bool,
     /// The state is still the store's: eviction or a failed creation did not drop it while
     /// the request waited for the lock.

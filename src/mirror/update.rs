@@ -3,6 +3,7 @@
 //! mirror's lock and the sync slots. What an update does next is decided by
 //! [`super::policy`]; the fetch itself is [`super::sync`]'s.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,15 +12,17 @@ use std::time::Instant;
 use tokio::sync::Semaphore;
 
 use super::failures::{failure_error, FailureKey};
-use super::leases::lease;
-use super::plan::Planner;
-use super::policy::{self, Settled};
+use super::leases::{lease, Leases};
+use super::plan::{Lister, Planner};
+use super::policy::{self, Failure, Settled};
+use super::schedule::Maintenance;
 use super::{
-    evict, sync, Credentials, Error, Freshness, Mirrors, Repo, RepoState, Request, Status, Synced,
-    TMP_PREFIX,
+    access, evict, sync, Credentials, Error, Freshness, Mirrors, Repo, RepoState, Request, Status,
+    SyncHook, Synced, TMP_PREFIX,
 };
 use crate::config::Secret;
 use crate::repo::Snapshot;
+use crate::ttl::TtlMap;
 use crate::upstream;
 
 /// The slots a running update holds: its host's and a global one.
@@ -92,181 +95,38 @@ impl Mirrors {
                 Next::Update(state, slots) => break (repo, state, slots),
             }
         };
-        let (repo, mut state, slots) = repo;
+        let (repo, state, slots) = repo;
         let exists = crate::repo::exists(&req.dir);
         let local = |message: String| Error::Local {
             name: req.name.clone(),
             message,
         };
-        let reason = freshness.reason(exists);
-        let revalidate = freshness.revalidates();
-        let via_parent = self.settings.via_parent;
-        let owned = req.clone();
-        let owned_dir = req.dir.clone();
-        let tmp = self.tmp_dir(&req.dir);
-        let aside = self.aside_dir();
-        let opts = self.settings.upstream.clone();
-        let lister = self.lister();
-        let access = Arc::clone(&self.access);
+        let job = Job {
+            req: req.clone(),
+            exists,
+            key,
+            reason: freshness.reason(exists),
+            revalidate: freshness.revalidates(),
+            via_parent: self.settings.via_parent,
+            tmp: self.tmp_dir(&req.dir),
+            aside: self.aside_dir(),
+            opts: self.settings.upstream.clone(),
+            lister: self.lister(),
+            access: Arc::clone(&self.access),
+            failures: Arc::clone(&self.failures),
+            repos: Arc::clone(&self.repos),
+            maintenance: self.maintenance_job(&repo, &req.dir),
+            hook: self.sync_hook.get().cloned(),
+            leases: Arc::clone(&self.leases),
+            creations: Arc::clone(&self.creations),
+            repo,
+        };
         // The update runs in a task of its own that holds the repository's lock and the sync
         // slot: if this request goes away, the update still finishes and is recorded, and the
         // requests waiting for it see the outcome.
-        let failures = Arc::clone(&self.failures);
-        let repos = Arc::clone(&self.repos);
-        let maintenance = self.maintenance_job(&repo, &req.dir);
-        let wake_eviction = Arc::clone(&self.leases.wake);
-        let hook = self.sync_hook.get().cloned();
-        let leases = Arc::clone(&self.leases);
-        let creations = Arc::clone(&self.creations);
-        let fetch_progress = Arc::clone(&repo.fetch_progress);
         let update = tokio::spawn(async move {
             let _slots = slots;
-            fetch_progress.reset();
-            let _log = (!exists).then(|| super::creation::log(&owned.name, &fetch_progress));
-            // A creation can be stopped at shutdown ([`Mirrors::stop_creations`]); a sync
-            // serves clients waiting for it, or the next ones.
-            let interrupt = if exists {
-                Arc::new(AtomicBool::new(false))
-            } else {
-                creations.start()
-            };
-            let started = Instant::now();
-            let name = owned.name.clone();
-            let current = repo.snapshot();
-            let before = current.clone().filter(|_| exists);
-            let from_client = matches!(owned.credentials, Credentials::Client(_));
-            let planner = Planner {
-                lister: &lister,
-                failures: &failures,
-                access: &access,
-            };
-            let plan = planner.plan(&owned, &repo, exists, &tmp, revalidate).await;
-            let stopped = Arc::clone(&interrupt);
-            let held = Arc::clone(&repo);
-            let result = match plan {
-                Err(e) => Err(e),
-                Ok(_) if stopped.load(Ordering::Relaxed) => Err(upstream::Error::Interrupted),
-                Ok(plan) => tokio::task::spawn_blocking(move || {
-                    let interrupt = &*stopped;
-                    let progress = &fetch_progress;
-                    let mut owned = owned;
-                    if let Some(url) = &plan.listing.url {
-                        owned.url = url.clone();
-                    }
-                    let held = &held.record;
-                    if !exists {
-                        let authorization = plan.authorization.as_ref().map(Secret::expose);
-                        return sync::create(
-                            &owned,
-                            &tmp,
-                            authorization,
-                            plan.private,
-                            held,
-                            &opts,
-                            progress,
-                            interrupt,
-                        );
-                    }
-                    if plan.recreate {
-                        tracing::info!(repo = %owned.name, "the upstream lists the repository anonymously now: mirroring it again without credentials");
-                        return sync::recreate(
-                            &owned, &tmp, &aside, held, &opts, progress, interrupt,
-                        );
-                    }
-                    let snapshot = match current {
-                        Some(snapshot) => Ok(snapshot),
-                        None => Snapshot::open(&owned.dir, None)
-                            .map(Arc::new)
-                            .map_err(|e| upstream::Error::Local(crate::error_chain(&e))),
-                    };
-                    snapshot
-                        .and_then(|s| sync::sync(&owned, s, plan, held, &opts, progress, interrupt))
-                })
-                .await
-                .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string()))),
-            };
-            if !exists {
-                creations.end(&interrupt);
-            }
-            match result {
-                Ok(outcome) => {
-                    // When the listing was taken, not when the fetch ended: a want-miss that
-                    // arrived during a long fetch must not count this sync as newer than itself.
-                    state.last_sync = Some(started);
-                    state.last_failure = None;
-                    repo.set_snapshot(Arc::clone(&outcome.snapshot));
-                    let status = outcome.status;
-                    if let (Some(hook), Some(before)) = (&hook, before) {
-                        if outcome.changed > 0 {
-                            hook(Synced {
-                                name: name.clone(),
-                                dir: owned_dir.clone(),
-                                before,
-                                after: Arc::clone(&outcome.snapshot),
-                                lease: lease(&leases, &owned_dir),
-                            });
-                        }
-                    }
-                    record_sync(&repo, &owned_dir, Ok(())).await;
-                    if outcome.pack_bytes > 0 || status == Status::Clone {
-                        // The mirror grew: measured again, and perhaps over MIRROR_MAX_SIZE.
-                        wake_eviction.notify_one();
-                    }
-                    crate::metrics::mirror_update(
-                        status.as_str(),
-                        started.elapsed(),
-                        outcome.pack_bytes,
-                    );
-                    if via_parent {
-                        crate::metrics::parent_fetch(status.as_str());
-                    }
-                    tracing::info!(
-                        repo = %name,
-                        reason,
-                        status = status.as_str(),
-                        refs = outcome.refs,
-                        changed = outcome.changed,
-                        bytes = outcome.pack_bytes,
-                        duration = ?started.elapsed(),
-                        "mirror updated"
-                    );
-                    if outcome.changed > 0 || status == Status::Clone {
-                        maintenance.start_if_due(Arc::clone(&outcome.snapshot));
-                    }
-                    Ok(status)
-                }
-                Err(e) => match policy::settle(exists, from_client, &e) {
-                    Settled::Remember(failure) => {
-                        failures.insert(key, failure);
-                        repos.lock().remove(&owned_dir);
-                        crate::metrics::mirror_update("failed", started.elapsed(), 0);
-                        if via_parent {
-                            crate::metrics::parent_fetch("failed");
-                        }
-                        Err(e)
-                    }
-                    Settled::Refused => Err(e),
-                    Settled::Stale => {
-                        state.last_failure = Some(started);
-                        record_sync(&repo, &owned_dir, Err(e.to_string())).await;
-                        crate::metrics::mirror_update("stale", started.elapsed(), 0);
-                        if via_parent {
-                            crate::metrics::parent_fetch("stale");
-                        }
-                        tracing::warn!(repo = %name, reason, error = %e, "sync failed, serving the existing mirror");
-                        Ok(Status::Stale)
-                    }
-                    Settled::Failed => {
-                        crate::metrics::mirror_update("failed", started.elapsed(), 0);
-                        if via_parent {
-                            crate::metrics::parent_fetch("failed");
-                        }
-                        state.last_error = Some((Instant::now(), e.clone()));
-                        repos.lock().remove(&owned_dir);
-                        Err(e)
-                    }
-                },
-            }
+            job.run(state).await
         });
         match update.await.map_err(|e| local(e.to_string()))? {
             Ok(status) => Ok(status),
@@ -299,6 +159,8 @@ impl Mirrors {
                 Err(_) => return Ok(Next::Done(Status::Stale)),
             },
         };
+        // Again under the lock: the creation this request waited for made it.
+        let exists = crate::repo::exists(&req.dir);
         let view = policy::View {
             exists,
             current: self
@@ -411,6 +273,222 @@ impl Mirrors {
         self.settings
             .root
             .join(format!("{TMP_PREFIX}{name}-{}-{n}", std::process::id()))
+    }
+}
+
+/// An update of one mirror, as [`Mirrors::update`] runs it in a task of its own: what it
+/// needs of the store.
+struct Job {
+    req: Request,
+    repo: Arc<Repo>,
+    /// The mirror existed when the update started: a sync (or a remake), else a creation.
+    exists: bool,
+    /// What a refused or unknown creation is remembered under.
+    key: FailureKey,
+    /// Why it runs, for the log.
+    reason: &'static str,
+    /// A parent proxy checks its own upstream too.
+    revalidate: bool,
+    /// Upstream URLs point at a parent proxy, for the metrics.
+    via_parent: bool,
+    /// Where a new mirror is made.
+    tmp: PathBuf,
+    /// Where a mirror made again is moved before it is deleted.
+    aside: PathBuf,
+    opts: upstream::Options,
+    lister: Lister,
+    access: Arc<access::AccessCache>,
+    failures: Arc<TtlMap<FailureKey, Failure>>,
+    repos: Arc<parking_lot::Mutex<HashMap<PathBuf, Arc<Repo>>>>,
+    maintenance: Maintenance,
+    hook: Option<SyncHook>,
+    leases: Arc<Leases>,
+    creations: Arc<Creations>,
+}
+
+impl Job {
+    /// Fetch, then note the outcome in `state` (the mirror's, locked for the update), the
+    /// record, the metrics and the log.
+    async fn run(
+        self,
+        mut state: tokio::sync::OwnedMutexGuard<RepoState>,
+    ) -> Result<Status, upstream::Error> {
+        // A creation can be stopped at shutdown ([`Mirrors::stop_creations`]); a sync serves
+        // clients waiting for it, or the next ones.
+        let interrupt = if self.exists {
+            Arc::new(AtomicBool::new(false))
+        } else {
+            self.creations.start()
+        };
+        let started = Instant::now();
+        self.repo.fetch_progress.reset();
+        let _log =
+            (!self.exists).then(|| super::creation::log(&self.req.name, &self.repo.fetch_progress));
+        let current = self.repo.snapshot();
+        let before = current.clone().filter(|_| self.exists);
+        let result = self.fetch(current, &interrupt).await;
+        if !self.exists {
+            self.creations.end(&interrupt);
+        }
+        match result {
+            Ok(outcome) => Ok(self.succeeded(&mut state, outcome, before, started).await),
+            Err(e) => self.failed(&mut state, e, started).await,
+        }
+    }
+
+    /// Plan the update, then create, remake or sync the mirror on a blocking thread. `current`
+    /// is the mirror's snapshot, if it has one.
+    async fn fetch(
+        &self,
+        current: Option<Arc<Snapshot>>,
+        interrupt: &Arc<AtomicBool>,
+    ) -> Result<sync::Outcome, upstream::Error> {
+        let planner = Planner {
+            lister: &self.lister,
+            failures: &self.failures,
+            access: &self.access,
+        };
+        let plan = planner
+            .plan(
+                &self.req,
+                &self.repo,
+                self.exists,
+                &self.tmp,
+                self.revalidate,
+            )
+            .await?;
+        if interrupt.load(Ordering::Relaxed) {
+            return Err(upstream::Error::Interrupted);
+        }
+        let (mut req, repo, exists) = (self.req.clone(), Arc::clone(&self.repo), self.exists);
+        let (tmp, aside, opts) = (self.tmp.clone(), self.aside.clone(), self.opts.clone());
+        let interrupt = Arc::clone(interrupt);
+        tokio::task::spawn_blocking(move || {
+            let interrupt = &*interrupt;
+            let progress = &repo.fetch_progress;
+            if let Some(url) = &plan.listing.url {
+                req.url = url.clone();
+            }
+            let held = &repo.record;
+            if !exists {
+                let authorization = plan.authorization.as_ref().map(Secret::expose);
+                return sync::create(
+                    &req,
+                    &tmp,
+                    authorization,
+                    plan.private,
+                    held,
+                    &opts,
+                    progress,
+                    interrupt,
+                );
+            }
+            if plan.recreate {
+                tracing::info!(repo = %req.name, "the upstream lists the repository anonymously now: mirroring it again without credentials");
+                return sync::recreate(&req, &tmp, &aside, held, &opts, progress, interrupt);
+            }
+            let snapshot = match current {
+                Some(snapshot) => Ok(snapshot),
+                None => Snapshot::open(&req.dir, None)
+                    .map(Arc::new)
+                    .map_err(|e| upstream::Error::Local(crate::error_chain(&e))),
+            };
+            snapshot.and_then(|s| sync::sync(&req, s, plan, held, &opts, progress, interrupt))
+        })
+        .await
+        .unwrap_or_else(|e| Err(upstream::Error::Local(e.to_string())))
+    }
+
+    /// Note an update that succeeded, which started at `started`, on a mirror whose snapshot
+    /// was `before` (`None`: a creation); tell the sync hook, eviction and maintenance.
+    async fn succeeded(
+        self,
+        state: &mut RepoState,
+        outcome: sync::Outcome,
+        before: Option<Arc<Snapshot>>,
+        started: Instant,
+    ) -> Status {
+        let (name, dir) = (&self.req.name, &self.req.dir);
+        // When the listing was taken, not when the fetch ended: a want-miss that arrived
+        // during a long fetch must not count this sync as newer than itself.
+        state.last_sync = Some(started);
+        state.last_failure = None;
+        self.repo.set_snapshot(Arc::clone(&outcome.snapshot));
+        let status = outcome.status;
+        if let (Some(hook), Some(before)) = (&self.hook, before) {
+            if outcome.changed > 0 {
+                hook(Synced {
+                    name: name.clone(),
+                    dir: dir.clone(),
+                    before,
+                    after: Arc::clone(&outcome.snapshot),
+                    lease: lease(&self.leases, dir),
+                });
+            }
+        }
+        record_sync(&self.repo, dir, Ok(())).await;
+        if outcome.pack_bytes > 0 || status == Status::Clone {
+            // The mirror grew: measured again, and perhaps over MIRROR_MAX_SIZE.
+            self.leases.wake.notify_one();
+        }
+        crate::metrics::mirror_update(status.as_str(), started.elapsed(), outcome.pack_bytes);
+        if self.via_parent {
+            crate::metrics::parent_fetch(status.as_str());
+        }
+        tracing::info!(
+            repo = %name,
+            reason = self.reason,
+            status = status.as_str(),
+            refs = outcome.refs,
+            changed = outcome.changed,
+            bytes = outcome.pack_bytes,
+            duration = ?started.elapsed(),
+            "mirror updated"
+        );
+        if outcome.changed > 0 || status == Status::Clone {
+            self.maintenance.start_if_due(Arc::clone(&outcome.snapshot));
+        }
+        status
+    }
+
+    /// Note an update that failed with `e`, which started at `started`, as
+    /// [`policy::settle`] says: the existing mirror is then served as it is (`Ok(Stale)`).
+    async fn failed(
+        self,
+        state: &mut RepoState,
+        e: upstream::Error,
+        started: Instant,
+    ) -> Result<Status, upstream::Error> {
+        let (name, dir) = (&self.req.name, &self.req.dir);
+        let from_client = matches!(self.req.credentials, Credentials::Client(_));
+        let settled = policy::settle(self.exists, from_client, &e);
+        let outcome = match settled {
+            Settled::Remember(failure) => {
+                self.failures.insert(self.key, failure);
+                self.repos.lock().remove(dir);
+                "failed"
+            }
+            Settled::Refused => return Err(e),
+            Settled::Stale => {
+                state.last_failure = Some(started);
+                record_sync(&self.repo, dir, Err(e.to_string())).await;
+                "stale"
+            }
+            Settled::Failed => {
+                state.last_error = Some((Instant::now(), e.clone()));
+                self.repos.lock().remove(dir);
+                "failed"
+            }
+        };
+        crate::metrics::mirror_update(outcome, started.elapsed(), 0);
+        if self.via_parent {
+            crate::metrics::parent_fetch(outcome);
+        }
+        if settled == Settled::Stale {
+            tracing::warn!(repo = %name, reason = self.reason, error = %e, "sync failed, serving the existing mirror");
+            return Ok(Status::Stale);
+        }
+        Err(e)
     }
 }
 
