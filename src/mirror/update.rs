@@ -326,7 +326,11 @@ impl Job {
             (!self.exists).then(|| super::creation::log(&self.req.name, &self.repo.fetch_progress));
         let current = self.repo.snapshot();
         let before = current.clone().filter(|_| self.exists);
+        self.repo.fetch_progress.reset();
+        let log =
+            (!self.exists).then(|| super::creation::log(&self.req.name, &self.repo.fetch_progress));
         let result = self.fetch(current, &interrupt).await;
+        drop(log);
         if !self.exists {
             self.creations.end(&interrupt);
         }
