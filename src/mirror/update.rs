@@ -321,9 +321,6 @@ impl Job {
             self.creations.start()
         };
         let started = Instant::now();
-        self.repo.fetch_progress.reset();
-        let _log =
-            (!self.exists).then(|| super::creation::log(&self.req.name, &self.repo.fetch_progress));
         let current = self.repo.snapshot();
         let before = current.clone().filter(|_| self.exists);
         self.repo.fetch_progress.reset();
