@@ -29,7 +29,9 @@ use gix_pack::Find;
 
 pub use cache::{Cache, CACHE_BYTES};
 pub use read::{Error as ReadError, File, Index};
-pub use write::{write, Error as WriteError, Outcome as WriteOutcome, MAX_COMMITS, SPREAD};
+pub use write::{
+    write, Error as WriteError, Outcome as WriteOutcome, Tips, MAX_COMMITS, MAX_TIPS, SPREAD,
+};
 
 use super::planner::{Plan, Selection, Stats, ThinBases};
 use super::walk::Commits;
