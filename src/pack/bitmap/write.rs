@@ -137,6 +137,7 @@ pub fn write(
     let computed = forest.compute(db, &mut commits, &mut reach, old.as_ref(), n, interrupt)?;
     let entries = computed.entries;
     let types = reach.types.take().unwrap_or_default();
+    let reader = reach.reader.take();
     drop((reach, old));
 
     let mut out = Vec::new();
@@ -146,7 +147,7 @@ pub fn write(
     // At most MAX_COMMITS.
     out.extend_from_slice(&(entries.count as u32).to_be_bytes());
     out.extend_from_slice(objects.pack_checksum().as_bytes());
-    for bits in complete_types(db, &objects, types, interrupt)? {
+    for bits in complete_types(db, &objects, reader.as_ref(), types, interrupt)? {
         ewah::encode(&bits, n, &mut out);
     }
     out.extend_from_slice(&entries.bytes);
@@ -500,11 +501,13 @@ impl Old {
     }
 }
 
-/// The type bitmaps, from `known` (the types the walks learnt) and the headers of the objects
-/// no walk reached (tags, objects only unwalked history or nothing reaches).
+/// The type bitmaps, from `known` (the types the walks learnt) and, for the objects no walk
+/// reached (tags, objects only unwalked history or nothing reaches), the pack's entry headers
+/// (a delta has its base's type; bases come first in pack order), or the object database.
 fn complete_types(
     db: &Db,
     objects: &Objects,
+    reader: Option<&super::PackReader<'_>>,
     mut known: [Bits; 4],
     interrupt: &AtomicBool,
 ) -> Result<[Bits; 4], Error> {
@@ -517,15 +520,44 @@ fn complete_types(
         if any.get(pos) {
             continue;
         }
-        let id = objects.id(pos);
-        let header = db
-            .try_header(&id)
-            .map_err(|e| Error::Pack(format!("reading {id}: {e}")))?
-            .ok_or_else(|| Error::Pack(format!("object {id} of the pack is missing")))?;
-        known[super::type_index(header.kind)].set(pos);
+        let stored = match reader.map(|r| r.stored_kind(pos)).transpose() {
+            Ok(stored) => stored,
+            Err(e) => {
+                return Err(Error::Pack(format!(
+                    "reading object {pos} of the pack: {e}"
+                )))
+            }
+        };
+        let kind = match stored {
+            Some(Ok(kind)) => Some(kind),
+            Some(Err(Some(base))) if any.get(base) => {
+                (0..4).find(|t| known[*t].get(base)).map(|t| KINDS[t])
+            }
+            _ => None,
+        };
+        let kind = match kind {
+            Some(kind) => kind,
+            None => {
+                let id = objects.id(pos);
+                db.try_header(&id)
+                    .map_err(|e| Error::Pack(format!("reading {id}: {e}")))?
+                    .ok_or_else(|| Error::Pack(format!("object {id} of the pack is missing")))?
+                    .kind
+            }
+        };
+        known[super::type_index(kind)].set(pos);
+        any.set(pos);
     }
     Ok(known)
 }
+
+/// The kinds of the type bitmaps, in order.
+const KINDS: [gix::objs::Kind; 4] = [
+    gix::objs::Kind::Commit,
+    gix::objs::Kind::Tree,
+    gix::objs::Kind::Blob,
+    gix::objs::Kind::Tag,
+];
 
 /// The commit entries written so far.
 #[derive(Default)]
