@@ -353,10 +353,10 @@ pub struct Resolved {
     pub listing_client: crate::upstream::ListingClient,
 }
 
-/// See `PACK_COMPRESSION_LEVEL`; the README gives the measurements behind it.
+/// See `PACK_COMPRESSION_LEVEL`; `docs/performance.md` gives the measurements behind it.
 pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
 
-/// See `MAINTENANCE_BITMAP_LAG`; the README gives the measurements behind it.
+/// See `MAINTENANCE_BITMAP_LAG`; `docs/performance.md` gives the measurements behind it.
 pub const DEFAULT_BITMAP_LAG: usize = 300;
 
 /// A setting that is never printed: its `Debug` form is `<redacted>`, so a logged or printed
@@ -455,7 +455,7 @@ pub enum Error {
     },
     /// The GitHub App's key cannot be used.
     #[error(transparent)]
-    App(#[from] crate::credentials::Error),
+    App(#[from] crate::upstream::credentials::Error),
     /// The zlib level is out of range.
     #[error("PACK_COMPRESSION_LEVEL must be 0 to 9, not {0}")]
     CompressionLevel(u32),
@@ -539,7 +539,7 @@ pub enum Error {
     },
     /// `UPSTREAM_CA_FILE` cannot be used.
     #[error(transparent)]
-    Tls(#[from] crate::tls::Error),
+    Tls(#[from] crate::upstream::tls::Error),
     /// `MIRROR_DIR` exists and is not a directory, or cannot be created.
     #[error("MIRROR_DIR '{path}': {reason}")]
     MirrorDir {
@@ -678,7 +678,7 @@ impl Config {
 
     /// The GitHub App's settings, when `GITHUB_APP_ID`, `GITHUB_APP_PRIVATE_KEY_FILE` and
     /// `GITHUB_APP_INSTALLATION_ID` are set (its key read and checked).
-    pub fn github_app(&self) -> Result<Option<crate::credentials::AppSettings>, Error> {
+    pub fn github_app(&self) -> Result<Option<crate::upstream::credentials::AppSettings>, Error> {
         let id = self.github_app_id.as_deref().filter(|id| !id.is_empty());
         let key = self.github_app_private_key_file.as_deref();
         let installation = self.github_app_installation_id;
@@ -702,7 +702,7 @@ impl Config {
             key: "GITHUB_API_URL",
             value: self.github_api_url.clone(),
         })?;
-        Ok(Some(crate::credentials::AppSettings::load(
+        Ok(Some(crate::upstream::credentials::AppSettings::load(
             id,
             key,
             installation,
@@ -711,8 +711,8 @@ impl Config {
     }
 
     /// The TLS settings of upstream connections: the system's roots and `UPSTREAM_CA_FILE`.
-    pub fn upstream_tls(&self) -> Result<crate::tls::ClientTls, Error> {
-        Ok(crate::tls::ClientTls::load(
+    pub fn upstream_tls(&self) -> Result<crate::upstream::tls::ClientTls, Error> {
+        Ok(crate::upstream::tls::ClientTls::load(
             self.upstream_ca_file.as_deref(),
         )?)
     }
@@ -1334,7 +1334,7 @@ mod tests {
         }
     }
 
-    /// The defaults the README documents, as the command line gives them and as
+    /// The defaults `docs/configuration.md` documents, as the command line gives them and as
     /// `Config::new` does.
     #[test]
     fn limits_have_the_documented_defaults() {

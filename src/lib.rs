@@ -6,7 +6,6 @@
 #![deny(missing_docs, unsafe_code)]
 
 pub mod config;
-pub mod credentials;
 pub mod http;
 pub mod lfs;
 pub mod metrics;
@@ -15,7 +14,6 @@ pub mod pack;
 pub mod prewarm;
 pub mod protocol;
 pub mod repo;
-pub mod tls;
 pub mod ttl;
 pub mod upload_pack;
 pub mod upstream;

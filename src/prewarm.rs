@@ -7,7 +7,7 @@
 //! +SHA:refs/remotes/origin/BRANCH` in an empty repository. It is parsed and resolved by
 //! upload-pack itself ([`upload_pack::prefill_v2`]), so the entry is stored under exactly the
 //! key that request looks up. Requests that resolve differently (a filter, `include-tag`, haves,
-//! no `thin-pack`, another depth) have other keys; the README lists them.
+//! no `thin-pack`, another depth) have other keys; `docs/internals.md` (Prewarming) lists them.
 //!
 //! Bounds: at most one prewarm per mirror at a time (a sync meanwhile replaces the one queued
 //! behind it), each holding one of the server's pack slots (`MAX_CONCURRENT_PACKS`), at most

@@ -11,7 +11,7 @@
 // error on failure.
 //
 // It builds offline against Debian's golang-github-go-git-go-git-dev in GOPATH mode
-// (GOPATH=/usr/share/gocode GO111MODULE=off); tests/interop.rs does that once per run.
+// (GOPATH=/usr/share/gocode GO111MODULE=off); tests/it/interop.rs does that once per run.
 package main
 
 import (

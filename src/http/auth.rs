@@ -30,7 +30,7 @@ pub(super) async fn upstream_credentials(
     state: &AppState,
     source: &Upstream,
     client_authorization: Option<&str>,
-) -> Result<mirror::Credentials, crate::credentials::Error> {
+) -> Result<mirror::Credentials, crate::upstream::credentials::Error> {
     let config = &state.config;
     Ok(match config.auth_mode {
         AuthMode::None => mirror::Credentials::None,

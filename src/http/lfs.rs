@@ -202,7 +202,7 @@ fn failure(e: crate::lfs::Error) -> Response {
         E::Link(_) => StatusCode::FORBIDDEN,
         E::NotAnObject(_) | E::Gone(_) => StatusCode::NOT_FOUND,
         E::Range(_) => StatusCode::RANGE_NOT_SATISFIABLE,
-        E::Batch(_) | E::Download(_) => StatusCode::BAD_GATEWAY,
+        E::Batch(_) | E::BatchTooLarge { .. } | E::Download(_) => StatusCode::BAD_GATEWAY,
         E::Local(io) if crate::is_no_space(io) => StatusCode::INSUFFICIENT_STORAGE,
         E::Local(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -212,9 +212,10 @@ fn failure(e: crate::lfs::Error) -> Response {
             tracing::error!(error = %e, "Git LFS cache failed");
             "internal server error (see the proxy's log)".to_owned()
         }
-        E::Batch(_) | E::Download(_) => {
-            tracing::warn!(error = %e, "Git LFS upstream failed");
-            e.to_string()
+        E::Batch(_) | E::BatchTooLarge { .. } | E::Download(_) => {
+            let message = crate::error_chain(&e);
+            tracing::warn!(error = %message, "Git LFS upstream failed");
+            message
         }
         _ => e.to_string(),
     };

@@ -61,7 +61,7 @@ pub struct AppState {
     /// The client of LFS requests and forwarded webhooks.
     http_client: reqwest::Client,
     /// With a GitHub App, the static token's source.
-    app_tokens: Option<Arc<crate::credentials::AppTokens>>,
+    app_tokens: Option<Arc<crate::upstream::credentials::AppTokens>>,
     pack_cache: Option<PackCache>,
     /// The Git LFS object cache, unless `LFS_CACHE_MAX_SIZE=0`.
     lfs: Option<Arc<crate::lfs::Cache>>,
@@ -159,7 +159,12 @@ impl AppState {
                     tracing::error!(error = %e, "GitHub App: no installation tokens");
                     None
                 })
-                .map(|app| Arc::new(crate::credentials::AppTokens::new(app, http_client.clone()))),
+                .map(|app| {
+                    Arc::new(crate::upstream::credentials::AppTokens::new(
+                        app,
+                        http_client.clone(),
+                    ))
+                }),
             http_client,
             lfs,
             config: Arc::new(config),
@@ -214,7 +219,10 @@ fn open_pack_cache(config: &Config) -> Option<PackCache> {
 
 /// The Git LFS object cache, unless `LFS_CACHE_MAX_SIZE=0`. A cache that cannot be opened is
 /// logged and left off: Git LFS is then passed through.
-fn open_lfs_cache(config: &Config, tls: crate::tls::ClientTls) -> Option<Arc<crate::lfs::Cache>> {
+fn open_lfs_cache(
+    config: &Config,
+    tls: crate::upstream::tls::ClientTls,
+) -> Option<Arc<crate::lfs::Cache>> {
     let max = config.lfs_cache_max_size.as_u64();
     if max == 0 {
         return None;

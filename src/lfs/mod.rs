@@ -76,7 +76,7 @@ pub struct Settings {
     /// Upstream storage: the longest wait for a byte.
     pub stall_timeout: Duration,
     /// Upstream storage: the trust roots (`UPSTREAM_CA_FILE` included).
-    pub tls: crate::tls::ClientTls,
+    pub tls: crate::upstream::tls::ClientTls,
 }
 
 /// The most upstream actions remembered at once (about 100 batches of 100 objects in flight
@@ -110,8 +110,14 @@ pub enum Error {
     #[error("range not satisfiable for an object of {0} bytes")]
     Range(u64),
     /// The batch request failed upstream.
-    #[error("Git LFS batch request to the upstream failed: {0}")]
-    Batch(String),
+    #[error("Git LFS batch request to the upstream failed")]
+    Batch(#[source] reqwest::Error),
+    /// The upstream's batch answer is larger than the cache reads ([`batch::MAX_ANSWER`]).
+    #[error("Git LFS batch answer from the upstream is larger than {max} bytes")]
+    BatchTooLarge {
+        /// The bound.
+        max: usize,
+    },
     /// The object's download failed.
     #[error("Git LFS object download failed: {0}")]
     Download(String),
@@ -211,10 +217,7 @@ impl Cache {
         base_url: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<Batch, Error> {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| Error::Batch(crate::error_chain(&e)))?;
+        let response = request.send().await.map_err(Error::Batch)?;
         if response.status() != reqwest::StatusCode::OK {
             metrics::batch("upstream");
             return Ok(Batch::Upstream(response));
@@ -223,7 +226,9 @@ impl Cache {
             .content_length()
             .is_some_and(|n| n > batch::MAX_ANSWER as u64)
         {
-            return Err(Error::Batch("the answer is too large".into()));
+            return Err(Error::BatchTooLarge {
+                max: batch::MAX_ANSWER,
+            });
         }
         let status = response.status();
         let headers = response.headers().clone();
@@ -430,13 +435,9 @@ fn satisfy(range: Option<&str>, size: u64) -> Result<(u64, u64, bool), Error> {
 /// Read a response body of at most `max` bytes.
 async fn read_limited(mut response: reqwest::Response, max: usize) -> Result<Bytes, Error> {
     let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| Error::Batch(crate::error_chain(&e)))?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(Error::Batch)? {
         if body.len() + chunk.len() > max {
-            return Err(Error::Batch("the answer is too large".into()));
+            return Err(Error::BatchTooLarge { max });
         }
         body.extend_from_slice(&chunk);
     }

@@ -25,17 +25,25 @@
 //!   packs (those present when maintenance started) and the loose objects deleted. Before the
 //!   swap, the new pack gets its reachability bitmap (`pack-<hash>.bitmap`, written to a
 //!   temporary name and renamed, see [`crate::pack::bitmap`]): the newest tips of heads and
-//!   tags, and a spread along the history of every ref, taking what the old pack's bitmap
-//!   already covers from it. Readers that
-//!   hold an old pack keep it mapped until they finish; new readers find everything in the new
-//!   pack. Packs with a `.keep` file are left alone.
+//!   tags, and a spread along the history of every ref; what the old pack's bitmap already
+//!   covers is taken from it, the rest walked. The bitmap's walk reads the trees of the new
+//!   pack straight from the pack by position (a hash map of positions, built once, rather
+//!   than an index search per tree entry), with the old packs unmapped first. Readers that
+//!   hold an old pack keep it mapped until they finish; new readers find everything in the
+//!   new pack. Packs with a `.keep` file are left alone.
 //! - **Commit-graph.** Last, the commit-graph of everything the refs reach is rewritten
-//!   ([`crate::pack::graph`]), so that walks read parents and times from a table.
+//!   ([`crate::pack::graph`]), so that walks that decide reachability only (negotiating haves,
+//!   `deepen`, checking wants) read parents and times from a table instead of inflating
+//!   commits. A plan that walks (shallow requests, no bitmap) gains nothing from it: it needs
+//!   each commit's packed size, which gix learns by inflating the entry.
 //!
 //! [`run`] does only what a mirror needs ([`due`]): a mirror with one pack whose bitmap is
 //! missing or stale (a mirror just created, whose pack is the one its first fetch wrote) gets a
 //! new bitmap and commit-graph for that pack, which stays as it is; consolidation comes when
 //! there are more packs than the policy allows, or when a stale bitmap spans several packs.
+//! When that is, the settings that steer it and `smart-git-proxy maintain` are described for
+//! operators in `docs/operations.md` (Maintenance); its cost against git's in
+//! `docs/performance.md`.
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};

@@ -16,16 +16,12 @@ use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
 use gix::refs::Target;
 use gix::ObjectId;
 
+use super::plan::Plan;
+use super::record::{self, Held, Record};
 use super::{Request, Status};
+use crate::config::Secret;
 use crate::repo::Snapshot;
 use crate::upstream::{self, Listing};
-
-/// A file in a mirror created or synced with credentials: it is served only to clients whose
-/// credentials the upstream accepts.
-pub(super) const PRIVATE_MARKER: &str = "smart-git-proxy-private";
-/// A file whose modification time is the end of the last successful sync, so that a restart
-/// does not resync every mirror at once.
-pub(super) const SYNCED_MARKER: &str = "smart-git-proxy-synced";
 
 /// What an update did.
 pub(super) struct Outcome {
@@ -64,15 +60,17 @@ pub(super) fn init(tmp: &Path) -> Result<(), upstream::Error> {
 }
 
 /// Fetch everything of `req`'s upstream into the temporary directory `tmp` with
-/// `authorization`, marked `private` or not. `tmp` is removed if that fails.
+/// `authorization`, and give it the record held in `held` (what is kept of a mirror it
+/// replaces), marked `private` or not and synced now. `tmp` is removed if that fails.
 fn build(
     req: &Request,
     tmp: &Path,
     authorization: Option<&str>,
     private: bool,
+    held: &parking_lot::Mutex<Held>,
     opts: &upstream::Options,
     interrupt: &AtomicBool,
-) -> Result<upstream::Fetched, upstream::Error> {
+) -> Result<(upstream::Fetched, Record), upstream::Error> {
     let result = (|| {
         init(tmp)?;
         let fetched = upstream::fetch(
@@ -84,14 +82,31 @@ fn build(
             interrupt,
         )?;
         apply(tmp, &fetched.listing, &HashMap::new(), None)?;
-        set_private(tmp, private)?;
-        mark_synced(tmp)?;
-        Ok(fetched)
+        let mut record = held.lock().record.clone();
+        record.private = private;
+        record.last_success_ms = Some(record::now_ms());
+        record.write(tmp).map_err(local)?;
+        Ok((fetched, record))
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(tmp);
     }
     result
+}
+
+/// Rename the new mirror into place with `rename`, and hold its `record` from then on: under
+/// the lock of the record held, so that a serve written meanwhile does not write the record
+/// of the mirror it replaces (or a new mirror's without its privacy).
+fn install(
+    held: &parking_lot::Mutex<Held>,
+    record: &Record,
+    rename: impl FnOnce() -> Result<(), upstream::Error>,
+) -> Result<(), upstream::Error> {
+    let mut held = held.lock();
+    rename()?;
+    held.record.private = record.private;
+    held.record.last_success_ms = record.last_success_ms;
+    Ok(())
 }
 
 /// What a creation reports, from what it fetched.
@@ -111,24 +126,27 @@ fn created(
 }
 
 /// Create the mirror of `req` in the temporary directory `tmp`, fetching with
-/// `authorization`, then rename it into place.
+/// `authorization`, then rename it into place; `held` is the record the store holds for it.
 pub(super) fn create(
     req: &Request,
     tmp: &Path,
     authorization: Option<&str>,
     private: bool,
+    held: &parking_lot::Mutex<Held>,
     opts: &upstream::Options,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
-    let fetched = build(req, tmp, authorization, private, opts, interrupt)?;
+    let (fetched, record) = build(req, tmp, authorization, private, held, opts, interrupt)?;
     // The mirror's parent directories are made only now, for a mirror that exists.
-    let install = || {
+    let installed = (|| {
         if let Some(parent) = req.dir.parent() {
             std::fs::create_dir_all(parent).map_err(local)?;
         }
-        std::fs::rename(tmp, &req.dir).map_err(local)
-    };
-    if let Err(e) = install() {
+        install(held, &record, || {
+            std::fs::rename(tmp, &req.dir).map_err(local)
+        })
+    })();
+    if let Err(e) = installed {
         let _ = std::fs::remove_dir_all(tmp);
         return Err(e);
     }
@@ -138,23 +156,27 @@ pub(super) fn create(
 /// Make the existing mirror of `req` again, anonymously, in `tmp`, and swap it into place:
 /// what its earlier syncs fetched with credentials is not kept. The old mirror is moved to
 /// `aside` under its maintenance lock, then deleted; readers that hold its packs keep them
-/// until they finish, as after a maintenance. If anything fails, the old mirror stays.
+/// until they finish, as after a maintenance. If anything fails, the old mirror stays. `held`
+/// is the record the store holds for it.
 pub(super) fn recreate(
     req: &Request,
     tmp: &Path,
     aside: &Path,
+    held: &parking_lot::Mutex<Held>,
     opts: &upstream::Options,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
-    let fetched = build(req, tmp, None, false, opts, interrupt)?;
+    let (fetched, record) = build(req, tmp, None, false, held, opts, interrupt)?;
     let swapped = (|| {
         let _maintenance = super::maintain::lock(&req.dir).map_err(local)?;
-        std::fs::rename(&req.dir, aside).map_err(local)?;
-        if let Err(e) = std::fs::rename(tmp, &req.dir) {
-            let _ = std::fs::rename(aside, &req.dir);
-            return Err(local(e));
-        }
-        Ok(())
+        install(held, &record, || {
+            std::fs::rename(&req.dir, aside).map_err(local)?;
+            if let Err(e) = std::fs::rename(tmp, &req.dir) {
+                let _ = std::fs::rename(aside, &req.dir);
+                return Err(local(e));
+            }
+            Ok(())
+        })
     })();
     if let Err(e) = swapped {
         let _ = std::fs::remove_dir_all(tmp);
@@ -276,23 +298,29 @@ pub(super) fn remove_leftovers_unless_busy(dir: &Path) -> usize {
 }
 
 /// Sync the existing mirror of `req`, whose snapshot (current, see [`refresh`]) is `snapshot`,
-/// to `listing` (the upstream's refs as `authorization` shows them), fetching with
-/// `authorization`; `private` tells whether the upstream refused to list them without
-/// credentials.
+/// as `plan` says: to its listing (the upstream's refs as its credentials show them), fetching
+/// with those credentials, private or not. `held` is the record the store holds for the
+/// mirror.
 pub(super) fn sync(
     req: &Request,
     snapshot: Arc<Snapshot>,
-    listing: Listing,
-    authorization: Option<&str>,
-    private: bool,
+    plan: Plan,
+    held: &parking_lot::Mutex<Held>,
     opts: &upstream::Options,
     interrupt: &AtomicBool,
 ) -> Result<Outcome, upstream::Error> {
+    let Plan {
+        listing,
+        authorization,
+        private,
+        ..
+    } = plan;
+    let authorization = authorization.as_ref().map(Secret::expose);
     let dir = &req.dir;
     let _maintenance = super::maintain::lock(dir).map_err(local)?;
     remove_leftovers(dir);
     // Before any object fetched with credentials lands in the mirror.
-    set_private(dir, private)?;
+    set_private(held, dir, private)?;
     let ours: HashMap<&BStr, ObjectId> =
         crate::protocol::advert::sorted_part(&snapshot.refs().refs)
             .iter()
@@ -324,7 +352,7 @@ pub(super) fn sync(
         .and_then(|r| r.symref_target.as_ref())
         .or(snapshot.refs().unborn_head.as_ref());
     let edits = apply(dir, &listing, &ours, head)?;
-    mark_synced(dir)?;
+    record::update(held, dir, |r| r.last_success_ms = Some(record::now_ms())).map_err(local)?;
     let changed = changed.len() + edits;
     let snapshot = if changed > 0 {
         Arc::new(Snapshot::open(dir, Some(&snapshot)).map_err(local)?)
@@ -381,30 +409,12 @@ fn apply(
     Ok(count)
 }
 
-/// Mark the mirror at `dir` private (served only to clients whose credentials the upstream
-/// accepts) or public.
-pub(super) fn set_private(dir: &Path, private: bool) -> Result<(), upstream::Error> {
-    let marker = dir.join(PRIVATE_MARKER);
-    if private {
-        std::fs::write(marker, b"the upstream lists refs only with credentials\n").map_err(local)
-    } else {
-        match std::fs::remove_file(marker) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(local(e)),
-        }
-    }
-}
-
-fn mark_synced(dir: &Path) -> Result<(), upstream::Error> {
-    let file = std::fs::File::create(dir.join(SYNCED_MARKER)).map_err(local)?;
-    file.set_modified(std::time::SystemTime::now())
-        .map_err(local)
-}
-
-/// When the mirror at `dir` was last synced successfully, as recorded on disk.
-pub fn last_synced(dir: &Path) -> Option<std::time::SystemTime> {
-    std::fs::metadata(dir.join(SYNCED_MARKER))
-        .and_then(|m| m.modified())
-        .ok()
+/// Mark the mirror at `dir`, whose record the store holds in `held`, private (served only to
+/// clients whose credentials the upstream accepts) or public.
+pub(super) fn set_private(
+    held: &parking_lot::Mutex<Held>,
+    dir: &Path,
+    private: bool,
+) -> Result<(), upstream::Error> {
+    record::update(held, dir, |r| r.private = private).map_err(local)
 }
