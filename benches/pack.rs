@@ -307,9 +307,18 @@ fn bench_pack(c: &mut Criterion) {
         let bitmap_path = pack_path.with_extension("bitmap");
         {
             let repo = repo::open(&copy).expect("open copy");
-            let tips = all_tips(&repo);
+            let refs = repo::list_refs(&repo).expect("list refs").refs;
+            let (preferred, other): (Vec<_>, Vec<_>) = refs
+                .iter()
+                .partition(|r| pack::reuse::is_clone_ref(&r.name));
+            let preferred: Vec<ObjectId> = preferred.iter().map(|r| r.target).collect();
+            let other: Vec<ObjectId> = other.iter().map(|r| r.target).collect();
+            let tips = pack::bitmap::Tips {
+                preferred: &preferred,
+                other: &other,
+            };
             let started = std::time::Instant::now();
-            let written = pack::bitmap::write(&pack::db(&repo), &pack_path, &tips, &interrupt)
+            let written = pack::bitmap::write(&pack::db(&repo), &pack_path, tips, None, &interrupt)
                 .expect("bitmap");
             eprintln!(
                 "{name}: the bitmap alone: {:?}, {} commits ({} XORed), {} bytes",

@@ -24,12 +24,13 @@
 //!   CRCs: nothing is read back or hashed again), and only then are the old
 //!   packs (those present when maintenance started) and the loose objects deleted. Before the
 //!   swap, the new pack gets its reachability bitmap (`pack-<hash>.bitmap`, written to a
-//!   temporary name and renamed, see [`crate::pack::bitmap`]): ref tips first (heads and
-//!   tags, then other refs), and a spread along their history. The bitmap's walk reads every
-//!   tree of the new pack once, straight from the pack by position (a hash map of positions,
-//!   built once, rather than an index search per tree entry), with the old packs unmapped
-//!   first. Readers that hold an old pack keep it mapped until they finish; new readers find
-//!   everything in the new pack. Packs with a `.keep` file are left alone.
+//!   temporary name and renamed, see [`crate::pack::bitmap`]): the newest tips of heads and
+//!   tags, and a spread along the history of every ref; what the old pack's bitmap already
+//!   covers is taken from it, the rest walked. The bitmap's walk reads the trees of the new
+//!   pack straight from the pack by position (a hash map of positions, built once, rather
+//!   than an index search per tree entry), with the old packs unmapped first. Readers that
+//!   hold an old pack keep it mapped until they finish; new readers find everything in the
+//!   new pack. Packs with a `.keep` file are left alone.
 //! - **Commit-graph.** Last, the commit-graph of everything the refs reach is rewritten
 //!   ([`crate::pack::graph`]), so that walks that decide reachability only (negotiating haves,
 //!   `deepen`, checking wants) read parents and times from a table instead of inflating
@@ -76,6 +77,8 @@ pub struct Outcome {
     /// Commits with a reachability bitmap in the new pack's `.bitmap` (0 when writing it
     /// failed: the mirror is served by walking then).
     pub bitmap_commits: usize,
+    /// Of those, the ones whose bitmap came from the replaced pack's rather than a walk.
+    pub bitmap_reused: usize,
 }
 
 /// Why maintenance failed; the mirror is then left as it was.
@@ -329,17 +332,8 @@ fn refresh(
     // The graph first: the bitmap's walk then reads commits from it.
     outcome.commit_graph = write_graph(dir, &db, refs, interrupt);
     if let (Work::Bitmap, [pack]) = (work, packs.as_slice()) {
-        outcome.bitmap_commits = match pack::bitmap::write(&db, pack, &bitmap_tips(refs), interrupt)
-        {
-            Ok(written) => {
-                tracing::debug!(?written, "bitmap written");
-                written.commits
-            }
-            Err(e) => {
-                tracing::warn!(pack = %pack.display(), error = %e, "no reachability bitmap written");
-                0
-            }
-        };
+        outcome.bitmap_commits =
+            write_bitmap(&db, pack, refs, None, interrupt).map_or(0, |w| w.commits);
         outcome.bytes = std::fs::metadata(pack)
             .map_err(io("reading the pack"))?
             .len();
@@ -347,12 +341,40 @@ fn refresh(
     Ok(outcome)
 }
 
-/// The tips a bitmap is written for, in order of preference: what a clone wants (heads and
-/// tags), then the other refs.
-fn bitmap_tips(refs: &Refs) -> Vec<ObjectId> {
+/// The tips a bitmap is written for: what a clone wants (`HEAD`, heads and tags), preferred,
+/// and the other refs.
+fn bitmap_tips(refs: &Refs) -> (Vec<ObjectId>, Vec<ObjectId>) {
     let (clone, other): (Vec<_>, Vec<_>) =
         refs.refs.iter().partition(|r| reuse::is_clone_ref(&r.name));
-    clone.iter().chain(&other).map(|r| r.target).collect()
+    let targets = |refs: Vec<&crate::protocol::Ref>| refs.iter().map(|r| r.target).collect();
+    (targets(clone), targets(other))
+}
+
+/// Write the bitmap of `pack` for `refs` (see [`pack::bitmap::write`]), reusing the bitmap at
+/// `replaced` when there is one: what was written, `None` when nothing was (the pack is
+/// complete without it: requests walk instead).
+fn write_bitmap(
+    db: &Db,
+    pack: &Path,
+    refs: &Refs,
+    replaced: Option<&Path>,
+    interrupt: &AtomicBool,
+) -> Option<pack::bitmap::WriteOutcome> {
+    let (preferred, other) = bitmap_tips(refs);
+    let tips = pack::bitmap::Tips {
+        preferred: &preferred,
+        other: &other,
+    };
+    match pack::bitmap::write(db, pack, tips, replaced, interrupt) {
+        Ok(written) => {
+            tracing::debug!(?written, "bitmap written");
+            Some(written)
+        }
+        Err(e) => {
+            tracing::warn!(pack = %pack.display(), error = %e, "no reachability bitmap written");
+            None
+        }
+    }
 }
 
 /// Write the commit-graph of everything `refs` reach; `None` when none was written (the
@@ -404,7 +426,8 @@ fn consolidate_locked(
         .map(|r| r.target)
         .collect();
     // The bitmap of the last maintenance (or git's) answers most of the regions' planning.
-    let bitmap = crate::repo::bitmap_file(dir).and_then(|path| crate::repo::load_bitmap(&path));
+    let replaced = crate::repo::bitmap_file(dir);
+    let bitmap = replaced.as_deref().and_then(crate::repo::load_bitmap);
     let first = pack::plan(
         &db,
         &pack::Selection {
@@ -474,17 +497,7 @@ fn consolidate_locked(
     drop((db, repo, bitmap));
     let repo = crate::repo::open(dir)?;
     let db = pack::db(&repo);
-    let bitmap_commits = match pack::bitmap::write(&db, &new_pack, &bitmap_tips(&refs), interrupt) {
-        Ok(written) => {
-            tracing::debug!(?written, "bitmap written");
-            written.commits
-        }
-        // The pack is complete without it; requests walk instead.
-        Err(e) => {
-            tracing::warn!(pack = %new_pack.display(), error = %e, "no reachability bitmap written");
-            0
-        }
-    };
+    let bitmap = write_bitmap(&db, &new_pack, &refs, replaced.as_deref(), interrupt);
 
     for old in old_packs.iter().filter(|p| **p != new_pack) {
         for ext in ["idx", "rev", "bitmap", "mtimes", "pack"] {
@@ -509,7 +522,8 @@ fn consolidate_locked(
         dropped,
         bytes,
         commit_graph,
-        bitmap_commits,
+        bitmap_commits: bitmap.as_ref().map_or(0, |w| w.commits),
+        bitmap_reused: bitmap.as_ref().map_or(0, |w| w.reused),
     })
 }
 

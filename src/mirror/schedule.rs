@@ -110,6 +110,7 @@ impl Maintenance {
             dropped = outcome.dropped,
             bytes = outcome.bytes,
             bitmap_commits = outcome.bitmap_commits,
+            bitmap_reused = outcome.bitmap_reused,
             commit_graph = outcome.commit_graph.unwrap_or(0),
             duration_ms = started.elapsed().as_millis() as u64,
             "mirror maintained"

@@ -94,19 +94,48 @@ impl<'a> Commits<'a> {
 
     /// Follow `id` through annotated tags; the commit it ends at, or `None` for a tree or blob.
     pub fn peel_to_commit(&mut self, id: ObjectId) -> Result<Option<ObjectId>, Error> {
-        let (id, kind) = super::peel(self.db, &mut self.buf, id)?;
-        Ok((kind == Kind::Commit).then_some(id))
+        // What the commit-graph lists is a commit: nothing to inflate.
+        if self.cache.contains_key(&id)
+            || self
+                .graph
+                .as_ref()
+                .is_some_and(|graph| graph.commit_by_id(id).is_some())
+        {
+            return Ok(Some(id));
+        }
+        let mut id = id;
+        loop {
+            let (data, location) = super::find(self.db, &mut self.buf, id, "reading object")?;
+            match data.kind {
+                Kind::Tag => id = super::tag_target(id, data.data)?,
+                // Read now, and kept: the caller walks it next.
+                Kind::Commit => {
+                    let commit = parse(id, data.data, location)?;
+                    if !self.cache.contains_key(&id) {
+                        let commit = self.grafted(id, commit);
+                        self.cache.insert(id, commit);
+                    }
+                    return Ok(Some(id));
+                }
+                Kind::Tree | Kind::Blob => return Ok(None),
+            }
+        }
     }
 
-    fn load(&mut self, id: ObjectId) -> Result<Commit, Error> {
-        let mut commit = match self.read_graph(id)? {
-            Some(commit) => commit,
-            None => self.read_object(id)?,
-        };
+    /// `commit` as the grafts make it.
+    fn grafted(&self, id: ObjectId, mut commit: Commit) -> Commit {
         if self.grafts.contains(&id) {
             commit.parents.clear();
         }
-        Ok(commit)
+        commit
+    }
+
+    fn load(&mut self, id: ObjectId) -> Result<Commit, Error> {
+        let commit = match self.read_graph(id)? {
+            Some(commit) => commit,
+            None => self.read_object(id)?,
+        };
+        Ok(self.grafted(id, commit))
     }
 
     /// The commit as the commit-graph has it, with its pack location looked up in the index.
@@ -156,30 +185,35 @@ impl<'a> Commits<'a> {
 
     fn read_object(&mut self, id: ObjectId) -> Result<Commit, Error> {
         let (data, location) = super::find_kind(self.db, &mut self.buf, id, Kind::Commit)?;
-        let mut commit = Commit {
-            parents: SmallVec::new(),
-            time: 0,
-            tree: id.kind().null(),
-            location,
-        };
-        for token in CommitRefIter::from_bytes(data.data, id.kind()) {
-            let token = token.map_err(|e| Error::Read {
-                context: "decoding commit",
-                id,
-                source: e.into(),
-            })?;
-            match token {
-                Token::Tree { id } => commit.tree = id,
-                Token::Parent { id } => commit.parents.push(id),
-                Token::Committer { signature } => {
-                    commit.time = signature.seconds();
-                    break;
-                }
-                _ => {}
-            }
-        }
-        Ok(commit)
+        parse(id, data.data, location)
     }
+}
+
+/// Commit `id` from its object's `data`, packed at `location`.
+fn parse(id: ObjectId, data: &[u8], location: Option<Location>) -> Result<Commit, Error> {
+    let mut commit = Commit {
+        parents: SmallVec::new(),
+        time: 0,
+        tree: id.kind().null(),
+        location,
+    };
+    for token in CommitRefIter::from_bytes(data, id.kind()) {
+        let token = token.map_err(|e| Error::Read {
+            context: "decoding commit",
+            id,
+            source: e.into(),
+        })?;
+        match token {
+            Token::Tree { id } => commit.tree = id,
+            Token::Parent { id } => commit.parents.push(id),
+            Token::Committer { signature } => {
+                commit.time = signature.seconds();
+                break;
+            }
+            _ => {}
+        }
+    }
+    Ok(commit)
 }
 
 /// What [`walk()`] found.

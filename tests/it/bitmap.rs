@@ -146,8 +146,25 @@ fn git_verifies_and_uses_the_bitmaps_maintenance_writes() {
             .trim()
             .parse()
             .unwrap();
-        if len > bitmap::SPREAD {
-            assert_test_bitmap(&dir, &format!("main~{}", len - bitmap::SPREAD));
+        if len > 2 * bitmap::SPREAD {
+            let chain = git(
+                &dir,
+                &[
+                    "rev-list",
+                    "--first-parent",
+                    &format!("--max-count={}", bitmap::SPREAD),
+                    &format!("main~{}", bitmap::SPREAD),
+                ],
+            );
+            let spread = chain
+                .lines()
+                .find(|c| {
+                    index
+                        .commit_bits(&ObjectId::from_hex(c.as_bytes()).unwrap())
+                        .is_some()
+                })
+                .expect("a bitmap within the spread");
+            assert_test_bitmap(&dir, spread);
             assert!(index.commits() > heads.lines().count(), "{index:?}");
         }
         // git answers from it, and the same as without.
@@ -568,6 +585,46 @@ fn maintenance_again_plans_from_the_old_bitmap_and_writes_a_new_one() {
     for rev in ["main", "side"] {
         assert_test_bitmap(&dir, rev);
     }
+    // What the old bitmap covers was taken from it, and the result is the bitmap a walk of
+    // everything gives.
+    assert!(outcome.bitmap_reused > 0, "{outcome:?}");
+    let reused = bitmap::Index::open(&new).unwrap();
+    let repo = repo::open(&dir).unwrap();
+    let refs = repo::list_refs(&repo).unwrap();
+    let (preferred, other): (Vec<_>, Vec<_>) = refs
+        .refs
+        .iter()
+        .partition(|r| pack::reuse::is_clone_ref(&r.name));
+    let targets = |refs: &[&smart_git_proxy::protocol::Ref]| -> Vec<ObjectId> {
+        refs.iter().map(|r| r.target).collect()
+    };
+    let (preferred, other) = (targets(&preferred), targets(&other));
+    let tips = bitmap::Tips {
+        preferred: &preferred,
+        other: &other,
+    };
+    let walked = bitmap::write(
+        &pack::db(&repo),
+        &new.with_extension("pack"),
+        tips,
+        None,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(walked.reused, 0);
+    let walked = bitmap::Index::open(&new).unwrap();
+    assert_eq!(walked.commits(), reused.commits());
+    for commit in git(&dir, &["rev-list", "--all"]).lines() {
+        let commit = ObjectId::from_hex(commit.as_bytes()).unwrap();
+        assert_eq!(
+            walked.commit_bits(&commit),
+            reused.commit_bits(&commit),
+            "{commit}"
+        );
+    }
+    for pos in 0..walked.objects().len() {
+        assert_eq!(walked.kind(pos), reused.kind(pos), "object {pos}");
+    }
     assert_fsck(&dir);
 }
 
@@ -630,4 +687,186 @@ fn filters_by_kind_and_size_are_answered_from_the_bitmap() {
         ..Default::default()
     };
     assert!(bitmap::plan(&db, &index, &sel, &no).unwrap().is_none());
+}
+
+/// A bare repository at `dir` shaped like a busy project: `main` of 300 commits, 150 branches
+/// and 300 `refs/pull/N/head` of 1 to 3 commits forked from it, and an annotated tag every
+/// 50 commits. Committer dates follow the order the commits are made in.
+fn many_pulls(dir: &Path) {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    git(
+        dir.parent().unwrap(),
+        &[
+            "init",
+            "-q",
+            "--bare",
+            "--initial-branch=main",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let mut s = String::new();
+    let mut time = 1_700_000_000u64;
+    let mut mark = 0;
+    let mut commit = |s: &mut String, r: &str, from: Option<usize>, file: &str| {
+        mark += 1;
+        time += 60;
+        let body = format!("{r} {mark}\n");
+        s.push_str(&format!(
+            "commit {r}\nmark :{mark}\ncommitter T <t@example.com> {time} +0000\ndata {}\n{body}",
+            body.len()
+        ));
+        if let Some(from) = from {
+            s.push_str(&format!("from :{from}\n"));
+        }
+        s.push_str(&format!(
+            "M 100644 inline {file}\ndata {}\n{body}\n",
+            body.len()
+        ));
+        mark
+    };
+    let mut head = 0;
+    for i in 1..=300usize {
+        head = commit(
+            &mut s,
+            "refs/heads/main",
+            (head > 0).then_some(head),
+            &format!("d{}/f{}", i % 7, i % 13),
+        );
+        if i % 50 == 0 {
+            let message = format!("v{i}\n");
+            s.push_str(&format!(
+                "tag v{i}\nfrom :{head}\ntagger T <t@example.com> {} +0000\ndata {}\n{message}\n",
+                1_700_000_000 + 60 * head,
+                message.len()
+            ));
+        }
+        if i % 2 == 0 {
+            commit(
+                &mut s,
+                &format!("refs/heads/topic/{i}"),
+                Some(head),
+                &format!("topic/{i}"),
+            );
+        }
+        let mut tip = head;
+        for j in 0..1 + i % 3 {
+            tip = commit(
+                &mut s,
+                &format!("refs/pull/{i}/head"),
+                Some(tip),
+                &format!("pull/{i}/{j}"),
+            );
+        }
+    }
+    s.push_str("done\n");
+    let mut child = Command::new("git")
+        .args([
+            "--git-dir",
+            dir.to_str().unwrap(),
+            "fast-import",
+            "--quiet",
+            "--done",
+        ])
+        .envs(git_env())
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "fast-import");
+}
+
+/// Whether the bitmap of `index` has an entry for `rev`.
+fn has_bitmap(dir: &Path, index: &bitmap::Index, rev: &str) -> bool {
+    index.commit_bits(&id(dir, rev)).is_some()
+}
+
+/// On a repository with many more refs than bitmaps are worth, the newest branch tips get a
+/// bitmap, pull requests mostly do not, and every ref is fewer than `SPREAD` first-parent
+/// steps above a bitmapped commit: requests for any of them are answered from the bitmap.
+#[test]
+fn the_selection_is_bounded_and_every_ref_is_near_a_bitmap() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("pulls.git");
+    many_pulls(&dir);
+    let outcome = maintain_now(&dir);
+    let index = Arc::new(bitmap::Index::open(&bitmap_path(&dir)).unwrap());
+    let refs: Vec<String> = git(&dir, &["for-each-ref", "--format=%(refname)"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(refs.len(), 1 + 150 + 300 + 6);
+    assert_eq!(outcome.bitmap_commits, index.commits());
+    assert!(
+        index.commits() <= bitmap::MAX_TIPS + 20,
+        "{} bitmaps for {} refs",
+        index.commits(),
+        refs.len()
+    );
+    // The first bitmapped commit along the first-parent history of each ref.
+    let below = |r: &str| -> Option<String> {
+        let chain = git(
+            &dir,
+            &[
+                "rev-list",
+                "--first-parent",
+                &format!("--max-count={}", bitmap::SPREAD),
+                &format!("{r}^{{commit}}"),
+            ],
+        );
+        let chain: Vec<&str> = chain.lines().collect();
+        let found = chain.iter().find(|c| has_bitmap(&dir, &index, c));
+        assert!(
+            chain.len() < bitmap::SPREAD || found.is_some(),
+            "{r}: no bitmap within {} first-parent steps",
+            bitmap::SPREAD
+        );
+        found.map(|c| (*c).to_owned())
+    };
+    for r in &refs {
+        below(r);
+    }
+    let newest = git(
+        &dir,
+        &[
+            "for-each-ref",
+            "--sort=-committerdate",
+            "--count=90",
+            "--format=%(refname)",
+            "refs/heads",
+        ],
+    );
+    for r in newest.lines() {
+        assert!(
+            has_bitmap(&dir, &index, r),
+            "{r}, among the newest branches, has a bitmap"
+        );
+    }
+    let pulls = refs
+        .iter()
+        .filter(|r| r.starts_with("refs/pull/"))
+        .collect::<Vec<_>>();
+    let own = pulls.iter().filter(|r| has_bitmap(&dir, &index, r)).count();
+    assert!(
+        own * 10 < pulls.len(),
+        "{own} of {} pull requests have a bitmap",
+        pulls.len()
+    );
+    // A pull request without a bitmap of its own: git verifies the one below it, and the
+    // planner answers from it.
+    let pull: &str = pulls
+        .iter()
+        .rev()
+        .find(|r| {
+            !has_bitmap(&dir, &index, r)
+                && git(&dir, &["rev-list", "--count", &format!("main..{r}")]).trim() == "3"
+        })
+        .unwrap();
+    assert_test_bitmap(&dir, &below(pull).unwrap());
+    check(&dir, &index, &[pull], &[]);
+    check(&dir, &index, &[pull], &["main~20"]);
+    check(&dir, &index, &["topic/2", "v50"], &[]);
+    let all: Vec<&str> = refs.iter().map(String::as_str).collect();
+    check(&dir, &index, &all, &[]);
+    assert_fsck(&dir);
 }

@@ -29,7 +29,9 @@ use gix_pack::Find;
 
 pub use cache::{Cache, CACHE_BYTES};
 pub use read::{Error as ReadError, File, Index};
-pub use write::{write, Error as WriteError, Outcome as WriteOutcome, MAX_COMMITS, SPREAD};
+pub use write::{
+    write, Error as WriteError, Outcome as WriteOutcome, Tips, MAX_COMMITS, MAX_TIPS, SPREAD,
+};
 
 use super::planner::{Plan, Selection, Stats, ThinBases};
 use super::walk::Commits;
@@ -234,12 +236,15 @@ impl Objects {
 
     /// The object whose entry starts at `offset`, if one does.
     pub(crate) fn id_at_offset(&self, offset: u64) -> Option<ObjectId> {
-        let pos = self
-            .rev
+        Some(self.id(self.position_at_offset(offset)?))
+    }
+
+    /// The pack position of the object whose entry starts at `offset`, if one does.
+    fn position_at_offset(&self, offset: u64) -> Option<usize> {
+        self.rev
             .order
             .binary_search_by_key(&offset, |i| self.idx.pack_offset_at_index(*i))
-            .ok()?;
-        Some(self.id(pos))
+            .ok()
     }
 
     /// gix's id of this pack in `db`, found by looking up a few objects: the pack locations of
@@ -328,6 +333,26 @@ impl<'a> PackReader<'a> {
             positions,
             inflate: gix::zlib::Inflate::default(),
             cache: super::delta_base_cache(READER_CACHE_BYTES),
+        })
+    }
+
+    /// What the entry of the object at pack position `pos` says of its kind: the kind, or for
+    /// a delta the pack position of its base (`None`: not in this pack). Nothing is inflated.
+    fn stored_kind(&self, pos: usize) -> Result<Result<Kind, Option<usize>>, String> {
+        let entry = self
+            .pack
+            .entry(self.objects.offset(pos))
+            .map_err(|e| e.to_string())?;
+        Ok(match entry.header {
+            gix_pack::data::entry::Header::OfsDelta { base_distance } => Err(entry
+                .checked_base_pack_offset(base_distance)
+                .and_then(|offset| self.objects.position_at_offset(offset))),
+            gix_pack::data::entry::Header::RefDelta { base_id } => {
+                Err(self.positions.get(&base_id).map(|p| *p as usize))
+            }
+            header => Ok(header
+                .as_kind()
+                .ok_or_else(|| "unknown entry kind".to_owned())?),
         })
     }
 

@@ -371,6 +371,11 @@ impl Index {
             .map(|bits| (*bits).clone())
     }
 
+    /// The type bitmaps: commits, trees, blobs, tags.
+    pub(super) fn types(&self) -> &[Bits; 4] {
+        &self.types
+    }
+
     /// The type of the object at pack position `pos`, from the type bitmaps.
     pub fn kind(&self, pos: usize) -> Option<Kind> {
         [Kind::Commit, Kind::Tree, Kind::Blob, Kind::Tag]
