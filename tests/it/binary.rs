@@ -750,60 +750,32 @@ fn help_puts_the_main_settings_first() {
 /// client went away.
 #[test]
 fn sigterm_stops_a_mirror_creation_no_client_can_use() {
-    use std::io::{BufRead, BufReader};
     let up = upstream::Upstream::start();
     up.add_fixture("o/r", "basic");
     // Each upstream request waits: the creation is still listing when SIGTERM comes.
     up.set_mode(upstream::Mode::Slow(std::time::Duration::from_secs(2)));
     let segment = up.segment();
-    let mirror = tempfile::tempdir().unwrap();
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
-            .env("MIRROR_DIR", mirror.path())
-            .env("LISTEN_ADDR", "127.0.0.1:0")
-            .env("ALLOWED_UPSTREAMS", up.allowed())
-            .env("LOG_FORMAT", "json")
-            .stderr(std::process::Stdio::from(log.reopen().unwrap()))
-            .spawn()
-            .unwrap(),
-    );
-    let lines = || -> Vec<serde_json::Value> {
-        BufReader::new(log.reopen().unwrap())
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect()
-    };
-    let mut addr = None;
-    wait_until("the server listens", || {
-        addr = lines()
-            .into_iter()
-            .find(|v| v["fields"]["message"] == "listening")
-            .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned));
-        addr.is_some()
-    });
-    let addr = addr.unwrap();
+    let mut server = JsonLogged::start(&up);
     let work = tempfile::tempdir().unwrap();
-    let url = format!("http://{addr}/{segment}/o/r");
+    let url = format!("http://{}/{segment}/o/r", server.addr);
     let clone = std::thread::spawn({
         let dir = work.path().to_owned();
         move || git_output(&dir, &["clone", &url, "c"], &[])
     });
     wait_until("the creation reaches the upstream", || !up.log().is_empty());
-    let pid = child.0.id().to_string();
+    let pid = server.child.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap()
         .success());
-    let status = child.0.wait().unwrap();
+    let status = server.child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let out = clone.join().unwrap();
     assert!(!out.status.success(), "the clone cannot have a pack");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("server is shutting down"), "{stderr}");
-    let logged = lines();
+    let logged = server.lines();
     let messages: Vec<&str> = logged
         .iter()
         .filter_map(|v| v["fields"]["message"].as_str())
@@ -833,7 +805,7 @@ fn sigterm_stops_a_mirror_creation_no_client_can_use() {
     );
     // The creation left no mirror behind.
     assert!(
-        !mirror.path().join(&segment).join("o/r.git").exists(),
+        !server.mirror.path().join(&segment).join("o/r.git").exists(),
         "the creation was finished"
     );
 }
@@ -889,42 +861,16 @@ fn user_agents_cannot_forge_log_fields() {
 /// few seconds, at INFO.
 #[test]
 fn a_creation_logs_its_start_and_its_progress() {
-    use std::io::{BufRead, BufReader};
     let up = upstream::Upstream::start();
     up.add_fixture("slow/r", "basic");
     // Over 10 s of pack: at least one progress line, 5 s apart.
     up.throttle("/slow/", 1024, std::time::Duration::from_millis(150));
-    let mirror = tempfile::tempdir().unwrap();
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let _child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
-            .env("MIRROR_DIR", mirror.path())
-            .env("LISTEN_ADDR", "127.0.0.1:0")
-            .env("ALLOWED_UPSTREAMS", up.allowed())
-            .env("LOG_FORMAT", "json")
-            .stderr(std::process::Stdio::from(log.reopen().unwrap()))
-            .spawn()
-            .unwrap(),
-    );
-    let lines = || -> Vec<serde_json::Value> {
-        BufReader::new(log.reopen().unwrap())
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect()
-    };
-    let mut addr = None;
-    wait_until("the server listens", || {
-        addr = lines()
-            .into_iter()
-            .find(|v| v["fields"]["message"] == "listening")
-            .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned));
-        addr.is_some()
-    });
+    let server = JsonLogged::start(&up);
     let work = tempfile::tempdir().unwrap();
-    let url = format!("http://{}/{}/slow/r", addr.unwrap(), up.segment());
+    let url = format!("http://{}/{}/slow/r", server.addr, up.segment());
     git(work.path(), &["clone", "-q", "--bare", &url, "c"]);
-    let creating: Vec<serde_json::Value> = lines()
+    let creating: Vec<serde_json::Value> = server
+        .lines()
         .into_iter()
         .filter(|v| v["fields"]["message"] == "creating the mirror")
         .collect();
@@ -938,4 +884,56 @@ fn a_creation_logs_its_start_and_its_progress() {
         .as_str()
         .unwrap_or_default();
     assert!(received.contains("objects, "), "{creating:?}");
+}
+
+/// The real binary, serving `up` from a fresh mirror directory with its JSON log in a file,
+/// once it listens.
+struct JsonLogged {
+    child: Killed,
+    log: tempfile::NamedTempFile,
+    addr: String,
+    mirror: tempfile::TempDir,
+}
+
+impl JsonLogged {
+    fn start(up: &upstream::Upstream) -> Self {
+        let mirror = tempfile::tempdir().unwrap();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Killed(
+            Command::new(env!("CARGO_BIN_EXE_smart-git-proxy"))
+                .env("MIRROR_DIR", mirror.path())
+                .env("LISTEN_ADDR", "127.0.0.1:0")
+                .env("ALLOWED_UPSTREAMS", up.allowed())
+                .env("LOG_FORMAT", "json")
+                .stderr(std::process::Stdio::from(log.reopen().unwrap()))
+                .spawn()
+                .unwrap(),
+        );
+        let mut server = JsonLogged {
+            child,
+            log,
+            addr: String::new(),
+            mirror,
+        };
+        wait_until("the server listens", || {
+            server.addr = server
+                .lines()
+                .into_iter()
+                .find(|v| v["fields"]["message"] == "listening")
+                .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            !server.addr.is_empty()
+        });
+        server
+    }
+
+    /// The log's lines so far.
+    fn lines(&self) -> Vec<serde_json::Value> {
+        use std::io::{BufRead, BufReader};
+        BufReader::new(self.log.reopen().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
 }
