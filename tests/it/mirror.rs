@@ -1118,3 +1118,55 @@ fn a_fetch_with_haves_shows_progress_while_the_mirror_is_created() {
         assert_fsck(&clone);
     }
 }
+
+/// A request that waited for another request's creation of the mirror is served the new
+/// mirror as it is (`hit`): it does not list the upstream again for a sync of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waited_for_a_creation_is_served_the_new_mirror() {
+    use smart_git_proxy::mirror::{Credentials, Freshness, Mirrors, Request, Settings, Status};
+    let up = Upstream::start();
+    up.add_fixture("o/r", "basic");
+    // The creation's pack comes slowly: the second request arrives while it runs.
+    up.throttle("/o/", 1024, Duration::from_millis(50));
+    let root = tempfile::tempdir().unwrap();
+    let upstream = smart_git_proxy::upstream::Options {
+        connect_timeout: Duration::from_secs(5),
+        stall_timeout: Duration::from_secs(30),
+        tls: smart_git_proxy::upstream::tls::ClientTls::system(),
+    };
+    let mirrors = std::sync::Arc::new(Mirrors::new(Settings {
+        root: root.path().to_path_buf(),
+        stale_after: Duration::from_secs(3600),
+        max_syncs: 4,
+        max_syncs_per_host: 4,
+        sync_wait: Duration::from_secs(30),
+        want_miss_interval: Duration::from_secs(1),
+        failure_ttl: Duration::from_secs(1),
+        maintenance_packs: 0,
+        maintenance_bitmap_lag: 0,
+        maintenance_grace: Duration::from_secs(1),
+        client: smart_git_proxy::upstream::ListingClient::new(&upstream, &[]).unwrap(),
+        upstream,
+        access_ttl: Duration::from_secs(1),
+        snapshot_memory: 1 << 30,
+        via_parent: false,
+    }));
+    let req = Request {
+        name: format!("{}/o/r", up.segment()),
+        dir: root.path().join(up.segment()).join("o/r.git"),
+        url: format!("http://{}/o/r.git", up.segment()),
+        credentials: Credentials::None,
+    };
+    let first = tokio::spawn({
+        let (mirrors, req) = (std::sync::Arc::clone(&mirrors), req.clone());
+        async move { mirrors.ensure(&req, Freshness::IfStale).await }
+    });
+    while up.throttled().0 == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let listings = up.count("/info/refs");
+    let second = mirrors.ensure(&req, Freshness::IfStale).await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), Status::Clone);
+    assert_eq!(second, Status::Hit);
+    assert_eq!(up.count("/info/refs"), listings, "a second listing");
+}
