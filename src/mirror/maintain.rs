@@ -98,9 +98,25 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
-    /// gix-pack failed writing or indexing the pack.
+    /// A pack's index cannot be read.
+    #[error("reading {}: {source}", path.display())]
+    Index {
+        /// The index file.
+        path: PathBuf,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// gix-pack failed while the new pack was planned or written.
+    #[error("{context}: {source}")]
+    Write {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The objects chosen cannot make a valid pack.
     #[error("{0}")]
-    Write(String),
+    Invalid(String),
 }
 
 /// The lock file of maintenance, in the mirror.
@@ -233,8 +249,12 @@ pub fn due(dir: &Path, refs: &Refs, policy: Policy, interrupt: &AtomicBool) -> R
             let repo = crate::repo::open(dir)?;
             let db = pack::db(&repo);
             let idx = bitmap.with_extension("idx");
-            let idx = gix_pack::index::File::at(&idx, gix::hash::Kind::Sha1)
-                .map_err(|e| Error::Write(format!("reading {}: {e}", idx.display())))?;
+            let idx = gix_pack::index::File::at(&idx, gix::hash::Kind::Sha1).map_err(|source| {
+                Error::Index {
+                    path: idx.clone(),
+                    source: source.into(),
+                }
+            })?;
             uncovered_commits(&db, &idx, refs, policy.bitmap_lag, interrupt)? > policy.bitmap_lag
         }
     };
@@ -559,15 +579,22 @@ fn unreachable(
         region_of.insert(id, 2);
         let location = db
             .location_by_oid(&id, &mut buf)
-            .map_err(|e| Error::Write(format!("locating {id}: {e}")))?;
+            .map_err(|e| Error::Write {
+                context: format!("locating {id}"),
+                source: e.into(),
+            })?;
         kept.push(output::Count::from_data(id, location));
         Ok(())
     };
     for pack in packs(dir).map_err(io("listing packs"))? {
         let idx = pack.with_extension("idx");
         let keep = young(&pack);
-        let index = gix_pack::index::File::at(&idx, gix::hash::Kind::Sha1)
-            .map_err(|e| Error::Write(format!("reading {}: {e}", idx.display())))?;
+        let index = gix_pack::index::File::at(&idx, gix::hash::Kind::Sha1).map_err(|source| {
+            Error::Index {
+                path: idx.clone(),
+                source: source.into(),
+            }
+        })?;
         for entry in index.iter() {
             consider(entry.oid, keep)?;
         }
@@ -628,7 +655,7 @@ fn write_regions(
 ) -> Result<Written, Error> {
     let total: usize = regions.iter().map(Vec::len).sum();
     let num_objects =
-        u32::try_from(total).map_err(|_| Error::Write("too many objects for one pack".into()))?;
+        u32::try_from(total).map_err(|_| Error::Invalid("too many objects for one pack".into()))?;
     let mut chunks: Vec<Box<dyn Iterator<Item = gix::Result<Vec<output::Entry>>>>> = Vec::new();
     for counts in regions {
         let entries = output::entry::iter_from_counts(
@@ -645,7 +672,10 @@ fn write_regions(
                 ..Default::default()
             },
         )
-        .map_err(|e| Error::Write(e.to_string()))?;
+        .map_err(|e| Error::Write {
+            context: "counting the objects to copy".into(),
+            source: e.into(),
+        })?;
         chunks.push(Box::new(gix::parallel::InOrderIter::from(entries)));
     }
     // Entries of each region come with indices local to it; `written` maps ids to their index
@@ -710,11 +740,13 @@ fn write_regions(
     let mut offset = header.len() as u64;
     let mut index: Vec<Indexed> = Vec::with_capacity(total);
     for chunk in entries {
-        let chunk: Vec<output::Entry> =
-            chunk.map_err(|e: gix::Error| Error::Write(e.to_string()))?;
+        let chunk: Vec<output::Entry> = chunk.map_err(|e: gix::Error| Error::Write {
+            context: "copying objects".into(),
+            source: e.into(),
+        })?;
         for entry in chunk {
             if entry.is_invalid() {
-                return Err(Error::Write(format!(
+                return Err(Error::Invalid(format!(
                     "object {} cannot be written",
                     entry.id
                 )));
@@ -741,15 +773,15 @@ fn write_regions(
         }
     }
     if index.len() != total {
-        return Err(Error::Write(format!(
+        return Err(Error::Invalid(format!(
             "{} objects written of {total}",
             index.len()
         )));
     }
-    let checksum = out
-        .hasher
-        .try_finalize()
-        .map_err(|e| Error::Write(format!("hashing the new pack: {e}")))?;
+    let checksum = out.hasher.try_finalize().map_err(|e| Error::Write {
+        context: "hashing the new pack".into(),
+        source: e.into(),
+    })?;
     let mut file = out.inner;
     file.write_all(checksum.as_bytes())
         .map_err(io("writing the new pack"))?;
@@ -846,9 +878,10 @@ fn install(tmp: &Path, pack_dir: &Path, written: Written) -> Result<PathBuf, Err
     idx.extend_from_slice(checksum.as_bytes());
     let mut hasher = gix::hash::hasher(gix::hash::Kind::Sha1);
     hasher.update(&idx);
-    let trailer = hasher
-        .try_finalize()
-        .map_err(|e| Error::Write(format!("hashing the new index: {e}")))?;
+    let trailer = hasher.try_finalize().map_err(|e| Error::Write {
+        context: "hashing the new index".into(),
+        source: e.into(),
+    })?;
     idx.extend_from_slice(trailer.as_bytes());
 
     let tmp_idx = tmp.with_extension("idx");
