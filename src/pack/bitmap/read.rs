@@ -33,13 +33,13 @@ const HEADER_LEN: usize = 32;
 /// Why a bitmap could not be read; the planner then walks.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The bitmap or its pack could not be read.
-    #[error("reading {path}: {message}")]
+    /// The bitmap, its pack or its pack's index could not be read.
+    #[error("reading {}: {source}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        message: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The bitmap is not in the format, or not for its pack.
     #[error("bitmap {path}: {message}")]
@@ -130,17 +130,17 @@ impl File {
             path: path.to_owned(),
             message,
         };
-        let io = |message: String| Error::Io {
+        let io = |path: &Path, source: Box<dyn std::error::Error + Send + Sync>| Error::Io {
             path: path.to_owned(),
-            message,
+            source,
         };
-        let data = map(path).map_err(|e| io(e.to_string()))?;
+        let data = map(path).map_err(|e| io(path, e.into()))?;
         let pack = path.with_extension("pack");
         let idx_path = path.with_extension("idx");
         let idx = gix_pack::index::File::at(&idx_path, gix::hash::Kind::Sha1)
-            .map_err(|e| io(format!("reading {}: {e}", idx_path.display())))?;
+            .map_err(|e| io(&idx_path, e.into()))?;
         let pack_len = std::fs::metadata(&pack)
-            .map_err(|e| io(format!("reading {}: {e}", pack.display())))?
+            .map_err(|e| io(&pack, e.into()))?
             .len();
         let header = data
             .get(..HEADER_LEN)
