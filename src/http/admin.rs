@@ -588,6 +588,7 @@ async fn mirror_action(State(state): State<AppState>, uri: Uri, headers: HeaderM
                     StatusCode::BAD_GATEWAY
                 }
                 mirror::Error::Local { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                mirror::Error::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
             };
             if code.is_server_error() {
                 tracing::warn!(repo = %request.name, error = %e, "warm-up failed");

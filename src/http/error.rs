@@ -168,6 +168,7 @@ impl From<mirror::Error> for Error {
             mirror::Error::Upstream { name, source } => {
                 Error::upstream(format!("cannot mirror {name}"), &source)
             }
+            mirror::Error::ShuttingDown { .. } => Error::Unavailable,
             e @ mirror::Error::Local { .. } => Error::Internal(e.to_string()),
         }
     }

@@ -84,12 +84,20 @@ pub enum Error {
         source: upstream::Error,
     },
     /// A local failure (disk, a task that panicked).
-    #[error("mirror {name}: {message}")]
+    #[error("mirror {name}: {context}: {source}")]
     Local {
         /// `host/path`
         name: String,
-        /// What went wrong.
-        message: String,
+        /// What was being done.
+        context: &'static str,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The proxy is shutting down: no new sync or maintenance starts.
+    #[error("mirror {name}: shutting down")]
+    ShuttingDown {
+        /// `host/path`
+        name: String,
     },
 }
 
@@ -101,6 +109,7 @@ impl Error {
             Error::AuthRequired(_) | Error::NotFound(_) => self.to_string(),
             Error::Upstream { name, source } => format!("cannot mirror {name}: {}", source.cause()),
             Error::Local { .. } => "internal server error (see the proxy's log)".into(),
+            Error::ShuttingDown { .. } => "server is shutting down".into(),
         }
     }
 }
@@ -518,7 +527,8 @@ impl Mirrors {
             .await
             .map_err(|e| Error::Local {
                 name: dir.display().to_string(),
-                message: e.to_string(),
+                context: "reading the mirror",
+                source: e.into(),
             })?;
         match snapshot {
             Ok(snapshot) => {
@@ -529,7 +539,8 @@ impl Mirrors {
             Err(crate::repo::Error::NotFound) => Ok(None),
             Err(e) => Err(Error::Local {
                 name: dir.display().to_string(),
-                message: crate::error_chain(&e),
+                context: "reading the mirror",
+                source: e.into(),
             }),
         }
     }

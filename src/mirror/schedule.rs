@@ -60,15 +60,18 @@ impl Maintenance {
 
     async fn run(self) -> Result<maintain::Outcome, Error> {
         let name = self.dir.display().to_string();
-        let local = |message: String| Error::Local {
-            name: name.clone(),
-            message,
+        let local = |context: &'static str, source: Box<dyn std::error::Error + Send + Sync>| {
+            Error::Local {
+                name: name.clone(),
+                context,
+                source,
+            }
         };
         let _slot = self
             .slots
             .acquire()
             .await
-            .map_err(|_| local("shutting down".into()))?;
+            .map_err(|_| Error::ShuttingDown { name: name.clone() })?;
         // Not under the mirror's state lock: requests that check its freshness go on being
         // answered. The maintenance lock keeps syncs out (a sync that starts meanwhile waits
         // for it).
@@ -79,10 +82,10 @@ impl Maintenance {
             maintain::run(&dir, grace, policy, threads, &AtomicBool::new(false))
         })
         .await
-        .map_err(|e| local(e.to_string()))?
+        .map_err(|e| local("maintenance", e.into()))?
         .map_err(|e| {
             crate::metrics::maintenance("failed");
-            local(format!("maintenance: {e}"))
+            local("maintenance", e.into())
         })?;
         if outcome.work == maintain::Work::Nothing {
             return Ok(outcome);
@@ -96,8 +99,8 @@ impl Maintenance {
         let dir = self.dir.clone();
         match tokio::task::spawn_blocking(move || sync::refresh(&dir, previous)).await {
             Ok(Ok(snapshot)) => self.repo.set_snapshot(snapshot),
-            Ok(Err(e)) => return Err(local(crate::error_chain(&e))),
-            Err(e) => return Err(local(e.to_string())),
+            Ok(Err(e)) => return Err(local("reading the maintained mirror", e.into())),
+            Err(e) => return Err(local("reading the maintained mirror", e.into())),
         }
         tracing::info!(
             repo = %name,

@@ -97,10 +97,6 @@ impl Mirrors {
         };
         let (repo, state, slots) = repo;
         let exists = crate::repo::exists(&req.dir);
-        let local = |message: String| Error::Local {
-            name: req.name.clone(),
-            message,
-        };
         let job = Job {
             req: req.clone(),
             exists,
@@ -128,7 +124,12 @@ impl Mirrors {
             let _slots = slots;
             job.run(state).await
         });
-        match update.await.map_err(|e| local(e.to_string()))? {
+        let outcome = update.await.map_err(|e| Error::Local {
+            name: req.name.clone(),
+            context: "updating the mirror",
+            source: e.into(),
+        })?;
+        match outcome {
             Ok(status) => Ok(status),
             Err(upstream::Error::AuthRequired) => Err(Error::AuthRequired(req.name.clone())),
             Err(upstream::Error::NotFound) => Err(Error::NotFound(req.name.clone())),
@@ -215,9 +216,8 @@ impl Mirrors {
                 }
             },
         };
-        let slots = slots.map_err(|_| Error::Local {
+        let slots = slots.map_err(|_| Error::ShuttingDown {
             name: req.name.clone(),
-            message: "shutting down".into(),
         })?;
         if want_miss {
             state.last_want_miss = Some(Instant::now());
