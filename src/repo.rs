@@ -165,6 +165,8 @@ pub struct Snapshot {
     /// The consolidated pack's first region, when it holds exactly what a clone of these refs
     /// needs ([`crate::pack::reuse`]).
     clone_region: Option<(crate::pack::reuse::Region, PathBuf)>,
+    /// Which version of the file that records it: maintenance writes it after the bitmap.
+    layout_version: Option<FileVersion>,
     /// The reachability bitmap found when the snapshot was built, mapped; requests decode
     /// what they need of it into the shared bitmap cache.
     bitmap_path: Option<PathBuf>,
@@ -227,6 +229,7 @@ impl Snapshot {
             .collect();
         tips.sort_unstable();
         tips.dedup();
+        let layout_version = FileVersion::of(&crate::pack::reuse::layout_path(dir));
         let clone_region = crate::pack::reuse::read_layout(dir, &refs);
         let bitmap_path = bitmap_file(dir);
         let bitmap_version = bitmap_path.as_deref().and_then(FileVersion::of);
@@ -265,6 +268,7 @@ impl Snapshot {
             tips: tips.into_boxed_slice(),
             packs,
             clone_region,
+            layout_version,
         })
     }
 
@@ -274,10 +278,10 @@ impl Snapshot {
         self.heap_bytes
     }
 
-    /// Whether the repository on disk still has the refs, packs and bitmap of this snapshot:
-    /// someone else (an operator's `git fetch`, maintenance) may have changed it. Reads the
-    /// refs (packed and loose), the names of the pack indexes and the bitmap's version; tags
-    /// are not peeled again.
+    /// Whether the repository on disk still has the refs, packs, bitmap and pack layout of this
+    /// snapshot: someone else (an operator's `git fetch`, maintenance) may have changed it.
+    /// Reads the refs (packed and loose), the names of the pack indexes and the versions of the
+    /// bitmap and layout files; tags are not peeled again.
     pub fn is_current(&self, dir: &Path) -> Result<bool, Error> {
         if pack_names(dir) != self.packs {
             return Ok(false);
@@ -285,6 +289,7 @@ impl Snapshot {
         let bitmap = bitmap_file(dir);
         if bitmap != self.bitmap_path
             || bitmap.as_deref().and_then(FileVersion::of) != self.bitmap_version
+            || FileVersion::of(&crate::pack::reuse::layout_path(dir)) != self.layout_version
         {
             return Ok(false);
         }

@@ -352,13 +352,52 @@ fn refresh(
     // The graph first: the bitmap's walk then reads commits from it.
     outcome.commit_graph = write_graph(dir, &db, refs, interrupt);
     if let (Work::Bitmap, [pack]) = (work, packs.as_slice()) {
-        outcome.bitmap_commits =
-            write_bitmap(&db, pack, refs, None, interrupt).map_or(0, |w| w.commits);
+        let written = write_bitmap(&db, pack, refs, None, interrupt);
+        outcome.bitmap_commits = written.as_ref().map_or(0, |w| w.commits);
         outcome.bytes = std::fs::metadata(pack)
             .map_err(io("reading the pack"))?
             .len();
+        let whole = written
+            .and_then(|written| whole_pack_region(&db, pack, &written.path, refs, interrupt));
+        match whole {
+            Some(region) => {
+                outcome.regions[0] = region.objects as usize;
+                reuse::write_layout(dir, &region).map_err(io("writing the pack layout"))?;
+            }
+            None => reuse::remove_layout(dir).map_err(io("removing the pack layout"))?,
+        }
     }
     Ok(outcome)
+}
+
+/// The whole of `pack` as the region a clone reuses (see [`reuse`]), when what a clone wants
+/// (`HEAD`, heads and tags) reaches every object in it and nothing else: a mirror created from a
+/// repository without other refs. `bitmap` is the pack's new bitmap, which answers that. `None`
+/// too when it cannot be told: clones are then planned, as without the region.
+fn whole_pack_region(
+    db: &Db,
+    pack: &Path,
+    bitmap: &Path,
+    refs: &Refs,
+    interrupt: &AtomicBool,
+) -> Option<reuse::Region> {
+    let index = pack::bitmap::Index::open(bitmap).ok()?;
+    let objects = u32::try_from(index.objects().len()).ok()?;
+    let tips = reuse::clone_tips(refs);
+    match pack::bitmap::Reachable::compute(db, std::sync::Arc::new(index), &tips, interrupt) {
+        Ok(Some(reached)) if reached.is_whole_pack() => {}
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::debug!(pack = %pack.display(), error = %e, "no clone region");
+            return None;
+        }
+    }
+    Some(reuse::Region {
+        pack: pack.file_name()?.to_string_lossy().into_owned(),
+        objects,
+        end: std::fs::metadata(pack).ok()?.len().checked_sub(20)?,
+        tips: reuse::tips_digest(&tips),
+    })
 }
 
 /// The tips a bitmap is written for: what a clone wants (`HEAD`, heads and tags), preferred,

@@ -8,6 +8,11 @@
 //! that wants exactly those targets (a clone), with no haves, shallow boundary or filter, and
 //! that takes offset deltas, is answered with a fresh pack header (the region's object count),
 //! the region's bytes, and a trailer hashed while they stream: no object is looked at.
+//!
+//! A mirror the proxy created keeps the pack its first fetch wrote; when every object of that
+//! pack is one a clone needs (a repository with no refs beyond heads and tags), the maintenance
+//! after creation records the whole pack as the region. Such a region is sent as the file is,
+//! header and trailer included: nothing is hashed either.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -59,6 +64,11 @@ pub fn tips_digest(ids: &[ObjectId]) -> String {
     h.try_finalize()
         .map(|d| d.to_hex().to_string())
         .unwrap_or_default()
+}
+
+/// The file that records the region of the mirror at `dir`.
+pub fn layout_path(dir: &Path) -> PathBuf {
+    dir.join(LAYOUT_FILE)
 }
 
 /// Record `region` for the mirror at `dir`.
@@ -118,11 +128,51 @@ pub fn stream(
     if &header[..4] != b"PACK" || header[4..8] != 2u32.to_be_bytes() {
         return Err(pack_err(std::io::Error::other("not a version 2 pack")));
     }
+    let len = file.metadata().map_err(pack_err)?.len();
+    let whole = header[8..12] == region.objects.to_be_bytes() && len == region.end + TRAILER;
+    if whole {
+        // The region is the whole pack: its own trailer ends it, and nothing is hashed. A pack
+        // damaged on disk then fails the client's check of that trailer instead of being
+        // passed off under a fresh one.
+        out.write_all(&header).map_err(Error::Client)?;
+        copy(&mut file, len - 12, &mut out, None, interrupt, &pack_err)?;
+        return Ok(len);
+    }
     header[8..12].copy_from_slice(&region.objects.to_be_bytes());
     let mut hasher = gix::hash::hasher(gix::hash::Kind::Sha1);
     hasher.update(&header);
     out.write_all(&header).map_err(Error::Client)?;
-    let mut left = region.end.saturating_sub(12);
+    copy(
+        &mut file,
+        region.end.saturating_sub(12),
+        &mut out,
+        Some(&mut hasher),
+        interrupt,
+        &pack_err,
+    )?;
+    let trailer = hasher.try_finalize().map_err(|e| {
+        Error::Pack(super::Error::Hash {
+            what: "a reused pack",
+            source: e.into(),
+        })
+    })?;
+    out.write_all(trailer.as_bytes()).map_err(Error::Client)?;
+    Ok(region.end + TRAILER)
+}
+
+/// Bytes of a pack's trailer (its SHA-1).
+const TRAILER: u64 = 20;
+
+/// Copy the next `len` bytes of `file` to `out`, hashing them into `hasher` when there is one.
+fn copy(
+    file: &mut std::fs::File,
+    len: u64,
+    out: &mut impl Write,
+    mut hasher: Option<&mut gix::hash::Hasher>,
+    interrupt: &AtomicBool,
+    pack_err: &dyn Fn(std::io::Error) -> Error,
+) -> Result<(), Error> {
+    let mut left = len;
     let mut buf = vec![0u8; 256 * 1024];
     while left > 0 {
         if interrupt.load(Ordering::Relaxed) {
@@ -133,16 +183,11 @@ pub fn stream(
         if n == 0 {
             return Err(pack_err(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        hasher.update(&buf[..n]);
+        if let Some(hasher) = hasher.as_mut() {
+            hasher.update(&buf[..n]);
+        }
         out.write_all(&buf[..n]).map_err(Error::Client)?;
         left -= n as u64;
     }
-    let trailer = hasher.try_finalize().map_err(|e| {
-        Error::Pack(super::Error::Hash {
-            what: "a reused pack",
-            source: e.into(),
-        })
-    })?;
-    out.write_all(trailer.as_bytes()).map_err(Error::Client)?;
-    Ok(region.end + 20)
+    Ok(())
 }

@@ -496,6 +496,93 @@ fn a_new_mirror_gets_its_bitmap_and_commit_graph() {
     assert_eq!(checked_clone(&url), refs(&upstream_dir));
 }
 
+/// A `git clone --bare --progress` of `url` over protocol `version`: its progress, and the
+/// name of the one pack it received (a pack is named after its trailer).
+fn clone_pack(url: &str, version: &str) -> (String, std::ffi::OsString) {
+    let work = tempfile::tempdir().unwrap();
+    let v = format!("protocol.version={version}");
+    let out = git_output(
+        work.path(),
+        &["-c", &v, "clone", "--bare", "--progress", url, "c"],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let c = work.path().join("c");
+    assert_fsck(&c);
+    let packs = maintain::packs(&c).unwrap();
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    (stderr, packs[0].file_name().unwrap().to_owned())
+}
+
+/// A mirror created from a repository with heads and tags only: every object of its one pack
+/// is one a clone needs, so the maintenance after creation records the whole pack as the clone
+/// region, and a clone is that file as it lies on disk, trailer included (the client's pack
+/// has the mirror's pack's name).
+#[test]
+fn a_clone_of_a_new_mirror_is_its_pack_as_it_lies_on_disk() {
+    let s = Scenario::new()
+        .fixture("o/large", "large")
+        .config(|c| c.pack_cache_max_size = bytesize::ByteSize::b(0))
+        .start();
+    let url = s.url("o/large");
+    let mirror = s.mirror_dir("o/large");
+    assert_eq!(checked_clone(&url), refs(&s.upstream_dir("o/large")));
+    wait_until("the clone region after creation", || {
+        smart_git_proxy::pack::reuse::layout_path(&mirror).is_file()
+    });
+    let pack = maintain::packs(&mirror).unwrap();
+    assert_eq!(pack.len(), 1, "{pack:?}");
+    let objects = git(&mirror, &["count-objects", "-v"]);
+    let objects = objects
+        .lines()
+        .find_map(|l| l.strip_prefix("in-pack: "))
+        .unwrap()
+        .to_owned();
+    let reused = format!("pack-reused {objects}");
+    // The snapshot follows the layout once maintenance has refreshed it.
+    wait_until("a clone that reuses the whole pack", || {
+        clone_pack(&url, "2").0.contains(&reused)
+    });
+    for version in ["2", "0"] {
+        let (stderr, name) = clone_pack(&url, version);
+        assert!(stderr.contains(&reused), "protocol {version}: {stderr}");
+        assert_eq!(name, pack[0].file_name().unwrap(), "protocol {version}");
+    }
+}
+
+/// A mirror whose pack also holds objects only other refs reach (`refs/pull/*`) gets no clone
+/// region from the maintenance after creation: clones are planned, and complete.
+#[test]
+fn a_new_mirror_with_pull_refs_plans_its_clones() {
+    let s = Scenario::new()
+        .fixture("o/basic", "basic")
+        .config(|c| c.pack_cache_max_size = bytesize::ByteSize::b(0))
+        .start();
+    let upstream = s.upstream_dir("o/basic");
+    let work = tempfile::tempdir().unwrap();
+    let src = format!("file://{}", upstream.display());
+    git(work.path(), &["clone", "-q", &src, "w"]);
+    let w = work.path().join("w");
+    std::fs::write(w.join("pull"), "only a pull request has this\n").unwrap();
+    git(&w, &["add", "-A"]);
+    git(&w, &["commit", "-q", "-m", "pull request"]);
+    git(&w, &["push", "-q", "origin", "HEAD:refs/pull/1/head"]);
+    let url = s.url("o/basic");
+    let mirror = s.mirror_dir("o/basic");
+    assert_eq!(checked_clone(&url), refs(&upstream));
+    wait_until("the bitmap and commit-graph after creation", || {
+        has_bitmap_and_graph(&mirror)
+    });
+    assert!(!smart_git_proxy::pack::reuse::layout_path(&mirror).exists());
+    let (stderr, name) = clone_pack(&url, "2");
+    assert!(stderr.contains("pack-reused 0"), "{stderr}");
+    assert_ne!(
+        name,
+        maintain::packs(&mirror).unwrap()[0].file_name().unwrap()
+    );
+}
+
 /// `MAINTENANCE_PACK_THRESHOLD=0` turns background maintenance off, that after creation too.
 #[test]
 fn no_maintenance_after_creation_with_threshold_zero() {

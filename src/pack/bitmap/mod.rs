@@ -662,6 +662,11 @@ impl Reachable {
         file.cache().forget(owner);
     }
 
+    /// Whether the tips reach every object of the bitmapped pack and nothing outside it.
+    pub fn is_whole_pack(&self) -> bool {
+        self.reached.ext.is_empty() && self.reached.bits.count() == self.index.objects().len()
+    }
+
     /// Whether `id` is reachable from the tips.
     pub fn contains(&self, id: &ObjectId) -> bool {
         match self.index.objects().position(id) {
