@@ -239,44 +239,31 @@ pub(crate) fn whole_entry(
     output::Entry::from_data(&output::Count::from_data(id, location), &data, compression)
 }
 
-/// A zlib compressor kept across entries: making one clears its tables (hundreds of KiB), which
-/// costs more than compressing a small object.
+/// A zlib compressor kept across entries, for objects compressed anew (whole, one buffer at a
+/// time): libdeflate, which compresses a buffer it is given whole about 1.4 times faster than
+/// zlib does at the same level, and slightly smaller (the measurements are in
+/// `docs/performance.md`). Levels 0–9 mean what they mean to zlib.
 pub(crate) struct Deflater {
-    compress: gix::zlib::stream::deflate::Compress,
+    compress: libdeflater::Compressor,
 }
 
 impl Deflater {
     pub(crate) fn new(level: gix::zlib::Compression) -> Self {
+        let level = libdeflater::CompressionLvl::new(level.level().clamp(0, 9)).unwrap_or_default();
         Deflater {
-            compress: gix::zlib::stream::deflate::Compress::new(level),
+            compress: libdeflater::Compressor::new(level),
         }
     }
 
     /// `data` as one zlib stream.
     pub(crate) fn deflate(&mut self, data: &[u8]) -> gix::Result<Vec<u8>> {
-        use gix::zlib::stream::deflate::FlushCompress;
-        self.compress.reset();
-        let (start_in, start_out) = (self.compress.total_in(), self.compress.total_out());
-        let mut out = Vec::new();
-        loop {
-            let read = usize::try_from(self.compress.total_in() - start_in)
-                .map_err(|_| gix::error::message("zlib read more than it was given"))?;
-            let written = usize::try_from(self.compress.total_out() - start_out)
-                .map_err(|_| gix::error::message("zlib wrote more than memory holds"))?;
-            // zlib's bound for one stream is about the input plus 0.1 % and a few bytes.
-            out.resize(written + (data.len() - read) + data.len() / 512 + 64, 0);
-            let status = self.compress.compress(
-                &data[read..],
-                &mut out[written..],
-                FlushCompress::Finish,
-            )?;
-            if status == gix::zlib::Status::StreamEnd {
-                let written = usize::try_from(self.compress.total_out() - start_out)
-                    .map_err(|_| gix::error::message("zlib wrote more than memory holds"))?;
-                out.truncate(written);
-                return Ok(out);
-            }
-        }
+        let mut out = vec![0; self.compress.zlib_compress_bound(data.len())];
+        let written = self
+            .compress
+            .zlib_compress(data, &mut out)
+            .map_err(|e| gix::error::message!("compressing an object: {e}"))?;
+        out.truncate(written);
+        Ok(out)
     }
 }
 
