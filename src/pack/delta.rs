@@ -231,63 +231,78 @@ fn put_copy(out: &mut Vec<u8>, mut pos: usize, mut len: usize) {
     }
 }
 
+/// Git's `patch_delta`: the target `delta` makes from `base`, into `out`. `None` when the
+/// delta is malformed or does not fit `base` (its sizes, a copy beyond the base, an insert
+/// beyond the delta, a reserved instruction): nothing it says is trusted.
+pub fn apply(base: &[u8], delta: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    fn size(d: &[u8], i: &mut usize) -> Option<usize> {
+        let (mut v, mut shift) = (0usize, 0u32);
+        loop {
+            let b = *d.get(*i)?;
+            *i += 1;
+            v |= usize::from(b & 0x7f).checked_shl(shift)?;
+            shift += 7;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+            if shift >= usize::BITS {
+                return None;
+            }
+        }
+    }
+    let mut i = 0;
+    if size(delta, &mut i)? != base.len() {
+        return None;
+    }
+    let expected = size(delta, &mut i)?;
+    out.clear();
+    // The target is at most what the delta can copy and insert: never trust its size alone.
+    out.reserve(expected.min(base.len().saturating_add(delta.len()).saturating_mul(128)));
+    while i < delta.len() {
+        let op = delta[i];
+        i += 1;
+        if op & 0x80 != 0 {
+            let (mut off, mut len) = (0usize, 0usize);
+            for k in 0..4 {
+                if op & (1 << k) != 0 {
+                    off |= usize::from(*delta.get(i)?) << (8 * k);
+                    i += 1;
+                }
+            }
+            for k in 0..3 {
+                if op & (0x10 << k) != 0 {
+                    len |= usize::from(*delta.get(i)?) << (8 * k);
+                    i += 1;
+                }
+            }
+            if len == 0 {
+                len = 0x10000;
+            }
+            out.extend_from_slice(base.get(off..off.checked_add(len)?)?);
+        } else if op != 0 {
+            let len = usize::from(op);
+            out.extend_from_slice(delta.get(i..i + len)?);
+            i += len;
+        } else {
+            return None;
+        }
+        if out.len() > expected {
+            return None;
+        }
+    }
+    (out.len() == expected).then_some(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Git's `patch_delta`, for checking: the target `delta` makes from `base`.
-    fn apply(base: &[u8], delta: &[u8]) -> Vec<u8> {
-        fn size(d: &[u8], i: &mut usize) -> usize {
-            let (mut v, mut shift) = (0, 0);
-            loop {
-                let b = d[*i];
-                *i += 1;
-                v |= usize::from(b & 0x7f) << shift;
-                shift += 7;
-                if b & 0x80 == 0 {
-                    return v;
-                }
-            }
-        }
-        let mut i = 0;
-        assert_eq!(size(delta, &mut i), base.len(), "base size");
-        let expected = size(delta, &mut i);
-        let mut out = Vec::new();
-        while i < delta.len() {
-            let op = delta[i];
-            i += 1;
-            if op & 0x80 != 0 {
-                let (mut off, mut len) = (0usize, 0usize);
-                for k in 0..4 {
-                    if op & (1 << k) != 0 {
-                        off |= usize::from(delta[i]) << (8 * k);
-                        i += 1;
-                    }
-                }
-                for k in 0..3 {
-                    if op & (0x10 << k) != 0 {
-                        len |= usize::from(delta[i]) << (8 * k);
-                        i += 1;
-                    }
-                }
-                if len == 0 {
-                    len = 0x10000;
-                }
-                out.extend_from_slice(&base[off..off + len]);
-            } else {
-                assert!(op != 0, "reserved instruction");
-                out.extend_from_slice(&delta[i..i + usize::from(op)]);
-                i += usize::from(op);
-            }
-        }
-        assert_eq!(out.len(), expected, "target size");
-        out
-    }
-
     fn roundtrip(base: &[u8], target: &[u8]) -> Option<usize> {
         let index = Index::new(base)?;
         let delta = encode(&index, target, usize::MAX).expect("no bound");
-        assert_eq!(apply(base, &delta), target);
+        let mut out = Vec::new();
+        assert_eq!(apply(base, &delta, &mut out), Some(()));
+        assert_eq!(out, target);
         Some(delta.len())
     }
 
@@ -345,6 +360,28 @@ mod tests {
         let unrelated = noise(4096, 4);
         assert!(encode(&index, &unrelated, 2048).is_none());
         assert!(encode(&index, &base, 2048).is_some());
+    }
+
+    #[test]
+    fn malformed_deltas_are_refused() {
+        let base = b"0123456789abcdef0123456789abcdef".to_vec();
+        let mut out = Vec::new();
+        // Sizes: base 32, target 4; copy 4 bytes at 0.
+        assert_eq!(apply(&base, &[32, 4, 0x90, 4], &mut out), Some(()));
+        assert_eq!(out, b"0123");
+        for (delta, why) in [
+            (&[31u8, 4, 0x90, 4][..], "base size"),
+            (&[32, 5, 0x90, 4][..], "target size"),
+            (&[32, 4, 0x91, 30, 4][..], "copy beyond the base"),
+            (&[32, 4, 0x91][..], "truncated copy"),
+            (&[32, 4, 5, b'a'][..], "insert beyond the delta"),
+            (&[32, 4, 0][..], "reserved instruction"),
+            (&[32, 2, 0x90, 4][..], "more than the target"),
+            (&[32][..], "no target size"),
+            (&[0xff; 12][..], "a size beyond usize"),
+        ] {
+            assert_eq!(apply(&base, delta, &mut out), None, "{why}");
+        }
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub struct Plan {
     /// For a thin pack: the objects outside the pack that the client is known to have, which
     /// deltas may be written against by id.
     pub thin_bases: Option<ThinBases>,
+    /// The bitmapped pack and its gix pack id, when the repository has one: objects of it
+    /// that must be decoded are read from it directly (see [`super::writer`]).
+    pub source: Option<(Arc<bitmap::Index>, u32)>,
 }
 
 /// The objects a thin pack's deltas may use as bases.
@@ -172,14 +175,22 @@ enum Mark {
 /// then the objects the common commits reach are left out exactly, not only those of the
 /// boundary's trees, as `git rev-list --objects --use-bitmap-index` does.
 pub fn plan(db: &Db, sel: &Selection<'_>, interrupt: &AtomicBool) -> Result<Plan, Error> {
+    let mut plan = None;
     if let Some(index) = sel.bitmap {
-        if let Some(plan) = bitmap::plan(db, index, sel, interrupt)? {
-            tracing::debug!(objects = plan.counts.len(), "planned from the bitmap");
-            return Ok(plan);
+        plan = bitmap::plan(db, index, sel, interrupt)?;
+        match &plan {
+            Some(plan) => tracing::debug!(objects = plan.counts.len(), "planned from the bitmap"),
+            None => tracing::debug!("the bitmap does not cover the request: walking"),
         }
-        tracing::debug!("the bitmap does not cover the request: walking");
     }
-    walk_plan(db, sel, interrupt)
+    let mut plan = match plan {
+        Some(plan) => plan,
+        None => walk_plan(db, sel, interrupt)?,
+    };
+    plan.source = sel
+        .bitmap
+        .and_then(|index| Some((Arc::clone(index), index.objects().pack_id(db)?)));
+    Ok(plan)
 }
 
 /// [`plan()`] by walking commits and trees.

@@ -240,7 +240,7 @@ impl Objects {
     }
 
     /// The pack position of the object whose entry starts at `offset`, if one does.
-    fn position_at_offset(&self, offset: u64) -> Option<usize> {
+    pub(crate) fn position_at_offset(&self, offset: u64) -> Option<usize> {
         self.rev
             .order
             .binary_search_by_key(&offset, |i| self.idx.pack_offset_at_index(*i))
