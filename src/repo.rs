@@ -319,15 +319,7 @@ impl Snapshot {
 
     /// The ref named `name` (binary search).
     pub fn find_ref(&self, name: &[u8]) -> Option<&Ref> {
-        let refs = &self.refs.refs;
-        if name == b"HEAD" {
-            return refs.first().filter(|r| r.name == "HEAD");
-        }
-        let sorted = crate::protocol::advert::sorted_part(refs);
-        sorted
-            .binary_search_by(|r| r.name.as_bytes().cmp(name))
-            .ok()
-            .map(|i| &sorted[i])
+        self.refs.find(name)
     }
 
     /// The v0 advertisement's refs and capabilities, prebuilt.

@@ -180,7 +180,7 @@ async fn info_refs(state: &AppState, m: Mirrored, version: Version) -> Result<Re
     Span::current().record("command", "info/refs");
     let (chunks, outcome, status) = match first_request(state, &m).await? {
         Some(First::Creating(listing, _)) => {
-            let (answer, outcome) = upload_pack::advertise_refs(&listing.advertised(), version);
+            let (answer, outcome) = upload_pack::advertise_refs(&listing, version);
             (vec![answer.into()], outcome, Status::Clone)
         }
         created => {
@@ -278,7 +278,7 @@ async fn upload_pack(
     };
     let mut status = if let Some(First::Creating(listing, creation)) = first {
         if let Some(args) = request.ls_refs() {
-            let (answer, outcome) = upload_pack::ls_refs_of(&listing.advertised(), args);
+            let (answer, outcome) = upload_pack::ls_refs_of(&listing, args);
             crate::metrics::request("ls-refs", "ok");
             let mut response = pack_response(Body::from(answer));
             response.extensions_mut().insert(outcome);
@@ -291,7 +291,7 @@ async fn upload_pack(
                 .insert(upload_pack::Outcome::Acks { common: 0 });
             return Ok(with_status(response, Status::Clone));
         }
-        if let Some((preamble, resolved)) = request.early_answer(&listing.advertised()) {
+        if let Some((preamble, resolved)) = request.early_answer(&listing) {
             let job = answer::Job {
                 mirrored: m,
                 request: resolved.unwrap_or(request),
@@ -419,7 +419,7 @@ enum First {
     /// It is still being created: the upstream's refs as the client may see them
     /// ([`mirror::Mirrors::preview`]), and the creation.
     Creating(
-        Arc<crate::upstream::Listing>,
+        Arc<crate::protocol::advert::Refs>,
         tokio::task::JoinHandle<Result<Status, mirror::Error>>,
     ),
 }

@@ -8,6 +8,7 @@ use super::failures::{failure_error, failure_key, FailureKey};
 use super::plan::Planner;
 use super::policy::Failure;
 use super::{Error, Mirrors, Request};
+use crate::protocol::advert::Refs;
 use crate::upstream;
 
 /// How long a preview is reused by every client of a public repository, or by requests with
@@ -16,8 +17,9 @@ use crate::upstream;
 /// upstream once.
 pub(super) const PREVIEW_TTL: Duration = Duration::from_secs(30);
 
-/// A preview being made or made: when, and the listing.
-pub(super) type Preview = Arc<tokio::sync::OnceCell<(Instant, Arc<upstream::Listing>)>>;
+/// A preview being made or made: when, and the refs of the listing as the mirror will
+/// advertise them (sorted once, for every request it answers).
+pub(super) type Preview = Arc<tokio::sync::OnceCell<(Instant, Arc<Refs>)>>;
 
 /// Previews remembered at most (see [`crate::ttl::TtlMap`]).
 pub(super) const MAX_PREVIEWS: usize = 10_000;
@@ -32,7 +34,7 @@ impl Mirrors {
     /// [`super::Credentials`]), remembering refusals as a failed creation does. A client the
     /// upstream refuses gets the error a creation would give it; one it accepts may be shown
     /// these refs, and progress, while the mirror is created.
-    pub async fn preview(&self, req: &Request) -> Result<Arc<upstream::Listing>, Error> {
+    pub async fn preview(&self, req: &Request) -> Result<Arc<Refs>, Error> {
         let key = req.failure_key();
         if let Some(failure) = self.remembered_failure(req, &key) {
             return Err(failure_error(req, failure));
@@ -65,7 +67,7 @@ impl Mirrors {
 
     /// A preview made for every client (the repository is public) or for the credentials of
     /// `req` less than `AUTH_CACHE_TTL` ago.
-    fn made_preview(&self, req: &Request) -> Option<Arc<upstream::Listing>> {
+    fn made_preview(&self, req: &Request) -> Option<Arc<Refs>> {
         let made = |key: &FailureKey| {
             let cell = self.previews.get(key)?;
             cell.get().map(|(at, listing)| (*at, Arc::clone(listing)))
@@ -84,7 +86,7 @@ impl Mirrors {
         &self,
         req: &Request,
         key: FailureKey,
-    ) -> Result<(Instant, Arc<upstream::Listing>), Error> {
+    ) -> Result<(Instant, Arc<Refs>), Error> {
         let started = Instant::now();
         let tmp = self.tmp_dir(&req.dir);
         let planner = Planner {
@@ -100,7 +102,7 @@ impl Mirrors {
         }
         match planned {
             Ok(plan) => {
-                let listing = Arc::new(plan.listing);
+                let listing = Arc::new(plan.listing.advertised());
                 if !plan.private {
                     let made = Some((started, Arc::clone(&listing)));
                     let cell = Arc::new(tokio::sync::OnceCell::new_with(made));

@@ -104,6 +104,20 @@ pub fn sorted_part(refs: &[Ref]) -> &[Ref] {
     }
 }
 
+impl Refs {
+    /// The ref called `name` (`HEAD` included), found by binary search.
+    pub fn find(&self, name: &[u8]) -> Option<&Ref> {
+        if name == b"HEAD" {
+            return self.refs.first().filter(|r| r.name == "HEAD");
+        }
+        let sorted = sorted_part(&self.refs);
+        sorted
+            .binary_search_by(|r| r.name.as_bytes().cmp(name))
+            .ok()
+            .map(|i| &sorted[i])
+    }
+}
+
 /// Append the answer to a v2 `ls-refs` request. Prefixes select ranges of the sorted refs by
 /// binary search, so the cost follows the answer, not the number of refs.
 pub fn ls_refs(out: &mut Vec<u8>, refs: &Refs, args: &LsRefs) {

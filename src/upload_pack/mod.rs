@@ -120,42 +120,48 @@ impl Request {
         if let Some(preamble) = self.early_preamble() {
             return Some((preamble, None));
         }
-        let r = match self {
-            Request::V2(r) => r,
-            // The final round of a negotiation: nothing the client has can be in common with
-            // a mirror that did not exist when its rounds were answered (`NAK`).
-            Request::V0(r) => {
-                let forgotten = v0::Request {
-                    haves: Vec::new(),
-                    ..r.clone()
-                };
-                let preamble = early_preamble_v0(&forgotten)?;
-                return Some((preamble, Some(Request::V0(forgotten))));
-            }
+        let mut resolved = self.for_new_mirror()?;
+        let preamble = resolved.early_preamble()?;
+        let (Request::V2(r), Request::V2(v2::Request { command, .. })) = (self, &mut resolved)
+        else {
+            return Some((preamble, Some(resolved)));
         };
-        let v2::Command::Fetch(f) = &r.command else {
+        let (v2::Command::Fetch(f), v2::Command::Fetch(fetch)) = (&r.command, command) else {
             return None;
         };
-        let resolved = v2::Fetch {
-            want_refs: Vec::new(),
-            ..f.clone()
-        };
-        early_preamble_v2(&resolved)?;
-        let mut resolved = resolved;
         let mut preamble = Vec::new();
         pktline::text(&mut preamble, "wanted-refs");
         for name in &f.want_refs {
-            let found = refs.refs.iter().find(|r| r.name == *name)?;
+            let found = refs.find(name)?;
             pktline::text(&mut preamble, &format!("{} {name}", found.target));
-            resolved.wants.push(found.target);
+            fetch.wants.push(found.target);
         }
         pktline::delim(&mut preamble);
         pktline::text(&mut preamble, "packfile");
-        let request = Request::V2(v2::Request {
-            command: v2::Command::Fetch(resolved),
-            agent: r.agent.clone(),
-        });
-        Some((preamble, Some(request)))
+        Some((preamble, Some(resolved)))
+    }
+
+    /// The request as the mirror being created answers it: a v2 fetch without its `want-ref`s
+    /// (resolved from the upstream's listing instead), the final round of a v0 negotiation
+    /// without its `have`s (nothing the client has can be in common with a mirror that did not
+    /// exist when its rounds were answered: `NAK`). `None` for `ls-refs`.
+    fn for_new_mirror(&self) -> Option<Request> {
+        match self {
+            Request::V2(r) => match &r.command {
+                v2::Command::Fetch(f) => Some(Request::V2(v2::Request {
+                    command: v2::Command::Fetch(v2::Fetch {
+                        want_refs: Vec::new(),
+                        ..f.clone()
+                    }),
+                    agent: r.agent.clone(),
+                })),
+                v2::Command::LsRefs(_) => None,
+            },
+            Request::V0(r) => Some(Request::V0(v0::Request {
+                haves: Vec::new(),
+                ..r.clone()
+            })),
+        }
     }
 
     /// The answer to a negotiation round (`have`s without `done`) for a mirror being created:
@@ -183,25 +189,10 @@ impl Request {
 
     /// Whether [`Request::early_answer`] or [`Request::nothing_in_common`] may answer.
     pub fn may_answer_early(&self) -> bool {
-        if self.nothing_in_common().is_some() {
-            return true;
-        }
-        match self {
-            Request::V2(v2::Request {
-                command: v2::Command::Fetch(f),
-                ..
-            }) => early_preamble_v2(&v2::Fetch {
-                want_refs: Vec::new(),
-                ..f.clone()
-            })
-            .is_some(),
-            Request::V0(r) => early_preamble_v0(&v0::Request {
-                haves: Vec::new(),
-                ..r.clone()
-            })
-            .is_some(),
-            _ => false,
-        }
+        self.nothing_in_common().is_some()
+            || self
+                .for_new_mirror()
+                .is_some_and(|r| r.early_preamble().is_some())
     }
 
     /// What the request wants, checked against `snapshot` as far as that needs no object
