@@ -288,6 +288,7 @@ impl Cache {
         query: &str,
         range: Option<&str>,
     ) -> Result<Object, Error> {
+        use futures_util::StreamExt;
         let now = SystemTime::now();
         let now_secs = now
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -328,12 +329,23 @@ impl Cache {
             return Err(Error::Download(reason.to_string()));
         }
         let (start, end, partial) = satisfy(range, flight.size)?;
-        let body = fetch::read(
+        let mut body = fetch::read(
             Arc::clone(&flight.file),
             start,
             end,
             Some(flight.progress()),
-        );
+        )
+        .boxed();
+        // The first chunk before the status line: a download that fails before any of its
+        // bytes went out (its check failed, the upstream broke off) is answered 502 with the
+        // reason, not with a connection closed before any answer.
+        let body = match body.next().await {
+            Some(Err(e)) => return Err(Error::Download(e.to_string())),
+            Some(Ok(first)) => futures_util::stream::once(async move { Ok(first) })
+                .chain(body)
+                .boxed(),
+            None => body,
+        };
         Ok(answer(flight.size, start, end, partial, source, body))
     }
 
