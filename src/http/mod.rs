@@ -1,5 +1,5 @@
 //! The HTTP front: the router and the state every handler shares. Each job has its file:
-//! - [`serve`]: the accept loop (connection limits, drain on shutdown);
+//! - `serve`: the accept loop (connection limits, drain on shutdown);
 //! - `git`: the Git endpoints (`info/refs`, `git-upload-pack`), which resolve the
 //!   repository, ensure its mirror and hand the request to [`crate::upload_pack`];
 //! - `answer`: an upload-pack answer in flight (slots, time limits, its blocking thread);

@@ -20,7 +20,7 @@ pub(super) fn failure_error(req: &Request, failure: Failure) -> Error {
     }
 }
 
-/// Failed creations remembered at most (see [`TtlMap`]).
+/// Failed creations remembered at most (see [`crate::ttl::TtlMap`]).
 pub(super) const MAX_FAILURES: usize = 10_000;
 
 pub(super) fn failure_key(dir: &Path, credentials: Option<&Secret>) -> FailureKey {

@@ -9,8 +9,8 @@
 //! is served many times a second), and every unwritten one when it shuts down.
 //!
 //! A mirror written by an older release keeps privacy and the last successful sync in two
-//! marker files beside the record instead ([`LEGACY_PRIVATE`], [`LEGACY_SYNCED`]). A record is
-//! read together with any such marker, and [`migrate`] folds them into the record at start, so
+//! marker files beside the record instead (`smart-git-proxy-private` and `-synced`). A record is
+//! read together with any such marker, and `migrate` folds them into the record at start, so
 //! that such a mirror keeps its privacy and is not synced again at once.
 
 use std::path::Path;

@@ -77,7 +77,7 @@ pub struct Plan {
     /// deltas may be written against by id.
     pub thin_bases: Option<ThinBases>,
     /// The bitmapped pack and its gix pack id, when the repository has one: objects of it
-    /// that must be decoded are read from it directly (see [`super::writer`]).
+    /// that must be decoded are read from it directly (see the pack writer).
     pub source: Option<(Arc<bitmap::Index>, u32)>,
 }
 

@@ -444,7 +444,7 @@ const MAX_REDIRECTS: usize = 10;
 /// The HTTP client of ref listings ([`ls_refs`]), and where their redirects may lead: to one of
 /// the allowed origins (`scheme://host[:port]`: the `ALLOWED_UPSTREAMS` and `PARENT_PROXY`),
 /// never from `https` to `http`, never to another origin with credentials, at most
-/// [`MAX_REDIRECTS`]. An upstream cannot send the proxy, or a client's credentials, elsewhere.
+/// `MAX_REDIRECTS`. An upstream cannot send the proxy, or a client's credentials, elsewhere.
 #[derive(Debug, Clone)]
 pub struct ListingClient {
     client: reqwest::Client,
