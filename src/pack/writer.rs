@@ -151,6 +151,17 @@ impl Sorted {
         Sorted { counts, ranges }
     }
 
+    /// The index of the count of the object at `offset` in pack `pack_id`, if there is one.
+    fn index_of(&self, pack_id: u32, offset: u64) -> Option<usize> {
+        self.counts
+            .binary_search_by_key(&Some((pack_id, offset)), |c| {
+                c.entry_pack_location
+                    .as_ref()
+                    .map(|l| (l.pack_id, l.pack_offset))
+            })
+            .ok()
+    }
+
     /// The range of `counts` in pack `pack_id`, or `i..i + 1` (no other base).
     fn range(&self, pack_id: u32, i: usize) -> Range<usize> {
         self.ranges
@@ -248,11 +259,20 @@ fn copied_or_compressed(
     }
     let id = count.id;
     let decoded = match (decoder, count.entry_pack_location.as_ref()) {
-        (Some(decoder), Some(location)) => decoder.decode(db, location),
+        (Some(decoder), Some(location)) => decoder.decode(db, location, |offset| {
+            sorted.index_of(location.pack_id, offset)
+        }),
         _ => None,
     };
     let (kind, data) = match decoded {
-        Some((kind, data)) => (kind, data),
+        Some(decoded) => {
+            if let Some((index, base)) = decoded.base {
+                if let Some(entry) = delta_in_pack(id, decoded.data, index, base, deflater)? {
+                    return Ok(entry);
+                }
+            }
+            (decoded.kind, decoded.data)
+        }
         None => {
             let (data, _) = db
                 .try_find(&id, buf)?
@@ -268,6 +288,48 @@ fn copied_or_compressed(
     })
 }
 
+/// Object `id` (`target`) as a delta against the object written `index`-th in the pack
+/// (`base`, the same kind), when that is at most half its size, git's rule for a new delta;
+/// `None` otherwise.
+fn delta_in_pack(
+    id: ObjectId,
+    target: &[u8],
+    index: usize,
+    base: &[u8],
+    deflater: &mut super::Deflater,
+) -> gix::Result<Option<output::Entry>> {
+    let max = target.len() / 2;
+    if max == 0
+        || target.len() > MAX_DELTA_OBJECT
+        || base.len() > MAX_DELTA_OBJECT
+        || target.len() > base.len() + max
+    {
+        return Ok(None);
+    }
+    let Some(delta) =
+        super::delta::Index::new(base).and_then(|base| super::delta::encode(&base, target, max))
+    else {
+        return Ok(None);
+    };
+    Ok(Some(output::Entry {
+        id,
+        kind: EntryKind::DeltaRef {
+            object_index: index,
+        },
+        decompressed_size: delta.len(),
+        compressed_data: deflater.deflate(&delta)?,
+    }))
+}
+
+/// What [`Decoder::decode`] made of an object.
+struct Decoded<'a> {
+    kind: gix::object::Kind,
+    data: &'a [u8],
+    /// The nearest object of its stored delta chain that the pack sends, as the index of its
+    /// entry and its data: a base for a new delta (see [`Decoder`]).
+    base: Option<(usize, &'a [u8])>,
+}
+
 /// Delta chains deeper than this are left to gix-pack.
 const MAX_CHAIN: usize = 10_000;
 /// Objects (and deltas) larger than this are left to gix-pack: the size comes from the pack
@@ -281,6 +343,14 @@ const MAX_DECODED: usize = 1 << 30;
 /// `--depth=1` pack is such objects, whose delta bases are versions the pack does not send.
 /// Anything unexpected (a ref-delta, an entry that does not decode) is left to gix-pack,
 /// which reports it.
+///
+/// An object whose stored delta base the pack does not send may still have a base further
+/// down its chain that the pack sends: a clone of a mirror with `refs/pull/*` sends most
+/// versions of a file, while git's repack made them deltas against versions only pull
+/// requests reach. Such an object becomes a delta against that earlier entry (git's delta
+/// search finds it another base too); its data passes by while the chain is resolved. A base
+/// further down a chain always comes earlier in the pack, so new deltas point backwards, like
+/// every other entry, and never make a cycle.
 struct Decoder {
     index: Arc<bitmap::Index>,
     pack_id: u32,
@@ -290,6 +360,8 @@ struct Decoder {
     base: Vec<u8>,
     delta: Vec<u8>,
     target: Vec<u8>,
+    /// The data of the chain's object that the pack sends ([`Decoded::base`]).
+    sent: Vec<u8>,
 }
 
 impl Decoder {
@@ -302,15 +374,19 @@ impl Decoder {
             base: Vec::new(),
             delta: Vec::new(),
             target: Vec::new(),
+            sent: Vec::new(),
         }
     }
 
-    /// The object at `location`, when it is in the bitmapped pack and decodes.
+    /// The object at `location`, when it is in the bitmapped pack and decodes. `sent` gives
+    /// the index of the entry the pack writes for the object at an offset of that pack, if
+    /// it writes one.
     fn decode(
         &mut self,
         db: &Db,
         location: &gix_pack::data::entry::Location,
-    ) -> Option<(gix::object::Kind, &[u8])> {
+        sent: impl Fn(u64) -> Option<usize>,
+    ) -> Option<Decoded<'_>> {
         use gix_pack::data::entry::Header;
         if location.pack_id != self.pack_id {
             return None;
@@ -318,9 +394,15 @@ impl Decoder {
         let objects = self.index.objects();
         self.chain.clear();
         let mut offset = location.pack_offset;
+        // The first object down the chain that the pack sends: its place in the chain, and
+        // the index of its entry.
+        let mut base = None;
         let kind = loop {
             if self.chain.len() > MAX_CHAIN {
                 return None;
+            }
+            if base.is_none() && !self.chain.is_empty() {
+                base = sent(offset).map(|index| (self.chain.len(), index));
             }
             let pos = objects.position_at_offset(offset)?;
             let entry = db.entry_by_location(&objects.location(pos, self.pack_id))?;
@@ -338,12 +420,22 @@ impl Decoder {
         };
         let (root, deltas) = self.chain.split_last()?;
         inflate(&mut self.inflater, root, &mut self.base)?;
-        for entry in deltas.iter().rev() {
+        if base.is_some_and(|(at, _)| at == deltas.len()) {
+            self.sent.clone_from(&self.base);
+        }
+        for (at, entry) in deltas.iter().enumerate().rev() {
             inflate(&mut self.inflater, entry, &mut self.delta)?;
             super::delta::apply(&self.base, &self.delta, &mut self.target)?;
             std::mem::swap(&mut self.base, &mut self.target);
+            if at > 0 && base.is_some_and(|(b, _)| b == at) {
+                self.sent.clone_from(&self.base);
+            }
         }
-        Some((kind, &self.base))
+        Some(Decoded {
+            kind,
+            data: &self.base,
+            base: base.map(|(_, index)| (index, self.sent.as_slice())),
+        })
     }
 }
 

@@ -500,15 +500,20 @@ fn a_new_mirror_gets_its_bitmap_and_commit_graph() {
 /// name of the one pack it received (a pack is named after its trailer).
 fn clone_pack(url: &str, version: &str) -> (String, std::ffi::OsString) {
     let work = tempfile::tempdir().unwrap();
+    clone_pack_in(url, version, work.path())
+}
+
+/// [`clone_pack`] into `work/c`, which stays.
+fn clone_pack_in(url: &str, version: &str, work: &Path) -> (String, std::ffi::OsString) {
     let v = format!("protocol.version={version}");
     let out = git_output(
-        work.path(),
+        work,
         &["-c", &v, "clone", "--bare", "--progress", url, "c"],
         &[],
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stderr}");
-    let c = work.path().join("c");
+    let c = work.join("c");
     assert_fsck(&c);
     let packs = maintain::packs(&c).unwrap();
     assert_eq!(packs.len(), 1, "{packs:?}");
@@ -581,6 +586,99 @@ fn a_new_mirror_with_pull_refs_plans_its_clones() {
         name,
         maintain::packs(&mirror).unwrap()[0].file_name().unwrap()
     );
+}
+
+/// The stored delta base of `id` in the one pack of the repository at `git_dir`, if `id` is
+/// stored as a delta there.
+fn stored_base(git_dir: &Path, id: &str) -> Option<String> {
+    let pack = maintain::packs(git_dir).unwrap();
+    assert_eq!(pack.len(), 1, "{pack:?}");
+    let idx = pack[0].with_extension("idx");
+    let listing = git(git_dir, &["verify-pack", "-v", idx.to_str().unwrap()]);
+    let fields: Vec<&str> = listing
+        .lines()
+        .find(|l| l.starts_with(id))
+        .unwrap_or_else(|| panic!("{id} is not in the pack"))
+        .split_whitespace()
+        .collect();
+    fields.get(6).map(|base| base.to_string())
+}
+
+/// A file's version that a clone sends, stored as a delta against a version only a pull
+/// request reaches, is sent as a delta against the next version down its chain that the
+/// clone sends (where git's delta search would find it a base), not whole.
+#[test]
+fn a_delta_against_a_pull_request_version_gets_a_sent_base() {
+    let s = Scenario::new()
+        .fixture("o/basic", "basic")
+        .config(|c| c.pack_cache_max_size = bytesize::ByteSize::b(0))
+        .start();
+    let upstream = s.upstream_dir("o/basic");
+    // v1 on main, v2 (v1 and more) on a pull request, v3 (v2 and more, one line of v1
+    // changed) on main: git stores v3 whole, v2 against v3 and v1 against v2.
+    let lines: Vec<String> = (0..260)
+        .map(|i| {
+            format!(
+                "line {i}: {} {}",
+                i * 7919 % 1009,
+                "text ".repeat(1 + i % 5)
+            )
+        })
+        .collect();
+    let v1 = lines[..200].join("\n") + "\n";
+    let v2 = lines[..230].join("\n") + "\n";
+    let mut changed = lines.clone();
+    changed[100] = "a line changed in the middle".into();
+    let v3 = changed.join("\n") + "\n";
+    let work = tempfile::tempdir().unwrap();
+    let src = format!("file://{}", upstream.display());
+    git(work.path(), &["clone", "-q", &src, "w"]);
+    let w = work.path().join("w");
+    let commit = |content: &str, push: &str| {
+        std::fs::write(w.join("chain.txt"), content).unwrap();
+        git(&w, &["add", "chain.txt"]);
+        git(&w, &["commit", "-q", "-m", "chain"]);
+        git(&w, &["push", "-q", "origin", push]);
+    };
+    commit(&v1, "HEAD:refs/heads/main");
+    commit(&v2, "HEAD:refs/pull/9/head");
+    git(&w, &["reset", "-q", "--hard", "HEAD~1"]);
+    commit(&v3, "+HEAD:refs/heads/main");
+    git(&upstream, &["repack", "-q", "-a", "-d", "-f"]);
+    let hash = |content: &str| {
+        std::fs::write(work.path().join("blob"), content).unwrap();
+        git(work.path(), &["hash-object", "blob"]).trim().to_owned()
+    };
+    let (v1, v2, v3) = (hash(&v1), hash(&v2), hash(&v3));
+    assert_eq!(
+        stored_base(&upstream, &v1),
+        Some(v2.clone()),
+        "v1 against v2"
+    );
+    assert_eq!(
+        stored_base(&upstream, &v2),
+        Some(v3.clone()),
+        "v2 against v3"
+    );
+
+    let url = s.url("o/basic");
+    assert_eq!(checked_clone(&url), refs(&upstream));
+    // Planned from the bitmap the maintenance after creation writes.
+    let mirror = s.mirror_dir("o/basic");
+    assert_eq!(stored_base(&mirror, &v1), Some(v2.clone()));
+    let base_in_clone = |version: &str| {
+        let work = tempfile::tempdir().unwrap();
+        clone_pack_in(&url, version, work.path());
+        stored_base(&work.path().join("c"), &v1)
+    };
+    wait_until("v1 sent as a delta", || base_in_clone("2").is_some());
+    for version in ["2", "0"] {
+        assert_eq!(
+            base_in_clone(version),
+            Some(v3.clone()),
+            "protocol {version}"
+        );
+    }
 }
 
 /// `MAINTENANCE_PACK_THRESHOLD=0` turns background maintenance off, that after creation too.
