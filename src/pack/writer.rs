@@ -350,7 +350,10 @@ const MAX_DECODED: usize = 1 << 30;
 /// requests reach. Such an object becomes a delta against that earlier entry (git's delta
 /// search finds it another base too); its data passes by while the chain is resolved. A base
 /// further down a chain always comes earlier in the pack, so new deltas point backwards, like
-/// every other entry, and never make a cycle.
+/// every other entry, and never make a cycle. When no version down the chain is sent,
+/// another version stored against the same base ("sibling": git's delta search made both
+/// deltas against that base because they are alike) that the pack sends earlier is the base
+/// instead; its data is the base's, which the chain passes by, patched with its own delta.
 struct Decoder {
     index: Arc<bitmap::Index>,
     pack_id: u32,
@@ -362,6 +365,12 @@ struct Decoder {
     target: Vec<u8>,
     /// The data of the chain's object that the pack sends ([`Decoded::base`]).
     sent: Vec<u8>,
+    /// The offset of each entry of `chain`.
+    offsets: Vec<u64>,
+    /// The pack's deltas by base, once a sibling was looked for.
+    children: Option<Option<Arc<bitmap::Children>>>,
+    /// A sibling's delta, inflated.
+    sibling_delta: Vec<u8>,
 }
 
 impl Decoder {
@@ -375,6 +384,9 @@ impl Decoder {
             delta: Vec::new(),
             target: Vec::new(),
             sent: Vec::new(),
+            offsets: Vec::new(),
+            children: None,
+            sibling_delta: Vec::new(),
         }
     }
 
@@ -393,6 +405,7 @@ impl Decoder {
         }
         let objects = self.index.objects();
         self.chain.clear();
+        self.offsets.clear();
         let mut offset = location.pack_offset;
         // The first object down the chain that the pack sends: its place in the chain, and
         // the index of its entry.
@@ -410,6 +423,7 @@ impl Decoder {
                 gix_pack::data::Entry::from_bytes(&entry.data, offset, gix::hash::Kind::Sha1)
                     .ok()?;
             self.chain.push(entry);
+            self.offsets.push(offset);
             match header.header {
                 Header::OfsDelta { base_distance } => {
                     offset = header.checked_base_pack_offset(base_distance)?;
@@ -418,24 +432,65 @@ impl Decoder {
                 whole => break whole.as_kind()?,
             }
         };
+        // Without a sent version down the chain, a sent sibling under the stored base.
+        let sibling = match (base, self.offsets.get(1)) {
+            (None, Some(&stored)) => self.sibling(db, &sent, location.pack_offset, stored),
+            _ => None,
+        };
         let (root, deltas) = self.chain.split_last()?;
         inflate(&mut self.inflater, root, &mut self.base)?;
-        if base.is_some_and(|(at, _)| at == deltas.len()) {
+        let keep = base.map(|(at, _)| at).or(sibling.as_ref().map(|_| 1));
+        if keep == Some(deltas.len()) {
             self.sent.clone_from(&self.base);
         }
         for (at, entry) in deltas.iter().enumerate().rev() {
             inflate(&mut self.inflater, entry, &mut self.delta)?;
             super::delta::apply(&self.base, &self.delta, &mut self.target)?;
             std::mem::swap(&mut self.base, &mut self.target);
-            if at > 0 && base.is_some_and(|(b, _)| b == at) {
+            if at > 0 && keep == Some(at) {
                 self.sent.clone_from(&self.base);
             }
         }
+        let base = match sibling {
+            // The stored base's data is in `sent`: the sibling is that, patched.
+            Some((index, sibling)) => {
+                inflate(&mut self.inflater, &sibling, &mut self.sibling_delta)?;
+                super::delta::apply(&self.sent, &self.sibling_delta, &mut self.target)?;
+                std::mem::swap(&mut self.sent, &mut self.target);
+                Some(index)
+            }
+            None => base.map(|(_, index)| index),
+        };
         Some(Decoded {
             kind,
             data: &self.base,
-            base: base.map(|(_, index)| (index, self.sent.as_slice())),
+            base: base.map(|index| (index, self.sent.as_slice())),
         })
+    }
+
+    /// The entry of an object the pack sends before the object at `offset` (`sent` gives
+    /// entry indexes) that is stored as a delta against the same base as it, at `stored`: the
+    /// nearest such before it, and the sibling's entry.
+    fn sibling(
+        &mut self,
+        db: &Db,
+        sent: &impl Fn(u64) -> Option<usize>,
+        offset: u64,
+        stored: u64,
+    ) -> Option<(usize, gix_pack::find::Entry)> {
+        let objects = self.index.objects();
+        let children = self
+            .children
+            .get_or_insert_with(|| self.index.children())
+            .clone()?;
+        let this = sent(offset)?;
+        let (index, pos) = children
+            .of(objects.position_at_offset(stored)?)
+            .filter_map(|pos| Some((sent(objects.offset(pos))?, pos)))
+            .filter(|(index, _)| *index < this)
+            .max()?;
+        let entry = db.entry_by_location(&objects.location(pos, self.pack_id))?;
+        Some((index, entry))
     }
 }
 

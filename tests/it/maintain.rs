@@ -604,19 +604,12 @@ fn stored_base(git_dir: &Path, id: &str) -> Option<String> {
     fields.get(6).map(|base| base.to_string())
 }
 
-/// A file's version that a clone sends, stored as a delta against a version only a pull
-/// request reaches, is sent as a delta against the next version down its chain that the
-/// clone sends (where git's delta search would find it a base), not whole.
-#[test]
-fn a_delta_against_a_pull_request_version_gets_a_sent_base() {
-    let s = Scenario::new()
-        .fixture("o/basic", "basic")
-        .config(|c| c.pack_cache_max_size = bytesize::ByteSize::b(0))
-        .start();
+/// A scenario whose upstream has three versions of a file, `lines` cut at `v1`, `v2` and `v3`
+/// lines with `changed` (if any) replaced in v3: v1, then v3, on main, v2 only on a pull
+/// request; the upstream repacked from scratch (`repack -a -d -f`). Their ids.
+fn three_versions(s: &Proxied, cuts: [usize; 3], changed: usize) -> [String; 3] {
     let upstream = s.upstream_dir("o/basic");
-    // v1 on main, v2 (v1 and more) on a pull request, v3 (v2 and more, one line of v1
-    // changed) on main: git stores v3 whole, v2 against v3 and v1 against v2.
-    let lines: Vec<String> = (0..260)
+    let lines: Vec<String> = (0..cuts.into_iter().max().unwrap())
         .map(|i| {
             format!(
                 "line {i}: {} {}",
@@ -625,11 +618,18 @@ fn a_delta_against_a_pull_request_version_gets_a_sent_base() {
             )
         })
         .collect();
-    let v1 = lines[..200].join("\n") + "\n";
-    let v2 = lines[..230].join("\n") + "\n";
-    let mut changed = lines.clone();
-    changed[100] = "a line changed in the middle".into();
-    let v3 = changed.join("\n") + "\n";
+    let version = |n: usize, changed: Option<usize>| {
+        let mut lines = lines[..n].to_vec();
+        if let Some(at) = changed {
+            lines[at] = "a line changed in the middle".into();
+        }
+        lines.join("\n") + "\n"
+    };
+    let versions = [
+        version(cuts[0], None),
+        version(cuts[1], None),
+        version(cuts[2], Some(changed)),
+    ];
     let work = tempfile::tempdir().unwrap();
     let src = format!("file://{}", upstream.display());
     git(work.path(), &["clone", "-q", &src, "w"]);
@@ -640,16 +640,49 @@ fn a_delta_against_a_pull_request_version_gets_a_sent_base() {
         git(&w, &["commit", "-q", "-m", "chain"]);
         git(&w, &["push", "-q", "origin", push]);
     };
-    commit(&v1, "HEAD:refs/heads/main");
-    commit(&v2, "HEAD:refs/pull/9/head");
+    commit(&versions[0], "HEAD:refs/heads/main");
+    commit(&versions[1], "HEAD:refs/pull/9/head");
     git(&w, &["reset", "-q", "--hard", "HEAD~1"]);
-    commit(&v3, "+HEAD:refs/heads/main");
+    commit(&versions[2], "+HEAD:refs/heads/main");
     git(&upstream, &["repack", "-q", "-a", "-d", "-f"]);
-    let hash = |content: &str| {
+    versions.map(|content| {
         std::fs::write(work.path().join("blob"), content).unwrap();
         git(work.path(), &["hash-object", "blob"]).trim().to_owned()
+    })
+}
+
+/// Create the mirror of `s` with a clone, then clone it until `v1` comes as a delta (the
+/// bitmap the maintenance after creation writes is in use), and return its base in clones
+/// over protocols 2 and 0.
+fn base_in_clones(s: &Proxied, v1: &str) -> [Option<String>; 2] {
+    let url = s.url("o/basic");
+    assert_eq!(checked_clone(&url), refs(&s.upstream_dir("o/basic")));
+    let base_in_clone = |version: &str| {
+        let work = tempfile::tempdir().unwrap();
+        clone_pack_in(&url, version, work.path());
+        stored_base(&work.path().join("c"), v1)
     };
-    let (v1, v2, v3) = (hash(&v1), hash(&v2), hash(&v3));
+    wait_until("v1 sent as a delta", || base_in_clone("2").is_some());
+    [base_in_clone("2"), base_in_clone("0")]
+}
+
+fn pull_scenario() -> Proxied {
+    Scenario::new()
+        .fixture("o/basic", "basic")
+        .config(|c| c.pack_cache_max_size = bytesize::ByteSize::b(0))
+        .start()
+}
+
+/// A file's version that a clone sends, stored as a delta against a version only a pull
+/// request reaches, is sent as a delta against the next version down its chain that the
+/// clone sends (where git's delta search would find it a base), not whole.
+#[test]
+fn a_delta_against_a_pull_request_version_gets_a_sent_base() {
+    let s = pull_scenario();
+    // v2 is v1 and more, v3 is v2 and more with a line of v1 changed: git stores v3 whole,
+    // v2 against v3 and v1 against v2.
+    let [v1, v2, v3] = three_versions(&s, [200, 230, 260], 100);
+    let upstream = s.upstream_dir("o/basic");
     assert_eq!(
         stored_base(&upstream, &v1),
         Some(v2.clone()),
@@ -660,25 +693,27 @@ fn a_delta_against_a_pull_request_version_gets_a_sent_base() {
         Some(v3.clone()),
         "v2 against v3"
     );
+    let v3 = Some(v3);
+    assert_eq!(base_in_clones(&s, &v1), [v3.clone(), v3]);
+}
 
-    let url = s.url("o/basic");
-    assert_eq!(checked_clone(&url), refs(&upstream));
-    // Planned from the bitmap the maintenance after creation writes.
-    let mirror = s.mirror_dir("o/basic");
-    assert_eq!(stored_base(&mirror, &v1), Some(v2.clone()));
-    let base_in_clone = |version: &str| {
-        let work = tempfile::tempdir().unwrap();
-        clone_pack_in(&url, version, work.path());
-        stored_base(&work.path().join("c"), &v1)
-    };
-    wait_until("v1 sent as a delta", || base_in_clone("2").is_some());
-    for version in ["2", "0"] {
-        assert_eq!(
-            base_in_clone(version),
-            Some(v3.clone()),
-            "protocol {version}"
-        );
-    }
+/// The same when the version down the chain is not sent either: another version stored
+/// against the same unsent base, which the clone sends earlier, becomes the base.
+#[test]
+fn a_delta_against_a_pull_request_version_gets_a_sent_sibling() {
+    let s = pull_scenario();
+    // v2, the pull request's, is the longest: git stores it whole, and v1 and v3 (written
+    // before v1) against it.
+    let [v1, v2, v3] = three_versions(&s, [200, 260, 230], 100);
+    let upstream = s.upstream_dir("o/basic");
+    assert_eq!(
+        stored_base(&upstream, &v1),
+        Some(v2.clone()),
+        "v1 against v2"
+    );
+    assert_eq!(stored_base(&upstream, &v3), Some(v2), "v3 against v2");
+    let v3 = Some(v3);
+    assert_eq!(base_in_clones(&s, &v1), [v3.clone(), v3]);
 }
 
 /// `MAINTENANCE_PACK_THRESHOLD=0` turns background maintenance off, that after creation too.

@@ -39,6 +39,8 @@ pub(super) enum Slot {
     Commit(usize),
     /// What a snapshot's tips reach.
     Reachable,
+    /// The stored deltas of a bitmap's pack, by base.
+    Children,
 }
 
 /// A decoded value.
@@ -50,6 +52,7 @@ pub(super) enum Value {
     /// `None`: the bitmaps do not cover the tips (remembered, so that the walk that found it
     /// out is not repeated).
     Reachable(Option<Arc<Reached>>),
+    Children(Arc<super::Children>),
 }
 
 /// What a snapshot's tips reach: bits of the bitmapped pack, ids of other objects.
@@ -69,6 +72,7 @@ impl Value {
             Value::Reachable(Some(r)) => {
                 r.bits.bytes() + r.ext.capacity() * (std::mem::size_of::<ObjectId>() + 1)
             }
+            Value::Children(children) => children.bytes(),
         }
     }
 }

@@ -210,7 +210,8 @@ impl Objects {
         self.idx.oid_at_index(self.rev.order[pos]).to_owned()
     }
 
-    fn offset(&self, pos: usize) -> u64 {
+    /// Where the entry of the object at pack position `pos` starts.
+    pub(crate) fn offset(&self, pos: usize) -> u64 {
         self.idx.pack_offset_at_index(self.rev.order[pos])
     }
 
@@ -266,6 +267,54 @@ impl Objects {
             found = Some(location.pack_id);
         }
         found
+    }
+}
+
+/// The offset deltas of a pack, by base: which entries are stored as deltas against the
+/// object at a pack position. The pack writer looks here for another version of a file when
+/// the base a version is stored against is not sent (see [`crate::pack::writer`]).
+pub struct Children {
+    /// (base, delta) pack positions, sorted.
+    pairs: Vec<(u32, u32)>,
+}
+
+impl Children {
+    /// Read the entry headers of the pack at `pack`, whose objects are `objects`.
+    fn of_pack(pack: &Path, objects: &Objects) -> Result<Children, String> {
+        use gix_pack::data::entry::Header;
+        let data = gix_pack::data::File::at(pack, gix::hash::Kind::Sha1)
+            .map_err(|e| format!("reading {}: {e}", pack.display()))?;
+        let offsets: Vec<u64> = (0..objects.len()).map(|pos| objects.offset(pos)).collect();
+        let mut pairs = Vec::new();
+        for (pos, offset) in offsets.iter().enumerate() {
+            let entry = data.entry(*offset).map_err(|e| e.to_string())?;
+            if let Header::OfsDelta { base_distance } = entry.header {
+                let base = entry
+                    .checked_base_pack_offset(base_distance)
+                    .and_then(|base| offsets.binary_search(&base).ok());
+                if let Some(base) = base {
+                    // Positions are below the object count, a u32.
+                    pairs.push((base as u32, pos as u32));
+                }
+            }
+        }
+        pairs.sort_unstable();
+        Ok(Children { pairs })
+    }
+
+    /// The pack positions of the entries stored as deltas against the object at `base`.
+    pub(crate) fn of(&self, base: usize) -> impl Iterator<Item = usize> + '_ {
+        let base = u32::try_from(base).unwrap_or(u32::MAX);
+        let start = self.pairs.partition_point(|p| p.0 < base);
+        self.pairs[start..]
+            .iter()
+            .take_while(move |p| p.0 == base)
+            .map(|p| p.1 as usize)
+    }
+
+    /// Heap bytes.
+    pub(crate) fn bytes(&self) -> usize {
+        self.pairs.capacity() * std::mem::size_of::<(u32, u32)>()
     }
 }
 

@@ -371,6 +371,29 @@ impl Index {
             .map(|bits| (*bits).clone())
     }
 
+    /// The offset deltas of the pack, by base: from the cache, or read from the pack now (and
+    /// cached). `None` when the pack cannot be read.
+    pub(crate) fn children(&self) -> Option<Arc<super::Children>> {
+        let key = Key(self.file.key, Slot::Children);
+        if let Some(Value::Children(children)) = self.file.cache().get(&key) {
+            return Some(children);
+        }
+        let pack = self.path().with_extension("pack");
+        match super::Children::of_pack(&pack, &self.objects) {
+            Ok(children) => {
+                let children = Arc::new(children);
+                self.file
+                    .cache()
+                    .put(key, Value::Children(Arc::clone(&children)));
+                Some(children)
+            }
+            Err(e) => {
+                tracing::debug!(pack = %pack.display(), error = %e, "no delta map");
+                None
+            }
+        }
+    }
+
     /// The type bitmaps: commits, trees, blobs, tags.
     pub(super) fn types(&self) -> &[Bits; 4] {
         &self.types
