@@ -186,8 +186,9 @@ pub struct Config {
     /// Threads compressing one pack; defaults to all cores.
     #[arg(long, env = "PACK_THREADS", help_heading = PACKS)]
     pub pack_threads: Option<usize>,
-    /// zlib level (0–9) for objects a pack cannot copy from disk and compresses anew (for
-    /// example the full objects of a `--depth=1` pack). Lower is faster, higher is smaller.
+    /// Compression level (0–9, zlib's scale) for objects a pack cannot copy from disk and
+    /// compresses anew (for example the full objects of a `--depth=1` pack). Lower is faster,
+    /// higher is smaller; git's default is 6, about 2% smaller than 1 and 10–25% slower.
     #[arg(long, env = "PACK_COMPRESSION_LEVEL", default_value_t = DEFAULT_COMPRESSION_LEVEL, help_heading = PACKS)]
     pub pack_compression_level: u32,
     /// Memory that the delta-base caches of all pack generations share (each thread of pack
@@ -354,7 +355,7 @@ pub struct Resolved {
 }
 
 /// See `PACK_COMPRESSION_LEVEL`; `docs/performance.md` gives the measurements behind it.
-pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
+pub const DEFAULT_COMPRESSION_LEVEL: u32 = 1;
 
 /// See `MAINTENANCE_BITMAP_LAG`; `docs/performance.md` gives the measurements behind it.
 pub const DEFAULT_BITMAP_LAG: usize = 300;
@@ -1147,7 +1148,7 @@ mod tests {
         c.allowed_upstreams = "github.com, http://127.0.0.1:9001".into();
         c.parent_proxy = Some("http://regional:8080/".into());
         c.trusted_proxies = "10.1.2.3/8".into();
-        c.pack_compression_level = 1;
+        c.pack_compression_level = 9;
         let r = c.resolve().unwrap();
         assert_eq!(r.upstreams.names(), "github.com, 127.0.0.1:9001");
         assert_eq!(r.parent_proxy.as_deref(), Some("http://regional:8080"));
@@ -1156,7 +1157,7 @@ mod tests {
             r.trusted_proxies,
             vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
         );
-        assert_eq!(r.compression.level(), 1);
+        assert_eq!(r.compression.level(), 9);
         assert_eq!(r.listen_addr, "127.0.0.1:0".parse().unwrap());
         // A bad value is an error naming its variable, never a default.
         for (adjust, key) in [
