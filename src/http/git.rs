@@ -270,7 +270,8 @@ async fn upload_pack(
     // A mirror not created yet: a listing, or a fetch that can be shown progress, does not
     // wait for the creation (see `first_request`). A child proxy's listing that asks for the
     // upstream's latest refs (`revalidate`) waits.
-    let early = (request.ls_refs().is_some() && !m.revalidate) || request.may_answer_early();
+    let early = (request.ls_refs().is_some() && !m.revalidate)
+        || (!repo::exists(&m.target.dir) && request.may_answer_early());
     let first = if early {
         first_request(&state, &m).await?
     } else {

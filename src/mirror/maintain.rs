@@ -364,6 +364,8 @@ fn refresh(
                 outcome.regions[0] = region.objects as usize;
                 reuse::write_layout(dir, &region).map_err(io("writing the pack layout"))?;
             }
+            // A consolidation's layout for these refs still holds; any other is stale.
+            None if reuse::read_layout(dir, refs).is_some() => {}
             None => reuse::remove_layout(dir).map_err(io("removing the pack layout"))?,
         }
     }
@@ -395,7 +397,10 @@ fn whole_pack_region(
     Some(reuse::Region {
         pack: pack.file_name()?.to_string_lossy().into_owned(),
         objects,
-        end: std::fs::metadata(pack).ok()?.len().checked_sub(20)?,
+        end: std::fs::metadata(pack)
+            .ok()?
+            .len()
+            .checked_sub(reuse::TRAILER)?,
         tips: reuse::tips_digest(&tips),
     })
 }

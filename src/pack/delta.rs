@@ -240,7 +240,12 @@ pub fn apply(base: &[u8], delta: &[u8], out: &mut Vec<u8>) -> Option<()> {
         loop {
             let b = *d.get(*i)?;
             *i += 1;
-            v |= usize::from(b & 0x7f).checked_shl(shift)?;
+            let part = usize::from(b & 0x7f);
+            // Bits that would be shifted out make a size beyond usize.
+            if shift > 0 && part >> (usize::BITS - shift) != 0 {
+                return None;
+            }
+            v |= part << shift;
             shift += 7;
             if b & 0x80 == 0 {
                 return Some(v);
@@ -256,8 +261,9 @@ pub fn apply(base: &[u8], delta: &[u8], out: &mut Vec<u8>) -> Option<()> {
     }
     let expected = size(delta, &mut i)?;
     out.clear();
-    // The target is at most what the delta can copy and insert: never trust its size alone.
-    out.reserve(expected.min(base.len().saturating_add(delta.len()).saturating_mul(128)));
+    // A hint only: the size is the delta's word, and a copy may repeat the base, so the
+    // buffer grows past this as the instructions prove it must.
+    out.reserve(expected.min(base.len().saturating_add(delta.len())));
     while i < delta.len() {
         let op = delta[i];
         i += 1;

@@ -161,7 +161,7 @@ pub fn stream(
 }
 
 /// Bytes of a pack's trailer (its SHA-1).
-const TRAILER: u64 = 20;
+pub(crate) const TRAILER: u64 = 20;
 
 /// Copy the next `len` bytes of `file` to `out`, hashing them into `hasher` when there is one.
 fn copy(

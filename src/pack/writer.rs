@@ -134,11 +134,7 @@ struct Sorted {
 
 impl Sorted {
     fn new(mut counts: Vec<Count>) -> Self {
-        counts.sort_by_key(|c| {
-            c.entry_pack_location
-                .as_ref()
-                .map(|l| (l.pack_id, l.pack_offset))
-        });
+        counts.sort_by_key(Sorted::key);
         let mut ranges: Vec<(u32, Range<usize>)> = Vec::new();
         for (i, count) in counts.iter().enumerate() {
             if let Some(location) = count.entry_pack_location.as_ref() {
@@ -154,12 +150,16 @@ impl Sorted {
     /// The index of the count of the object at `offset` in pack `pack_id`, if there is one.
     fn index_of(&self, pack_id: u32, offset: u64) -> Option<usize> {
         self.counts
-            .binary_search_by_key(&Some((pack_id, offset)), |c| {
-                c.entry_pack_location
-                    .as_ref()
-                    .map(|l| (l.pack_id, l.pack_offset))
-            })
+            .binary_search_by_key(&Some((pack_id, offset)), Sorted::key)
             .ok()
+    }
+
+    /// The order of counts: by pack, then offset; unpacked objects first.
+    fn key(count: &Count) -> Option<(u32, u64)> {
+        count
+            .entry_pack_location
+            .as_ref()
+            .map(|l| (l.pack_id, l.pack_offset))
     }
 
     /// The range of `counts` in pack `pack_id`, or `i..i + 1` (no other base).
@@ -259,7 +259,7 @@ fn copied_or_compressed(
     }
     let id = count.id;
     let decoded = match (decoder, count.entry_pack_location.as_ref()) {
-        (Some(decoder), Some(location)) => decoder.decode(db, location, |offset| {
+        (Some(decoder), Some(location)) => decoder.decode(db, location, i, |offset| {
             sorted.index_of(location.pack_id, offset)
         }),
         _ => None,
@@ -298,17 +298,7 @@ fn delta_in_pack(
     base: &[u8],
     deflater: &mut super::Deflater,
 ) -> gix::Result<Option<output::Entry>> {
-    let max = target.len() / 2;
-    if max == 0
-        || target.len() > MAX_DELTA_OBJECT
-        || base.len() > MAX_DELTA_OBJECT
-        || target.len() > base.len() + max
-    {
-        return Ok(None);
-    }
-    let Some(delta) =
-        super::delta::Index::new(base).and_then(|base| super::delta::encode(&base, target, max))
-    else {
+    let Some(delta) = new_delta(base, target, target.len() / 2) else {
         return Ok(None);
     };
     Ok(Some(output::Entry {
@@ -319,6 +309,20 @@ fn delta_in_pack(
         decompressed_size: delta.len(),
         compressed_data: deflater.deflate(&delta)?,
     }))
+}
+
+/// The delta that makes `target` from `base`, when it is at most `max` bytes and neither is
+/// larger than [`MAX_DELTA_OBJECT`].
+fn new_delta(base: &[u8], target: &[u8], max: usize) -> Option<Vec<u8>> {
+    // A delta inserts at least what the target has more than the base.
+    if max == 0
+        || target.len() > MAX_DELTA_OBJECT
+        || base.len() > MAX_DELTA_OBJECT
+        || target.len() > base.len().saturating_add(max)
+    {
+        return None;
+    }
+    super::delta::Index::new(base).and_then(|base| super::delta::encode(&base, target, max))
 }
 
 /// What [`Decoder::decode`] made of an object.
@@ -365,10 +369,8 @@ struct Decoder {
     target: Vec<u8>,
     /// The data of the chain's object that the pack sends ([`Decoded::base`]).
     sent: Vec<u8>,
-    /// The offset of each entry of `chain`.
-    offsets: Vec<u64>,
     /// The pack's deltas by base, once a sibling was looked for.
-    children: Option<Option<Arc<bitmap::Children>>>,
+    children: Option<Arc<bitmap::Children>>,
     /// A sibling's delta, inflated.
     sibling_delta: Vec<u8>,
 }
@@ -384,19 +386,19 @@ impl Decoder {
             delta: Vec::new(),
             target: Vec::new(),
             sent: Vec::new(),
-            offsets: Vec::new(),
             children: None,
             sibling_delta: Vec::new(),
         }
     }
 
-    /// The object at `location`, when it is in the bitmapped pack and decodes. `sent` gives
-    /// the index of the entry the pack writes for the object at an offset of that pack, if
-    /// it writes one.
+    /// The object at `location`, whose entry is the `this`-th of the pack, when it is in the
+    /// bitmapped pack and decodes. `sent` gives the index of the entry the pack writes for the
+    /// object at an offset of that pack, if it writes one.
     fn decode(
         &mut self,
         db: &Db,
         location: &gix_pack::data::entry::Location,
+        this: usize,
         sent: impl Fn(u64) -> Option<usize>,
     ) -> Option<Decoded<'_>> {
         use gix_pack::data::entry::Header;
@@ -405,7 +407,8 @@ impl Decoder {
         }
         let objects = self.index.objects();
         self.chain.clear();
-        self.offsets.clear();
+        // Where the object's stored base starts.
+        let mut stored = None;
         let mut offset = location.pack_offset;
         // The first object down the chain that the pack sends: its place in the chain, and
         // the index of its entry.
@@ -422,8 +425,10 @@ impl Decoder {
             let header =
                 gix_pack::data::Entry::from_bytes(&entry.data, offset, gix::hash::Kind::Sha1)
                     .ok()?;
+            if self.chain.len() == 1 {
+                stored = Some(offset);
+            }
             self.chain.push(entry);
-            self.offsets.push(offset);
             match header.header {
                 Header::OfsDelta { base_distance } => {
                     offset = header.checked_base_pack_offset(base_distance)?;
@@ -433,8 +438,8 @@ impl Decoder {
             }
         };
         // Without a sent version down the chain, a sent sibling under the stored base.
-        let sibling = match (base, self.offsets.get(1)) {
-            (None, Some(&stored)) => self.sibling(db, &sent, location.pack_offset, stored),
+        let sibling = match (base, stored) {
+            (None, Some(stored)) => self.sibling(db, &sent, this, stored),
             _ => None,
         };
         let (root, deltas) = self.chain.split_last()?;
@@ -468,22 +473,18 @@ impl Decoder {
         })
     }
 
-    /// The entry of an object the pack sends before the object at `offset` (`sent` gives
-    /// entry indexes) that is stored as a delta against the same base as it, at `stored`: the
-    /// nearest such before it, and the sibling's entry.
+    /// The entry of an object the pack sends before its `this`-th entry (`sent` gives entry
+    /// indexes) that is stored as a delta against the same base as that entry's object, at
+    /// `stored`: the nearest such before it, and the sibling's entry.
     fn sibling(
         &mut self,
         db: &Db,
         sent: &impl Fn(u64) -> Option<usize>,
-        offset: u64,
+        this: usize,
         stored: u64,
     ) -> Option<(usize, gix_pack::find::Entry)> {
         let objects = self.index.objects();
-        let children = self
-            .children
-            .get_or_insert_with(|| self.index.children())
-            .clone()?;
-        let this = sent(offset)?;
+        let children = Arc::clone(self.children.get_or_insert_with(|| self.index.children()));
         let (index, pos) = children
             .of(objects.position_at_offset(stored)?)
             .filter_map(|pos| Some((sent(objects.offset(pos))?, pos)))
@@ -700,16 +701,10 @@ fn delta_entry(
     let Some((base, _)) = db.try_find(&base_id, buf)? else {
         return Ok(None);
     };
-    // A delta inserts at least what the target has more than the base.
-    if base.kind != target.kind
-        || base.data.len() > MAX_DELTA_OBJECT
-        || target.data.len() > base.data.len() + max
-    {
+    if base.kind != target.kind {
         return Ok(None);
     }
-    let Some(delta) = super::delta::Index::new(base.data)
-        .and_then(|index| super::delta::encode(&index, target.data, max))
-    else {
+    let Some(delta) = new_delta(base.data, target.data, max) else {
         return Ok(None);
     };
     Ok(Some(output::Entry {

@@ -136,14 +136,14 @@ impl Request {
         else {
             return None;
         };
-        let mut preamble = Vec::new();
-        pktline::text(&mut preamble, "wanted-refs");
+        let mut wanted = Vec::with_capacity(f.want_refs.len());
         for name in &f.want_refs {
             let found = refs.find(name)?;
-            pktline::text(&mut preamble, &format!("{} {name}", found.target));
+            wanted.push((found.target, name));
             fetch.wants.push(found.target);
         }
-        pktline::delim(&mut preamble);
+        let mut preamble = Vec::new();
+        v2::write_wanted_refs(&mut preamble, &wanted);
         pktline::text(&mut preamble, "packfile");
         Some((preamble, Some(resolved)))
     }

@@ -3,6 +3,8 @@
 
 use std::io::Write;
 
+use gix::ObjectId;
+
 use super::response::{
     fill, include_tag_candidates, respond, send_pack, write_shallow_lines, PackArgs, Response,
 };
@@ -111,11 +113,7 @@ fn resolve(ctx: &Context<'_>, args: &v2::Fetch) -> Result<Step, Error> {
         Shallow::default()
     };
     if !wanted_refs.is_empty() {
-        pktline::text(&mut lines, "wanted-refs");
-        for (id, name) in &wanted_refs {
-            pktline::text(&mut lines, &format!("{id} {name}"));
-        }
-        pktline::delim(&mut lines);
+        write_wanted_refs(&mut lines, &wanted_refs);
     }
     let pack_args = PackArgs {
         wants,
@@ -190,4 +188,13 @@ pub(super) fn early_preamble(f: &v2::Fetch) -> Option<Vec<u8>> {
         pktline::text(&mut out, "packfile");
         out
     })
+}
+
+/// The `wanted-refs` section: each ref a `want-ref` named, with the object it points to.
+pub(super) fn write_wanted_refs(out: &mut Vec<u8>, wanted: &[(ObjectId, &gix::bstr::BString)]) {
+    pktline::text(out, "wanted-refs");
+    for (id, name) in wanted {
+        pktline::text(out, &format!("{id} {name}"));
+    }
+    pktline::delim(out);
 }

@@ -1093,18 +1093,11 @@ fn a_fetch_with_haves_shows_progress_while_the_mirror_is_created() {
         let server = Server::start_with(move |c| c.allowed_upstreams = allowed);
         let url = server.url_for(&up.segment(), "slow/basic");
         let sent_before = up.throttled().1;
-        let mut fetch = std::process::Command::new("git")
-            .current_dir(work.path().join("c"))
-            .args(args(
-                &["fetch", "--progress", &url, "+refs/heads/*:refs/heads/*"],
-                &proto(v),
-            ))
-            .envs(git_env())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut fetch = git_with_progress(
+            &work.path().join("c"),
+            &["fetch", "--progress", &url, "+refs/heads/*:refs/heads/*"],
+            v,
+        );
         let seen = until_progress(&mut fetch);
         assert_eq!(
             up.throttled().1,

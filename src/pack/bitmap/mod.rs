@@ -272,7 +272,8 @@ impl Objects {
 
 /// The offset deltas of a pack, by base: which entries are stored as deltas against the
 /// object at a pack position. The pack writer looks here for another version of a file when
-/// the base a version is stored against is not sent (see [`crate::pack::writer`]).
+/// the base a version is stored against is not sent (see the pack writer).
+#[derive(Default)]
 pub struct Children {
     /// (base, delta) pack positions, sorted.
     pairs: Vec<(u32, u32)>,

@@ -372,26 +372,24 @@ impl Index {
     }
 
     /// The offset deltas of the pack, by base: from the cache, or read from the pack now (and
-    /// cached). `None` when the pack cannot be read.
-    pub(crate) fn children(&self) -> Option<Arc<super::Children>> {
+    /// cached). A pack that cannot be read has none (remembered as such, so that it is not
+    /// read again by every request).
+    pub(crate) fn children(&self) -> Arc<super::Children> {
         let key = Key(self.file.key, Slot::Children);
         if let Some(Value::Children(children)) = self.file.cache().get(&key) {
-            return Some(children);
+            return children;
         }
         let pack = self.path().with_extension("pack");
-        match super::Children::of_pack(&pack, &self.objects) {
-            Ok(children) => {
-                let children = Arc::new(children);
-                self.file
-                    .cache()
-                    .put(key, Value::Children(Arc::clone(&children)));
-                Some(children)
-            }
-            Err(e) => {
+        let children = Arc::new(
+            super::Children::of_pack(&pack, &self.objects).unwrap_or_else(|e| {
                 tracing::debug!(pack = %pack.display(), error = %e, "no delta map");
-                None
-            }
-        }
+                super::Children::default()
+            }),
+        );
+        self.file
+            .cache()
+            .put(key, Value::Children(Arc::clone(&children)));
+        children
     }
 
     /// The type bitmaps: commits, trees, blobs, tags.

@@ -709,12 +709,15 @@ pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 /// `git clone --progress --mirror {url} c` in `dir` with protocol `v`, its stderr piped.
 pub fn clone_with_progress(dir: &Path, url: &str, v: &str) -> Child {
+    git_with_progress(dir, &["clone", "--progress", "--mirror", url, "c"], v)
+}
+
+/// `git {command}` in `dir` with protocol `v`, started, its stderr piped (for
+/// [`until_progress`] and [`finish`]).
+pub fn git_with_progress(dir: &Path, command: &[&str], v: &str) -> Child {
     Command::new("git")
         .current_dir(dir)
-        .args(args(
-            &["clone", "--progress", "--mirror", url, "c"],
-            &proto(v),
-        ))
+        .args(args(command, &proto(v)))
         .envs(git_env())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
